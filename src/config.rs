@@ -1,0 +1,28 @@
+//! Validated configuration and every limit as a named constant (units last in names).
+
+/// Longest file name in bytes (Linux NAME_MAX).
+pub const NAME_BYTES_MAX: usize = 255;
+/// Longest path in bytes, including the terminating NUL (Linux PATH_MAX).
+pub const PATH_BYTES_MAX: usize = 4096;
+/// Longest symlink target in bytes (PATH_MAX without the NUL).
+pub const SYMLINK_BYTES_MAX: usize = PATH_BYTES_MAX - 1;
+/// File content is stored in blocks of this size, addressed by SHA-256.
+pub const BLOCK_BYTES: u64 = 64 * 1024;
+/// Largest data payload of one write command (the kernel's FUSE max_write here is 1 MiB).
+pub const WRITE_BYTES_MAX: usize = 1024 * 1024;
+/// Largest file size we accept (keeps block indices and offsets far from overflow).
+pub const FILE_BYTES_MAX: u64 = 1 << 50;
+/// Longest extended attribute name in bytes (Linux XATTR_NAME_MAX).
+pub const XATTR_NAME_BYTES_MAX: usize = 255;
+/// Largest extended attribute value in bytes (Linux XATTR_SIZE_MAX).
+pub const XATTR_VALUE_BYTES_MAX: usize = 64 * 1024;
+/// Largest total size of the names of one inode's xattrs (what listxattr can return).
+pub const XATTR_LIST_BYTES_MAX: usize = 64 * 1024;
+/// Most hard links to one inode.
+pub const LINK_COUNT_MAX: u32 = 65_000;
+/// How many results of recent commands each origin node keeps for deduplicating retries.
+pub const RESULTS_RETAINED_PER_ORIGIN: u64 = 16_384;
+/// Largest encoded command or Raft message we decode (bincode limit); above WRITE_BYTES_MAX plus headers.
+pub const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Most directory entries returned by one readdir batch from the state.
+pub const READDIR_BATCH_MAX: usize = 1024;

@@ -1,0 +1,155 @@
+//! Commands: every mutation of the namespace, as it travels through the Raft log.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::Errno;
+use super::types::{Caller, FileKind, Hash, Ino, Inode, NodeId, Timespec};
+
+/// One mutation, decided completely by the proposing node so that apply is pure.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Command {
+    /// The node that proposed the command (and whose caller waits for the result).
+    pub origin: NodeId,
+    /// Per-origin sequence number; a repeated `(origin, seq)` applies once and returns the first result.
+    pub seq: u64,
+    /// The proposer's clock at proposal time; every timestamp the command sets comes from here.
+    pub time: Timespec,
+    /// Who asked.
+    pub caller: Caller,
+    /// SHA-256 of the op's payload bytes (`Op::payload`); apply recomputes it and rejects a mismatch.
+    pub content_hash: Hash,
+    pub op: Op,
+}
+
+/// How a time attribute is set.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetTime {
+    /// The command's time (`UTIME_NOW`).
+    Now,
+    /// An explicit time.
+    At(Timespec),
+}
+
+/// Flags of rename (renameat2).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RenameFlags {
+    /// RENAME_NOREPLACE: fail with EEXIST if the target exists.
+    pub noreplace: bool,
+    /// RENAME_EXCHANGE: atomically swap source and target (both must exist).
+    pub exchange: bool,
+}
+
+/// fallocate modes we support.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FallocMode {
+    /// Plain allocation: extends the size if `offset + len` is beyond it.
+    Allocate { keep_size: bool },
+    /// FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: the range reads as zeros afterwards.
+    PunchHole,
+    /// FALLOC_FL_ZERO_RANGE (optionally with KEEP_SIZE).
+    ZeroRange { keep_size: bool },
+}
+
+/// Flags of setxattr.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XattrFlags {
+    /// Create or replace.
+    Any,
+    /// XATTR_CREATE: fail with EEXIST if it exists.
+    Create,
+    /// XATTR_REPLACE: fail with ENODATA if it does not exist.
+    Replace,
+}
+
+/// The operation of a command. Names are bytes (any byte but `/` and NUL).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Create the root directory; valid once, on an empty state.
+    Init { perm: u32, uid: u32, gid: u32 },
+    /// Add a node to `Meta::nodes` (idempotent).
+    RegisterNode { node: NodeId },
+    /// Remove a node from `Meta::nodes` and from every orphan's pending set.
+    UnregisterNode { node: NodeId },
+    /// Create a regular file, directory, fifo, socket or device. `perm` is already masked by the
+    /// umask; owner is the caller, group follows setgid-directory inheritance.
+    MakeNode { parent: Ino, name: Vec<u8>, kind: FileKind, perm: u32, rdev: u32 },
+    /// Create a symlink.
+    Symlink { parent: Ino, name: Vec<u8>, target: Vec<u8> },
+    /// Add a hard link to `ino` at `(new_parent, new_name)`.
+    Link { ino: Ino, new_parent: Ino, new_name: Vec<u8> },
+    /// Remove a non-directory name. `origin_open` says whether the origin node holds the inode open
+    /// (if so, the inode becomes an orphan instead of being freed when its last name goes).
+    Unlink { parent: Ino, name: Vec<u8>, origin_open: bool },
+    /// Remove an empty directory.
+    Rmdir { parent: Ino, name: Vec<u8> },
+    /// Rename; `origin_open` as for Unlink, about a replaced target.
+    Rename {
+        parent: Ino,
+        name: Vec<u8>,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+        flags: RenameFlags,
+        origin_open: bool,
+    },
+    /// Change attributes (chmod, chown, truncate, utimens). A chown by a non-root caller, or of a
+    /// regular file, clears setuid/setgid as Linux does.
+    SetAttr {
+        ino: Ino,
+        perm: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<SetTime>,
+        mtime: Option<SetTime>,
+    },
+    /// Write `data` at `offset` (or at the end of the file when `append`). Payload: `data`.
+    Write { ino: Ino, offset: u64, data: Vec<u8>, append: bool },
+    /// fallocate.
+    Fallocate { ino: Ino, offset: u64, len: u64, mode: FallocMode },
+    /// copy_file_range within the namespace.
+    CopyRange { ino_in: Ino, offset_in: u64, ino_out: Ino, offset_out: u64, len: u64 },
+    /// setxattr. Payload: `value`.
+    SetXattr { ino: Ino, name: Vec<u8>, value: Vec<u8>, flags: XattrFlags },
+    /// removexattr.
+    RemoveXattr { ino: Ino, name: Vec<u8> },
+    /// The origin node no longer holds the orphan `ino` open.
+    Release { ino: Ino },
+}
+
+impl Op {
+    /// The bytes covered by `Command::content_hash`: file data and xattr values; empty otherwise.
+    pub fn payload(&self) -> &[u8] {
+        match self {
+            Op::Write { data, .. } => data,
+            Op::SetXattr { value, .. } => value,
+            Op::Symlink { target, .. } => target,
+            Op::Init { .. }
+            | Op::RegisterNode { .. }
+            | Op::UnregisterNode { .. }
+            | Op::MakeNode { .. }
+            | Op::Link { .. }
+            | Op::Unlink { .. }
+            | Op::Rmdir { .. }
+            | Op::Rename { .. }
+            | Op::SetAttr { .. }
+            | Op::Fallocate { .. }
+            | Op::CopyRange { .. }
+            | Op::RemoveXattr { .. }
+            | Op::Release { .. } => &[],
+        }
+    }
+}
+
+/// What a successful command returns to its caller.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing to report (unlink, rmdir, rename, xattr changes, release, register).
+    Done,
+    /// The created, linked or changed inode, as it is after the command.
+    Inode(Inode),
+    /// Bytes written or copied, and the file's attributes afterwards.
+    Written { len: u64, attr: Inode },
+}
+
+/// The result apply records for `(origin, seq)` and returns through Raft.
+pub type CommandResult = Result<Outcome, Errno>;

@@ -1,0 +1,14 @@
+//! The replicated state machine: the whole namespace and the pure `apply` of commands.
+//!
+//! Architecture invariant: nothing here does I/O, reads a clock, or knows of FUSE, Raft or redb.
+//! Storage is reached only through the `StateRead`/`StateWrite` traits.
+
+pub mod command;
+pub mod error;
+pub mod txn;
+pub mod types;
+
+pub use command::{Command, CommandResult, FallocMode, Op, Outcome, RenameFlags, SetTime, XattrFlags};
+pub use error::{Errno, FsResult};
+pub use txn::{StateRead, StateWrite, StoreFault, StoreResult};
+pub use types::{Caller, DirEntry, FileKind, Hash, Ino, Inode, Meta, NodeId, Orphan, Timespec, ROOT_INO};

@@ -1,0 +1,71 @@
+//! The storage interface of the state machine. `store/` implements it over redb tables and
+//! `state::mem::MemState` over BTreeMaps (the reference model for tests). Apply sees nothing else.
+//!
+//! Errors of these methods are storage faults (I/O, corruption): they are not deterministic and
+//! stop the node (fail-stop); deterministic failures are `Errno` values returned by apply.
+
+use super::command::CommandResult;
+use super::types::{DirEntry, Hash, Ino, Inode, Meta, NodeId, Orphan};
+
+/// A storage fault: the store could not read or write. Never a deterministic outcome.
+#[derive(Debug, thiserror::Error)]
+#[error("storage fault: {0}")]
+pub struct StoreFault(pub String);
+
+pub type StoreResult<T> = Result<T, StoreFault>;
+
+/// Read access to the state. Implemented by read transactions and write transactions alike.
+pub trait StateRead {
+    /// The inode `ino`, if it is live (named or orphaned).
+    fn inode(&self, ino: Ino) -> StoreResult<Option<Inode>>;
+    /// The entry `name` in directory `parent`.
+    fn entry(&self, parent: Ino, name: &[u8]) -> StoreResult<Option<DirEntry>>;
+    /// Entries of `parent` with cookie > `after`, in cookie order, at most `max` of them.
+    fn entries_after(&self, parent: Ino, after: u64, max: usize) -> StoreResult<Vec<(Vec<u8>, DirEntry)>>;
+    /// The hash of block `index` of file `ino`, if that block is stored (absent = a hole, zeros).
+    fn block_hash(&self, ino: Ino, index: u64) -> StoreResult<Option<Hash>>;
+    /// Stored blocks of `ino` with index in `[from, to)`, in index order.
+    fn block_hashes(&self, ino: Ino, from: u64, to: u64) -> StoreResult<Vec<(u64, Hash)>>;
+    /// The content of a stored block (its length may be less than BLOCK_BYTES: the rest is zeros).
+    fn block_data(&self, hash: &Hash) -> StoreResult<Option<Vec<u8>>>;
+    /// How many block-map slots reference this block (0 if unknown).
+    fn block_refs(&self, hash: &Hash) -> StoreResult<u64>;
+    /// One extended attribute.
+    fn xattr(&self, ino: Ino, name: &[u8]) -> StoreResult<Option<Vec<u8>>>;
+    /// All extended attribute names of `ino`, in byte order.
+    fn xattr_names(&self, ino: Ino) -> StoreResult<Vec<Vec<u8>>>;
+    /// The orphan record of `ino`, if it is open-unlinked.
+    fn orphan(&self, ino: Ino) -> StoreResult<Option<Orphan>>;
+    /// All orphans.
+    fn orphans(&self) -> StoreResult<Vec<(Ino, Orphan)>>;
+    /// The recorded result of `(origin, seq)`, if it is still retained.
+    fn result(&self, origin: NodeId, seq: u64) -> StoreResult<Option<CommandResult>>;
+    /// The highest sequence applied for `origin` (0 if none).
+    fn max_seq(&self, origin: NodeId) -> StoreResult<u64>;
+    /// The cluster counters. A fresh state returns `Meta::default()` (all zero).
+    fn meta(&self) -> StoreResult<Meta>;
+}
+
+/// Write access to the state, used only by apply inside one transaction.
+pub trait StateWrite: StateRead {
+    fn put_inode(&mut self, inode: &Inode) -> StoreResult<()>;
+    fn del_inode(&mut self, ino: Ino) -> StoreResult<()>;
+    fn put_entry(&mut self, parent: Ino, name: &[u8], entry: &DirEntry) -> StoreResult<()>;
+    fn del_entry(&mut self, parent: Ino, name: &[u8]) -> StoreResult<()>;
+    fn put_block_hash(&mut self, ino: Ino, index: u64, hash: &Hash) -> StoreResult<()>;
+    fn del_block_hash(&mut self, ino: Ino, index: u64) -> StoreResult<()>;
+    /// Store block content (no-op if it is stored already).
+    fn put_block_data(&mut self, hash: &Hash, data: &[u8]) -> StoreResult<()>;
+    /// Set the reference count; the caller deletes the data when it reaches 0.
+    fn put_block_refs(&mut self, hash: &Hash, refs: u64) -> StoreResult<()>;
+    fn del_block(&mut self, hash: &Hash) -> StoreResult<()>;
+    fn put_xattr(&mut self, ino: Ino, name: &[u8], value: &[u8]) -> StoreResult<()>;
+    fn del_xattr(&mut self, ino: Ino, name: &[u8]) -> StoreResult<()>;
+    fn put_orphan(&mut self, ino: Ino, orphan: &Orphan) -> StoreResult<()>;
+    fn del_orphan(&mut self, ino: Ino) -> StoreResult<()>;
+    /// Record the result of `(origin, seq)` and raise `max_seq(origin)` if `seq` is higher.
+    fn put_result(&mut self, origin: NodeId, seq: u64, result: &CommandResult) -> StoreResult<()>;
+    /// Forget the results of `origin` with sequence below `seq`.
+    fn prune_results(&mut self, origin: NodeId, below: u64) -> StoreResult<()>;
+    fn put_meta(&mut self, meta: &Meta) -> StoreResult<()>;
+}
