@@ -1,5 +1,9 @@
 //! Pickbox: a distributed POSIX filesystem in which every change is a Raft entry.
 
+pub mod cli;
 pub mod config;
-pub mod state;
+pub mod fs;
+pub mod node;
 pub mod raft;
+pub mod state;
+pub mod store;

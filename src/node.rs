@@ -1,0 +1,1 @@
+//! Wiring and lifecycle: store -> raft -> fs; ordered shutdown.

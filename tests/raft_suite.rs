@@ -1,0 +1,1 @@
+//! openraft storage suite against the redb store.
