@@ -1,1 +1,13 @@
-//! End-to-end tests against real mounts.
+//! End-to-end tests against real mounts: each test starts its own `pickbox mount` process.
+//!
+//! They need root and `/dev/fuse`; without them every test fails with a message saying so.
+//! At most `PICKBOX_FUSE_TESTS_PARALLEL` (default 2) nodes run at once, whatever `--test-threads` is.
+
+mod harness;
+
+mod data;
+mod dirs;
+mod lifecycle;
+mod locks;
+mod meta;
+mod rename;

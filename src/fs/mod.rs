@@ -1,1 +1,541 @@
 //! The FUSE adapter (the only module that imports fuser): decode, call, reply; errno mapping.
+//!
+//! Architecture invariant: a fuser worker thread never waits for Raft. Reads are answered on the
+//! worker thread from the local replica (a redb read transaction); every mutation copies what it
+//! needs out of the request, moves its `Reply` into a tokio task, proposes there and answers once
+//! the command is committed and applied. Each reply is answered exactly once (a reply dropped
+//! unanswered, for example by a panicking task, makes fuser answer EIO).
+
+mod attr;
+mod caller;
+mod content;
+mod errno;
+mod handles;
+mod mount;
+mod ops;
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
+};
+
+use crate::config::WRITE_BYTES_MAX;
+use crate::state::{Caller, Errno, FallocMode, FileKind, RenameFlags, SetTime, XattrFlags};
+
+pub use errno::{FsError, FsResult};
+pub use mount::{cleanup_stale_mount, mount, Mounted};
+pub use ops::Ops;
+
+/// How long the kernel may cache attributes and entries. All changes on a single node go through
+/// this mount, so the kernel's cache stays coherent; other nodes' changes will be invalidated
+/// explicitly (design decision 8).
+const TTL: Duration = Duration::from_secs(1);
+/// Inode numbers are never reused (they come from a counter in the state), so one generation.
+const GENERATION: Generation = Generation(0);
+/// readdir asks the state for at most this many entries per call.
+const READDIR_BATCH: usize = crate::config::READDIR_BATCH_MAX;
+
+/// The FUSE filesystem of one node.
+pub struct PickboxFs {
+    ops: Arc<Ops>,
+    rt: tokio::runtime::Handle,
+}
+
+impl PickboxFs {
+    pub fn new(ops: Arc<Ops>, rt: tokio::runtime::Handle) -> Self {
+        PickboxFs { ops, rt }
+    }
+
+    /// Run a mutation in a tokio task, so the fuser worker goes back to the kernel at once.
+    fn spawn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(fut);
+    }
+}
+
+fn bytes(name: &OsStr) -> Vec<u8> {
+    name.as_bytes().to_vec()
+}
+
+/// The caller of a request; `groups` reads /proc where group membership can decide the outcome.
+fn who(req: &Request, groups: bool) -> Caller {
+    caller::caller(req.uid(), req.gid(), req.pid(), groups)
+}
+
+fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
+    t.map(|t| match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(at) => SetTime::At(attr::timespec(at)),
+    })
+}
+
+fn fs_err(e: Errno) -> fuser::Errno {
+    FsError::Fs(e).errno()
+}
+
+impl Filesystem for PickboxFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(nearest) = config.set_max_write(WRITE_BYTES_MAX as u32) {
+            let _ = config.set_max_write(nearest);
+        }
+        // Optional capabilities: readdirplus saves a lookup per listed name; parallel dirops
+        // lets lookups and readdirs of one directory run concurrently. Not FUSE_WRITEBACK_CACHE
+        // (correctness first: every write reaches Raft in order, with the caller's credentials),
+        // not POSIX/flock locks (the kernel then keeps locks node-local).
+        for cap in [InitFlags::FUSE_DO_READDIRPLUS, InitFlags::FUSE_READDIRPLUS_AUTO, InitFlags::FUSE_PARALLEL_DIROPS] {
+            if config.add_capabilities(cap).is_err() {
+                tracing::debug!(?cap, "kernel does not offer capability");
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.ops.lookup(parent.0, name.as_bytes()) {
+            Ok(inode) => reply.entry(&TTL, &attr::file_attr(&inode), GENERATION),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.ops.getattr(ino.0) {
+            Ok(inode) => reply.attr(&TTL, &attr::file_attr(&inode)),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // ctime is always the command's time; crtime/chgtime/bkuptime/flags are macOS-only.
+        let caller = who(req, true);
+        let (atime, mtime) = (set_time(atime), set_time(mtime));
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            match ops.setattr(caller, ino.0, mode, uid, gid, size, atime, mtime).await {
+                Ok(inode) => reply.attr(&TTL, &attr::file_attr(&inode)),
+                Err(e) => reply.error(e.errno()),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.ops.readlink(ino.0) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let Some(kind) = attr::kind_of_mode(mode) else {
+            return reply.error(fuser::Errno::EINVAL);
+        };
+        let (caller, name) = (who(req, true), bytes(name));
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            match ops.make_node(caller, parent.0, name, kind, mode & !umask, rdev).await {
+                Ok(inode) => reply.entry(&TTL, &attr::file_attr(&inode), GENERATION),
+                Err(e) => reply.error(e.errno()),
+            }
+        });
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let (caller, name) = (who(req, true), bytes(name));
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            match ops.make_node(caller, parent.0, name, FileKind::Dir, mode & !umask, 0).await {
+                Ok(inode) => reply.entry(&TTL, &attr::file_attr(&inode), GENERATION),
+                Err(e) => reply.error(e.errno()),
+            }
+        });
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (caller, name) = (who(req, true), bytes(name));
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            match ops.unlink(caller, parent.0, name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e.errno()),
+            }
+        });
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (caller, name) = (who(req, true), bytes(name));
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            match ops.rmdir(caller, parent.0, name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e.errno()),
+            }
+        });
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let (caller, name) = (who(req, true), bytes(link_name));
+        let target = target.as_os_str().as_bytes().to_vec();
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            match ops.symlink(caller, parent.0, name, target).await {
+                Ok(inode) => reply.entry(&TTL, &attr::file_attr(&inode), GENERATION),
+                Err(e) => reply.error(e.errno()),
+            }
+        });
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let known = fuser::RenameFlags::RENAME_NOREPLACE | fuser::RenameFlags::RENAME_EXCHANGE;
+        if !known.contains(flags) {
+            // RENAME_WHITEOUT (overlayfs) or an unknown flag.
+            return reply.error(fuser::Errno::EINVAL);
+        }
+        let flags = RenameFlags {
+            noreplace: flags.contains(fuser::RenameFlags::RENAME_NOREPLACE),
+            exchange: flags.contains(fuser::RenameFlags::RENAME_EXCHANGE),
+        };
+        let (caller, name, newname) = (who(req, true), bytes(name), bytes(newname));
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            match ops.rename(caller, parent.0, name, newparent.0, newname, flags).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e.errno()),
+            }
+        });
+    }
+
+    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let (caller, name) = (who(req, true), bytes(newname));
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            match ops.link(caller, ino.0, newparent.0, name).await {
+                Ok(inode) => reply.entry(&TTL, &attr::file_attr(&inode), GENERATION),
+                Err(e) => reply.error(e.errno()),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // O_TRUNC is not passed here: without FUSE_ATOMIC_O_TRUNC the kernel sends a setattr.
+        match self.ops.open(ino.0, flags.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.ops.read(ino.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        if data.len() > WRITE_BYTES_MAX {
+            return reply.error(fuser::Errno::EINVAL);
+        }
+        // `flags` are the file's current flags (including fcntl(F_SETFL) changes), so they decide
+        // O_APPEND; the kernel's offset for an append is its cached size, which may be stale.
+        let append = flags.0 & libc::O_APPEND != 0;
+        let (caller, data) = (who(req, false), data.to_vec());
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            match ops.write(caller, ino.0, offset, data, append).await {
+                Ok(len) => reply.written(len.min(u64::from(u32::MAX)) as u32),
+                Err(e) => reply.error(e.errno()),
+            }
+        });
+    }
+
+    // flush, fsync and fsyncdir are barriers that are already satisfied: a write, like every
+    // mutation, is answered only after its command is committed by a quorum (durable in the Raft
+    // log) and applied on this node, and without the writeback cache the kernel holds no dirty
+    // data of its own. So every write that completed before the barrier is durable: answer Ok.
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        // close(2) ignores release errors; answer now, tell the cluster (if this was the last
+        // handle of an orphan) in the background.
+        reply.ok();
+        let ops = self.ops.clone();
+        self.spawn(async move { ops.release(fh.0).await });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // Directory handles are stateless: offsets are stable cookies, not positions.
+        match self.ops.getattr(ino.0) {
+            Ok(inode) if inode.kind == FileKind::Dir => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(_) => reply.error(fuser::Errno::ENOTDIR),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        match self.ops.list(ino.0, offset, READDIR_BATCH, false) {
+            Ok(entries) => {
+                for (e, _) in entries {
+                    if reply.add(INodeNo(e.ino), e.cookie, attr::file_type(e.kind), OsStr::from_bytes(&e.name)) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        match self.ops.list(ino.0, offset, READDIR_BATCH, true) {
+            Ok(entries) => {
+                for (e, inode) in entries {
+                    let Some(inode) = inode else { continue };
+                    let attr = attr::file_attr(&inode);
+                    if reply.add(INodeNo(e.ino), e.cookie, OsStr::from_bytes(&e.name), &TTL, &attr, GENERATION) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.ops.statfs() {
+            Ok(s) => {
+                let bsize = ops::STATFS_BLOCK_BYTES as u32;
+                let namelen = crate::config::NAME_BYTES_MAX as u32;
+                reply.statfs(s.blocks, s.blocks_free, s.blocks_avail, s.files, s.files_free, bsize, namelen, bsize)
+            }
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let flags = match flags & (libc::XATTR_CREATE | libc::XATTR_REPLACE) {
+            0 => XattrFlags::Any,
+            libc::XATTR_CREATE => XattrFlags::Create,
+            libc::XATTR_REPLACE => XattrFlags::Replace,
+            _ => return reply.error(fuser::Errno::EINVAL),
+        };
+        let (caller, name, value) = (who(req, true), bytes(name), value.to_vec());
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            match ops.setxattr(caller, ino.0, name, value, flags).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e.errno()),
+            }
+        });
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.ops.getxattr(ino.0, name.as_bytes()) {
+            Ok(value) => reply_xattr(reply, &value, size),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.ops.listxattr(ino.0) {
+            Ok(names) => reply_xattr(reply, &names, size),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (caller, name) = (who(req, true), bytes(name));
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            match ops.removexattr(caller, ino.0, name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e.errno()),
+            }
+        });
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // With default_permissions the kernel checks the mode bits itself; what is left for us is
+        // whether the inode exists (F_OK).
+        match self.ops.getattr(ino.0) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        if let Some(kind) = attr::kind_of_mode(mode) {
+            if kind != FileKind::File {
+                return reply.error(fuser::Errno::EINVAL);
+            }
+        }
+        let (caller, name) = (who(req, true), bytes(name));
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            match ops.create(caller, parent.0, name, mode & !umask, flags).await {
+                Ok((inode, fh)) => {
+                    reply.created(&TTL, &attr::file_attr(&inode), GENERATION, FileHandle(fh), FopenFlags::empty())
+                }
+                Err(e) => reply.error(e.errno()),
+            }
+        });
+    }
+
+    fn fallocate(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let mode = match mode & !libc::FALLOC_FL_KEEP_SIZE {
+            0 => FallocMode::Allocate { keep_size },
+            libc::FALLOC_FL_PUNCH_HOLE if keep_size => FallocMode::PunchHole,
+            libc::FALLOC_FL_ZERO_RANGE => FallocMode::ZeroRange { keep_size },
+            // PUNCH_HOLE without KEEP_SIZE, COLLAPSE_RANGE, INSERT_RANGE, UNSHARE_RANGE.
+            _ => return reply.error(fuser::Errno::EOPNOTSUPP),
+        };
+        let caller = who(req, false);
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            match ops.fallocate(caller, ino.0, offset, length, mode).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e.errno()),
+            }
+        });
+    }
+
+    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        // The kernel answers SEEK_SET/CUR/END itself and asks us only for SEEK_DATA/SEEK_HOLE.
+        let what = match whence {
+            libc::SEEK_DATA => ops::Seek::Data,
+            libc::SEEK_HOLE => ops::Seek::Hole,
+            _ => return reply.error(fuser::Errno::EINVAL),
+        };
+        let Ok(offset) = u64::try_from(offset) else {
+            return reply.error(fuser::Errno::ENXIO);
+        };
+        match self.ops.lseek(ino.0, offset, what) {
+            Ok(found) => match i64::try_from(found) {
+                Ok(found) => reply.offset(found),
+                Err(_) => reply.error(fuser::Errno::EOVERFLOW),
+            },
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        // The reply carries a u32 count: copy at most that much; the caller loops for the rest.
+        let len = len.min(u64::from(u32::MAX) & !(crate::config::BLOCK_BYTES - 1));
+        let caller = who(req, false);
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            match ops.copy_range(caller, ino_in.0, offset_in, ino_out.0, offset_out, len).await {
+                Ok(n) => reply.written(n.min(u64::from(u32::MAX)) as u32),
+                Err(e) => reply.error(e.errno()),
+            }
+        });
+    }
+}
+
+/// Answer getxattr/listxattr: the size when asked for it (size 0), ERANGE if it does not fit.
+fn reply_xattr(reply: ReplyXattr, value: &[u8], size: u32) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() > size as usize {
+        reply.error(fs_err(Errno::Range));
+    } else {
+        reply.data(value);
+    }
+}

@@ -1,13 +1,60 @@
 //! Raft: openraft type configuration, proposing commands, and the node's replica handle.
 //!
 //! API boundary: the rest of the crate proposes with `Replica::propose` and reads with
-//! `Replica::read`; nothing outside this module and `store/` knows openraft exists.
-//! (Interface stub: the store/raft work replaces the bodies; the signatures are the contract.)
+//! `Replica::read`; nothing outside this module knows openraft exists (the redb store below it is
+//! openraft-agnostic and sees only bytes).
 
+pub mod network;
+pub mod storage;
+
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use crate::state::{Caller, NodeId, Op, Outcome, StateRead, StoreFault};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{Caller, Command, CommandResult, NodeId, Op, Outcome, StateRead, StoreFault, Timespec, ROOT_INO};
+use crate::store::Store;
+pub use network::{NoPeers, PeerTransport, RpcKind, TransportError};
+use storage::{LogStore, SnapshotFile, StateMachine};
+
+/// What apply returns through Raft for one entry.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Response(pub CommandResult);
+
+openraft::declare_raft_types!(
+    /// The Raft types of pickbox.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = u64,
+        Node = BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = SnapshotFile,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// Heartbeat period (loopback and LAN).
+pub const HEARTBEAT_MS: u64 = 100;
+/// Election timeout range.
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 400;
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 800;
+/// Entries per AppendEntries: with 1 MiB writes one message stays near 32 MiB, under MESSAGE_BYTES_MAX.
+pub const PAYLOAD_ENTRIES_MAX: u64 = 32;
+/// Snapshot after this many entries since the last one...
+pub const SNAPSHOT_ENTRIES_MAX: u64 = 20_000;
+/// ...or after this many bytes of log entries.
+pub const SNAPSHOT_LOG_BYTES_MAX: u64 = 256 * 1024 * 1024;
+/// Entries kept in the log behind a snapshot (for slow followers), bounding disk use.
+pub const SNAPSHOT_LOG_KEEP_ENTRIES: u64 = 500;
+/// Snapshot chunk per install_snapshot RPC.
+pub const SNAPSHOT_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
+/// Sequence numbers: (incarnation << 40) | counter.
+const SEQ_COUNTER_BITS: u32 = 40;
 
 /// Why a proposal did not produce a result.
 #[derive(Debug, thiserror::Error)]
@@ -32,34 +79,275 @@ pub struct ReplicaConfig {
     pub propose_timeout: std::time::Duration,
 }
 
+/// A short summary of the replica's Raft state.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplicaMetrics {
+    pub node_id: NodeId,
+    pub state: String,
+    pub current_term: u64,
+    pub current_leader: Option<NodeId>,
+    pub last_log_index: Option<u64>,
+    pub last_applied_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
+    /// Durable log commits (fsyncs) and the entries they carried: the group-commit ratio.
+    pub log_commits: u64,
+    pub log_entries: u64,
+    pub log_bytes: u64,
+    pub apply_txns: u64,
+}
+
 /// One node's replica: its Raft instance and its local store.
 pub struct Replica {
     node_id: NodeId,
+    cfg: ReplicaConfig,
+    raft: Raft<TypeConfig>,
+    store: Store,
+    incarnation: u64,
+    counter: AtomicU64,
+    monitor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+fn now() -> Timespec {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Timespec { sec: d.as_secs() as i64, nsec: d.subsec_nanos() }
+}
+
+/// The openraft configuration we run with.
+pub fn raft_config() -> anyhow::Result<Config> {
+    let c = Config {
+        cluster_name: "pickbox".into(),
+        heartbeat_interval: HEARTBEAT_MS,
+        election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
+        election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
+        max_payload_entries: PAYLOAD_ENTRIES_MAX,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_ENTRIES_MAX),
+        max_in_snapshot_log_to_keep: SNAPSHOT_LOG_KEEP_ENTRIES,
+        snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+        ..Default::default()
+    };
+    Ok(c.validate()?)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreFault> + Send + 'static,
+) -> anyhow::Result<T> {
+    Ok(tokio::task::spawn_blocking(f).await??)
 }
 
 impl Replica {
     /// Open the store, start Raft, bootstrap a fresh single-node cluster (Init + RegisterNode).
     pub async fn start(cfg: ReplicaConfig) -> anyhow::Result<Arc<Replica>> {
-        Ok(Arc::new(Replica { node_id: cfg.node_id }))
+        Self::start_with(cfg, Arc::new(NoPeers)).await
+    }
+
+    /// `start` with a given peer transport.
+    pub async fn start_with(cfg: ReplicaConfig, transport: Arc<dyn PeerTransport>) -> anyhow::Result<Arc<Replica>> {
+        let dir = cfg.data_dir.clone();
+        let store = blocking(move || Store::open(&dir)).await?;
+        let s2 = store.clone();
+        let incarnation = blocking(move || s2.next_incarnation()).await?;
+        anyhow::ensure!(incarnation < (1 << (64 - SEQ_COUNTER_BITS)), "incarnation counter exhausted");
+        let log = LogStore::new(store.clone());
+        let bytes_appended = log.bytes_appended.clone();
+        let sm = StateMachine::new(store.clone());
+        let raft = Raft::new(cfg.node_id, Arc::new(raft_config()?), network::Network::new(transport), log, sm).await?;
+        let replica = Arc::new(Replica {
+            node_id: cfg.node_id,
+            cfg: cfg.clone(),
+            raft,
+            store,
+            incarnation,
+            counter: AtomicU64::new(0),
+            monitor: Mutex::new(None),
+        });
+        let fresh = !replica.raft.is_initialized().await?;
+        if fresh {
+            let mut members = BTreeMap::new();
+            members.insert(cfg.node_id, BasicNode::default());
+            replica.raft.initialize(members).await?;
+            tracing::info!(node = cfg.node_id, "initialized a new single-voter cluster");
+        }
+        replica.wait_ready().await?;
+        replica.bootstrap_state().await?;
+        let handle = tokio::spawn(snapshot_monitor(Arc::downgrade(&replica), bytes_appended));
+        *replica.monitor.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        Ok(replica)
+    }
+
+    /// Wait for a leader and for the local state to catch up with the log.
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        let timeout = Some(self.cfg.propose_timeout.max(Duration::from_secs(5)));
+        let m = self
+            .raft
+            .wait(timeout)
+            .metrics(|m| m.current_leader.is_some(), "a leader is known")
+            .await?;
+        if let Some(last) = m.last_log_index {
+            self.raft.wait(timeout).applied_index_at_least(Some(last), "local replica caught up").await?;
+        }
+        Ok(())
+    }
+
+    /// First start: create the root and register this node. Restart: release every orphan this node
+    /// held open (nothing is open after a restart).
+    async fn bootstrap_state(&self) -> anyhow::Result<()> {
+        let view = self.store.read()?;
+        let has_root = view.inode(ROOT_INO)?.is_some();
+        let registered = view.meta()?.nodes.contains(&self.node_id);
+        let held: Vec<_> =
+            view.orphans()?.into_iter().filter(|(_, o)| o.pending.contains(&self.node_id)).map(|(i, _)| i).collect();
+        drop(view);
+        if !has_root {
+            self.propose(Caller::root(), Op::Init { perm: 0o755, uid: 0, gid: 0 }).await?;
+        }
+        if !registered {
+            self.propose(Caller::root(), Op::RegisterNode { node: self.node_id }).await?;
+        }
+        for ino in held {
+            match self.propose(Caller::root(), Op::Release { ino }).await {
+                Ok(_) | Err(ProposeError::Fs(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     pub fn node_id(&self) -> NodeId {
         self.node_id
     }
 
+    /// The next `(incarnation << 40) | counter` sequence number of this node.
+    fn next_seq(&self) -> u64 {
+        let c = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
+        (self.incarnation << SEQ_COUNTER_BITS) | (c & ((1 << SEQ_COUNTER_BITS) - 1))
+    }
+
     /// Propose `op` for `caller`; returns after the command is committed and applied locally.
     pub async fn propose(&self, caller: Caller, op: Op) -> Result<Outcome, ProposeError> {
-        let _ = (caller, op);
-        Err(ProposeError::Unavailable("not implemented".into()))
+        let cmd = Command {
+            origin: self.node_id,
+            seq: self.next_seq(),
+            time: now(),
+            caller,
+            content_hash: crate::state::sha256(op.payload()),
+            op,
+        };
+        let timeout = self.cfg.propose_timeout;
+        match tokio::time::timeout(timeout, self.raft.client_write(cmd)).await {
+            Err(_) => {
+                tracing::warn!(
+                    node = self.node_id,
+                    timeout_ms = timeout.as_millis() as u64,
+                    leader = ?self.raft.metrics().borrow().current_leader,
+                    "proposal not committed in time (no leader or no quorum); failing it with EIO"
+                );
+                Err(ProposeError::Unavailable(format!("not committed within {timeout:?}")))
+            }
+            Ok(Ok(resp)) => resp.data.0.map_err(ProposeError::Fs),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                tracing::warn!(node = self.node_id, leader = ?f.leader_id, "proposal refused: this node is not the leader");
+                Err(ProposeError::Unavailable(format!("not the leader (leader: {:?})", f.leader_id)))
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                Err(ProposeError::Unavailable(format!("membership change in progress: {e}")))
+            }
+            Ok(Err(RaftError::Fatal(f))) => {
+                tracing::error!(node = self.node_id, error = %f, "raft stopped");
+                Err(ProposeError::Fatal(f.to_string()))
+            }
+        }
     }
 
     /// A consistent read view of the local replica (a redb read transaction).
     pub fn read(&self) -> Result<Box<dyn StateRead + Send>, StoreFault> {
-        Err(StoreFault("not implemented".into()))
+        Ok(Box::new(self.store.read()?))
+    }
+
+    /// The index of the last entry applied locally.
+    pub fn applied_index(&self) -> Option<u64> {
+        self.raft.metrics().borrow().last_applied.map(|l| l.index)
+    }
+
+    /// A summary of Raft and store state.
+    pub fn metrics(&self) -> ReplicaMetrics {
+        let m = self.raft.metrics().borrow().clone();
+        let s = self.store.stats();
+        ReplicaMetrics {
+            node_id: self.node_id,
+            state: format!("{:?}", m.state),
+            current_term: m.current_term,
+            current_leader: m.current_leader,
+            last_log_index: m.last_log_index,
+            last_applied_index: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            log_commits: s.log_commits.load(Ordering::Relaxed),
+            log_entries: s.log_entries.load(Ordering::Relaxed),
+            log_bytes: s.log_bytes.load(Ordering::Relaxed),
+            apply_txns: s.apply_txns.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The openraft handle (for the transport's server side and membership changes in raft/).
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.raft
+    }
+
+    /// Ask for a snapshot now (it is built in the background).
+    pub async fn trigger_snapshot(&self) -> anyhow::Result<()> {
+        self.raft.trigger().snapshot().await?;
+        Ok(())
+    }
+
+    /// Serve one encoded RPC from a peer (the server side of `PeerTransport`); returns the encoded
+    /// `Result<Response, RaftError>`.
+    pub async fn handle_rpc(&self, kind: RpcKind, body: &[u8]) -> Result<Vec<u8>, StoreFault> {
+        use crate::store::codec::{decode, encode};
+        match kind {
+            RpcKind::AppendEntries => encode(&self.raft.append_entries(decode(body)?).await),
+            RpcKind::Vote => encode(&self.raft.vote(decode(body)?).await),
+            RpcKind::InstallSnapshot => encode(&self.raft.install_snapshot(decode(body)?).await),
+        }
     }
 
     /// Flush and stop Raft and the store.
     pub async fn shutdown(&self) -> anyhow::Result<()> {
+        if let Some(h) = self.monitor.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            h.abort();
+        }
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown reported an error");
+        }
+        let store = self.store.clone();
+        blocking(move || store.sync_blocking()).await?;
         Ok(())
     }
 }
+
+/// Triggers a snapshot when the log holds more than SNAPSHOT_LOG_BYTES_MAX bytes since the last
+/// one (openraft's own policy covers the entry count).
+async fn snapshot_monitor(replica: std::sync::Weak<Replica>, bytes_appended: Arc<AtomicU64>) {
+    let mut at_last = 0u64;
+    let mut last_snapshot = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(r) = replica.upgrade() else { return };
+        let snap = r.raft.metrics().borrow().snapshot;
+        let now = bytes_appended.load(Ordering::Relaxed);
+        if snap != last_snapshot {
+            last_snapshot = snap;
+            at_last = now;
+        }
+        if now.saturating_sub(at_last) > SNAPSHOT_LOG_BYTES_MAX {
+            tracing::info!(bytes = now - at_last, "log bytes since last snapshot over the limit; snapshotting");
+            if r.raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+            at_last = now;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

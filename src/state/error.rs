@@ -62,6 +62,12 @@ pub enum Errno {
     /// The value is too large for the defined data type.
     #[error("value too large")]
     Overflow,
+    /// An argument list or value is too long (an xattr value above the limit: E2BIG).
+    #[error("argument list too long")]
+    TooBig,
+    /// No data or hole at or beyond this offset (SEEK_DATA/SEEK_HOLE at or past the end: ENXIO).
+    #[error("no such device or address")]
+    NoSuchOffset,
     /// A retry of a command so old that its result was forgotten; it was not applied again.
     #[error("stale command")]
     Stale,

@@ -3,12 +3,23 @@
 //! Architecture invariant: nothing here does I/O, reads a clock, or knows of FUSE, Raft or redb.
 //! Storage is reached only through the `StateRead`/`StateWrite` traits.
 
+pub mod apply;
+pub mod check;
 pub mod command;
+pub mod content;
 pub mod error;
+pub mod mem;
 pub mod txn;
 pub mod types;
+
+#[cfg(test)]
+mod tests;
 
 pub use command::{Command, CommandResult, FallocMode, Op, Outcome, RenameFlags, SetTime, XattrFlags};
 pub use error::{Errno, FsResult};
 pub use txn::{StateRead, StateWrite, StoreFault, StoreResult};
 pub use types::{Caller, DirEntry, FileKind, Hash, Ino, Inode, Meta, NodeId, Orphan, Timespec, ROOT_INO};
+pub use apply::apply;
+pub use check::check_invariants;
+pub use content::{read_range, seek_data, seek_hole, sha256};
+pub use mem::MemState;

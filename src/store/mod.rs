@@ -1,1 +1,309 @@
 //! The redb store: Raft log, vote, state tables, snapshots (the only module that imports redb).
+//!
+//! One redb file, `<data>/pickbox.redb`, holds the Raft log side (log, vote, committed, last purged),
+//! the state machine side (the namespace tables behind `StateRead`/`StateWrite` plus the last
+//! applied log id and membership, in the same transaction as the state they describe) and one local
+//! table (the incarnation counter). Snapshot files live in `<data>/snapshots/`.
+//!
+//! Architecture invariant: this module knows nothing of openraft; Raft types arrive as opaque bytes
+//! encoded by `raft/`. Durability: log writes commit `Immediate` (group commit, see `log`); apply
+//! commits `None` and becomes durable with the next log commit of the same file, which is safe
+//! because a crash then only loses state that the durable log replays, and `last_applied` is in the
+//! same transaction as the state.
+
+pub mod codec;
+mod log;
+mod snapshot;
+mod tables;
+
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+
+pub use log::{Done, LogWrite};
+pub use snapshot::SnapshotInfo;
+pub use tables::{ReadView, StateTxn};
+
+use crate::state::{StoreFault, StoreResult};
+use tables::{LOCAL, LOG, RAFT_META};
+
+/// Map any redb (or I/O) error to a storage fault.
+pub(crate) fn fault(e: impl std::fmt::Display) -> StoreFault {
+    StoreFault(format!("redb: {e}"))
+}
+
+/// Counters of the store, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Durable log commits (each one fsync).
+    pub log_commits: AtomicU64,
+    /// Entries written by those commits.
+    pub log_entries: AtomicU64,
+    /// Entry bytes written by those commits.
+    pub log_bytes: AtomicU64,
+    /// State machine write transactions (apply batches).
+    pub apply_txns: AtomicU64,
+    /// Set once a write failed; the store refuses further writes (fail-stop).
+    pub failed: AtomicBool,
+}
+
+/// A handle to the node's store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    snap_dir: PathBuf,
+    writer: Mutex<Option<mpsc::Sender<LogWrite>>>,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    stats: Arc<StoreStats>,
+    current_snapshot: Mutex<Option<SnapshotInfo>>,
+    snapshot_seq: AtomicU64,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer thread after it has written what was queued.
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = self.writer_thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Store {
+    /// Open (or create) the store in `data_dir`.
+    pub fn open(data_dir: &Path) -> StoreResult<Store> {
+        std::fs::create_dir_all(data_dir).map_err(fault)?;
+        let snap_dir = data_dir.join("snapshots");
+        std::fs::create_dir_all(&snap_dir).map_err(fault)?;
+        let db = Database::builder().create(data_dir.join("pickbox.redb")).map_err(fault)?;
+        {
+            let txn = db.begin_write().map_err(fault)?;
+            tables::create_all_tables(&txn)?;
+            txn.commit().map_err(fault)?;
+        }
+        let db = Arc::new(db);
+        let stats = Arc::new(StoreStats::default());
+        let (tx, rx) = mpsc::channel();
+        let thread = {
+            let db = db.clone();
+            let stats = stats.clone();
+            std::thread::Builder::new()
+                .name("pickbox-log-writer".into())
+                .spawn(move || log::run(db, rx, stats))
+                .map_err(fault)?
+        };
+        let current = snapshot::scan(&snap_dir)?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                snap_dir,
+                writer: Mutex::new(Some(tx)),
+                writer_thread: Mutex::new(Some(thread)),
+                stats,
+                current_snapshot: Mutex::new(current),
+                snapshot_seq: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    pub fn stats(&self) -> &StoreStats {
+        &self.inner.stats
+    }
+
+    // ---------------------------------------------------------------- log side
+
+    /// Queue a log write; its `done` runs on the writer thread once it is durable or failed.
+    pub fn submit(&self, op: LogWrite) {
+        let sender = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let op = match sender {
+            Some(s) => match s.send(op) {
+                Ok(()) => return,
+                Err(mpsc::SendError(op)) => op,
+            },
+            None => op,
+        };
+        // The writer is gone (closing); nothing can become durable any more.
+        let err = || Err(StoreFault("store is closed".into()));
+        match op {
+            LogWrite::Append { done, .. }
+            | LogWrite::Truncate { done, .. }
+            | LogWrite::Purge { done, .. }
+            | LogWrite::Sync { done } => done(err()),
+            LogWrite::PutMeta { done, .. } => {
+                if let Some(d) = done {
+                    d(err())
+                }
+            }
+        }
+    }
+
+    /// Queue a log write and wait until it is durable.
+    pub async fn submit_wait(&self, make: impl FnOnce(Done) -> LogWrite) -> StoreResult<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(make(Box::new(move |r| {
+            let _ = tx.send(r);
+        })));
+        rx.await.map_err(|_| StoreFault("log writer dropped a request".into()))?
+    }
+
+    /// Blocking variant of `submit_wait` for non-async callers.
+    pub fn submit_blocking(&self, make: impl FnOnce(Done) -> LogWrite) -> StoreResult<()> {
+        let (tx, rx) = mpsc::channel();
+        self.submit(make(Box::new(move |r| {
+            let _ = tx.send(r);
+        })));
+        rx.recv().map_err(|_| StoreFault("log writer dropped a request".into()))?
+    }
+
+    /// Make everything committed so far durable (one Immediate commit through the writer).
+    pub fn sync_blocking(&self) -> StoreResult<()> {
+        self.submit_blocking(|done| LogWrite::Sync { done })
+    }
+
+    /// Entries in `range` (by index), in order.
+    pub fn read_log(&self, range: (Bound<u64>, Bound<u64>)) -> StoreResult<Vec<(u64, Vec<u8>)>> {
+        let txn = self.inner.db.begin_read().map_err(fault)?;
+        let t = txn.open_table(LOG).map_err(fault)?;
+        let mut out = Vec::new();
+        for item in t.range::<u64>(range).map_err(fault)? {
+            let (k, v) = item.map_err(fault)?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The last entry in the log, if any.
+    pub fn last_log(&self) -> StoreResult<Option<(u64, Vec<u8>)>> {
+        let txn = self.inner.db.begin_read().map_err(fault)?;
+        let t = txn.open_table(LOG).map_err(fault)?;
+        let last = t.last().map_err(fault)?.map(|(k, v)| (k.value(), v.value().to_vec()));
+        Ok(last)
+    }
+
+    /// The first entry in the log, if any.
+    pub fn first_log_index(&self) -> StoreResult<Option<u64>> {
+        let txn = self.inner.db.begin_read().map_err(fault)?;
+        let t = txn.open_table(LOG).map_err(fault)?;
+        let first = t.first().map_err(fault)?.map(|(k, _)| k.value());
+        Ok(first)
+    }
+
+    /// One Raft metadata value ("vote", "committed", "last_purged").
+    pub fn raft_meta(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        let txn = self.inner.db.begin_read().map_err(fault)?;
+        let t = txn.open_table(RAFT_META).map_err(fault)?;
+        Ok(t.get(key).map_err(fault)?.map(|v| v.value().to_vec()))
+    }
+
+    // ---------------------------------------------------------------- state side
+
+    /// A consistent read-only view of the state.
+    pub fn read(&self) -> StoreResult<ReadView> {
+        let txn = self.inner.db.begin_read().map_err(fault)?;
+        ReadView::open(&txn)
+    }
+
+    /// Run `f` in one state write transaction; commit it if `f` succeeds (durably if `durable`),
+    /// abort it otherwise. Blocking: call from a blocking thread.
+    pub fn write_state<T>(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&mut StateTxn<'_>) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        if self.inner.stats.failed.load(Ordering::SeqCst) {
+            return Err(StoreFault("store failed earlier; refusing writes".into()));
+        }
+        let mut txn = self.inner.db.begin_write().map_err(fault)?;
+        txn.set_durability(if durable { Durability::Immediate } else { Durability::None }).map_err(fault)?;
+        let out = {
+            let mut tables = StateTxn::open(&txn)?;
+            f(&mut tables)?
+        };
+        txn.commit().map_err(fault)?;
+        self.inner.stats.apply_txns.fetch_add(1, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Bump and return the node's incarnation counter (local, durable, never replicated).
+    pub fn next_incarnation(&self) -> StoreResult<u64> {
+        let mut txn = self.inner.db.begin_write().map_err(fault)?;
+        txn.set_durability(Durability::Immediate).map_err(fault)?;
+        let n = {
+            let mut t = txn.open_table(LOCAL).map_err(fault)?;
+            let n = t.get("incarnation").map_err(fault)?.map(|v| v.value()).unwrap_or(0) + 1;
+            t.insert("incarnation", n).map_err(fault)?;
+            n
+        };
+        txn.commit().map_err(fault)?;
+        Ok(n)
+    }
+
+    // ---------------------------------------------------------------- snapshots
+
+    /// The newest snapshot file, if any.
+    pub fn current_snapshot(&self) -> Option<SnapshotInfo> {
+        self.inner.current_snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A fresh path in the snapshot directory to receive a snapshot into.
+    pub fn receiving_path(&self) -> PathBuf {
+        let n = self.inner.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        self.inner.snap_dir.join(format!("recv-{}-{n}.part", std::process::id()))
+    }
+
+    /// Write every state table from one read transaction into `<snapshots>/<id>.snap` (temp file,
+    /// fsync, rename) with the header `make_header` returns, then make it the only snapshot.
+    /// Blocking.
+    pub fn build_snapshot(
+        &self,
+        make_header: impl FnOnce(&ReadView) -> StoreResult<(String, Vec<u8>)>,
+    ) -> StoreResult<SnapshotInfo> {
+        let txn = self.inner.db.begin_read().map_err(fault)?;
+        let view = ReadView::open(&txn)?;
+        let (id, header) = make_header(&view)?;
+        let info = snapshot::write(&self.inner.snap_dir, &id, &header, &view)?;
+        self.set_current(info.clone());
+        Ok(info)
+    }
+
+    /// Replace the whole state with the snapshot file at `src` (one Immediate transaction that also
+    /// writes `sm_meta`), keep it as the current snapshot under `id`. Installing the same snapshot
+    /// twice gives the same state. Blocking.
+    pub fn install_snapshot(&self, src: &Path, id: &str, sm_meta: &[(&str, Vec<u8>)]) -> StoreResult<SnapshotInfo> {
+        let info = snapshot::adopt(&self.inner.snap_dir, src, id)?;
+        snapshot::verify(&info.path)?;
+        if self.inner.stats.failed.load(Ordering::SeqCst) {
+            return Err(StoreFault("store failed earlier; refusing writes".into()));
+        }
+        let mut txn = self.inner.db.begin_write().map_err(fault)?;
+        txn.set_durability(Durability::Immediate).map_err(fault)?;
+        tables::delete_state_tables(&txn)?;
+        {
+            let mut t = StateTxn::open(&txn)?;
+            snapshot::load(&info.path, &mut t)?;
+            for (k, v) in sm_meta {
+                t.put_sm_meta(k, v)?;
+            }
+        }
+        txn.commit().map_err(fault)?;
+        self.set_current(info.clone());
+        Ok(info)
+    }
+
+    fn set_current(&self, info: SnapshotInfo) {
+        let mut cur = self.inner.current_snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        snapshot::remove_others(&self.inner.snap_dir, &info.path);
+        *cur = Some(info);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,385 @@
+//! Starts and stops real `pickbox mount` processes on fresh temp dirs, and small syscall helpers.
+//!
+//! Every node a test starts is owned by a `Node`, whose `Drop` stops it by PID (SIGTERM, then
+//! SIGKILL), lazily unmounts a mount left behind and removes the temp dirs, also when the test
+//! panics. Waiting is always a polled condition with a deadline, never a fixed sleep.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a node may take to mount (debug build, shared 2-core machine).
+pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a node may take to exit after SIGTERM or an external umount.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Nodes running at once in this test process unless `PICKBOX_FUSE_TESTS_PARALLEL` says otherwise.
+const PARALLEL_NODES_DEFAULT: usize = 2;
+
+/// Counts running nodes so that `cargo test` (one thread per core or more) stays gentle.
+static RUNNING: Mutex<usize> = Mutex::new(0);
+static RUNNING_CHANGED: Condvar = Condvar::new();
+
+fn parallel_nodes_max() -> usize {
+    std::env::var("PICKBOX_FUSE_TESTS_PARALLEL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(PARALLEL_NODES_DEFAULT)
+}
+
+/// A slot among the nodes allowed to run at once; released on drop.
+struct Permit;
+
+impl Permit {
+    fn acquire() -> Permit {
+        let max = parallel_nodes_max();
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        while *running >= max {
+            running = RUNNING_CHANGED.wait(running).unwrap_or_else(|e| e.into_inner());
+        }
+        *running += 1;
+        Permit
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        *running -= 1;
+        RUNNING_CHANGED.notify_one();
+    }
+}
+
+/// Fails the test with a clear message when FUSE tests cannot run here (they never pass silently).
+pub fn require_fuse() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "fuse-tests need root (euid is {euid}): run them as root, e.g. `sudo -E cargo test --test fuse`"
+    );
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "fuse-tests need /dev/fuse: load the fuse module or run in a container with --device /dev/fuse"
+    );
+}
+
+/// The `pickbox` binary that cargo built for this test target.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pickbox"))
+}
+
+/// One node: its temp dir (mountpoint + data dir) and, while running, its process.
+pub struct Node {
+    dir: Option<tempfile::TempDir>,
+    pub mnt: PathBuf,
+    pub data: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+    _permit: Permit,
+}
+
+impl Node {
+    /// Starts a node on a fresh data dir and waits until its mount is live.
+    pub fn start() -> Node {
+        require_fuse();
+        let permit = Permit::acquire();
+        let dir = tempfile::Builder::new()
+            .prefix("pickbox-fuse-test-")
+            .tempdir()
+            .expect("create temp dir");
+        let mnt = dir.path().join("mnt");
+        let data = dir.path().join("data");
+        fs::create_dir(&mnt).expect("create mountpoint");
+        fs::create_dir(&data).expect("create data dir");
+        let log = dir.path().join("node.log");
+        let mut node = Node { dir: Some(dir), mnt, data, log, child: None, starts: 0, _permit: permit };
+        node.spawn();
+        node
+    }
+
+    /// The mountpoint joined with `rel`.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// The node's PID while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Starts the process (again) on the same data dir and mountpoint and waits for the mount.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "node already running");
+        self.starts += 1;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open node log");
+        let log2 = log.try_clone().expect("clone log fd");
+        let child = Command::new(binary())
+            .arg("mount")
+            .arg(&self.mnt)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .expect("spawn pickbox");
+        self.child = Some(child);
+        self.wait_mounted();
+    }
+
+    fn wait_mounted(&mut self) {
+        let deadline = Instant::now() + MOUNT_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait")) {
+                self.child = None;
+                panic!("pickbox exited before mounting ({status}); log:\n{}", self.log_tail());
+            }
+            if is_mounted(&self.mnt) && fs::metadata(&self.mnt).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mount {} not live after {:?}; log:\n{}",
+                self.mnt.display(),
+                MOUNT_TIMEOUT,
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a signal to the running process.
+    pub fn signal(&self, sig: libc::c_int) {
+        let pid = self.pid().expect("node not running") as libc::pid_t;
+        // SAFETY: kill has no memory preconditions; pid is our own child, not yet reaped.
+        unsafe { libc::kill(pid, sig) };
+    }
+
+    /// Waits for the process to exit, up to `timeout`; returns its status or None.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Clean stop: SIGTERM, expect exit status 0 and the mount gone.
+    pub fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let status = self.wait_exit(STOP_TIMEOUT);
+        let status = status.unwrap_or_else(|| panic!("node did not exit after SIGTERM; log:\n{}", self.log_tail()));
+        assert!(status.success(), "node exited with {status} after SIGTERM; log:\n{}", self.log_tail());
+        assert!(!is_mounted(&self.mnt), "mount still present after a clean stop");
+    }
+
+    /// Crash: SIGKILL and reap; the kernel mount stays behind (stale) on purpose.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        let status = self.wait_exit(STOP_TIMEOUT).expect("node did not die after SIGKILL");
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+
+    /// Restart after a clean stop.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// The last lines of the node's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(60);
+        lines[from..].join("\n")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        if self.child.is_some() {
+            self.signal(libc::SIGTERM);
+            if self.wait_exit(STOP_TIMEOUT).is_none() {
+                self.signal(libc::SIGKILL);
+                let _ = self.wait_exit(STOP_TIMEOUT);
+            }
+        }
+        if is_mounted(&self.mnt) {
+            lazy_unmount(&self.mnt);
+        }
+        if panicking {
+            eprintln!("---- pickbox log ({}) ----\n{}", self.log.display(), self.log_tail());
+        }
+        if let Some(dir) = self.dir.take() {
+            if std::env::var_os("PICKBOX_KEEP_TEST_DIRS").is_some() {
+                eprintln!("keeping {}", dir.keep().display());
+            } else if let Err(e) = dir.close() {
+                eprintln!("removing temp dir: {e}");
+            }
+        }
+    }
+}
+
+/// Whether `/proc/self/mountinfo` lists `mnt` as a mountpoint.
+pub fn is_mounted(mnt: &Path) -> bool {
+    let want = mnt.as_os_str().as_bytes();
+    let text = match fs::read("/proc/self/mountinfo") {
+        Ok(t) => t,
+        Err(_) => return false,
+    };
+    text.split(|&b| b == b'\n').any(|line| {
+        line.split(|&b| b == b' ').nth(4).map(unescape_mountinfo).as_deref() == Some(want)
+    })
+}
+
+/// Undoes the octal escapes (`\040` for space) of a mountinfo field.
+fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        if field[i] == b'\\' && i + 3 < field.len() && field[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (field[i + 1] - b'0') * 64 + (field[i + 2] - b'0') * 8 + (field[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(field[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// `umount -l`: detach the mount even if its daemon is gone.
+pub fn lazy_unmount(mnt: &Path) {
+    let c = cstr(mnt);
+    // SAFETY: c is a valid NUL-terminated path.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}
+
+/// Waits until `cond` holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn cstr(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).expect("path without NUL")
+}
+
+/// Turns a libc return value into a Result carrying errno.
+pub fn check<T: PartialOrd + Default + Copy>(ret: T) -> io::Result<T> {
+    if ret < T::default() {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// The errno of a failed result; panics if it succeeded.
+pub fn errno_of<T: std::fmt::Debug>(r: io::Result<T>) -> i32 {
+    match r {
+        Ok(v) => panic!("expected an error, got Ok({v:?})"),
+        Err(e) => e.raw_os_error().unwrap_or_else(|| panic!("not an OS error: {e}")),
+    }
+}
+
+/// lstat through libc, to see every field.
+pub fn lstat(p: &Path) -> io::Result<libc::stat> {
+    let c = cstr(p);
+    // SAFETY: zeroed stat is a valid out-parameter; c is NUL-terminated.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::lstat(c.as_ptr(), &mut st) })?;
+    Ok(st)
+}
+
+/// Runs `f` in a forked child as `uid:gid` (no supplementary groups) and returns Ok or its errno.
+///
+/// Only the child changes credentials, so other test threads are not affected. `f` returns
+/// `Ok(())` or the errno of the syscall that failed; any panic in the child becomes errno 255.
+pub fn as_user(uid: u32, gid: u32, f: impl FnOnce() -> io::Result<()>) -> Result<(), i32> {
+    as_user_groups(uid, gid, &[], f)
+}
+
+/// Like `as_user` with supplementary groups.
+pub fn as_user_groups(uid: u32, gid: u32, groups: &[u32], f: impl FnOnce() -> io::Result<()>) -> Result<(), i32> {
+    // SAFETY: the child only makes syscalls and runs `f`, then leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed: {}", io::Error::last_os_error());
+    if pid == 0 {
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: plain credential syscalls in a single-threaded child.
+            unsafe {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setresgid(gid, gid, gid) != 0
+                    || libc::setresuid(uid, uid, uid) != 0
+                {
+                    return 254;
+                }
+            }
+            match f() {
+                Ok(()) => 0,
+                Err(e) => e.raw_os_error().unwrap_or(253),
+            }
+        }))
+        .unwrap_or(255);
+        // SAFETY: leave the child without running the parent's destructors or atexit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(r, pid, "waitpid");
+    assert!(libc::WIFEXITED(status), "child did not exit normally: {status}");
+    match libc::WEXITSTATUS(status) {
+        0 => Ok(()),
+        254 => panic!("as_user: could not switch to {uid}:{gid}"),
+        253 => panic!("as_user: error without errno"),
+        255 => panic!("as_user: the closure panicked"),
+        e => Err(e),
+    }
+}
+
+/// The user and group every Debian system has.
+pub const NOBODY: u32 = 65534;
+/// A second unprivileged uid/gid that needs no passwd entry.
+pub const OTHER: u32 = 65533;
+
+/// This process's umask.
+pub fn umask() -> u32 {
+    // SAFETY: umask only swaps the process mask; it is set straight back.
+    unsafe {
+        let m = libc::umask(0o022);
+        libc::umask(m);
+        m as u32
+    }
+}

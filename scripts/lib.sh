@@ -1,0 +1,100 @@
+# Shared helpers for the scripts in this directory (sourced, not run).
+# Every install a test or benchmark needs happens here, because CI starts on a fresh machine.
+
+PJDFSTEST_VERSION=0.2.2
+CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+need_root() {
+    [ "$(id -u)" -eq 0 ] || die "$1 needs root (FUSE mounts, device nodes, other users); run it as root"
+}
+
+need_dev_fuse() {
+    [ -e /dev/fuse ] || die "/dev/fuse is missing: load the fuse module (modprobe fuse) or pass --device /dev/fuse"
+}
+
+# Installs the Debian packages not yet installed; runs apt-get update at most once.
+APT_UPDATED=0
+ensure_packages() {
+    local missing=()
+    local p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    log "apt-get install ${missing[*]}"
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# pjdfstest (Rust rewrite on crates.io) links libacl, hence libacl1-dev.
+ensure_pjdfstest() {
+    ensure_packages libacl1-dev acl
+    if cargo install --list 2>/dev/null | grep -q "^pjdfstest v${PJDFSTEST_VERSION}:"; then
+        return 0
+    fi
+    log "cargo install pjdfstest ${PJDFSTEST_VERSION} (about 40 s on 2 cores)"
+    cargo install --locked pjdfstest --version "$PJDFSTEST_VERSION" --quiet
+}
+
+# pjdfstest switches to these users (fuse-tests/pjdfstest.toml: nobody/nogroup and tests/tests).
+ensure_test_users() {
+    getent passwd nobody >/dev/null || useradd --system --no-create-home --shell /usr/sbin/nologin nobody
+    getent group nogroup >/dev/null || groupadd --system nogroup
+    if ! getent group tests >/dev/null; then
+        groupadd --system tests
+    fi
+    if ! getent passwd tests >/dev/null; then
+        useradd --system --gid tests --no-create-home --home-dir / --shell /usr/sbin/nologin \
+            --comment "Dummy user for pjdfstest" tests
+    fi
+}
+
+# Whether $1 is a mountpoint right now (works for dead FUSE mounts, unlike stat).
+is_mounted() {
+    awk -v m="$1" '$5 == m { found = 1 } END { exit !found }' /proc/self/mountinfo
+}
+
+# Waits until pickbox PID $1 has mounted $2 and its root answers stat; fails after $3 seconds.
+wait_mounted() {
+    local pid=$1 mnt=$2 secs=${3:-30}
+    local deadline=$((SECONDS + secs))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        alive "$pid" || return 1
+        if is_mounted "$mnt" && stat "$mnt" >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.05
+    done
+    return 1
+}
+
+# Whether PID $1 runs (a zombie, exited but not yet reaped, does not count).
+alive() {
+    local state
+    state=$(sed -E 's/.*\) (.).*/\1/' "/proc/$1/stat" 2>/dev/null) || return 1
+    [ -n "$state" ] && [ "$state" != Z ]
+}
+
+# Stops PID $1 (SIGTERM, then SIGKILL after $3 s) and detaches mount $2 if it is still there.
+stop_node() {
+    local pid=$1 mnt=$2 secs=${3:-20}
+    if [ -n "$pid" ] && alive "$pid"; then
+        kill -TERM "$pid" 2>/dev/null || true
+        local deadline=$((SECONDS + secs))
+        while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.05; done
+        if alive "$pid"; then
+            log "pid $pid ignored SIGTERM for ${secs}s: SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        wait "$pid" 2>/dev/null || true
+    fi
+    if [ -n "$mnt" ] && is_mounted "$mnt"; then
+        umount -l "$mnt" 2>/dev/null || true
+    fi
+}

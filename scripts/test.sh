@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# THE test command: installs what the tests need, runs every cargo test target (unit and property
+# tests, the openraft storage suite, fuse-tests against real mounts), then pjdfstest in a mount.
+# Needs root and /dev/fuse. Exits non-zero if anything failed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+source scripts/lib.sh
+
+need_root "the test suite"
+need_dev_fuse
+# fuse3: the umount/fusermount3 tools; attr/acl: getfattr/setfacl; libacl1-dev: pjdfstest's build.
+ensure_packages fuse3 attr acl libacl1-dev
+ensure_pjdfstest
+ensure_test_users
+
+mkdir -p target
+cargo_log=$repo/target/cargo-test.log
+rm -f "$repo/target/pjdfstest.log"
+failed=0
+
+log "cargo test --all-targets"
+set +e
+timeout "${CARGO_TEST_TIMEOUT_S:-2700}" cargo test --all-targets 2>&1 | tee "$cargo_log"
+cargo_status=${PIPESTATUS[0]}
+set -e
+[ "$cargo_status" -eq 0 ] || { echo "cargo test failed (exit status $cargo_status)"; failed=1; }
+
+log "pjdfstest"
+set +e
+bash scripts/pjdfstest.sh
+pjd_status=$?
+set -e
+[ "$pjd_status" -eq 0 ] || { echo "pjdfstest failed (exit status $pjd_status)"; failed=1; }
+
+# One closing line over both runners.
+read -r cargo_passed cargo_failed cargo_ignored < <(
+    sed 's/\x1b\[[0-9;]*m//g' "$cargo_log" |
+        awk '/^test result:/ { for (i = 1; i <= NF; i++) {
+                 if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1);
+                 if ($(i) ~ /^ignored/) s += $(i-1) } }
+             END { print p + 0, f + 0, s + 0 }')
+read -r pjd_failed pjd_skipped pjd_passed < <(
+    awk '/^Summary:/ { print $2, $4, $6; found = 1 } END { if (!found) print 0, 0, 0 }' \
+        "$repo/target/pjdfstest.log" 2>/dev/null || echo "0 0 0")
+echo
+echo "cargo test: $cargo_passed passed, $cargo_failed failed, $cargo_ignored ignored (exit status $cargo_status)"
+echo "pjdfstest: $pjd_passed passed, $pjd_failed failed, $pjd_skipped skipped (exit status $pjd_status)"
+echo "total: $((cargo_passed + pjd_passed)) passed, $((cargo_failed + pjd_failed)) failed, $((cargo_ignored + pjd_skipped)) skipped"
+exit "$failed"

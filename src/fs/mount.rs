@@ -1,0 +1,180 @@
+//! Mounting and unmounting: session options, stale-mount cleanup, ordered unmount.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
+use nix::mount::{umount2, MntFlags};
+
+use super::{Ops, PickboxFs};
+
+/// fuser worker threads, each with its own /dev/fuse fd (clone_fd) and a 16 MiB buffer. At least
+/// two, so a slow read never stalls every request (and notifications can never deadlock us).
+const FUSE_THREADS: usize = 4;
+/// The filesystem type as /proc/mounts shows it (`fuse.` + subtype).
+const FS_TYPE: &str = "fuse.pickbox";
+/// How long an unmount waits for the session to end before aborting the FUSE connection.
+const UNMOUNT_WAIT: Duration = Duration::from_secs(5);
+/// How often the unmount wait looks at the session thread.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// A live mount: the background session and what is needed to take it down.
+pub struct Mounted {
+    session: BackgroundSession,
+    mountpoint: PathBuf,
+    /// The FUSE connection number (minor of the mount's device), for /sys/fs/fuse/connections.
+    connection: Option<u32>,
+}
+
+/// Mount `ops` at `mountpoint` and serve it from background threads. Blocks for the INIT
+/// handshake with the kernel: call it from a blocking context.
+pub fn mount(ops: Arc<Ops>, rt: tokio::runtime::Handle, mountpoint: &Path) -> io::Result<Mounted> {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("pickbox".into()),
+        MountOption::Subtype("pickbox".into()),
+        // The kernel checks permissions against the attributes we report.
+        MountOption::DefaultPermissions,
+        // Not AutoUnmount: it goes through fusermount3 and made unmount hang (crate-notes).
+    ];
+    config.acl = SessionACL::All; // allow_other
+    config.n_threads = Some(FUSE_THREADS);
+    config.clone_fd = true;
+    let session = Session::new(PickboxFs::new(ops, rt), mountpoint, &config)?;
+    let session = session.spawn()?;
+    let mountpoint = mountpoint.to_path_buf();
+    let connection = find_mount(&mountpoint).map(|m| m.minor);
+    tracing::info!(mountpoint = %mountpoint.display(), ?connection, "mounted");
+    Ok(Mounted { session, mountpoint, connection })
+}
+
+impl Mounted {
+    /// Has the session ended (for example because someone ran `umount` on the mountpoint)?
+    pub fn is_finished(&self) -> bool {
+        self.session.guard.is_finished()
+    }
+
+    /// Unmount (lazily, if still mounted) and wait for the session threads to end. If they have
+    /// not ended after `UNMOUNT_WAIT` (files still open through a lazily detached mount), abort
+    /// the FUSE connection so no request can arrive after the replica shuts down.
+    pub fn unmount_and_join(self) -> io::Result<()> {
+        if find_mount(&self.mountpoint).is_some_and(|m| m.fs_type == FS_TYPE) {
+            if let Err(e) = umount2(&self.mountpoint, MntFlags::MNT_DETACH) {
+                tracing::warn!(error = %e, "unmount failed");
+            }
+        }
+        let deadline = Instant::now() + UNMOUNT_WAIT;
+        while !self.session.guard.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(POLL_INTERVAL);
+        }
+        if !self.session.guard.is_finished() {
+            match self.connection {
+                Some(conn) => {
+                    tracing::warn!(conn, "FUSE session still busy after unmount: aborting the connection");
+                    let abort = format!("/sys/fs/fuse/connections/{conn}/abort");
+                    if let Err(e) = std::fs::write(&abort, b"1") {
+                        tracing::error!(error = %e, path = abort, "cannot abort the FUSE connection");
+                    }
+                }
+                None => tracing::warn!("FUSE session still busy after unmount; waiting"),
+            }
+        }
+        let result = self.session.join();
+        tracing::info!(mountpoint = %self.mountpoint.display(), "unmounted");
+        result
+    }
+}
+
+/// Prepare `mountpoint`: create it if missing, and lazily unmount a stale FUSE mount left by a
+/// crashed process ("Transport endpoint is not connected"). A live mount there is an error.
+pub fn cleanup_stale_mount(mountpoint: &Path) -> io::Result<()> {
+    match std::fs::metadata(mountpoint) {
+        Ok(meta) if meta.is_dir() => {
+            if let Some(m) = find_mount(mountpoint) {
+                if m.fs_type.starts_with("fuse") {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        format!("{} is already a live {} mount", mountpoint.display(), m.fs_type),
+                    ));
+                }
+            }
+            Ok(())
+        }
+        Ok(_) => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a directory", mountpoint.display()))),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            tracing::warn!(mountpoint = %mountpoint.display(), "stale FUSE mount found: detaching it");
+            umount2(mountpoint, MntFlags::MNT_DETACH).map_err(io::Error::from)?;
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir_all(mountpoint),
+        Err(e) => Err(e),
+    }
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, PartialEq, Eq)]
+struct MountInfo {
+    minor: u32,
+    fs_type: String,
+}
+
+/// The innermost mount at exactly `path` (absolute, as mountinfo spells it), if any.
+fn find_mount(path: &Path) -> Option<MountInfo> {
+    let abs = std::path::absolute(path).ok()?;
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    parse_mountinfo(&text, abs.as_os_str().as_encoded_bytes())
+}
+
+fn parse_mountinfo(text: &str, path: &[u8]) -> Option<MountInfo> {
+    // Later lines are mounted on top of earlier ones at the same point.
+    text.lines().rev().find_map(|line| {
+        let mut fields = line.split(' ');
+        let dev = fields.nth(2)?;
+        let point = fields.nth(1)?;
+        if unescape(point) != path {
+            return None;
+        }
+        let (_, after) = line.split_once(" - ")?;
+        let fs_type = after.split(' ').next()?.to_string();
+        let minor = dev.split_once(':')?.1.parse().ok()?;
+        Some(MountInfo { minor, fs_type })
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            let oct = &b[i + 1..i + 4];
+            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
+                out.push((oct[0] - b'0') * 64 + (oct[1] - b'0') * 8 + (oct[2] - b'0'));
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "22 1 252:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n\
+        40 22 0:45 / /tmp/pbx\\040mnt rw,nosuid,nodev,relatime shared:20 - fuse.pickbox pickbox rw,user_id=0\n";
+
+    #[test]
+    fn finds_escaped_mountpoint() {
+        let m = parse_mountinfo(SAMPLE, b"/tmp/pbx mnt").expect("listed");
+        assert_eq!(m, MountInfo { minor: 45, fs_type: FS_TYPE.into() });
+        assert_eq!(parse_mountinfo(SAMPLE, b"/tmp/other"), None);
+        assert_eq!(parse_mountinfo(SAMPLE, b"/").map(|m| m.fs_type), Some("ext4".into()));
+    }
+}

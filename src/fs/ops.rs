@@ -1,0 +1,455 @@
+//! The filesystem operations behind the FUSE adapter, free of fuser types.
+//!
+//! Reads are served from a local read view of the replica. Mutations become one `Op` each and are
+//! proposed through Raft; they return once the command is committed and applied on this node.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::config::{NAME_BYTES_MAX, SYMLINK_BYTES_MAX, XATTR_NAME_BYTES_MAX, XATTR_VALUE_BYTES_MAX};
+use crate::raft::Replica;
+use crate::state::{
+    Caller, Errno, FallocMode, FileKind, Ino, Inode, Op, Outcome, RenameFlags, SetTime, StateRead,
+    XattrFlags,
+};
+
+use super::content;
+use super::errno::{FsError, FsResult};
+use super::handles::Handles;
+
+/// Free space the data directory must keep beyond a write's own bytes; below it a growing write
+/// fails with ENOSPC before it is proposed, so a full disk never fails an apply half-way.
+pub const SPACE_RESERVE_BYTES: u64 = 64 * 1024 * 1024;
+/// `st_blksize`/`f_bsize` we report in statfs.
+pub const STATFS_BLOCK_BYTES: u64 = 4096;
+/// Cookie of `.` in readdir; `..` is `DOTDOT_COOKIE`; entries have cookies above both.
+pub const DOT_COOKIE: u64 = 1;
+pub const DOTDOT_COOKIE: u64 = 2;
+
+/// One readdir entry with its stable cookie (what the kernel passes back as the next offset).
+#[derive(Clone, Debug)]
+pub struct Listed {
+    pub name: Vec<u8>,
+    pub cookie: u64,
+    pub ino: Ino,
+    pub kind: FileKind,
+}
+
+/// What statfs reports, in `STATFS_BLOCK_BYTES` units.
+#[derive(Clone, Copy, Debug)]
+pub struct FsStats {
+    pub blocks: u64,
+    pub blocks_free: u64,
+    pub blocks_avail: u64,
+    pub files: u64,
+    pub files_free: u64,
+}
+
+/// What lseek looks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seek {
+    Data,
+    Hole,
+}
+
+/// The node's filesystem: the replica, the data directory (for free space) and the open handles.
+pub struct Ops {
+    replica: Arc<Replica>,
+    data_dir: PathBuf,
+    pub handles: Handles,
+}
+
+/// A name as the state accepts it: 1..=NAME_BYTES_MAX bytes, no `/` or NUL.
+pub fn check_name(name: &[u8]) -> FsResult<()> {
+    if name.len() > NAME_BYTES_MAX {
+        return Err(Errno::NameTooLong.into());
+    }
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        return Err(Errno::Inval.into());
+    }
+    Ok(())
+}
+
+impl Ops {
+    pub fn new(replica: Arc<Replica>, data_dir: PathBuf) -> Self {
+        Ops { replica, data_dir, handles: Handles::default() }
+    }
+
+    fn view(&self) -> FsResult<Box<dyn StateRead + Send>> {
+        Ok(self.replica.read()?)
+    }
+
+    fn inode_in(r: &dyn StateRead, ino: Ino) -> FsResult<Inode> {
+        r.inode(ino)?.ok_or(FsError::Fs(Errno::NoEnt))
+    }
+
+    // ---- reads: served from the local replica, never proposed ----
+
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Inode> {
+        check_name(name)?;
+        let r = self.view()?;
+        let dir = Self::inode_in(&*r, parent)?;
+        if dir.kind != FileKind::Dir {
+            return Err(Errno::NotDir.into());
+        }
+        let entry = r.entry(parent, name)?.ok_or(FsError::Fs(Errno::NoEnt))?;
+        Self::inode_in(&*r, entry.ino)
+    }
+
+    pub fn getattr(&self, ino: Ino) -> FsResult<Inode> {
+        Self::inode_in(&*self.view()?, ino)
+    }
+
+    pub fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        let inode = self.getattr(ino)?;
+        if inode.kind != FileKind::Symlink {
+            return Err(Errno::Inval.into());
+        }
+        Ok(inode.target)
+    }
+
+    pub fn read(&self, ino: Ino, offset: u64, len: u32) -> FsResult<Vec<u8>> {
+        let r = self.view()?;
+        let inode = Self::inode_in(&*r, ino)?;
+        match inode.kind {
+            FileKind::File => Ok(content::read_range(&*r, &inode, offset, u64::from(len))??),
+            FileKind::Dir => Err(Errno::IsDir.into()),
+            _ => Err(Errno::Inval.into()),
+        }
+    }
+
+    /// Up to `max` entries of directory `ino` after cookie `after`, with `.` and `..` first.
+    /// With `plus`, each entry's inode too (for readdirplus).
+    pub fn list(&self, ino: Ino, after: u64, max: usize, plus: bool) -> FsResult<Vec<(Listed, Option<Inode>)>> {
+        let r = self.view()?;
+        let dir = Self::inode_in(&*r, ino)?;
+        if dir.kind != FileKind::Dir {
+            return Err(Errno::NotDir.into());
+        }
+        let mut out = Vec::new();
+        let get = |ino: Ino| -> FsResult<Option<Inode>> { if plus { Ok(r.inode(ino)?) } else { Ok(None) } };
+        if after < DOT_COOKIE {
+            let me = Listed { name: b".".to_vec(), cookie: DOT_COOKIE, ino, kind: FileKind::Dir };
+            out.push((me, if plus { Some(dir.clone()) } else { None }));
+        }
+        if after < DOTDOT_COOKIE {
+            // The root's parent is the root itself (`Inode::parent` says so for directories).
+            let up = if dir.parent == 0 { ino } else { dir.parent };
+            let listed = Listed { name: b"..".to_vec(), cookie: DOTDOT_COOKIE, ino: up, kind: FileKind::Dir };
+            out.push((listed, get(up)?));
+        }
+        let room = max.saturating_sub(out.len());
+        if room > 0 {
+            for (name, e) in r.entries_after(ino, after.max(DOTDOT_COOKIE), room)? {
+                let inode = get(e.ino)?;
+                if plus && inode.is_none() {
+                    // Cannot happen in a consistent state; skip rather than report a dangling name.
+                    tracing::warn!(dir = ino, ino = e.ino, "directory entry without an inode");
+                    continue;
+                }
+                out.push((Listed { name, cookie: e.cookie, ino: e.ino, kind: e.kind }, inode));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
+        if name.len() > XATTR_NAME_BYTES_MAX {
+            return Err(Errno::Range.into());
+        }
+        let r = self.view()?;
+        Self::inode_in(&*r, ino)?;
+        r.xattr(ino, name)?.ok_or(FsError::Fs(Errno::NoData))
+    }
+
+    /// The xattr names of `ino`, each followed by a NUL (the listxattr format).
+    pub fn listxattr(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        let r = self.view()?;
+        Self::inode_in(&*r, ino)?;
+        let mut out = Vec::new();
+        for name in r.xattr_names(ino)? {
+            out.extend_from_slice(&name);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub fn statfs(&self) -> FsResult<FsStats> {
+        let meta = self.view()?.meta()?;
+        let vfs = nix::sys::statvfs::statvfs(&self.data_dir).map_err(|e| FsError::Sys(e as i32))?;
+        let frag = (vfs.fragment_size() as u64).max(1);
+        let scale = |n: u64| n.saturating_mul(frag) / STATFS_BLOCK_BYTES;
+        let files_free = vfs.files_free() as u64;
+        Ok(FsStats {
+            blocks: scale(vfs.blocks() as u64),
+            blocks_free: scale(vfs.blocks_free() as u64),
+            blocks_avail: scale(vfs.blocks_available() as u64),
+            files: meta.inode_count.saturating_add(files_free),
+            files_free,
+        })
+    }
+
+    pub fn lseek(&self, ino: Ino, offset: u64, what: Seek) -> FsResult<u64> {
+        let r = self.view()?;
+        let inode = Self::inode_in(&*r, ino)?;
+        let found = match what {
+            Seek::Data => content::seek_data(&*r, &inode, offset)?,
+            Seek::Hole => content::seek_hole(&*r, &inode, offset)?,
+        };
+        Ok(found?)
+    }
+
+    /// ENOSPC unless the data directory keeps `SPACE_RESERVE_BYTES` free beyond `bytes`.
+    fn check_space(&self, bytes: u64) -> FsResult<()> {
+        let vfs = nix::sys::statvfs::statvfs(&self.data_dir).map_err(|e| FsError::Sys(e as i32))?;
+        let free = (vfs.blocks_available() as u64).saturating_mul(vfs.fragment_size() as u64);
+        if free < SPACE_RESERVE_BYTES.saturating_add(bytes) {
+            tracing::warn!(free, bytes, "data directory nearly full: refusing a growing write");
+            return Err(Errno::NoSpace.into());
+        }
+        Ok(())
+    }
+
+    // ---- opens: node-local ----
+
+    pub fn open(&self, ino: Ino, flags: i32) -> FsResult<u64> {
+        let inode = self.getattr(ino)?;
+        if inode.kind == FileKind::Dir && (flags & libc::O_ACCMODE) != libc::O_RDONLY {
+            return Err(Errno::IsDir.into());
+        }
+        Ok(self.handles.open(ino, flags))
+    }
+
+    /// The last close on this node of an orphan (open-unlinked) inode tells the cluster.
+    pub async fn release(self: &Arc<Self>, fh: u64) {
+        if let Some((ino, true)) = self.handles.release(fh) {
+            self.release_if_orphan(ino).await;
+        }
+    }
+
+    /// If `ino` is an orphan still pending on this node and no handle here holds it, release it.
+    pub async fn release_if_orphan(&self, ino: Ino) {
+        if self.handles.is_open(ino) {
+            return;
+        }
+        let pending = match self.replica.read().and_then(|r| r.orphan(ino)) {
+            Ok(Some(orphan)) => orphan.pending.contains(&self.replica.node_id()),
+            Ok(None) => false,
+            Err(fault) => {
+                tracing::error!(%fault, ino, "cannot read orphan record");
+                false
+            }
+        };
+        if pending {
+            if let Err(e) = self.replica.propose(Caller::root(), Op::Release { ino }).await {
+                tracing::warn!(ino, error = %e, "release of an open-unlinked inode failed; retried at next start");
+            }
+        }
+    }
+
+    /// At start no handle is open, so every orphan still pending on this node can be released.
+    pub async fn release_stale_orphans(&self) -> FsResult<usize> {
+        let me = self.replica.node_id();
+        let orphans = self.view()?.orphans()?;
+        let mut released = 0;
+        for (ino, orphan) in orphans {
+            if orphan.pending.contains(&me) {
+                self.replica.propose(Caller::root(), Op::Release { ino }).await?;
+                released += 1;
+            }
+        }
+        Ok(released)
+    }
+
+    // ---- mutations: one proposed command each ----
+
+    async fn propose(&self, caller: Caller, op: Op) -> FsResult<Outcome> {
+        Ok(self.replica.propose(caller, op).await?)
+    }
+
+    /// The inode a command returned, or (for an outcome without one) the inode as read now.
+    fn inode_of(&self, outcome: Outcome, ino: Ino) -> FsResult<Inode> {
+        match outcome {
+            Outcome::Inode(inode) | Outcome::Written { attr: inode, .. } => Ok(inode),
+            Outcome::Done => self.getattr(ino),
+        }
+    }
+
+    pub async fn make_node(
+        &self,
+        caller: Caller,
+        parent: Ino,
+        name: Vec<u8>,
+        kind: FileKind,
+        perm: u32,
+        rdev: u32,
+    ) -> FsResult<Inode> {
+        check_name(&name)?;
+        let op = Op::MakeNode { parent, name: name.clone(), kind, perm: perm & 0o7777, rdev };
+        match self.propose(caller, op).await? {
+            Outcome::Inode(inode) => Ok(inode),
+            Outcome::Done | Outcome::Written { .. } => self.lookup(parent, &name),
+        }
+    }
+
+    /// create(2): make a regular file and open it. Without O_EXCL an existing file (created by a
+    /// racing command) is opened instead, as open(O_CREAT) would.
+    pub async fn create(&self, caller: Caller, parent: Ino, name: Vec<u8>, perm: u32, flags: i32) -> FsResult<(Inode, u64)> {
+        let made = self.make_node(caller, parent, name.clone(), FileKind::File, perm, 0).await;
+        let inode = match made {
+            Err(FsError::Fs(Errno::Exist)) if flags & libc::O_EXCL == 0 => self.lookup(parent, &name)?,
+            other => other?,
+        };
+        let fh = self.handles.open(inode.ino, flags);
+        Ok((inode, fh))
+    }
+
+    pub async fn symlink(&self, caller: Caller, parent: Ino, name: Vec<u8>, target: Vec<u8>) -> FsResult<Inode> {
+        check_name(&name)?;
+        if target.len() > SYMLINK_BYTES_MAX {
+            return Err(Errno::NameTooLong.into());
+        }
+        let op = Op::Symlink { parent, name: name.clone(), target };
+        match self.propose(caller, op).await? {
+            Outcome::Inode(inode) => Ok(inode),
+            Outcome::Done | Outcome::Written { .. } => self.lookup(parent, &name),
+        }
+    }
+
+    pub async fn link(&self, caller: Caller, ino: Ino, new_parent: Ino, new_name: Vec<u8>) -> FsResult<Inode> {
+        check_name(&new_name)?;
+        let outcome = self.propose(caller, Op::Link { ino, new_parent, new_name }).await?;
+        self.inode_of(outcome, ino)
+    }
+
+    /// The inode at `(parent, name)` if this node holds it open.
+    fn open_target(&self, parent: Ino, name: &[u8]) -> FsResult<Option<Ino>> {
+        let entry = self.view()?.entry(parent, name)?;
+        Ok(entry.map(|e| e.ino).filter(|ino| self.handles.is_open(*ino)))
+    }
+
+    pub async fn unlink(&self, caller: Caller, parent: Ino, name: Vec<u8>) -> FsResult<()> {
+        check_name(&name)?;
+        let open = self.open_target(parent, &name)?;
+        self.propose(caller, Op::Unlink { parent, name, origin_open: open.is_some() }).await?;
+        if let Some(ino) = open {
+            // The last handle may have closed while the unlink was in flight.
+            self.release_if_orphan(ino).await;
+        }
+        Ok(())
+    }
+
+    pub async fn rmdir(&self, caller: Caller, parent: Ino, name: Vec<u8>) -> FsResult<()> {
+        check_name(&name)?;
+        self.propose(caller, Op::Rmdir { parent, name }).await?;
+        Ok(())
+    }
+
+    pub async fn rename(
+        &self,
+        caller: Caller,
+        parent: Ino,
+        name: Vec<u8>,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+        flags: RenameFlags,
+    ) -> FsResult<()> {
+        check_name(&name)?;
+        check_name(&new_name)?;
+        if flags.noreplace && flags.exchange {
+            return Err(Errno::Inval.into());
+        }
+        // An exchange removes nothing; otherwise a replaced target may be open here.
+        let open = if flags.exchange { None } else { self.open_target(new_parent, &new_name)? };
+        let op = Op::Rename { parent, name, new_parent, new_name, flags, origin_open: open.is_some() };
+        self.propose(caller, op).await?;
+        if let Some(ino) = open {
+            self.release_if_orphan(ino).await;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)] // reason: one parameter per attribute setattr can change
+    pub async fn setattr(
+        &self,
+        caller: Caller,
+        ino: Ino,
+        perm: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<SetTime>,
+        mtime: Option<SetTime>,
+    ) -> FsResult<Inode> {
+        if perm.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() && mtime.is_none() {
+            // Nothing we store changes (for example only ctime was given): report the attributes.
+            return self.getattr(ino);
+        }
+        let op = Op::SetAttr { ino, perm: perm.map(|p| p & 0o7777), uid, gid, size, atime, mtime };
+        let outcome = self.propose(caller, op).await?;
+        self.inode_of(outcome, ino)
+    }
+
+    /// Write `data` at `offset`, or at the end of the file when `append` (O_APPEND: the state
+    /// decides where the end is, so concurrent appenders never overwrite each other).
+    pub async fn write(&self, caller: Caller, ino: Ino, offset: u64, data: Vec<u8>, append: bool) -> FsResult<u64> {
+        self.check_space(data.len() as u64)?;
+        match self.propose(caller, Op::Write { ino, offset, data, append }).await? {
+            Outcome::Written { len, .. } => Ok(len),
+            other => {
+                tracing::error!(?other, "write returned an unexpected outcome");
+                Err(Errno::Io.into())
+            }
+        }
+    }
+
+    pub async fn fallocate(&self, caller: Caller, ino: Ino, offset: u64, len: u64, mode: FallocMode) -> FsResult<()> {
+        if matches!(mode, FallocMode::Allocate { .. } | FallocMode::ZeroRange { .. }) {
+            // Zeros are holes in the block map, so this needs little space; keep the reserve anyway.
+            self.check_space(0)?;
+        }
+        self.propose(caller, Op::Fallocate { ino, offset, len, mode }).await?;
+        Ok(())
+    }
+
+    pub async fn copy_range(
+        &self,
+        caller: Caller,
+        ino_in: Ino,
+        offset_in: u64,
+        ino_out: Ino,
+        offset_out: u64,
+        len: u64,
+    ) -> FsResult<u64> {
+        // Copied blocks are shared by hash; only partial blocks at the edges take new space.
+        self.check_space(0)?;
+        let op = Op::CopyRange { ino_in, offset_in, ino_out, offset_out, len };
+        match self.propose(caller, op).await? {
+            Outcome::Written { len, .. } => Ok(len),
+            other => {
+                tracing::error!(?other, "copy_file_range returned an unexpected outcome");
+                Err(Errno::Io.into())
+            }
+        }
+    }
+
+    pub async fn setxattr(&self, caller: Caller, ino: Ino, name: Vec<u8>, value: Vec<u8>, flags: XattrFlags) -> FsResult<()> {
+        if name.is_empty() || name.len() > XATTR_NAME_BYTES_MAX {
+            return Err(Errno::Range.into());
+        }
+        if value.len() > XATTR_VALUE_BYTES_MAX {
+            return Err(Errno::TooBig.into());
+        }
+        self.check_space(value.len() as u64)?;
+        self.propose(caller, Op::SetXattr { ino, name, value, flags }).await?;
+        Ok(())
+    }
+
+    pub async fn removexattr(&self, caller: Caller, ino: Ino, name: Vec<u8>) -> FsResult<()> {
+        if name.is_empty() || name.len() > XATTR_NAME_BYTES_MAX {
+            return Err(Errno::Range.into());
+        }
+        self.propose(caller, Op::RemoveXattr { ino, name }).await?;
+        Ok(())
+    }
+}

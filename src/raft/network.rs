@@ -1,0 +1,129 @@
+//! Raft RPCs to peers, behind a byte-level `PeerTransport` so the transport can be swapped.
+//!
+//! The RaftNetwork implementation encodes each RPC with bounded bincode and hands the bytes to the
+//! transport; the receiving node decodes them in `Replica::handle_rpc`. Until the QUIC transport
+//! exists, `NoPeers` answers every call with "unreachable".
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::{AnyError, BasicNode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::TypeConfig;
+use crate::state::NodeId;
+use crate::store::codec::{decode, encode};
+
+/// Which Raft RPC a message carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RpcKind {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+}
+
+/// Why a transport call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The peer could not be reached (no route, refused, timed out); Raft retries later.
+    #[error("peer {0} unreachable: {1}")]
+    Unreachable(NodeId, String),
+    /// The peer answered with something we could not use.
+    #[error("network error talking to {0}: {1}")]
+    Network(NodeId, String),
+}
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Delivers one encoded RPC to `target` (at `addr`) and returns the encoded reply.
+pub trait PeerTransport: Send + Sync + 'static {
+    fn call(&self, target: NodeId, addr: &str, kind: RpcKind, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, TransportError>>;
+}
+
+/// A transport with no peers: a single-node cluster.
+pub struct NoPeers;
+
+impl PeerTransport for NoPeers {
+    fn call(&self, target: NodeId, _addr: &str, _kind: RpcKind, _body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, TransportError>> {
+        Box::pin(async move { Err(TransportError::Unreachable(target, "no transport configured".into())) })
+    }
+}
+
+/// openraft's network factory over a `PeerTransport`.
+#[derive(Clone)]
+pub struct Network {
+    transport: Arc<dyn PeerTransport>,
+}
+
+impl Network {
+    pub fn new(transport: Arc<dyn PeerTransport>) -> Self {
+        Network { transport }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient { target, addr: node.addr.clone(), transport: self.transport.clone() }
+    }
+}
+
+/// One peer, as seen by a replication stream.
+pub struct PeerClient {
+    target: NodeId,
+    addr: String,
+    transport: Arc<dyn PeerTransport>,
+}
+
+impl PeerClient {
+    async fn call<Req: Serialize, Resp: DeserializeOwned, E: std::error::Error + DeserializeOwned>(
+        &self,
+        kind: RpcKind,
+        req: &Req,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, E>> {
+        let body = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(e.0))))?;
+        let reply = self.transport.call(self.target, &self.addr, kind, body).await.map_err(|e| match e {
+            TransportError::Unreachable(..) => RPCError::Unreachable(Unreachable::new(&e)),
+            TransportError::Network(..) => RPCError::Network(NetworkError::new(&e)),
+        })?;
+        let res: Result<Resp, E> =
+            decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(e.0))))?;
+        res.map_err(|e| RPCError::RemoteError(openraft::error::RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(RpcKind::AppendEntries, &rpc).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
+        self.call(RpcKind::InstallSnapshot, &rpc).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(RpcKind::Vote, &rpc).await
+    }
+}

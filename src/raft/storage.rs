@@ -1,0 +1,428 @@
+//! openraft storage traits over the redb store: log storage with group commit, the state machine,
+//! file-backed snapshots.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership, Vote,
+};
+use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
+
+use super::{Response, TypeConfig};
+use crate::state::{Command, CommandResult, NodeId, StoreFault, StoreResult};
+use crate::store::codec::{decode, encode};
+use crate::store::{LogWrite, StateTxn, Store};
+
+type SE = StorageError<NodeId>;
+type Ent = Entry<TypeConfig>;
+
+const META_VOTE: &str = "vote";
+const META_COMMITTED: &str = "committed";
+const META_PURGED: &str = "last_purged";
+const SM_APPLIED: &str = "applied";
+const SM_MEMBERSHIP: &str = "membership";
+
+fn log_err(what: &str, e: impl std::fmt::Display) -> SE {
+    tracing::error!(error = %e, "storage fault while {what}; raft stops (fail-stop)");
+    StorageIOError::write_logs(AnyError::error(format!("{what}: {e}"))).into()
+}
+
+fn sm_err(what: &str, e: impl std::fmt::Display) -> SE {
+    tracing::error!(error = %e, "storage fault while {what}; raft stops (fail-stop)");
+    StorageIOError::write_state_machine(AnyError::error(format!("{what}: {e}"))).into()
+}
+
+fn read_err(what: &str, e: impl std::fmt::Display) -> SE {
+    tracing::error!(error = %e, "storage fault while {what}");
+    StorageIOError::read_logs(AnyError::error(format!("{what}: {e}"))).into()
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> StoreResult<T> + Send + 'static) -> StoreResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| StoreFault(format!("blocking task failed: {e}")))?
+}
+
+/// Apply one command: the pure state machine over the store transaction.
+fn apply_command(t: &mut StateTxn<'_>, cmd: &Command) -> StoreResult<CommandResult> {
+    crate::state::apply::apply(t, cmd)
+}
+
+// ------------------------------------------------------------------------------------------ log
+
+/// Raft log storage. Appends are queued to the store's writer thread (group commit); until they
+/// are durable they stay readable from `pending`.
+#[derive(Clone)]
+pub struct LogStore {
+    store: Store,
+    pending: Arc<Mutex<BTreeMap<u64, Ent>>>,
+    /// Entry bytes appended since start (for the byte-based snapshot trigger).
+    pub(super) bytes_appended: Arc<AtomicU64>,
+}
+
+impl LogStore {
+    pub fn new(store: Store) -> Self {
+        LogStore { store, pending: Default::default(), bytes_appended: Default::default() }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Ent>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Ent>, SE> {
+        let bounds: (Bound<u64>, Bound<u64>) = (range.start_bound().cloned(), range.end_bound().cloned());
+        // Pending first: an entry leaves `pending` only after it is in redb, so reading in this
+        // order never misses one.
+        let mut out: BTreeMap<u64, Ent> = self.pending().range(bounds).map(|(k, v)| (*k, v.clone())).collect();
+        let rows = self.store.read_log(bounds).map_err(|e| read_err("reading the log", e))?;
+        for (index, bytes) in rows {
+            if out.contains_key(&index) {
+                continue;
+            }
+            let e: Ent = decode(&bytes).map_err(|e| read_err("decoding a log entry", e))?;
+            if e.log_id.index != index {
+                return Err(read_err("reading the log", format!("entry at {index} has log id {}", e.log_id)));
+            }
+            out.insert(index, e);
+        }
+        Ok(out.into_values().collect())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SE> {
+        let last_pending = self.pending().values().next_back().map(|e| e.log_id);
+        let last_purged: Option<LogId<NodeId>> = match self.store.raft_meta(META_PURGED).map_err(|e| read_err("reading last_purged", e))? {
+            Some(b) => Some(decode(&b).map_err(|e| read_err("decoding last_purged", e))?),
+            None => None,
+        };
+        let last_stored = match self.store.last_log().map_err(|e| read_err("reading the log", e))? {
+            Some((_, b)) => Some(decode::<Ent>(&b).map_err(|e| read_err("decoding a log entry", e))?.log_id),
+            None => None,
+        };
+        let last = last_pending.max(last_stored).or(last_purged);
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SE> {
+        let bytes = encode(vote).map_err(|e| log_err("encoding the vote", e))?;
+        self.store
+            .submit_wait(|done| LogWrite::PutMeta { key: META_VOTE, value: Some(bytes), done: Some(done) })
+            .await
+            .map_err(|e| log_err("saving the vote", e))
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SE> {
+        match self.store.raft_meta(META_VOTE).map_err(|e| read_err("reading the vote", e))? {
+            Some(b) => Ok(Some(decode(&b).map_err(|e| read_err("decoding the vote", e))?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SE> {
+        // Not waited for: `committed` is an optimisation (faster re-apply after restart); it is
+        // written, in order, with the next log commit.
+        let value = match committed {
+            Some(c) => Some(encode(&c).map_err(|e| log_err("encoding committed", e))?),
+            None => None,
+        };
+        self.store.submit(LogWrite::PutMeta { key: META_COMMITTED, value, done: None });
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SE> {
+        match self.store.raft_meta(META_COMMITTED).map_err(|e| read_err("reading committed", e))? {
+            Some(b) => Ok(Some(decode(&b).map_err(|e| read_err("decoding committed", e))?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SE>
+    where
+        I: IntoIterator<Item = Ent> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut rows = Vec::new();
+        let mut ids = Vec::new();
+        {
+            let mut bytes_total = 0u64;
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            for e in entries {
+                let bytes = encode(&e).map_err(|err| log_err("encoding a log entry", err))?;
+                bytes_total += bytes.len() as u64;
+                rows.push((e.log_id.index, bytes));
+                ids.push(e.log_id);
+                pending.insert(e.log_id.index, e);
+            }
+            self.bytes_appended.fetch_add(bytes_total, Ordering::Relaxed);
+        }
+        let pending = self.pending.clone();
+        self.store.submit(LogWrite::Append {
+            entries: rows,
+            done: Box::new(move |res| {
+                {
+                    let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                    for id in &ids {
+                        if p.get(&id.index).is_some_and(|e| e.log_id == *id) {
+                            p.remove(&id.index);
+                        }
+                    }
+                }
+                callback.log_io_completed(res.map_err(|e| io::Error::other(e.0)));
+            }),
+        });
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SE> {
+        {
+            let mut p = self.pending();
+            let _ = p.split_off(&log_id.index);
+        }
+        self.store
+            .submit_wait(|done| LogWrite::Truncate { from: log_id.index, done })
+            .await
+            .map_err(|e| log_err("truncating the log", e))
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SE> {
+        {
+            let mut p = self.pending();
+            let keep = p.split_off(&(log_id.index + 1));
+            *p = keep;
+        }
+        let last_purged = encode(&log_id).map_err(|e| log_err("encoding last_purged", e))?;
+        // An Immediate commit of the same redb file: it also makes every earlier (non-durable)
+        // apply durable, so the purged entries are covered by durable state.
+        self.store
+            .submit_wait(|done| LogWrite::Purge { upto: log_id.index, last_purged, done })
+            .await
+            .map_err(|e| log_err("purging the log", e))
+    }
+}
+
+// ------------------------------------------------------------------------------- snapshot file
+
+/// Snapshot data: an open file in the store's snapshot directory (never the whole state in RAM).
+pub struct SnapshotFile {
+    file: tokio::fs::File,
+    path: PathBuf,
+}
+
+impl SnapshotFile {
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl AsyncRead for SnapshotFile {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.file).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SnapshotFile {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.file).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.file).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.file).poll_shutdown(cx)
+    }
+}
+
+impl AsyncSeek for SnapshotFile {
+    fn start_seek(mut self: Pin<&mut Self>, position: io::SeekFrom) -> io::Result<()> {
+        Pin::new(&mut self.file).start_seek(position)
+    }
+    fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+        Pin::new(&mut self.file).poll_complete(cx)
+    }
+}
+
+// ----------------------------------------------------------------------------- state machine
+
+/// The replicated state machine over the store.
+#[derive(Clone)]
+pub struct StateMachine {
+    store: Store,
+}
+
+impl StateMachine {
+    pub fn new(store: Store) -> Self {
+        StateMachine { store }
+    }
+}
+
+fn read_applied(view: &crate::store::ReadView) -> StoreResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>)> {
+    let applied = match view.sm_meta(SM_APPLIED)? {
+        Some(b) => decode(&b)?,
+        None => None,
+    };
+    let membership = match view.sm_meta(SM_MEMBERSHIP)? {
+        Some(b) => decode(&b)?,
+        None => StoredMembership::default(),
+    };
+    Ok((applied, membership))
+}
+
+fn snapshot_id(last: &Option<LogId<NodeId>>) -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    match last {
+        Some(l) => format!("{}-{}-{}-{ms}", l.leader_id.term, l.leader_id.node_id, l.index),
+        None => format!("0-0-0-{ms}"),
+    }
+}
+
+async fn open_snapshot(info: crate::store::SnapshotInfo) -> Result<Snapshot<TypeConfig>, SE> {
+    let meta: SnapshotMeta<NodeId, openraft::BasicNode> =
+        decode(&info.header).map_err(|e| sm_err("decoding a snapshot header", e))?;
+    let file = tokio::fs::File::open(&info.path).await.map_err(|e| sm_err("opening a snapshot", e))?;
+    Ok(Snapshot { meta, snapshot: Box::new(SnapshotFile { file, path: info.path }) })
+}
+
+/// Builds a snapshot file from one read transaction.
+pub struct SnapshotBuilder {
+    store: Store,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SE> {
+        let store = self.store.clone();
+        let info = blocking(move || {
+            store.build_snapshot(|view| {
+                let (last_log_id, last_membership) = read_applied(view)?;
+                let snapshot_id = snapshot_id(&last_log_id);
+                let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id: snapshot_id.clone() };
+                Ok((snapshot_id, encode(&meta)?))
+            })
+        })
+        .await
+        .map_err(|e| sm_err("building a snapshot", e))?;
+        tracing::info!(id = %info.id, "snapshot built");
+        open_snapshot(info).await
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>), SE> {
+        let view = self.store.read().map_err(|e| sm_err("reading applied state", e))?;
+        read_applied(&view).map_err(|e| sm_err("reading applied state", e))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, SE>
+    where
+        I: IntoIterator<Item = Ent> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Ent> = entries.into_iter().collect();
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let store = self.store.clone();
+        blocking(move || {
+            store.write_state(false, |t| {
+                let mut out = Vec::with_capacity(entries.len());
+                let mut last = None;
+                for e in &entries {
+                    match &e.payload {
+                        EntryPayload::Blank => out.push(Response(Ok(crate::state::Outcome::Done))),
+                        EntryPayload::Normal(cmd) => out.push(Response(apply_command(t, cmd)?)),
+                        EntryPayload::Membership(m) => {
+                            let sm = StoredMembership::new(Some(e.log_id), m.clone());
+                            t.put_sm_meta(SM_MEMBERSHIP, &encode(&sm)?)?;
+                            out.push(Response(Ok(crate::state::Outcome::Done)));
+                        }
+                    }
+                    last = Some(e.log_id);
+                }
+                t.put_sm_meta(SM_APPLIED, &encode(&last)?)?;
+                Ok(out)
+            })
+        })
+        .await
+        .map_err(|e| sm_err("applying entries", e))
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder { store: self.store.clone() }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, SE> {
+        let path = self.store.receiving_path();
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .await
+            .map_err(|e| sm_err("creating a snapshot file", e))?;
+        Ok(Box::new(SnapshotFile { file, path }))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        mut snapshot: Box<SnapshotFile>,
+    ) -> Result<(), SE> {
+        use tokio::io::AsyncWriteExt;
+        snapshot.file.flush().await.map_err(|e| sm_err("flushing a received snapshot", e))?;
+        snapshot.file.sync_all().await.map_err(|e| sm_err("syncing a received snapshot", e))?;
+        let src = snapshot.path.clone();
+        drop(snapshot);
+        let sm_meta = vec![
+            (SM_APPLIED, encode(&meta.last_log_id).map_err(|e| sm_err("encoding", e))?),
+            (SM_MEMBERSHIP, encode(&meta.last_membership).map_err(|e| sm_err("encoding", e))?),
+        ];
+        let id = meta.snapshot_id.clone();
+        let store = self.store.clone();
+        let info = blocking(move || store.install_snapshot(&src, &id, &sm_meta))
+            .await
+            .map_err(|e| sm_err("installing a snapshot", e))?;
+        let header: SnapshotMeta<NodeId, openraft::BasicNode> =
+            decode(&info.header).map_err(|e| sm_err("decoding a snapshot header", e))?;
+        if header.last_log_id != meta.last_log_id {
+            return Err(sm_err(
+                "installing a snapshot",
+                format!("file covers {:?}, meta says {:?}", header.last_log_id, meta.last_log_id),
+            ));
+        }
+        tracing::info!(id = %meta.snapshot_id, last = ?meta.last_log_id, "snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SE> {
+        match self.store.current_snapshot() {
+            Some(info) => Ok(Some(open_snapshot(info).await?)),
+            None => Ok(None),
+        }
+    }
+}

@@ -1,0 +1,869 @@
+//! `apply`: the pure, deterministic transition of the state by one command.
+//!
+//! Every operation first validates everything it needs (and may fail with an `Errno` then), and
+//! only afterwards writes. So a failed command changes nothing but the recorded result, on every
+//! replica alike. Store faults are not outcomes: they propagate and stop the node.
+
+use std::collections::BTreeMap;
+
+use crate::config::{
+    BLOCK_BYTES,     FILE_BYTES_MAX, LINK_COUNT_MAX, NAME_BYTES_MAX, RESULTS_RETAINED_PER_ORIGIN, SYMLINK_BYTES_MAX,
+    WRITE_BYTES_MAX, XATTR_LIST_BYTES_MAX, XATTR_NAME_BYTES_MAX, XATTR_VALUE_BYTES_MAX,
+};
+
+use super::command::{Command, CommandResult, FallocMode, Op, Outcome, RenameFlags, SetTime, XattrFlags};
+use super::content::{sha256, Blocks};
+use super::error::Errno;
+use super::txn::{StateWrite, StoreFault, StoreResult};
+use super::types::{DirEntry, FileKind, Ino, Inode, Meta, NodeId, Orphan, Timespec, ROOT_INO};
+
+/// Set-user-ID bit.
+pub const S_ISUID: u32 = 0o4000;
+/// Set-group-ID bit.
+pub const S_ISGID: u32 = 0o2000;
+/// Sticky bit.
+pub const S_ISVTX: u32 = 0o1000;
+/// Group execute bit.
+pub const S_IXGRP: u32 = 0o010;
+/// Most blocks one block-aligned copy_file_range command shares (a shorter copy is legal).
+pub const COPY_BLOCKS_MAX: u64 = 1024;
+/// Every permission bit an inode keeps.
+pub const PERM_MASK: u32 = 0o7777;
+
+/// Apply `cmd` to the state: deduplicate by `(origin, seq)`, check the content hash, run the op,
+/// record the result. The returned result is what the waiting caller gets.
+pub fn apply<S: StateWrite + ?Sized>(s: &mut S, cmd: &Command) -> StoreResult<CommandResult> {
+    if let Some(first) = s.result(cmd.origin, cmd.seq)? {
+        return Ok(first);
+    }
+    let max = s.max_seq(cmd.origin)?;
+    if cmd.seq.saturating_add(RESULTS_RETAINED_PER_ORIGIN) <= max {
+        // Its result was forgotten: we cannot tell whether it applied, so we do not apply it again.
+        return Ok(Err(Errno::Stale));
+    }
+    let result = if sha256(cmd.op.payload()) != cmd.content_hash {
+        tracing::warn!(origin = cmd.origin, seq = cmd.seq, "content hash mismatch: command rejected");
+        Err(Errno::Io)
+    } else {
+        run(s, cmd)?
+    };
+    s.put_result(cmd.origin, cmd.seq, &result)?;
+    if cmd.seq > max && cmd.seq >= RESULTS_RETAINED_PER_ORIGIN {
+        // Results with seq <= new max - RETAINED are stale from now on.
+        s.prune_results(cmd.origin, cmd.seq - RESULTS_RETAINED_PER_ORIGIN + 1)?;
+    }
+    Ok(result)
+}
+
+/// Why an op stopped: a deterministic errno, or a store fault.
+enum Fail {
+    Errno(Errno),
+    Store(StoreFault),
+}
+
+impl From<Errno> for Fail {
+    fn from(e: Errno) -> Self {
+        Fail::Errno(e)
+    }
+}
+
+impl From<StoreFault> for Fail {
+    fn from(f: StoreFault) -> Self {
+        Fail::Store(f)
+    }
+}
+
+type Step<T> = Result<T, Fail>;
+
+fn run<S: StateWrite + ?Sized>(s: &mut S, cmd: &Command) -> StoreResult<CommandResult> {
+    let meta = s.meta()?;
+    let mut tx = Tx { s, cmd, meta0: meta.clone(), meta, dirty: BTreeMap::new(), mutating: false };
+    match tx.op() {
+        Ok(outcome) => {
+            tx.flush()?;
+            Ok(Ok(outcome))
+        }
+        Err(Fail::Errno(e)) => {
+            debug_assert!(!tx.mutating, "errno {e:?} after the first write of {:?}", cmd.op);
+            Ok(Err(e))
+        }
+        Err(Fail::Store(f)) => Err(f),
+    }
+}
+
+/// Check a name for a directory entry.
+fn check_name(name: &[u8]) -> Result<(), Errno> {
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        return Err(Errno::Inval);
+    }
+    if name.len() > NAME_BYTES_MAX {
+        return Err(Errno::NameTooLong);
+    }
+    Ok(())
+}
+
+fn is_dot(name: &[u8]) -> bool {
+    name == b"." || name == b".."
+}
+
+/// One command's work: inodes are changed in `dirty` and written at the end; entries, blocks,
+/// xattrs and orphans are written directly (only after validation).
+struct Tx<'a, S: StateWrite + ?Sized> {
+    s: &'a mut S,
+    cmd: &'a Command,
+    meta0: Meta,
+    meta: Meta,
+    /// Changed inodes (`None` = freed).
+    dirty: BTreeMap<Ino, Option<Inode>>,
+    /// Set when validation is over; an errno after this point is a bug.
+    mutating: bool,
+}
+
+impl<S: StateWrite + ?Sized> Tx<'_, S> {
+    fn now(&self) -> Timespec {
+        self.cmd.time
+    }
+
+    fn get(&self, ino: Ino) -> Step<Option<Inode>> {
+        match self.dirty.get(&ino) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.s.inode(ino)?),
+        }
+    }
+
+    fn need(&self, ino: Ino) -> Step<Inode> {
+        self.get(ino)?.ok_or(Fail::Errno(Errno::NoEnt))
+    }
+
+    fn need_dir(&self, ino: Ino) -> Step<Inode> {
+        let dir = self.need(ino)?;
+        if dir.kind != FileKind::Dir {
+            return Err(Errno::NotDir.into());
+        }
+        Ok(dir)
+    }
+
+    fn put(&mut self, inode: Inode) {
+        self.dirty.insert(inode.ino, Some(inode));
+    }
+
+    fn begin(&mut self) {
+        self.mutating = true;
+    }
+
+    fn cookie(&mut self) -> u64 {
+        let c = self.meta.next_cookie;
+        self.meta.next_cookie += 1;
+        c
+    }
+
+    fn blocks(&mut self) -> Blocks<'_, S> {
+        Blocks { s: &mut *self.s, meta: &mut self.meta }
+    }
+
+    fn flush(&mut self) -> StoreResult<()> {
+        for (ino, inode) in std::mem::take(&mut self.dirty) {
+            match inode {
+                Some(inode) => self.s.put_inode(&inode)?,
+                None => self.s.del_inode(ino)?,
+            }
+        }
+        if self.meta != self.meta0 {
+            self.s.put_meta(&self.meta)?;
+        }
+        Ok(())
+    }
+
+    /// Set mtime and ctime of a directory whose entries changed.
+    fn touch_dir(&mut self, ino: Ino) -> Step<()> {
+        let mut dir = self.need(ino)?;
+        dir.mtime = self.now();
+        dir.ctime = self.now();
+        self.put(dir);
+        Ok(())
+    }
+
+    /// Change a directory's link count by `delta` (a subdirectory came or went).
+    fn dir_nlink(&mut self, ino: Ino, delta: i32) -> Step<()> {
+        let mut dir = self.need(ino)?;
+        dir.nlink = dir.nlink.saturating_add_signed(delta);
+        self.put(dir);
+        Ok(())
+    }
+
+    fn op(&mut self) -> Step<Outcome> {
+        let cmd = self.cmd;
+        match &cmd.op {
+            Op::Init { perm, uid, gid } => self.init(*perm, *uid, *gid),
+            Op::RegisterNode { node } => self.register(*node),
+            Op::UnregisterNode { node } => self.unregister(*node),
+            Op::MakeNode { parent, name, kind, perm, rdev } => self.make_node(*parent, name, *kind, *perm, *rdev),
+            Op::Symlink { parent, name, target } => self.symlink(*parent, name, target),
+            Op::Link { ino, new_parent, new_name } => self.link(*ino, *new_parent, new_name),
+            Op::Unlink { parent, name, origin_open } => self.unlink(*parent, name, *origin_open),
+            Op::Rmdir { parent, name } => self.rmdir(*parent, name),
+            Op::Rename { parent, name, new_parent, new_name, flags, origin_open } => {
+                self.rename(*parent, name, *new_parent, new_name, *flags, *origin_open)
+            }
+            Op::SetAttr { ino, perm, uid, gid, size, atime, mtime } => {
+                self.set_attr(*ino, *perm, *uid, *gid, *size, *atime, *mtime)
+            }
+            Op::Write { ino, offset, data, append } => self.write(*ino, *offset, data, *append),
+            Op::Fallocate { ino, offset, len, mode } => self.fallocate(*ino, *offset, *len, *mode),
+            Op::CopyRange { ino_in, offset_in, ino_out, offset_out, len } => {
+                self.copy_range(*ino_in, *offset_in, *ino_out, *offset_out, *len)
+            }
+            Op::SetXattr { ino, name, value, flags } => self.set_xattr(*ino, name, value, *flags),
+            Op::RemoveXattr { ino, name } => self.remove_xattr(*ino, name),
+            Op::Release { ino } => self.release(*ino),
+        }
+    }
+
+    fn init(&mut self, perm: u32, uid: u32, gid: u32) -> Step<Outcome> {
+        if self.meta.next_ino != 0 || self.get(ROOT_INO)?.is_some() {
+            return Err(Errno::Exist.into());
+        }
+        self.begin();
+        let t = self.now();
+        let root = Inode {
+            ino: ROOT_INO,
+            kind: FileKind::Dir,
+            parent: ROOT_INO,
+            perm: perm & PERM_MASK,
+            uid,
+            gid,
+            nlink: 2,
+            size: 0,
+            rdev: 0,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            blocks: 0,
+            target: Vec::new(),
+        };
+        self.put(root);
+        self.meta.next_ino = ROOT_INO + 1;
+        self.meta.next_cookie = 3;
+        self.meta.inode_count = 1;
+        Ok(Outcome::Done)
+    }
+
+    fn register(&mut self, node: NodeId) -> Step<Outcome> {
+        self.begin();
+        if !self.meta.nodes.contains(&node) {
+            self.meta.nodes.push(node);
+            self.meta.nodes.sort_unstable();
+        }
+        Ok(Outcome::Done)
+    }
+
+    fn unregister(&mut self, node: NodeId) -> Step<Outcome> {
+        self.begin();
+        self.meta.nodes.retain(|n| *n != node);
+        for (ino, mut orphan) in self.s.orphans()? {
+            if !orphan.pending.contains(&node) {
+                continue;
+            }
+            orphan.pending.retain(|n| *n != node);
+            if orphan.pending.is_empty() {
+                self.free(ino)?;
+            } else {
+                self.s.put_orphan(ino, &orphan)?;
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    fn release(&mut self, ino: Ino) -> Step<Outcome> {
+        let origin = self.cmd.origin;
+        let Some(mut orphan) = self.s.orphan(ino)? else {
+            // Not (or no longer) open-unlinked: nothing to release.
+            return Ok(Outcome::Done);
+        };
+        if !orphan.pending.contains(&origin) {
+            return Ok(Outcome::Done);
+        }
+        self.begin();
+        orphan.pending.retain(|n| *n != origin);
+        if orphan.pending.is_empty() {
+            self.free(ino)?;
+        } else {
+            self.s.put_orphan(ino, &orphan)?;
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// A new inode with owner, group and mode decided as Linux does (setgid directories).
+    fn new_inode(&mut self, kind: FileKind, perm: u32, parent: &Inode) -> Inode {
+        let caller = &self.cmd.caller;
+        let mut perm = perm & PERM_MASK;
+        let gid = if parent.perm & S_ISGID != 0 {
+            if kind == FileKind::Dir {
+                perm |= S_ISGID;
+            } else if perm & (S_ISGID | S_IXGRP) == (S_ISGID | S_IXGRP)
+                && caller.uid != 0
+                && !caller.in_group(parent.gid)
+            {
+                perm &= !S_ISGID;
+            }
+            parent.gid
+        } else {
+            caller.gid
+        };
+        let ino = self.meta.next_ino;
+        self.meta.next_ino += 1;
+        self.meta.inode_count += 1;
+        let t = self.now();
+        Inode {
+            ino,
+            kind,
+            parent: if kind == FileKind::Dir { parent.ino } else { 0 },
+            perm,
+            uid: caller.uid,
+            gid,
+            nlink: if kind == FileKind::Dir { 2 } else { 1 },
+            size: 0,
+            rdev: 0,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            blocks: 0,
+            target: Vec::new(),
+        }
+    }
+
+    /// The checks every create-like op shares: parent is a directory, the name is free.
+    fn check_create(&self, parent: Ino, name: &[u8]) -> Step<Inode> {
+        let dir = self.need_dir(parent)?;
+        check_name(name)?;
+        if is_dot(name) || self.s.entry(parent, name)?.is_some() {
+            return Err(Errno::Exist.into());
+        }
+        Ok(dir)
+    }
+
+    /// Enter a freshly made inode under `(parent, name)` and update the parent.
+    fn enter_new(&mut self, parent: Ino, name: &[u8], inode: Inode) -> Step<Outcome> {
+        let entry = DirEntry { ino: inode.ino, kind: inode.kind, cookie: self.cookie() };
+        self.s.put_entry(parent, name, &entry)?;
+        if inode.kind == FileKind::Dir {
+            self.dir_nlink(parent, 1)?;
+        }
+        self.touch_dir(parent)?;
+        self.put(inode.clone());
+        Ok(Outcome::Inode(inode))
+    }
+
+    fn make_node(&mut self, parent: Ino, name: &[u8], kind: FileKind, perm: u32, rdev: u32) -> Step<Outcome> {
+        let dir = self.check_create(parent, name)?;
+        if kind == FileKind::Symlink {
+            return Err(Errno::Inval.into());
+        }
+        if kind == FileKind::Dir && dir.nlink >= LINK_COUNT_MAX {
+            return Err(Errno::TooManyLinks.into());
+        }
+        self.begin();
+        // mkdir keeps only the permission bits and the sticky bit (setgid comes from the parent).
+        let perm = if kind == FileKind::Dir { perm & (0o777 | S_ISVTX) } else { perm };
+        let mut inode = self.new_inode(kind, perm, &dir);
+        if matches!(kind, FileKind::CharDev | FileKind::BlockDev) {
+            inode.rdev = rdev;
+        }
+        self.enter_new(parent, name, inode)
+    }
+
+    fn symlink(&mut self, parent: Ino, name: &[u8], target: &[u8]) -> Step<Outcome> {
+        let dir = self.check_create(parent, name)?;
+        if target.is_empty() {
+            return Err(Errno::NoEnt.into());
+        }
+        if target.len() > SYMLINK_BYTES_MAX {
+            return Err(Errno::NameTooLong.into());
+        }
+        if target.contains(&0) {
+            return Err(Errno::Inval.into());
+        }
+        self.begin();
+        let mut inode = self.new_inode(FileKind::Symlink, 0o777, &dir);
+        inode.size = target.len() as u64;
+        inode.target = target.to_vec();
+        self.enter_new(parent, name, inode)
+    }
+
+    fn link(&mut self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Step<Outcome> {
+        let mut inode = self.need(ino)?;
+        self.check_create(new_parent, new_name)?;
+        if inode.kind == FileKind::Dir {
+            return Err(Errno::Perm.into());
+        }
+        if inode.nlink == 0 {
+            // An open-unlinked inode cannot get a name back (Linux, without O_TMPFILE).
+            return Err(Errno::NoEnt.into());
+        }
+        if inode.nlink >= LINK_COUNT_MAX {
+            return Err(Errno::TooManyLinks.into());
+        }
+        self.begin();
+        let entry = DirEntry { ino, kind: inode.kind, cookie: self.cookie() };
+        self.s.put_entry(new_parent, new_name, &entry)?;
+        inode.nlink += 1;
+        inode.ctime = self.now();
+        self.put(inode.clone());
+        self.touch_dir(new_parent)?;
+        Ok(Outcome::Inode(inode))
+    }
+
+    /// A non-directory lost one name: drop its link count; at zero it becomes an orphan (if some
+    /// node may hold it open) or is freed.
+    fn drop_name(&mut self, ino: Ino, origin_open: bool) -> Step<()> {
+        let mut inode = self.need(ino)?;
+        inode.nlink = inode.nlink.saturating_sub(1);
+        inode.ctime = self.now();
+        let last = inode.nlink == 0;
+        self.put(inode);
+        if !last {
+            return Ok(());
+        }
+        let origin = self.cmd.origin;
+        let mut pending: Vec<NodeId> = self.meta.nodes.iter().copied().filter(|n| *n != origin).collect();
+        if origin_open {
+            pending.push(origin);
+            pending.sort_unstable();
+        }
+        if pending.is_empty() {
+            self.free(ino)
+        } else {
+            self.s.put_orphan(ino, &Orphan { pending })?;
+            Ok(())
+        }
+    }
+
+    /// Delete an inode with its xattrs, blocks and orphan record.
+    fn free(&mut self, ino: Ino) -> Step<()> {
+        let Some(mut inode) = self.get(ino)? else {
+            return Ok(());
+        };
+        if inode.kind == FileKind::File {
+            self.blocks().free_all(&mut inode)?;
+        }
+        for name in self.s.xattr_names(ino)? {
+            self.s.del_xattr(ino, &name)?;
+        }
+        if self.s.orphan(ino)?.is_some() {
+            self.s.del_orphan(ino)?;
+        }
+        self.dirty.insert(ino, None);
+        self.meta.inode_count = self.meta.inode_count.saturating_sub(1);
+        Ok(())
+    }
+
+    fn unlink(&mut self, parent: Ino, name: &[u8], origin_open: bool) -> Step<Outcome> {
+        self.need_dir(parent)?;
+        check_name(name)?;
+        if is_dot(name) {
+            return Err(Errno::IsDir.into());
+        }
+        let entry = self.s.entry(parent, name)?.ok_or(Fail::Errno(Errno::NoEnt))?;
+        if entry.kind == FileKind::Dir {
+            return Err(Errno::IsDir.into());
+        }
+        self.begin();
+        self.s.del_entry(parent, name)?;
+        self.drop_name(entry.ino, origin_open)?;
+        self.touch_dir(parent)?;
+        Ok(Outcome::Done)
+    }
+
+    fn is_empty_dir(&self, ino: Ino) -> Step<bool> {
+        Ok(self.s.entries_after(ino, 0, 1)?.is_empty())
+    }
+
+    fn rmdir(&mut self, parent: Ino, name: &[u8]) -> Step<Outcome> {
+        self.need_dir(parent)?;
+        check_name(name)?;
+        if name == b"." {
+            return Err(Errno::Inval.into());
+        }
+        if name == b".." {
+            return Err(Errno::NotEmpty.into());
+        }
+        let entry = self.s.entry(parent, name)?.ok_or(Fail::Errno(Errno::NoEnt))?;
+        if entry.kind != FileKind::Dir {
+            return Err(Errno::NotDir.into());
+        }
+        if !self.is_empty_dir(entry.ino)? {
+            return Err(Errno::NotEmpty.into());
+        }
+        self.begin();
+        self.s.del_entry(parent, name)?;
+        self.free(entry.ino)?;
+        self.dir_nlink(parent, -1)?;
+        self.touch_dir(parent)?;
+        Ok(Outcome::Done)
+    }
+
+    /// Is `dir` equal to `ancestor` or below it? Walks `parent` pointers up to the root.
+    fn within(&self, dir: Ino, ancestor: Ino) -> Step<bool> {
+        let mut at = dir;
+        // The walk is bounded by the number of inodes; a longer walk means a cycle (corruption).
+        for _ in 0..=self.meta.inode_count {
+            if at == ancestor {
+                return Ok(true);
+            }
+            if at == ROOT_INO {
+                return Ok(false);
+            }
+            at = self.need(at)?.parent;
+        }
+        Err(StoreFault(format!("directory cycle above inode {dir}")).into())
+    }
+
+    fn rename(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: RenameFlags,
+        origin_open: bool,
+    ) -> Step<Outcome> {
+        if flags.exchange && flags.noreplace {
+            return Err(Errno::Inval.into());
+        }
+        self.need_dir(parent)?;
+        self.need_dir(new_parent)?;
+        check_name(name)?;
+        check_name(new_name)?;
+        if is_dot(name) || is_dot(new_name) {
+            // Linux says EBUSY; the kernel never sends these to a filesystem.
+            return Err(Errno::Inval.into());
+        }
+        let src = self.s.entry(parent, name)?.ok_or(Fail::Errno(Errno::NoEnt))?;
+        let dst = self.s.entry(new_parent, new_name)?;
+        if flags.exchange && dst.is_none() {
+            return Err(Errno::NoEnt.into());
+        }
+        if flags.noreplace && dst.is_some() {
+            return Err(Errno::Exist.into());
+        }
+        // No directory may move into its own subtree.
+        if src.kind == FileKind::Dir && self.within(new_parent, src.ino)? {
+            return Err(Errno::Inval.into());
+        }
+        if let Some(dst) = &dst {
+            if dst.kind == FileKind::Dir && self.within(parent, dst.ino)? {
+                // The target is an ancestor of the source: for a plain rename it is not empty.
+                let e = if flags.exchange { Errno::Inval } else { Errno::NotEmpty };
+                return Err(e.into());
+            }
+        }
+        if dst.is_some_and(|d| d.ino == src.ino) {
+            // Two names of one inode: POSIX says do nothing and succeed.
+            return Ok(Outcome::Done);
+        }
+        if flags.exchange {
+            let dst = dst.expect("checked above");
+            return self.exchange(parent, name, src, new_parent, new_name, dst);
+        }
+        if let Some(dst) = &dst {
+            match (src.kind == FileKind::Dir, dst.kind == FileKind::Dir) {
+                (true, false) => return Err(Errno::NotDir.into()),
+                (false, true) => return Err(Errno::IsDir.into()),
+                (true, true) if !self.is_empty_dir(dst.ino)? => return Err(Errno::NotEmpty.into()),
+                _ => {}
+            }
+        }
+        let moves_dir = src.kind == FileKind::Dir && parent != new_parent;
+        if moves_dir && dst.is_none() && self.need(new_parent)?.nlink >= LINK_COUNT_MAX {
+            return Err(Errno::TooManyLinks.into());
+        }
+        self.begin();
+        // The replaced target goes first.
+        if let Some(dst) = &dst {
+            self.s.del_entry(new_parent, new_name)?;
+            if dst.kind == FileKind::Dir {
+                self.free(dst.ino)?;
+                self.dir_nlink(new_parent, -1)?;
+            } else {
+                self.drop_name(dst.ino, origin_open)?;
+            }
+        }
+        self.s.del_entry(parent, name)?;
+        let entry = DirEntry { ino: src.ino, kind: src.kind, cookie: self.cookie() };
+        self.s.put_entry(new_parent, new_name, &entry)?;
+        let mut inode = self.need(src.ino)?;
+        inode.ctime = self.now();
+        if moves_dir {
+            inode.parent = new_parent;
+        }
+        self.put(inode);
+        if moves_dir {
+            self.dir_nlink(parent, -1)?;
+            self.dir_nlink(new_parent, 1)?;
+        }
+        self.touch_dir(parent)?;
+        self.touch_dir(new_parent)?;
+        Ok(Outcome::Done)
+    }
+
+    /// RENAME_EXCHANGE, after the shared checks. Both names stay where they are (with their
+    /// cookies); the inodes behind them swap.
+    fn exchange(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+        src: DirEntry,
+        new_parent: Ino,
+        new_name: &[u8],
+        dst: DirEntry,
+    ) -> Step<Outcome> {
+        let src_dir = src.kind == FileKind::Dir;
+        let dst_dir = dst.kind == FileKind::Dir;
+        if parent != new_parent && src_dir != dst_dir {
+            let gaining = if src_dir { new_parent } else { parent };
+            if self.need(gaining)?.nlink >= LINK_COUNT_MAX {
+                return Err(Errno::TooManyLinks.into());
+            }
+        }
+        self.begin();
+        self.s.put_entry(parent, name, &DirEntry { ino: dst.ino, kind: dst.kind, cookie: src.cookie })?;
+        self.s.put_entry(new_parent, new_name, &DirEntry { ino: src.ino, kind: src.kind, cookie: dst.cookie })?;
+        for (ino, to) in [(src.ino, new_parent), (dst.ino, parent)] {
+            let mut inode = self.need(ino)?;
+            inode.ctime = self.now();
+            if inode.kind == FileKind::Dir {
+                inode.parent = to;
+            }
+            self.put(inode);
+        }
+        if parent != new_parent && src_dir != dst_dir {
+            let (gaining, losing) = if src_dir { (new_parent, parent) } else { (parent, new_parent) };
+            self.dir_nlink(gaining, 1)?;
+            self.dir_nlink(losing, -1)?;
+        }
+        self.touch_dir(parent)?;
+        self.touch_dir(new_parent)?;
+        Ok(Outcome::Done)
+    }
+
+    #[allow(clippy::too_many_arguments)] // reason: mirrors the fields of Op::SetAttr one to one
+    fn set_attr(
+        &mut self,
+        ino: Ino,
+        perm: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<SetTime>,
+        mtime: Option<SetTime>,
+    ) -> Step<Outcome> {
+        let mut inode = self.need(ino)?;
+        if let Some(size) = size {
+            match inode.kind {
+                FileKind::File => {}
+                FileKind::Dir => return Err(Errno::IsDir.into()),
+                _ => return Err(Errno::Inval.into()),
+            }
+            if size > FILE_BYTES_MAX {
+                return Err(Errno::FileTooBig.into());
+            }
+        }
+        self.begin();
+        let t = self.now();
+        let caller = self.cmd.caller.clone();
+        let any = perm.is_some() || uid.is_some() || gid.is_some() || size.is_some() || atime.is_some() || mtime.is_some();
+        if let Some(uid) = uid {
+            inode.uid = uid;
+        }
+        if let Some(gid) = gid {
+            inode.gid = gid;
+        }
+        if (uid.is_some() || gid.is_some()) && perm.is_none() && inode.kind != FileKind::Dir {
+            // chown drops setuid, and setgid when it means "setgid" (group execute set).
+            inode.perm &= !S_ISUID;
+            if inode.perm & S_IXGRP != 0 {
+                inode.perm &= !S_ISGID;
+            }
+        }
+        if let Some(perm) = perm {
+            let mut perm = perm & PERM_MASK;
+            if caller.uid != 0 && !caller.in_group(inode.gid) {
+                perm &= !S_ISGID;
+            }
+            inode.perm = perm;
+        }
+        if let Some(size) = size {
+            if size < inode.size {
+                self.blocks().truncate(&mut inode, size)?;
+            }
+            if size != inode.size {
+                inode.size = size;
+                inode.mtime = t;
+            }
+        }
+        let at = |x: SetTime| match x {
+            SetTime::Now => t,
+            SetTime::At(ts) => ts,
+        };
+        if let Some(a) = atime {
+            inode.atime = at(a);
+        }
+        if let Some(m) = mtime {
+            inode.mtime = at(m);
+        }
+        if any {
+            inode.ctime = t;
+        }
+        self.put(inode.clone());
+        Ok(Outcome::Inode(inode))
+    }
+
+    /// A regular file to change content of: IsDir for directories, Inval for other kinds.
+    fn need_file(&self, ino: Ino) -> Step<Inode> {
+        let inode = self.need(ino)?;
+        match inode.kind {
+            FileKind::File => Ok(inode),
+            FileKind::Dir => Err(Errno::IsDir.into()),
+            _ => Err(Errno::Inval.into()),
+        }
+    }
+
+    /// After a write by `caller`: drop setuid, and setgid if group-executable (unless root).
+    fn kill_privs(&self, inode: &mut Inode) {
+        if self.cmd.caller.uid != 0 {
+            inode.perm &= !S_ISUID;
+            if inode.perm & S_IXGRP != 0 {
+                inode.perm &= !S_ISGID;
+            }
+        }
+    }
+
+    fn write(&mut self, ino: Ino, offset: u64, data: &[u8], append: bool) -> Step<Outcome> {
+        let mut inode = self.need_file(ino)?;
+        if data.len() > WRITE_BYTES_MAX {
+            return Err(Errno::Inval.into());
+        }
+        let offset = if append { inode.size } else { offset };
+        let len = data.len() as u64;
+        match offset.checked_add(len) {
+            Some(end) if end <= FILE_BYTES_MAX => {}
+            _ => return Err(Errno::FileTooBig.into()),
+        }
+        if len == 0 {
+            return Ok(Outcome::Written { len: 0, attr: inode });
+        }
+        self.begin();
+        self.blocks().write(&mut inode, offset, data)?;
+        self.finish_write(inode, offset + len, len)
+    }
+
+    fn finish_write(&mut self, mut inode: Inode, end: u64, len: u64) -> Step<Outcome> {
+        inode.size = inode.size.max(end);
+        inode.mtime = self.now();
+        inode.ctime = self.now();
+        self.kill_privs(&mut inode);
+        self.put(inode.clone());
+        Ok(Outcome::Written { len, attr: inode })
+    }
+
+    fn fallocate(&mut self, ino: Ino, offset: u64, len: u64, mode: FallocMode) -> Step<Outcome> {
+        let mut inode = self.need_file(ino)?;
+        if len == 0 {
+            return Err(Errno::Inval.into());
+        }
+        let end = match offset.checked_add(len) {
+            Some(end) if end <= FILE_BYTES_MAX => end,
+            _ => return Err(Errno::FileTooBig.into()),
+        };
+        self.begin();
+        let (zero, keep_size) = match mode {
+            FallocMode::Allocate { keep_size } => (false, keep_size),
+            FallocMode::PunchHole => (true, true),
+            FallocMode::ZeroRange { keep_size } => (true, keep_size),
+        };
+        if zero {
+            let size = inode.size;
+            self.blocks().zero(&mut inode, offset.min(size), end.min(size))?;
+        }
+        if !keep_size && end > inode.size {
+            inode.size = end;
+        }
+        inode.mtime = self.now();
+        inode.ctime = self.now();
+        self.put(inode.clone());
+        Ok(Outcome::Inode(inode))
+    }
+
+    fn copy_range(&mut self, ino_in: Ino, offset_in: u64, ino_out: Ino, offset_out: u64, len: u64) -> Step<Outcome> {
+        let src = self.need_file(ino_in)?;
+        let mut dst = self.need_file(ino_out)?;
+        // Shorten to the end of the source and to one command's data, as copy_file_range may.
+        let mut n = if offset_in >= src.size { 0 } else { len.min(src.size - offset_in) };
+        // Block-aligned copies share blocks without reading them, so they may be longer.
+        let aligned = offset_in.is_multiple_of(BLOCK_BYTES) && offset_out.is_multiple_of(BLOCK_BYTES);
+        n = n.min(if aligned { COPY_BLOCKS_MAX * BLOCK_BYTES } else { WRITE_BYTES_MAX as u64 });
+        if offset_out >= FILE_BYTES_MAX && n > 0 {
+            return Err(Errno::FileTooBig.into());
+        }
+        n = n.min(FILE_BYTES_MAX.saturating_sub(offset_out));
+        if ino_in == ino_out && offset_out < offset_in.saturating_add(n) && offset_in < offset_out.saturating_add(n) {
+            return Err(Errno::Inval.into());
+        }
+        if n == 0 {
+            return Ok(Outcome::Written { len: 0, attr: dst });
+        }
+        self.begin();
+        let src = if ino_in == ino_out { dst.clone() } else { src };
+        self.blocks().copy(&src, offset_in, &mut dst, offset_out, n)?;
+        self.finish_write(dst, offset_out + n, n)
+    }
+
+    fn check_xattr_name(name: &[u8]) -> Result<(), Errno> {
+        // Linux: an empty name and an over-long name are both ERANGE.
+        if name.is_empty() || name.len() > XATTR_NAME_BYTES_MAX || name.contains(&0) {
+            return Err(Errno::Range);
+        }
+        Ok(())
+    }
+
+    fn set_xattr(&mut self, ino: Ino, name: &[u8], value: &[u8], flags: XattrFlags) -> Step<Outcome> {
+        let mut inode = self.need(ino)?;
+        Self::check_xattr_name(name)?;
+        if value.len() > XATTR_VALUE_BYTES_MAX {
+            return Err(Errno::TooBig.into());
+        }
+        let exists = self.s.xattr(ino, name)?.is_some();
+        match flags {
+            XattrFlags::Create if exists => return Err(Errno::Exist.into()),
+            XattrFlags::Replace if !exists => return Err(Errno::NoData.into()),
+            _ => {}
+        }
+        if !exists {
+            let names = self.s.xattr_names(ino)?;
+            let list_bytes: usize = names.iter().map(|n| n.len() + 1).sum::<usize>() + name.len() + 1;
+            if list_bytes > XATTR_LIST_BYTES_MAX {
+                return Err(Errno::NoSpace.into());
+            }
+        }
+        self.begin();
+        self.s.put_xattr(ino, name, value)?;
+        inode.ctime = self.now();
+        self.put(inode);
+        Ok(Outcome::Done)
+    }
+
+    fn remove_xattr(&mut self, ino: Ino, name: &[u8]) -> Step<Outcome> {
+        let mut inode = self.need(ino)?;
+        Self::check_xattr_name(name)?;
+        if self.s.xattr(ino, name)?.is_none() {
+            return Err(Errno::NoData.into());
+        }
+        self.begin();
+        self.s.del_xattr(ino, name)?;
+        inode.ctime = self.now();
+        self.put(inode);
+        Ok(Outcome::Done)
+    }
+}

@@ -1,0 +1,49 @@
+//! Bounded bincode encoding shared by the store and the Raft adapter.
+//!
+//! Every decode is size-limited (a hostile length prefix must not abort the process) and checks that
+//! the whole input was consumed (bincode accepts trailing bytes silently).
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::config::MESSAGE_BYTES_MAX;
+use crate::state::{StoreFault, StoreResult};
+
+fn cfg() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ MESSAGE_BYTES_MAX }>()
+}
+
+/// Encode `v`; fails if it is larger than `MESSAGE_BYTES_MAX`.
+pub fn encode<T: Serialize + ?Sized>(v: &T) -> StoreResult<Vec<u8>> {
+    bincode::serde::encode_to_vec(v, cfg()).map_err(|e| StoreFault(format!("encode: {e}")))
+}
+
+/// Decode exactly `bytes` as one `T`; a malformed or over-long input is a `StoreFault`.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
+    let (v, used) = bincode::serde::decode_from_slice::<T, _>(bytes, cfg())
+        .map_err(|e| StoreFault(format!("decode {}: {e}", std::any::type_name::<T>())))?;
+    if used != bytes.len() {
+        return Err(StoreFault(format!(
+            "decode {}: {} trailing bytes",
+            std::any::type_name::<T>(),
+            bytes.len() - used
+        )));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trailing_bytes_and_hostile_lengths_are_faults() {
+        let mut b = encode(&vec![1u8, 2, 3]).unwrap();
+        assert_eq!(decode::<Vec<u8>>(&b).unwrap(), vec![1, 2, 3]);
+        b.push(0);
+        assert!(decode::<Vec<u8>>(&b).is_err());
+        // A String claiming 2^40 bytes.
+        let hostile = encode(&(1u64 << 40)).unwrap();
+        assert!(decode::<String>(&hostile).is_err());
+    }
+}

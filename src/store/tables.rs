@@ -1,0 +1,423 @@
+//! redb table definitions and the `StateRead`/`StateWrite` views over read and write transactions.
+
+use redb::{ReadOnlyTable, ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction};
+use sha2::{Digest, Sha256};
+
+use super::codec::{decode, encode};
+use super::fault;
+use crate::state::{
+    CommandResult, DirEntry, Hash, Ino, Inode, Meta, NodeId, Orphan, StateRead, StateWrite, StoreFault, StoreResult,
+};
+
+// --- Raft log side (written by the log writer thread only).
+/// Raft log: index -> bincode entry (encoded by raft/).
+pub(super) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+/// Raft metadata: "vote", "committed", "last_purged", "sync" -> opaque bytes.
+pub(super) const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+/// Local, never replicated: "incarnation" -> counter.
+pub(super) const LOCAL: TableDefinition<&str, u64> = TableDefinition::new("local");
+
+// --- State machine side (written by apply and snapshot install).
+/// State machine metadata from raft/: "applied", "membership" -> opaque bytes.
+pub(super) const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
+pub(super) const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
+/// (parent, name) -> bincode DirEntry.
+pub(super) const ENTRIES: TableDefinition<(u64, &[u8]), &[u8]> = TableDefinition::new("entries");
+/// (parent, cookie) -> name: the readdir order.
+pub(super) const COOKIES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("entry_cookies");
+/// (ino, block index) -> 32-byte SHA-256.
+pub(super) const BLOCK_MAP: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("block_map");
+/// SHA-256 -> block bytes.
+pub(super) const BLOCK_DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("block_data");
+/// SHA-256 -> reference count.
+pub(super) const BLOCK_REFS: TableDefinition<&[u8], u64> = TableDefinition::new("block_refs");
+/// (ino, name) -> value.
+pub(super) const XATTRS: TableDefinition<(u64, &[u8]), &[u8]> = TableDefinition::new("xattrs");
+/// ino -> bincode Orphan.
+pub(super) const ORPHANS: TableDefinition<u64, &[u8]> = TableDefinition::new("orphans");
+/// (origin, seq) -> bincode CommandResult.
+pub(super) const RESULTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("results");
+/// origin -> highest applied seq.
+pub(super) const MAX_SEQ: TableDefinition<u64, u64> = TableDefinition::new("max_seq");
+/// "meta" -> bincode Meta.
+pub(super) const FS_META: TableDefinition<&str, &[u8]> = TableDefinition::new("fs_meta");
+
+const FS_META_KEY: &str = "meta";
+
+/// Defines the table set twice (owned read-only tables and write-transaction tables) so that one
+/// generic body serves both views, and lists the tables a snapshot carries (id -> table).
+macro_rules! state_tables {
+    ($($id:literal $field:ident : $def:ident <$k:ty, $v:ty>),* $(,)?) => {
+        /// A consistent read-only view of the state (one redb read transaction).
+        pub struct ReadView {
+            sm_meta: ReadOnlyTable<&'static str, &'static [u8]>,
+            $( pub(super) $field: ReadOnlyTable<$k, $v>, )*
+        }
+
+        impl ReadView {
+            pub(super) fn open(txn: &ReadTransaction) -> StoreResult<Self> {
+                Ok(ReadView {
+                    sm_meta: txn.open_table(SM_META).map_err(fault)?,
+                    $( $field: txn.open_table($def).map_err(fault)?, )*
+                })
+            }
+        }
+
+        /// The state tables opened in one write transaction; apply writes through this.
+        pub struct StateTxn<'txn> {
+            sm_meta: Table<'txn, &'static str, &'static [u8]>,
+            $( pub(super) $field: Table<'txn, $k, $v>, )*
+        }
+
+        impl<'txn> StateTxn<'txn> {
+            pub(super) fn open(txn: &'txn WriteTransaction) -> StoreResult<Self> {
+                Ok(StateTxn {
+                    sm_meta: txn.open_table(SM_META).map_err(fault)?,
+                    $( $field: txn.open_table($def).map_err(fault)?, )*
+                })
+            }
+
+            /// Insert one raw record of a snapshot (bytes as produced by redb's `as_bytes`).
+            pub(super) fn insert_raw(&mut self, id: u8, key: &[u8], value: &[u8]) -> StoreResult<()> {
+                match id {
+                    $( $id => {
+                        check_len::<$k>(key)?;
+                        check_len::<$v>(value)?;
+                        self.$field
+                            .insert(<$k as redb::Value>::from_bytes(key), <$v as redb::Value>::from_bytes(value))
+                            .map_err(fault)?;
+                    } )*
+                    other => return Err(StoreFault(format!("snapshot: unknown table id {other}"))),
+                }
+                Ok(())
+            }
+        }
+
+        /// Delete every state table (before a snapshot install); they are recreated empty on open.
+        pub(super) fn delete_state_tables(txn: &WriteTransaction) -> StoreResult<()> {
+            txn.delete_table(SM_META).map_err(fault)?;
+            $( txn.delete_table($def).map_err(fault)?; )*
+            Ok(())
+        }
+
+        /// Create every table (so read views never meet a missing table).
+        pub(super) fn create_all_tables(txn: &WriteTransaction) -> StoreResult<()> {
+            txn.open_table(LOG).map_err(fault)?;
+            txn.open_table(RAFT_META).map_err(fault)?;
+            txn.open_table(LOCAL).map_err(fault)?;
+            txn.open_table(SM_META).map_err(fault)?;
+            $( txn.open_table($def).map_err(fault)?; )*
+            Ok(())
+        }
+
+        /// Stream every state table of `view` to `emit(table id, key bytes, value bytes)`.
+        pub(super) fn dump_state(
+            view: &ReadView,
+            emit: &mut dyn FnMut(u8, &[u8], &[u8]) -> StoreResult<()>,
+        ) -> StoreResult<()> {
+            $(
+                for item in view.$field.iter().map_err(fault)? {
+                    let (k, v) = item.map_err(fault)?;
+                    let kv = k.value();
+                    let vv = v.value();
+                    let kb = <$k as redb::Value>::as_bytes(&kv);
+                    let vb = <$v as redb::Value>::as_bytes(&vv);
+                    emit($id, kb.as_ref(), vb.as_ref())?;
+                }
+            )*
+            Ok(())
+        }
+
+        /// Check a snapshot record's lengths before its bytes reach redb's decoders.
+        pub(super) fn check_record(id: u8, key: &[u8], value: &[u8]) -> StoreResult<()> {
+            match id {
+                $( $id => { check_len::<$k>(key)?; check_len::<$v>(value) } )*
+                other => Err(StoreFault(format!("snapshot: unknown table id {other}"))),
+            }
+        }
+
+        impl_state_read!(ReadView);
+        impl_state_read!(StateTxn<'_>);
+    };
+}
+
+/// Fixed-width redb types must get exactly their width (their decoders would panic otherwise).
+fn check_len<T: redb::Value>(bytes: &[u8]) -> StoreResult<()> {
+    match T::fixed_width() {
+        Some(w) if w != bytes.len() => Err(StoreFault(format!(
+            "snapshot: record of {} bytes for a {w}-byte {}",
+            bytes.len(),
+            T::type_name().name()
+        ))),
+        _ => {
+            if T::fixed_width().is_none() && std::any::type_name::<T>().contains('(') {
+                // Variable-width tuple keys carry their own length prefixes; check them.
+                check_tuple_u64_bytes(bytes)
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `(u64, &[u8])` is encoded by redb as the 8-byte u64 followed by the bytes (the last element of a
+/// tuple has no length prefix); anything shorter would make `from_bytes` slice out of range.
+fn check_tuple_u64_bytes(bytes: &[u8]) -> StoreResult<()> {
+    if bytes.len() < 8 {
+        return Err(StoreFault("snapshot: short tuple key".into()));
+    }
+    Ok(())
+}
+
+macro_rules! impl_state_read {
+    ($ty:ty) => {
+        impl StateRead for $ty {
+            fn inode(&self, ino: Ino) -> StoreResult<Option<Inode>> {
+                get_decoded(&self.inodes, ino)
+            }
+            fn entry(&self, parent: Ino, name: &[u8]) -> StoreResult<Option<DirEntry>> {
+                match self.entries.get((parent, name)).map_err(fault)? {
+                    Some(v) => Ok(Some(decode(v.value())?)),
+                    None => Ok(None),
+                }
+            }
+            fn entries_after(&self, parent: Ino, after: u64, max: usize) -> StoreResult<Vec<(Vec<u8>, DirEntry)>> {
+                let Some(start) = after.checked_add(1) else { return Ok(Vec::new()) };
+                let mut out = Vec::new();
+                for item in self.cookies.range((parent, start)..=(parent, u64::MAX)).map_err(fault)? {
+                    if out.len() >= max {
+                        break;
+                    }
+                    let (k, name) = item.map_err(fault)?;
+                    let name = name.value().to_vec();
+                    let Some(e) = self.entry(parent, &name)? else {
+                        return Err(StoreFault(format!(
+                            "cookie index ({parent}, {}) names a missing entry",
+                            k.value().1
+                        )));
+                    };
+                    out.push((name, e));
+                }
+                Ok(out)
+            }
+            fn block_hash(&self, ino: Ino, index: u64) -> StoreResult<Option<Hash>> {
+                match self.block_map.get((ino, index)).map_err(fault)? {
+                    Some(v) => Ok(Some(to_hash(v.value())?)),
+                    None => Ok(None),
+                }
+            }
+            fn block_hashes(&self, ino: Ino, from: u64, to: u64) -> StoreResult<Vec<(u64, Hash)>> {
+                let mut out = Vec::new();
+                if from >= to {
+                    return Ok(out);
+                }
+                for item in self.block_map.range((ino, from)..(ino, to)).map_err(fault)? {
+                    let (k, v) = item.map_err(fault)?;
+                    out.push((k.value().1, to_hash(v.value())?));
+                }
+                Ok(out)
+            }
+            fn block_data(&self, hash: &Hash) -> StoreResult<Option<Vec<u8>>> {
+                match self.block_data.get(&hash[..]).map_err(fault)? {
+                    Some(v) => {
+                        let data = v.value();
+                        check_block(hash, data)?;
+                        Ok(Some(data.to_vec()))
+                    }
+                    None => Ok(None),
+                }
+            }
+            fn block_refs(&self, hash: &Hash) -> StoreResult<u64> {
+                Ok(self.block_refs.get(&hash[..]).map_err(fault)?.map(|v| v.value()).unwrap_or(0))
+            }
+            fn xattr(&self, ino: Ino, name: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+                Ok(self.xattrs.get((ino, name)).map_err(fault)?.map(|v| v.value().to_vec()))
+            }
+            fn xattr_names(&self, ino: Ino) -> StoreResult<Vec<Vec<u8>>> {
+                let mut out = Vec::new();
+                let empty: &[u8] = &[];
+                let iter = match ino.checked_add(1) {
+                    Some(next) => self.xattrs.range((ino, empty)..(next, empty)),
+                    None => self.xattrs.range((ino, empty)..),
+                }
+                .map_err(fault)?;
+                for item in iter {
+                    let (k, _) = item.map_err(fault)?;
+                    out.push(k.value().1.to_vec());
+                }
+                Ok(out)
+            }
+            fn orphan(&self, ino: Ino) -> StoreResult<Option<Orphan>> {
+                get_decoded(&self.orphans, ino)
+            }
+            fn orphans(&self) -> StoreResult<Vec<(Ino, Orphan)>> {
+                let mut out = Vec::new();
+                for item in self.orphans.iter().map_err(fault)? {
+                    let (k, v) = item.map_err(fault)?;
+                    out.push((k.value(), decode(v.value())?));
+                }
+                Ok(out)
+            }
+            fn result(&self, origin: NodeId, seq: u64) -> StoreResult<Option<CommandResult>> {
+                match self.results.get((origin, seq)).map_err(fault)? {
+                    Some(v) => Ok(Some(decode(v.value())?)),
+                    None => Ok(None),
+                }
+            }
+            fn max_seq(&self, origin: NodeId) -> StoreResult<u64> {
+                Ok(self.max_seq.get(origin).map_err(fault)?.map(|v| v.value()).unwrap_or(0))
+            }
+            fn meta(&self) -> StoreResult<Meta> {
+                match self.fs_meta.get(FS_META_KEY).map_err(fault)? {
+                    Some(v) => decode(v.value()),
+                    None => Ok(Meta::default()),
+                }
+            }
+        }
+
+        impl $ty {
+            /// Opaque state-machine metadata written by raft/ (last applied log id, membership).
+            pub fn sm_meta(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+                Ok(self.sm_meta.get(key).map_err(fault)?.map(|v| v.value().to_vec()))
+            }
+        }
+    };
+}
+
+state_tables! {
+    1 inodes: INODES<u64, &'static [u8]>,
+    2 entries: ENTRIES<(u64, &'static [u8]), &'static [u8]>,
+    3 cookies: COOKIES<(u64, u64), &'static [u8]>,
+    4 block_map: BLOCK_MAP<(u64, u64), &'static [u8]>,
+    5 block_data: BLOCK_DATA<&'static [u8], &'static [u8]>,
+    6 block_refs: BLOCK_REFS<&'static [u8], u64>,
+    7 xattrs: XATTRS<(u64, &'static [u8]), &'static [u8]>,
+    8 orphans: ORPHANS<u64, &'static [u8]>,
+    9 results: RESULTS<(u64, u64), &'static [u8]>,
+    10 max_seq: MAX_SEQ<u64, u64>,
+    11 fs_meta: FS_META<&'static str, &'static [u8]>,
+}
+
+fn get_decoded<T: serde::de::DeserializeOwned>(
+    table: &impl ReadableTable<u64, &'static [u8]>,
+    key: u64,
+) -> StoreResult<Option<T>> {
+    match table.get(key).map_err(fault)? {
+        Some(v) => Ok(Some(decode(v.value())?)),
+        None => Ok(None),
+    }
+}
+
+fn to_hash(bytes: &[u8]) -> StoreResult<Hash> {
+    bytes.try_into().map_err(|_| StoreFault(format!("block map holds a {}-byte hash", bytes.len())))
+}
+
+/// A block read or written through the store must match its address; never hand out wrong data.
+fn check_block(hash: &Hash, data: &[u8]) -> StoreResult<()> {
+    let actual: [u8; 32] = Sha256::digest(data).into();
+    if &actual != hash {
+        tracing::error!(
+            expected = %hex::encode(hash),
+            actual = %hex::encode(actual),
+            len = data.len(),
+            "stored block does not match its hash (corruption)"
+        );
+        return Err(StoreFault(format!("block {} is corrupt (hash mismatch)", hex::encode(hash))));
+    }
+    Ok(())
+}
+
+impl StateTxn<'_> {
+    /// Set opaque state-machine metadata (same transaction as the state it describes).
+    pub fn put_sm_meta(&mut self, key: &str, value: &[u8]) -> StoreResult<()> {
+        self.sm_meta.insert(key, value).map_err(fault)?;
+        Ok(())
+    }
+}
+
+impl StateWrite for StateTxn<'_> {
+    fn put_inode(&mut self, inode: &Inode) -> StoreResult<()> {
+        self.inodes.insert(inode.ino, encode(inode)?.as_slice()).map_err(fault)?;
+        Ok(())
+    }
+    fn del_inode(&mut self, ino: Ino) -> StoreResult<()> {
+        self.inodes.remove(ino).map_err(fault)?;
+        Ok(())
+    }
+    fn put_entry(&mut self, parent: Ino, name: &[u8], entry: &DirEntry) -> StoreResult<()> {
+        if let Some(old) = self.entry(parent, name)? {
+            if old.cookie != entry.cookie {
+                self.cookies.remove((parent, old.cookie)).map_err(fault)?;
+            }
+        }
+        self.entries.insert((parent, name), encode(entry)?.as_slice()).map_err(fault)?;
+        self.cookies.insert((parent, entry.cookie), name).map_err(fault)?;
+        Ok(())
+    }
+    fn del_entry(&mut self, parent: Ino, name: &[u8]) -> StoreResult<()> {
+        if let Some(old) = self.entry(parent, name)? {
+            self.cookies.remove((parent, old.cookie)).map_err(fault)?;
+            self.entries.remove((parent, name)).map_err(fault)?;
+        }
+        Ok(())
+    }
+    fn put_block_hash(&mut self, ino: Ino, index: u64, hash: &Hash) -> StoreResult<()> {
+        self.block_map.insert((ino, index), &hash[..]).map_err(fault)?;
+        Ok(())
+    }
+    fn del_block_hash(&mut self, ino: Ino, index: u64) -> StoreResult<()> {
+        self.block_map.remove((ino, index)).map_err(fault)?;
+        Ok(())
+    }
+    fn put_block_data(&mut self, hash: &Hash, data: &[u8]) -> StoreResult<()> {
+        if self.block_data.get(&hash[..]).map_err(fault)?.is_some() {
+            return Ok(());
+        }
+        check_block(hash, data)?;
+        self.block_data.insert(&hash[..], data).map_err(fault)?;
+        Ok(())
+    }
+    fn put_block_refs(&mut self, hash: &Hash, refs: u64) -> StoreResult<()> {
+        self.block_refs.insert(&hash[..], refs).map_err(fault)?;
+        Ok(())
+    }
+    fn del_block(&mut self, hash: &Hash) -> StoreResult<()> {
+        self.block_data.remove(&hash[..]).map_err(fault)?;
+        self.block_refs.remove(&hash[..]).map_err(fault)?;
+        Ok(())
+    }
+    fn put_xattr(&mut self, ino: Ino, name: &[u8], value: &[u8]) -> StoreResult<()> {
+        self.xattrs.insert((ino, name), value).map_err(fault)?;
+        Ok(())
+    }
+    fn del_xattr(&mut self, ino: Ino, name: &[u8]) -> StoreResult<()> {
+        self.xattrs.remove((ino, name)).map_err(fault)?;
+        Ok(())
+    }
+    fn put_orphan(&mut self, ino: Ino, orphan: &Orphan) -> StoreResult<()> {
+        self.orphans.insert(ino, encode(orphan)?.as_slice()).map_err(fault)?;
+        Ok(())
+    }
+    fn del_orphan(&mut self, ino: Ino) -> StoreResult<()> {
+        self.orphans.remove(ino).map_err(fault)?;
+        Ok(())
+    }
+    fn put_result(&mut self, origin: NodeId, seq: u64, result: &CommandResult) -> StoreResult<()> {
+        self.results.insert((origin, seq), encode(result)?.as_slice()).map_err(fault)?;
+        if seq > self.max_seq(origin)? {
+            self.max_seq.insert(origin, seq).map_err(fault)?;
+        }
+        Ok(())
+    }
+    fn prune_results(&mut self, origin: NodeId, below: u64) -> StoreResult<()> {
+        if below == 0 {
+            return Ok(());
+        }
+        self.results.retain_in((origin, 0u64)..(origin, below), |_, _| false).map_err(fault)?;
+        Ok(())
+    }
+    fn put_meta(&mut self, meta: &Meta) -> StoreResult<()> {
+        self.fs_meta.insert(FS_META_KEY, encode(meta)?.as_slice()).map_err(fault)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,393 @@
+//! Tests of the redb store: state tables against the in-memory model, snapshots, group commit,
+//! corruption, crash consistency.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use redb::ReadableTable;
+
+use super::tables::{ReadView, BLOCK_DATA};
+use super::*;
+use crate::state::{
+    apply, sha256, Caller, Command, DirEntry, FileKind, Inode, MemState, Meta, Op, Orphan, StateRead, StateWrite,
+    Timespec, ROOT_INO,
+};
+
+fn inode(ino: u64) -> Inode {
+    Inode {
+        ino,
+        kind: FileKind::File,
+        parent: 0,
+        perm: 0o644,
+        uid: 1,
+        gid: 2,
+        nlink: 1,
+        size: 10,
+        rdev: 0,
+        atime: Timespec { sec: 1, nsec: 2 },
+        mtime: Timespec::default(),
+        ctime: Timespec::default(),
+        crtime: Timespec::default(),
+        blocks: 1,
+        target: Vec::new(),
+    }
+}
+
+/// Read every state table back into the in-memory model.
+fn to_mem(v: &ReadView) -> MemState {
+    let mut m = MemState::new();
+    for item in v.inodes.iter().unwrap() {
+        let (k, _) = item.unwrap();
+        m.inodes.insert(k.value(), v.inode(k.value()).unwrap().unwrap());
+    }
+    for item in v.entries.iter().unwrap() {
+        let (k, _) = item.unwrap();
+        let (p, n) = k.value();
+        m.entries.insert((p, n.to_vec()), v.entry(p, n).unwrap().unwrap());
+    }
+    for item in v.block_map.iter().unwrap() {
+        let (k, _) = item.unwrap();
+        let (i, x) = k.value();
+        m.block_map.insert((i, x), v.block_hash(i, x).unwrap().unwrap());
+    }
+    for item in v.block_data.iter().unwrap() {
+        let (k, _) = item.unwrap();
+        let h: [u8; 32] = k.value().try_into().unwrap();
+        m.blocks.insert(h, v.block_data(&h).unwrap().unwrap());
+    }
+    for item in v.block_refs.iter().unwrap() {
+        let (k, r) = item.unwrap();
+        m.block_refs.insert(k.value().try_into().unwrap(), r.value());
+    }
+    for item in v.xattrs.iter().unwrap() {
+        let (k, val) = item.unwrap();
+        m.xattrs.insert((k.value().0, k.value().1.to_vec()), val.value().to_vec());
+    }
+    m.orphans = v.orphans().unwrap().into_iter().collect();
+    for item in v.results.iter().unwrap() {
+        let (k, _) = item.unwrap();
+        let (o, s) = k.value();
+        m.results.insert((o, s), v.result(o, s).unwrap().unwrap());
+    }
+    for item in v.max_seq.iter().unwrap() {
+        let (k, s) = item.unwrap();
+        m.max_seqs.insert(k.value(), s.value());
+    }
+    m.meta = v.meta().unwrap();
+    m
+}
+
+/// Every state record, raw, for byte-exact comparisons.
+fn dump(store: &Store) -> Vec<(u8, Vec<u8>, Vec<u8>)> {
+    let v = store.read().unwrap();
+    let mut out = Vec::new();
+    tables::dump_state(&v, &mut |id, k, val| {
+        out.push((id, k.to_vec(), val.to_vec()));
+        Ok(())
+    })
+    .unwrap();
+    out
+}
+
+fn cmd(seq: u64, op: Op) -> Command {
+    Command {
+        origin: 7,
+        seq,
+        time: Timespec { sec: 1_700_000_000 + seq as i64, nsec: 0 },
+        caller: Caller::root(),
+        content_hash: sha256(op.payload()),
+        op,
+    }
+}
+
+/// A command sequence that touches every table: dirs, files, data (shared blocks), xattrs,
+/// orphans, renames, failures.
+fn workload() -> Vec<Command> {
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let ops = vec![
+        Op::Init { perm: 0o755, uid: 0, gid: 0 },
+        Op::RegisterNode { node: 7 },
+        Op::RegisterNode { node: 8 },
+        Op::MakeNode { parent: ROOT_INO, name: b"a".to_vec(), kind: FileKind::File, perm: 0o644, rdev: 0 },
+        Op::MakeNode { parent: ROOT_INO, name: b"d".to_vec(), kind: FileKind::Dir, perm: 0o755, rdev: 0 },
+        Op::MakeNode { parent: ROOT_INO, name: b"b\xff".to_vec(), kind: FileKind::File, perm: 0o600, rdev: 0 },
+        Op::Write { ino: 2, offset: 0, data: big.clone(), append: false },
+        Op::Write { ino: 4, offset: 70_000, data: big[..100_000].to_vec(), append: false },
+        Op::Write { ino: 4, offset: 0, data: b"hello".to_vec(), append: false },
+        Op::SetXattr { ino: 2, name: b"user.x".to_vec(), value: b"1".to_vec(), flags: crate::state::XattrFlags::Any },
+        Op::SetXattr { ino: 2, name: b"user.y".to_vec(), value: b"22".to_vec(), flags: crate::state::XattrFlags::Any },
+        Op::Symlink { parent: 3, name: b"l".to_vec(), target: b"../a".to_vec() },
+        Op::Rename {
+            parent: ROOT_INO,
+            name: b"b\xff".to_vec(),
+            new_parent: 3,
+            new_name: b"c".to_vec(),
+            flags: Default::default(),
+            origin_open: false,
+        },
+        Op::Unlink { parent: ROOT_INO, name: b"a".to_vec(), origin_open: true },
+        Op::Rmdir { parent: ROOT_INO, name: b"nope".to_vec() },
+        Op::MakeNode { parent: ROOT_INO, name: b"a".to_vec(), kind: FileKind::File, perm: 0o644, rdev: 0 },
+        Op::SetAttr { ino: 4, perm: None, uid: None, gid: None, size: Some(3), atime: None, mtime: None },
+    ];
+    ops.into_iter().enumerate().map(|(i, op)| cmd(i as u64 + 1, op)).collect()
+}
+
+fn tmp_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    (dir, store)
+}
+
+#[test]
+fn state_tables_match_the_memory_model() {
+    let (_d, store) = tmp_store();
+    let mut mem = MemState::new();
+    for c in workload() {
+        let want = apply(&mut mem, &c).unwrap();
+        let got = store.write_state(false, |t| apply(t, &c)).unwrap();
+        assert_eq!(got, want, "result of {:?}", c.op);
+    }
+    let view = store.read().unwrap();
+    let got = to_mem(&view);
+    assert_eq!(got, mem);
+    // entries_after follows cookies, in order, bounded.
+    let all = view.entries_after(ROOT_INO, 0, 100).unwrap();
+    let names: Vec<_> = all.iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(all.len(), mem.entries.keys().filter(|(p, _)| *p == ROOT_INO).count());
+    assert!(all.windows(2).all(|w| w[0].1.cookie < w[1].1.cookie), "{names:?}");
+    let first = view.entries_after(ROOT_INO, 0, 1).unwrap();
+    assert_eq!(first.len(), 1);
+    let rest = view.entries_after(ROOT_INO, first[0].1.cookie, 100).unwrap();
+    assert_eq!(rest.len(), all.len() - 1);
+    assert!(view.entries_after(ROOT_INO, u64::MAX, 10).unwrap().is_empty());
+    assert_eq!(view.xattr_names(2).unwrap(), vec![b"user.x".to_vec(), b"user.y".to_vec()]);
+}
+
+#[test]
+fn raw_table_round_trip() {
+    let (_d, store) = tmp_store();
+    store
+        .write_state(false, |t| {
+            t.put_inode(&inode(5))?;
+            t.put_entry(1, b"x", &DirEntry { ino: 5, kind: FileKind::File, cookie: 10 })?;
+            // Replacing an entry moves its cookie.
+            t.put_entry(1, b"x", &DirEntry { ino: 5, kind: FileKind::File, cookie: 11 })?;
+            t.put_entry(1, b"y", &DirEntry { ino: 6, kind: FileKind::Dir, cookie: 12 })?;
+            t.del_entry(1, b"y")?;
+            t.put_block_data(&sha256(b"abc"), b"abc")?;
+            t.put_block_refs(&sha256(b"abc"), 2)?;
+            t.put_block_hash(5, 0, &sha256(b"abc"))?;
+            t.put_block_hash(5, 3, &sha256(b"abc"))?;
+            t.put_orphan(5, &Orphan { pending: vec![1, 2] })?;
+            for s in 1..=5 {
+                t.put_result(9, s, &Ok(crate::state::Outcome::Done))?;
+            }
+            t.prune_results(9, 4)?;
+            t.put_meta(&Meta { next_ino: 7, ..Default::default() })?;
+            Ok(())
+        })
+        .unwrap();
+    let v = store.read().unwrap();
+    assert_eq!(v.inode(5).unwrap(), Some(inode(5)));
+    assert_eq!(v.entries_after(1, 0, 10).unwrap().len(), 1);
+    assert_eq!(v.entries_after(1, 0, 10).unwrap()[0].1.cookie, 11);
+    assert_eq!(v.block_hashes(5, 0, 10).unwrap().iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 3]);
+    assert_eq!(v.block_hashes(5, 1, 3).unwrap(), vec![]);
+    assert_eq!(v.block_data(&sha256(b"abc")).unwrap(), Some(b"abc".to_vec()));
+    assert_eq!(v.block_refs(&sha256(b"abc")).unwrap(), 2);
+    assert_eq!(v.orphans().unwrap().len(), 1);
+    assert_eq!(v.result(9, 3).unwrap(), None);
+    assert_eq!(v.result(9, 4).unwrap(), Some(Ok(crate::state::Outcome::Done)));
+    assert_eq!(v.max_seq(9).unwrap(), 5);
+    assert_eq!(v.meta().unwrap().next_ino, 7);
+    // A block whose bytes do not match the hash is refused on write.
+    let bad = store.write_state(false, |t| t.put_block_data(&sha256(b"x"), b"y"));
+    assert!(bad.is_err());
+}
+
+#[test]
+fn corrupted_block_is_an_error_not_data() {
+    let (_d, store) = tmp_store();
+    let h = sha256(b"good data");
+    store
+        .write_state(false, |t| {
+            t.put_block_data(&h, b"good data")?;
+            // Corrupt the stored bytes behind the store's back.
+            t.block_data.insert(&h[..], &b"evil data"[..]).map_err(fault)?;
+            Ok(())
+        })
+        .unwrap();
+    let v = store.read().unwrap();
+    let err = v.block_data(&h).unwrap_err();
+    assert!(err.0.contains("corrupt"), "{err}");
+    // Sanity: the table really holds the corrupted bytes.
+    assert_eq!(v.block_data.get(&h[..]).unwrap().unwrap().value(), b"evil data");
+    let _ = BLOCK_DATA;
+}
+
+#[test]
+fn snapshot_build_install_reproduces_state() {
+    let (_d1, a) = tmp_store();
+    for c in workload() {
+        let _ = a.write_state(false, |t| {
+            t.put_sm_meta("applied", &c.seq.to_le_bytes())?;
+            apply(t, &c)
+        })
+        .unwrap();
+    }
+    let info = a.build_snapshot(|_| Ok(("1-1-17-1".to_string(), b"header".to_vec()))).unwrap();
+    assert_eq!(a.current_snapshot().unwrap().path, info.path);
+    assert_eq!(info.header, b"header");
+
+    let (_d2, b) = tmp_store();
+    // Some unrelated state on b that the install must replace.
+    b.write_state(false, |t| t.put_inode(&inode(999))).unwrap();
+    let meta = [("applied", 17u64.to_le_bytes().to_vec())];
+    b.install_snapshot(&info.path, &info.id, &meta).unwrap();
+    assert_eq!(dump(&a), dump(&b));
+    assert_eq!(b.read().unwrap().sm_meta("applied").unwrap(), Some(17u64.to_le_bytes().to_vec()));
+    // Installing the same snapshot again (also from its own current file) is harmless.
+    let cur = b.current_snapshot().unwrap();
+    b.install_snapshot(&cur.path, &cur.id, &meta).unwrap();
+    b.install_snapshot(&info.path, &info.id, &meta).unwrap();
+    assert_eq!(dump(&a), dump(&b));
+    assert_eq!(to_mem(&a.read().unwrap()), to_mem(&b.read().unwrap()));
+    // Only one snapshot file is kept.
+    let files: Vec<_> = std::fs::read_dir(b.inner.snap_dir.clone()).unwrap().flatten().collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+
+    // A corrupted snapshot file is refused before it touches the state.
+    let bad = _d2.path().join("bad.bin");
+    let mut bytes = std::fs::read(&info.path).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x55;
+    std::fs::write(&bad, bytes).unwrap();
+    assert!(b.install_snapshot(&bad, "2-1-18-1", &meta).is_err());
+    assert_eq!(dump(&a), dump(&b));
+}
+
+#[test]
+fn group_commit_batches_concurrent_appends() {
+    let (_d, store) = tmp_store();
+    let threads = 16;
+    let per_thread = 100u64;
+    let start = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let store = store.clone();
+            s.spawn(move || {
+                for i in 0..per_thread {
+                    let index = t * per_thread + i;
+                    store
+                        .submit_blocking(|done| LogWrite::Append { entries: vec![(index, vec![0u8; 200])], done })
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let elapsed = start.elapsed();
+    let commits = store.stats().log_commits.load(Ordering::Relaxed);
+    let entries = store.stats().log_entries.load(Ordering::Relaxed);
+    eprintln!(
+        "group commit: {entries} appends from {threads} threads in {commits} commits ({:.1} per fsync), {:?} total",
+        entries as f64 / commits as f64,
+        elapsed
+    );
+    assert_eq!(entries, threads * per_thread);
+    assert!(commits * 2 <= entries, "no batching: {commits} commits for {entries} entries");
+    assert_eq!(store.read_log((std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)).unwrap().len() as u64, entries);
+}
+
+#[test]
+fn log_truncate_and_purge() {
+    let (_d, store) = tmp_store();
+    let rows: Vec<_> = (1..=10u64).map(|i| (i, vec![i as u8])).collect();
+    store.submit_blocking(|done| LogWrite::Append { entries: rows, done }).unwrap();
+    store.submit_blocking(|done| LogWrite::Truncate { from: 8, done }).unwrap();
+    assert_eq!(store.last_log().unwrap().unwrap().0, 7);
+    store.submit_blocking(|done| LogWrite::Purge { upto: 3, last_purged: b"p3".to_vec(), done }).unwrap();
+    assert_eq!(store.first_log_index().unwrap(), Some(4));
+    assert_eq!(store.raft_meta("last_purged").unwrap(), Some(b"p3".to_vec()));
+    let all = store.read_log((std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)).unwrap();
+    assert_eq!(all.iter().map(|x| x.0).collect::<Vec<_>>(), vec![4, 5, 6, 7]);
+}
+
+/// Drive log appends (durable) and applies (non-durable) like Raft does; return the data dir.
+fn run_until_crash(dir: &std::path::Path, n: u64) -> Store {
+    let store = Store::open(dir).unwrap();
+    for i in 1..=n {
+        store.submit_blocking(|done| LogWrite::Append { entries: vec![(i, i.to_le_bytes().to_vec())], done }).unwrap();
+        store
+            .write_state(false, |t| {
+                t.put_inode(&inode(100 + i))?;
+                t.put_sm_meta("applied", &i.to_le_bytes())
+            })
+            .unwrap();
+    }
+    store
+}
+
+fn check_consistent(store: &Store) -> (u64, u64) {
+    let v = store.read().unwrap();
+    let applied = v.sm_meta("applied").unwrap().map(|b| u64::from_le_bytes(b.try_into().unwrap())).unwrap_or(0);
+    let last_log = store.last_log().unwrap().map(|x| x.0).unwrap_or(0);
+    assert!(applied <= last_log, "applied {applied} beyond the durable log {last_log}");
+    // The state is exactly the applied prefix: never half a transaction.
+    let inodes: Vec<u64> = v.inodes.iter().unwrap().map(|r| r.unwrap().0.value()).collect();
+    assert_eq!(inodes, (101..=100 + applied).collect::<Vec<_>>());
+    // The log is contiguous.
+    let log = store.read_log((std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)).unwrap();
+    assert_eq!(log.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=last_log).collect::<Vec<_>>());
+    (applied, last_log)
+}
+
+#[test]
+fn crash_copy_of_the_file_is_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = run_until_crash(dir.path(), 200);
+    // The file as the OS has it right now is what a process crash leaves behind.
+    let crash = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.path().join("pickbox.redb"), crash.path().join("pickbox.redb")).unwrap();
+    let reopened = Store::open(crash.path()).unwrap();
+    let (applied, last) = check_consistent(&reopened);
+    eprintln!("after simulated crash: applied {applied}, durable log {last}");
+    assert_eq!(last, 200, "every acknowledged append is durable");
+    drop(store);
+}
+
+#[test]
+fn reopen_after_drop_without_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = run_until_crash(dir.path(), 50);
+    drop(store);
+    let reopened = Store::open(dir.path()).unwrap();
+    let (_, last) = check_consistent(&reopened);
+    assert_eq!(last, 50);
+    drop(reopened);
+    let store = run_until_crash(dir.path(), 0);
+    drop(store);
+}
+
+#[test]
+fn incarnation_increases() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Store::open(dir.path()).unwrap();
+    assert_eq!(a.next_incarnation().unwrap(), 1);
+    drop(a);
+    let b = Store::open(dir.path()).unwrap();
+    assert_eq!(b.next_incarnation().unwrap(), 2);
+}
+
+#[test]
+fn read_view_is_send_and_isolated() {
+    fn is_send<T: Send>(_: &T) {}
+    let (_d, store) = tmp_store();
+    let v = store.read().unwrap();
+    is_send(&v);
+    store.write_state(false, |t| t.put_inode(&inode(3))).unwrap();
+    assert_eq!(v.inode(3).unwrap(), None, "a view is a snapshot");
+    assert!(store.read().unwrap().inode(3).unwrap().is_some());
+    let _ = Arc::new(BTreeMap::<u8, u8>::new());
+}
