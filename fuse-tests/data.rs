@@ -47,7 +47,7 @@ fn create_write_read() {
 
     // Creation mode honours the umask given by the caller (root's umask in this process is 022).
     let q = node.path("mode");
-    let f = OpenOptions::new().write(true).create(true).mode(0o640).open(&q).unwrap();
+    let f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o640).open(&q).unwrap();
     drop(f);
     assert_eq!(fs::metadata(&q).unwrap().mode() & 0o7777, 0o640 & !crate::harness::umask());
 }
@@ -141,7 +141,7 @@ fn truncate_shrink_and_extend() {
 fn fallocate_modes() {
     let node = Node::start();
     let p = node.path("fa");
-    let f = OpenOptions::new().read(true).write(true).create(true).open(&p).unwrap();
+    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
     let fd = f.as_raw_fd();
     // Plain fallocate extends the size.
     // SAFETY: fd is open for writing.
@@ -176,7 +176,7 @@ fn fallocate_modes() {
 fn seek_data_and_hole() {
     let node = Node::start();
     let p = node.path("sparse");
-    let f = OpenOptions::new().read(true).write(true).create(true).open(&p).unwrap();
+    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
     let second = 4 * 1024 * 1024u64;
     f.write_all_at(&[1u8; 4096], 0).unwrap();
     f.write_all_at(&[2u8; 4096], second).unwrap();
@@ -206,7 +206,7 @@ fn copy_file_range_copies() {
     let data = pattern(500_000, 5);
     fs::write(&src, &data).unwrap();
     let fi = File::open(&src).unwrap();
-    let fo = OpenOptions::new().write(true).create(true).open(&dst).unwrap();
+    let fo = OpenOptions::new().write(true).create(true).truncate(true).open(&dst).unwrap();
     let mut off_in: libc::loff_t = 1000;
     let mut off_out: libc::loff_t = 10;
     let mut left = 300_000usize;

@@ -11,13 +11,17 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Condvar, Mutex};
+use std::os::unix::process::CommandExt;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long a node may take to mount (debug build, shared 2-core machine).
 pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a node may take to exit after SIGTERM or an external umount.
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// A node still running this long after its test started is killed (SIGKILL), so that a hung
+/// FUSE request fails with ENOTCONN and the test fails instead of hanging the whole run.
+const TEST_SECONDS_MAX_DEFAULT: u64 = 240;
 /// Nodes running at once in this test process unless `PICKBOX_FUSE_TESTS_PARALLEL` says otherwise.
 const PARALLEL_NODES_DEFAULT: usize = 2;
 
@@ -83,24 +87,53 @@ pub struct Node {
     log: PathBuf,
     child: Option<Child>,
     starts: u32,
+    /// The PID the watchdog may kill; None once reaped or dropped.
+    watched: Arc<Mutex<Option<u32>>>,
+    /// Mounts the test made itself (a small tmpfs as data dir), detached after the node stops.
+    extra_mounts: Vec<PathBuf>,
     _permit: Permit,
 }
 
 impl Node {
     /// Starts a node on a fresh data dir and waits until its mount is live.
     pub fn start() -> Node {
+        Node::start_with_data_fs(None)
+    }
+
+    /// Starts a node whose data dir is a tmpfs of `bytes` (to fill the disk on purpose).
+    pub fn start_on_tmpfs(bytes: u64) -> Node {
+        Node::start_with_data_fs(Some(bytes))
+    }
+
+    fn start_with_data_fs(tmpfs_bytes: Option<u64>) -> Node {
         require_fuse();
         let permit = Permit::acquire();
         let dir = tempfile::Builder::new()
             .prefix("pickbox-fuse-test-")
             .tempdir()
             .expect("create temp dir");
+        // Other users (as_user) must be able to reach the mount whatever the umask made it.
+        fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod temp dir");
         let mnt = dir.path().join("mnt");
         let data = dir.path().join("data");
         fs::create_dir(&mnt).expect("create mountpoint");
         fs::create_dir(&data).expect("create data dir");
         let log = dir.path().join("node.log");
-        let mut node = Node { dir: Some(dir), mnt, data, log, child: None, starts: 0, _permit: permit };
+        let mut extra_mounts = Vec::new();
+        if let Some(bytes) = tmpfs_bytes {
+            let st = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "pickbox-test-data"])
+                .arg(&data)
+                .status()
+                .expect("run mount -t tmpfs");
+            assert!(st.success(), "mount -t tmpfs failed: {st}");
+            extra_mounts.push(data.clone());
+        }
+        let watched = Arc::new(Mutex::new(None));
+        start_watchdog(Arc::clone(&watched), mnt.clone());
+        let mut node =
+            Node { dir: Some(dir), mnt, data, log, child: None, starts: 0, watched, extra_mounts, _permit: permit };
         node.spawn();
         node
     }
@@ -125,7 +158,16 @@ impl Node {
             .open(&self.log)
             .expect("open node log");
         let log2 = log.try_clone().expect("clone log fd");
-        let child = Command::new(binary())
+        let mut cmd = Command::new(binary());
+        // SAFETY: prctl is async-signal-safe. If the test process dies (timeout, ^C), the node
+        // gets SIGTERM and unmounts instead of lingering.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd
             .arg("mount")
             .arg(&self.mnt)
             .arg("--data-dir")
@@ -137,6 +179,7 @@ impl Node {
             .stderr(log2)
             .spawn()
             .expect("spawn pickbox");
+        *self.watched.lock().unwrap_or_else(|e| e.into_inner()) = Some(child.id());
         self.child = Some(child);
         self.wait_mounted();
     }
@@ -144,11 +187,10 @@ impl Node {
     fn wait_mounted(&mut self) {
         let deadline = Instant::now() + MOUNT_TIMEOUT;
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait")) {
-                self.child = None;
+            if let Some(status) = self.wait_exit(Duration::ZERO) {
                 panic!("pickbox exited before mounting ({status}); log:\n{}", self.log_tail());
             }
-            if is_mounted(&self.mnt) && fs::metadata(&self.mnt).is_ok() {
+            if is_mounted(&self.mnt) && is_live(&self.mnt) {
                 return;
             }
             assert!(
@@ -174,10 +216,14 @@ impl Node {
         let deadline = Instant::now() + timeout;
         let child = self.child.as_mut()?;
         loop {
+            // Stop the watchdog from signalling this PID before it is reaped and can be reused.
+            let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(status) = child.try_wait().expect("try_wait") {
+                *watched = None;
                 self.child = None;
                 return Some(status);
             }
+            drop(watched);
             if Instant::now() >= deadline {
                 return None;
             }
@@ -218,6 +264,7 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        let _ = self.watched.lock().map(|mut w| w.take());
         let panicking = std::thread::panicking();
         if self.child.is_some() {
             self.signal(libc::SIGTERM);
@@ -229,17 +276,60 @@ impl Drop for Node {
         if is_mounted(&self.mnt) {
             lazy_unmount(&self.mnt);
         }
+        // The log lives outside the data dir, so it survives this.
+        let log_tail = if panicking { self.log_tail() } else { String::new() };
+        for m in self.extra_mounts.drain(..) {
+            lazy_unmount(&m);
+        }
         if panicking {
-            eprintln!("---- pickbox log ({}) ----\n{}", self.log.display(), self.log_tail());
+            eprintln!("---- pickbox log ({}) ----\n{log_tail}", self.log.display());
         }
         if let Some(dir) = self.dir.take() {
             if std::env::var_os("PICKBOX_KEEP_TEST_DIRS").is_some() {
                 eprintln!("keeping {}", dir.keep().display());
-            } else if let Err(e) = dir.close() {
-                eprintln!("removing temp dir: {e}");
+            } else {
+                // The kernel may still hold the just-unmounted mountpoint for a moment (EBUSY).
+                let path = dir.keep();
+                let mut last = None;
+                let removed = wait_until(Duration::from_secs(5), || match fs::remove_dir_all(&path) {
+                    Ok(()) => true,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+                    Err(e) => {
+                        last = Some(e);
+                        false
+                    }
+                });
+                if !removed {
+                    eprintln!("cannot remove {}: {last:?}", path.display());
+                }
             }
         }
     }
+}
+
+/// Kills the watched PID if it is still running when the test's time is up.
+fn start_watchdog(watched: Arc<Mutex<Option<u32>>>, mnt: PathBuf) {
+    let secs = std::env::var("PICKBOX_FUSE_TEST_SECONDS_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(TEST_SECONDS_MAX_DEFAULT);
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    std::thread::spawn(move || loop {
+        // Polls once a second until the Node is gone (only the watchdog holds the Arc then).
+        std::thread::sleep(Duration::from_secs(1));
+        if Arc::strong_count(&watched) == 1 {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let guard = watched.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(pid) = *guard {
+                eprintln!("watchdog: test ran over {secs} s: SIGKILL pickbox pid {pid} ({})", mnt.display());
+                // SAFETY: the PID is not yet reaped (the lock keeps wait_exit from reaping it now).
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+            return;
+        }
+    });
 }
 
 /// Whether `/proc/self/mountinfo` lists `mnt` as a mountpoint.
@@ -252,6 +342,23 @@ pub fn is_mounted(mnt: &Path) -> bool {
     text.split(|&b| b == b'\n').any(|line| {
         line.split(|&b| b == b' ').nth(4).map(unescape_mountinfo).as_deref() == Some(want)
     })
+}
+
+/// Whether the filesystem at `mnt` answers. statfs always reaches the daemon (the kernel does not
+/// cache it), unlike stat, which a stale mount may still answer from the attribute cache.
+pub fn is_live(mnt: &Path) -> bool {
+    statfs_errno(mnt).is_none()
+}
+
+/// The errno of statfs on `mnt`, or None if it succeeded.
+pub fn statfs_errno(mnt: &Path) -> Option<i32> {
+    let c = cstr(mnt);
+    // SAFETY: zeroed statfs is a valid out-parameter; c is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    match check(unsafe { libc::statfs(c.as_ptr(), &mut st) }) {
+        Ok(_) => None,
+        Err(e) => Some(e.raw_os_error().unwrap_or(libc::EIO)),
+    }
 }
 
 /// Undoes the octal escapes (`\040` for space) of a mountinfo field.

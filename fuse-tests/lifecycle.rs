@@ -104,7 +104,7 @@ fn stale_mount_is_cleaned_up_on_start() {
     File::open(node.path("f")).unwrap().sync_all().unwrap();
     node.kill9();
     assert!(is_mounted(&node.mnt), "kill -9 should leave the mount behind");
-    let e = fs::metadata(&node.mnt).unwrap_err().raw_os_error();
+    let e = crate::harness::statfs_errno(&node.mnt);
     assert_eq!(e, Some(libc::ENOTCONN), "a dead daemon's mount gives ENOTCONN");
     node.spawn();
     assert_eq!(fs::read(node.path("f")).unwrap(), b"f");

@@ -60,7 +60,7 @@ fn posix_record_locks_between_processes() {
     let p = node.path("rec");
     fs::write(&p, vec![0u8; 1000]).unwrap();
     let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
-    fcntl_lock(&f, libc::F_SETLK, libc::F_WRLCK as i32, 100, 100).unwrap();
+    fcntl_lock(&f, libc::F_SETLK, libc::F_WRLCK, 100, 100).unwrap();
     let me = std::process::id() as i32;
 
     // A child process sees the conflict, the owner and the free ranges.
@@ -73,16 +73,16 @@ fn posix_record_locks_between_processes() {
                 Ok(g) => g,
                 Err(_) => return 10,
             };
-            match fcntl_lock(&g, libc::F_SETLK, libc::F_WRLCK as i32, 150, 10) {
+            match fcntl_lock(&g, libc::F_SETLK, libc::F_WRLCK, 150, 10) {
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) || e.raw_os_error() == Some(libc::EACCES) => {}
                 _ => return 11,
             }
-            match fcntl_lock(&g, libc::F_GETLK, libc::F_WRLCK as i32, 0, 0) {
+            match fcntl_lock(&g, libc::F_GETLK, libc::F_WRLCK, 0, 0) {
                 Ok(fl) if fl.l_type == libc::F_WRLCK as i16 && fl.l_pid == me && fl.l_start == 100 && fl.l_len == 100 => {}
                 _ => return 12,
             }
             // A range that does not overlap is free.
-            if fcntl_lock(&g, libc::F_SETLK, libc::F_WRLCK as i32, 200, 50).is_err() {
+            if fcntl_lock(&g, libc::F_SETLK, libc::F_WRLCK, 200, 50).is_err() {
                 return 13;
             }
             0
@@ -97,8 +97,8 @@ fn posix_record_locks_between_processes() {
     assert_eq!(libc::WEXITSTATUS(status), 0, "child lock check failed at step {}", libc::WEXITSTATUS(status));
 
     // After the child exited its lock is gone; after we unlock, F_GETLK from here reports F_UNLCK.
-    fcntl_lock(&f, libc::F_SETLK, libc::F_UNLCK as i32, 0, 0).unwrap();
-    let fl = fcntl_lock(&f, libc::F_GETLK, libc::F_WRLCK as i32, 0, 0).unwrap();
+    fcntl_lock(&f, libc::F_SETLK, libc::F_UNLCK, 0, 0).unwrap();
+    let fl = fcntl_lock(&f, libc::F_GETLK, libc::F_WRLCK, 0, 0).unwrap();
     assert_eq!(fl.l_type, libc::F_UNLCK as i16);
 }
 
@@ -109,14 +109,14 @@ fn ofd_locks_between_descriptions() {
     fs::write(&p, vec![0u8; 100]).unwrap();
     let a = OpenOptions::new().read(true).write(true).open(&p).unwrap();
     let b = OpenOptions::new().read(true).write(true).open(&p).unwrap();
-    fcntl_lock(&a, libc::F_OFD_SETLK, libc::F_RDLCK as i32, 0, 50).unwrap();
-    fcntl_lock(&b, libc::F_OFD_SETLK, libc::F_RDLCK as i32, 0, 50).unwrap();
-    let r = fcntl_lock(&b, libc::F_OFD_SETLK, libc::F_WRLCK as i32, 10, 5);
+    fcntl_lock(&a, libc::F_OFD_SETLK, libc::F_RDLCK, 0, 50).unwrap();
+    fcntl_lock(&b, libc::F_OFD_SETLK, libc::F_RDLCK, 0, 50).unwrap();
+    let r = fcntl_lock(&b, libc::F_OFD_SETLK, libc::F_WRLCK, 10, 5);
     let e = errno_of(r);
     assert!(e == libc::EAGAIN || e == libc::EACCES, "got {e}");
-    fcntl_lock(&a, libc::F_OFD_SETLK, libc::F_UNLCK as i32, 0, 0).unwrap();
-    fcntl_lock(&b, libc::F_OFD_SETLK, libc::F_WRLCK as i32, 10, 5).unwrap();
-    let fl = fcntl_lock(&a, libc::F_OFD_GETLK, libc::F_RDLCK as i32, 0, 0).unwrap();
+    fcntl_lock(&a, libc::F_OFD_SETLK, libc::F_UNLCK, 0, 0).unwrap();
+    fcntl_lock(&b, libc::F_OFD_SETLK, libc::F_WRLCK, 10, 5).unwrap();
+    let fl = fcntl_lock(&a, libc::F_OFD_GETLK, libc::F_RDLCK, 0, 0).unwrap();
     assert_eq!(fl.l_type, libc::F_WRLCK as i16);
     assert_eq!((fl.l_start, fl.l_len), (10, 5));
 }

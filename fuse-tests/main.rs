@@ -11,3 +11,4 @@ mod lifecycle;
 mod locks;
 mod meta;
 mod rename;
+mod stress;

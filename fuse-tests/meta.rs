@@ -207,6 +207,9 @@ fn name_too_long() {
     assert_eq!(errno_of(fs::rename(node.path(&ok), node.path(&long))), libc::ENAMETOOLONG);
     assert_eq!(errno_of(std::os::unix::fs::symlink("x", node.path(&long))), libc::ENAMETOOLONG);
     assert_eq!(errno_of(fs::hard_link(node.path(&ok), node.path(&long))), libc::ENAMETOOLONG);
+    // A path over PATH_MAX (4096 bytes) is refused by the kernel before it reaches the node.
+    let deep = format!("{}/x", ["d"; 2100].join("/"));
+    assert_eq!(errno_of(fs::metadata(node.path(&deep))), libc::ENAMETOOLONG);
 }
 
 #[test]

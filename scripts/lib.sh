@@ -60,13 +60,13 @@ is_mounted() {
     awk -v m="$1" '$5 == m { found = 1 } END { exit !found }' /proc/self/mountinfo
 }
 
-# Waits until pickbox PID $1 has mounted $2 and its root answers stat; fails after $3 seconds.
+# Waits until PID $1 has mounted $2 and it answers statfs (a stale mount may answer stat from cache); fails after $3 seconds.
 wait_mounted() {
     local pid=$1 mnt=$2 secs=${3:-30}
     local deadline=$((SECONDS + secs))
     while [ "$SECONDS" -lt "$deadline" ]; do
         alive "$pid" || return 1
-        if is_mounted "$mnt" && stat "$mnt" >/dev/null 2>&1; then
+        if is_mounted "$mnt" && stat -f "$mnt" >/dev/null 2>&1; then
             return 0
         fi
         sleep 0.05

@@ -19,6 +19,8 @@ if [ -z "${PICKBOX_BIN:-}" ]; then
 fi
 
 work=$(mktemp -d /tmp/pickbox-pjdfstest.XXXXXX)
+# mktemp makes it 0700; the users pjdfstest switches to must be able to reach the mount.
+chmod 0755 "$work"
 mnt=$work/mnt
 data=$work/data
 mkdir -p "$mnt" "$data"
@@ -40,7 +42,7 @@ log "pjdfstest $PJDFSTEST_VERSION in $mnt (pickbox pid $pid)"
 out=$repo/target/pjdfstest.log
 mkdir -p "$(dirname "$out")"
 set +e
-(cd "$mnt" && NO_COLOR=1 timeout "${PJDFSTEST_TIMEOUT_S:-1800}" "$CARGO_BIN/pjdfstest" \
+(cd "$mnt" && NO_COLOR=1 RUST_BACKTRACE=0 timeout "${PJDFSTEST_TIMEOUT_S:-1800}" "$CARGO_BIN/pjdfstest" \
     -c "$repo/fuse-tests/pjdfstest.toml" -p "$mnt" "$@") >"$out" 2>&1
 status=$?
 set -e

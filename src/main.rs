@@ -5,6 +5,9 @@ use std::process::ExitCode;
 use pickbox::cli::{self, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+/// How long exit waits for tasks left in the async runtime after the node has stopped.
+const RUNTIME_SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn main() -> ExitCode {
     let cli = cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -21,7 +24,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(pickbox::node::run(cli.command)) {
+    let result = runtime.block_on(pickbox::node::run(cli.command));
+    // Tasks still parked in the runtime (Raft timers, idle blocking threads) must not hold up exit:
+    // the replica is shut down and the store durable by now.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_WAIT);
+    tracing::debug!("runtime stopped");
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

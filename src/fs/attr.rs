@@ -63,6 +63,20 @@ pub fn timespec(t: SystemTime) -> Timespec {
     }
 }
 
+/// A time the kernel sent (setattr), as fuser 0.18 decoded it. fuser turns the kernel's
+/// `(sec < 0, nsec)` into `UNIX_EPOCH - (|sec| s + nsec ns)` (fuser src/time.rs
+/// `system_time_from_time`, marked TODO there) instead of `sec s + nsec ns`; undo that here so
+/// times before 1970 keep their exact value. Outgoing attributes are converted correctly.
+pub fn timespec_from_kernel(t: SystemTime) -> Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(_) => timespec(t),
+        Err(before) => {
+            let d = before.duration();
+            Timespec { sec: -(d.as_secs().min(i64::MAX as u64) as i64), nsec: d.subsec_nanos() }
+        }
+    }
+}
+
 /// What `stat` reports for `inode`.
 pub fn file_attr(inode: &Inode) -> FileAttr {
     FileAttr {
@@ -98,6 +112,15 @@ mod tests {
         ] {
             assert_eq!(timespec(system_time(t)), t);
         }
+    }
+
+    #[test]
+    fn kernel_times_before_the_epoch() {
+        // What fuser 0.18 hands us for the kernel's (-1000 s, 5 ns).
+        let decoded = UNIX_EPOCH - Duration::new(1000, 5);
+        assert_eq!(timespec_from_kernel(decoded), Timespec { sec: -1000, nsec: 5 });
+        let after = UNIX_EPOCH + Duration::new(1_500_000_000, 987_654_321);
+        assert_eq!(timespec_from_kernel(after), Timespec { sec: 1_500_000_000, nsec: 987_654_321 });
     }
 
     #[test]

@@ -8,7 +8,6 @@
 
 mod attr;
 mod caller;
-mod content;
 mod errno;
 mod handles;
 mod mount;
@@ -40,8 +39,6 @@ pub use ops::Ops;
 const TTL: Duration = Duration::from_secs(1);
 /// Inode numbers are never reused (they come from a counter in the state), so one generation.
 const GENERATION: Generation = Generation(0);
-/// readdir asks the state for at most this many entries per call.
-const READDIR_BATCH: usize = crate::config::READDIR_BATCH_MAX;
 
 /// The FUSE filesystem of one node.
 pub struct PickboxFs {
@@ -75,7 +72,7 @@ fn who(req: &Request, groups: bool) -> Caller {
 fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     t.map(|t| match t {
         TimeOrNow::Now => SetTime::Now,
-        TimeOrNow::SpecificTime(at) => SetTime::At(attr::timespec(at)),
+        TimeOrNow::SpecificTime(at) => SetTime::At(attr::timespec_from_kernel(at)),
     })
 }
 
@@ -347,31 +344,25 @@ impl Filesystem for PickboxFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        match self.ops.list(ino.0, offset, READDIR_BATCH, false) {
-            Ok(entries) => {
-                for (e, _) in entries {
-                    if reply.add(INodeNo(e.ino), e.cookie, attr::file_type(e.kind), OsStr::from_bytes(&e.name)) {
-                        break;
-                    }
-                }
-                reply.ok();
-            }
+        let listed = self.ops.list_each(ino.0, offset, false, |e, _| {
+            reply.add(INodeNo(e.ino), e.cookie, attr::file_type(e.kind), OsStr::from_bytes(&e.name))
+        });
+        match listed {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(e.errno()),
         }
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        match self.ops.list(ino.0, offset, READDIR_BATCH, true) {
-            Ok(entries) => {
-                for (e, inode) in entries {
-                    let Some(inode) = inode else { continue };
-                    let attr = attr::file_attr(&inode);
-                    if reply.add(INodeNo(e.ino), e.cookie, OsStr::from_bytes(&e.name), &TTL, &attr, GENERATION) {
-                        break;
-                    }
-                }
-                reply.ok();
+        let listed = self.ops.list_each(ino.0, offset, true, |e, inode| match inode {
+            Some(inode) => {
+                let attr = attr::file_attr(inode);
+                reply.add(INodeNo(e.ino), e.cookie, OsStr::from_bytes(&e.name), &TTL, &attr, GENERATION)
             }
+            None => false,
+        });
+        match listed {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(e.errno()),
         }
     }
@@ -501,6 +492,21 @@ impl Filesystem for PickboxFs {
             },
             Err(e) => reply.error(e.errno()),
         }
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // No ioctls are supported; ENOTTY is what isatty() (TCGETS) expects of a regular file.
+        reply.error(fuser::Errno::ENOTTY);
     }
 
     fn copy_file_range(

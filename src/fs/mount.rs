@@ -13,8 +13,10 @@ use super::{Ops, PickboxFs};
 /// fuser worker threads, each with its own /dev/fuse fd (clone_fd) and a 16 MiB buffer. At least
 /// two, so a slow read never stalls every request (and notifications can never deadlock us).
 const FUSE_THREADS: usize = 4;
-/// The filesystem type as /proc/mounts shows it (`fuse.` + subtype).
-const FS_TYPE: &str = "fuse.pickbox";
+/// The mount source (fsname) that marks our mounts in /proc/self/mountinfo.
+const FS_NAME: &str = "pickbox";
+/// Where fusectl lists FUSE connections.
+const FUSECTL_DIR: &str = "/sys/fs/fuse/connections";
 /// How long an unmount waits for the session to end before aborting the FUSE connection.
 const UNMOUNT_WAIT: Duration = Duration::from_secs(5);
 /// How often the unmount wait looks at the session thread.
@@ -42,9 +44,10 @@ pub fn mount(ops: Arc<Ops>, rt: tokio::runtime::Handle, mountpoint: &Path) -> io
     config.acl = SessionACL::All; // allow_other
     config.n_threads = Some(FUSE_THREADS);
     config.clone_fd = true;
-    let session = Session::new(PickboxFs::new(ops, rt), mountpoint, &config)?;
+    // /proc/self/mountinfo lists the canonical path; resolve it before the mount exists.
+    let mountpoint = mountpoint.canonicalize()?;
+    let session = Session::new(PickboxFs::new(ops, rt), &mountpoint, &config)?;
     let session = session.spawn()?;
-    let mountpoint = mountpoint.to_path_buf();
     let connection = find_mount(&mountpoint).map(|m| m.minor);
     tracing::info!(mountpoint = %mountpoint.display(), ?connection, "mounted");
     Ok(Mounted { session, mountpoint, connection })
@@ -60,10 +63,8 @@ impl Mounted {
     /// not ended after `UNMOUNT_WAIT` (files still open through a lazily detached mount), abort
     /// the FUSE connection so no request can arrive after the replica shuts down.
     pub fn unmount_and_join(self) -> io::Result<()> {
-        if find_mount(&self.mountpoint).is_some_and(|m| m.fs_type == FS_TYPE) {
-            if let Err(e) = umount2(&self.mountpoint, MntFlags::MNT_DETACH) {
-                tracing::warn!(error = %e, "unmount failed");
-            }
+        if find_mount(&self.mountpoint).is_some_and(|m| m.is_pickbox()) {
+            unmount(&self.mountpoint);
         }
         let deadline = Instant::now() + UNMOUNT_WAIT;
         while !self.session.guard.is_finished() && Instant::now() < deadline {
@@ -73,10 +74,7 @@ impl Mounted {
             match self.connection {
                 Some(conn) => {
                     tracing::warn!(conn, "FUSE session still busy after unmount: aborting the connection");
-                    let abort = format!("/sys/fs/fuse/connections/{conn}/abort");
-                    if let Err(e) = std::fs::write(&abort, b"1") {
-                        tracing::error!(error = %e, path = abort, "cannot abort the FUSE connection");
-                    }
+                    abort_connection(conn);
                 }
                 None => tracing::warn!("FUSE session still busy after unmount; waiting"),
             }
@@ -84,6 +82,39 @@ impl Mounted {
         let result = self.session.join();
         tracing::info!(mountpoint = %self.mountpoint.display(), "unmounted");
         result
+    }
+}
+
+/// Unmount our mount at `mountpoint`. A plain unmount fails with EBUSY while files are open; then
+/// force it (for FUSE that aborts the connection: open files see ENOTCONN instead of hanging on a
+/// node that is going away) and detach whatever is left.
+fn unmount(mountpoint: &Path) {
+    match umount2(mountpoint, MntFlags::empty()) {
+        Ok(()) => return,
+        Err(e) => tracing::info!(error = %e, "plain unmount failed: forcing"),
+    }
+    if let Err(e) = umount2(mountpoint, MntFlags::MNT_FORCE) {
+        tracing::info!(error = %e, "forced unmount failed: detaching");
+    }
+    if find_mount(mountpoint).is_some_and(|m| m.is_pickbox()) {
+        if let Err(e) = umount2(mountpoint, MntFlags::MNT_DETACH) {
+            tracing::warn!(error = %e, "lazy unmount failed");
+        }
+    }
+}
+
+/// Abort FUSE connection `conn` through fusectl (mounting fusectl first if needed).
+fn abort_connection(conn: u32) {
+    let dir = Path::new(FUSECTL_DIR);
+    if !dir.join(conn.to_string()).exists() {
+        let mounted = nix::mount::mount(Some("fusectl"), dir, Some("fusectl"), nix::mount::MsFlags::empty(), None::<&str>);
+        if let Err(e) = mounted {
+            tracing::error!(error = %e, "cannot mount fusectl to abort the FUSE connection");
+        }
+    }
+    let abort = dir.join(conn.to_string()).join("abort");
+    if let Err(e) = std::fs::write(&abort, b"1") {
+        tracing::error!(error = %e, path = %abort.display(), "cannot abort the FUSE connection");
     }
 }
 
@@ -118,6 +149,14 @@ pub fn cleanup_stale_mount(mountpoint: &Path) -> io::Result<()> {
 struct MountInfo {
     minor: u32,
     fs_type: String,
+    source: String,
+}
+
+impl MountInfo {
+    /// A FUSE mount of ours (the kernel shows type `fuse` or `fuse.pickbox`, source `pickbox`).
+    fn is_pickbox(&self) -> bool {
+        self.fs_type.starts_with("fuse") && self.source == FS_NAME
+    }
 }
 
 /// The innermost mount at exactly `path` (absolute, as mountinfo spells it), if any.
@@ -137,9 +176,11 @@ fn parse_mountinfo(text: &str, path: &[u8]) -> Option<MountInfo> {
             return None;
         }
         let (_, after) = line.split_once(" - ")?;
-        let fs_type = after.split(' ').next()?.to_string();
+        let mut after = after.split(' ');
+        let fs_type = after.next()?.to_string();
+        let source = after.next()?.to_string();
         let minor = dev.split_once(':')?.1.parse().ok()?;
-        Some(MountInfo { minor, fs_type })
+        Some(MountInfo { minor, fs_type, source })
     })
 }
 
@@ -173,7 +214,8 @@ mod tests {
     #[test]
     fn finds_escaped_mountpoint() {
         let m = parse_mountinfo(SAMPLE, b"/tmp/pbx mnt").expect("listed");
-        assert_eq!(m, MountInfo { minor: 45, fs_type: FS_TYPE.into() });
+        assert_eq!(m, MountInfo { minor: 45, fs_type: "fuse.pickbox".into(), source: "pickbox".into() });
+        assert!(m.is_pickbox());
         assert_eq!(parse_mountinfo(SAMPLE, b"/tmp/other"), None);
         assert_eq!(parse_mountinfo(SAMPLE, b"/").map(|m| m.fs_type), Some("ext4".into()));
     }

@@ -4,27 +4,33 @@
 //! proposed through Raft; they return once the command is committed and applied on this node.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::config::{NAME_BYTES_MAX, SYMLINK_BYTES_MAX, XATTR_NAME_BYTES_MAX, XATTR_VALUE_BYTES_MAX};
+use crate::config::{NAME_BYTES_MAX, READDIR_BATCH_MAX, SYMLINK_BYTES_MAX, XATTR_NAME_BYTES_MAX, XATTR_VALUE_BYTES_MAX};
 use crate::raft::Replica;
 use crate::state::{
     Caller, Errno, FallocMode, FileKind, Ino, Inode, Op, Outcome, RenameFlags, SetTime, StateRead,
     XattrFlags,
 };
 
-use super::content;
+use crate::state::content;
 use super::errno::{FsError, FsResult};
 use super::handles::Handles;
 
 /// Free space the data directory must keep beyond a write's own bytes; below it a growing write
 /// fails with ENOSPC before it is proposed, so a full disk never fails an apply half-way.
 pub const SPACE_RESERVE_BYTES: u64 = 64 * 1024 * 1024;
+/// The "nearly full" warning is logged at most once per this many seconds.
+const SPACE_WARN_INTERVAL_S: u64 = 10;
 /// `st_blksize`/`f_bsize` we report in statfs.
 pub const STATFS_BLOCK_BYTES: u64 = 4096;
 /// Cookie of `.` in readdir; `..` is `DOTDOT_COOKIE`; entries have cookies above both.
 pub const DOT_COOKIE: u64 = 1;
 pub const DOTDOT_COOKIE: u64 = 2;
+/// Directory entries read from the state at a time: a FUSE readdir reply is one page (about 100
+/// short names, or 25 with attributes), so reading a full READDIR_BATCH_MAX would be mostly waste.
+const READDIR_CHUNK: usize = if READDIR_BATCH_MAX < 128 { READDIR_BATCH_MAX } else { 128 };
 
 /// One readdir entry with its stable cookie (what the kernel passes back as the next offset).
 #[derive(Clone, Debug)]
@@ -57,6 +63,8 @@ pub struct Ops {
     replica: Arc<Replica>,
     data_dir: PathBuf,
     pub handles: Handles,
+    /// When the "nearly full" warning was last logged (seconds since the epoch).
+    space_warned_s: AtomicU64,
 }
 
 /// A name as the state accepts it: 1..=NAME_BYTES_MAX bytes, no `/` or NUL.
@@ -72,7 +80,7 @@ pub fn check_name(name: &[u8]) -> FsResult<()> {
 
 impl Ops {
     pub fn new(replica: Arc<Replica>, data_dir: PathBuf) -> Self {
-        Ops { replica, data_dir, handles: Handles::default() }
+        Ops { replica, data_dir, handles: Handles::default(), space_warned_s: AtomicU64::new(0) }
     }
 
     fn view(&self) -> FsResult<Box<dyn StateRead + Send>> {
@@ -118,39 +126,63 @@ impl Ops {
         }
     }
 
-    /// Up to `max` entries of directory `ino` after cookie `after`, with `.` and `..` first.
-    /// With `plus`, each entry's inode too (for readdirplus).
-    pub fn list(&self, ino: Ino, after: u64, max: usize, plus: bool) -> FsResult<Vec<(Listed, Option<Inode>)>> {
+    /// List directory `ino` from after cookie `after`: `.` and `..` first, then entries in cookie
+    /// order, each passed to `add` (with its inode when `plus`) until `add` answers "full".
+    /// Entries are read from the state in chunks of `READDIR_CHUNK`, all from one read view.
+    pub fn list_each(
+        &self,
+        ino: Ino,
+        after: u64,
+        plus: bool,
+        mut add: impl FnMut(&Listed, Option<&Inode>) -> bool,
+    ) -> FsResult<()> {
         let r = self.view()?;
         let dir = Self::inode_in(&*r, ino)?;
         if dir.kind != FileKind::Dir {
             return Err(Errno::NotDir.into());
         }
-        let mut out = Vec::new();
-        let get = |ino: Ino| -> FsResult<Option<Inode>> { if plus { Ok(r.inode(ino)?) } else { Ok(None) } };
         if after < DOT_COOKIE {
             let me = Listed { name: b".".to_vec(), cookie: DOT_COOKIE, ino, kind: FileKind::Dir };
-            out.push((me, if plus { Some(dir.clone()) } else { None }));
+            if add(&me, plus.then_some(&dir)) {
+                return Ok(());
+            }
         }
         if after < DOTDOT_COOKIE {
             // The root's parent is the root itself (`Inode::parent` says so for directories).
-            let up = if dir.parent == 0 { ino } else { dir.parent };
-            let listed = Listed { name: b"..".to_vec(), cookie: DOTDOT_COOKIE, ino: up, kind: FileKind::Dir };
-            out.push((listed, get(up)?));
-        }
-        let room = max.saturating_sub(out.len());
-        if room > 0 {
-            for (name, e) in r.entries_after(ino, after.max(DOTDOT_COOKIE), room)? {
-                let inode = get(e.ino)?;
-                if plus && inode.is_none() {
-                    // Cannot happen in a consistent state; skip rather than report a dangling name.
-                    tracing::warn!(dir = ino, ino = e.ino, "directory entry without an inode");
-                    continue;
-                }
-                out.push((Listed { name, cookie: e.cookie, ino: e.ino, kind: e.kind }, inode));
+            let up_ino = if dir.parent == 0 { ino } else { dir.parent };
+            let up = if plus { r.inode(up_ino)? } else { None };
+            let listed = Listed { name: b"..".to_vec(), cookie: DOTDOT_COOKIE, ino: up_ino, kind: FileKind::Dir };
+            if add(&listed, up.as_ref()) {
+                return Ok(());
             }
         }
-        Ok(out)
+        let mut cursor = after.max(DOTDOT_COOKIE);
+        loop {
+            let chunk = r.entries_after(ino, cursor, READDIR_CHUNK)?;
+            let last_chunk = chunk.len() < READDIR_CHUNK;
+            for (name, e) in chunk {
+                cursor = e.cookie;
+                let inode = if plus {
+                    match r.inode(e.ino)? {
+                        Some(inode) => Some(inode),
+                        None => {
+                            // Cannot happen in a consistent state; skip rather than list a dangling name.
+                            tracing::warn!(dir = ino, ino = e.ino, "directory entry without an inode");
+                            continue;
+                        }
+                    }
+                } else {
+                    None
+                };
+                let listed = Listed { name, cookie: e.cookie, ino: e.ino, kind: e.kind };
+                if add(&listed, inode.as_ref()) {
+                    return Ok(());
+                }
+            }
+            if last_chunk {
+                return Ok(());
+            }
+        }
     }
 
     pub fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
@@ -204,7 +236,16 @@ impl Ops {
         let vfs = nix::sys::statvfs::statvfs(&self.data_dir).map_err(|e| FsError::Sys(e as i32))?;
         let free = (vfs.blocks_available() as u64).saturating_mul(vfs.fragment_size() as u64);
         if free < SPACE_RESERVE_BYTES.saturating_add(bytes) {
-            tracing::warn!(free, bytes, "data directory nearly full: refusing a growing write");
+            // Once per SPACE_WARN_INTERVAL_S, not once per refused write.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let last = self.space_warned_s.swap(now, Ordering::Relaxed);
+            if now.saturating_sub(last) >= SPACE_WARN_INTERVAL_S {
+                tracing::warn!(free, bytes, reserve = SPACE_RESERVE_BYTES, "data directory nearly full: refusing growing writes (ENOSPC)");
+            } else {
+                self.space_warned_s.store(last, Ordering::Relaxed);
+            }
             return Err(Errno::NoSpace.into());
         }
         Ok(())
@@ -451,5 +492,81 @@ impl Ops {
         }
         self.propose(caller, Op::RemoveXattr { ino, name }).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The operations against a real single-node replica in a temporary directory, without FUSE.
+
+    use super::*;
+    use crate::raft::ReplicaConfig;
+    use crate::state::ROOT_INO;
+
+    async fn ops() -> (Arc<Ops>, Arc<Replica>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = ReplicaConfig {
+            node_id: 1,
+            data_dir: dir.path().join("data"),
+            propose_timeout: std::time::Duration::from_secs(10),
+        };
+        let replica = Replica::start(cfg).await.expect("replica starts");
+        (Arc::new(Ops::new(replica.clone(), dir.path().to_path_buf())), replica, dir)
+    }
+
+    fn me() -> Caller {
+        Caller { uid: 0, gid: 0, groups: Vec::new(), pid: 1 }
+    }
+
+    fn names(ops: &Ops, dir: Ino, after: u64, room: usize) -> Vec<(Vec<u8>, u64)> {
+        let mut out = Vec::new();
+        ops.list_each(dir, after, true, |e, inode| {
+            if out.len() == room {
+                return true;
+            }
+            assert!(inode.is_some());
+            out.push((e.name.clone(), e.cookie));
+            false
+        })
+        .expect("list");
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn create_write_read_list_and_cookies() {
+        let (ops, replica, _dir) = ops().await;
+        let (file, fh) = ops.create(me(), ROOT_INO, b"a".to_vec(), 0o644, libc::O_RDWR).await.unwrap();
+        assert_eq!(ops.write(me(), file.ino, 0, b"hello".to_vec(), false).await.unwrap(), 5);
+        assert_eq!(ops.write(me(), file.ino, 0, b"!".to_vec(), true).await.unwrap(), 1);
+        assert_eq!(ops.read(file.ino, 0, 100).unwrap(), b"hello!");
+        ops.make_node(me(), ROOT_INO, b"d".to_vec(), FileKind::Dir, 0o755, 0).await.unwrap();
+        assert!(matches!(ops.lookup(ROOT_INO, &[b'x'; 256]), Err(FsError::Fs(Errno::NameTooLong))));
+
+        let all = names(&ops, ROOT_INO, 0, usize::MAX);
+        let listed: Vec<&[u8]> = all.iter().map(|(n, _)| n.as_slice()).collect();
+        assert_eq!(listed, [&b"."[..], b"..", b"a", b"d"]);
+        // Resuming after any returned cookie continues exactly behind it.
+        for (i, (_, cookie)) in all.iter().enumerate() {
+            assert_eq!(names(&ops, ROOT_INO, *cookie, usize::MAX), all[i + 1..].to_vec());
+        }
+        ops.release(fh).await;
+        replica.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn open_unlinked_file_lives_until_last_release() {
+        let (ops, replica, _dir) = ops().await;
+        let (file, fh) = ops.create(me(), ROOT_INO, b"f".to_vec(), 0o600, libc::O_RDWR).await.unwrap();
+        ops.write(me(), file.ino, 0, b"data".to_vec(), false).await.unwrap();
+        let fh2 = ops.open(file.ino, libc::O_RDONLY).unwrap();
+        ops.unlink(me(), ROOT_INO, b"f".to_vec()).await.unwrap();
+        assert!(matches!(ops.lookup(ROOT_INO, b"f"), Err(FsError::Fs(Errno::NoEnt))));
+        assert_eq!(ops.read(file.ino, 0, 10).unwrap(), b"data");
+        ops.release(fh).await;
+        assert_eq!(ops.read(file.ino, 0, 10).unwrap(), b"data", "still open through fh2");
+        ops.release(fh2).await;
+        assert!(replica.read().unwrap().orphan(file.ino).unwrap().is_none(), "released on last close");
+        assert!(matches!(ops.getattr(file.ino), Err(FsError::Fs(Errno::NoEnt))));
+        replica.shutdown().await.unwrap();
     }
 }

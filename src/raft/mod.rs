@@ -22,14 +22,20 @@ use crate::store::Store;
 pub use network::{NoPeers, PeerTransport, RpcKind, TransportError};
 use storage::{LogStore, SnapshotFile, StateMachine};
 
-/// What apply returns through Raft for one entry.
+/// One Raft entry: the commands proposed together (group commit: one log write and one fsync for
+/// everything that queued up while the previous entry was being committed).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct Response(pub CommandResult);
+pub struct Batch(pub Vec<Command>);
+
+/// What apply returns through Raft for one entry: one result per command of the batch (empty for
+/// blank and membership entries).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Response(pub Vec<CommandResult>);
 
 openraft::declare_raft_types!(
     /// The Raft types of pickbox.
     pub TypeConfig:
-        D = Command,
+        D = Batch,
         R = Response,
         NodeId = u64,
         Node = BasicNode,
@@ -43,8 +49,19 @@ pub const HEARTBEAT_MS: u64 = 100;
 /// Election timeout range.
 pub const ELECTION_TIMEOUT_MIN_MS: u64 = 400;
 pub const ELECTION_TIMEOUT_MAX_MS: u64 = 800;
-/// Entries per AppendEntries: with 1 MiB writes one message stays near 32 MiB, under MESSAGE_BYTES_MAX.
-pub const PAYLOAD_ENTRIES_MAX: u64 = 32;
+/// Entries per AppendEntries: entries are at most ~BATCH_PAYLOAD_BYTES_MAX, so one message stays
+/// near 32 MiB, under MESSAGE_BYTES_MAX.
+pub const PAYLOAD_ENTRIES_MAX: u64 = 16;
+/// Most commands in one Raft entry.
+pub const BATCH_COMMANDS_MAX: usize = 256;
+/// A batch takes no more commands once their payload bytes reach this (a single larger command
+/// still goes alone).
+pub const BATCH_PAYLOAD_BYTES_MAX: usize = 2 * 1024 * 1024;
+/// Batches (Raft entries) proposed and not yet applied, at most. Measured (debug build, 64 tasks
+/// creating files): 1 gave ~9.5k creates/s in ~38 entries, 2 gave ~6.5k/s in ~60 smaller entries.
+pub const BATCHES_IN_FLIGHT: usize = 1;
+/// Proposals waiting for the batcher; beyond this `propose` waits (back-pressure).
+pub const PROPOSE_QUEUE_MAX: usize = 4096;
 /// Snapshot after this many entries since the last one...
 pub const SNAPSHOT_ENTRIES_MAX: u64 = 20_000;
 /// ...or after this many bytes of log entries.
@@ -105,7 +122,14 @@ pub struct Replica {
     store: Store,
     incarnation: u64,
     counter: AtomicU64,
-    monitor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    queue: tokio::sync::mpsc::Sender<Pending>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// A proposal waiting for the batcher.
+struct Pending {
+    cmd: Command,
+    reply: tokio::sync::oneshot::Sender<Result<CommandResult, ProposeError>>,
 }
 
 fn now() -> Timespec {
@@ -143,24 +167,7 @@ impl Replica {
 
     /// `start` with a given peer transport.
     pub async fn start_with(cfg: ReplicaConfig, transport: Arc<dyn PeerTransport>) -> anyhow::Result<Arc<Replica>> {
-        let dir = cfg.data_dir.clone();
-        let store = blocking(move || Store::open(&dir)).await?;
-        let s2 = store.clone();
-        let incarnation = blocking(move || s2.next_incarnation()).await?;
-        anyhow::ensure!(incarnation < (1 << (64 - SEQ_COUNTER_BITS)), "incarnation counter exhausted");
-        let log = LogStore::new(store.clone());
-        let bytes_appended = log.bytes_appended.clone();
-        let sm = StateMachine::new(store.clone());
-        let raft = Raft::new(cfg.node_id, Arc::new(raft_config()?), network::Network::new(transport), log, sm).await?;
-        let replica = Arc::new(Replica {
-            node_id: cfg.node_id,
-            cfg: cfg.clone(),
-            raft,
-            store,
-            incarnation,
-            counter: AtomicU64::new(0),
-            monitor: Mutex::new(None),
-        });
+        let (replica, bytes_appended) = Self::open(&cfg, transport).await?;
         let fresh = !replica.raft.is_initialized().await?;
         if fresh {
             let mut members = BTreeMap::new();
@@ -171,8 +178,74 @@ impl Replica {
         replica.wait_ready().await?;
         replica.bootstrap_state().await?;
         let handle = tokio::spawn(snapshot_monitor(Arc::downgrade(&replica), bytes_appended));
-        *replica.monitor.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        replica.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
         Ok(replica)
+    }
+
+    /// Start a node that joins an existing cluster: no bootstrap; it waits to be added as a learner
+    /// by the leader (`add_learner`), then receives the log or a snapshot.
+    pub async fn start_joining(cfg: ReplicaConfig, transport: Arc<dyn PeerTransport>) -> anyhow::Result<Arc<Replica>> {
+        let (replica, bytes_appended) = Self::open(&cfg, transport).await?;
+        let handle = tokio::spawn(snapshot_monitor(Arc::downgrade(&replica), bytes_appended));
+        replica.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+        Ok(replica)
+    }
+
+    /// Open the store and start openraft (no membership action).
+    async fn open(cfg: &ReplicaConfig, transport: Arc<dyn PeerTransport>) -> anyhow::Result<(Arc<Replica>, Arc<AtomicU64>)> {
+        let dir = cfg.data_dir.clone();
+        let store = blocking(move || Store::open(&dir)).await?;
+        let s2 = store.clone();
+        let incarnation = blocking(move || s2.next_incarnation()).await?;
+        anyhow::ensure!(incarnation < (1 << (64 - SEQ_COUNTER_BITS)), "incarnation counter exhausted");
+        let log = LogStore::new(store.clone());
+        let bytes_appended = log.bytes_appended.clone();
+        let sm = StateMachine::new(store.clone());
+        let raft = Raft::new(cfg.node_id, Arc::new(raft_config()?), network::Network::new(transport), log, sm).await?;
+        let (queue, rx) = tokio::sync::mpsc::channel(PROPOSE_QUEUE_MAX);
+        let batcher = tokio::spawn(batcher(raft.clone(), rx, cfg.propose_timeout));
+        let replica = Arc::new(Replica {
+            node_id: cfg.node_id,
+            cfg: cfg.clone(),
+            raft,
+            store,
+            incarnation,
+            counter: AtomicU64::new(0),
+            queue,
+            tasks: Mutex::new(vec![batcher]),
+        });
+        Ok((replica, bytes_appended))
+    }
+
+    /// Leader only: add `node` (reachable at `addr`) as a learner and wait until it has applied
+    /// everything this node had applied when the call started (openraft's own "blocking" returns
+    /// while the learner may still lag by thousands of entries).
+    pub async fn add_learner(&self, node: NodeId, addr: String) -> anyhow::Result<()> {
+        self.raft.add_learner(node, BasicNode { addr }, true).await?;
+        let target = self.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0);
+        let deadline = tokio::time::Instant::now() + self.cfg.propose_timeout.max(Duration::from_secs(10));
+        loop {
+            let matched = self
+                .raft
+                .metrics()
+                .borrow()
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&node).cloned().flatten())
+                .map(|l| l.index)
+                .unwrap_or(0);
+            if matched >= target {
+                return Ok(());
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "learner {node} did not catch up ({matched} < {target})");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Leader only: make exactly `voters` the voting members (joint consensus).
+    pub async fn change_voters(&self, voters: std::collections::BTreeSet<NodeId>) -> anyhow::Result<()> {
+        self.raft.change_membership(voters, false).await?;
+        Ok(())
     }
 
     /// Wait for a leader and for the local state to catch up with the log.
@@ -234,7 +307,15 @@ impl Replica {
             op,
         };
         let timeout = self.cfg.propose_timeout;
-        match tokio::time::timeout(timeout, self.raft.client_write(cmd)).await {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let wait = async {
+            self.queue
+                .send(Pending { cmd, reply: tx })
+                .await
+                .map_err(|_| ProposeError::Unavailable("replica is shutting down".into()))?;
+            rx.await.map_err(|_| ProposeError::Unavailable("replica is shutting down".into()))?
+        };
+        match tokio::time::timeout(timeout, wait).await {
             Err(_) => {
                 tracing::warn!(
                     node = self.node_id,
@@ -244,18 +325,8 @@ impl Replica {
                 );
                 Err(ProposeError::Unavailable(format!("not committed within {timeout:?}")))
             }
-            Ok(Ok(resp)) => resp.data.0.map_err(ProposeError::Fs),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                tracing::warn!(node = self.node_id, leader = ?f.leader_id, "proposal refused: this node is not the leader");
-                Err(ProposeError::Unavailable(format!("not the leader (leader: {:?})", f.leader_id)))
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                Err(ProposeError::Unavailable(format!("membership change in progress: {e}")))
-            }
-            Ok(Err(RaftError::Fatal(f))) => {
-                tracing::error!(node = self.node_id, error = %f, "raft stopped");
-                Err(ProposeError::Fatal(f.to_string()))
-            }
+            Ok(Ok(result)) => result.map_err(ProposeError::Fs),
+            Ok(Err(e)) => Err(e),
         }
     }
 
@@ -289,11 +360,6 @@ impl Replica {
         }
     }
 
-    /// The openraft handle (for the transport's server side and membership changes in raft/).
-    pub fn raft(&self) -> &Raft<TypeConfig> {
-        &self.raft
-    }
-
     /// Ask for a snapshot now (it is built in the background).
     pub async fn trigger_snapshot(&self) -> anyhow::Result<()> {
         self.raft.trigger().snapshot().await?;
@@ -313,7 +379,7 @@ impl Replica {
 
     /// Flush and stop Raft and the store.
     pub async fn shutdown(&self) -> anyhow::Result<()> {
-        if let Some(h) = self.monitor.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        for h in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
             h.abort();
         }
         if let Err(e) = self.raft.shutdown().await {
@@ -322,6 +388,94 @@ impl Replica {
         let store = self.store.clone();
         blocking(move || store.sync_blocking()).await?;
         Ok(())
+    }
+}
+
+/// Takes every queued proposal (up to the batch limits) into one Raft entry, waits until it is
+/// applied, answers each caller, repeats. One entry in flight at a time: whatever arrives meanwhile
+/// forms the next batch, so the number of log fsyncs adapts to the load.
+async fn batcher(raft: Raft<TypeConfig>, mut rx: tokio::sync::mpsc::Receiver<Pending>, timeout: Duration) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    let mut carry: Option<Pending> = None;
+    loop {
+        // Wait for a free slot first, so that proposals keep accumulating into the next batch
+        // while the in-flight ones commit.
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let first = match carry.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let mut bytes = first.cmd.op.payload().len();
+        let mut batch = vec![first];
+        while batch.len() < BATCH_COMMANDS_MAX && bytes < BATCH_PAYLOAD_BYTES_MAX {
+            match rx.try_recv() {
+                Ok(p) => {
+                    let len = p.cmd.op.payload().len();
+                    if bytes + len > BATCH_PAYLOAD_BYTES_MAX {
+                        carry = Some(p);
+                        break;
+                    }
+                    bytes += len;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        // A caller that already gave up (timed out) has been told EIO: do not apply its command.
+        batch.retain(|p| !p.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            commit_batch(&raft, batch, timeout).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Propose one batch as one Raft entry and answer each of its callers.
+async fn commit_batch(raft: &Raft<TypeConfig>, batch: Vec<Pending>, timeout: Duration) {
+    let (cmds, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+    let n = cmds.len();
+    let fail = |replies: Vec<tokio::sync::oneshot::Sender<Result<CommandResult, ProposeError>>>,
+                make: &dyn Fn() -> ProposeError| {
+        for r in replies {
+            let _ = r.send(Err(make()));
+        }
+    };
+    match tokio::time::timeout(timeout.saturating_mul(2), raft.client_write(Batch(cmds))).await {
+        Err(_) => {
+            tracing::warn!(commands = n, "batch not committed in time (no leader or no quorum)");
+            fail(replies, &|| ProposeError::Unavailable("not committed in time".into()));
+        }
+        Ok(Ok(resp)) => {
+            if resp.data.0.len() != n {
+                tracing::error!(want = n, got = resp.data.0.len(), "apply returned the wrong number of results");
+                fail(replies, &|| ProposeError::Fatal("apply returned the wrong number of results".into()));
+                return;
+            }
+            for (r, res) in replies.into_iter().zip(resp.data.0) {
+                let _ = r.send(Ok(res));
+            }
+        }
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+            tracing::warn!(leader = ?f.leader_id, "proposal refused: this node is not the leader");
+            let msg = format!("not the leader (leader: {:?})", f.leader_id);
+            fail(replies, &|| ProposeError::Unavailable(msg.clone()));
+        }
+        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+            let msg = format!("membership change in progress: {e}");
+            fail(replies, &|| ProposeError::Unavailable(msg.clone()));
+        }
+        Ok(Err(RaftError::Fatal(f))) => {
+            tracing::error!(error = %f, "raft stopped");
+            let msg = f.to_string();
+            fail(replies, &|| ProposeError::Fatal(msg.clone()));
+        }
     }
 }
 

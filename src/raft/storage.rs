@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
 use super::{Response, TypeConfig};
 use crate::state::{Command, CommandResult, NodeId, StoreFault, StoreResult};
+
 use crate::store::codec::{decode, encode};
 use crate::store::{LogWrite, StateTxn, Store};
 
@@ -275,7 +276,10 @@ impl StateMachine {
     }
 }
 
-fn read_applied(view: &crate::store::ReadView) -> StoreResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>)> {
+/// The last applied log id and the last applied membership.
+type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>);
+
+fn read_applied(view: &crate::store::ReadView) -> StoreResult<AppliedState> {
     let applied = match view.sm_meta(SM_APPLIED)? {
         Some(b) => decode(&b)?,
         None => None,
@@ -331,9 +335,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>), SE> {
+    async fn applied_state(&mut self) -> Result<AppliedState, SE> {
         let view = self.store.read().map_err(|e| sm_err("reading applied state", e))?;
         read_applied(&view).map_err(|e| sm_err("reading applied state", e))
     }
@@ -354,12 +356,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 let mut last = None;
                 for e in &entries {
                     match &e.payload {
-                        EntryPayload::Blank => out.push(Response(Ok(crate::state::Outcome::Done))),
-                        EntryPayload::Normal(cmd) => out.push(Response(apply_command(t, cmd)?)),
+                        EntryPayload::Blank => out.push(Response(Vec::new())),
+                        EntryPayload::Normal(batch) => {
+                            let mut results = Vec::with_capacity(batch.0.len());
+                            for cmd in &batch.0 {
+                                results.push(apply_command(t, cmd)?);
+                            }
+                            out.push(Response(results));
+                        }
                         EntryPayload::Membership(m) => {
                             let sm = StoredMembership::new(Some(e.log_id), m.clone());
                             t.put_sm_meta(SM_MEMBERSHIP, &encode(&sm)?)?;
-                            out.push(Response(Ok(crate::state::Outcome::Done)));
+                            out.push(Response(Vec::new()));
                         }
                     }
                     last = Some(e.log_id);

@@ -1,6 +1,6 @@
 //! In-process tests of `Replica`: bootstrap, propose, read back, restart, snapshot, latency.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::*;
@@ -106,11 +106,11 @@ fn snapshot_and_restart_from_it() {
         }
         let applied = r.applied_index().unwrap();
         r.trigger_snapshot().await.unwrap();
-        r.raft()
-            .wait(Some(Duration::from_secs(10)))
-            .snapshot(r.raft().metrics().borrow().last_applied.unwrap(), "snapshot built")
-            .await
-            .unwrap();
+        let t = Instant::now();
+        while r.metrics().snapshot_index.is_none_or(|s| s < applied) {
+            assert!(t.elapsed() < Duration::from_secs(10), "no snapshot: {:?}", r.metrics());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert!(r.metrics().snapshot_index.unwrap() >= applied);
         r.shutdown().await.unwrap();
     });
@@ -142,6 +142,24 @@ fn propose_latency_and_batching() {
                 .unwrap();
         }
         let seq = t.elapsed();
+        let t = Instant::now();
+        for i in 0..n {
+            let name = format!("m{i}").into_bytes();
+            r.propose(Caller::root(), Op::MakeNode { parent: ROOT_INO, name, kind: FileKind::File, perm: 0o644, rdev: 0 })
+                .await
+                .unwrap();
+        }
+        eprintln!("sequential: {n} creates in {:?} ({:?}/create)", t.elapsed(), t.elapsed() / n as u32);
+        let t = Instant::now();
+        let mib: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 253) as u8).collect();
+        for i in 0..16u64 {
+            let mut data = mib.clone();
+            data[0] = i as u8;
+            r.propose(Caller::root(), Op::Write { ino: f.ino, offset: (1 << 20) * i, data, append: false })
+                .await
+                .unwrap();
+        }
+        eprintln!("sequential: 16 x 1 MiB writes in {:?} ({:?}/MiB)", t.elapsed(), t.elapsed() / 16);
         let mid = r.metrics();
         let tasks = 64u64;
         let per = 20u64;
@@ -182,5 +200,160 @@ fn propose_latency_and_batching() {
         );
         assert!(after.log_commits - mid.log_commits < tasks * per);
         r.shutdown().await.unwrap();
+    });
+}
+
+#[test]
+fn restart_releases_orphans_held_by_this_node() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let r = Replica::start(cfg(dir.path())).await.unwrap();
+        let f = make_file(&r, b"open-unlinked").await;
+        r.propose(Caller::root(), Op::Write { ino: f.ino, offset: 0, data: b"still here".to_vec(), append: false })
+            .await
+            .unwrap();
+        r.propose(Caller::root(), Op::Unlink { parent: ROOT_INO, name: b"open-unlinked".to_vec(), origin_open: true })
+            .await
+            .unwrap();
+        let v = r.read().unwrap();
+        assert!(v.orphan(f.ino).unwrap().is_some(), "unlinked while open: an orphan");
+        assert!(v.inode(f.ino).unwrap().is_some());
+        drop(v);
+        r.shutdown().await.unwrap();
+    });
+    rt().block_on(async {
+        let r = Replica::start(cfg(dir.path())).await.unwrap();
+        let v = r.read().unwrap();
+        assert!(v.orphan(2).unwrap().is_none(), "released at restart");
+        assert!(v.inode(2).unwrap().is_none(), "freed once every node released it");
+        drop(v);
+        r.shutdown().await.unwrap();
+    });
+}
+
+/// A storage fault in apply stops Raft (fail-stop): the proposal fails, nothing limps on.
+#[test]
+fn corrupt_block_during_apply_stops_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let r = Replica::start(cfg(dir.path())).await.unwrap();
+        let f = make_file(&r, b"c").await;
+        r.propose(Caller::root(), Op::Write { ino: f.ino, offset: 0, data: vec![5u8; 1000], append: false })
+            .await
+            .unwrap();
+        let hash = r.read().unwrap().block_hash(f.ino, 0).unwrap().unwrap();
+        r.store.corrupt_block(&hash, &[6u8; 1000]);
+        // Reads report the corruption instead of returning wrong data.
+        let v = r.read().unwrap();
+        let inode = v.inode(f.ino).unwrap().unwrap();
+        assert!(read_range(&*v, &inode, 0, 1000).is_err() || matches!(read_range(&*v, &inode, 0, 1000), Ok(Err(Errno::Io))));
+        drop(v);
+        // A partial overwrite must read the corrupt block: apply fails, Raft stops.
+        let out = r.propose(Caller::root(), Op::Write { ino: f.ino, offset: 10, data: vec![1u8; 10], append: false }).await;
+        assert!(matches!(out, Err(ProposeError::Fatal(_))), "{out:?}");
+        let next = r.propose(Caller::root(), Op::RegisterNode { node: 9 }).await;
+        assert!(matches!(next, Err(ProposeError::Fatal(_)) | Err(ProposeError::Unavailable(_))), "{next:?}");
+        // Shutting a stopped node down still finishes.
+        let _ = tokio::time::timeout(Duration::from_secs(5), r.shutdown()).await.expect("shutdown hung");
+    });
+}
+
+/// An in-process transport: calls the target replica's `handle_rpc` directly (bytes in, bytes out,
+/// so the encoding of every RPC is exercised).
+#[derive(Default)]
+struct MemTransport {
+    nodes: Mutex<std::collections::HashMap<NodeId, std::sync::Weak<Replica>>>,
+}
+
+impl PeerTransport for MemTransport {
+    fn call(&self, target: NodeId, _addr: &str, kind: RpcKind, body: Vec<u8>) -> network::BoxFuture<Result<Vec<u8>, TransportError>> {
+        let node = self.nodes.lock().unwrap().get(&target).and_then(|w| w.upgrade());
+        Box::pin(async move {
+            let Some(r) = node else { return Err(TransportError::Unreachable(target, "not registered".into())) };
+            r.handle_rpc(kind, &body).await.map_err(|e| TransportError::Network(target, e.0))
+        })
+    }
+}
+
+#[test]
+fn two_nodes_replicate_over_encoded_rpcs() {
+    let d1 = tempfile::tempdir().unwrap();
+    let d2 = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let net = Arc::new(MemTransport::default());
+        let a = Replica::start_with(cfg(d1.path()), net.clone()).await.unwrap();
+        net.nodes.lock().unwrap().insert(1, Arc::downgrade(&a));
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+        let f = make_file(&a, b"before-join").await;
+        a.propose(Caller::root(), Op::Write { ino: f.ino, offset: 0, data: data.clone(), append: false }).await.unwrap();
+
+        let mut c2 = cfg(d2.path());
+        c2.node_id = 2;
+        let b = Replica::start_joining(c2, net.clone()).await.unwrap();
+        net.nodes.lock().unwrap().insert(2, Arc::downgrade(&b));
+        a.add_learner(2, "mem:2".into()).await.unwrap();
+        a.change_voters([1, 2].into_iter().collect()).await.unwrap();
+        a.propose(Caller::root(), Op::RegisterNode { node: 2 }).await.unwrap();
+        make_file(&a, b"after-join").await;
+
+        let target = a.applied_index().unwrap();
+        let t = Instant::now();
+        while b.applied_index().unwrap_or(0) < target {
+            assert!(t.elapsed() < Duration::from_secs(10), "follower stuck at {:?} < {target}", b.applied_index());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(read_file(&b, b"before-join"), data);
+        assert!(b.read().unwrap().entry(ROOT_INO, b"after-join").unwrap().is_some());
+        assert_eq!(b.read().unwrap().meta().unwrap(), a.read().unwrap().meta().unwrap());
+        // A follower refuses proposals (forwarding comes with the transport).
+        let refused = b.propose(Caller::root(), Op::RegisterNode { node: 3 }).await;
+        assert!(matches!(refused, Err(ProposeError::Unavailable(_))), "{refused:?}");
+        b.shutdown().await.unwrap();
+        a.shutdown().await.unwrap();
+    });
+}
+
+#[test]
+fn learner_catches_up_by_snapshot_after_purge() {
+    let d1 = tempfile::tempdir().unwrap();
+    let d2 = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let net = Arc::new(MemTransport::default());
+        let a = Replica::start_with(cfg(d1.path()), net.clone()).await.unwrap();
+        net.nodes.lock().unwrap().insert(1, Arc::downgrade(&a));
+        let f = make_file(&a, b"big").await;
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 239) as u8).collect();
+        a.propose(Caller::root(), Op::Write { ino: f.ino, offset: 0, data: data.clone(), append: false }).await.unwrap();
+        // Sequential proposals: one entry each, enough to purge past SNAPSHOT_LOG_KEEP_ENTRIES.
+        for i in 0..(SNAPSHOT_LOG_KEEP_ENTRIES + 100) {
+            a.propose(Caller::root(), Op::SetXattr { ino: f.ino, name: b"user.n".to_vec(), value: i.to_le_bytes().to_vec(), flags: crate::state::XattrFlags::Any })
+                .await
+                .unwrap();
+        }
+        a.trigger_snapshot().await.unwrap();
+        let t = Instant::now();
+        while a.metrics().purged_index.is_none() {
+            assert!(t.elapsed() < Duration::from_secs(20), "no purge: {:?}", a.metrics());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut c2 = cfg(d2.path());
+        c2.node_id = 2;
+        let b = Replica::start_joining(c2, net.clone()).await.unwrap();
+        net.nodes.lock().unwrap().insert(2, Arc::downgrade(&b));
+        a.add_learner(2, "mem:2".into()).await.unwrap();
+        let target = a.applied_index().unwrap();
+        let t = Instant::now();
+        while b.applied_index().unwrap_or(0) < target {
+            assert!(t.elapsed() < Duration::from_secs(20), "learner stuck: {:?}", b.metrics());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(b.metrics().snapshot_index.is_some(), "caught up by snapshot: {:?}", b.metrics());
+        assert_eq!(read_file(&b, b"big"), data);
+        let want = (SNAPSHOT_LOG_KEEP_ENTRIES + 99).to_le_bytes().to_vec();
+        assert_eq!(b.read().unwrap().xattr(f.ino, b"user.n").unwrap(), Some(want));
+        let snaps: Vec<_> = std::fs::read_dir(d2.path().join("snapshots")).unwrap().flatten().collect();
+        assert_eq!(snaps.len(), 1, "{snaps:?}");
+        b.shutdown().await.unwrap();
+        a.shutdown().await.unwrap();
     });
 }

@@ -72,21 +72,23 @@ pub enum Op {
     UnregisterNode { node: NodeId },
     /// Create a regular file, directory, fifo, socket or device. `perm` is already masked by the
     /// umask; owner is the caller, group follows setgid-directory inheritance.
-    MakeNode { parent: Ino, name: Vec<u8>, kind: FileKind, perm: u32, rdev: u32 },
+    MakeNode { parent: Ino, #[serde(with = "serde_bytes")] name: Vec<u8>, kind: FileKind, perm: u32, rdev: u32 },
     /// Create a symlink.
-    Symlink { parent: Ino, name: Vec<u8>, target: Vec<u8> },
+    Symlink { parent: Ino, #[serde(with = "serde_bytes")] name: Vec<u8>, #[serde(with = "serde_bytes")] target: Vec<u8> },
     /// Add a hard link to `ino` at `(new_parent, new_name)`.
-    Link { ino: Ino, new_parent: Ino, new_name: Vec<u8> },
+    Link { ino: Ino, new_parent: Ino, #[serde(with = "serde_bytes")] new_name: Vec<u8> },
     /// Remove a non-directory name. `origin_open` says whether the origin node holds the inode open
     /// (if so, the inode becomes an orphan instead of being freed when its last name goes).
-    Unlink { parent: Ino, name: Vec<u8>, origin_open: bool },
+    Unlink { parent: Ino, #[serde(with = "serde_bytes")] name: Vec<u8>, origin_open: bool },
     /// Remove an empty directory.
-    Rmdir { parent: Ino, name: Vec<u8> },
+    Rmdir { parent: Ino, #[serde(with = "serde_bytes")] name: Vec<u8> },
     /// Rename; `origin_open` as for Unlink, about a replaced target.
     Rename {
         parent: Ino,
+        #[serde(with = "serde_bytes")]
         name: Vec<u8>,
         new_parent: Ino,
+        #[serde(with = "serde_bytes")]
         new_name: Vec<u8>,
         flags: RenameFlags,
         origin_open: bool,
@@ -103,15 +105,15 @@ pub enum Op {
         mtime: Option<SetTime>,
     },
     /// Write `data` at `offset` (or at the end of the file when `append`). Payload: `data`.
-    Write { ino: Ino, offset: u64, data: Vec<u8>, append: bool },
+    Write { ino: Ino, offset: u64, #[serde(with = "serde_bytes")] data: Vec<u8>, append: bool },
     /// fallocate.
     Fallocate { ino: Ino, offset: u64, len: u64, mode: FallocMode },
     /// copy_file_range within the namespace.
     CopyRange { ino_in: Ino, offset_in: u64, ino_out: Ino, offset_out: u64, len: u64 },
     /// setxattr. Payload: `value`.
-    SetXattr { ino: Ino, name: Vec<u8>, value: Vec<u8>, flags: XattrFlags },
+    SetXattr { ino: Ino, #[serde(with = "serde_bytes")] name: Vec<u8>, #[serde(with = "serde_bytes")] value: Vec<u8>, flags: XattrFlags },
     /// removexattr.
-    RemoveXattr { ino: Ino, name: Vec<u8> },
+    RemoveXattr { ino: Ino, #[serde(with = "serde_bytes")] name: Vec<u8> },
     /// The origin node no longer holds the orphan `ino` open.
     Release { ino: Ino },
 }

@@ -55,6 +55,7 @@ pub struct Inode {
     /// Number of content blocks this file references (for `st_blocks`).
     pub blocks: u64,
     /// Symlink target bytes; empty for other kinds.
+        #[serde(with = "serde_bytes")]
     pub target: Vec<u8>,
 }
 

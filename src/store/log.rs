@@ -7,7 +7,8 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use redb::{Database, Durability, ReadableTable};
 
@@ -27,7 +28,8 @@ const BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
 pub enum LogWrite {
     /// Append (or overwrite) entries `index -> encoded entry`.
     Append { entries: Vec<(u64, Vec<u8>)>, done: Done },
-    /// Set (Some) or delete (None) one Raft metadata key (vote, committed).
+    /// Set (Some) or delete (None) one Raft metadata key (vote, committed). Without `done` the
+    /// write is lazy: it goes into the next commit, whenever that happens.
     PutMeta { key: &'static str, value: Option<Vec<u8>>, done: Option<Done> },
     /// Delete entries with index >= `from`.
     Truncate { from: u64, done: Done },
@@ -61,7 +63,10 @@ impl LogWrite {
     }
 }
 
-pub(super) fn run(db: Arc<Database>, rx: Receiver<LogWrite>, stats: Arc<StoreStats>) {
+/// Lazy metadata writes waiting for the next commit.
+pub(super) type LazyMeta = Arc<Mutex<BTreeMap<&'static str, Option<Vec<u8>>>>>;
+
+pub(super) fn run(db: Arc<Database>, rx: Receiver<LogWrite>, stats: Arc<StoreStats>, lazy: LazyMeta) {
     let mut failed: Option<String> = None;
     while let Ok(first) = rx.recv() {
         let mut bytes = first.bytes();
@@ -75,9 +80,10 @@ pub(super) fn run(db: Arc<Database>, rx: Receiver<LogWrite>, stats: Arc<StoreSta
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
             }
         }
+        let lazy_now = std::mem::take(&mut *lazy.lock().unwrap_or_else(|e| e.into_inner()));
         let res = match &failed {
             Some(why) => Err(format!("store failed earlier: {why}")),
-            None => write_batch(&db, &batch, &stats).map_err(|e| e.0),
+            None => write_batch(&db, &lazy_now, &batch, &stats).map_err(|e| e.0),
         };
         if let Err(why) = &res {
             if failed.is_none() {
@@ -92,7 +98,12 @@ pub(super) fn run(db: Arc<Database>, rx: Receiver<LogWrite>, stats: Arc<StoreSta
     }
 }
 
-fn write_batch(db: &Database, batch: &[LogWrite], stats: &StoreStats) -> StoreResult<()> {
+fn write_batch(
+    db: &Database,
+    lazy: &BTreeMap<&'static str, Option<Vec<u8>>>,
+    batch: &[LogWrite],
+    stats: &StoreStats,
+) -> StoreResult<()> {
     let mut txn = db.begin_write().map_err(fault)?;
     txn.set_durability(Durability::Immediate).map_err(fault)?;
     let mut entries = 0u64;
@@ -100,6 +111,16 @@ fn write_batch(db: &Database, batch: &[LogWrite], stats: &StoreStats) -> StoreRe
     {
         let mut log = txn.open_table(LOG).map_err(fault)?;
         let mut meta = txn.open_table(RAFT_META).map_err(fault)?;
+        for (key, value) in lazy {
+            match value {
+                Some(v) => {
+                    meta.insert(*key, v.as_slice()).map_err(fault)?;
+                }
+                None => {
+                    meta.remove(*key).map_err(fault)?;
+                }
+            }
+        }
         for op in batch {
             match op {
                 LogWrite::Append { entries: es, .. } => {

@@ -65,6 +65,9 @@ struct Inner {
     stats: Arc<StoreStats>,
     current_snapshot: Mutex<Option<SnapshotInfo>>,
     snapshot_seq: AtomicU64,
+    /// Metadata writes nobody waits for (committed): written with the next log commit instead of
+    /// costing an fsync of their own.
+    lazy_meta: log::LazyMeta,
 }
 
 impl Drop for Inner {
@@ -92,12 +95,14 @@ impl Store {
         let db = Arc::new(db);
         let stats = Arc::new(StoreStats::default());
         let (tx, rx) = mpsc::channel();
+        let lazy_meta = log::LazyMeta::default();
         let thread = {
             let db = db.clone();
             let stats = stats.clone();
+            let lazy = lazy_meta.clone();
             std::thread::Builder::new()
                 .name("pickbox-log-writer".into())
-                .spawn(move || log::run(db, rx, stats))
+                .spawn(move || log::run(db, rx, stats, lazy))
                 .map_err(fault)?
         };
         let current = snapshot::scan(&snap_dir)?;
@@ -110,6 +115,7 @@ impl Store {
                 stats,
                 current_snapshot: Mutex::new(current),
                 snapshot_seq: AtomicU64::new(0),
+                lazy_meta,
             }),
         })
     }
@@ -122,6 +128,13 @@ impl Store {
 
     /// Queue a log write; its `done` runs on the writer thread once it is durable or failed.
     pub fn submit(&self, op: LogWrite) {
+        let op = match op {
+            LogWrite::PutMeta { key, value, done: None } => {
+                self.inner.lazy_meta.lock().unwrap_or_else(|e| e.into_inner()).insert(key, value);
+                return;
+            }
+            op => op,
+        };
         let sender = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let op = match sender {
             Some(s) => match s.send(op) {
@@ -296,6 +309,17 @@ impl Store {
         txn.commit().map_err(fault)?;
         self.set_current(info.clone());
         Ok(info)
+    }
+
+    /// Test hook: overwrite a stored block's bytes behind the state's back (disk corruption).
+    #[cfg(test)]
+    pub(crate) fn corrupt_block(&self, hash: &crate::state::Hash, bytes: &[u8]) {
+        let txn = self.inner.db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(tables::BLOCK_DATA).unwrap();
+            t.insert(&hash[..], bytes).unwrap();
+        }
+        txn.commit().unwrap();
     }
 
     fn set_current(&self, info: SnapshotInfo) {

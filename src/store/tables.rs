@@ -150,7 +150,10 @@ fn check_len<T: redb::Value>(bytes: &[u8]) -> StoreResult<()> {
             T::type_name().name()
         ))),
         _ => {
-            if T::fixed_width().is_none() && std::any::type_name::<T>().contains('(') {
+            if std::any::type_name::<T>() == "&str" && std::str::from_utf8(bytes).is_err() {
+                // redb's &str decoder unwraps the UTF-8 check.
+                Err(StoreFault("snapshot: a string key is not UTF-8".into()))
+            } else if T::fixed_width().is_none() && std::any::type_name::<T>().contains('(') {
                 // Variable-width tuple keys carry their own length prefixes; check them.
                 check_tuple_u64_bytes(bytes)
             } else {

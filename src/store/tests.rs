@@ -258,6 +258,14 @@ fn snapshot_build_install_reproduces_state() {
     let files: Vec<_> = std::fs::read_dir(b.inner.snap_dir.clone()).unwrap().flatten().collect();
     assert_eq!(files.len(), 1, "{files:?}");
 
+    // A snapshot received into our own receiving file is adopted by rename.
+    let recv = b.receiving_path();
+    std::fs::copy(&info.path, &recv).unwrap();
+    b.install_snapshot(&recv, "1-1-17-2", &meta).unwrap();
+    assert!(!recv.exists());
+    assert_eq!(dump(&a), dump(&b));
+    assert_eq!(b.current_snapshot().unwrap().id, "1-1-17-2");
+
     // A corrupted snapshot file is refused before it touches the state.
     let bad = _d2.path().join("bad.bin");
     let mut bytes = std::fs::read(&info.path).unwrap();

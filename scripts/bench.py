@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Runs the same workloads against two mounted directories and prints op, pickbox, bindfs, ratio.
+
+Called by scripts/bench.sh, which mounts both and cleans up. Times are wall-clock seconds of
+the whole workload; the ratio is pickbox speed as a share of bindfs speed (bindfs time / pickbox
+time), so 100% means as fast as bindfs and more is faster.
+"""
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import time
+
+FILES = 2000
+FILE_BYTES = 4096
+SEQ_BYTES = 256 * 1024 * 1024
+SEQ_CHUNK = 1024 * 1024
+RANDOM_WRITES = 2000
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def status_kib(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss(pid):
+    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5\n")
+    except OSError:
+        pass
+
+
+def workloads(root, tarball, pid=None):
+    """Yields (name, seconds) for every workload, run inside root/bench."""
+    base = os.path.join(root, "bench")
+    os.mkdir(base)
+    files = [os.path.join(base, f"f{i:05}") for i in range(FILES)]
+    payload = os.urandom(FILE_BYTES)
+
+    def create():
+        for p in files:
+            fd = os.open(p, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+            os.write(fd, payload)
+            os.close(fd)
+
+    yield "create+write 4K+close x2000", timed(create)
+
+    def stat():
+        for p in files:
+            os.stat(p)
+
+    drop_caches()
+    yield "stat x2000 (cold)", timed(stat)
+    yield "stat x2000 (warm)", timed(stat)
+
+    def rename():
+        for p in files:
+            os.rename(p, p + ".r")
+
+    yield "rename x2000", timed(rename)
+
+    def unlink():
+        for p in files:
+            os.unlink(p + ".r")
+
+    yield "unlink x2000", timed(unlink)
+
+    def mkdir():
+        for i in range(FILES):
+            os.mkdir(os.path.join(base, f"d{i:05}"))
+
+    yield "mkdir x2000", timed(mkdir)
+
+    big = os.path.join(base, "seq")
+    chunk = os.urandom(SEQ_CHUNK)
+    peak = {}
+
+    def seq_write():
+        fd = os.open(big, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        for _ in range(SEQ_BYTES // SEQ_CHUNK):
+            os.write(fd, chunk)
+        os.fsync(fd)
+        os.close(fd)
+
+    if pid:
+        reset_peak_rss(pid)
+    t = timed(seq_write)
+    if pid:
+        peak["kib"] = status_kib(pid, "VmHWM")
+    yield "seq write 256M+fsync", t
+
+    def seq_read():
+        fd = os.open(big, os.O_RDONLY)
+        n = 0
+        while True:
+            b = os.read(fd, SEQ_CHUNK)
+            if not b:
+                break
+            n += len(b)
+        os.close(fd)
+        assert n == SEQ_BYTES, n
+
+    drop_caches()
+    yield "seq read 256M (cold)", timed(seq_read)
+
+    rng = random.Random(42)
+    block = os.urandom(4096)
+    offsets = [rng.randrange(SEQ_BYTES // 4096) * 4096 for _ in range(RANDOM_WRITES)]
+
+    def random_writes():
+        fd = os.open(big, os.O_WRONLY)
+        for off in offsets:
+            os.pwrite(fd, block, off)
+        os.fsync(fd)
+        os.close(fd)
+
+    yield "random 4K writes x2000+fsync", timed(random_writes)
+
+    def extract():
+        dest = os.path.join(base, "untar")
+        os.mkdir(dest)
+        subprocess.run(["tar", "-xzf", tarball, "-C", dest], check=True)
+        os.sync()
+
+    yield f"untar {os.path.basename(tarball)}", timed(extract)
+
+    if pid:
+        yield "RSS peak during seq write (MiB)", peak.get("kib", 0) / 1024.0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pickbox", required=True)
+    ap.add_argument("--bindfs", required=True)
+    ap.add_argument("--pid", type=int, required=True, help="pickbox PID for RSS figures")
+    ap.add_argument("--tarball", required=True)
+    args = ap.parse_args()
+
+    idle_mib = status_kib(args.pid, "VmRSS") / 1024.0
+    rows = {}
+    order = []
+    # Interleave: each workload group runs on pickbox, then on bindfs, in the same run.
+    for name, seconds in workloads(args.bindfs, args.tarball):
+        rows.setdefault(name, {})["bindfs"] = seconds
+        order.append(name)
+    for name, seconds in workloads(args.pickbox, args.tarball, args.pid):
+        rows.setdefault(name, {})["pickbox"] = seconds
+        if name not in order:
+            order.append(name)
+
+    print(f"{'op':36} {'pickbox':>10} {'bindfs':>10} {'ratio':>8}")
+    for name in order:
+        r = rows[name]
+        p, b = r.get("pickbox"), r.get("bindfs")
+        if name.startswith("RSS"):
+            print(f"{name:36} {p:10.1f} {'-':>10} {'-':>8}")
+            continue
+        ratio = f"{100.0 * b / p:7.0f}%" if p and b else "-"
+        print(f"{name:36} {p:9.3f}s {b:9.3f}s {ratio:>8}")
+    print(f"{'RSS idle (MiB)':36} {idle_mib:10.1f} {'-':>10} {'-':>8}")
+    print("ratio = bindfs time / pickbox time (pickbox speed as a share of bindfs speed)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Benchmark by hand (not in CI): the same workloads against a Pickbox mount and, in the same run,
+# a bindfs mount (--multithreaded -o big_writes) of a directory on the same disk as Pickbox's data,
+# the ceiling for a FUSE filesystem on that medium. Prints op, pickbox, bindfs, ratio and RSS.
+# Env: PICKBOX_PROFILE=release|debug (default release), BENCH_DIR (default bench-out/ in the repo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+source scripts/lib.sh
+
+need_root "the benchmark (mounts, drop_caches)"
+need_dev_fuse
+ensure_packages fuse3 bindfs python3
+
+profile=${PICKBOX_PROFILE:-release}
+case "$profile" in
+    release) cargo build --quiet --release --bin pickbox; bin=$repo/target/release/pickbox ;;
+    debug) cargo build --quiet --bin pickbox; bin=$repo/target/debug/pickbox ;;
+    *) die "PICKBOX_PROFILE must be release or debug, not $profile" ;;
+esac
+
+# A crate source tarball with a few hundred files, from cargo's download cache.
+tarball=""
+for f in $(ls -S "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/*.crate 2>/dev/null); do
+    n=$(tar -tzf "$f" 2>/dev/null | wc -l)
+    if [ "$n" -ge 200 ] && [ "$n" -le 1500 ]; then tarball=$f; break; fi
+done
+[ -n "$tarball" ] || die "no .crate with 200-1500 files in ~/.cargo/registry/cache (run cargo fetch)"
+
+# Both data directories on the same disk: under BENCH_DIR.
+work=${BENCH_DIR:-$repo/bench-out}/run.$$
+mkdir -p "$work/pickbox-mnt" "$work/pickbox-data" "$work/bindfs-src" "$work/bindfs-mnt"
+pid=""
+bpid=""
+cleanup() {
+    stop_node "$pid" "$work/pickbox-mnt"
+    stop_node "$bpid" "$work/bindfs-mnt"
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+RUST_LOG=${RUST_LOG:-warn} "$bin" mount "$work/pickbox-mnt" --data-dir "$work/pickbox-data" \
+    >"$work/pickbox.log" 2>&1 &
+pid=$!
+wait_mounted "$pid" "$work/pickbox-mnt" 30 || { tail -n 30 "$work/pickbox.log" >&2; die "pickbox did not mount"; }
+
+bindfs -f --multithreaded -o big_writes "$work/bindfs-src" "$work/bindfs-mnt" >"$work/bindfs.log" 2>&1 &
+bpid=$!
+wait_mounted "$bpid" "$work/bindfs-mnt" 30 || { cat "$work/bindfs.log" >&2; die "bindfs did not mount"; }
+
+log "pickbox ($profile, pid $pid) vs bindfs (pid $bpid) on $(df --output=source "$work" | tail -n 1); tarball $(basename "$tarball") ($(tar -tzf "$tarball" | wc -l) entries)"
+python3 scripts/bench.py --pickbox "$work/pickbox-mnt" --bindfs "$work/bindfs-mnt" --pid "$pid" --tarball "$tarball"
+alive "$pid" || { tail -n 30 "$work/pickbox.log" >&2; die "pickbox died during the benchmark"; }
+echo "pickbox data dir after the run: $(du -sh "$work/pickbox-data" | cut -f1)"
