@@ -7,3 +7,4 @@ pub mod node;
 pub mod raft;
 pub mod state;
 pub mod store;
+pub mod transport;

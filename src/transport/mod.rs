@@ -1,0 +1,1 @@
+//! QUIC + mutual TLS between nodes (the only module that imports quinn/rustls/rcgen); framing with size limits.

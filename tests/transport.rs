@@ -1,0 +1,1 @@
+//! Nodes talking over QUIC with mutual TLS.
