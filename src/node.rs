@@ -30,6 +30,8 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
 enum Stop {
     Signal(&'static str),
     Unmounted,
+    /// A request hit a store failure.
+    Fatal(String),
 }
 
 async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
@@ -66,6 +68,7 @@ async fn serve(
     sigterm: &mut tokio::signal::unix::Signal,
 ) -> anyhow::Result<()> {
     let ops = Arc::new(Ops::new(replica.clone(), data_dir.to_path_buf()));
+    let mut fatal = ops.watch_fatal();
     // No handle is open before the mount, so orphans this node still holds (from a crash) go.
     match ops.release_stale_orphans().await {
         Ok(0) => {}
@@ -86,16 +89,23 @@ async fn serve(
             _ = sigint.recv() => break Stop::Signal("SIGINT"),
             _ = sigterm.recv() => break Stop::Signal("SIGTERM"),
             _ = tick.tick() => if mounted.is_finished() { break Stop::Unmounted },
+            Ok(()) = fatal.changed() => {
+                break Stop::Fatal(fatal.borrow().clone().unwrap_or_default())
+            }
         }
     };
-    match stop {
+    match &stop {
         Stop::Signal(name) => tracing::info!(signal = name, "stopping"),
         Stop::Unmounted => tracing::info!("the mount went away (unmounted from outside): stopping"),
+        Stop::Fatal(why) => tracing::error!(%why, "store failure: stopping the node (fail-stop)"),
     }
 
     tokio::task::spawn_blocking(move || mounted.unmount_and_join())
         .await
         .context("unmount task")?
         .context("FUSE session ended with an error")?;
-    Ok(())
+    match stop {
+        Stop::Fatal(why) => Err(anyhow::anyhow!("stopped after a store failure: {why}")),
+        Stop::Signal(_) | Stop::Unmounted => Ok(()),
+    }
 }

@@ -100,14 +100,14 @@ impl Filesystem for PickboxFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.ops.lookup(parent.0, name.as_bytes()) {
             Ok(inode) => reply.entry(&TTL, &attr::file_attr(&inode), GENERATION),
-            Err(e) => reply.error(e.errno()),
+            Err(e) => reply.error(self.ops.errno_of(&e)),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.ops.getattr(ino.0) {
             Ok(inode) => reply.attr(&TTL, &attr::file_attr(&inode)),
-            Err(e) => reply.error(e.errno()),
+            Err(e) => reply.error(self.ops.errno_of(&e)),
         }
     }
 
@@ -136,7 +136,7 @@ impl Filesystem for PickboxFs {
         self.spawn(async move {
             match ops.setattr(caller, ino.0, mode, uid, gid, size, atime, mtime).await {
                 Ok(inode) => reply.attr(&TTL, &attr::file_attr(&inode)),
-                Err(e) => reply.error(e.errno()),
+                Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
     }
@@ -144,7 +144,7 @@ impl Filesystem for PickboxFs {
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.ops.readlink(ino.0) {
             Ok(target) => reply.data(&target),
-            Err(e) => reply.error(e.errno()),
+            Err(e) => reply.error(self.ops.errno_of(&e)),
         }
     }
 
@@ -157,7 +157,7 @@ impl Filesystem for PickboxFs {
         self.spawn(async move {
             match ops.make_node(caller, parent.0, name, kind, mode & !umask, rdev).await {
                 Ok(inode) => reply.entry(&TTL, &attr::file_attr(&inode), GENERATION),
-                Err(e) => reply.error(e.errno()),
+                Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
     }
@@ -168,7 +168,7 @@ impl Filesystem for PickboxFs {
         self.spawn(async move {
             match ops.make_node(caller, parent.0, name, FileKind::Dir, mode & !umask, 0).await {
                 Ok(inode) => reply.entry(&TTL, &attr::file_attr(&inode), GENERATION),
-                Err(e) => reply.error(e.errno()),
+                Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
     }
@@ -179,7 +179,7 @@ impl Filesystem for PickboxFs {
         self.spawn(async move {
             match ops.unlink(caller, parent.0, name).await {
                 Ok(()) => reply.ok(),
-                Err(e) => reply.error(e.errno()),
+                Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
     }
@@ -190,7 +190,7 @@ impl Filesystem for PickboxFs {
         self.spawn(async move {
             match ops.rmdir(caller, parent.0, name).await {
                 Ok(()) => reply.ok(),
-                Err(e) => reply.error(e.errno()),
+                Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
     }
@@ -202,7 +202,7 @@ impl Filesystem for PickboxFs {
         self.spawn(async move {
             match ops.symlink(caller, parent.0, name, target).await {
                 Ok(inode) => reply.entry(&TTL, &attr::file_attr(&inode), GENERATION),
-                Err(e) => reply.error(e.errno()),
+                Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
     }
@@ -231,7 +231,7 @@ impl Filesystem for PickboxFs {
         self.spawn(async move {
             match ops.rename(caller, parent.0, name, newparent.0, newname, flags).await {
                 Ok(()) => reply.ok(),
-                Err(e) => reply.error(e.errno()),
+                Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
     }
@@ -242,7 +242,7 @@ impl Filesystem for PickboxFs {
         self.spawn(async move {
             match ops.link(caller, ino.0, newparent.0, name).await {
                 Ok(inode) => reply.entry(&TTL, &attr::file_attr(&inode), GENERATION),
-                Err(e) => reply.error(e.errno()),
+                Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
     }
@@ -251,7 +251,7 @@ impl Filesystem for PickboxFs {
         // O_TRUNC is not passed here: without FUSE_ATOMIC_O_TRUNC the kernel sends a setattr.
         match self.ops.open(ino.0, flags.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(e.errno()),
+            Err(e) => reply.error(self.ops.errno_of(&e)),
         }
     }
 
@@ -268,7 +268,7 @@ impl Filesystem for PickboxFs {
     ) {
         match self.ops.read(ino.0, offset, size) {
             Ok(data) => reply.data(&data),
-            Err(e) => reply.error(e.errno()),
+            Err(e) => reply.error(self.ops.errno_of(&e)),
         }
     }
 
@@ -295,7 +295,7 @@ impl Filesystem for PickboxFs {
         self.spawn(async move {
             match ops.write(caller, ino.0, offset, data, append).await {
                 Ok(len) => reply.written(len.min(u64::from(u32::MAX)) as u32),
-                Err(e) => reply.error(e.errno()),
+                Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
     }
@@ -339,7 +339,7 @@ impl Filesystem for PickboxFs {
         match self.ops.getattr(ino.0) {
             Ok(inode) if inode.kind == FileKind::Dir => reply.opened(FileHandle(0), FopenFlags::empty()),
             Ok(_) => reply.error(fuser::Errno::ENOTDIR),
-            Err(e) => reply.error(e.errno()),
+            Err(e) => reply.error(self.ops.errno_of(&e)),
         }
     }
 
@@ -349,7 +349,7 @@ impl Filesystem for PickboxFs {
         });
         match listed {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(e.errno()),
+            Err(e) => reply.error(self.ops.errno_of(&e)),
         }
     }
 
@@ -363,7 +363,7 @@ impl Filesystem for PickboxFs {
         });
         match listed {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(e.errno()),
+            Err(e) => reply.error(self.ops.errno_of(&e)),
         }
     }
 
@@ -374,7 +374,7 @@ impl Filesystem for PickboxFs {
                 let namelen = crate::config::NAME_BYTES_MAX as u32;
                 reply.statfs(s.blocks, s.blocks_free, s.blocks_avail, s.files, s.files_free, bsize, namelen, bsize)
             }
-            Err(e) => reply.error(e.errno()),
+            Err(e) => reply.error(self.ops.errno_of(&e)),
         }
     }
 
@@ -399,7 +399,7 @@ impl Filesystem for PickboxFs {
         self.spawn(async move {
             match ops.setxattr(caller, ino.0, name, value, flags).await {
                 Ok(()) => reply.ok(),
-                Err(e) => reply.error(e.errno()),
+                Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
     }
@@ -407,14 +407,14 @@ impl Filesystem for PickboxFs {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         match self.ops.getxattr(ino.0, name.as_bytes()) {
             Ok(value) => reply_xattr(reply, &value, size),
-            Err(e) => reply.error(e.errno()),
+            Err(e) => reply.error(self.ops.errno_of(&e)),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         match self.ops.listxattr(ino.0) {
             Ok(names) => reply_xattr(reply, &names, size),
-            Err(e) => reply.error(e.errno()),
+            Err(e) => reply.error(self.ops.errno_of(&e)),
         }
     }
 
@@ -424,7 +424,7 @@ impl Filesystem for PickboxFs {
         self.spawn(async move {
             match ops.removexattr(caller, ino.0, name).await {
                 Ok(()) => reply.ok(),
-                Err(e) => reply.error(e.errno()),
+                Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
     }
@@ -434,7 +434,7 @@ impl Filesystem for PickboxFs {
         // whether the inode exists (F_OK).
         match self.ops.getattr(ino.0) {
             Ok(_) => reply.ok(),
-            Err(e) => reply.error(e.errno()),
+            Err(e) => reply.error(self.ops.errno_of(&e)),
         }
     }
 
@@ -451,7 +451,7 @@ impl Filesystem for PickboxFs {
                 Ok((inode, fh)) => {
                     reply.created(&TTL, &attr::file_attr(&inode), GENERATION, FileHandle(fh), FopenFlags::empty())
                 }
-                Err(e) => reply.error(e.errno()),
+                Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
     }
@@ -470,7 +470,7 @@ impl Filesystem for PickboxFs {
         self.spawn(async move {
             match ops.fallocate(caller, ino.0, offset, length, mode).await {
                 Ok(()) => reply.ok(),
-                Err(e) => reply.error(e.errno()),
+                Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
     }
@@ -490,7 +490,7 @@ impl Filesystem for PickboxFs {
                 Ok(found) => reply.offset(found),
                 Err(_) => reply.error(fuser::Errno::EOVERFLOW),
             },
-            Err(e) => reply.error(e.errno()),
+            Err(e) => reply.error(self.ops.errno_of(&e)),
         }
     }
 
@@ -529,7 +529,7 @@ impl Filesystem for PickboxFs {
         self.spawn(async move {
             match ops.copy_range(caller, ino_in.0, offset_in, ino_out.0, offset_out, len).await {
                 Ok(n) => reply.written(n.min(u64::from(u32::MAX)) as u32),
-                Err(e) => reply.error(e.errno()),
+                Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
     }

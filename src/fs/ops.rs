@@ -65,6 +65,8 @@ pub struct Ops {
     pub handles: Handles,
     /// When the "nearly full" warning was last logged (seconds since the epoch).
     space_warned_s: AtomicU64,
+    /// Set to the reason once the store failed (fail-stop): the node watches it and stops.
+    fatal: tokio::sync::watch::Sender<Option<String>>,
 }
 
 /// A name as the state accepts it: 1..=NAME_BYTES_MAX bytes, no `/` or NUL.
@@ -80,7 +82,33 @@ pub fn check_name(name: &[u8]) -> FsResult<()> {
 
 impl Ops {
     pub fn new(replica: Arc<Replica>, data_dir: PathBuf) -> Self {
-        Ops { replica, data_dir, handles: Handles::default(), space_warned_s: AtomicU64::new(0) }
+        Ops {
+            replica,
+            data_dir,
+            handles: Handles::default(),
+            space_warned_s: AtomicU64::new(0),
+            fatal: tokio::sync::watch::Sender::new(None),
+        }
+    }
+
+    /// The errno for a failed request. A store fault or fatal proposal error also tells the node
+    /// to stop (fail-stop: a node whose store failed must not go on serving doubtful state).
+    pub fn errno_of(&self, e: &FsError) -> fuser::Errno {
+        if let FsError::Store(_) | FsError::Fatal(_) = e {
+            self.fatal.send_if_modified(|reason| {
+                let first = reason.is_none();
+                if first {
+                    *reason = Some(e.to_string());
+                }
+                first
+            });
+        }
+        e.errno()
+    }
+
+    /// Resolves with the reason once a request hit a store failure.
+    pub fn watch_fatal(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.fatal.subscribe()
     }
 
     fn view(&self) -> FsResult<Box<dyn StateRead + Send>> {

@@ -7,11 +7,14 @@
 use std::collections::BTreeMap;
 
 use crate::config::{
-    BLOCK_BYTES,     FILE_BYTES_MAX, LINK_COUNT_MAX, NAME_BYTES_MAX, RESULTS_RETAINED_PER_ORIGIN, SYMLINK_BYTES_MAX,
-    WRITE_BYTES_MAX, XATTR_LIST_BYTES_MAX, XATTR_NAME_BYTES_MAX, XATTR_VALUE_BYTES_MAX,
+    BLOCK_BYTES, FILE_BYTES_MAX, LINK_COUNT_MAX, NAME_BYTES_MAX, RESULTS_RETAINED_PER_ORIGIN,
+    SYMLINK_BYTES_MAX, WRITE_BYTES_MAX, XATTR_LIST_BYTES_MAX, XATTR_NAME_BYTES_MAX,
+    XATTR_VALUE_BYTES_MAX,
 };
 
-use super::command::{Command, CommandResult, FallocMode, Op, Outcome, RenameFlags, SetTime, XattrFlags};
+use super::command::{
+    Command, CommandResult, FallocMode, Op, Outcome, RenameFlags, SetTime, XattrFlags,
+};
 use super::content::{sha256, Blocks};
 use super::error::Errno;
 use super::txn::{StateWrite, StoreFault, StoreResult};
@@ -42,7 +45,11 @@ pub fn apply<S: StateWrite + ?Sized>(s: &mut S, cmd: &Command) -> StoreResult<Co
         return Ok(Err(Errno::Stale));
     }
     let result = if sha256(cmd.op.payload()) != cmd.content_hash {
-        tracing::warn!(origin = cmd.origin, seq = cmd.seq, "content hash mismatch: command rejected");
+        tracing::warn!(
+            origin = cmd.origin,
+            seq = cmd.seq,
+            "content hash mismatch: command rejected"
+        );
         Err(Errno::Io)
     } else {
         run(s, cmd)?
@@ -77,14 +84,25 @@ type Step<T> = Result<T, Fail>;
 
 fn run<S: StateWrite + ?Sized>(s: &mut S, cmd: &Command) -> StoreResult<CommandResult> {
     let meta = s.meta()?;
-    let mut tx = Tx { s, cmd, meta0: meta.clone(), meta, dirty: BTreeMap::new(), mutating: false };
+    let mut tx = Tx {
+        s,
+        cmd,
+        meta0: meta.clone(),
+        meta,
+        dirty: BTreeMap::new(),
+        mutating: false,
+    };
     match tx.op() {
         Ok(outcome) => {
             tx.flush()?;
             Ok(Ok(outcome))
         }
         Err(Fail::Errno(e)) => {
-            debug_assert!(!tx.mutating, "errno {e:?} after the first write of {:?}", cmd.op);
+            debug_assert!(
+                !tx.mutating,
+                "errno {e:?} after the first write of {:?}",
+                cmd.op
+            );
             Ok(Err(e))
         }
         Err(Fail::Store(f)) => Err(f),
@@ -158,7 +176,10 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
     }
 
     fn blocks(&mut self) -> Blocks<'_, S> {
-        Blocks { s: &mut *self.s, meta: &mut self.meta }
+        Blocks {
+            s: &mut *self.s,
+            meta: &mut self.meta,
+        }
     }
 
     fn flush(&mut self) -> StoreResult<()> {
@@ -197,23 +218,71 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
             Op::Init { perm, uid, gid } => self.init(*perm, *uid, *gid),
             Op::RegisterNode { node } => self.register(*node),
             Op::UnregisterNode { node } => self.unregister(*node),
-            Op::MakeNode { parent, name, kind, perm, rdev } => self.make_node(*parent, name, *kind, *perm, *rdev),
-            Op::Symlink { parent, name, target } => self.symlink(*parent, name, target),
-            Op::Link { ino, new_parent, new_name } => self.link(*ino, *new_parent, new_name),
-            Op::Unlink { parent, name, origin_open } => self.unlink(*parent, name, *origin_open),
+            Op::MakeNode {
+                parent,
+                name,
+                kind,
+                perm,
+                rdev,
+            } => self.make_node(*parent, name, *kind, *perm, *rdev),
+            Op::Symlink {
+                parent,
+                name,
+                target,
+            } => self.symlink(*parent, name, target),
+            Op::Link {
+                ino,
+                new_parent,
+                new_name,
+            } => self.link(*ino, *new_parent, new_name),
+            Op::Unlink {
+                parent,
+                name,
+                origin_open,
+            } => self.unlink(*parent, name, *origin_open),
             Op::Rmdir { parent, name } => self.rmdir(*parent, name),
-            Op::Rename { parent, name, new_parent, new_name, flags, origin_open } => {
-                self.rename(*parent, name, *new_parent, new_name, *flags, *origin_open)
-            }
-            Op::SetAttr { ino, perm, uid, gid, size, atime, mtime } => {
-                self.set_attr(*ino, *perm, *uid, *gid, *size, *atime, *mtime)
-            }
-            Op::Write { ino, offset, data, append } => self.write(*ino, *offset, data, *append),
-            Op::Fallocate { ino, offset, len, mode } => self.fallocate(*ino, *offset, *len, *mode),
-            Op::CopyRange { ino_in, offset_in, ino_out, offset_out, len } => {
-                self.copy_range(*ino_in, *offset_in, *ino_out, *offset_out, *len)
-            }
-            Op::SetXattr { ino, name, value, flags } => self.set_xattr(*ino, name, value, *flags),
+            Op::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                flags,
+                origin_open,
+            } => self.rename(*parent, name, *new_parent, new_name, *flags, *origin_open),
+            Op::SetAttr {
+                ino,
+                perm,
+                uid,
+                gid,
+                size,
+                atime,
+                mtime,
+            } => self.set_attr(*ino, *perm, *uid, *gid, *size, *atime, *mtime),
+            Op::Write {
+                ino,
+                offset,
+                data,
+                append,
+            } => self.write(*ino, *offset, data, *append),
+            Op::Fallocate {
+                ino,
+                offset,
+                len,
+                mode,
+            } => self.fallocate(*ino, *offset, *len, *mode),
+            Op::CopyRange {
+                ino_in,
+                offset_in,
+                ino_out,
+                offset_out,
+                len,
+            } => self.copy_range(*ino_in, *offset_in, *ino_out, *offset_out, *len),
+            Op::SetXattr {
+                ino,
+                name,
+                value,
+                flags,
+            } => self.set_xattr(*ino, name, value, *flags),
             Op::RemoveXattr { ino, name } => self.remove_xattr(*ino, name),
             Op::Release { ino } => self.release(*ino),
         }
@@ -346,7 +415,11 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
 
     /// Enter a freshly made inode under `(parent, name)` and update the parent.
     fn enter_new(&mut self, parent: Ino, name: &[u8], inode: Inode) -> Step<Outcome> {
-        let entry = DirEntry { ino: inode.ino, kind: inode.kind, cookie: self.cookie() };
+        let entry = DirEntry {
+            ino: inode.ino,
+            kind: inode.kind,
+            cookie: self.cookie(),
+        };
         self.s.put_entry(parent, name, &entry)?;
         if inode.kind == FileKind::Dir {
             self.dir_nlink(parent, 1)?;
@@ -356,7 +429,14 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         Ok(Outcome::Inode(inode))
     }
 
-    fn make_node(&mut self, parent: Ino, name: &[u8], kind: FileKind, perm: u32, rdev: u32) -> Step<Outcome> {
+    fn make_node(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+        kind: FileKind,
+        perm: u32,
+        rdev: u32,
+    ) -> Step<Outcome> {
         let dir = self.check_create(parent, name)?;
         if kind == FileKind::Symlink {
             return Err(Errno::Inval.into());
@@ -366,7 +446,11 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         }
         self.begin();
         // mkdir keeps only the permission bits and the sticky bit (setgid comes from the parent).
-        let perm = if kind == FileKind::Dir { perm & (0o777 | S_ISVTX) } else { perm };
+        let perm = if kind == FileKind::Dir {
+            perm & (0o777 | S_ISVTX)
+        } else {
+            perm
+        };
         let mut inode = self.new_inode(kind, perm, &dir);
         if matches!(kind, FileKind::CharDev | FileKind::BlockDev) {
             inode.rdev = rdev;
@@ -406,7 +490,11 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
             return Err(Errno::TooManyLinks.into());
         }
         self.begin();
-        let entry = DirEntry { ino, kind: inode.kind, cookie: self.cookie() };
+        let entry = DirEntry {
+            ino,
+            kind: inode.kind,
+            cookie: self.cookie(),
+        };
         self.s.put_entry(new_parent, new_name, &entry)?;
         inode.nlink += 1;
         inode.ctime = self.now();
@@ -427,7 +515,13 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
             return Ok(());
         }
         let origin = self.cmd.origin;
-        let mut pending: Vec<NodeId> = self.meta.nodes.iter().copied().filter(|n| *n != origin).collect();
+        let mut pending: Vec<NodeId> = self
+            .meta
+            .nodes
+            .iter()
+            .copied()
+            .filter(|n| *n != origin)
+            .collect();
         if origin_open {
             pending.push(origin);
             pending.sort_unstable();
@@ -465,7 +559,10 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         if is_dot(name) {
             return Err(Errno::IsDir.into());
         }
-        let entry = self.s.entry(parent, name)?.ok_or(Fail::Errno(Errno::NoEnt))?;
+        let entry = self
+            .s
+            .entry(parent, name)?
+            .ok_or(Fail::Errno(Errno::NoEnt))?;
         if entry.kind == FileKind::Dir {
             return Err(Errno::IsDir.into());
         }
@@ -489,7 +586,10 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         if name == b".." {
             return Err(Errno::NotEmpty.into());
         }
-        let entry = self.s.entry(parent, name)?.ok_or(Fail::Errno(Errno::NoEnt))?;
+        let entry = self
+            .s
+            .entry(parent, name)?
+            .ok_or(Fail::Errno(Errno::NoEnt))?;
         if entry.kind != FileKind::Dir {
             return Err(Errno::NotDir.into());
         }
@@ -540,7 +640,10 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
             // Linux says EBUSY; the kernel never sends these to a filesystem.
             return Err(Errno::Inval.into());
         }
-        let src = self.s.entry(parent, name)?.ok_or(Fail::Errno(Errno::NoEnt))?;
+        let src = self
+            .s
+            .entry(parent, name)?
+            .ok_or(Fail::Errno(Errno::NoEnt))?;
         let dst = self.s.entry(new_parent, new_name)?;
         if flags.exchange && dst.is_none() {
             return Err(Errno::NoEnt.into());
@@ -555,7 +658,11 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         if let Some(dst) = &dst {
             if dst.kind == FileKind::Dir && self.within(parent, dst.ino)? {
                 // The target is an ancestor of the source: for a plain rename it is not empty.
-                let e = if flags.exchange { Errno::Inval } else { Errno::NotEmpty };
+                let e = if flags.exchange {
+                    Errno::Inval
+                } else {
+                    Errno::NotEmpty
+                };
                 return Err(e.into());
             }
         }
@@ -591,7 +698,11 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
             }
         }
         self.s.del_entry(parent, name)?;
-        let entry = DirEntry { ino: src.ino, kind: src.kind, cookie: self.cookie() };
+        let entry = DirEntry {
+            ino: src.ino,
+            kind: src.kind,
+            cookie: self.cookie(),
+        };
         self.s.put_entry(new_parent, new_name, &entry)?;
         let mut inode = self.need(src.ino)?;
         inode.ctime = self.now();
@@ -628,8 +739,24 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
             }
         }
         self.begin();
-        self.s.put_entry(parent, name, &DirEntry { ino: dst.ino, kind: dst.kind, cookie: src.cookie })?;
-        self.s.put_entry(new_parent, new_name, &DirEntry { ino: src.ino, kind: src.kind, cookie: dst.cookie })?;
+        self.s.put_entry(
+            parent,
+            name,
+            &DirEntry {
+                ino: dst.ino,
+                kind: dst.kind,
+                cookie: src.cookie,
+            },
+        )?;
+        self.s.put_entry(
+            new_parent,
+            new_name,
+            &DirEntry {
+                ino: src.ino,
+                kind: src.kind,
+                cookie: dst.cookie,
+            },
+        )?;
         for (ino, to) in [(src.ino, new_parent), (dst.ino, parent)] {
             let mut inode = self.need(ino)?;
             inode.ctime = self.now();
@@ -639,7 +766,11 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
             self.put(inode);
         }
         if parent != new_parent && src_dir != dst_dir {
-            let (gaining, losing) = if src_dir { (new_parent, parent) } else { (parent, new_parent) };
+            let (gaining, losing) = if src_dir {
+                (new_parent, parent)
+            } else {
+                (parent, new_parent)
+            };
             self.dir_nlink(gaining, 1)?;
             self.dir_nlink(losing, -1)?;
         }
@@ -673,7 +804,12 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         self.begin();
         let t = self.now();
         let caller = self.cmd.caller.clone();
-        let any = perm.is_some() || uid.is_some() || gid.is_some() || size.is_some() || atime.is_some() || mtime.is_some();
+        let any = perm.is_some()
+            || uid.is_some()
+            || gid.is_some()
+            || size.is_some()
+            || atime.is_some()
+            || mtime.is_some();
         if let Some(uid) = uid {
             inode.uid = uid;
         }
@@ -752,7 +888,10 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
             _ => return Err(Errno::FileTooBig.into()),
         }
         if len == 0 {
-            return Ok(Outcome::Written { len: 0, attr: inode });
+            return Ok(Outcome::Written {
+                len: 0,
+                attr: inode,
+            });
         }
         self.begin();
         self.blocks().write(&mut inode, offset, data)?;
@@ -785,7 +924,8 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         };
         if zero {
             let size = inode.size;
-            self.blocks().zero(&mut inode, offset.min(size), end.min(size))?;
+            self.blocks()
+                .zero(&mut inode, offset.min(size), end.min(size))?;
         }
         if !keep_size && end > inode.size {
             inode.size = end;
@@ -796,19 +936,38 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         Ok(Outcome::Inode(inode))
     }
 
-    fn copy_range(&mut self, ino_in: Ino, offset_in: u64, ino_out: Ino, offset_out: u64, len: u64) -> Step<Outcome> {
+    fn copy_range(
+        &mut self,
+        ino_in: Ino,
+        offset_in: u64,
+        ino_out: Ino,
+        offset_out: u64,
+        len: u64,
+    ) -> Step<Outcome> {
         let src = self.need_file(ino_in)?;
         let mut dst = self.need_file(ino_out)?;
         // Shorten to the end of the source and to one command's data, as copy_file_range may.
-        let mut n = if offset_in >= src.size { 0 } else { len.min(src.size - offset_in) };
+        let mut n = if offset_in >= src.size {
+            0
+        } else {
+            len.min(src.size - offset_in)
+        };
         // Block-aligned copies share blocks without reading them, so they may be longer.
-        let aligned = offset_in.is_multiple_of(BLOCK_BYTES) && offset_out.is_multiple_of(BLOCK_BYTES);
-        n = n.min(if aligned { COPY_BLOCKS_MAX * BLOCK_BYTES } else { WRITE_BYTES_MAX as u64 });
+        let aligned =
+            offset_in.is_multiple_of(BLOCK_BYTES) && offset_out.is_multiple_of(BLOCK_BYTES);
+        n = n.min(if aligned {
+            COPY_BLOCKS_MAX * BLOCK_BYTES
+        } else {
+            WRITE_BYTES_MAX as u64
+        });
         if offset_out >= FILE_BYTES_MAX && n > 0 {
             return Err(Errno::FileTooBig.into());
         }
         n = n.min(FILE_BYTES_MAX.saturating_sub(offset_out));
-        if ino_in == ino_out && offset_out < offset_in.saturating_add(n) && offset_in < offset_out.saturating_add(n) {
+        if ino_in == ino_out
+            && offset_out < offset_in.saturating_add(n)
+            && offset_in < offset_out.saturating_add(n)
+        {
             return Err(Errno::Inval.into());
         }
         if n == 0 {
@@ -816,7 +975,8 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         }
         self.begin();
         let src = if ino_in == ino_out { dst.clone() } else { src };
-        self.blocks().copy(&src, offset_in, &mut dst, offset_out, n)?;
+        self.blocks()
+            .copy(&src, offset_in, &mut dst, offset_out, n)?;
         self.finish_write(dst, offset_out + n, n)
     }
 
@@ -828,7 +988,13 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         Ok(())
     }
 
-    fn set_xattr(&mut self, ino: Ino, name: &[u8], value: &[u8], flags: XattrFlags) -> Step<Outcome> {
+    fn set_xattr(
+        &mut self,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        flags: XattrFlags,
+    ) -> Step<Outcome> {
         let mut inode = self.need(ino)?;
         Self::check_xattr_name(name)?;
         if value.len() > XATTR_VALUE_BYTES_MAX {
@@ -842,7 +1008,8 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         }
         if !exists {
             let names = self.s.xattr_names(ino)?;
-            let list_bytes: usize = names.iter().map(|n| n.len() + 1).sum::<usize>() + name.len() + 1;
+            let list_bytes: usize =
+                names.iter().map(|n| n.len() + 1).sum::<usize>() + name.len() + 1;
             if list_bytes > XATTR_LIST_BYTES_MAX {
                 return Err(Errno::NoSpace.into());
             }

@@ -69,7 +69,11 @@ pub fn read_range<R: StateRead + ?Sized>(
 
 /// SEEK_DATA: the first offset `>= offset` inside a stored block. A stored block counts as data
 /// as a whole (up to the size). `NoSuchOffset` (ENXIO) when `offset >= size` or no data follows.
-pub fn seek_data<R: StateRead + ?Sized>(r: &R, inode: &Inode, offset: u64) -> StoreResult<Result<u64, Errno>> {
+pub fn seek_data<R: StateRead + ?Sized>(
+    r: &R,
+    inode: &Inode,
+    offset: u64,
+) -> StoreResult<Result<u64, Errno>> {
     if offset >= inode.size {
         return Ok(Err(Errno::NoSuchOffset));
     }
@@ -89,7 +93,11 @@ pub fn seek_data<R: StateRead + ?Sized>(r: &R, inode: &Inode, offset: u64) -> St
 
 /// SEEK_HOLE: the first offset `>= offset` in a hole, or the size (the implicit hole at the end).
 /// `NoSuchOffset` (ENXIO) when `offset >= size`.
-pub fn seek_hole<R: StateRead + ?Sized>(r: &R, inode: &Inode, offset: u64) -> StoreResult<Result<u64, Errno>> {
+pub fn seek_hole<R: StateRead + ?Sized>(
+    r: &R,
+    inode: &Inode,
+    offset: u64,
+) -> StoreResult<Result<u64, Errno>> {
     if offset >= inode.size {
         return Ok(Err(Errno::NoSuchOffset));
     }
@@ -134,12 +142,17 @@ impl<S: StateWrite + ?Sized> Blocks<'_, S> {
     }
 
     fn load_hash(&self, hash: &Hash) -> StoreResult<Vec<u8>> {
-        let data = self
-            .s
-            .block_data(hash)?
-            .ok_or_else(|| StoreFault(format!("block {} is referenced but missing", hex::encode(hash))))?;
+        let data = self.s.block_data(hash)?.ok_or_else(|| {
+            StoreFault(format!(
+                "block {} is referenced but missing",
+                hex::encode(hash)
+            ))
+        })?;
         if sha256(&data) != *hash {
-            return Err(StoreFault(format!("block {} does not match its hash", hex::encode(hash))));
+            return Err(StoreFault(format!(
+                "block {} does not match its hash",
+                hex::encode(hash)
+            )));
         }
         Ok(data)
     }
@@ -172,7 +185,11 @@ impl<S: StateWrite + ?Sized> Blocks<'_, S> {
         debug_assert!(data.len() as u64 <= BLOCK_BYTES);
         let data = canonical(data);
         let old = self.s.block_hash(inode.ino, index)?;
-        let new = if data.is_empty() { None } else { Some(sha256(data)) };
+        let new = if data.is_empty() {
+            None
+        } else {
+            Some(sha256(data))
+        };
         if old == new {
             return Ok(());
         }
@@ -244,7 +261,13 @@ impl<S: StateWrite + ?Sized> Blocks<'_, S> {
     }
 
     /// Zero the part of block `index` that lies in `[start, end)`.
-    fn zero_within(&mut self, inode: &mut Inode, index: u64, start: u64, end: u64) -> StoreResult<()> {
+    fn zero_within(
+        &mut self,
+        inode: &mut Inode,
+        index: u64,
+        start: u64,
+        end: u64,
+    ) -> StoreResult<()> {
         let mut block = self.load(inode, index)?;
         let block_start = index * BLOCK_BYTES;
         let from = start.max(block_start) - block_start;
@@ -289,7 +312,10 @@ impl<S: StateWrite + ?Sized> Blocks<'_, S> {
         if let Some(hash) = new {
             let refs = self.s.block_refs(&hash)?;
             if refs == 0 {
-                return Err(StoreFault(format!("block {} is mapped but has no references", hex::encode(hash))));
+                return Err(StoreFault(format!(
+                    "block {} is mapped but has no references",
+                    hex::encode(hash)
+                )));
             }
             self.s.put_block_refs(&hash, refs + 1)?;
             self.s.put_block_hash(inode.ino, index, &hash)?;
@@ -310,14 +336,24 @@ impl<S: StateWrite + ?Sized> Blocks<'_, S> {
     /// Copy `n` bytes of `src` at `offset_in` to `dst` at `offset_out` (the ranges do not overlap
     /// if it is one file). Block-aligned whole blocks are shared by reference, not read; the rest
     /// is read and written. `src` must not be changed by the copy (distinct ranges).
-    pub fn copy(&mut self, src: &Inode, offset_in: u64, dst: &mut Inode, offset_out: u64, n: u64) -> StoreResult<()> {
+    pub fn copy(
+        &mut self,
+        src: &Inode,
+        offset_in: u64,
+        dst: &mut Inode,
+        offset_out: u64,
+        n: u64,
+    ) -> StoreResult<()> {
         let mut whole = 0u64;
         if offset_in.is_multiple_of(BLOCK_BYTES) && offset_out.is_multiple_of(BLOCK_BYTES) {
             whole = n / BLOCK_BYTES;
             let first_in = offset_in / BLOCK_BYTES;
             let first_out = offset_out / BLOCK_BYTES;
-            let stored: std::collections::BTreeMap<u64, Hash> =
-                self.s.block_hashes(src.ino, first_in, first_in + whole)?.into_iter().collect();
+            let stored: std::collections::BTreeMap<u64, Hash> = self
+                .s
+                .block_hashes(src.ino, first_in, first_in + whole)?
+                .into_iter()
+                .collect();
             for k in 0..whole {
                 self.share(dst, first_out + k, stored.get(&(first_in + k)).copied())?;
             }
@@ -334,7 +370,10 @@ impl<S: StateWrite + ?Sized> Blocks<'_, S> {
     pub fn read(&self, inode: &Inode, offset: u64, len: u64) -> StoreResult<Vec<u8>> {
         match read_range(&*self.s, inode, offset, len)? {
             Ok(data) => Ok(data),
-            Err(e) => Err(StoreFault(format!("reading inode {} for a copy: {e}", inode.ino))),
+            Err(e) => Err(StoreFault(format!(
+                "reading inode {} for a copy: {e}",
+                inode.ino
+            ))),
         }
     }
 }

@@ -52,7 +52,12 @@ impl StateRead for MemState {
         Ok(self.entries.get(&(parent, name.to_vec())).copied())
     }
 
-    fn entries_after(&self, parent: Ino, after: u64, max: usize) -> StoreResult<Vec<(Vec<u8>, DirEntry)>> {
+    fn entries_after(
+        &self,
+        parent: Ino,
+        after: u64,
+        max: usize,
+    ) -> StoreResult<Vec<(Vec<u8>, DirEntry)>> {
         let mut found: Vec<(Vec<u8>, DirEntry)> = self
             .entries
             .range((parent, Vec::new())..)
@@ -73,7 +78,11 @@ impl StateRead for MemState {
         if from >= to {
             return Ok(Vec::new());
         }
-        Ok(self.block_map.range((ino, from)..(ino, to)).map(|((_, i), h)| (*i, *h)).collect())
+        Ok(self
+            .block_map
+            .range((ino, from)..(ino, to))
+            .map(|((_, i), h)| (*i, *h))
+            .collect())
     }
 
     fn block_data(&self, hash: &Hash) -> StoreResult<Option<Vec<u8>>> {

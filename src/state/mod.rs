@@ -12,8 +12,9 @@ pub mod mem;
 pub mod txn;
 pub mod types;
 
+/// Unit and property tests; `tests::workload` gives other stores a random command stream.
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use command::{Command, CommandResult, FallocMode, Op, Outcome, RenameFlags, SetTime, XattrFlags};
 pub use error::{Errno, FsResult};

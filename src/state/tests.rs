@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 
-use crate::config::{BLOCK_BYTES, FILE_BYTES_MAX, LINK_COUNT_MAX, NAME_BYTES_MAX, RESULTS_RETAINED_PER_ORIGIN};
+use crate::config::{
+    BLOCK_BYTES, FILE_BYTES_MAX, LINK_COUNT_MAX, NAME_BYTES_MAX, RESULTS_RETAINED_PER_ORIGIN,
+};
 
 use super::apply::S_ISGID;
 use super::*;
@@ -16,11 +18,23 @@ fn ts(sec: i64) -> Timespec {
 }
 
 fn user(uid: u32, gid: u32) -> Caller {
-    Caller { uid, gid, groups: Vec::new(), pid: 1 }
+    Caller {
+        uid,
+        gid,
+        groups: Vec::new(),
+        pid: 1,
+    }
 }
 
 fn command(origin: NodeId, seq: u64, time: i64, caller: Caller, op: Op) -> Command {
-    Command { origin, seq, time: ts(time), caller, content_hash: sha256(op.payload()), op }
+    Command {
+        origin,
+        seq,
+        time: ts(time),
+        caller,
+        content_hash: sha256(op.payload()),
+        op,
+    }
 }
 
 /// A test harness: one state, commands from node 1 as root unless said otherwise.
@@ -33,8 +47,16 @@ struct H {
 impl H {
     /// An initialised state with node 1 registered.
     fn new() -> H {
-        let mut h = H { s: MemState::new(), seq: BTreeMap::new(), time: T0 };
-        h.ok(Op::Init { perm: 0o755, uid: 0, gid: 0 });
+        let mut h = H {
+            s: MemState::new(),
+            seq: BTreeMap::new(),
+            time: T0,
+        };
+        h.ok(Op::Init {
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+        });
         h.ok(Op::RegisterNode { node: 1 });
         h
     }
@@ -49,7 +71,11 @@ impl H {
         let before = self.s.clone();
         let r = apply(&mut self.s, cmd).expect("no store fault");
         if let Err(e) = &r {
-            assert!(self.s.same_namespace(&before), "failed command {:?} ({e:?}) changed the state", cmd.op);
+            assert!(
+                self.s.same_namespace(&before),
+                "failed command {:?} ({e:?}) changed the state",
+                cmd.op
+            );
         }
         check_invariants(&self.s).unwrap_or_else(|e| panic!("after {:?}: {e}", cmd.op));
         r
@@ -88,11 +114,20 @@ impl H {
     }
 
     fn lookup(&self, parent: Ino, name: &str) -> Option<Ino> {
-        self.s.entries.get(&(parent, name.as_bytes().to_vec())).map(|e| e.ino)
+        self.s
+            .entries
+            .get(&(parent, name.as_bytes().to_vec()))
+            .map(|e| e.ino)
     }
 
     fn mk(&mut self, parent: Ino, name: &str, kind: FileKind, perm: u32) -> Ino {
-        match self.ok(Op::MakeNode { parent, name: name.into(), kind, perm, rdev: 0 }) {
+        match self.ok(Op::MakeNode {
+            parent,
+            name: name.into(),
+            kind,
+            perm,
+            rdev: 0,
+        }) {
             Outcome::Inode(i) => i.ino,
             o => panic!("{o:?}"),
         }
@@ -107,7 +142,12 @@ impl H {
     }
 
     fn write(&mut self, ino: Ino, offset: u64, data: &[u8]) {
-        self.ok(Op::Write { ino, offset, data: data.to_vec(), append: false });
+        self.ok(Op::Write {
+            ino,
+            offset,
+            data: data.to_vec(),
+            append: false,
+        });
     }
 
     fn read(&self, ino: Ino) -> Vec<u8> {
@@ -116,24 +156,59 @@ impl H {
     }
 
     fn rename(&mut self, p: Ino, n: &str, np: Ino, nn: &str, flags: RenameFlags) -> CommandResult {
-        self.run(Op::Rename { parent: p, name: n.into(), new_parent: np, new_name: nn.into(), flags, origin_open: false })
+        self.run(Op::Rename {
+            parent: p,
+            name: n.into(),
+            new_parent: np,
+            new_name: nn.into(),
+            flags,
+            origin_open: false,
+        })
     }
 
     fn unlink(&mut self, parent: Ino, name: &str) -> CommandResult {
-        self.run(Op::Unlink { parent, name: name.into(), origin_open: false })
+        self.run(Op::Unlink {
+            parent,
+            name: name.into(),
+            origin_open: false,
+        })
     }
 
     fn chmod(&mut self, ino: Ino, perm: u32) -> Op {
-        Op::SetAttr { ino, perm: Some(perm), uid: None, gid: None, size: None, atime: None, mtime: None }
+        Op::SetAttr {
+            ino,
+            perm: Some(perm),
+            uid: None,
+            gid: None,
+            size: None,
+            atime: None,
+            mtime: None,
+        }
     }
 }
 
 fn truncate(ino: Ino, size: u64) -> Op {
-    Op::SetAttr { ino, perm: None, uid: None, gid: None, size: Some(size), atime: None, mtime: None }
+    Op::SetAttr {
+        ino,
+        perm: None,
+        uid: None,
+        gid: None,
+        size: Some(size),
+        atime: None,
+        mtime: None,
+    }
 }
 
 fn chown(ino: Ino, uid: Option<u32>, gid: Option<u32>) -> Op {
-    Op::SetAttr { ino, perm: None, uid, gid, size: None, atime: None, mtime: None }
+    Op::SetAttr {
+        ino,
+        perm: None,
+        uid,
+        gid,
+        size: None,
+        atime: None,
+        mtime: None,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -143,11 +218,21 @@ fn chown(ino: Ino, uid: Option<u32>, gid: Option<u32>) -> Op {
 fn init_creates_root_once() {
     let mut h = H::new();
     let root = h.attr(ROOT_INO);
-    assert_eq!((root.kind, root.parent, root.nlink, root.perm), (FileKind::Dir, ROOT_INO, 2, 0o755));
+    assert_eq!(
+        (root.kind, root.parent, root.nlink, root.perm),
+        (FileKind::Dir, ROOT_INO, 2, 0o755)
+    );
     assert_eq!(h.s.meta.next_ino, 2);
     assert_eq!(h.s.meta.next_cookie, 3);
     assert_eq!(h.s.meta.inode_count, 1);
-    assert_eq!(h.err(Op::Init { perm: 0o755, uid: 0, gid: 0 }), Errno::Exist);
+    assert_eq!(
+        h.err(Op::Init {
+            perm: 0o755,
+            uid: 0,
+            gid: 0
+        }),
+        Errno::Exist
+    );
 }
 
 #[test]
@@ -165,20 +250,35 @@ fn register_and_unregister_are_idempotent() {
 #[test]
 fn repeated_command_returns_first_result_and_changes_nothing() {
     let mut h = H::new();
-    let cmd = command(1, 100, T0 + 5, Caller::root(), Op::MakeNode {
-        parent: ROOT_INO,
-        name: b"f".to_vec(),
-        kind: FileKind::File,
-        perm: 0o644,
-        rdev: 0,
-    });
+    let cmd = command(
+        1,
+        100,
+        T0 + 5,
+        Caller::root(),
+        Op::MakeNode {
+            parent: ROOT_INO,
+            name: b"f".to_vec(),
+            kind: FileKind::File,
+            perm: 0o644,
+            rdev: 0,
+        },
+    );
     let first = apply(&mut h.s, &cmd).unwrap();
     assert!(first.is_ok());
     let after = h.s.clone();
     assert_eq!(apply(&mut h.s, &cmd).unwrap(), first);
     assert_eq!(h.s, after);
     // A failed result is remembered too.
-    let bad = command(1, 101, T0 + 6, Caller::root(), Op::Rmdir { parent: ROOT_INO, name: b"nope".to_vec() });
+    let bad = command(
+        1,
+        101,
+        T0 + 6,
+        Caller::root(),
+        Op::Rmdir {
+            parent: ROOT_INO,
+            name: b"nope".to_vec(),
+        },
+    );
     assert_eq!(apply(&mut h.s, &bad).unwrap(), Err(Errno::NoEnt));
     h.dir(ROOT_INO, "nope");
     assert_eq!(apply(&mut h.s, &bad).unwrap(), Err(Errno::NoEnt));
@@ -189,22 +289,44 @@ fn old_retries_are_stale_and_results_are_pruned() {
     let mut h = H::new();
     let op = Op::RegisterNode { node: 9 };
     let far = 10 + RESULTS_RETAINED_PER_ORIGIN;
-    apply(&mut h.s, &command(5, 3, T0, Caller::root(), op.clone())).unwrap().unwrap();
-    apply(&mut h.s, &command(5, far, T0, Caller::root(), op.clone())).unwrap().unwrap();
+    apply(&mut h.s, &command(5, 3, T0, Caller::root(), op.clone()))
+        .unwrap()
+        .unwrap();
+    apply(&mut h.s, &command(5, far, T0, Caller::root(), op.clone()))
+        .unwrap()
+        .unwrap();
     // seq 3 is below the retained window and its result is gone.
     assert!(!h.s.results.contains_key(&(5, 3)));
     let before = h.s.clone();
-    assert_eq!(apply(&mut h.s, &command(5, 4, T0, Caller::root(), op.clone())).unwrap(), Err(Errno::Stale));
+    assert_eq!(
+        apply(&mut h.s, &command(5, 4, T0, Caller::root(), op.clone())).unwrap(),
+        Err(Errno::Stale)
+    );
     assert_eq!(h.s, before, "a stale command records nothing");
     // Inside the window, an unseen seq still applies.
-    assert!(apply(&mut h.s, &command(5, far - 5, T0, Caller::root(), op)).unwrap().is_ok());
+    assert!(
+        apply(&mut h.s, &command(5, far - 5, T0, Caller::root(), op))
+            .unwrap()
+            .is_ok()
+    );
 }
 
 #[test]
 fn content_hash_mismatch_is_io_and_recorded() {
     let mut h = H::new();
     let f = h.file(ROOT_INO, "f");
-    let mut cmd = command(1, 50, T0 + 9, Caller::root(), Op::Write { ino: f, offset: 0, data: b"hi".to_vec(), append: false });
+    let mut cmd = command(
+        1,
+        50,
+        T0 + 9,
+        Caller::root(),
+        Op::Write {
+            ino: f,
+            offset: 0,
+            data: b"hi".to_vec(),
+            append: false,
+        },
+    );
     cmd.content_hash[0] ^= 1;
     let before = h.s.clone();
     assert_eq!(apply(&mut h.s, &cmd).unwrap(), Err(Errno::Io));
@@ -218,16 +340,24 @@ fn content_hash_mismatch_is_io_and_recorded() {
 #[test]
 fn make_node_sets_attributes_and_parent_times() {
     let mut h = H::new();
-    let r = h.run_as(user(1000, 100), Op::MakeNode {
-        parent: ROOT_INO,
-        name: b"f".to_vec(),
-        kind: FileKind::File,
-        perm: 0o640,
-        rdev: 7,
-    });
-    let Ok(Outcome::Inode(f)) = r else { panic!("{r:?}") };
+    let r = h.run_as(
+        user(1000, 100),
+        Op::MakeNode {
+            parent: ROOT_INO,
+            name: b"f".to_vec(),
+            kind: FileKind::File,
+            perm: 0o640,
+            rdev: 7,
+        },
+    );
+    let Ok(Outcome::Inode(f)) = r else {
+        panic!("{r:?}")
+    };
     let t = ts(h.time);
-    assert_eq!((f.uid, f.gid, f.perm, f.nlink, f.size, f.rdev), (1000, 100, 0o640, 1, 0, 0));
+    assert_eq!(
+        (f.uid, f.gid, f.perm, f.nlink, f.size, f.rdev),
+        (1000, 100, 0o640, 1, 0, 0)
+    );
     assert_eq!((f.atime, f.mtime, f.ctime, f.crtime), (t, t, t, t));
     let root = h.attr(ROOT_INO);
     assert_eq!((root.mtime, root.ctime, root.nlink), (t, t, 2));
@@ -236,7 +366,13 @@ fn make_node_sets_attributes_and_parent_times() {
     assert_eq!(h.attr(d).nlink, 2);
     assert_eq!(h.attr(d).parent, ROOT_INO);
     assert_eq!(h.attr(ROOT_INO).nlink, 3);
-    let c = match h.ok(Op::MakeNode { parent: d, name: b"c".to_vec(), kind: FileKind::CharDev, perm: 0o600, rdev: 0x0103 }) {
+    let c = match h.ok(Op::MakeNode {
+        parent: d,
+        name: b"c".to_vec(),
+        kind: FileKind::CharDev,
+        perm: 0o600,
+        rdev: 0x0103,
+    }) {
         Outcome::Inode(i) => i,
         o => panic!("{o:?}"),
     };
@@ -248,22 +384,49 @@ fn make_node_sets_attributes_and_parent_times() {
 #[test]
 fn names_are_checked() {
     let mut h = H::new();
-    let mk = |name: &[u8]| Op::MakeNode { parent: ROOT_INO, name: name.to_vec(), kind: FileKind::File, perm: 0o644, rdev: 0 };
+    let mk = |name: &[u8]| Op::MakeNode {
+        parent: ROOT_INO,
+        name: name.to_vec(),
+        kind: FileKind::File,
+        perm: 0o644,
+        rdev: 0,
+    };
     assert_eq!(h.err(mk(b"")), Errno::Inval);
     assert_eq!(h.err(mk(b"a/b")), Errno::Inval);
     assert_eq!(h.err(mk(b"a\0b")), Errno::Inval);
     assert_eq!(h.err(mk(b".")), Errno::Exist);
     assert_eq!(h.err(mk(b"..")), Errno::Exist);
-    assert_eq!(h.err(mk(&vec![b'x'; NAME_BYTES_MAX + 1])), Errno::NameTooLong);
+    assert_eq!(
+        h.err(mk(&vec![b'x'; NAME_BYTES_MAX + 1])),
+        Errno::NameTooLong
+    );
     h.ok(mk(&vec![b'x'; NAME_BYTES_MAX]));
     h.ok(mk(b"f"));
     assert_eq!(h.err(mk(b"f")), Errno::Exist);
     let f = h.lookup(ROOT_INO, "f").unwrap();
-    let in_file = Op::MakeNode { parent: f, name: b"x".to_vec(), kind: FileKind::File, perm: 0o644, rdev: 0 };
+    let in_file = Op::MakeNode {
+        parent: f,
+        name: b"x".to_vec(),
+        kind: FileKind::File,
+        perm: 0o644,
+        rdev: 0,
+    };
     assert_eq!(h.err(in_file), Errno::NotDir);
-    let nowhere = Op::MakeNode { parent: 999, name: b"x".to_vec(), kind: FileKind::Dir, perm: 0o755, rdev: 0 };
+    let nowhere = Op::MakeNode {
+        parent: 999,
+        name: b"x".to_vec(),
+        kind: FileKind::Dir,
+        perm: 0o755,
+        rdev: 0,
+    };
     assert_eq!(h.err(nowhere), Errno::NoEnt);
-    let sym = Op::MakeNode { parent: ROOT_INO, name: b"s".to_vec(), kind: FileKind::Symlink, perm: 0o777, rdev: 0 };
+    let sym = Op::MakeNode {
+        parent: ROOT_INO,
+        name: b"s".to_vec(),
+        kind: FileKind::Symlink,
+        perm: 0o777,
+        rdev: 0,
+    };
     assert_eq!(h.err(sym), Errno::Inval);
 }
 
@@ -271,31 +434,75 @@ fn names_are_checked() {
 fn setgid_directories_pass_on_their_group() {
     let mut h = H::new();
     let d = h.mk(ROOT_INO, "d", FileKind::Dir, 0o2775);
-    assert_eq!(h.attr(d).perm, 0o775, "mkdir keeps no setgid bit of its own (Linux)");
+    assert_eq!(
+        h.attr(d).perm,
+        0o775,
+        "mkdir keeps no setgid bit of its own (Linux)"
+    );
     h.ok(chown(d, Some(0), Some(50)));
     h.ok(h_chmod(d, 0o2775));
     assert_eq!(h.attr(d).perm & S_ISGID, S_ISGID);
-    let mk = |name: &str, kind, perm| Op::MakeNode { parent: d, name: name.into(), kind, perm, rdev: 0 };
+    let mk = |name: &str, kind, perm| Op::MakeNode {
+        parent: d,
+        name: name.into(),
+        kind,
+        perm,
+        rdev: 0,
+    };
     // A member keeps setgid on a file; the group comes from the directory.
-    let Ok(Outcome::Inode(a)) = h.run_as(Caller { uid: 7, gid: 8, groups: vec![50], pid: 1 }, mk("a", FileKind::File, 0o2755)) else { panic!() };
+    let Ok(Outcome::Inode(a)) = h.run_as(
+        Caller {
+            uid: 7,
+            gid: 8,
+            groups: vec![50],
+            pid: 1,
+        },
+        mk("a", FileKind::File, 0o2755),
+    ) else {
+        panic!()
+    };
     assert_eq!((a.gid, a.perm), (50, 0o2755));
     // A non-member loses it.
-    let Ok(Outcome::Inode(b)) = h.run_as(user(7, 8), mk("b", FileKind::File, 0o2755)) else { panic!() };
+    let Ok(Outcome::Inode(b)) = h.run_as(user(7, 8), mk("b", FileKind::File, 0o2755)) else {
+        panic!()
+    };
     assert_eq!((b.gid, b.perm), (50, 0o755));
     // A subdirectory inherits setgid.
-    let Ok(Outcome::Inode(sub)) = h.run_as(user(7, 8), mk("sub", FileKind::Dir, 0o755)) else { panic!() };
+    let Ok(Outcome::Inode(sub)) = h.run_as(user(7, 8), mk("sub", FileKind::Dir, 0o755)) else {
+        panic!()
+    };
     assert_eq!((sub.gid, sub.perm), (50, 0o2755));
     // Outside a setgid directory the caller's group is used.
-    let Ok(Outcome::Inode(c)) = h.run_as(user(7, 8), Op::MakeNode { parent: ROOT_INO, name: b"c".to_vec(), kind: FileKind::File, perm: 0o644, rdev: 0 }) else { panic!() };
+    let Ok(Outcome::Inode(c)) = h.run_as(
+        user(7, 8),
+        Op::MakeNode {
+            parent: ROOT_INO,
+            name: b"c".to_vec(),
+            kind: FileKind::File,
+            perm: 0o644,
+            rdev: 0,
+        },
+    ) else {
+        panic!()
+    };
     assert_eq!(c.gid, 8);
 }
 
 #[test]
 fn symlink_targets_are_checked() {
     let mut h = H::new();
-    let sym = |name: &str, target: Vec<u8>| Op::Symlink { parent: ROOT_INO, name: name.into(), target };
-    let Outcome::Inode(s) = h.ok(sym("s", b"/some/where".to_vec())) else { panic!() };
-    assert_eq!((s.kind, s.size, s.perm, s.nlink), (FileKind::Symlink, 11, 0o777, 1));
+    let sym = |name: &str, target: Vec<u8>| Op::Symlink {
+        parent: ROOT_INO,
+        name: name.into(),
+        target,
+    };
+    let Outcome::Inode(s) = h.ok(sym("s", b"/some/where".to_vec())) else {
+        panic!()
+    };
+    assert_eq!(
+        (s.kind, s.size, s.perm, s.nlink),
+        (FileKind::Symlink, 11, 0o777, 1)
+    );
     assert_eq!(h.err(sym("e", Vec::new())), Errno::NoEnt);
     assert_eq!(h.err(sym("l", vec![b'x'; 4096])), Errno::NameTooLong);
     h.ok(sym("m", vec![b'x'; 4095]));
@@ -310,14 +517,48 @@ fn link_counts_and_times() {
     let mut h = H::new();
     let f = h.file(ROOT_INO, "f");
     let d = h.dir(ROOT_INO, "d");
-    let Outcome::Inode(i) = h.ok(Op::Link { ino: f, new_parent: d, new_name: b"g".to_vec() }) else { panic!() };
+    let Outcome::Inode(i) = h.ok(Op::Link {
+        ino: f,
+        new_parent: d,
+        new_name: b"g".to_vec(),
+    }) else {
+        panic!()
+    };
     let t = ts(h.time);
     assert_eq!((i.nlink, i.ctime), (2, t));
     assert_eq!((h.attr(d).mtime, h.attr(d).ctime), (t, t));
-    assert_eq!(h.err(Op::Link { ino: f, new_parent: d, new_name: b"g".to_vec() }), Errno::Exist);
-    assert_eq!(h.err(Op::Link { ino: d, new_parent: ROOT_INO, new_name: b"dd".to_vec() }), Errno::Perm);
-    assert_eq!(h.err(Op::Link { ino: 999, new_parent: ROOT_INO, new_name: b"x".to_vec() }), Errno::NoEnt);
-    assert_eq!(h.err(Op::Link { ino: f, new_parent: f, new_name: b"x".to_vec() }), Errno::NotDir);
+    assert_eq!(
+        h.err(Op::Link {
+            ino: f,
+            new_parent: d,
+            new_name: b"g".to_vec()
+        }),
+        Errno::Exist
+    );
+    assert_eq!(
+        h.err(Op::Link {
+            ino: d,
+            new_parent: ROOT_INO,
+            new_name: b"dd".to_vec()
+        }),
+        Errno::Perm
+    );
+    assert_eq!(
+        h.err(Op::Link {
+            ino: 999,
+            new_parent: ROOT_INO,
+            new_name: b"x".to_vec()
+        }),
+        Errno::NoEnt
+    );
+    assert_eq!(
+        h.err(Op::Link {
+            ino: f,
+            new_parent: f,
+            new_name: b"x".to_vec()
+        }),
+        Errno::NotDir
+    );
     // Unlinking one name keeps the other.
     h.unlink(ROOT_INO, "f").unwrap();
     assert_eq!(h.attr(f).nlink, 1);
@@ -329,7 +570,17 @@ fn link_count_limit() {
     let mut h = H::new();
     let f = h.file(ROOT_INO, "f");
     h.s.inodes.get_mut(&f).unwrap().nlink = LINK_COUNT_MAX;
-    let cmd = command(1, 999, T0, Caller::root(), Op::Link { ino: f, new_parent: ROOT_INO, new_name: b"g".to_vec() });
+    let cmd = command(
+        1,
+        999,
+        T0,
+        Caller::root(),
+        Op::Link {
+            ino: f,
+            new_parent: ROOT_INO,
+            new_name: b"g".to_vec(),
+        },
+    );
     assert_eq!(apply(&mut h.s, &cmd).unwrap(), Err(Errno::TooManyLinks));
 }
 
@@ -339,7 +590,12 @@ fn unlink_errors_and_freeing() {
     let d = h.dir(ROOT_INO, "d");
     let f = h.file(d, "f");
     h.write(f, 0, b"data");
-    h.ok(Op::SetXattr { ino: f, name: b"user.a".to_vec(), value: b"v".to_vec(), flags: XattrFlags::Any });
+    h.ok(Op::SetXattr {
+        ino: f,
+        name: b"user.a".to_vec(),
+        value: b"v".to_vec(),
+        flags: XattrFlags::Any,
+    });
     assert_eq!(h.unlink(ROOT_INO, "d"), Err(Errno::IsDir));
     assert_eq!(h.unlink(d, "."), Err(Errno::IsDir));
     assert_eq!(h.unlink(d, "nope"), Err(Errno::NoEnt));
@@ -367,7 +623,8 @@ fn open_unlinked_files_wait_for_every_node() {
     // Node 1 did not hold it open: its release changes nothing.
     h.ok(Op::Release { ino: f });
     assert_eq!(h.s.orphans[&f].pending, vec![2, 3]);
-    h.run_from(2, Caller::root(), Op::Release { ino: f }).unwrap();
+    h.run_from(2, Caller::root(), Op::Release { ino: f })
+        .unwrap();
     assert_eq!(h.s.orphans[&f].pending, vec![3]);
     h.ok(Op::UnregisterNode { node: 3 });
     assert!(!h.s.inodes.contains_key(&f));
@@ -378,7 +635,11 @@ fn open_unlinked_files_wait_for_every_node() {
 fn origin_open_keeps_the_origin_pending() {
     let mut h = H::new();
     let f = h.file(ROOT_INO, "f");
-    h.ok(Op::Unlink { parent: ROOT_INO, name: b"f".to_vec(), origin_open: true });
+    h.ok(Op::Unlink {
+        parent: ROOT_INO,
+        name: b"f".to_vec(),
+        origin_open: true,
+    });
     assert_eq!(h.s.orphans[&f].pending, vec![1]);
     h.ok(Op::Release { ino: f });
     assert!(!h.s.inodes.contains_key(&f));
@@ -390,7 +651,10 @@ fn rmdir_cases() {
     let d = h.dir(ROOT_INO, "d");
     let e = h.dir(d, "e");
     h.file(ROOT_INO, "f");
-    let rm = |p: Ino, n: &str| Op::Rmdir { parent: p, name: n.into() };
+    let rm = |p: Ino, n: &str| Op::Rmdir {
+        parent: p,
+        name: n.into(),
+    };
     assert_eq!(h.err(rm(ROOT_INO, "f")), Errno::NotDir);
     assert_eq!(h.err(rm(ROOT_INO, "d")), Errno::NotEmpty);
     assert_eq!(h.err(rm(d, ".")), Errno::Inval);
@@ -415,25 +679,40 @@ fn rename_moves_with_a_new_cookie_and_times() {
     h.file(ROOT_INO, "stay");
     let stay_cookie = h.s.entries[&(ROOT_INO, b"stay".to_vec())].cookie;
     let old_cookie = h.s.entries[&(ROOT_INO, b"f".to_vec())].cookie;
-    h.rename(ROOT_INO, "f", d, "g", RenameFlags::default()).unwrap();
+    h.rename(ROOT_INO, "f", d, "g", RenameFlags::default())
+        .unwrap();
     let t = ts(h.time);
     assert_eq!(h.lookup(d, "g"), Some(f));
     assert_eq!(h.lookup(ROOT_INO, "f"), None);
     let new_cookie = h.s.entries[&(d, b"g".to_vec())].cookie;
     assert!(new_cookie > old_cookie);
-    assert_eq!(h.s.entries[&(ROOT_INO, b"stay".to_vec())].cookie, stay_cookie);
+    assert_eq!(
+        h.s.entries[&(ROOT_INO, b"stay".to_vec())].cookie,
+        stay_cookie
+    );
     assert_eq!(h.attr(f).ctime, t);
-    assert_eq!((h.attr(d).mtime, h.attr(d).ctime, h.attr(ROOT_INO).mtime), (t, t, t));
-    assert_eq!(h.rename(ROOT_INO, "f", d, "x", RenameFlags::default()), Err(Errno::NoEnt));
+    assert_eq!(
+        (h.attr(d).mtime, h.attr(d).ctime, h.attr(ROOT_INO).mtime),
+        (t, t, t)
+    );
+    assert_eq!(
+        h.rename(ROOT_INO, "f", d, "x", RenameFlags::default()),
+        Err(Errno::NoEnt)
+    );
 }
 
 #[test]
 fn rename_of_two_names_of_one_inode_does_nothing() {
     let mut h = H::new();
     let f = h.file(ROOT_INO, "f");
-    h.ok(Op::Link { ino: f, new_parent: ROOT_INO, new_name: b"g".to_vec() });
+    h.ok(Op::Link {
+        ino: f,
+        new_parent: ROOT_INO,
+        new_name: b"g".to_vec(),
+    });
     let before = h.s.clone();
-    h.rename(ROOT_INO, "f", ROOT_INO, "g", RenameFlags::default()).unwrap();
+    h.rename(ROOT_INO, "f", ROOT_INO, "g", RenameFlags::default())
+        .unwrap();
     assert!(h.s.same_namespace(&before));
     assert_eq!(h.attr(f).nlink, 2);
 }
@@ -447,20 +726,50 @@ fn rename_kind_conflicts() {
     h.file(ROOT_INO, "f");
     h.dir(ROOT_INO, "empty");
     let none = RenameFlags::default();
-    assert_eq!(h.rename(ROOT_INO, "a", ROOT_INO, "f", none), Err(Errno::NotDir));
-    assert_eq!(h.rename(ROOT_INO, "f", ROOT_INO, "a", none), Err(Errno::IsDir));
-    assert_eq!(h.rename(ROOT_INO, "a", ROOT_INO, "b", none), Err(Errno::NotEmpty));
+    assert_eq!(
+        h.rename(ROOT_INO, "a", ROOT_INO, "f", none),
+        Err(Errno::NotDir)
+    );
+    assert_eq!(
+        h.rename(ROOT_INO, "f", ROOT_INO, "a", none),
+        Err(Errno::IsDir)
+    );
+    assert_eq!(
+        h.rename(ROOT_INO, "a", ROOT_INO, "b", none),
+        Err(Errno::NotEmpty)
+    );
     assert_eq!(h.rename(ROOT_INO, "a", a, "x", none), Err(Errno::Inval));
     let sub = h.dir(a, "sub");
     assert_eq!(h.rename(ROOT_INO, "a", sub, "x", none), Err(Errno::Inval));
     // Target is an ancestor of the source.
-    assert_eq!(h.rename(a, "sub", ROOT_INO, "a", none), Err(Errno::NotEmpty));
-    let noreplace = RenameFlags { noreplace: true, exchange: false };
-    assert_eq!(h.rename(ROOT_INO, "f", ROOT_INO, "empty", noreplace), Err(Errno::Exist));
-    let both = RenameFlags { noreplace: true, exchange: true };
-    assert_eq!(h.rename(ROOT_INO, "f", ROOT_INO, "g", both), Err(Errno::Inval));
-    let exchange = RenameFlags { noreplace: false, exchange: true };
-    assert_eq!(h.rename(ROOT_INO, "f", ROOT_INO, "missing", exchange), Err(Errno::NoEnt));
+    assert_eq!(
+        h.rename(a, "sub", ROOT_INO, "a", none),
+        Err(Errno::NotEmpty)
+    );
+    let noreplace = RenameFlags {
+        noreplace: true,
+        exchange: false,
+    };
+    assert_eq!(
+        h.rename(ROOT_INO, "f", ROOT_INO, "empty", noreplace),
+        Err(Errno::Exist)
+    );
+    let both = RenameFlags {
+        noreplace: true,
+        exchange: true,
+    };
+    assert_eq!(
+        h.rename(ROOT_INO, "f", ROOT_INO, "g", both),
+        Err(Errno::Inval)
+    );
+    let exchange = RenameFlags {
+        noreplace: false,
+        exchange: true,
+    };
+    assert_eq!(
+        h.rename(ROOT_INO, "f", ROOT_INO, "missing", exchange),
+        Err(Errno::NoEnt)
+    );
     // Dir over an empty dir: replaced, link counts right.
     let root_nlink = h.attr(ROOT_INO).nlink;
     let empty = h.lookup(ROOT_INO, "empty").unwrap();
@@ -482,7 +791,10 @@ fn rename_moves_directories_between_parents() {
     let q = h.dir(ROOT_INO, "q");
     let d = h.dir(p, "d");
     h.rename(p, "d", q, "d", RenameFlags::default()).unwrap();
-    assert_eq!((h.attr(p).nlink, h.attr(q).nlink, h.attr(d).parent), (2, 3, q));
+    assert_eq!(
+        (h.attr(p).nlink, h.attr(q).nlink, h.attr(d).parent),
+        (2, 3, q)
+    );
 }
 
 #[test]
@@ -491,13 +803,15 @@ fn rename_replacing_the_last_name_frees_or_orphans() {
     let a = h.file(ROOT_INO, "a");
     let b = h.file(ROOT_INO, "b");
     h.write(b, 0, b"bbb");
-    h.rename(ROOT_INO, "a", ROOT_INO, "b", RenameFlags::default()).unwrap();
+    h.rename(ROOT_INO, "a", ROOT_INO, "b", RenameFlags::default())
+        .unwrap();
     assert!(!h.s.inodes.contains_key(&b) && h.s.blocks.is_empty());
     assert_eq!(h.lookup(ROOT_INO, "b"), Some(a));
     // With another node registered, the replaced inode is an orphan.
     h.ok(Op::RegisterNode { node: 2 });
     let c = h.file(ROOT_INO, "c");
-    h.rename(ROOT_INO, "b", ROOT_INO, "c", RenameFlags::default()).unwrap();
+    h.rename(ROOT_INO, "b", ROOT_INO, "c", RenameFlags::default())
+        .unwrap();
     assert_eq!(h.s.orphans[&c].pending, vec![2]);
 }
 
@@ -509,14 +823,39 @@ fn rename_exchange_swaps() {
     let d = h.dir(p, "x");
     let f = h.file(q, "y");
     let cx = h.s.entries[&(p, b"x".to_vec())].cookie;
-    h.rename(p, "x", q, "y", RenameFlags { noreplace: false, exchange: true }).unwrap();
+    h.rename(
+        p,
+        "x",
+        q,
+        "y",
+        RenameFlags {
+            noreplace: false,
+            exchange: true,
+        },
+    )
+    .unwrap();
     assert_eq!(h.lookup(p, "x"), Some(f));
     assert_eq!(h.lookup(q, "y"), Some(d));
     assert_eq!(h.s.entries[&(p, b"x".to_vec())].cookie, cx);
-    assert_eq!((h.attr(d).parent, h.attr(p).nlink, h.attr(q).nlink), (q, 2, 3));
+    assert_eq!(
+        (h.attr(d).parent, h.attr(p).nlink, h.attr(q).nlink),
+        (q, 2, 3)
+    );
     // Exchanging a directory with its own ancestor is refused.
     let inner = h.dir(d, "inner");
-    assert_eq!(h.rename(d, "inner", q, "y", RenameFlags { noreplace: false, exchange: true }), Err(Errno::Inval));
+    assert_eq!(
+        h.rename(
+            d,
+            "inner",
+            q,
+            "y",
+            RenameFlags {
+                noreplace: false,
+                exchange: true
+            }
+        ),
+        Err(Errno::Inval)
+    );
     let _ = inner;
 }
 
@@ -527,12 +866,19 @@ fn rename_exchange_swaps() {
 fn truncate_shrinks_and_grows_with_zeros() {
     let mut h = H::new();
     let f = h.file(ROOT_INO, "f");
-    let data: Vec<u8> = (0..(2 * BLOCK_BYTES + 100)).map(|i| (i % 251 + 1) as u8).collect();
+    let data: Vec<u8> = (0..(2 * BLOCK_BYTES + 100))
+        .map(|i| (i % 251 + 1) as u8)
+        .collect();
     h.write(f, 0, &data);
     assert_eq!(h.attr(f).blocks, 3);
     let cut = BLOCK_BYTES + 10;
-    let Outcome::Inode(i) = h.ok(truncate(f, cut)) else { panic!() };
-    assert_eq!((i.size, i.blocks, i.mtime, i.ctime), (cut, 2, ts(h.time), ts(h.time)));
+    let Outcome::Inode(i) = h.ok(truncate(f, cut)) else {
+        panic!()
+    };
+    assert_eq!(
+        (i.size, i.blocks, i.mtime, i.ctime),
+        (cut, 2, ts(h.time), ts(h.time))
+    );
     h.ok(truncate(f, 3 * BLOCK_BYTES));
     let got = h.read(f);
     assert_eq!(&got[..cut as usize], &data[..cut as usize]);
@@ -540,7 +886,13 @@ fn truncate_shrinks_and_grows_with_zeros() {
     assert_eq!(got.len() as u64, 3 * BLOCK_BYTES);
     let d = h.dir(ROOT_INO, "d");
     assert_eq!(h.err(truncate(d, 0)), Errno::IsDir);
-    let Outcome::Inode(s) = h.ok(Op::Symlink { parent: ROOT_INO, name: b"s".to_vec(), target: b"t".to_vec() }) else { panic!() };
+    let Outcome::Inode(s) = h.ok(Op::Symlink {
+        parent: ROOT_INO,
+        name: b"s".to_vec(),
+        target: b"t".to_vec(),
+    }) else {
+        panic!()
+    };
     assert_eq!(h.err(truncate(s.ino, 0)), Errno::Inval);
     assert_eq!(h.err(truncate(f, FILE_BYTES_MAX + 1)), Errno::FileTooBig);
     assert_eq!(h.err(truncate(999, 0)), Errno::NoEnt);
@@ -551,10 +903,18 @@ fn chown_and_chmod_clear_set_id_bits() {
     let mut h = H::new();
     let f = h.mk(ROOT_INO, "f", FileKind::File, 0o6755);
     h.ok(chown(f, Some(5), None));
-    assert_eq!(h.attr(f).perm, 0o755, "setuid and (group-executable) setgid cleared, even by root");
+    assert_eq!(
+        h.attr(f).perm,
+        0o755,
+        "setuid and (group-executable) setgid cleared, even by root"
+    );
     let g = h.mk(ROOT_INO, "g", FileKind::File, 0o6745);
     h.ok(chown(g, None, Some(5)));
-    assert_eq!(h.attr(g).perm, 0o2745, "setgid without group exec is mandatory locking: kept");
+    assert_eq!(
+        h.attr(g).perm,
+        0o2745,
+        "setgid without group exec is mandatory locking: kept"
+    );
     let d = h.mk(ROOT_INO, "d", FileKind::Dir, 0o755);
     h.ok(h_chmod(d, 0o6755));
     h.ok(chown(d, Some(5), Some(5)));
@@ -564,13 +924,30 @@ fn chown_and_chmod_clear_set_id_bits() {
     h.ok(chown(u, Some(1000), Some(50)));
     h.run_as(user(1000, 100), h_chmod(u, 0o2755)).unwrap();
     assert_eq!(h.attr(u).perm, 0o755);
-    h.run_as(Caller { uid: 1000, gid: 100, groups: vec![50], pid: 0 }, h_chmod(u, 0o2755)).unwrap();
+    h.run_as(
+        Caller {
+            uid: 1000,
+            gid: 100,
+            groups: vec![50],
+            pid: 0,
+        },
+        h_chmod(u, 0o2755),
+    )
+    .unwrap();
     assert_eq!(h.attr(u).perm, 0o2755);
     assert_eq!(h.attr(u).ctime, ts(h.time));
 }
 
 fn h_chmod(ino: Ino, perm: u32) -> Op {
-    Op::SetAttr { ino, perm: Some(perm), uid: None, gid: None, size: None, atime: None, mtime: None }
+    Op::SetAttr {
+        ino,
+        perm: Some(perm),
+        uid: None,
+        gid: None,
+        size: None,
+        atime: None,
+        mtime: None,
+    }
 }
 
 #[test]
@@ -586,11 +963,23 @@ fn set_times() {
         atime: Some(SetTime::At(ts(5))),
         mtime: Some(SetTime::Now),
     };
-    let Outcome::Inode(i) = h.ok(op) else { panic!() };
+    let Outcome::Inode(i) = h.ok(op) else {
+        panic!()
+    };
     assert_eq!((i.atime, i.mtime, i.ctime), (ts(5), ts(h.time), ts(h.time)));
     // An explicit mtime wins over the truncate's.
-    let op = Op::SetAttr { ino: f, perm: None, uid: None, gid: None, size: Some(10), atime: None, mtime: Some(SetTime::At(ts(7))) };
-    let Outcome::Inode(i) = h.ok(op) else { panic!() };
+    let op = Op::SetAttr {
+        ino: f,
+        perm: None,
+        uid: None,
+        gid: None,
+        size: Some(10),
+        atime: None,
+        mtime: Some(SetTime::At(ts(7))),
+    };
+    let Outcome::Inode(i) = h.ok(op) else {
+        panic!()
+    };
     assert_eq!((i.size, i.mtime, i.ctime), (10, ts(7), ts(h.time)));
     let _ = h.chmod(f, 0);
 }
@@ -608,7 +997,14 @@ fn writes_across_blocks_append_and_dedup() {
     let mut want = vec![0u8; (BLOCK_BYTES + 2) as usize];
     want[(BLOCK_BYTES - 2) as usize..].copy_from_slice(b"abcd");
     assert_eq!(h.read(f), want);
-    let Outcome::Written { len, attr } = h.ok(Op::Write { ino: f, offset: 0, data: b"xyz".to_vec(), append: true }) else { panic!() };
+    let Outcome::Written { len, attr } = h.ok(Op::Write {
+        ino: f,
+        offset: 0,
+        data: b"xyz".to_vec(),
+        append: true,
+    }) else {
+        panic!()
+    };
     assert_eq!((len, attr.size), (3, BLOCK_BYTES + 5));
     // Identical blocks are stored once.
     let g = h.file(ROOT_INO, "g");
@@ -621,13 +1017,40 @@ fn writes_across_blocks_append_and_dedup() {
     h.write(g, 0, &vec![0u8; BLOCK_BYTES as usize]);
     assert_eq!(h.attr(g).blocks, 1);
     let d = h.dir(ROOT_INO, "d");
-    assert_eq!(h.err(Op::Write { ino: d, offset: 0, data: b"x".to_vec(), append: false }), Errno::IsDir);
+    assert_eq!(
+        h.err(Op::Write {
+            ino: d,
+            offset: 0,
+            data: b"x".to_vec(),
+            append: false
+        }),
+        Errno::IsDir
+    );
     let p = h.mk(ROOT_INO, "p", FileKind::Fifo, 0o644);
-    assert_eq!(h.err(Op::Write { ino: p, offset: 0, data: b"x".to_vec(), append: false }), Errno::Inval);
-    assert_eq!(h.err(Op::Write { ino: f, offset: FILE_BYTES_MAX, data: b"x".to_vec(), append: false }), Errno::FileTooBig);
+    assert_eq!(
+        h.err(Op::Write {
+            ino: p,
+            offset: 0,
+            data: b"x".to_vec(),
+            append: false
+        }),
+        Errno::Inval
+    );
+    assert_eq!(
+        h.err(Op::Write {
+            ino: f,
+            offset: FILE_BYTES_MAX,
+            data: b"x".to_vec(),
+            append: false
+        }),
+        Errno::FileTooBig
+    );
     let before = h.s.clone();
     h.write(f, 5, b"");
-    assert!(h.s.same_namespace(&before), "an empty write changes nothing");
+    assert!(
+        h.s.same_namespace(&before),
+        "an empty write changes nothing"
+    );
 }
 
 #[test]
@@ -636,7 +1059,16 @@ fn writes_by_others_clear_setuid() {
     let f = h.mk(ROOT_INO, "f", FileKind::File, 0o6777);
     h.write(f, 0, b"root keeps");
     assert_eq!(h.attr(f).perm, 0o6777);
-    h.run_as(user(5, 5), Op::Write { ino: f, offset: 0, data: b"x".to_vec(), append: false }).unwrap();
+    h.run_as(
+        user(5, 5),
+        Op::Write {
+            ino: f,
+            offset: 0,
+            data: b"x".to_vec(),
+            append: false,
+        },
+    )
+    .unwrap();
     assert_eq!(h.attr(f).perm, 0o777);
 }
 
@@ -646,13 +1078,24 @@ fn fallocate_modes() {
     let f = h.file(ROOT_INO, "f");
     let data = vec![9u8; (2 * BLOCK_BYTES + 10) as usize];
     h.write(f, 0, &data);
-    let fa = |offset, len, mode| Op::Fallocate { ino: f, offset, len, mode };
+    let fa = |offset, len, mode| Op::Fallocate {
+        ino: f,
+        offset,
+        len,
+        mode,
+    };
     h.ok(fa(10, 2 * BLOCK_BYTES, FallocMode::PunchHole));
     let got = h.read(f);
     assert_eq!(got.len(), data.len());
     assert!(got[..10].iter().all(|b| *b == 9));
-    assert!(got[10..(2 * BLOCK_BYTES + 10) as usize].iter().all(|b| *b == 0));
-    assert_eq!(h.attr(f).blocks, 1, "the whole middle block is a hole, the tail block is all zeros too");
+    assert!(got[10..(2 * BLOCK_BYTES + 10) as usize]
+        .iter()
+        .all(|b| *b == 0));
+    assert_eq!(
+        h.attr(f).blocks,
+        1,
+        "the whole middle block is a hole, the tail block is all zeros too"
+    );
     let size = h.attr(f).size;
     h.ok(fa(size, 100, FallocMode::Allocate { keep_size: true }));
     assert_eq!(h.attr(f).size, size);
@@ -661,11 +1104,30 @@ fn fallocate_modes() {
     h.ok(fa(0, 5, FallocMode::ZeroRange { keep_size: false }));
     assert!(h.read(f)[..10].iter().all(|b| *b == 0 || *b == 9));
     assert_eq!(h.read(f)[..5], [0u8; 5]);
-    h.ok(fa(size + 100, 50, FallocMode::ZeroRange { keep_size: false }));
+    h.ok(fa(
+        size + 100,
+        50,
+        FallocMode::ZeroRange { keep_size: false },
+    ));
     assert_eq!(h.attr(f).size, size + 150);
     assert_eq!(h.err(fa(0, 0, FallocMode::PunchHole)), Errno::Inval);
-    assert_eq!(h.err(fa(FILE_BYTES_MAX, 1, FallocMode::Allocate { keep_size: false })), Errno::FileTooBig);
-    assert_eq!(h.err(Op::Fallocate { ino: ROOT_INO, offset: 0, len: 1, mode: FallocMode::PunchHole }), Errno::IsDir);
+    assert_eq!(
+        h.err(fa(
+            FILE_BYTES_MAX,
+            1,
+            FallocMode::Allocate { keep_size: false }
+        )),
+        Errno::FileTooBig
+    );
+    assert_eq!(
+        h.err(Op::Fallocate {
+            ino: ROOT_INO,
+            offset: 0,
+            len: 1,
+            mode: FallocMode::PunchHole
+        }),
+        Errno::IsDir
+    );
 }
 
 #[test]
@@ -674,15 +1136,27 @@ fn copy_range_copies_and_refuses_overlap() {
     let a = h.file(ROOT_INO, "a");
     let b = h.file(ROOT_INO, "b");
     h.write(a, 0, b"0123456789");
-    let cp = |ino_in, offset_in, ino_out, offset_out, len| Op::CopyRange { ino_in, offset_in, ino_out, offset_out, len };
-    let Outcome::Written { len, attr } = h.ok(cp(a, 2, b, 3, 100)) else { panic!() };
+    let cp = |ino_in, offset_in, ino_out, offset_out, len| Op::CopyRange {
+        ino_in,
+        offset_in,
+        ino_out,
+        offset_out,
+        len,
+    };
+    let Outcome::Written { len, attr } = h.ok(cp(a, 2, b, 3, 100)) else {
+        panic!()
+    };
     assert_eq!((len, attr.size), (8, 11));
     assert_eq!(h.read(b), b"\0\0\x0023456789");
     assert_eq!(h.err(cp(a, 0, a, 5, 10)), Errno::Inval);
-    let Outcome::Written { len, .. } = h.ok(cp(a, 0, a, 10, 5)) else { panic!() };
+    let Outcome::Written { len, .. } = h.ok(cp(a, 0, a, 10, 5)) else {
+        panic!()
+    };
     assert_eq!(len, 5);
     assert_eq!(h.read(a), b"012345678901234");
-    let Outcome::Written { len, .. } = h.ok(cp(a, 100, b, 0, 5)) else { panic!() };
+    let Outcome::Written { len, .. } = h.ok(cp(a, 100, b, 0, 5)) else {
+        panic!()
+    };
     assert_eq!(len, 0);
     assert_eq!(h.err(cp(ROOT_INO, 0, b, 0, 5)), Errno::IsDir);
 }
@@ -692,14 +1166,31 @@ fn aligned_copies_share_blocks() {
     let mut h = H::new();
     let a = h.file(ROOT_INO, "a");
     let b = h.file(ROOT_INO, "b");
-    let data: Vec<u8> = (0..3 * BLOCK_BYTES + 10).map(|i| (i % 13) as u8 + 1).collect();
+    let data: Vec<u8> = (0..3 * BLOCK_BYTES + 10)
+        .map(|i| (i % 13) as u8 + 1)
+        .collect();
     h.write(a, 0, &data);
     h.write(a, BLOCK_BYTES, &vec![0u8; BLOCK_BYTES as usize]);
     let stored = h.s.blocks.len();
-    let cp = Op::CopyRange { ino_in: a, offset_in: 0, ino_out: b, offset_out: BLOCK_BYTES, len: 10 * BLOCK_BYTES };
-    let Outcome::Written { len, attr } = h.ok(cp) else { panic!() };
-    assert_eq!((len, attr.size), (data.len() as u64, BLOCK_BYTES + data.len() as u64));
-    assert_eq!(h.s.blocks.len(), stored, "every block is shared (the tail by content)");
+    let cp = Op::CopyRange {
+        ino_in: a,
+        offset_in: 0,
+        ino_out: b,
+        offset_out: BLOCK_BYTES,
+        len: 10 * BLOCK_BYTES,
+    };
+    let Outcome::Written { len, attr } = h.ok(cp) else {
+        panic!()
+    };
+    assert_eq!(
+        (len, attr.size),
+        (data.len() as u64, BLOCK_BYTES + data.len() as u64)
+    );
+    assert_eq!(
+        h.s.blocks.len(),
+        stored,
+        "every block is shared (the tail by content)"
+    );
     assert_eq!(attr.blocks, 3, "the hole stays a hole");
     assert_eq!(h.read(b)[BLOCK_BYTES as usize..], h.read(a)[..]);
 }
@@ -711,20 +1202,57 @@ fn aligned_copies_share_blocks() {
 fn xattr_cases() {
     let mut h = H::new();
     let f = h.file(ROOT_INO, "f");
-    let set = |name: &[u8], value: Vec<u8>, flags| Op::SetXattr { ino: f, name: name.to_vec(), value, flags };
+    let set = |name: &[u8], value: Vec<u8>, flags| Op::SetXattr {
+        ino: f,
+        name: name.to_vec(),
+        value,
+        flags,
+    };
     h.ok(set(b"user.a", b"1".to_vec(), XattrFlags::Create));
     assert_eq!(h.attr(f).ctime, ts(h.time));
-    assert_eq!(h.err(set(b"user.a", b"2".to_vec(), XattrFlags::Create)), Errno::Exist);
-    assert_eq!(h.err(set(b"user.b", b"2".to_vec(), XattrFlags::Replace)), Errno::NoData);
+    assert_eq!(
+        h.err(set(b"user.a", b"2".to_vec(), XattrFlags::Create)),
+        Errno::Exist
+    );
+    assert_eq!(
+        h.err(set(b"user.b", b"2".to_vec(), XattrFlags::Replace)),
+        Errno::NoData
+    );
     h.ok(set(b"user.a", b"2".to_vec(), XattrFlags::Replace));
     assert_eq!(h.s.xattrs[&(f, b"user.a".to_vec())], b"2");
-    assert_eq!(h.err(set(b"", b"2".to_vec(), XattrFlags::Any)), Errno::Range);
-    assert_eq!(h.err(set(&[b'n'; 256], b"2".to_vec(), XattrFlags::Any)), Errno::Range);
-    assert_eq!(h.err(set(b"user.big", vec![1; 64 * 1024 + 1], XattrFlags::Any)), Errno::TooBig);
+    assert_eq!(
+        h.err(set(b"", b"2".to_vec(), XattrFlags::Any)),
+        Errno::Range
+    );
+    assert_eq!(
+        h.err(set(&[b'n'; 256], b"2".to_vec(), XattrFlags::Any)),
+        Errno::Range
+    );
+    assert_eq!(
+        h.err(set(b"user.big", vec![1; 64 * 1024 + 1], XattrFlags::Any)),
+        Errno::TooBig
+    );
     h.ok(set(b"user.max", vec![1; 64 * 1024], XattrFlags::Any));
-    assert_eq!(h.err(Op::RemoveXattr { ino: f, name: b"user.zz".to_vec() }), Errno::NoData);
-    h.ok(Op::RemoveXattr { ino: f, name: b"user.a".to_vec() });
-    assert_eq!(h.err(Op::SetXattr { ino: 999, name: b"user.a".to_vec(), value: Vec::new(), flags: XattrFlags::Any }), Errno::NoEnt);
+    assert_eq!(
+        h.err(Op::RemoveXattr {
+            ino: f,
+            name: b"user.zz".to_vec()
+        }),
+        Errno::NoData
+    );
+    h.ok(Op::RemoveXattr {
+        ino: f,
+        name: b"user.a".to_vec(),
+    });
+    assert_eq!(
+        h.err(Op::SetXattr {
+            ino: 999,
+            name: b"user.a".to_vec(),
+            value: Vec::new(),
+            flags: XattrFlags::Any
+        }),
+        Errno::NoEnt
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -737,15 +1265,33 @@ fn seek_data_and_hole() {
     h.write(f, 2 * BLOCK_BYTES + 5, b"x");
     let i = h.attr(f);
     assert_eq!(seek_data(&h.s, &i, 0).unwrap(), Ok(2 * BLOCK_BYTES));
-    assert_eq!(seek_data(&h.s, &i, 2 * BLOCK_BYTES + 3).unwrap(), Ok(2 * BLOCK_BYTES + 3));
+    assert_eq!(
+        seek_data(&h.s, &i, 2 * BLOCK_BYTES + 3).unwrap(),
+        Ok(2 * BLOCK_BYTES + 3)
+    );
     assert_eq!(seek_hole(&h.s, &i, 0).unwrap(), Ok(0));
-    assert_eq!(seek_hole(&h.s, &i, 2 * BLOCK_BYTES + 1).unwrap(), Ok(i.size));
-    assert_eq!(seek_data(&h.s, &i, i.size).unwrap(), Err(Errno::NoSuchOffset));
-    assert_eq!(seek_hole(&h.s, &i, i.size).unwrap(), Err(Errno::NoSuchOffset));
+    assert_eq!(
+        seek_hole(&h.s, &i, 2 * BLOCK_BYTES + 1).unwrap(),
+        Ok(i.size)
+    );
+    assert_eq!(
+        seek_data(&h.s, &i, i.size).unwrap(),
+        Err(Errno::NoSuchOffset)
+    );
+    assert_eq!(
+        seek_hole(&h.s, &i, i.size).unwrap(),
+        Err(Errno::NoSuchOffset)
+    );
     h.ok(truncate(f, 5 * BLOCK_BYTES));
     let i = h.attr(f);
-    assert_eq!(seek_hole(&h.s, &i, 2 * BLOCK_BYTES).unwrap(), Ok(3 * BLOCK_BYTES));
-    assert_eq!(seek_data(&h.s, &i, 3 * BLOCK_BYTES).unwrap(), Err(Errno::NoSuchOffset));
+    assert_eq!(
+        seek_hole(&h.s, &i, 2 * BLOCK_BYTES).unwrap(),
+        Ok(3 * BLOCK_BYTES)
+    );
+    assert_eq!(
+        seek_data(&h.s, &i, 3 * BLOCK_BYTES).unwrap(),
+        Err(Errno::NoSuchOffset)
+    );
     // Works through a trait object too.
     let dyn_state: &dyn StateRead = &h.s;
     assert_eq!(seek_data(dyn_state, &i, 0).unwrap(), Ok(2 * BLOCK_BYTES));
@@ -761,7 +1307,18 @@ fn corrupt_blocks_read_as_io_errors() {
     let i = h.attr(f);
     assert_eq!(read_range(&h.s, &i, 0, 8).unwrap(), Err(Errno::Io));
     // A write over a corrupt block is a store fault, never silently kept.
-    let cmd = command(1, 1000, T0, Caller::root(), Op::Write { ino: f, offset: 1, data: b"x".to_vec(), append: false });
+    let cmd = command(
+        1,
+        1000,
+        T0,
+        Caller::root(),
+        Op::Write {
+            ino: f,
+            offset: 1,
+            data: b"x".to_vec(),
+            append: false,
+        },
+    );
     assert!(apply(&mut h.s, &cmd).is_err());
 }
 
@@ -772,22 +1329,47 @@ fn cookies_stay_stable_and_are_never_reused() {
         h.file(ROOT_INO, n);
     }
     let listing = |h: &H| -> Vec<(Vec<u8>, u64)> {
-        h.s.entries_after(ROOT_INO, 0, 100).unwrap().into_iter().map(|(n, e)| (n, e.cookie)).collect()
+        h.s.entries_after(ROOT_INO, 0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|(n, e)| (n, e.cookie))
+            .collect()
     };
-    assert_eq!(listing(&h), vec![(b"a".to_vec(), 3), (b"b".to_vec(), 4), (b"c".to_vec(), 5)]);
+    assert_eq!(
+        listing(&h),
+        vec![(b"a".to_vec(), 3), (b"b".to_vec(), 4), (b"c".to_vec(), 5)]
+    );
     h.unlink(ROOT_INO, "b").unwrap();
     h.file(ROOT_INO, "b");
-    h.rename(ROOT_INO, "a", ROOT_INO, "z", RenameFlags::default()).unwrap();
-    assert_eq!(listing(&h), vec![(b"c".to_vec(), 5), (b"b".to_vec(), 6), (b"z".to_vec(), 7)]);
-    assert_eq!(h.s.entries_after(ROOT_INO, 5, 1).unwrap()[0].0, b"b".to_vec());
+    h.rename(ROOT_INO, "a", ROOT_INO, "z", RenameFlags::default())
+        .unwrap();
+    assert_eq!(
+        listing(&h),
+        vec![(b"c".to_vec(), 5), (b"b".to_vec(), 6), (b"z".to_vec(), 7)]
+    );
+    assert_eq!(
+        h.s.entries_after(ROOT_INO, 5, 1).unwrap()[0].0,
+        b"b".to_vec()
+    );
 }
 
 #[test]
 fn link_to_an_orphan_is_refused() {
     let mut h = H::new();
     let f = h.file(ROOT_INO, "f");
-    h.ok(Op::Unlink { parent: ROOT_INO, name: b"f".to_vec(), origin_open: true });
-    assert_eq!(h.err(Op::Link { ino: f, new_parent: ROOT_INO, new_name: b"g".to_vec() }), Errno::NoEnt);
+    h.ok(Op::Unlink {
+        parent: ROOT_INO,
+        name: b"f".to_vec(),
+        origin_open: true,
+    });
+    assert_eq!(
+        h.err(Op::Link {
+            ino: f,
+            new_parent: ROOT_INO,
+            new_name: b"g".to_vec()
+        }),
+        Errno::NoEnt
+    );
 }
 
 #[test]
@@ -795,8 +1377,21 @@ fn exchange_of_two_files_in_one_directory() {
     let mut h = H::new();
     let a = h.file(ROOT_INO, "a");
     let b = h.file(ROOT_INO, "b");
-    h.rename(ROOT_INO, "a", ROOT_INO, "b", RenameFlags { noreplace: false, exchange: true }).unwrap();
-    assert_eq!((h.lookup(ROOT_INO, "a"), h.lookup(ROOT_INO, "b")), (Some(b), Some(a)));
+    h.rename(
+        ROOT_INO,
+        "a",
+        ROOT_INO,
+        "b",
+        RenameFlags {
+            noreplace: false,
+            exchange: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        (h.lookup(ROOT_INO, "a"), h.lookup(ROOT_INO, "b")),
+        (Some(b), Some(a))
+    );
     assert_eq!((h.attr(a).ctime, h.attr(b).ctime), (ts(h.time), ts(h.time)));
 }
 
@@ -805,8 +1400,17 @@ fn subdirectory_count_limit() {
     let mut h = H::new();
     let d = h.dir(ROOT_INO, "d");
     h.s.inodes.get_mut(&d).unwrap().nlink = LINK_COUNT_MAX;
-    let op = Op::MakeNode { parent: d, name: b"x".to_vec(), kind: FileKind::Dir, perm: 0o755, rdev: 0 };
-    assert_eq!(apply(&mut h.s, &command(1, 999, T0, Caller::root(), op)).unwrap(), Err(Errno::TooManyLinks));
+    let op = Op::MakeNode {
+        parent: d,
+        name: b"x".to_vec(),
+        kind: FileKind::Dir,
+        perm: 0o755,
+        rdev: 0,
+    };
+    assert_eq!(
+        apply(&mut h.s, &command(1, 999, T0, Caller::root(), op)).unwrap(),
+        Err(Errno::TooManyLinks)
+    );
 }
 
 #[test]
@@ -816,8 +1420,16 @@ fn huge_sparse_files_up_to_the_limit() {
     h.write(f, FILE_BYTES_MAX - 1, b"z");
     let i = h.attr(f);
     assert_eq!((i.size, i.blocks), (FILE_BYTES_MAX, 1));
-    assert_eq!(read_range(&h.s, &i, FILE_BYTES_MAX - 3, 10).unwrap().unwrap(), b"\0\0z");
-    assert_eq!(seek_data(&h.s, &i, 0).unwrap(), Ok((FILE_BYTES_MAX - 1) / BLOCK_BYTES * BLOCK_BYTES));
+    assert_eq!(
+        read_range(&h.s, &i, FILE_BYTES_MAX - 3, 10)
+            .unwrap()
+            .unwrap(),
+        b"\0\0z"
+    );
+    assert_eq!(
+        seek_data(&h.s, &i, 0).unwrap(),
+        Ok((FILE_BYTES_MAX - 1) / BLOCK_BYTES * BLOCK_BYTES)
+    );
     h.ok(truncate(f, 1));
     assert_eq!(h.attr(f).blocks, 0);
 }
@@ -826,25 +1438,91 @@ fn huge_sparse_files_up_to_the_limit() {
 // Property tests: random command sequences against invariants and a content model.
 
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
-const OFFSETS: [u64; 8] = [0, 1, 100, BLOCK_BYTES - 3, BLOCK_BYTES, BLOCK_BYTES + 7, 2 * BLOCK_BYTES - 1, 3 * BLOCK_BYTES];
+const OFFSETS: [u64; 8] = [
+    0,
+    1,
+    100,
+    BLOCK_BYTES - 3,
+    BLOCK_BYTES,
+    BLOCK_BYTES + 7,
+    2 * BLOCK_BYTES - 1,
+    3 * BLOCK_BYTES,
+];
 const LENS: [u64; 6] = [0, 1, 5, 300, BLOCK_BYTES, BLOCK_BYTES + 3];
 
 #[derive(Clone, Debug)]
 enum A {
-    Make { dir: usize, name: usize, kind: u8 },
-    Link { file: usize, dir: usize, name: usize },
-    Unlink { dir: usize, name: usize, open: bool },
-    Rmdir { dir: usize, name: usize },
-    Rename { dir: usize, name: usize, dir2: usize, name2: usize, flags: u8, open: bool },
-    Write { file: usize, off: usize, len: usize, byte: u8, append: bool },
-    Truncate { file: usize, off: usize },
-    Falloc { file: usize, off: usize, len: usize, mode: u8 },
-    Copy { f1: usize, f2: usize, off1: usize, off2: usize, len: usize },
-    Xattr { any: usize, name: usize, remove: bool },
-    Chmod { any: usize, perm: u32, uid: Option<u32> },
-    Release { any: usize },
-    Register { node: u64, on: bool },
-    Retry { back: usize },
+    Make {
+        dir: usize,
+        name: usize,
+        kind: u8,
+    },
+    Link {
+        file: usize,
+        dir: usize,
+        name: usize,
+    },
+    Unlink {
+        dir: usize,
+        name: usize,
+        open: bool,
+    },
+    Rmdir {
+        dir: usize,
+        name: usize,
+    },
+    Rename {
+        dir: usize,
+        name: usize,
+        dir2: usize,
+        name2: usize,
+        flags: u8,
+        open: bool,
+    },
+    Write {
+        file: usize,
+        off: usize,
+        len: usize,
+        byte: u8,
+        append: bool,
+    },
+    Truncate {
+        file: usize,
+        off: usize,
+    },
+    Falloc {
+        file: usize,
+        off: usize,
+        len: usize,
+        mode: u8,
+    },
+    Copy {
+        f1: usize,
+        f2: usize,
+        off1: usize,
+        off2: usize,
+        len: usize,
+    },
+    Xattr {
+        any: usize,
+        name: usize,
+        remove: bool,
+    },
+    Chmod {
+        any: usize,
+        perm: u32,
+        uid: Option<u32>,
+    },
+    Release {
+        any: usize,
+    },
+    Register {
+        node: u64,
+        on: bool,
+    },
+    Retry {
+        back: usize,
+    },
 }
 
 fn arb_a() -> impl Strategy<Value = A> {
@@ -882,7 +1560,9 @@ fn pick<T: Copy>(items: &[T], i: usize) -> Option<T> {
 
 /// Bytes for a write: a pattern with zeros in it, so dedup and trailing-zero trimming both happen.
 fn pattern(len: u64, byte: u8) -> Vec<u8> {
-    (0..len).map(|i| if byte == 0 { 0 } else { ((i % 5) as u8) * byte }).collect()
+    (0..len)
+        .map(|i| if byte == 0 { 0 } else { ((i % 5) as u8) * byte })
+        .collect()
 }
 
 struct Model {
@@ -905,14 +1585,198 @@ impl Model {
     }
 }
 
+/// The command an action stands for in state `s` (None: nothing fits, or a retry).
+fn to_op(s: &MemState, a: A) -> Option<Op> {
+    let dirs: Vec<Ino> = s
+        .inodes
+        .values()
+        .filter(|i| i.kind == FileKind::Dir)
+        .map(|i| i.ino)
+        .collect();
+    let files: Vec<Ino> = s
+        .inodes
+        .values()
+        .filter(|i| i.kind == FileKind::File)
+        .map(|i| i.ino)
+        .collect();
+    let all: Vec<Ino> = s.inodes.keys().copied().chain([999]).collect();
+    Some(match a {
+        A::Make { dir, name, kind } => {
+            let parent = pick(&dirs, dir).unwrap_or(ROOT_INO);
+            let name = NAMES[name].into();
+            match kind {
+                0 => Op::MakeNode {
+                    parent,
+                    name,
+                    kind: FileKind::File,
+                    perm: 0o644,
+                    rdev: 0,
+                },
+                1 => Op::MakeNode {
+                    parent,
+                    name,
+                    kind: FileKind::Dir,
+                    perm: 0o755,
+                    rdev: 0,
+                },
+                2 => Op::Symlink {
+                    parent,
+                    name,
+                    target: b"target".to_vec(),
+                },
+                _ => Op::MakeNode {
+                    parent,
+                    name,
+                    kind: FileKind::Fifo,
+                    perm: 0o600,
+                    rdev: 0,
+                },
+            }
+        }
+        A::Link { file, dir, name } => Op::Link {
+            ino: pick(&all, file).unwrap(),
+            new_parent: pick(&dirs, dir).unwrap_or(ROOT_INO),
+            new_name: NAMES[name].into(),
+        },
+        A::Unlink { dir, name, open } => Op::Unlink {
+            parent: pick(&dirs, dir).unwrap_or(ROOT_INO),
+            name: NAMES[name].into(),
+            origin_open: open,
+        },
+        A::Rmdir { dir, name } => Op::Rmdir {
+            parent: pick(&dirs, dir).unwrap_or(ROOT_INO),
+            name: NAMES[name].into(),
+        },
+        A::Rename {
+            dir,
+            name,
+            dir2,
+            name2,
+            flags,
+            open,
+        } => Op::Rename {
+            parent: pick(&dirs, dir).unwrap_or(ROOT_INO),
+            name: NAMES[name].into(),
+            new_parent: pick(&dirs, dir2).unwrap_or(ROOT_INO),
+            new_name: NAMES[name2].into(),
+            flags: RenameFlags {
+                noreplace: flags == 3 || flags == 5,
+                exchange: flags == 4 || flags == 5,
+            },
+            origin_open: open,
+        },
+        A::Write {
+            file,
+            off,
+            len,
+            byte,
+            append,
+        } => match pick(&files, file) {
+            Some(ino) => Op::Write {
+                ino,
+                offset: OFFSETS[off],
+                data: pattern(LENS[len], byte),
+                append,
+            },
+            None => return None,
+        },
+        A::Truncate { file, off } => match pick(&files, file) {
+            Some(ino) => truncate(ino, OFFSETS[off] + off as u64),
+            None => return None,
+        },
+        A::Falloc {
+            file,
+            off,
+            len,
+            mode,
+        } => match pick(&files, file) {
+            Some(ino) => Op::Fallocate {
+                ino,
+                offset: OFFSETS[off],
+                len: LENS[len],
+                mode: match mode {
+                    0 => FallocMode::Allocate { keep_size: false },
+                    1 => FallocMode::Allocate { keep_size: true },
+                    2 => FallocMode::PunchHole,
+                    3 => FallocMode::ZeroRange { keep_size: false },
+                    _ => FallocMode::ZeroRange { keep_size: true },
+                },
+            },
+            None => return None,
+        },
+        A::Copy {
+            f1,
+            f2,
+            off1,
+            off2,
+            len,
+        } => match (pick(&files, f1), pick(&files, f2)) {
+            (Some(ino_in), Some(ino_out)) => Op::CopyRange {
+                ino_in,
+                offset_in: OFFSETS[off1],
+                ino_out,
+                offset_out: OFFSETS[off2],
+                len: LENS[len],
+            },
+            _ => return None,
+        },
+        A::Xattr { any, name, remove } => {
+            let ino = pick(&all, any).unwrap();
+            let name = [b"user.x".to_vec(), b"user.y".to_vec()][name].clone();
+            if remove {
+                Op::RemoveXattr { ino, name }
+            } else {
+                Op::SetXattr {
+                    ino,
+                    name,
+                    value: b"v".to_vec(),
+                    flags: XattrFlags::Any,
+                }
+            }
+        }
+        A::Chmod { any, perm, uid } => Op::SetAttr {
+            ino: pick(&all, any).unwrap(),
+            perm: Some(perm),
+            uid,
+            gid: None,
+            size: None,
+            atime: None,
+            mtime: Some(SetTime::Now),
+        },
+        A::Release { any } => {
+            let orphans: Vec<Ino> = s.orphans.keys().copied().collect();
+            Op::Release {
+                ino: pick(&orphans, any).or(pick(&all, any)).unwrap(),
+            }
+        }
+        A::Register { node, on } => {
+            if on {
+                Op::RegisterNode { node }
+            } else {
+                Op::UnregisterNode { node }
+            }
+        }
+        A::Retry { .. } => return None,
+    })
+}
+
 fn run_sequence(actions: Vec<A>) -> Result<(), TestCaseError> {
     let mut s = MemState::new();
     let mut replay = MemState::new();
     let mut history: Vec<(Command, CommandResult)> = Vec::new();
-    let mut model = Model { files: BTreeMap::new() };
+    let mut model = Model {
+        files: BTreeMap::new(),
+    };
     let mut seqs: BTreeMap<NodeId, u64> = BTreeMap::new();
     let mut time = T0;
-    let mut setup = vec![Op::Init { perm: 0o755, uid: 0, gid: 0 }, Op::RegisterNode { node: 1 }];
+    let mut setup = vec![
+        Op::Init {
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+        },
+        Op::RegisterNode { node: 1 },
+    ];
     setup.reverse();
     let mut actions = actions.into_iter();
     loop {
@@ -920,131 +1784,68 @@ fn run_sequence(actions: Vec<A>) -> Result<(), TestCaseError> {
             (op, 1)
         } else {
             let Some(a) = actions.next() else { break };
-            let dirs: Vec<Ino> = s.inodes.values().filter(|i| i.kind == FileKind::Dir).map(|i| i.ino).collect();
-            let files: Vec<Ino> = s.inodes.values().filter(|i| i.kind == FileKind::File).map(|i| i.ino).collect();
-            let all: Vec<Ino> = s.inodes.keys().copied().chain([999]).collect();
             let origin = 1 + (time as u64 % 3);
-            let op = match a {
-                A::Make { dir, name, kind } => {
-                    let parent = pick(&dirs, dir).unwrap_or(ROOT_INO);
-                    let name = NAMES[name].into();
-                    match kind {
-                        0 => Op::MakeNode { parent, name, kind: FileKind::File, perm: 0o644, rdev: 0 },
-                        1 => Op::MakeNode { parent, name, kind: FileKind::Dir, perm: 0o755, rdev: 0 },
-                        2 => Op::Symlink { parent, name, target: b"target".to_vec() },
-                        _ => Op::MakeNode { parent, name, kind: FileKind::Fifo, perm: 0o600, rdev: 0 },
-                    }
-                }
-                A::Link { file, dir, name } => Op::Link {
-                    ino: pick(&all, file).unwrap(),
-                    new_parent: pick(&dirs, dir).unwrap_or(ROOT_INO),
-                    new_name: NAMES[name].into(),
-                },
-                A::Unlink { dir, name, open } => {
-                    Op::Unlink { parent: pick(&dirs, dir).unwrap_or(ROOT_INO), name: NAMES[name].into(), origin_open: open }
-                }
-                A::Rmdir { dir, name } => Op::Rmdir { parent: pick(&dirs, dir).unwrap_or(ROOT_INO), name: NAMES[name].into() },
-                A::Rename { dir, name, dir2, name2, flags, open } => Op::Rename {
-                    parent: pick(&dirs, dir).unwrap_or(ROOT_INO),
-                    name: NAMES[name].into(),
-                    new_parent: pick(&dirs, dir2).unwrap_or(ROOT_INO),
-                    new_name: NAMES[name2].into(),
-                    flags: RenameFlags { noreplace: flags == 3 || flags == 5, exchange: flags == 4 || flags == 5 },
-                    origin_open: open,
-                },
-                A::Write { file, off, len, byte, append } => match pick(&files, file) {
-                    Some(ino) => Op::Write { ino, offset: OFFSETS[off], data: pattern(LENS[len], byte), append },
-                    None => continue,
-                },
-                A::Truncate { file, off } => match pick(&files, file) {
-                    Some(ino) => truncate(ino, OFFSETS[off] + off as u64),
-                    None => continue,
-                },
-                A::Falloc { file, off, len, mode } => match pick(&files, file) {
-                    Some(ino) => Op::Fallocate {
-                        ino,
-                        offset: OFFSETS[off],
-                        len: LENS[len],
-                        mode: match mode {
-                            0 => FallocMode::Allocate { keep_size: false },
-                            1 => FallocMode::Allocate { keep_size: true },
-                            2 => FallocMode::PunchHole,
-                            3 => FallocMode::ZeroRange { keep_size: false },
-                            _ => FallocMode::ZeroRange { keep_size: true },
-                        },
-                    },
-                    None => continue,
-                },
-                A::Copy { f1, f2, off1, off2, len } => match (pick(&files, f1), pick(&files, f2)) {
-                    (Some(ino_in), Some(ino_out)) => {
-                        Op::CopyRange { ino_in, offset_in: OFFSETS[off1], ino_out, offset_out: OFFSETS[off2], len: LENS[len] }
-                    }
-                    _ => continue,
-                },
-                A::Xattr { any, name, remove } => {
-                    let ino = pick(&all, any).unwrap();
-                    let name = [b"user.x".to_vec(), b"user.y".to_vec()][name].clone();
-                    if remove {
-                        Op::RemoveXattr { ino, name }
-                    } else {
-                        Op::SetXattr { ino, name, value: b"v".to_vec(), flags: XattrFlags::Any }
-                    }
-                }
-                A::Chmod { any, perm, uid } => Op::SetAttr {
-                    ino: pick(&all, any).unwrap(),
-                    perm: Some(perm),
-                    uid,
-                    gid: None,
-                    size: None,
-                    atime: None,
-                    mtime: Some(SetTime::Now),
-                },
-                A::Release { any } => {
-                    let orphans: Vec<Ino> = s.orphans.keys().copied().collect();
-                    Op::Release { ino: pick(&orphans, any).or(pick(&all, any)).unwrap() }
-                }
-                A::Register { node, on } => {
-                    if on {
-                        Op::RegisterNode { node }
-                    } else {
-                        Op::UnregisterNode { node }
-                    }
-                }
-                A::Retry { back } => {
-                    if history.is_empty() {
-                        continue;
-                    }
-                    let (cmd, first) = history[history.len() - 1 - back % history.len()].clone();
-                    let before = s.clone();
-                    let again = apply(&mut s, &cmd).unwrap();
-                    prop_assert_eq!(&again, &first, "retry of {:?}", cmd.op);
-                    prop_assert!(s == before, "a retry changed the state");
+            if let A::Retry { back } = a {
+                if history.is_empty() {
                     continue;
                 }
-            };
+                let (cmd, first) = history[history.len() - 1 - back % history.len()].clone();
+                let before = s.clone();
+                let again = apply(&mut s, &cmd).unwrap();
+                prop_assert_eq!(&again, &first, "retry of {:?}", cmd.op);
+                prop_assert!(s == before, "a retry changed the state");
+                continue;
+            }
+            let Some(op) = to_op(&s, a) else { continue };
             (op, origin)
         };
         time += 1;
         let seq = seqs.entry(origin).or_insert(0);
         *seq += 1;
-        let caller = if time % 4 == 0 { user(1000, 100) } else { Caller::root() };
+        let caller = if time % 4 == 0 {
+            user(1000, 100)
+        } else {
+            Caller::root()
+        };
         let cmd = command(origin, *seq, time, caller, op);
         let before = s.clone();
         let r = apply(&mut s, &cmd).unwrap();
         prop_assert_eq!(apply(&mut replay, &cmd).unwrap(), r.clone());
         if let Err(e) = &r {
-            prop_assert!(s.same_namespace(&before), "failed {:?} ({:?}) changed the state", cmd.op, e);
+            prop_assert!(
+                s.same_namespace(&before),
+                "failed {:?} ({:?}) changed the state",
+                cmd.op,
+                e
+            );
         }
         if let Err(why) = check_invariants(&s) {
-            return Err(TestCaseError::fail(format!("after {:?} -> {:?}: {why}", cmd.op, r)));
+            return Err(TestCaseError::fail(format!(
+                "after {:?} -> {:?}: {why}",
+                cmd.op, r
+            )));
         }
         // Update the content model.
         if r.is_ok() {
             match (&cmd.op, &r) {
-                (Op::MakeNode { kind: FileKind::File, .. }, Ok(Outcome::Inode(i))) => {
+                (
+                    Op::MakeNode {
+                        kind: FileKind::File,
+                        ..
+                    },
+                    Ok(Outcome::Inode(i)),
+                ) => {
                     model.files.insert(i.ino, Vec::new());
                 }
-                (Op::Write { ino, offset, data, append }, _) => {
+                (
+                    Op::Write {
+                        ino,
+                        offset,
+                        data,
+                        append,
+                    },
+                    _,
+                ) => {
                     let f = model.files.get_mut(ino).unwrap();
                     let at = if *append { f.len() } else { *offset as usize };
                     if !data.is_empty() {
@@ -1054,10 +1855,25 @@ fn run_sequence(actions: Vec<A>) -> Result<(), TestCaseError> {
                         f[at..at + data.len()].copy_from_slice(data);
                     }
                 }
-                (Op::SetAttr { ino, size: Some(size), .. }, _) => {
+                (
+                    Op::SetAttr {
+                        ino,
+                        size: Some(size),
+                        ..
+                    },
+                    _,
+                ) => {
                     model.files.get_mut(ino).unwrap().resize(*size as usize, 0);
                 }
-                (Op::Fallocate { ino, offset, len, mode }, _) => match mode {
+                (
+                    Op::Fallocate {
+                        ino,
+                        offset,
+                        len,
+                        mode,
+                    },
+                    _,
+                ) => match mode {
                     FallocMode::Allocate { keep_size } => {
                         if !keep_size {
                             model.grow(*ino, offset + len);
@@ -1071,10 +1887,19 @@ fn run_sequence(actions: Vec<A>) -> Result<(), TestCaseError> {
                         }
                     }
                 },
-                (Op::CopyRange { ino_in, offset_in, ino_out, offset_out, .. }, Ok(Outcome::Written { len, .. }))
-                    if *len > 0 =>
-                {
-                    let data = model.files[ino_in][*offset_in as usize..(*offset_in + *len) as usize].to_vec();
+                (
+                    Op::CopyRange {
+                        ino_in,
+                        offset_in,
+                        ino_out,
+                        offset_out,
+                        ..
+                    },
+                    Ok(Outcome::Written { len, .. }),
+                ) if *len > 0 => {
+                    let data = model.files[ino_in]
+                        [*offset_in as usize..(*offset_in + *len) as usize]
+                        .to_vec();
                     let f = model.files.get_mut(ino_out).unwrap();
                     let at = *offset_out as usize;
                     if f.len() < at + data.len() {
@@ -1090,13 +1915,25 @@ fn run_sequence(actions: Vec<A>) -> Result<(), TestCaseError> {
             let inode = &s.inodes[ino];
             prop_assert_eq!(inode.size, want.len() as u64);
             let got = read_range(&s, inode, 0, inode.size).unwrap().unwrap();
-            prop_assert!(&got == want, "content of {} differs after {:?}", ino, cmd.op);
+            prop_assert!(
+                &got == want,
+                "content of {} differs after {:?}",
+                ino,
+                cmd.op
+            );
         }
         history.push((cmd, r));
     }
     if std::env::var("STATE_STATS").is_ok() {
         let oks = history.iter().filter(|(_, r)| r.is_ok()).count();
-        eprintln!("cmds {} ok {} inodes {} blocks {} orphans {}", history.len(), oks, s.inodes.len(), s.blocks.len(), s.orphans.len());
+        eprintln!(
+            "cmds {} ok {} inodes {} blocks {} orphans {}",
+            history.len(),
+            oks,
+            s.inodes.len(),
+            s.blocks.len(),
+            s.orphans.len()
+        );
     }
     prop_assert!(s == replay, "replicas diverged");
     Ok(())
@@ -1131,4 +1968,62 @@ proptest! {
     fn random_namespace_changes_keep_invariants(actions in prop::collection::vec(arb_namespace(), 1..200)) {
         run_sequence(actions)?;
     }
+}
+
+/// A deterministic random workload for twin tests of other stores (redb against `MemState`):
+/// `len` commands from several origins, made against a `MemState` from `seed`, retries included.
+pub(crate) fn workload(seed: u64, len: usize) -> Vec<Command> {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &key);
+    let mut runner = TestRunner::new_with_rng(Config::default(), rng);
+    let strategy = arb_a();
+    let mut s = MemState::new();
+    let mut out: Vec<Command> = Vec::new();
+    let mut seqs: BTreeMap<NodeId, u64> = BTreeMap::new();
+    let mut time = T0;
+    let mut push = |s: &mut MemState, origin: NodeId, time: i64, op: Op| {
+        let seq = seqs.entry(origin).or_insert(0);
+        *seq += 1;
+        let caller = if time % 4 == 0 { user(1000, 100) } else { Caller::root() };
+        let cmd = command(origin, *seq, time, caller, op);
+        apply(s, &cmd).expect("MemState has no faults");
+        cmd
+    };
+    for op in [Op::Init { perm: 0o755, uid: 0, gid: 0 }, Op::RegisterNode { node: 1 }] {
+        time += 1;
+        let cmd = push(&mut s, 1, time, op);
+        out.push(cmd);
+    }
+    while out.len() < len {
+        let a = strategy.new_tree(&mut runner).expect("strategy").current();
+        if let A::Retry { back } = a {
+            let again = out[out.len() - 1 - back % out.len()].clone();
+            apply(&mut s, &again).expect("MemState has no faults");
+            out.push(again);
+            continue;
+        }
+        let Some(op) = to_op(&s, a) else { continue };
+        time += 1;
+        let origin = 1 + (time as u64 % 3);
+        let cmd = push(&mut s, origin, time, op);
+        out.push(cmd);
+    }
+    out
+}
+
+#[test]
+fn workload_is_deterministic_and_valid() {
+    let w = workload(7, 300);
+    assert_eq!(w, workload(7, 300));
+    let mut s = MemState::new();
+    let mut ok = 0;
+    for c in &w {
+        ok += usize::from(apply(&mut s, c).unwrap().is_ok());
+        check_invariants(&s).unwrap();
+    }
+    assert!(ok > 100, "most commands should apply ({ok})");
+    assert!(s.inodes.len() > 3);
 }

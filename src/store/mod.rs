@@ -31,6 +31,12 @@ pub use tables::{ReadView, StateTxn};
 use crate::state::{StoreFault, StoreResult};
 use tables::{LOCAL, LOG, RAFT_META};
 
+/// redb's page cache (read cache plus write buffer; redb's default is 1 GiB, which a 256 MiB write
+/// filled and kept). Reads of file data are served by the kernel's page cache of the redb file
+/// as well, so a small cache costs little.
+#[allow(dead_code)]
+pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 /// Map any redb (or I/O) error to a storage fault.
 pub(crate) fn fault(e: impl std::fmt::Display) -> StoreFault {
     StoreFault(format!("redb: {e}"))

@@ -1,0 +1,164 @@
+//! The byte layout of one RPC on one QUIC bidirectional stream (no I/O here, so it is testable alone).
+//!
+//! Request: `[MAGIC][VERSION][kind code]` then the body, then the sender finishes the stream.
+//! Reply: `[status]` then the payload: the handler's bytes (`STATUS_OK`) or a short UTF-8 reason
+//! (`STATUS_REFUSED`). Kind codes 1..=15 are Raft RPCs; 16..=63 are reserved for application RPCs
+//! (forwarding a proposal to the leader, read-index); a code we do not know is refused, not a crash.
+
+use crate::config::MESSAGE_BYTES_MAX;
+use crate::raft::network::RpcKind;
+
+/// First byte of every request: tells a pickbox frame from random bytes.
+pub const MAGIC: u8 = 0xB7;
+/// Framing version; a peer speaking another version is refused.
+pub const VERSION: u8 = 1;
+/// Bytes before the body of a request.
+pub const REQUEST_HEADER_BYTES: usize = 3;
+/// Bytes before the payload of a reply.
+pub const REPLY_HEADER_BYTES: usize = 1;
+/// Largest request or reply on the wire: the largest message plus its header.
+pub const FRAME_BYTES_MAX: usize = MESSAGE_BYTES_MAX + REQUEST_HEADER_BYTES;
+/// Longest refusal reason we send or keep.
+pub const REASON_BYTES_MAX: usize = 1024;
+/// Reply status: the payload is the handler's answer.
+pub const STATUS_OK: u8 = 0;
+/// Reply status: the request was refused; the payload says why.
+pub const STATUS_REFUSED: u8 = 1;
+/// First kind code reserved for application RPCs (not Raft).
+pub const APP_KIND_FIRST: u8 = 16;
+/// Last kind code we will ever assign.
+pub const KIND_LAST: u8 = 63;
+
+/// The wire code of a Raft RPC kind. Exhaustive on purpose: a new `RpcKind` variant must get its
+/// code here (Raft kinds below `APP_KIND_FIRST`, application kinds from it).
+pub fn kind_code(kind: RpcKind) -> u8 {
+    match kind {
+        RpcKind::AppendEntries => 1,
+        RpcKind::Vote => 2,
+        RpcKind::InstallSnapshot => 3,
+    }
+}
+
+/// The kind of a wire code, if we know it.
+pub fn kind_from_code(code: u8) -> Option<RpcKind> {
+    match code {
+        1 => Some(RpcKind::AppendEntries),
+        2 => Some(RpcKind::Vote),
+        3 => Some(RpcKind::InstallSnapshot),
+        _ => None,
+    }
+}
+
+/// Why a request frame was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Fewer bytes than a header.
+    #[error("frame of {0} bytes is shorter than the {REQUEST_HEADER_BYTES}-byte header")]
+    Short(usize),
+    /// The first byte is not `MAGIC`: not a pickbox frame.
+    #[error("bad magic byte {0:#04x}")]
+    Magic(u8),
+    /// A framing version we do not speak.
+    #[error("unsupported frame version {0}")]
+    Version(u8),
+    /// A kind code we do not know (garbled, or a newer peer).
+    #[error("unknown message kind {0}")]
+    Kind(u8),
+    /// More bytes than `FRAME_BYTES_MAX`.
+    #[error("message of {0} bytes is over the limit of {MESSAGE_BYTES_MAX}")]
+    TooLong(usize),
+}
+
+/// Build a request frame.
+pub fn encode_request(kind: RpcKind, body: &[u8]) -> Result<Vec<u8>, FrameError> {
+    if body.len() > MESSAGE_BYTES_MAX {
+        return Err(FrameError::TooLong(body.len()));
+    }
+    let mut f = Vec::with_capacity(REQUEST_HEADER_BYTES + body.len());
+    f.extend_from_slice(&[MAGIC, VERSION, kind_code(kind)]);
+    f.extend_from_slice(body);
+    Ok(f)
+}
+
+/// Split a request frame into its kind and body (the body is the rest of `frame`, moved out).
+pub fn decode_request(mut frame: Vec<u8>) -> Result<(RpcKind, Vec<u8>), FrameError> {
+    if frame.len() < REQUEST_HEADER_BYTES {
+        return Err(FrameError::Short(frame.len()));
+    }
+    if frame.len() > FRAME_BYTES_MAX {
+        return Err(FrameError::TooLong(frame.len() - REQUEST_HEADER_BYTES));
+    }
+    if frame[0] != MAGIC {
+        return Err(FrameError::Magic(frame[0]));
+    }
+    if frame[1] != VERSION {
+        return Err(FrameError::Version(frame[1]));
+    }
+    let kind = kind_from_code(frame[2]).ok_or(FrameError::Kind(frame[2]))?;
+    frame.drain(..REQUEST_HEADER_BYTES);
+    Ok((kind, frame))
+}
+
+/// A reply carrying the handler's answer.
+pub fn encode_ok(payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(REPLY_HEADER_BYTES + payload.len());
+    f.push(STATUS_OK);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A refusal, with its reason cut to `REASON_BYTES_MAX` (on a character boundary).
+pub fn encode_refused(reason: &str) -> Vec<u8> {
+    let mut end = reason.len().min(REASON_BYTES_MAX);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut f = Vec::with_capacity(REPLY_HEADER_BYTES + end);
+    f.push(STATUS_REFUSED);
+    f.extend_from_slice(&reason.as_bytes()[..end]);
+    f
+}
+
+/// A reply: the payload, or the peer's refusal reason.
+pub fn decode_reply(mut frame: Vec<u8>) -> Result<Result<Vec<u8>, String>, String> {
+    match frame.first().copied() {
+        None => Err("empty reply".into()),
+        Some(STATUS_OK) => {
+            frame.drain(..REPLY_HEADER_BYTES);
+            Ok(Ok(frame))
+        }
+        Some(STATUS_REFUSED) => {
+            let end = frame.len().min(REPLY_HEADER_BYTES + REASON_BYTES_MAX);
+            Ok(Err(String::from_utf8_lossy(&frame[REPLY_HEADER_BYTES..end]).into_owned()))
+        }
+        Some(s) => Err(format!("unknown reply status {s}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_bad_headers_are_refused() {
+        for kind in [RpcKind::AppendEntries, RpcKind::Vote, RpcKind::InstallSnapshot] {
+            assert!(kind_code(kind) < APP_KIND_FIRST);
+            let f = encode_request(kind, b"abc").unwrap();
+            assert_eq!(decode_request(f).unwrap(), (kind, b"abc".to_vec()));
+        }
+        assert_eq!(decode_request(vec![MAGIC, VERSION]), Err(FrameError::Short(2)));
+        assert_eq!(decode_request(vec![0, VERSION, 1]), Err(FrameError::Magic(0)));
+        assert_eq!(decode_request(vec![MAGIC, 9, 1]), Err(FrameError::Version(9)));
+        assert_eq!(decode_request(vec![MAGIC, VERSION, APP_KIND_FIRST]), Err(FrameError::Kind(APP_KIND_FIRST)));
+    }
+
+    #[test]
+    fn replies_round_trip_and_reasons_are_bounded() {
+        assert_eq!(decode_reply(encode_ok(b"x")).unwrap(), Ok(b"x".to_vec()));
+        let long = "é".repeat(REASON_BYTES_MAX);
+        let r = decode_reply(encode_refused(&long)).unwrap().unwrap_err();
+        assert!(r.len() <= REASON_BYTES_MAX && r.starts_with('é'));
+        assert!(decode_reply(vec![]).is_err());
+        assert!(decode_reply(vec![7]).is_err());
+    }
+}
