@@ -1987,12 +1987,23 @@ pub(crate) fn workload(seed: u64, len: usize) -> Vec<Command> {
     let mut push = |s: &mut MemState, origin: NodeId, time: i64, op: Op| {
         let seq = seqs.entry(origin).or_insert(0);
         *seq += 1;
-        let caller = if time % 4 == 0 { user(1000, 100) } else { Caller::root() };
+        let caller = if time % 4 == 0 {
+            user(1000, 100)
+        } else {
+            Caller::root()
+        };
         let cmd = command(origin, *seq, time, caller, op);
-        apply(s, &cmd).expect("MemState has no faults");
+        let _result = apply(s, &cmd).expect("MemState has no faults");
         cmd
     };
-    for op in [Op::Init { perm: 0o755, uid: 0, gid: 0 }, Op::RegisterNode { node: 1 }] {
+    for op in [
+        Op::Init {
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+        },
+        Op::RegisterNode { node: 1 },
+    ] {
         time += 1;
         let cmd = push(&mut s, 1, time, op);
         out.push(cmd);
@@ -2001,7 +2012,7 @@ pub(crate) fn workload(seed: u64, len: usize) -> Vec<Command> {
         let a = strategy.new_tree(&mut runner).expect("strategy").current();
         if let A::Retry { back } = a {
             let again = out[out.len() - 1 - back % out.len()].clone();
-            apply(&mut s, &again).expect("MemState has no faults");
+            let _first = apply(&mut s, &again).expect("MemState has no faults");
             out.push(again);
             continue;
         }
