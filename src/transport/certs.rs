@@ -52,7 +52,8 @@ pub fn node_name(id: NodeId) -> String {
 /// The node id in a certificate name made by `node_name`, if it is one.
 pub fn node_id_from_name(name: &str) -> Option<NodeId> {
     let digits = name.strip_prefix("node")?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || (digits.len() > 1 && digits.starts_with('0')) {
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || (digits.len() > 1 && digits.starts_with('0'))
+    {
         return None;
     }
     digits.parse().ok()
@@ -87,7 +88,11 @@ pub fn create_ca(dir: &Path) -> Result<(), CertError> {
     let key = KeyPair::generate().map_err(gen_err)?;
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, "pickbox cluster CA");
+    // A distinct name per CA, so a certificate from another pickbox cluster is "unknown issuer"
+    // rather than a signature mismatch under the same issuer name.
+    use sha2::Digest;
+    let tag = hex::encode(&sha2::Sha256::digest(key.public_key_raw())[..6]);
+    params.distinguished_name.push(DnType::CommonName, format!("pickbox cluster CA {tag}"));
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let cert = params.self_signed(&key).map_err(gen_err)?;
@@ -104,10 +109,8 @@ pub fn create_node_cert(ca_dir: &Path, name: &str, out_dir: &Path) -> Result<Nod
     let ca_key_pem = read_bounded(&ca_key_path)?;
     let ca_key = KeyPair::from_pem(&String::from_utf8_lossy(&ca_key_pem))
         .map_err(|e| CertError::Garbled { path: ca_key_path.clone(), reason: e.to_string() })?;
-    let issuer = Issuer::from_ca_cert_pem(&String::from_utf8_lossy(&ca_pem), ca_key).map_err(|e| CertError::Garbled {
-        path: ca_dir.join(CA_CERT_FILE),
-        reason: e.to_string(),
-    })?;
+    let issuer = Issuer::from_ca_cert_pem(&String::from_utf8_lossy(&ca_pem), ca_key)
+        .map_err(|e| CertError::Garbled { path: ca_dir.join(CA_CERT_FILE), reason: e.to_string() })?;
 
     std::fs::create_dir_all(out_dir).map_err(|source| CertError::Io { path: out_dir.to_path_buf(), source })?;
     let paths = NodeCertPaths::in_dir(out_dir, name);
@@ -214,7 +217,9 @@ impl NodeIdentity {
 
 /// The DNS names (SANs), or failing that the common names, of a DER certificate: for logs.
 pub fn cert_names(der: &[u8]) -> Vec<String> {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return vec!["<unparsable certificate>".into()] };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return vec!["<unparsable certificate>".into()];
+    };
     let mut names = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for n in &san.value.general_names {

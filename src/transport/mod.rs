@@ -19,11 +19,25 @@ pub use quic::{QuicConfig, QuicTransport, SetupError, TransportStats};
 
 use crate::raft::network::{BoxFuture, RpcKind};
 use crate::raft::Replica;
+use crate::state::NodeId;
 
 /// Serves the requests that arrive from peers: the body of one request in, the reply body out, or
 /// a reason for refusing it (sent back to the caller and logged).
 pub trait RpcHandler: Send + Sync + 'static {
     fn handle(&self, kind: RpcKind, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>>;
+}
+
+/// Decides whether an authenticated peer may make a request: `peer` is the node id in its
+/// certificate name (`None` if the name is not `node<N>`). Called for every request, so a peer
+/// removed from the membership is refused at once. Must be quick (no I/O).
+pub trait PeerAuthorizer: Send + Sync + 'static {
+    fn authorize(&self, peer: Option<NodeId>, kind: RpcKind) -> bool;
+}
+
+impl<F: Fn(Option<NodeId>, RpcKind) -> bool + Send + Sync + 'static> PeerAuthorizer for F {
+    fn authorize(&self, peer: Option<NodeId>, kind: RpcKind) -> bool {
+        self(peer, kind)
+    }
 }
 
 /// Serves Raft RPCs from a replica. Holds it weakly: the replica owns the transport, and a

@@ -4,8 +4,9 @@
 //! failed); one bidirectional stream per RPC, read to its end with a size limit on both sides.
 //! Architecture Invariant: nothing here decodes a message body; bodies go to the `RpcHandler`.
 //! Peers are authenticated (a certificate signed by the cluster CA, with ClientAuth), and the
-//! dialler checks that the server's certificate names the node it meant to reach; authorising an
-//! authenticated peer against the Raft membership is not done yet (only logged).
+//! dialler checks that the server's certificate names the node it meant to reach. Authorising an
+//! authenticated peer (for example against the Raft membership) is the job of an optional
+//! `PeerAuthorizer`, asked for every request; without one every CA-signed peer is served.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,9 +19,9 @@ use quinn::{Connection, ReadError, ReadToEndError, RecvStream, SendStream, VarIn
 use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 
-use super::certs::{cert_names, node_name, NodeIdentity};
+use super::certs::{cert_names, node_id_from_name, node_name, NodeIdentity};
 use super::frame::{self, FRAME_BYTES_MAX, REASON_BYTES_MAX, REPLY_HEADER_BYTES};
-use super::RpcHandler;
+use super::{PeerAuthorizer, RpcHandler};
 use crate::raft::network::{BoxFuture, PeerTransport, RpcKind, TransportError};
 use crate::state::NodeId;
 
@@ -78,6 +79,7 @@ pub struct TransportStats {
     pub messages_oversized: u64,
     pub messages_garbled: u64,
     pub handler_errors: u64,
+    pub requests_unauthorized: u64,
     pub dials: u64,
 }
 
@@ -89,6 +91,7 @@ struct Counters {
     messages_oversized: AtomicU64,
     messages_garbled: AtomicU64,
     handler_errors: AtomicU64,
+    requests_unauthorized: AtomicU64,
     dials: AtomicU64,
 }
 
@@ -108,6 +111,7 @@ struct Inner {
     node_id: NodeId,
     endpoint: quinn::Endpoint,
     handler: RwLock<Option<Arc<dyn RpcHandler>>>,
+    authorizer: RwLock<Option<Arc<dyn PeerAuthorizer>>>,
     peers: Mutex<HashMap<NodeId, PeerSlot>>,
     counters: Counters,
     connections: Arc<tokio::sync::Semaphore>,
@@ -143,7 +147,8 @@ fn configs(identity: &NodeIdentity) -> Result<(quinn::ServerConfig, quinn::Clien
         roots.add(ca.clone()).map_err(tls_err)?;
     }
     let roots = Arc::new(roots);
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build().map_err(tls_err)?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build().map_err(tls_err)?;
     let mut server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
@@ -167,7 +172,8 @@ fn configs(identity: &NodeIdentity) -> Result<(quinn::ServerConfig, quinn::Clien
         .max_idle_timeout(Some(VarInt::from_u32(IDLE_TIMEOUT_MS).into()));
     let transport = Arc::new(transport);
 
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls).map_err(tls_err)?));
+    let mut server =
+        quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls).map_err(tls_err)?));
     server.transport_config(transport.clone());
     let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls).map_err(tls_err)?));
     client.transport_config(transport);
@@ -187,13 +193,14 @@ impl QuicTransport {
     /// requests are refused until a handler is attached.
     pub fn bind(cfg: QuicConfig) -> Result<Arc<QuicTransport>, SetupError> {
         let (server, client) = configs(&cfg.identity)?;
-        let mut endpoint =
-            quinn::Endpoint::server(server, cfg.listen).map_err(|source| SetupError::Bind { addr: cfg.listen, source })?;
+        let mut endpoint = quinn::Endpoint::server(server, cfg.listen)
+            .map_err(|source| SetupError::Bind { addr: cfg.listen, source })?;
         endpoint.set_default_client_config(client);
         let inner = Arc::new(Inner {
             node_id: cfg.node_id,
             endpoint,
             handler: RwLock::new(None),
+            authorizer: RwLock::new(None),
             peers: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             connections: Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX)),
@@ -213,6 +220,12 @@ impl QuicTransport {
         *self.inner.handler.write().unwrap_or_else(|e| e.into_inner()) = Some(handler);
     }
 
+    /// Check every incoming request's peer with `authorizer` from now on (for example against the
+    /// Raft membership). Without one, any peer with a certificate from the cluster CA is served.
+    pub fn set_authorizer(&self, authorizer: Arc<dyn PeerAuthorizer>) {
+        *self.inner.authorizer.write().unwrap_or_else(|e| e.into_inner()) = Some(authorizer);
+    }
+
     /// Refuse incoming requests again (for example while the replica shuts down).
     pub fn detach(&self) {
         *self.inner.handler.write().unwrap_or_else(|e| e.into_inner()) = None;
@@ -229,6 +242,7 @@ impl QuicTransport {
             messages_oversized: g(&c.messages_oversized),
             messages_garbled: g(&c.messages_garbled),
             handler_errors: g(&c.handler_errors),
+            requests_unauthorized: g(&c.requests_unauthorized),
             dials: g(&c.dials),
         }
     }
@@ -263,11 +277,18 @@ impl Drop for QuicTransport {
 }
 
 impl PeerTransport for QuicTransport {
-    fn call(&self, target: NodeId, addr: &str, kind: RpcKind, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, TransportError>> {
+    fn call(
+        &self,
+        target: NodeId,
+        addr: &str,
+        kind: RpcKind,
+        body: Vec<u8>,
+    ) -> BoxFuture<Result<Vec<u8>, TransportError>> {
         let inner = self.inner.clone();
         let addr = addr.to_string();
         Box::pin(async move {
-            let frame = frame::encode_request(kind, &body).map_err(|e| TransportError::Network(target, e.to_string()))?;
+            let frame =
+                frame::encode_request(kind, &body).map_err(|e| TransportError::Network(target, e.to_string()))?;
             drop(body);
             inner.exchange(target, &addr, frame).await
         })
@@ -344,11 +365,16 @@ impl Inner {
         *cached = None;
         bump(&self.counters.dials);
         let name = node_name(target);
-        let connecting =
-            self.endpoint.connect(addr, &name).map_err(|e| TransportError::Unreachable(target, format!("dial {addr}: {e}")))?;
+        let connecting = self
+            .endpoint
+            .connect(addr, &name)
+            .map_err(|e| TransportError::Unreachable(target, format!("dial {addr}: {e}")))?;
         let conn = match tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connecting).await {
             Err(_) => {
-                return Err(TransportError::Unreachable(target, format!("dial {addr}: no answer within {CONNECT_TIMEOUT_MS} ms")))
+                return Err(TransportError::Unreachable(
+                    target,
+                    format!("dial {addr}: no answer within {CONNECT_TIMEOUT_MS} ms"),
+                ))
             }
             Ok(Err(e)) => return Err(TransportError::Unreachable(target, format!("dial {addr}: {e}"))),
             Ok(Ok(c)) => c,
@@ -388,13 +414,14 @@ impl Inner {
         };
         bump(&self.counters.connections_accepted);
         let peer = peer_name(&conn);
+        let peer_id = peer.split(',').find_map(node_id_from_name);
         tracing::info!(node = self.node_id, %remote, %peer, "peer connected");
         loop {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {
                     let this = self.clone();
                     let peer = peer.clone();
-                    tokio::spawn(async move { this.serve_stream(send, recv, &peer, remote).await });
+                    tokio::spawn(async move { this.serve_stream(send, recv, &peer, peer_id, remote).await });
                 }
                 Err(e) => {
                     tracing::debug!(node = self.node_id, %remote, %peer, reason = %e, "peer connection closed");
@@ -406,9 +433,17 @@ impl Inner {
 
     /// Serve one RPC stream: read the request (bounded), check its header, call the handler,
     /// write the reply. Every refusal is answered and logged; nothing here panics on input.
-    async fn serve_stream(&self, mut send: SendStream, mut recv: RecvStream, peer: &str, remote: SocketAddr) {
+    async fn serve_stream(
+        &self,
+        mut send: SendStream,
+        mut recv: RecvStream,
+        peer: &str,
+        peer_id: Option<NodeId>,
+        remote: SocketAddr,
+    ) {
         let node = self.node_id;
-        let read = tokio::time::timeout(Duration::from_millis(CALL_TIMEOUT_MS), recv.read_to_end(FRAME_BYTES_MAX)).await;
+        let read =
+            tokio::time::timeout(Duration::from_millis(CALL_TIMEOUT_MS), recv.read_to_end(FRAME_BYTES_MAX)).await;
         let frame = match read {
             Err(_) => {
                 tracing::warn!(node, %remote, %peer, timeout_ms = CALL_TIMEOUT_MS, "request not received in time; closing the stream");
@@ -439,6 +474,15 @@ impl Inner {
                 return;
             }
         };
+        let authorizer = self.authorizer.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(auth) = authorizer {
+            if !auth.authorize(peer_id, kind) {
+                bump(&self.counters.requests_unauthorized);
+                tracing::warn!(node, %remote, %peer, ?peer_id, ?kind, "refused a request: peer not authorized");
+                reply(&mut send, frame::encode_refused("not authorized")).await;
+                return;
+            }
+        }
         let handler = self.handler.read().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(handler) = handler else {
             tracing::debug!(node, %remote, %peer, ?kind, "request before the handler was attached; refused");
@@ -531,7 +575,9 @@ async fn exchange_on(conn: &Connection, frame: Vec<u8>) -> Result<Vec<u8>, Failu
         Ok(r) => Ok(r),
         Err(ReadToEndError::TooLong) => Err(Failure::Stream("reply over the size limit".into())),
         Err(ReadToEndError::Read(ReadError::ConnectionLost(e))) => Err(Failure::Connection(e.to_string())),
-        Err(ReadToEndError::Read(ReadError::Reset(code))) => Err(Failure::Stream(format!("reset by peer: {}", code_reason(code)))),
+        Err(ReadToEndError::Read(ReadError::Reset(code))) => {
+            Err(Failure::Stream(format!("reset by peer: {}", code_reason(code))))
+        }
         Err(e) => Err(Failure::Stream(e.to_string())),
     }
 }
