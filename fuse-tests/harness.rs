@@ -253,6 +253,11 @@ impl Node {
         self.spawn();
     }
 
+    /// The node's whole log (all its starts).
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The last lines of the node's log, for failure messages.
     pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
@@ -489,4 +494,13 @@ pub fn umask() -> u32 {
         libc::umask(m);
         m as u32
     }
+}
+
+/// CLOCK_REALTIME_COARSE as (sec, nsec): the clock the kernel stamps inode times with.
+pub fn coarse_now() -> (i64, i64) {
+    // SAFETY: zeroed timespec is a valid out-parameter.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a timespec.
+    check(unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) }).expect("clock_gettime");
+    (ts.tv_sec, ts.tv_nsec)
 }

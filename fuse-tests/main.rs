@@ -12,3 +12,4 @@ mod locks;
 mod meta;
 mod rename;
 mod stress;
+mod writeback;

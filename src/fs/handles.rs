@@ -21,6 +21,12 @@ struct Table {
     next_fh: u64,
     handles: HashMap<u64, Handle>,
     open: HashMap<Ino, u32>,
+    /// How many of them allow writing (only those can leave dirty pages in the kernel).
+    writers: HashMap<Ino, u32>,
+}
+
+fn writes(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY
 }
 
 #[derive(Default)]
@@ -36,6 +42,9 @@ impl Handles {
         let fh = t.next_fh;
         t.handles.insert(fh, Handle { ino, flags });
         *t.open.entry(ino).or_insert(0) += 1;
+        if writes(flags) {
+            *t.writers.entry(ino).or_insert(0) += 1;
+        }
         fh
     }
 
@@ -43,6 +52,14 @@ impl Handles {
     pub fn release(&self, fh: u64) -> Option<(Ino, bool)> {
         let mut t = self.lock();
         let handle = t.handles.remove(&fh)?;
+        if writes(handle.flags) {
+            match t.writers.get_mut(&handle.ino) {
+                Some(n) if *n > 1 => *n -= 1,
+                _ => {
+                    t.writers.remove(&handle.ino);
+                }
+            }
+        }
         let last = match t.open.get_mut(&handle.ino) {
             Some(n) if *n > 1 => {
                 *n -= 1;
@@ -59,6 +76,11 @@ impl Handles {
     /// Does this node hold `ino` open?
     pub fn is_open(&self, ino: Ino) -> bool {
         self.lock().open.contains_key(&ino)
+    }
+
+    /// Does this node hold `ino` open for writing?
+    pub fn is_open_for_write(&self, ino: Ino) -> bool {
+        self.lock().writers.contains_key(&ino)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -79,6 +101,10 @@ mod tests {
         let b = h.open(7, libc::O_WRONLY | libc::O_APPEND);
         assert_ne!(a, b);
         assert!(h.is_open(7));
+        assert!(h.is_open_for_write(7));
+        assert_eq!(h.release(b), Some((7, false)));
+        assert!(!h.is_open_for_write(7));
+        let b = h.open(7, libc::O_WRONLY | libc::O_APPEND);
         assert_eq!(h.release(a), Some((7, false)));
         assert_eq!(h.release(a), None);
         assert_eq!(h.release(b), Some((7, true)));

@@ -10,6 +10,7 @@ mod attr;
 mod caller;
 mod errno;
 mod handles;
+mod inflight;
 mod mount;
 mod ops;
 
@@ -44,11 +45,54 @@ const GENERATION: Generation = Generation(0);
 pub struct PickboxFs {
     ops: Arc<Ops>,
     rt: tokio::runtime::Handle,
+    /// Ask the kernel for its writeback cache (when it offers it).
+    want_writeback: bool,
+    /// The kernel's writeback cache is on (decided in `init`).
+    writeback: bool,
+    /// Set by `mount` once the session exists; used to make the kernel write back dirty pages.
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 impl PickboxFs {
-    pub fn new(ops: Arc<Ops>, rt: tokio::runtime::Handle) -> Self {
-        PickboxFs { ops, rt }
+    pub fn new(ops: Arc<Ops>, rt: tokio::runtime::Handle, want_writeback: bool) -> Self {
+        PickboxFs { ops, rt, want_writeback, writeback: false, notifier: Arc::default() }
+    }
+
+    /// Answer lseek SEEK_DATA/SEEK_HOLE from the local replica.
+    fn answer_lseek(ops: &Ops, ino: INodeNo, offset: i64, whence: i32, reply: ReplyLseek) {
+        // The kernel answers SEEK_SET/CUR/END itself and asks us only for SEEK_DATA/SEEK_HOLE.
+        let what = match whence {
+            libc::SEEK_DATA => self::ops::Seek::Data,
+            libc::SEEK_HOLE => self::ops::Seek::Hole,
+            _ => return reply.error(fuser::Errno::EINVAL),
+        };
+        let Ok(offset) = u64::try_from(offset) else {
+            return reply.error(fuser::Errno::ENXIO);
+        };
+        match ops.lseek(ino.0, offset, what) {
+            Ok(found) => match i64::try_from(found) {
+                Ok(found) => reply.offset(found),
+                Err(_) => reply.error(fuser::Errno::EOVERFLOW),
+            },
+            Err(e) => reply.error(ops.errno_of(&e)),
+        }
+    }
+
+    /// Where `mount` puts the session's notifier.
+    pub fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
+    }
+
+    /// Answer a flush/fsync once every write to `ino` that came before it has been answered,
+    /// i.e. is committed and applied (design decision 18).
+    fn barrier(&self, ino: INodeNo, reply: ReplyEmpty) {
+        match self.ops.writes.barrier(ino.0) {
+            None => reply.ok(),
+            Some(wait) => self.spawn(async move {
+                wait.await;
+                reply.ok();
+            }),
+        }
     }
 
     /// Run a mutation in a tokio task, so the fuser worker goes back to the kernel at once.
@@ -86,14 +130,24 @@ impl Filesystem for PickboxFs {
             let _ = config.set_max_write(nearest);
         }
         // Optional capabilities: readdirplus saves a lookup per listed name; parallel dirops
-        // lets lookups and readdirs of one directory run concurrently. Not FUSE_WRITEBACK_CACHE
-        // (correctness first: every write reaches Raft in order, with the caller's credentials),
-        // not POSIX/flock locks (the kernel then keeps locks node-local).
+        // lets lookups and readdirs of one directory run concurrently. Not POSIX/flock locks
+        // (the kernel then keeps locks node-local).
         for cap in [InitFlags::FUSE_DO_READDIRPLUS, InitFlags::FUSE_READDIRPLUS_AUTO, InitFlags::FUSE_PARALLEL_DIROPS] {
             if config.add_capabilities(cap).is_err() {
                 tracing::debug!(?cap, "kernel does not offer capability");
             }
         }
+        // The writeback cache: write(2) fills the page cache and the kernel sends the dirty pages
+        // as large WRITEs (up to max_write) on fsync, close, memory pressure or after its dirty
+        // expiry; the kernel then owns size, mtime and ctime of regular files and handles
+        // O_APPEND and the setuid clearing on write itself (see `write`).
+        if self.want_writeback {
+            self.writeback = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE).is_ok();
+            if !self.writeback {
+                tracing::info!("kernel does not offer the writeback cache: writes go through");
+            }
+        }
+        tracing::info!(writeback_cache = self.writeback, "FUSE session initialised");
         Ok(())
     }
 
@@ -279,7 +333,7 @@ impl Filesystem for PickboxFs {
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -287,30 +341,45 @@ impl Filesystem for PickboxFs {
         if data.len() > WRITE_BYTES_MAX {
             return reply.error(fuser::Errno::EINVAL);
         }
-        // `flags` are the file's current flags (including fcntl(F_SETFL) changes), so they decide
-        // O_APPEND; the kernel's offset for an append is its cached size, which may be stale.
-        let append = flags.0 & libc::O_APPEND != 0;
-        let (caller, data) = (who(req, false), data.to_vec());
+        // Without the writeback cache, `flags` are the file's current flags (including
+        // fcntl(F_SETFL) changes), so they decide O_APPEND; the kernel's offset for an append is
+        // its cached size, which may be stale, so the state appends at its own end. With the
+        // writeback cache the kernel's size is the authority: it placed the data at its end of
+        // file in the page cache already, so the offset it sends is final (appending again
+        // would move the data). Page-cache writes (FUSE_WRITE_CACHE) carry no caller: uid/pid are
+        // whoever triggered writeback. The kernel has already cleared setuid/setgid with a
+        // setattr at write(2) time (file_remove_privs), so write them as root, which the state
+        // does not treat as a privilege-dropping write.
+        let append = !self.writeback && flags.0 & libc::O_APPEND != 0;
+        let caller = if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) { Caller::root() } else { who(req, false) };
+        let data = data.to_vec();
+        let ticket = self.ops.writes.start(ino.0);
         let ops = self.ops.clone();
         self.spawn(async move {
             match ops.write(caller, ino.0, offset, data, append).await {
                 Ok(len) => reply.written(len.min(u64::from(u32::MAX)) as u32),
                 Err(e) => reply.error(ops.errno_of(&e)),
             }
+            drop(ticket);
         });
     }
 
-    // flush, fsync and fsyncdir are barriers that are already satisfied: a write, like every
-    // mutation, is answered only after its command is committed by a quorum (durable in the Raft
-    // log) and applied on this node, and without the writeback cache the kernel holds no dirty
-    // data of its own. So every write that completed before the barrier is durable: answer Ok.
+    // flush, fsync and fsyncdir are barriers: a write, like every mutation, is answered only
+    // after its command is committed by a quorum (durable in the Raft log) and applied on this
+    // node. With the writeback cache the kernel writes the dirty pages of the file and waits for
+    // their answers before it sends FSYNC (fuse_fsync: file_write_and_wait_range,
+    // fuse_sync_writes) or FLUSH (fuse_flush: write_inode_now, fuse_sync_writes), and sends the
+    // cached mtime/ctime as a setattr first (sync_inode_metadata / write_inode_now). On top, flush
+    // and fsync wait for any write to the inode that is still in flight here, so neither can
+    // answer before a write that arrived earlier. Directory changes are answered only once
+    // applied, so fsyncdir is always satisfied.
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        reply.ok();
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        self.barrier(ino, reply);
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        reply.ok();
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.barrier(ino, reply);
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
@@ -476,22 +545,25 @@ impl Filesystem for PickboxFs {
     }
 
     fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-        // The kernel answers SEEK_SET/CUR/END itself and asks us only for SEEK_DATA/SEEK_HOLE.
-        let what = match whence {
-            libc::SEEK_DATA => ops::Seek::Data,
-            libc::SEEK_HOLE => ops::Seek::Hole,
-            _ => return reply.error(fuser::Errno::EINVAL),
-        };
-        let Ok(offset) = u64::try_from(offset) else {
-            return reply.error(fuser::Errno::ENXIO);
-        };
-        match self.ops.lseek(ino.0, offset, what) {
-            Ok(found) => match i64::try_from(found) {
-                Ok(found) => reply.offset(found),
-                Err(_) => reply.error(fuser::Errno::EOVERFLOW),
-            },
-            Err(e) => reply.error(self.ops.errno_of(&e)),
+        // With the writeback cache the kernel may hold dirty pages of this file that the state
+        // has not seen (it does not write them back before SEEK_DATA/SEEK_HOLE), so the answer
+        // could call fresh data a hole. Only a file open for writing here can have dirty pages:
+        // then first make the kernel write them back, by invalidating the file's page cache (it
+        // launders dirty pages with WRITEs our other workers serve), from a blocking task outside
+        // this worker and holding no lock (crate-notes pitfall 1), and answer afterwards.
+        if self.writeback && self.ops.handles.is_open_for_write(ino.0) {
+            if let Some(notifier) = self.notifier.get().cloned() {
+                let ops = self.ops.clone();
+                self.rt.spawn_blocking(move || {
+                    if let Err(e) = notifier.inval_inode(ino, 0, 0) {
+                        tracing::warn!(ino = ino.0, error = %e, "cannot write back dirty pages before lseek");
+                    }
+                    Self::answer_lseek(&ops, ino, offset, whence, reply);
+                });
+                return;
+            }
         }
+        Self::answer_lseek(&self.ops, ino, offset, whence, reply);
     }
 
     fn ioctl(

@@ -21,6 +21,16 @@ const FUSECTL_DIR: &str = "/sys/fs/fuse/connections";
 const UNMOUNT_WAIT: Duration = Duration::from_secs(5);
 /// How often the unmount wait looks at the session thread.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// How long an unmount waits for the kernel to write back its dirty pages (syncfs) first.
+const SYNC_WAIT: Duration = Duration::from_secs(10);
+/// Set to `0` to mount without the kernel's writeback cache (every write(2) then becomes one
+/// FUSE WRITE, answered once committed). On by default.
+const WRITEBACK_ENV: &str = "PICKBOX_WRITEBACK_CACHE";
+
+/// Whether to ask for the kernel's writeback cache: yes unless `PICKBOX_WRITEBACK_CACHE=0`.
+fn want_writeback() -> bool {
+    !matches!(std::env::var(WRITEBACK_ENV).as_deref(), Ok("0" | "false" | "off" | "no"))
+}
 
 /// A live mount: the background session and what is needed to take it down.
 pub struct Mounted {
@@ -46,7 +56,10 @@ pub fn mount(ops: Arc<Ops>, rt: tokio::runtime::Handle, mountpoint: &Path) -> io
     config.clone_fd = true;
     // /proc/self/mountinfo lists the canonical path; resolve it before the mount exists.
     let mountpoint = mountpoint.canonicalize()?;
-    let session = Session::new(PickboxFs::new(ops, rt), &mountpoint, &config)?;
+    let fs = PickboxFs::new(ops, rt, want_writeback());
+    let notifier_slot = fs.notifier_slot();
+    let session = Session::new(fs, &mountpoint, &config)?;
+    let _ = notifier_slot.set(session.notifier());
     let session = session.spawn()?;
     let connection = find_mount(&mountpoint).map(|m| m.minor);
     tracing::info!(mountpoint = %mountpoint.display(), ?connection, "mounted");
@@ -64,6 +77,9 @@ impl Mounted {
     /// the FUSE connection so no request can arrive after the replica shuts down.
     pub fn unmount_and_join(self) -> io::Result<()> {
         if find_mount(&self.mountpoint).is_some_and(|m| m.is_pickbox()) {
+            // With the writeback cache the kernel may hold dirty pages of files still open; a
+            // forced unmount would drop them, so have them written (and committed) first.
+            sync_mount(&self.mountpoint);
             unmount(&self.mountpoint);
         }
         let deadline = Instant::now() + UNMOUNT_WAIT;
@@ -82,6 +98,32 @@ impl Mounted {
         let result = self.session.join();
         tracing::info!(mountpoint = %self.mountpoint.display(), "unmounted");
         result
+    }
+}
+
+/// syncfs(2) on the mount: the kernel writes back its dirty pages, which the session (still
+/// running) commits. From a helper thread, so a stuck request cannot stall the unmount for long.
+fn sync_mount(mountpoint: &Path) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let path = mountpoint.to_path_buf();
+    let spawned = std::thread::Builder::new().name("pickbox-syncfs".into()).spawn(move || {
+        let result = std::fs::File::open(&path).and_then(|dir| {
+            // SAFETY: syncfs on a valid open descriptor.
+            match unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } {
+                0 => Ok(()),
+                _ => Err(io::Error::last_os_error()),
+            }
+        });
+        let _ = done_tx.send(result);
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start syncfs before unmount");
+        return;
+    }
+    match done_rx.recv_timeout(SYNC_WAIT) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "syncfs before unmount failed"),
+        Err(_) => tracing::warn!("syncfs before unmount did not finish in time: unmounting anyway"),
     }
 }
 
@@ -125,6 +167,13 @@ pub fn cleanup_stale_mount(mountpoint: &Path) -> io::Result<()> {
         Ok(meta) if meta.is_dir() => {
             if let Some(m) = find_mount(mountpoint) {
                 if m.fs_type.starts_with("fuse") {
+                    // stat may be answered from the kernel's attribute cache even after the daemon
+                    // died; statfs always asks the daemon, so it tells a dead connection apart.
+                    if let Err(nix::errno::Errno::ENOTCONN) = nix::sys::statfs::statfs(mountpoint) {
+                        tracing::warn!(mountpoint = %mountpoint.display(), "stale FUSE mount found: detaching it");
+                        umount2(mountpoint, MntFlags::MNT_DETACH).map_err(io::Error::from)?;
+                        return Ok(());
+                    }
                     return Err(io::Error::new(
                         io::ErrorKind::AlreadyExists,
                         format!("{} is already a live {} mount", mountpoint.display(), m.fs_type),

@@ -17,6 +17,7 @@ use crate::state::{
 use crate::state::content;
 use super::errno::{FsError, FsResult};
 use super::handles::Handles;
+use super::inflight::InFlight;
 
 /// Free space the data directory must keep beyond a write's own bytes; below it a growing write
 /// fails with ENOSPC before it is proposed, so a full disk never fails an apply half-way.
@@ -63,6 +64,8 @@ pub struct Ops {
     replica: Arc<Replica>,
     data_dir: PathBuf,
     pub handles: Handles,
+    /// Writes proposed and not yet answered, per inode (flush and fsync wait for them).
+    pub writes: Arc<InFlight>,
     /// When the "nearly full" warning was last logged (seconds since the epoch).
     space_warned_s: AtomicU64,
     /// Set to the reason once the store failed (fail-stop): the node watches it and stops.
@@ -86,6 +89,7 @@ impl Ops {
             replica,
             data_dir,
             handles: Handles::default(),
+            writes: Arc::new(InFlight::default()),
             space_warned_s: AtomicU64::new(0),
             fatal: tokio::sync::watch::Sender::new(None),
         }

@@ -59,23 +59,75 @@ fn apply_command(t: &mut StateTxn<'_>, cmd: &Command) -> StoreResult<CommandResu
 
 // ------------------------------------------------------------------------------------------ log
 
+/// Durable entries kept in memory until applied, at most this many encoded bytes: apply reads the
+/// entries it just committed from here instead of reading (copying) and decoding them from redb.
+pub const RECENT_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Entries in memory: `pending` (appended, not yet durable: the only readable copy) and `recent`
+/// (durable, not yet applied; a copy of what redb holds, dropped when applied or when over
+/// `RECENT_BYTES_MAX`, oldest first).
+#[derive(Default)]
+pub struct EntryCache {
+    pending: BTreeMap<u64, (Ent, usize)>,
+    recent: BTreeMap<u64, (Ent, usize)>,
+    recent_bytes: usize,
+}
+
+impl EntryCache {
+    /// Drop every entry with index >= `from` (truncate).
+    fn drop_from(&mut self, from: u64) {
+        let _ = self.pending.split_off(&from);
+        let gone = self.recent.split_off(&from);
+        self.recent_bytes -= gone.values().map(|(_, n)| n).sum::<usize>();
+    }
+
+    /// Drop every entry with index <= `upto` (purge, or applied).
+    fn drop_upto(&mut self, upto: u64, pending_too: bool) {
+        if pending_too {
+            self.pending = self.pending.split_off(&(upto + 1));
+        }
+        let keep = self.recent.split_off(&(upto + 1));
+        let gone = std::mem::replace(&mut self.recent, keep);
+        self.recent_bytes -= gone.values().map(|(_, n)| n).sum::<usize>();
+    }
+
+    /// `id` became durable: move it from pending to recent (if it was not replaced meanwhile).
+    fn durable(&mut self, id: &LogId<NodeId>, ok: bool) {
+        if !self.pending.get(&id.index).is_some_and(|(e, _)| e.log_id == *id) {
+            return;
+        }
+        let Some((e, n)) = self.pending.remove(&id.index) else { return };
+        if !ok {
+            return;
+        }
+        if let Some((_, old)) = self.recent.insert(id.index, (e, n)) {
+            self.recent_bytes -= old;
+        }
+        self.recent_bytes += n;
+        while self.recent_bytes > RECENT_BYTES_MAX {
+            let Some((_, (_, n))) = self.recent.pop_first() else { break };
+            self.recent_bytes -= n;
+        }
+    }
+}
+
 /// Raft log storage. Appends are queued to the store's writer thread (group commit); until they
-/// are durable they stay readable from `pending`.
+/// are durable they stay readable from the cache's `pending`, and until applied from its `recent`.
 #[derive(Clone)]
 pub struct LogStore {
     store: Store,
-    pending: Arc<Mutex<BTreeMap<u64, Ent>>>,
+    cache: Arc<Mutex<EntryCache>>,
     /// Entry bytes appended since start (for the byte-based snapshot trigger).
     pub(super) bytes_appended: Arc<AtomicU64>,
 }
 
 impl LogStore {
     pub fn new(store: Store) -> Self {
-        LogStore { store, pending: Default::default(), bytes_appended: Default::default() }
+        LogStore { store, cache: Default::default(), bytes_appended: Default::default() }
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Ent>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    fn cache(&self) -> std::sync::MutexGuard<'_, EntryCache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -85,9 +137,31 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Ent>, SE> {
         let bounds: (Bound<u64>, Bound<u64>) = (range.start_bound().cloned(), range.end_bound().cloned());
-        // Pending first: an entry leaves `pending` only after it is in redb, so reading in this
+        // The cache first: an entry leaves `pending` only after it is in redb, so reading in this
         // order never misses one.
-        let mut out: BTreeMap<u64, Ent> = self.pending().range(bounds).map(|(k, v)| (*k, v.clone())).collect();
+        let mut out: BTreeMap<u64, Ent> = BTreeMap::new();
+        {
+            let c = self.cache();
+            for (k, (e, _)) in c.pending.range(bounds).chain(c.recent.range(bounds)) {
+                out.entry(*k).or_insert_with(|| e.clone());
+            }
+        }
+        // Everything asked for is in memory (the usual case for apply): skip redb.
+        let lo = match bounds.0 {
+            Bound::Included(a) => a,
+            Bound::Excluded(a) => a.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let hi = match bounds.1 {
+            Bound::Included(b) => Some(b.saturating_add(1)),
+            Bound::Excluded(b) => Some(b),
+            Bound::Unbounded => None,
+        };
+        if let Some(hi) = hi {
+            if hi <= lo || out.len() as u64 == hi - lo {
+                return Ok(out.into_values().collect());
+            }
+        }
         let rows = self.store.read_log(bounds).map_err(|e| read_err("reading the log", e))?;
         for (index, bytes) in rows {
             if out.contains_key(&index) {
@@ -107,7 +181,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SE> {
-        let last_pending = self.pending().values().next_back().map(|e| e.log_id);
+        let last_pending = self.cache().pending.values().next_back().map(|(e, _)| e.log_id);
         let last_purged: Option<LogId<NodeId>> = match self.store.raft_meta(META_PURGED).map_err(|e| read_err("reading last_purged", e))? {
             Some(b) => Some(decode(&b).map_err(|e| read_err("decoding last_purged", e))?),
             None => None,
@@ -166,26 +240,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut ids = Vec::new();
         {
             let mut bytes_total = 0u64;
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let mut cache = self.cache();
             for e in entries {
                 let bytes = encode(&e).map_err(|err| log_err("encoding a log entry", err))?;
                 bytes_total += bytes.len() as u64;
-                rows.push((e.log_id.index, bytes));
                 ids.push(e.log_id);
-                pending.insert(e.log_id.index, e);
+                cache.pending.insert(e.log_id.index, (e, bytes.len()));
+                rows.push((ids[ids.len() - 1].index, bytes));
             }
             self.bytes_appended.fetch_add(bytes_total, Ordering::Relaxed);
         }
-        let pending = self.pending.clone();
+        let cache = self.cache.clone();
         self.store.submit(LogWrite::Append {
             entries: rows,
             done: Box::new(move |res| {
                 {
-                    let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
                     for id in &ids {
-                        if p.get(&id.index).is_some_and(|e| e.log_id == *id) {
-                            p.remove(&id.index);
-                        }
+                        c.durable(id, res.is_ok());
                     }
                 }
                 callback.log_io_completed(res.map_err(|e| io::Error::other(e.0)));
@@ -195,10 +267,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SE> {
-        {
-            let mut p = self.pending();
-            let _ = p.split_off(&log_id.index);
-        }
+        self.cache().drop_from(log_id.index);
         self.store
             .submit_wait(|done| LogWrite::Truncate { from: log_id.index, done })
             .await
@@ -206,11 +275,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SE> {
-        {
-            let mut p = self.pending();
-            let keep = p.split_off(&(log_id.index + 1));
-            *p = keep;
-        }
+        self.cache().drop_upto(log_id.index, true);
         let last_purged = encode(&log_id).map_err(|e| log_err("encoding last_purged", e))?;
         // An Immediate commit of the same redb file: it also makes every earlier (non-durable)
         // apply durable, so the purged entries are covered by durable state.
@@ -268,11 +333,18 @@ impl AsyncSeek for SnapshotFile {
 #[derive(Clone)]
 pub struct StateMachine {
     store: Store,
+    /// The log's entry cache: applied entries are dropped from it.
+    log_cache: Option<Arc<Mutex<EntryCache>>>,
 }
 
 impl StateMachine {
     pub fn new(store: Store) -> Self {
-        StateMachine { store }
+        StateMachine { store, log_cache: None }
+    }
+
+    /// A state machine that drops what it applied from `log`'s in-memory entry cache.
+    pub fn with_log(store: Store, log: &LogStore) -> Self {
+        StateMachine { store, log_cache: Some(log.cache.clone()) }
     }
 }
 
@@ -346,8 +418,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Ent> = entries.into_iter().collect();
-        if entries.is_empty() {
+        let Some(last_index) = entries.last().map(|e| e.log_id.index) else {
             return Ok(Vec::new());
+        };
+        if let Some(c) = &self.log_cache {
+            c.lock().unwrap_or_else(|e| e.into_inner()).drop_upto(last_index, false);
         }
         let store = self.store.clone();
         blocking(move || {

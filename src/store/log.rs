@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use redb::{Database, Durability, ReadableTable};
 
-use super::tables::{LOG, RAFT_META};
+use super::tables::{LOG, LOG_CHUNK_BYTES, RAFT_META};
 use super::{fault, StoreStats};
 use crate::state::{StoreFault, StoreResult};
 
@@ -125,7 +125,14 @@ fn write_batch(
             match op {
                 LogWrite::Append { entries: es, .. } => {
                     for (index, bytes) in es {
-                        log.insert(*index, bytes.as_slice()).map_err(fault)?;
+                        // An overwritten entry may have had more pieces.
+                        log.retain_in((*index, 0u32)..=(*index, u32::MAX), |_, _| false).map_err(fault)?;
+                        if bytes.is_empty() {
+                            log.insert((*index, 0u32), &[][..]).map_err(fault)?;
+                        }
+                        for (part, piece) in bytes.chunks(LOG_CHUNK_BYTES).enumerate() {
+                            log.insert((*index, part as u32), piece).map_err(fault)?;
+                        }
                         entries += 1;
                         entry_bytes += bytes.len() as u64;
                     }
@@ -139,10 +146,10 @@ fn write_batch(
                     }
                 },
                 LogWrite::Truncate { from, .. } => {
-                    log.retain_in(*from.., |_, _| false).map_err(fault)?;
+                    log.retain_in((*from, 0u32).., |_, _| false).map_err(fault)?;
                 }
                 LogWrite::Purge { upto, last_purged, .. } => {
-                    log.retain_in(..=*upto, |_, _| false).map_err(fault)?;
+                    log.retain_in(..=(*upto, u32::MAX), |_, _| false).map_err(fault)?;
                     meta.insert("last_purged", last_purged.as_slice()).map_err(fault)?;
                 }
                 LogWrite::Sync { .. } => {

@@ -34,7 +34,6 @@ use tables::{LOCAL, LOG, RAFT_META};
 /// redb's page cache (read cache plus write buffer; redb's default is 1 GiB, which a 256 MiB write
 /// filled and kept). Reads of file data are served by the kernel's page cache of the redb file
 /// as well, so a small cache costs little.
-#[allow(dead_code)]
 pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 /// Map any redb (or I/O) error to a storage fault.
@@ -86,13 +85,33 @@ impl Drop for Inner {
     }
 }
 
+/// Append piece `part` of log entry `index` to `out` (pieces arrive in key order; every piece but
+/// the last is exactly `LOG_CHUNK_BYTES` long).
+fn join_piece(out: &mut Vec<(u64, Vec<u8>)>, index: u64, part: u32, piece: &[u8]) -> StoreResult<()> {
+    if let Some((i, bytes)) = out.last_mut() {
+        if *i == index {
+            let whole = bytes.len().is_multiple_of(tables::LOG_CHUNK_BYTES);
+            if !whole || part as usize != bytes.len() / tables::LOG_CHUNK_BYTES {
+                return Err(StoreFault(format!("log entry {index}: piece {part} out of order")));
+            }
+            bytes.extend_from_slice(piece);
+            return Ok(());
+        }
+    }
+    if part != 0 {
+        return Err(StoreFault(format!("log entry {index} lacks its first piece")));
+    }
+    out.push((index, piece.to_vec()));
+    Ok(())
+}
+
 impl Store {
     /// Open (or create) the store in `data_dir`.
     pub fn open(data_dir: &Path) -> StoreResult<Store> {
         std::fs::create_dir_all(data_dir).map_err(fault)?;
         let snap_dir = data_dir.join("snapshots");
         std::fs::create_dir_all(&snap_dir).map_err(fault)?;
-        let db = Database::builder().create(data_dir.join("pickbox.redb")).map_err(fault)?;
+        let db = Database::builder().set_cache_size(CACHE_BYTES).create(data_dir.join("pickbox.redb")).map_err(fault)?;
         {
             let txn = db.begin_write().map_err(fault)?;
             tables::create_all_tables(&txn)?;
@@ -191,10 +210,21 @@ impl Store {
     pub fn read_log(&self, range: (Bound<u64>, Bound<u64>)) -> StoreResult<Vec<(u64, Vec<u8>)>> {
         let txn = self.inner.db.begin_read().map_err(fault)?;
         let t = txn.open_table(LOG).map_err(fault)?;
-        let mut out = Vec::new();
-        for item in t.range::<u64>(range).map_err(fault)? {
+        let start = match range.0 {
+            Bound::Included(a) => Bound::Included((a, 0u32)),
+            Bound::Excluded(a) => Bound::Excluded((a, u32::MAX)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let end = match range.1 {
+            Bound::Included(b) => Bound::Included((b, u32::MAX)),
+            Bound::Excluded(b) => Bound::Excluded((b, 0u32)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+        for item in t.range::<(u64, u32)>((start, end)).map_err(fault)? {
             let (k, v) = item.map_err(fault)?;
-            out.push((k.value(), v.value().to_vec()));
+            let (index, part) = k.value();
+            join_piece(&mut out, index, part, v.value())?;
         }
         Ok(out)
     }
@@ -203,15 +233,20 @@ impl Store {
     pub fn last_log(&self) -> StoreResult<Option<(u64, Vec<u8>)>> {
         let txn = self.inner.db.begin_read().map_err(fault)?;
         let t = txn.open_table(LOG).map_err(fault)?;
-        let last = t.last().map_err(fault)?.map(|(k, v)| (k.value(), v.value().to_vec()));
-        Ok(last)
+        let Some(index) = t.last().map_err(fault)?.map(|(k, _)| k.value().0) else { return Ok(None) };
+        let mut out = Vec::new();
+        for item in t.range((index, 0u32)..=(index, u32::MAX)).map_err(fault)? {
+            let (k, v) = item.map_err(fault)?;
+            join_piece(&mut out, index, k.value().1, v.value())?;
+        }
+        Ok(out.pop())
     }
 
     /// The first entry in the log, if any.
     pub fn first_log_index(&self) -> StoreResult<Option<u64>> {
         let txn = self.inner.db.begin_read().map_err(fault)?;
         let t = txn.open_table(LOG).map_err(fault)?;
-        let first = t.first().map_err(fault)?.map(|(k, _)| k.value());
+        let first = t.first().map_err(fault)?.map(|(k, _)| k.value().0);
         Ok(first)
     }
 

@@ -322,6 +322,29 @@ fn log_truncate_and_purge() {
     assert_eq!(all.iter().map(|x| x.0).collect::<Vec<_>>(), vec![4, 5, 6, 7]);
 }
 
+#[test]
+fn large_log_entries_are_stored_in_pieces() {
+    use std::ops::Bound::{Excluded, Included, Unbounded};
+    let (_d, store) = tmp_store();
+    let piece = super::tables::LOG_CHUNK_BYTES;
+    let entry = |i: u64, len: usize| -> Vec<u8> { (0..len).map(|j| (j as u64 * 31 + i) as u8).collect() };
+    let lens = [0usize, 1, piece - 1, piece, piece + 1, 3 * piece, 1 << 20];
+    let rows: Vec<_> = lens.iter().enumerate().map(|(i, n)| (i as u64 + 1, entry(i as u64 + 1, *n))).collect();
+    store.submit_blocking(|done| LogWrite::Append { entries: rows.clone(), done }).unwrap();
+    assert_eq!(store.read_log((Unbounded, Unbounded)).unwrap(), rows);
+    assert_eq!(store.read_log((Included(3), Excluded(6))).unwrap(), rows[2..5].to_vec());
+    assert_eq!(store.read_log((Excluded(5), Included(6))).unwrap(), rows[5..6].to_vec());
+    assert_eq!(store.last_log().unwrap(), Some(rows[6].clone()));
+    // Overwriting an entry with a shorter one leaves none of its old pieces behind.
+    store.submit_blocking(|done| LogWrite::Append { entries: vec![(7, vec![9u8; 5])], done }).unwrap();
+    assert_eq!(store.last_log().unwrap(), Some((7, vec![9u8; 5])));
+    store.submit_blocking(|done| LogWrite::Truncate { from: 6, done }).unwrap();
+    assert_eq!(store.last_log().unwrap(), Some(rows[4].clone()));
+    store.submit_blocking(|done| LogWrite::Purge { upto: 4, last_purged: b"p4".to_vec(), done }).unwrap();
+    assert_eq!(store.first_log_index().unwrap(), Some(5));
+    assert_eq!(store.read_log((Unbounded, Unbounded)).unwrap(), rows[4..5].to_vec());
+}
+
 /// Drive log appends (durable) and applies (non-durable) like Raft does; return the data dir.
 fn run_until_crash(dir: &std::path::Path, n: u64) -> Store {
     let store = Store::open(dir).unwrap();
