@@ -97,14 +97,13 @@ fn run<S: StateWrite + ?Sized>(s: &mut S, cmd: &Command) -> StoreResult<CommandR
             tx.flush()?;
             Ok(Ok(outcome))
         }
-        Err(Fail::Errno(e)) => {
-            debug_assert!(
-                !tx.mutating,
-                "errno {e:?} after the first write of {:?}",
-                cmd.op
-            );
-            Ok(Err(e))
+        // An errno after the first write would leave a partial command in the transaction:
+        // treat it as a fault (the transaction is dropped and the node stops) rather than commit it.
+        Err(Fail::Errno(e)) if tx.mutating => {
+            debug_assert!(false, "errno {e:?} after the first write of {:?}", cmd.op);
+            Err(StoreFault(format!("apply bug: errno {e:?} after the first write of a command")))
         }
+        Err(Fail::Errno(e)) => Ok(Err(e)),
         Err(Fail::Store(f)) => Err(f),
     }
 }
