@@ -44,11 +44,7 @@ async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
 
-    let cfg = ReplicaConfig {
-        node_id: args.node_id,
-        data_dir: data_dir.clone(),
-        propose_timeout: Duration::from_millis(args.propose_timeout_ms),
-    };
+    let cfg = ReplicaConfig::new(args.node_id, data_dir.clone(), Duration::from_millis(args.propose_timeout_ms));
     let replica = Replica::start(cfg).await.context("starting the replica")?;
     tracing::info!(node_id = args.node_id, data_dir = %data_dir.display(), "replica started");
 

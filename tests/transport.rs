@@ -135,11 +135,7 @@ async fn three_replicas_replicate_over_quic() {
     pki(root.path(), "ca", &[1, 2, 3]);
     let ts: Vec<_> = (1..=3).map(|id| bind(id, identity(root.path(), "ca", id))).collect();
     let addr = |i: usize| ts[i].local_addr().to_string();
-    let cfg = |id: NodeId| ReplicaConfig {
-        node_id: id,
-        data_dir: root.path().join(format!("data{id}")),
-        propose_timeout: Duration::from_secs(5),
-    };
+    let cfg = |id: NodeId| ReplicaConfig::new(id, root.path().join(format!("data{id}")), Duration::from_secs(5));
 
     // Before a handler is attached, requests are refused (not hung).
     let early = ts[1].call(1, &addr(0), RpcKind::Vote, vec![1]).await.unwrap_err();
@@ -375,11 +371,7 @@ async fn learner_catches_up_after_large_writes() {
     let root = tempfile::tempdir().unwrap();
     pki(root.path(), "ca", &[1, 2]);
     let ts: Vec<_> = (1..=2).map(|id| bind(id, identity(root.path(), "ca", id))).collect();
-    let cfg = |id: NodeId| ReplicaConfig {
-        node_id: id,
-        data_dir: root.path().join(format!("data{id}")),
-        propose_timeout: Duration::from_secs(5),
-    };
+    let cfg = |id: NodeId| ReplicaConfig::new(id, root.path().join(format!("data{id}")), Duration::from_secs(5));
     let a = Replica::start_with(cfg(1), ts[0].clone()).await.unwrap();
     ts[0].attach_replica(&a);
     let b = Replica::start_joining(cfg(2), ts[1].clone()).await.unwrap();

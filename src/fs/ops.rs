@@ -537,11 +537,7 @@ mod tests {
 
     async fn ops() -> (Arc<Ops>, Arc<Replica>, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = ReplicaConfig {
-            node_id: 1,
-            data_dir: dir.path().join("data"),
-            propose_timeout: std::time::Duration::from_secs(10),
-        };
+        let cfg = ReplicaConfig::new(1, dir.path().join("data"), std::time::Duration::from_secs(10));
         let replica = Replica::start(cfg).await.expect("replica starts");
         (Arc::new(Ops::new(replica.clone(), dir.path().to_path_buf())), replica, dir)
     }

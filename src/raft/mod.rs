@@ -4,6 +4,7 @@
 //! `Replica::read`; nothing outside this module knows openraft exists (the redb store below it is
 //! openraft-agnostic and sees only bytes).
 
+pub mod admin;
 pub mod network;
 pub mod storage;
 
@@ -94,6 +95,49 @@ pub struct ReplicaConfig {
     pub data_dir: PathBuf,
     /// How long a mutation waits for quorum before failing with EIO.
     pub propose_timeout: std::time::Duration,
+    /// The address peers reach this node at (`host:port` of its QUIC endpoint); empty for a node
+    /// without peers. Stored in the membership when the node bootstraps or joins.
+    pub advertise_addr: String,
+    /// Snapshot after this many log entries since the last snapshot (`SNAPSHOT_ENTRIES_MAX` by
+    /// default; tests lower it).
+    pub snapshot_entries: u64,
+}
+
+impl ReplicaConfig {
+    /// A single-node configuration with the default limits.
+    pub fn new(node_id: NodeId, data_dir: PathBuf, propose_timeout: Duration) -> Self {
+        ReplicaConfig {
+            node_id,
+            data_dir,
+            propose_timeout,
+            advertise_addr: String::new(),
+            snapshot_entries: SNAPSHOT_ENTRIES_MAX,
+        }
+    }
+}
+
+/// What one apply call changed on behalf of commands from *other* nodes, for the filesystem
+/// adapter: kernel cache invalidation, and releasing orphans this node does not hold open.
+/// One `Applied` is sent per apply call (possibly with nothing touched), in log order, so a
+/// subscriber that has handled the event with `index >= i` has seen everything up to entry `i`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// The last log index this apply call covered.
+    pub index: u64,
+    pub touched: Vec<Touch>,
+}
+
+/// One thing a remote command touched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Touch {
+    /// Attributes, content or xattrs of this inode changed.
+    Inode(crate::state::Ino),
+    /// The entry `name` in directory `parent` was added, removed or replaced; `old` is the inode
+    /// it named before the command, if any (so the kernel can be told it was deleted).
+    Entry { parent: crate::state::Ino, name: Vec<u8>, old: Option<crate::state::Ino> },
+    /// `ino` became an orphan (open-unlinked) that this node must release once it has no open
+    /// handle on it.
+    Orphan(crate::state::Ino),
 }
 
 /// A short summary of the replica's Raft state.
@@ -138,14 +182,14 @@ fn now() -> Timespec {
 }
 
 /// The openraft configuration we run with.
-pub fn raft_config() -> anyhow::Result<Config> {
+pub fn raft_config(snapshot_entries: u64) -> anyhow::Result<Config> {
     let c = Config {
         cluster_name: "pickbox".into(),
         heartbeat_interval: HEARTBEAT_MS,
         election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
         election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
         max_payload_entries: PAYLOAD_ENTRIES_MAX,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_ENTRIES_MAX),
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_entries),
         max_in_snapshot_log_to_keep: SNAPSHOT_LOG_KEEP_ENTRIES,
         snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
         ..Default::default()
@@ -171,7 +215,7 @@ impl Replica {
         let fresh = !replica.raft.is_initialized().await?;
         if fresh {
             let mut members = BTreeMap::new();
-            members.insert(cfg.node_id, BasicNode::default());
+            members.insert(cfg.node_id, BasicNode { addr: cfg.advertise_addr.clone() });
             replica.raft.initialize(members).await?;
             tracing::info!(node = cfg.node_id, "initialized a new single-voter cluster");
         }
@@ -201,7 +245,7 @@ impl Replica {
         let log = LogStore::new(store.clone());
         let bytes_appended = log.bytes_appended.clone();
         let sm = StateMachine::with_log(store.clone(), &log);
-        let raft = Raft::new(cfg.node_id, Arc::new(raft_config()?), network::Network::new(transport), log, sm).await?;
+        let raft = Raft::new(cfg.node_id, Arc::new(raft_config(cfg.snapshot_entries)?), network::Network::new(transport), log, sm).await?;
         let (queue, rx) = tokio::sync::mpsc::channel(PROPOSE_QUEUE_MAX);
         let batcher = tokio::spawn(batcher(raft.clone(), rx, cfg.propose_timeout));
         let replica = Arc::new(Replica {
@@ -330,6 +374,29 @@ impl Replica {
         }
     }
 
+    /// Receive an `Applied` event after every apply call from now on. There is one subscriber (the
+    /// filesystem adapter); a second call replaces the first. The channel is unbounded because
+    /// apply must never wait for the kernel (an invalidation can wait on a directory lock held by
+    /// a FUSE request that waits for apply).
+    pub fn subscribe_applied(&self) -> tokio::sync::mpsc::UnboundedReceiver<Applied> {
+        let (_tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        rx // STUB: wired by the forwarding/apply work
+    }
+
+    /// Read index: returns once the local replica has applied everything the leader had
+    /// committed when the call started (close-to-open consistency across nodes). On the leader it
+    /// confirms leadership with a quorum; on a follower it asks the leader. Fails after
+    /// `propose_timeout` without a leader (reads from the local replica still work).
+    pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        Ok(()) // STUB
+    }
+
+    /// Whether `node` is in the current membership (voter or learner): the transport serves Raft
+    /// RPCs only to members.
+    pub fn is_member(&self, node: NodeId) -> bool {
+        self.raft.metrics().borrow().membership_config.membership().get_node(&node).is_some()
+    }
+
     /// A consistent read view of the local replica (a redb read transaction).
     pub fn read(&self) -> Result<Box<dyn StateRead + Send>, StoreFault> {
         Ok(Box::new(self.store.read()?))
@@ -374,6 +441,10 @@ impl Replica {
             RpcKind::AppendEntries => encode(&self.raft.append_entries(decode(body)?).await),
             RpcKind::Vote => encode(&self.raft.vote(decode(body)?).await),
             RpcKind::InstallSnapshot => encode(&self.raft.install_snapshot(decode(body)?).await),
+            RpcKind::Forward | RpcKind::ReadIndex => {
+                Err(StoreFault("STUB: forwarding not implemented yet".into()))
+            }
+            RpcKind::Join | RpcKind::Remove | RpcKind::Status => admin::serve(self, kind, body).await,
         }
     }
 

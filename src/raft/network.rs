@@ -28,6 +28,16 @@ pub enum RpcKind {
     AppendEntries,
     Vote,
     InstallSnapshot,
+    /// A follower hands a batch of commands to the leader (body: `Batch`; reply: `ForwardReply`).
+    Forward,
+    /// A follower asks the leader for its read index (body: `()`; reply: `Result<u64, String>`).
+    ReadIndex,
+    /// A node asks to join (body: `admin::JoinRequest`); served by the leader (others forward).
+    Join,
+    /// An operator removes a member (body: `NodeId`); served by the leader (others forward).
+    Remove,
+    /// This node's status (body: `()`; reply: `admin::NodeStatus`).
+    Status,
 }
 
 /// Why a transport call failed.

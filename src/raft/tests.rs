@@ -7,7 +7,7 @@ use super::*;
 use crate::state::{read_range, Errno, FileKind, ROOT_INO};
 
 fn cfg(dir: &std::path::Path) -> ReplicaConfig {
-    ReplicaConfig { node_id: 1, data_dir: dir.to_path_buf(), propose_timeout: Duration::from_secs(5) }
+    ReplicaConfig::new(1, dir.to_path_buf(), Duration::from_secs(5))
 }
 
 fn rt() -> tokio::runtime::Runtime {

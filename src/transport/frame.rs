@@ -36,6 +36,11 @@ pub fn kind_code(kind: RpcKind) -> u8 {
         RpcKind::AppendEntries => 1,
         RpcKind::Vote => 2,
         RpcKind::InstallSnapshot => 3,
+        RpcKind::Forward => 16,
+        RpcKind::ReadIndex => 17,
+        RpcKind::Join => 18,
+        RpcKind::Remove => 19,
+        RpcKind::Status => 20,
     }
 }
 
@@ -45,6 +50,11 @@ pub fn kind_from_code(code: u8) -> Option<RpcKind> {
         1 => Some(RpcKind::AppendEntries),
         2 => Some(RpcKind::Vote),
         3 => Some(RpcKind::InstallSnapshot),
+        16 => Some(RpcKind::Forward),
+        17 => Some(RpcKind::ReadIndex),
+        18 => Some(RpcKind::Join),
+        19 => Some(RpcKind::Remove),
+        20 => Some(RpcKind::Status),
         _ => None,
     }
 }
