@@ -164,6 +164,8 @@ pub struct Replica {
     cfg: ReplicaConfig,
     raft: Raft<TypeConfig>,
     store: Store,
+    /// How this node reaches its peers (also for forwarding and admin calls).
+    transport: Arc<dyn PeerTransport>,
     incarnation: u64,
     counter: AtomicU64,
     queue: tokio::sync::mpsc::Sender<Pending>,
@@ -245,7 +247,9 @@ impl Replica {
         let log = LogStore::new(store.clone());
         let bytes_appended = log.bytes_appended.clone();
         let sm = StateMachine::with_log(store.clone(), &log);
-        let raft = Raft::new(cfg.node_id, Arc::new(raft_config(cfg.snapshot_entries)?), network::Network::new(transport), log, sm).await?;
+        let raft =
+            Raft::new(cfg.node_id, Arc::new(raft_config(cfg.snapshot_entries)?), network::Network::new(transport.clone()), log, sm)
+                .await?;
         let (queue, rx) = tokio::sync::mpsc::channel(PROPOSE_QUEUE_MAX);
         let batcher = tokio::spawn(batcher(raft.clone(), rx, cfg.propose_timeout));
         let replica = Arc::new(Replica {
@@ -253,6 +257,7 @@ impl Replica {
             cfg: cfg.clone(),
             raft,
             store,
+            transport,
             incarnation,
             counter: AtomicU64::new(0),
             queue,
@@ -328,6 +333,18 @@ impl Replica {
             }
         }
         Ok(())
+    }
+
+    /// Whether `data_dir` holds a node's store already (it has run before: restart, not join).
+    pub fn has_state(data_dir: &std::path::Path) -> bool {
+        crate::store::exists(data_dir)
+    }
+
+    /// After `admin::join_cluster` admitted this node: wait until the local replica has caught
+    /// up, then do what `start` does after its bootstrap (register, release held orphans).
+    pub async fn after_join(&self) -> anyhow::Result<()> {
+        self.wait_ready().await?;
+        self.bootstrap_state().await
     }
 
     pub fn node_id(&self) -> NodeId {

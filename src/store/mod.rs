@@ -105,13 +105,21 @@ fn join_piece(out: &mut Vec<(u64, Vec<u8>)>, index: u64, part: u32, piece: &[u8]
     Ok(())
 }
 
+/// The redb file inside a data directory.
+pub const DB_FILE: &str = "pickbox.redb";
+
+/// Whether `data_dir` holds a store already (a node that has run before).
+pub fn exists(data_dir: &Path) -> bool {
+    data_dir.join(DB_FILE).exists()
+}
+
 impl Store {
     /// Open (or create) the store in `data_dir`.
     pub fn open(data_dir: &Path) -> StoreResult<Store> {
         std::fs::create_dir_all(data_dir).map_err(fault)?;
         let snap_dir = data_dir.join("snapshots");
         std::fs::create_dir_all(&snap_dir).map_err(fault)?;
-        let db = Database::builder().set_cache_size(CACHE_BYTES).create(data_dir.join("pickbox.redb")).map_err(fault)?;
+        let db = Database::builder().set_cache_size(CACHE_BYTES).create(data_dir.join(DB_FILE)).map_err(fault)?;
         {
             let txn = db.begin_write().map_err(fault)?;
             tables::create_all_tables(&txn)?;
