@@ -4,7 +4,7 @@
 //! SIGKILL), lazily unmounts a mount left behind and removes the temp dirs, also when the test
 //! panics. Waiting is always a polled condition with a deadline, never a fixed sleep.
 
-use std::ffi::CString;
+use std::ffi::{CString, OsString};
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -37,26 +37,35 @@ fn parallel_nodes_max() -> usize {
         .unwrap_or(PARALLEL_NODES_DEFAULT)
 }
 
-/// A slot among the nodes allowed to run at once; released on drop.
-struct Permit;
+/// Slots among the nodes allowed to run at once; released on drop.
+pub struct Permit {
+    slots: usize,
+}
 
 impl Permit {
     fn acquire() -> Permit {
+        Permit::acquire_slots(1)
+    }
+
+    /// Takes `slots` slots at once (never one by one, so two clusters cannot each hold half and
+    /// wait for the rest). More slots than the maximum are capped: such a user runs alone.
+    pub fn acquire_slots(slots: usize) -> Permit {
         let max = parallel_nodes_max();
+        let slots = slots.clamp(1, max);
         let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-        while *running >= max {
+        while *running + slots > max {
             running = RUNNING_CHANGED.wait(running).unwrap_or_else(|e| e.into_inner());
         }
-        *running += 1;
-        Permit
+        *running += slots;
+        Permit { slots }
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-        *running -= 1;
-        RUNNING_CHANGED.notify_one();
+        *running -= self.slots;
+        RUNNING_CHANGED.notify_all();
     }
 }
 
@@ -86,12 +95,15 @@ pub struct Node {
     pub data: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// Arguments after `mount MNT --data-dir DATA`, the same at every start.
+    args: Vec<OsString>,
     starts: u32,
     /// The PID the watchdog may kill; None once reaped or dropped.
     watched: Arc<Mutex<Option<u32>>>,
     /// Mounts the test made itself (a small tmpfs as data dir), detached after the node stops.
     extra_mounts: Vec<PathBuf>,
-    _permit: Permit,
+    /// None for a node of a `Cluster`, which holds the permit for all its nodes.
+    _permit: Option<Permit>,
 }
 
 impl Node {
@@ -106,10 +118,28 @@ impl Node {
     }
 
     fn start_with_data_fs(tmpfs_bytes: Option<u64>) -> Node {
+        let mut node = Node::prepare(Vec::new(), Some(Permit::acquire()), tmpfs_bytes, "pickbox-fuse-test-");
+        node.spawn();
+        node
+    }
+
+    /// A node that is not started yet: its temp dir, the extra `mount` arguments, its watchdog.
+    /// `permit` is None when the caller holds one for it (a cluster).
+    pub fn prepare(args: Vec<OsString>, permit: Option<Permit>, tmpfs_bytes: Option<u64>, prefix: &str) -> Node {
+        Node::prepare_with_limit(args, permit, tmpfs_bytes, prefix, TEST_SECONDS_MAX_DEFAULT)
+    }
+
+    /// Like `prepare`, with the watchdog's limit (`PICKBOX_FUSE_TEST_SECONDS_MAX` overrides it).
+    pub fn prepare_with_limit(
+        args: Vec<OsString>,
+        permit: Option<Permit>,
+        tmpfs_bytes: Option<u64>,
+        prefix: &str,
+        seconds_max: u64,
+    ) -> Node {
         require_fuse();
-        let permit = Permit::acquire();
         let dir = tempfile::Builder::new()
-            .prefix("pickbox-fuse-test-")
+            .prefix(prefix)
             .tempdir()
             .expect("create temp dir");
         // Other users (as_user) must be able to reach the mount whatever the umask made it.
@@ -131,11 +161,8 @@ impl Node {
             extra_mounts.push(data.clone());
         }
         let watched = Arc::new(Mutex::new(None));
-        start_watchdog(Arc::clone(&watched), mnt.clone());
-        let mut node =
-            Node { dir: Some(dir), mnt, data, log, child: None, starts: 0, watched, extra_mounts, _permit: permit };
-        node.spawn();
-        node
+        start_watchdog(Arc::clone(&watched), mnt.clone(), seconds_max);
+        Node { dir: Some(dir), mnt, data, log, child: None, args, starts: 0, watched, extra_mounts, _permit: permit }
     }
 
     /// The mountpoint joined with `rel`.
@@ -150,6 +177,19 @@ impl Node {
 
     /// Starts the process (again) on the same data dir and mountpoint and waits for the mount.
     pub fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn(MOUNT_TIMEOUT) {
+            panic!("{e}");
+        }
+    }
+
+    /// Like `spawn`, but says why the node did not mount (it exited, or not within `timeout`).
+    pub fn try_spawn(&mut self, timeout: Duration) -> Result<(), String> {
+        self.spawn_process();
+        self.wait_mounted(timeout)
+    }
+
+    /// Starts the process without waiting for the mount.
+    pub fn spawn_process(&mut self) {
         assert!(self.child.is_none(), "node already running");
         self.starts += 1;
         let log = fs::OpenOptions::new()
@@ -172,6 +212,7 @@ impl Node {
             .arg(&self.mnt)
             .arg("--data-dir")
             .arg(&self.data)
+            .args(&self.args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
@@ -181,27 +222,33 @@ impl Node {
             .expect("spawn pickbox");
         *self.watched.lock().unwrap_or_else(|e| e.into_inner()) = Some(child.id());
         self.child = Some(child);
-        self.wait_mounted();
     }
 
-    fn wait_mounted(&mut self) {
-        let deadline = Instant::now() + MOUNT_TIMEOUT;
+    /// Waits until the mount answers; fails if the process exits first or `timeout` passes.
+    pub fn wait_mounted(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.wait_exit(Duration::ZERO) {
-                panic!("pickbox exited before mounting ({status}); log:\n{}", self.log_tail());
+                return Err(format!("pickbox exited before mounting ({status}); log:\n{}", self.log_tail()));
             }
             if is_mounted(&self.mnt) && is_live(&self.mnt) {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "mount {} not live after {:?}; log:\n{}",
-                self.mnt.display(),
-                MOUNT_TIMEOUT,
-                self.log_tail()
-            );
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "mount {} not live after {:?}; log:\n{}",
+                    self.mnt.display(),
+                    timeout,
+                    self.log_tail()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether the process runs (started and not yet reaped).
+    pub fn is_running(&mut self) -> bool {
+        self.child.is_some() && self.wait_exit(Duration::ZERO).is_none()
     }
 
     /// Sends a signal to the running process.
@@ -313,11 +360,11 @@ impl Drop for Node {
 }
 
 /// Kills the watched PID if it is still running when the test's time is up.
-fn start_watchdog(watched: Arc<Mutex<Option<u32>>>, mnt: PathBuf) {
+fn start_watchdog(watched: Arc<Mutex<Option<u32>>>, mnt: PathBuf, seconds_max: u64) {
     let secs = std::env::var("PICKBOX_FUSE_TEST_SECONDS_MAX")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(TEST_SECONDS_MAX_DEFAULT);
+        .unwrap_or(seconds_max);
     let deadline = Instant::now() + Duration::from_secs(secs);
     std::thread::spawn(move || loop {
         // Polls once a second until the Node is gone (only the watchdog holds the Arc then).
@@ -371,8 +418,11 @@ fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(field.len());
     let mut i = 0;
     while i < field.len() {
-        if field[i] == b'\\' && i + 3 < field.len() && field[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (field[i + 1] - b'0') * 64 + (field[i + 2] - b'0') * 8 + (field[i + 3] - b'0');
+        let octal = field.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        // `\ooo` with a value above 0o377 is not an escape the kernel writes: keep it as text
+        // rather than wrap around in a u8.
+        let value = octal.map(|d| d.iter().fold(0u32, |v, &c| v * 8 + u32::from(c - b'0')));
+        if let (b'\\', Some(v)) = (field[i], value.and_then(|v| u8::try_from(v).ok())) {
             out.push(v);
             i += 4;
         } else {
@@ -434,50 +484,52 @@ pub fn lstat(p: &Path) -> io::Result<libc::stat> {
     Ok(st)
 }
 
-/// Runs `f` in a forked child as `uid:gid` (no supplementary groups) and returns Ok or its errno.
+/// Runs `f` as `uid:gid` (no supplementary groups) and returns Ok or its errno.
 ///
-/// Only the child changes credentials, so other test threads are not affected. `f` returns
-/// `Ok(())` or the errno of the syscall that failed; any panic in the child becomes errno 255.
-pub fn as_user(uid: u32, gid: u32, f: impl FnOnce() -> io::Result<()>) -> Result<(), i32> {
+/// `f` runs on a fresh thread that alone switches credentials, so other test threads are not
+/// affected. `f` returns `Ok(())` or the errno of the syscall that failed; a panic in `f` is
+/// re-raised in the caller.
+pub fn as_user(uid: u32, gid: u32, f: impl FnOnce() -> io::Result<()> + Send) -> Result<(), i32> {
     as_user_groups(uid, gid, &[], f)
 }
 
 /// Like `as_user` with supplementary groups.
-pub fn as_user_groups(uid: u32, gid: u32, groups: &[u32], f: impl FnOnce() -> io::Result<()>) -> Result<(), i32> {
-    // SAFETY: the child only makes syscalls and runs `f`, then leaves with _exit.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed: {}", io::Error::last_os_error());
-    if pid == 0 {
-        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            // SAFETY: plain credential syscalls in a single-threaded child.
-            unsafe {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setresgid(gid, gid, gid) != 0
-                    || libc::setresuid(uid, uid, uid) != 0
-                {
-                    return 254;
+///
+/// Linux keeps credentials per thread; glibc's `setresuid` and friends broadcast a change to every
+/// thread of the process, the raw system calls do not. So the raw calls on a thread of our own
+/// change only that thread, which exits afterwards, and nothing is forked (forking this
+/// multithreaded process and running arbitrary code in the child could deadlock on a lock some
+/// other thread held at the fork). The FUSE request carries the thread's id and credentials, and
+/// `/proc/<tid>/status` shows the thread's groups, so the filesystem sees exactly this caller.
+pub fn as_user_groups(
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+    f: impl FnOnce() -> io::Result<()> + Send,
+) -> Result<(), i32> {
+    let groups: Vec<libc::gid_t> = groups.to_vec();
+    let outcome = std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                // SAFETY: raw credential system calls on this thread only; the pointer and length
+                // describe `groups`, which outlives the call.
+                let switched = unsafe {
+                    libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) == 0
+                        && libc::syscall(libc::SYS_setresgid, gid, gid, gid) == 0
+                        && libc::syscall(libc::SYS_setresuid, uid, uid, uid) == 0
+                };
+                if !switched {
+                    return Err(io::Error::last_os_error());
                 }
-            }
-            match f() {
-                Ok(()) => 0,
-                Err(e) => e.raw_os_error().unwrap_or(253),
-            }
-        }))
-        .unwrap_or(255);
-        // SAFETY: leave the child without running the parent's destructors or atexit handlers.
-        unsafe { libc::_exit(code) };
-    }
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-    assert_eq!(r, pid, "waitpid");
-    assert!(libc::WIFEXITED(status), "child did not exit normally: {status}");
-    match libc::WEXITSTATUS(status) {
-        0 => Ok(()),
-        254 => panic!("as_user: could not switch to {uid}:{gid}"),
-        253 => panic!("as_user: error without errno"),
-        255 => panic!("as_user: the closure panicked"),
-        e => Err(e),
+                Ok(f())
+            })
+            .join()
+    });
+    match outcome {
+        Err(panic) => std::panic::resume_unwind(panic),
+        Ok(Err(e)) => panic!("as_user: could not switch to {uid}:{gid}: {e}"),
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(e.raw_os_error().unwrap_or_else(|| panic!("as_user: error without errno: {e}"))),
     }
 }
 
@@ -503,4 +555,17 @@ pub fn coarse_now() -> (i64, i64) {
     // SAFETY: valid pointer to a timespec.
     check(unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) }).expect("clock_gettime");
     (ts.tv_sec, ts.tv_nsec)
+}
+
+#[test]
+fn mountinfo_unescape() {
+    assert_eq!(unescape_mountinfo(br"/tmp/a\040b"), b"/tmp/a b");
+    // An escape at the very end of the field (the old bound missed it).
+    assert_eq!(unescape_mountinfo(br"/tmp/a\134"), b"/tmp/a\\");
+    assert_eq!(unescape_mountinfo(br"\011"), b"\t");
+    // Not escapes: too short, not octal, or above 0o377 (which must not wrap around).
+    assert_eq!(unescape_mountinfo(br"/x\04"), br"/x\04");
+    assert_eq!(unescape_mountinfo(br"/x\09a"), br"/x\09a");
+    assert_eq!(unescape_mountinfo(br"/x\777"), br"/x\777");
+    assert_eq!(unescape_mountinfo(br"\"), br"\");
 }

@@ -147,13 +147,74 @@ def workloads(root, tarball, pid=None):
         yield "RSS peak during seq write (MiB)", peak.get("kib", 0) / 1024.0
 
 
+VISIBILITY_REPS = 200
+VISIBILITY_WAIT_S = 10.0
+
+
+def percentile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def poll(cond):
+    """Seconds until cond() holds (busy poll: the figure is the latency, not the CPU)."""
+    t0 = time.perf_counter()
+    while not cond():
+        if time.perf_counter() - t0 > VISIBILITY_WAIT_S:
+            raise RuntimeError(f"not visible after {VISIBILITY_WAIT_S}s")
+    return time.perf_counter() - t0
+
+
+def visibility(src, dst):
+    """Cross-node visibility: a change made (and returned) on mount src, polled for on mount dst.
+    Yields (name, [seconds]) for create (write+close, then open+read the content), rename, unlink."""
+    base = f"vis.{os.getpid()}"
+    os.mkdir(os.path.join(src, base))
+    poll(lambda: os.path.isdir(os.path.join(dst, base)))
+    created, renamed, unlinked = [], [], []
+    for i in range(VISIBILITY_REPS):
+        payload = f"content {i} ".encode() * 64
+        a = os.path.join(src, base, f"f{i}")
+        b = os.path.join(dst, base, f"f{i}")
+
+        def has_content():
+            try:
+                with open(b, "rb") as f:
+                    return f.read() == payload
+            except FileNotFoundError:
+                return False
+
+        fd = os.open(a, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        os.write(fd, payload)
+        os.close(fd)
+        created.append(poll(has_content))
+
+        os.rename(a, a + ".r")
+        renamed.append(poll(lambda: os.path.exists(b + ".r") and not os.path.exists(b)))
+
+        os.unlink(a + ".r")
+        unlinked.append(poll(lambda: not os.path.exists(b + ".r")))
+    yield "create+write+close -> open+read", created
+    yield "rename -> seen", renamed
+    yield "unlink -> gone", unlinked
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pickbox", required=True)
     ap.add_argument("--bindfs", required=True)
     ap.add_argument("--pid", type=int, required=True, help="pickbox PID for RSS figures")
     ap.add_argument("--tarball", required=True)
+    ap.add_argument("--other", help="a second node's mount of the same cluster: measure visibility")
+    ap.add_argument("--pids", default="", help="comma-separated PIDs of every node, for idle RSS")
     args = ap.parse_args()
+
+    for pid in [int(p) for p in args.pids.split(",") if p]:
+        print(f"RSS idle of pid {pid}: {status_kib(pid, 'VmRSS') / 1024.0:.1f} MiB")
+    if args.other:
+        print(f"{'visibility (node A -> node B)':36} {'p50 ms':>10} {'p99 ms':>10}")
+        for name, xs in visibility(args.pickbox, args.other):
+            print(f"{name:36} {1000 * percentile(xs, 0.5):10.3f} {1000 * percentile(xs, 0.99):10.3f}")
 
     idle_mib = status_kib(args.pid, "VmRSS") / 1024.0
     rows = {}
@@ -176,6 +237,10 @@ def main():
             continue
         ratio = f"{100.0 * b / p:7.0f}%" if p and b else "-"
         print(f"{name:36} {p:9.3f}s {b:9.3f}s {ratio:>8}")
+        if name.startswith("create+write"):
+            print(f"{'  (pickbox creates/s)':36} {FILES / p:10.0f}")
+        if name.startswith("seq write") or name.startswith("seq read"):
+            print(f"{'  (pickbox MiB/s)':36} {SEQ_BYTES / 2**20 / p:10.0f}")
     print(f"{'RSS idle (MiB)':36} {idle_mib:10.1f} {'-':>10} {'-':>8}")
     print("ratio = bindfs time / pickbox time (pickbox speed as a share of bindfs speed)")
 

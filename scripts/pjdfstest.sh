@@ -1,11 +1,27 @@
 #!/usr/bin/env bash
-# Runs pjdfstest as root inside a fresh single-node Pickbox mount and fails if any test failed.
-# Usage: bash scripts/pjdfstest.sh [PATTERN...]   (patterns filter test names, e.g. "rename")
-# Env: PICKBOX_BIN (a prebuilt binary), PJDFSTEST_TIMEOUT_S (default 1800).
+# Runs pjdfstest as root inside Pickbox mounts and fails if any test failed:
+#   1. in a fresh single-node mount            -> target/pjdfstest.log
+#   2. in a follower's mount of a fresh 3-node cluster (scripts/cluster.sh, QUIC on loopback)
+#                                              -> target/pjdfstest-cluster.log
+# Usage: bash scripts/pjdfstest.sh [--single|--cluster] [PATTERN...]   (default: both; patterns
+#        filter test names, e.g. "rename")
+# Env: PICKBOX_BIN (a prebuilt binary for the single node), PJDFSTEST_TIMEOUT_S (default 1800,
+#      per run), PICKBOX_PROFILE (cluster.sh's build, default debug here: the one cargo test built).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 source scripts/lib.sh
+
+# How long each node of the cluster may take to mount, in seconds.
+CLUSTER_MOUNT_WAIT_S=60
+# How long a mutation may wait for a quorum in the cluster run, in ms (a failure shows quickly).
+CLUSTER_PROPOSE_TIMEOUT_MS=5000
+
+modes=(single cluster)
+case "${1:-}" in
+    --single) modes=(single); shift ;;
+    --cluster) modes=(cluster); shift ;;
+esac
 
 need_root "pjdfstest"
 need_dev_fuse
@@ -19,52 +35,114 @@ if [ -z "${PICKBOX_BIN:-}" ]; then
 fi
 
 work=$(mktemp -d /tmp/pickbox-pjdfstest.XXXXXX)
-# mktemp makes it 0700; the users pjdfstest switches to must be able to reach the mount.
+# mktemp makes it 0700; the users pjdfstest switches to must be able to reach the mounts.
 chmod 0755 "$work"
-mnt=$work/mnt
-data=$work/data
-mkdir -p "$mnt" "$data"
 pid=""
+cluster_up=0
 cleanup() {
-    stop_node "$pid" "$mnt"
+    stop_node "$pid" "$work/mnt"
+    if [ "$cluster_up" -eq 1 ]; then
+        PICKBOX_CLUSTER_DIR=$work/cluster bash scripts/cluster.sh down >/dev/null 2>&1 || true
+    fi
+    # Whatever cluster.sh left behind (it stops nodes by their pid files; this catches the rest).
+    awk -v root="$work/" 'index($5, root) == 1 { print $5 }' /proc/self/mountinfo | sort -r |
+        while read -r m; do umount -l "$m" 2>/dev/null || true; done
     rm -rf "$work"
 }
 trap cleanup EXIT
 
-RUST_LOG=${RUST_LOG:-warn} "$PICKBOX_BIN" mount "$mnt" --data-dir "$data" >"$work/node.log" 2>&1 &
-pid=$!
-if ! wait_mounted "$pid" "$mnt" 30; then
-    tail -n 50 "$work/node.log" >&2
-    die "pickbox did not mount $mnt within 30 s"
-fi
-log "pjdfstest $PJDFSTEST_VERSION in $mnt (pickbox pid $pid)"
+# run_pjdfstest NAME MNT LOG [PATTERN...]: runs the suite in MNT, prints what did not pass and
+# the summary line; returns pjdfstest's exit status.
+run_pjdfstest() {
+    local name=$1 mnt=$2 out=$3 status
+    shift 3
+    log "pjdfstest $PJDFSTEST_VERSION ($name) in $mnt"
+    mkdir -p "$(dirname "$out")"
+    set +e
+    (cd "$mnt" && NO_COLOR=1 RUST_BACKTRACE=0 timeout "${PJDFSTEST_TIMEOUT_S:-1800}" "$CARGO_BIN/pjdfstest" \
+        -c "$repo/fuse-tests/pjdfstest.toml" -p "$mnt" "$@") >"$out" 2>&1
+    status=$?
+    set -e
+    # Strip colours in case the runner ignores NO_COLOR.
+    sed -i 's/\x1b\[[0-9;]*m//g' "$out"
+    awk '/ (FAILED|PASSED UNEXPECTEDLY)$/ { show = 1; print; next }
+         / (ok|skipped|failed as expected)$/ { show = 0; next }
+         /^Summary:/ { show = 0; next }
+         show { print }' "$out"
+    echo "pjdfstest ($name): $(grep '^Summary:' "$out" || echo "no summary (exit status $status)")"
+    echo "full pjdfstest output ($name): $out"
+    [ "$status" -eq 124 ] && echo "pjdfstest ($name) timed out" >&2
+    return "$status"
+}
 
-out=$repo/target/pjdfstest.log
-mkdir -p "$(dirname "$out")"
-set +e
-(cd "$mnt" && NO_COLOR=1 RUST_BACKTRACE=0 timeout "${PJDFSTEST_TIMEOUT_S:-1800}" "$CARGO_BIN/pjdfstest" \
-    -c "$repo/fuse-tests/pjdfstest.toml" -p "$mnt" "$@") >"$out" 2>&1
-status=$?
-set -e
-# Strip colours in case the runner ignores NO_COLOR.
-sed -i 's/\x1b\[[0-9;]*m//g' "$out"
+failed=0
 
-# Print what did not pass, with its reasons, and the summary line.
-awk '/ (FAILED|PASSED UNEXPECTEDLY)$/ { show = 1; print; next }
-     / (ok|skipped|failed as expected)$/ { show = 0; next }
-     /^Summary:/ { show = 0; next }
-     show { print }' "$out"
-grep '^Summary:' "$out" || echo "pjdfstest printed no summary (exit status $status)"
-echo "full pjdfstest output: $out"
+run_single() {
+    local mnt=$work/mnt data=$work/data status=0
+    mkdir -p "$mnt" "$data"
+    RUST_LOG=${RUST_LOG:-warn} "$PICKBOX_BIN" mount "$mnt" --data-dir "$data" >"$work/node.log" 2>&1 &
+    pid=$!
+    if ! wait_mounted "$pid" "$mnt" 30; then
+        tail -n 50 "$work/node.log" >&2
+        die "pickbox did not mount $mnt within 30 s"
+    fi
+    run_pjdfstest "single node" "$mnt" "$repo/target/pjdfstest.log" "$@" || status=$?
+    if ! alive "$pid"; then
+        echo "pickbox died during pjdfstest; its log:" >&2
+        tail -n 80 "$work/node.log" >&2
+        status=1
+    elif [ "$status" -ne 0 ]; then
+        echo "pickbox log tail:" >&2
+        tail -n 30 "$work/node.log" >&2
+    fi
+    stop_node "$pid" "$mnt"
+    pid=""
+    return "$status"
+}
 
-if ! alive "$pid"; then
-    echo "pickbox died during pjdfstest; its log:" >&2
-    tail -n 80 "$work/node.log" >&2
-    exit 1
-fi
-if [ "$status" -ne 0 ]; then
-    [ "$status" -eq 124 ] && echo "pjdfstest timed out" >&2
-    echo "pickbox log tail:" >&2
-    tail -n 30 "$work/node.log" >&2
-    exit 1
-fi
+# The id of a running follower of the cluster (from `status --json`); node 2 if none says so.
+follower_id() {
+    PICKBOX_CLUSTER_DIR=$work/cluster bash scripts/cluster.sh status --json 2>/dev/null |
+        python3 -c 'import json, sys
+rows = json.load(sys.stdin)
+ids = [r["node_id"] for r in rows if not r.get("error") and (r.get("role") or "").lower() == "follower"]
+print(min(ids) if ids else 2)' 2>/dev/null || echo 2
+}
+
+run_cluster() {
+    local cdir=$work/cluster status=0 k f mnt
+    export PICKBOX_CLUSTER_DIR=$cdir PICKBOX_PROFILE=${PICKBOX_PROFILE:-debug}
+    export PICKBOX_MOUNT_WAIT_SECS=$CLUSTER_MOUNT_WAIT_S PICKBOX_PROPOSE_TIMEOUT_MS=$CLUSTER_PROPOSE_TIMEOUT_MS
+    cluster_up=1
+    if ! RUST_LOG=${RUST_LOG:-warn} bash scripts/cluster.sh up 3 >"$work/cluster-up.log" 2>&1; then
+        cat "$work/cluster-up.log" >&2
+        unset PICKBOX_PROPOSE_TIMEOUT_MS PICKBOX_MOUNT_WAIT_SECS
+        echo "pjdfstest (3-node cluster, follower): no summary (the cluster did not start)"
+        return 1
+    fi
+    # Only the nodes read these; pjdfstest and the commands below must not.
+    unset PICKBOX_PROPOSE_TIMEOUT_MS PICKBOX_MOUNT_WAIT_SECS
+    f=$(follower_id)
+    mnt=$cdir/node$f/mnt
+    run_pjdfstest "3-node cluster, follower node $f" "$mnt" "$repo/target/pjdfstest-cluster.log" "$@" || status=$?
+    bash scripts/cluster.sh status || status=1
+    for k in 1 2 3; do
+        if ! alive "$(cat "$cdir/node$k/pid" 2>/dev/null || echo 0)"; then
+            echo "node $k died during pjdfstest; its log:" >&2
+            tail -n 80 "$cdir/node$k/log" >&2
+            status=1
+        fi
+    done
+    [ "$status" -eq 0 ] || { echo "follower log tail:" >&2; tail -n 30 "$cdir/node$f/log" >&2; }
+    bash scripts/cluster.sh down >/dev/null 2>&1 || status=1
+    cluster_up=0
+    return "$status"
+}
+
+for mode in "${modes[@]}"; do
+    rm -f "$repo/target/pjdfstest$([ "$mode" = single ] || echo "-$mode").log"
+done
+for mode in "${modes[@]}"; do
+    "run_$mode" "$@" || failed=1
+done
+exit "$failed"

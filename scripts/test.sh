@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # THE test command: installs what the tests need, runs every cargo test target (unit and property
-# tests, the openraft storage suite, fuse-tests against real mounts), then pjdfstest in a mount.
+# tests, the openraft storage suite, fuse-tests against real mounts and 3-node clusters), then
+# pjdfstest in a single-node mount and in a follower's mount of a 3-node cluster.
 # Needs root and /dev/fuse. Exits non-zero if anything failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ ensure_test_users
 
 mkdir -p target
 cargo_log=$repo/target/cargo-test.log
-rm -f "$repo/target/pjdfstest.log"
+rm -f "$repo/target/pjdfstest.log" "$repo/target/pjdfstest-cluster.log"
 failed=0
 
 log "cargo test --all-targets --no-fail-fast"
@@ -40,11 +41,19 @@ read -r cargo_passed cargo_failed cargo_ignored < <(
                  if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1);
                  if ($(i) ~ /^ignored/) s += $(i-1) } }
              END { print p + 0, f + 0, s + 0 }')
-read -r pjd_failed pjd_skipped pjd_passed < <(
-    awk '/^Summary:/ { print $2, $4, $6; found = 1 } END { if (!found) print 0, 0, 0 }' \
-        "$repo/target/pjdfstest.log" 2>/dev/null || echo "0 0 0")
+# pjdfstest's "Summary: F failed, S skipped, P passed" of one run's log, as "F S P".
+pjd_summary() {
+    awk '/^Summary:/ { print $2, $4, $6; found = 1 } END { if (!found) print 0, 0, 0 }' "$1" 2>/dev/null ||
+        echo "0 0 0"
+}
+read -r pjd_failed pjd_skipped pjd_passed < <(pjd_summary "$repo/target/pjdfstest.log")
+read -r pjdc_failed pjdc_skipped pjdc_passed < <(pjd_summary "$repo/target/pjdfstest-cluster.log")
 echo
 echo "cargo test: $cargo_passed passed, $cargo_failed failed, $cargo_ignored ignored (exit status $cargo_status)"
-echo "pjdfstest: $pjd_passed passed, $pjd_failed failed, $pjd_skipped skipped (exit status $pjd_status)"
-echo "total: $((cargo_passed + pjd_passed)) passed, $((cargo_failed + pjd_failed)) failed, $((cargo_ignored + pjd_skipped)) skipped"
+echo "pjdfstest (single node): $pjd_passed passed, $pjd_failed failed, $pjd_skipped skipped"
+echo "pjdfstest (3-node cluster, follower): $pjdc_passed passed, $pjdc_failed failed, $pjdc_skipped skipped"
+echo "pjdfstest exit status: $pjd_status"
+echo "total: $((cargo_passed + pjd_passed + pjdc_passed)) passed," \
+    "$((cargo_failed + pjd_failed + pjdc_failed)) failed," \
+    "$((cargo_ignored + pjd_skipped + pjdc_skipped)) skipped"
 exit "$failed"

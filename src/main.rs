@@ -10,8 +10,14 @@ const RUNTIME_SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_mil
 
 fn main() -> ExitCode {
     let cli = cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A node logs its lifecycle; the one-shot tools (cert, status, members) print their answer on
+    // stdout and only warnings on stderr, unless RUST_LOG says otherwise.
+    let is_node = cli.command.is_node();
+    let default_level = if is_node { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    // Colours only on a terminal: a node's stderr usually goes to a log file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match cli.log_format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -32,7 +38,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            if is_node {
+                tracing::error!("{e:#}");
+            }
             eprintln!("pickbox: {e:#}");
             ExitCode::FAILURE
         }

@@ -1,5 +1,6 @@
-//! Nodes talking over QUIC with mutual TLS: a three-replica cluster on loopback, and the refusal
-//! paths (foreign CA, oversized and garbled messages, dead peers).
+//! Nodes talking over QUIC with mutual TLS: a three-replica cluster on loopback, the refusal
+//! paths (foreign CA, oversized and garbled messages, dead peers), the bound on request bytes in
+//! flight, `ANY_NODE` dialling, the membership authoriser, and Join/Remove/Status end to end.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -7,14 +8,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use pickbox::raft::admin::{
+    cluster_status, join_cluster, remove_member, JoinRequest, MemberInfo, NodeStatus, ANY_NODE,
+};
 use pickbox::raft::network::{BoxFuture, PeerTransport, RpcKind, TransportError};
 use pickbox::raft::{Replica, ReplicaConfig};
 use pickbox::state::{read_range, Caller, FileKind, NodeId, Op, Outcome, ROOT_INO};
-use pickbox::transport::frame::{self, FRAME_BYTES_MAX, MAGIC, VERSION};
+use pickbox::transport::frame::{self, FRAME_BYTES_MAX, MAGIC, REQUEST_HEADER_BYTES, VERSION};
 use pickbox::transport::quic::CONNECT_TIMEOUT_MS;
 use pickbox::transport::{
-    create_ca, create_node_cert, node_name, CertError, NodeCertPaths, NodeIdentity, QuicConfig, QuicTransport,
-    RpcHandler,
+    create_ca, create_node_cert, membership_authorizer, node_name, CertError, NodeCertPaths, NodeIdentity, QuicConfig,
+    QuicTransport, RpcHandler,
 };
 
 /// Everything the endpoints log, so tests can check that refusals are logged.
@@ -260,8 +264,18 @@ async fn oversized_message_is_refused_and_server_keeps_serving() {
     let client = bind(2, identity(root.path(), "ca", 2));
     let addr = server.local_addr().to_string();
 
+    // A header declaring more than the limit is refused before the body is read.
     let mut big = vec![0u8; FRAME_BYTES_MAX + 1];
-    big[..3].copy_from_slice(&[MAGIC, VERSION, frame::kind_code(RpcKind::AppendEntries)]);
+    let declared = (pickbox::config::MESSAGE_BYTES_MAX as u32 + 1).to_le_bytes();
+    big[..REQUEST_HEADER_BYTES].copy_from_slice(&[
+        MAGIC,
+        VERSION,
+        frame::kind_code(RpcKind::AppendEntries),
+        declared[0],
+        declared[1],
+        declared[2],
+        declared[3],
+    ]);
     let t = Instant::now();
     let err = client.call_raw(1, &addr, big).await.unwrap_err();
     eprintln!("oversized message refused in {:?}: {err}", t.elapsed());
@@ -304,12 +318,23 @@ async fn garbled_message_is_refused_and_server_keeps_serving() {
             x as u8
         })
         .collect();
-    for frame in [junk, vec![], vec![MAGIC], vec![MAGIC, VERSION, 60, 1, 2], vec![MAGIC, 200, 1]] {
+    let frames = [
+        junk,
+        vec![],
+        vec![MAGIC],
+        vec![MAGIC, VERSION, 60, 1, 2],
+        vec![MAGIC, 200, 1],
+        vec![MAGIC, VERSION, 60, 0, 0, 0, 0],
+        // A body shorter, and one longer, than its header declares.
+        vec![MAGIC, VERSION, 2, 5, 0, 0, 0, 1, 2],
+        vec![MAGIC, VERSION, 2, 1, 0, 0, 0, 1, 2],
+    ];
+    for frame in &frames {
         let err = client.call_raw(1, &addr, frame.clone()).await.unwrap_err();
         assert!(matches!(&err, TransportError::Network(1, m) if m.contains("garbled")), "{frame:?}: {err}");
     }
-    assert_eq!(server.stats().messages_garbled, 5);
-    assert!(log_lines(&["refused a garbled message", "node=1", "peer=node2"]).len() >= 5);
+    assert_eq!(server.stats().messages_garbled, frames.len() as u64);
+    assert!(log_lines(&["refused a garbled message", "node=1", "peer=node2"]).len() >= frames.len());
     assert_eq!(client.call(1, &addr, RpcKind::Vote, b"ok".to_vec()).await.unwrap(), b"echo:ok");
     let t = Instant::now();
     for i in 0..500u32 {
@@ -395,6 +420,307 @@ async fn learner_catches_up_after_large_writes() {
     res.unwrap();
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
+    for t in &ts {
+        t.shutdown().await;
+    }
+}
+
+/// Answers after a pause, so that concurrent requests overlap on the server.
+struct Slow;
+
+impl RpcHandler for Slow {
+    fn handle(&self, _kind: RpcKind, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok((body.len() as u64).to_le_bytes().to_vec())
+        })
+    }
+}
+
+/// (f) Request bytes in flight on a server stay within the budget: six concurrent 60 MiB messages
+/// (360 MiB) are all served, never more than `IN_FLIGHT_BYTES_MAX` of them reserved at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bytes_in_flight_are_bounded() {
+    use pickbox::transport::quic::IN_FLIGHT_BYTES_MAX;
+    logs();
+    let root = tempfile::tempdir().unwrap();
+    pki(root.path(), "ca", &[1, 2]);
+    let server = bind(1, identity(root.path(), "ca", 1));
+    server.attach(Arc::new(Slow));
+    let client = bind(2, identity(root.path(), "ca", 2));
+    let addr = server.local_addr().to_string();
+    let size = 60 << 20;
+    let body = vec![7u8; size];
+    let t = Instant::now();
+    let calls = (0..6).map(|_| client.call(1, &addr, RpcKind::AppendEntries, body.clone()));
+    let replies = futures::future::join_all(calls).await;
+    eprintln!("6 x 60 MiB in {:?}, peak reserved {} MiB", t.elapsed(), server.stats().request_bytes_peak >> 20);
+    for r in replies {
+        assert_eq!(r.unwrap(), (size as u64).to_le_bytes());
+    }
+    let peak = server.stats().request_bytes_peak as usize;
+    assert!(peak <= IN_FLIGHT_BYTES_MAX && peak >= size, "peak {peak}");
+    server.shutdown().await;
+    client.shutdown().await;
+}
+
+/// A transport with the operator certificate `admin` (what the CLI uses).
+fn operator(root: &Path) -> Arc<QuicTransport> {
+    let dir = root.join("ca-nodes");
+    if !dir.join("admin.pem").exists() {
+        create_node_cert(&root.join("ca"), "admin", &dir).unwrap();
+    }
+    let id = NodeIdentity::load(&root.join("ca"), &NodeCertPaths::in_dir(&dir, "admin")).unwrap();
+    bind(0, id)
+}
+
+/// (g) Dialling `ANY_NODE` reaches whichever node of the cluster CA answers, but not a server whose
+/// certificate is not a node's; other targets keep the name check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_dialling_accepts_any_cluster_node() {
+    logs();
+    let root = tempfile::tempdir().unwrap();
+    pki(root.path(), "ca", &[1, 2]);
+    let server = bind(1, identity(root.path(), "ca", 1));
+    server.attach(Arc::new(Echo));
+    let addr = server.local_addr().to_string();
+    let client = bind(2, identity(root.path(), "ca", 2));
+    assert_eq!(client.call(ANY_NODE, &addr, RpcKind::Status, b"hi".to_vec()).await.unwrap(), b"echo:hi");
+    let err = client.call(7, &addr, RpcKind::Status, b"hi".to_vec()).await.unwrap_err();
+    assert!(matches!(err, TransportError::Unreachable(7, _)), "{err}");
+
+    // An operator endpoint (certificate "admin") is no node: ANY_NODE refuses it as a server.
+    let op_server = operator(root.path());
+    op_server.attach(Arc::new(Echo));
+    let err = client.call(ANY_NODE, &op_server.local_addr().to_string(), RpcKind::Status, vec![]).await.unwrap_err();
+    assert!(matches!(&err, TransportError::Unreachable(ANY_NODE, m) if m.contains("certificate")), "{err}");
+    for t in [&server, &client, &op_server] {
+        t.shutdown().await;
+    }
+}
+
+fn replica_cfg(root: &Path, id: NodeId, t: &QuicTransport) -> ReplicaConfig {
+    let mut cfg = ReplicaConfig::new(id, root.join(format!("data{id}")), Duration::from_secs(5));
+    cfg.advertise_addr = t.local_addr().to_string();
+    cfg
+}
+
+/// A replica served over `t`, with the membership authoriser.
+fn serve_replica(t: &QuicTransport, r: &Arc<Replica>) {
+    t.attach_replica(r);
+    t.set_authorizer(membership_authorizer(Arc::downgrade(r)));
+}
+
+async fn statuses(op: &Arc<QuicTransport>, seed: &str) -> Vec<(MemberInfo, Result<NodeStatus, String>)> {
+    cluster_status(op.clone(), seed).await.unwrap()
+}
+
+/// Every member answers with the same applied index and the same state digest.
+async fn wait_converged(op: &Arc<QuicTransport>, seed: &str, members: usize) -> Vec<NodeStatus> {
+    let t = Instant::now();
+    loop {
+        let all = statuses(op, seed).await;
+        let ok: Vec<NodeStatus> = all.iter().filter_map(|(_, s)| s.as_ref().ok().cloned()).collect();
+        if ok.len() == members
+            && all.len() == members
+            && ok.iter().all(|s| s.applied_index == ok[0].applied_index && s.state_digest == ok[0].state_digest)
+        {
+            return ok;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "replicas did not converge: {all:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// (h) The membership authoriser: a node that is not a member is refused Raft RPCs once this node
+/// has a membership; a fresh joiner (no membership) lets any node in; an operator certificate
+/// gets Status (also via ANY_NODE) but not AppendEntries nor Join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_authorizer_refuses_non_members_and_limits_operators() {
+    logs();
+    let root = tempfile::tempdir().unwrap();
+    pki(root.path(), "ca", &[1, 2, 3]);
+    let ts: Vec<_> = (1..=3).map(|id| bind(id, identity(root.path(), "ca", id))).collect();
+    let a = Replica::start_with(replica_cfg(root.path(), 1, &ts[0]), ts[0].clone()).await.unwrap();
+    serve_replica(&ts[0], &a);
+    let fresh = Replica::start_joining(replica_cfg(root.path(), 3, &ts[2]), ts[2].clone()).await.unwrap();
+    serve_replica(&ts[2], &fresh);
+    let addr1 = ts[0].local_addr().to_string();
+    let addr3 = ts[2].local_addr().to_string();
+
+    // Node 2 has a valid certificate but is not a member of node 1's cluster.
+    for kind in [RpcKind::AppendEntries, RpcKind::Vote, RpcKind::InstallSnapshot, RpcKind::Forward, RpcKind::ReadIndex]
+    {
+        let err = ts[1].call(1, &addr1, kind, vec![1, 2, 3]).await.unwrap_err();
+        assert!(matches!(&err, TransportError::Network(1, m) if m.contains("not authorized")), "{kind:?}: {err}");
+    }
+    assert!(!log_lines(&["peer not authorized", "peer=node2", "AppendEntries"]).is_empty());
+    // ...but may ask for the status.
+    let unit = pickbox::store::codec::encode(&()).unwrap();
+    let s = ts[1].call(1, &addr1, RpcKind::Status, unit.clone()).await.unwrap();
+    let s: Result<NodeStatus, String> = pickbox::store::codec::decode(&s).unwrap();
+    let s = s.unwrap();
+    assert_eq!((s.node_id, s.role.as_str(), s.leader), (1, "Leader", Some(1)));
+    assert_eq!(s.members, vec![MemberInfo { node_id: 1, addr: addr1.clone(), voter: true }]);
+    assert_eq!(s.state_digest.len(), 64);
+
+    // A fresh joiner has no membership: any node passes the authoriser (the garbled body is
+    // then refused by the replica, not by the authoriser).
+    let err = ts[1].call(3, &addr3, RpcKind::AppendEntries, vec![1, 2, 3]).await.unwrap_err();
+    assert!(matches!(&err, TransportError::Network(3, m) if !m.contains("not authorized")), "{err}");
+
+    // An operator: status yes (through ANY_NODE too), Raft and Join no.
+    let op = operator(root.path());
+    let rows = statuses(&op, &addr1).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].1.as_ref().unwrap().node_id, 1);
+    let err = op.call(1, &addr1, RpcKind::AppendEntries, vec![1]).await.unwrap_err();
+    assert!(matches!(&err, TransportError::Network(1, m) if m.contains("not authorized")), "{err}");
+    let join = pickbox::store::codec::encode(&JoinRequest { node_id: 9, addr: "x:1".into() }).unwrap();
+    let err = op.call(1, &addr1, RpcKind::Join, join).await.unwrap_err();
+    assert!(matches!(&err, TransportError::Network(1, m) if m.contains("not authorized")), "{err}");
+    assert!(!log_lines(&["peer not authorized", "peer=admin", "peer_id=None"]).is_empty());
+    // An oversized admin request is refused before it is read.
+    let err = op.call(1, &addr1, RpcKind::Status, vec![0; 1 << 20]).await.unwrap_err();
+    assert!(matches!(&err, TransportError::Network(1, m) if m.contains("limit")), "{err}");
+
+    fresh.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+    for t in ts.iter().chain([&op]) {
+        t.shutdown().await;
+    }
+}
+
+/// (i) Join and Remove over QUIC: node 2 joins through node 1, node 3 through node 2 (a
+/// follower, which forwards to the leader); all three end voters with the same state digest.
+/// Removing node 3 drops it from the membership (and its Raft RPCs are then refused); removing
+/// the leader itself hands the cluster to the remaining voter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_through_a_follower_and_remove_over_quic() {
+    logs();
+    let root = tempfile::tempdir().unwrap();
+    pki(root.path(), "ca", &[1, 2, 3]);
+    let ts: Vec<_> = (1..=3).map(|id| bind(id, identity(root.path(), "ca", id))).collect();
+    let addr = |i: usize| ts[i].local_addr().to_string();
+    let op = operator(root.path());
+
+    let a = Replica::start_with(replica_cfg(root.path(), 1, &ts[0]), ts[0].clone()).await.unwrap();
+    serve_replica(&ts[0], &a);
+    let make = Op::MakeNode { parent: ROOT_INO, name: b"f".to_vec(), kind: FileKind::File, perm: 0o644, rdev: 0 };
+    let Outcome::Inode(f) = a.propose(Caller::root(), make).await.unwrap() else { panic!("not an inode") };
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 239) as u8).collect();
+    a.propose(Caller::root(), Op::Write { ino: f.ino, offset: 0, data: data.clone(), append: false }).await.unwrap();
+
+    let mut replicas = vec![a.clone()];
+    for (i, seed) in [(1usize, 0usize), (2, 1)] {
+        let id = i as NodeId + 1;
+        let r = Replica::start_joining(replica_cfg(root.path(), id, &ts[i]), ts[i].clone()).await.unwrap();
+        serve_replica(&ts[i], &r);
+        let t = Instant::now();
+        join_cluster(&r, ts[i].clone(), &addr(seed)).await.unwrap();
+        r.after_join().await.unwrap();
+        eprintln!("node {id} joined through node {} in {:?}", seed + 1, t.elapsed());
+        assert!(r.is_voter());
+        // Joining again is a no-op.
+        join_cluster(&r, ts[i].clone(), &addr(seed)).await.unwrap();
+        replicas.push(r);
+    }
+    assert!(!log_lines(&["node joined as a voter", "joiner=3", "node=1"]).is_empty(), "the leader admitted node 3");
+    a.propose(Caller::root(), Op::Write { ino: f.ino, offset: 0, data: b"later".to_vec(), append: false })
+        .await
+        .unwrap();
+
+    let all = wait_converged(&op, &addr(2), 3).await;
+    for s in &all {
+        let mut ids: Vec<_> = s.members.iter().map(|m| (m.node_id, m.voter)).collect();
+        ids.sort();
+        assert_eq!(ids, vec![(1, true), (2, true), (3, true)], "{s:?}");
+        assert_eq!(s.leader, Some(1));
+    }
+    eprintln!("three voters at index {:?}, digest {}", all[0].applied_index, all[0].state_digest);
+    for r in &replicas {
+        assert_eq!(read_file(r, b"f")[..5], *b"later");
+        assert_eq!(r.read().unwrap().meta().unwrap().nodes.len(), 3);
+    }
+
+    // Remove node 3 through node 2 (forwarded to the leader).
+    remove_member(op.clone(), &addr(1), 3).await.unwrap();
+    wait_until("node 3 to leave the membership", Duration::from_secs(10), || {
+        !a.is_member(3) && !replicas[1].is_member(3)
+    })
+    .await;
+    let meta = a.read().unwrap().meta().unwrap();
+    assert!(!meta.nodes.contains(&3), "{meta:?}");
+    let err = ts[2].call(1, &addr(0), RpcKind::Vote, vec![1]).await.unwrap_err();
+    assert!(matches!(&err, TransportError::Network(1, m) if m.contains("not authorized")), "{err}");
+    remove_member(op.clone(), &addr(0), 3).await.unwrap();
+    let all = wait_converged(&op, &addr(0), 2).await;
+    assert!(all.iter().all(|s| s.members.len() == 2));
+
+    // Remove the leader itself: node 2 is left, leads alone, and node 1 is unregistered.
+    remove_member(op.clone(), &addr(0), 1).await.unwrap();
+    let b = replicas[1].clone();
+    wait_until("node 2 to lead alone", Duration::from_secs(15), || {
+        b.metrics().current_leader == Some(2) && !b.is_member(1) && b.read().unwrap().meta().unwrap().nodes == vec![2]
+    })
+    .await;
+    let err = remove_member(op.clone(), &addr(1), 2).await.unwrap_err();
+    assert!(err.to_string().contains("last voter"), "{err}");
+    b.propose(Caller::root(), Op::Write { ino: f.ino, offset: 0, data: b"alone".to_vec(), append: false })
+        .await
+        .unwrap();
+    assert_eq!(read_file(&b, b"f")[..5], *b"alone");
+
+    for r in replicas.iter().rev() {
+        r.shutdown().await.unwrap();
+    }
+    for t in ts.iter().chain([&op]) {
+        t.shutdown().await;
+    }
+}
+
+/// (j) A joiner whose seed is not serving yet keeps retrying (with backoff) and gets in once the
+/// seed is up; a request that cannot succeed fails at once instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_retries_until_the_seed_serves_and_final_refusals_end_it() {
+    logs();
+    let root = tempfile::tempdir().unwrap();
+    pki(root.path(), "ca", &[1, 2]);
+    let ts: Vec<_> = (1..=2).map(|id| bind(id, identity(root.path(), "ca", id))).collect();
+    let seed = ts[0].local_addr().to_string();
+    let b = Replica::start_joining(replica_cfg(root.path(), 2, &ts[1]), ts[1].clone()).await.unwrap();
+    serve_replica(&ts[1], &b);
+    let join = tokio::spawn({
+        let (b, t, seed) = (b.clone(), ts[1].clone(), seed.clone());
+        async move { join_cluster(&b, t, &seed).await }
+    });
+    // The seed's endpoint refuses everything until its replica is attached.
+    wait_until("a refused join attempt", Duration::from_secs(10), || {
+        !log_lines(&["joining the cluster: retrying", "not ready"]).is_empty()
+    })
+    .await;
+    assert!(!join.is_finished());
+    let a = Replica::start_with(replica_cfg(root.path(), 1, &ts[0]), ts[0].clone()).await.unwrap();
+    serve_replica(&ts[0], &a);
+    let t = Instant::now();
+    join.await.unwrap().unwrap();
+    eprintln!("joined {:?} after the seed came up", t.elapsed());
+    assert!(b.is_voter() && a.is_member(2));
+    b.after_join().await.unwrap();
+
+    // A second node 2 at another address is refused for good (no retries until the deadline).
+    let mut cfg = replica_cfg(root.path(), 2, &ts[1]);
+    cfg.data_dir = root.path().join("other2");
+    cfg.advertise_addr = "127.0.0.1:9".into();
+    let other = Replica::start_joining(cfg, Arc::new(pickbox::raft::NoPeers)).await.unwrap();
+    let t = Instant::now();
+    let err = join_cluster(&other, ts[1].clone(), &seed).await.unwrap_err();
+    assert!(err.to_string().contains("is a voter at"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    for r in [&other, &b, &a] {
+        r.shutdown().await.unwrap();
+    }
     for t in &ts {
         t.shutdown().await;
     }

@@ -1,7 +1,10 @@
 //! Open file handles of this node: fh -> (ino, open flags), and how often each inode is open.
 //!
-//! The open count decides `origin_open` of unlink/rename (the inode becomes an orphan instead of
-//! being freed) and when this node releases an orphan (its last close).
+//! The open count decides when this node releases an orphan: at its last close, or at once when
+//! nothing here holds it open. A release in progress "claims" the inode: an open that comes
+//! after the claim is refused (the inode is going away), one that came before it makes the
+//! claim fail (the last close releases instead). Claim and open take the same lock, so exactly
+//! one of them wins and an orphan is never released under an open handle.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -23,6 +26,21 @@ struct Table {
     open: HashMap<Ino, u32>,
     /// How many of them allow writing (only those can leave dirty pages in the kernel).
     writers: HashMap<Ino, u32>,
+    /// Releases in progress per inode (a count: a last close and an unlink may both release).
+    claims: HashMap<Ino, u32>,
+}
+
+impl Table {
+    fn insert(&mut self, ino: Ino, flags: i32) -> u64 {
+        self.next_fh += 1;
+        let fh = self.next_fh;
+        self.handles.insert(fh, Handle { ino, flags });
+        *self.open.entry(ino).or_insert(0) += 1;
+        if writes(flags) {
+            *self.writers.entry(ino).or_insert(0) += 1;
+        }
+        fh
+    }
 }
 
 fn writes(flags: i32) -> bool {
@@ -37,15 +55,37 @@ pub struct Handles {
 impl Handles {
     /// Record an open of `ino`; returns the new file handle (never 0).
     pub fn open(&self, ino: Ino, flags: i32) -> u64 {
+        self.lock().insert(ino, flags)
+    }
+
+    /// `open`, unless a release of `ino` is in progress (then `None`: the inode is going away).
+    pub fn open_unless_claimed(&self, ino: Ino, flags: i32) -> Option<u64> {
         let mut t = self.lock();
-        t.next_fh += 1;
-        let fh = t.next_fh;
-        t.handles.insert(fh, Handle { ino, flags });
-        *t.open.entry(ino).or_insert(0) += 1;
-        if writes(flags) {
-            *t.writers.entry(ino).or_insert(0) += 1;
+        if t.claims.contains_key(&ino) {
+            return None;
         }
-        fh
+        Some(t.insert(ino, flags))
+    }
+
+    /// Claim `ino` for a release: fails if this node holds it open (its last close releases it).
+    /// A successful claim must be ended with `unclaim` once the release has been applied.
+    pub fn claim_if_closed(&self, ino: Ino) -> bool {
+        let mut t = self.lock();
+        if t.open.contains_key(&ino) {
+            return false;
+        }
+        *t.claims.entry(ino).or_insert(0) += 1;
+        true
+    }
+
+    pub fn unclaim(&self, ino: Ino) {
+        let mut t = self.lock();
+        match t.claims.get_mut(&ino) {
+            Some(n) if *n > 1 => *n -= 1,
+            _ => {
+                t.claims.remove(&ino);
+            }
+        }
     }
 
     /// Forget `fh`. Returns the inode and whether this was its last open handle on this node.
@@ -109,5 +149,20 @@ mod tests {
         assert_eq!(h.release(a), None);
         assert_eq!(h.release(b), Some((7, true)));
         assert!(!h.is_open(7));
+    }
+
+    #[test]
+    fn claim_and_open_exclude_each_other() {
+        let h = Handles::default();
+        let fh = h.open_unless_claimed(3, libc::O_RDONLY).expect("no claim");
+        assert!(!h.claim_if_closed(3), "open here: the last close releases");
+        assert_eq!(h.release(fh), Some((3, true)));
+        assert!(h.claim_if_closed(3));
+        assert!(h.claim_if_closed(3), "two releasers may claim at once");
+        assert_eq!(h.open_unless_claimed(3, libc::O_RDONLY), None, "going away");
+        h.unclaim(3);
+        assert_eq!(h.open_unless_claimed(3, libc::O_RDONLY), None, "one claim left");
+        h.unclaim(3);
+        assert!(h.open_unless_claimed(3, libc::O_RDONLY).is_some());
     }
 }

@@ -8,6 +8,7 @@
 
 mod attr;
 mod caller;
+mod coherence;
 mod errno;
 mod handles;
 mod inflight;
@@ -49,13 +50,15 @@ pub struct PickboxFs {
     want_writeback: bool,
     /// The kernel's writeback cache is on (decided in `init`).
     writeback: bool,
-    /// Set by `mount` once the session exists; used to make the kernel write back dirty pages.
+    /// Set by `mount` once the session exists; used to make the kernel write back dirty pages,
+    /// and (the same slot, shared with `Ops::coherence`) to invalidate other nodes' changes.
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 impl PickboxFs {
     pub fn new(ops: Arc<Ops>, rt: tokio::runtime::Handle, want_writeback: bool) -> Self {
-        PickboxFs { ops, rt, want_writeback, writeback: false, notifier: Arc::default() }
+        let notifier = ops.coherence.notifier.clone();
+        PickboxFs { ops, rt, want_writeback, writeback: false, notifier }
     }
 
     /// Answer lseek SEEK_DATA/SEEK_HOLE from the local replica.
@@ -152,10 +155,19 @@ impl Filesystem for PickboxFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.ops.lookup(parent.0, name.as_bytes()) {
-            Ok(inode) => reply.entry(&TTL, &attr::file_attr(&inode), GENERATION),
-            Err(e) => reply.error(self.ops.errno_of(&e)),
-        }
+        // A name the kernel does not cache: answer from a replica that has caught up with the
+        // leader (a file created on another node is found at once). Not waiting for the
+        // invalidation watermark: the kernel holds the parent directory's lock during a lookup,
+        // and the invalidation thread may need that lock (inval_entry), which would deadlock.
+        let name = bytes(name);
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            ops.catch_up(false).await;
+            match ops.lookup(parent.0, &name) {
+                Ok(inode) => reply.entry(&TTL, &attr::file_attr(&inode), GENERATION),
+                Err(e) => reply.error(ops.errno_of(&e)),
+            }
+        });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -303,10 +315,18 @@ impl Filesystem for PickboxFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         // O_TRUNC is not passed here: without FUSE_ATOMIC_O_TRUNC the kernel sends a setattr.
-        match self.ops.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(self.ops.errno_of(&e)),
-        }
+        // Close-to-open across nodes: catch up with the leader and let the kernel drop what other
+        // nodes changed, then open. The kernel holds no directory lock while it waits for OPEN,
+        // so waiting for the invalidation thread is safe here. Without FOPEN_KEEP_CACHE the
+        // kernel also drops the file's page cache at open, so the content is read afresh.
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            ops.catch_up(true).await;
+            match ops.open(ino.0, flags.0) {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(ops.errno_of(&e)),
+            }
+        });
     }
 
     fn read(
@@ -404,12 +424,17 @@ impl Filesystem for PickboxFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        // Directory handles are stateless: offsets are stable cookies, not positions.
-        match self.ops.getattr(ino.0) {
-            Ok(inode) if inode.kind == FileKind::Dir => reply.opened(FileHandle(0), FopenFlags::empty()),
-            Ok(_) => reply.error(fuser::Errno::ENOTDIR),
-            Err(e) => reply.error(self.ops.errno_of(&e)),
-        }
+        // Directory handles are stateless: offsets are stable cookies, not positions. Catch up
+        // first, as `open` does, so a listing shows what other nodes did before it started.
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            ops.catch_up(true).await;
+            match ops.getattr(ino.0) {
+                Ok(inode) if inode.kind == FileKind::Dir => reply.opened(FileHandle(0), FopenFlags::empty()),
+                Ok(_) => reply.error(fuser::Errno::ENOTDIR),
+                Err(e) => reply.error(ops.errno_of(&e)),
+            }
+        });
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {

@@ -24,12 +24,22 @@ const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// How long an unmount waits for the kernel to write back its dirty pages (syncfs) first.
 const SYNC_WAIT: Duration = Duration::from_secs(10);
 /// Set to `0` to mount without the kernel's writeback cache (every write(2) then becomes one
-/// FUSE WRITE, answered once committed). On by default.
+/// FUSE WRITE, answered once committed), `1` to mount with it. Default: on for a node without
+/// peers, off for a node of a cluster (see `want_writeback`).
 const WRITEBACK_ENV: &str = "PICKBOX_WRITEBACK_CACHE";
 
-/// Whether to ask for the kernel's writeback cache: yes unless `PICKBOX_WRITEBACK_CACHE=0`.
-fn want_writeback() -> bool {
-    !matches!(std::env::var(WRITEBACK_ENV).as_deref(), Ok("0" | "false" | "off" | "no"))
+/// Whether to ask for the kernel's writeback cache. With it the kernel owns the size of a cached
+/// regular file and ignores the size Pickbox reports, even after `inval_inode` (measured on
+/// 6.18: a file grown behind the kernel's back kept its old size, a shrunk one read as the new
+/// bytes padded with zeros to the old size; only dropping every dentry of an unused inode made
+/// the kernel evict it). Another node's change of a file's size would then stay invisible, so a
+/// cluster node mounts without it unless `PICKBOX_WRITEBACK_CACHE=1` forces it.
+fn want_writeback(clustered: bool) -> bool {
+    match std::env::var(WRITEBACK_ENV).as_deref() {
+        Ok("0" | "false" | "off" | "no") => false,
+        Ok("1" | "true" | "on" | "yes") => true,
+        _ => !clustered,
+    }
 }
 
 /// A live mount: the background session and what is needed to take it down.
@@ -56,7 +66,7 @@ pub fn mount(ops: Arc<Ops>, rt: tokio::runtime::Handle, mountpoint: &Path) -> io
     config.clone_fd = true;
     // /proc/self/mountinfo lists the canonical path; resolve it before the mount exists.
     let mountpoint = mountpoint.canonicalize()?;
-    let fs = PickboxFs::new(ops, rt, want_writeback());
+    let fs = PickboxFs::new(ops.clone(), rt, want_writeback(ops.is_clustered()));
     let notifier_slot = fs.notifier_slot();
     let session = Session::new(fs, &mountpoint, &config)?;
     let _ = notifier_slot.set(session.notifier());

@@ -15,6 +15,7 @@ use crate::state::{
 };
 
 use crate::state::content;
+use super::coherence::{self, Coherence};
 use super::errno::{FsError, FsResult};
 use super::handles::Handles;
 use super::inflight::InFlight;
@@ -63,13 +64,17 @@ pub enum Seek {
 pub struct Ops {
     replica: Arc<Replica>,
     data_dir: PathBuf,
-    pub handles: Handles,
+    pub handles: Arc<Handles>,
+    /// Kernel cache invalidation for other nodes' changes, and its watermark.
+    pub coherence: Arc<Coherence>,
     /// Writes proposed and not yet answered, per inode (flush and fsync wait for them).
     pub writes: Arc<InFlight>,
     /// When the "nearly full" warning was last logged (seconds since the epoch).
     space_warned_s: AtomicU64,
     /// Set to the reason once the store failed (fail-stop): the node watches it and stops.
     fatal: tokio::sync::watch::Sender<Option<String>>,
+    /// This node has (or may get) peers: other nodes change files behind the kernel's back.
+    clustered: bool,
 }
 
 /// A name as the state accepts it: 1..=NAME_BYTES_MAX bytes, no `/` or NUL.
@@ -84,15 +89,38 @@ pub fn check_name(name: &[u8]) -> FsResult<()> {
 }
 
 impl Ops {
+    /// The node's filesystem. Starts the coherence thread on the replica's applied events right
+    /// away (before the mount), so no orphan another node creates from now on is missed.
     pub fn new(replica: Arc<Replica>, data_dir: PathBuf) -> Self {
+        let handles = Arc::new(Handles::default());
+        let coherence = Arc::new(Coherence::default());
+        let hook = orphan_hook(&replica, &handles);
+        if let Err(e) = coherence::start(&replica, coherence.clone(), hook) {
+            // Without it other nodes' changes reach the kernel only when its TTL expires, and
+            // their orphans are released at this node's next start.
+            tracing::error!(error = %e, "cannot start the cache invalidation thread");
+        }
         Ops {
             replica,
             data_dir,
-            handles: Handles::default(),
+            handles,
+            coherence,
             writes: Arc::new(InFlight::default()),
             space_warned_s: AtomicU64::new(0),
             fatal: tokio::sync::watch::Sender::new(None),
+            clustered: false,
         }
+    }
+
+    /// Mark this node as one of a cluster (it listens for peers, even if it has none yet): the
+    /// mount then does without the kernel's writeback cache (see fs/mount.rs `want_writeback`).
+    pub fn clustered(mut self, clustered: bool) -> Self {
+        self.clustered = clustered;
+        self
+    }
+
+    pub fn is_clustered(&self) -> bool {
+        self.clustered
     }
 
     /// The errno for a failed request. A store fault or fatal proposal error also tells the node
@@ -285,39 +313,106 @@ impl Ops {
 
     // ---- opens: node-local ----
 
+    /// Close-to-open across nodes (design decision 7): wait until the local replica has applied
+    /// everything the leader had committed (read index), and, with `invalidated`, until the
+    /// kernel has been told about every remote change up to there. Without quorum the read
+    /// barrier fails: reads go on from the local replica (decision 10), so this only logs.
+    pub async fn catch_up(&self, invalidated: bool) {
+        if let Err(e) = self.replica.read_barrier().await {
+            tracing::debug!(error = %e, "read barrier failed: serving from the local replica");
+        }
+        if invalidated {
+            let applied = self.replica.applied_index().unwrap_or(0);
+            self.coherence.wait_for(applied).await;
+        }
+    }
+
     pub fn open(&self, ino: Ino, flags: i32) -> FsResult<u64> {
-        let inode = self.getattr(ino)?;
+        let fh = self.register(ino, flags)?;
+        let inode = match self.getattr(ino) {
+            Ok(inode) => inode,
+            Err(e) => {
+                self.handles.release(fh);
+                return Err(e);
+            }
+        };
         if inode.kind == FileKind::Dir && (flags & libc::O_ACCMODE) != libc::O_RDONLY {
+            self.handles.release(fh);
             return Err(Errno::IsDir.into());
         }
-        Ok(self.handles.open(ino, flags))
+        Ok(fh)
+    }
+
+    /// Record an open of `ino`, unless it is going away: a release of it is in progress here, or
+    /// it is an orphan this node has already released (or never held), so another node's release
+    /// could free it under the new handle. The state is read *after* the handle is registered,
+    /// so a release that starts later sees the handle (see handles.rs).
+    fn register(&self, ino: Ino, flags: i32) -> FsResult<u64> {
+        let fh = self.handles.open_unless_claimed(ino, flags).ok_or(FsError::Fs(Errno::NoEnt))?;
+        let alive = (|| -> FsResult<bool> {
+            let r = self.view()?;
+            Ok(match r.inode(ino)? {
+                None => false,
+                Some(inode) if inode.nlink == 0 && inode.kind != FileKind::Dir => {
+                    r.orphan(ino)?.is_some_and(|o| o.pending.contains(&self.replica.node_id()))
+                }
+                Some(_) => true,
+            })
+        })();
+        match alive {
+            Ok(true) => Ok(fh),
+            Ok(false) => {
+                self.handles.release(fh);
+                Err(Errno::NoEnt.into())
+            }
+            Err(e) => {
+                self.handles.release(fh);
+                Err(e)
+            }
+        }
     }
 
     /// The last close on this node of an orphan (open-unlinked) inode tells the cluster.
     pub async fn release(self: &Arc<Self>, fh: u64) {
         if let Some((ino, true)) = self.handles.release(fh) {
-            self.release_if_orphan(ino).await;
+            release_unless_open(&self.replica, &self.handles, ino).await;
         }
     }
 
-    /// If `ino` is an orphan still pending on this node and no handle here holds it, release it.
-    pub async fn release_if_orphan(&self, ino: Ino) {
-        if self.handles.is_open(ino) {
-            return;
-        }
-        let pending = match self.replica.read().and_then(|r| r.orphan(ino)) {
-            Ok(Some(orphan)) => orphan.pending.contains(&self.replica.node_id()),
-            Ok(None) => false,
-            Err(fault) => {
-                tracing::error!(%fault, ino, "cannot read orphan record");
-                false
+    /// After an unlink or a replacing rename that this node proposed with `origin_open` (always,
+    /// so an open racing with it cannot free the inode under its handle): release the orphan at
+    /// once unless a handle here holds it (then its last close does). `target` is the inode the
+    /// name had before the command; if that is not an orphan waiting for this node (another node
+    /// replaced the name meanwhile, or it keeps other links), look through all orphans.
+    fn release_removed(&self, target: Option<Ino>) {
+        let Some(target) = target else { return };
+        let (replica, handles) = (self.replica.clone(), self.handles.clone());
+        tokio::spawn(async move {
+            let me = replica.node_id();
+            let pending_here = |ino| match replica.read().and_then(|r| r.orphan(ino)) {
+                Ok(orphan) => orphan.is_some_and(|o| o.pending.contains(&me)),
+                Err(fault) => {
+                    tracing::error!(%fault, ino, "cannot read orphan record");
+                    false
+                }
+            };
+            if pending_here(target) {
+                release_unless_open(&replica, &handles, target).await;
+                return;
             }
-        };
-        if pending {
-            if let Err(e) = self.replica.propose(Caller::root(), Op::Release { ino }).await {
-                tracing::warn!(ino, error = %e, "release of an open-unlinked inode failed; retried at next start");
+            let orphans = match replica.read().and_then(|r| r.orphans()) {
+                Ok(orphans) => orphans,
+                Err(fault) => {
+                    tracing::error!(%fault, "cannot read orphan records");
+                    return;
+                }
+            };
+            for (ino, orphan) in orphans {
+                if orphan.pending.contains(&me) {
+                    release_unless_open(&replica, &handles, ino).await;
+                }
             }
-        }
+        });
     }
 
     /// At start no handle is open, so every orphan still pending on this node can be released.
@@ -337,6 +432,7 @@ impl Ops {
     // ---- mutations: one proposed command each ----
 
     async fn propose(&self, caller: Caller, op: Op) -> FsResult<Outcome> {
+        tracing::debug!(op = op_kind(&op), "proposing");
         Ok(self.replica.propose(caller, op).await?)
     }
 
@@ -373,7 +469,7 @@ impl Ops {
             Err(FsError::Fs(Errno::Exist)) if flags & libc::O_EXCL == 0 => self.lookup(parent, &name)?,
             other => other?,
         };
-        let fh = self.handles.open(inode.ino, flags);
+        let fh = self.register(inode.ino, flags)?;
         Ok((inode, fh))
     }
 
@@ -395,20 +491,16 @@ impl Ops {
         self.inode_of(outcome, ino)
     }
 
-    /// The inode at `(parent, name)` if this node holds it open.
-    fn open_target(&self, parent: Ino, name: &[u8]) -> FsResult<Option<Ino>> {
-        let entry = self.view()?.entry(parent, name)?;
-        Ok(entry.map(|e| e.ino).filter(|ino| self.handles.is_open(*ino)))
+    /// The inode `(parent, name)` names now, if any.
+    fn target(&self, parent: Ino, name: &[u8]) -> FsResult<Option<Ino>> {
+        Ok(self.view()?.entry(parent, name)?.map(|e| e.ino))
     }
 
     pub async fn unlink(&self, caller: Caller, parent: Ino, name: Vec<u8>) -> FsResult<()> {
         check_name(&name)?;
-        let open = self.open_target(parent, &name)?;
-        self.propose(caller, Op::Unlink { parent, name, origin_open: open.is_some() }).await?;
-        if let Some(ino) = open {
-            // The last handle may have closed while the unlink was in flight.
-            self.release_if_orphan(ino).await;
-        }
+        let target = self.target(parent, &name)?;
+        self.propose(caller, Op::Unlink { parent, name, origin_open: true }).await?;
+        self.release_removed(target);
         Ok(())
     }
 
@@ -432,13 +524,12 @@ impl Ops {
         if flags.noreplace && flags.exchange {
             return Err(Errno::Inval.into());
         }
-        // An exchange removes nothing; otherwise a replaced target may be open here.
-        let open = if flags.exchange { None } else { self.open_target(new_parent, &new_name)? };
-        let op = Op::Rename { parent, name, new_parent, new_name, flags, origin_open: open.is_some() };
+        // An exchange removes nothing; otherwise a replaced target may be open here (or be opened
+        // while the rename is in flight): the state keeps it as an orphan until released.
+        let target = if flags.exchange { None } else { self.target(new_parent, &new_name)? };
+        let op = Op::Rename { parent, name, new_parent, new_name, flags, origin_open: !flags.exchange };
         self.propose(caller, op).await?;
-        if let Some(ino) = open {
-            self.release_if_orphan(ino).await;
-        }
+        self.release_removed(target);
         Ok(())
     }
 
@@ -454,6 +545,7 @@ impl Ops {
         atime: Option<SetTime>,
         mtime: Option<SetTime>,
     ) -> FsResult<Inode> {
+        tracing::debug!(ino, ?perm, ?uid, ?gid, ?size, ?atime, ?mtime, "setattr");
         if perm.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() && mtime.is_none() {
             // Nothing we store changes (for example only ctime was given): report the attributes.
             return self.getattr(ino);
@@ -527,6 +619,70 @@ impl Ops {
     }
 }
 
+/// The name of an op's variant, for logs (without its data).
+fn op_kind(op: &Op) -> &'static str {
+    match op {
+        Op::Init { .. } => "Init",
+        Op::RegisterNode { .. } => "RegisterNode",
+        Op::UnregisterNode { .. } => "UnregisterNode",
+        Op::MakeNode { .. } => "MakeNode",
+        Op::Symlink { .. } => "Symlink",
+        Op::Link { .. } => "Link",
+        Op::Unlink { .. } => "Unlink",
+        Op::Rmdir { .. } => "Rmdir",
+        Op::Rename { .. } => "Rename",
+        Op::SetAttr { .. } => "SetAttr",
+        Op::Write { .. } => "Write",
+        Op::Fallocate { .. } => "Fallocate",
+        Op::CopyRange { .. } => "CopyRange",
+        Op::SetXattr { .. } => "SetXattr",
+        Op::RemoveXattr { .. } => "RemoveXattr",
+        Op::Release { .. } => "Release",
+    }
+}
+
+/// Release orphan `ino` for this node unless a handle here holds it (then its last close does).
+/// The claim keeps new opens of `ino` out until the release is applied.
+async fn release_unless_open(replica: &Replica, handles: &Handles, ino: Ino) {
+    if !handles.claim_if_closed(ino) {
+        return;
+    }
+    struct Claim<'a>(&'a Handles, Ino);
+    impl Drop for Claim<'_> {
+        fn drop(&mut self) {
+            self.0.unclaim(self.1);
+        }
+    }
+    let _claim = Claim(handles, ino);
+    let pending = match replica.read().and_then(|r| r.orphan(ino)) {
+        Ok(orphan) => orphan.is_some_and(|o| o.pending.contains(&replica.node_id())),
+        Err(fault) => {
+            tracing::error!(%fault, ino, "cannot read orphan record");
+            false
+        }
+    };
+    if pending {
+        tracing::debug!(op = "Release", ino, "proposing");
+        if let Err(e) = replica.propose(Caller::root(), Op::Release { ino }).await {
+            tracing::warn!(ino, error = %e, "release of an open-unlinked inode failed; retried at next start");
+        }
+    }
+}
+
+/// What the coherence thread does with an orphan another node created: release it on the
+/// runtime (the proposal is batched with others) unless a handle here holds it. Holds the
+/// replica weakly, so the thread does not keep it alive.
+fn orphan_hook(replica: &Arc<Replica>, handles: &Arc<Handles>) -> coherence::OrphanHook {
+    let weak = Arc::downgrade(replica);
+    let handles = handles.clone();
+    let rt = tokio::runtime::Handle::try_current().ok();
+    Arc::new(move |ino| {
+        let (Some(replica), Some(rt)) = (weak.upgrade(), rt.as_ref()) else { return };
+        let handles = handles.clone();
+        rt.spawn(async move { release_unless_open(&replica, &handles, ino).await });
+    })
+}
+
 #[cfg(test)]
 mod tests {
     //! The operations against a real single-node replica in a temporary directory, without FUSE.
@@ -595,6 +751,62 @@ mod tests {
         ops.release(fh2).await;
         assert!(replica.read().unwrap().orphan(file.ino).unwrap().is_none(), "released on last close");
         assert!(matches!(ops.getattr(file.ino), Err(FsError::Fs(Errno::NoEnt))));
+        replica.shutdown().await.unwrap();
+    }
+
+    /// Poll (with a deadline) until `ino` is gone from the state.
+    async fn until_freed(ops: &Ops, ino: Ino) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ops.getattr(ino).is_ok() {
+            assert!(tokio::time::Instant::now() < deadline, "inode {ino} never freed");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unlink_and_replacing_rename_free_closed_files() {
+        let (ops, replica, _dir) = ops().await;
+        // Unlink proposes origin_open always; the release follows at once when nothing is open.
+        let (a, fh) = ops.create(me(), ROOT_INO, b"a".to_vec(), 0o600, libc::O_RDWR).await.unwrap();
+        ops.release(fh).await;
+        ops.unlink(me(), ROOT_INO, b"a".to_vec()).await.unwrap();
+        until_freed(&ops, a.ino).await;
+        // A rename over a closed file frees the replaced file.
+        let (b, fh) = ops.create(me(), ROOT_INO, b"b".to_vec(), 0o600, libc::O_RDWR).await.unwrap();
+        ops.release(fh).await;
+        let (c, fh) = ops.create(me(), ROOT_INO, b"c".to_vec(), 0o600, libc::O_RDWR).await.unwrap();
+        ops.release(fh).await;
+        ops.rename(me(), ROOT_INO, b"c".to_vec(), ROOT_INO, b"b".to_vec(), RenameFlags::default()).await.unwrap();
+        until_freed(&ops, b.ino).await;
+        assert_eq!(ops.lookup(ROOT_INO, b"b").unwrap().ino, c.ino);
+        // With a hard link left, unlink frees nothing; the last name then frees it.
+        ops.link(me(), c.ino, ROOT_INO, b"d".to_vec()).await.unwrap();
+        ops.unlink(me(), ROOT_INO, b"b".to_vec()).await.unwrap();
+        assert_eq!(ops.getattr(c.ino).unwrap().nlink, 1);
+        ops.unlink(me(), ROOT_INO, b"d".to_vec()).await.unwrap();
+        until_freed(&ops, c.ino).await;
+        assert!(replica.read().unwrap().orphans().unwrap().is_empty());
+        replica.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_open_of_an_inode_being_released() {
+        let (ops, replica, _dir) = ops().await;
+        let (f, fh) = ops.create(me(), ROOT_INO, b"f".to_vec(), 0o600, libc::O_RDWR).await.unwrap();
+        // A release in progress (claimed) keeps new opens out.
+        ops.release(fh).await;
+        assert!(ops.handles.claim_if_closed(f.ino));
+        assert!(matches!(ops.open(f.ino, libc::O_RDONLY), Err(FsError::Fs(Errno::NoEnt))));
+        ops.handles.unclaim(f.ino);
+        let fh = ops.open(f.ino, libc::O_RDONLY).expect("opens again");
+        // An orphan this node does not hold (it was open elsewhere: here simulated by the
+        // unlink's own pending entry, released below) cannot be opened again after its release.
+        ops.unlink(me(), ROOT_INO, b"f".to_vec()).await.unwrap();
+        let fh2 = ops.open(f.ino, libc::O_RDONLY).expect("an orphan this node holds can be reopened");
+        ops.release(fh).await;
+        ops.release(fh2).await;
+        until_freed(&ops, f.ino).await;
+        assert!(matches!(ops.open(f.ino, libc::O_RDONLY), Err(FsError::Fs(Errno::NoEnt))));
         replica.shutdown().await.unwrap();
     }
 }

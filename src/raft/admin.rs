@@ -6,14 +6,49 @@
 //! QUIC endpoint with an operator certificate; a joining node uses its own).
 //! Target id `ANY_NODE` dials whichever CA-signed node answers at an address (a seed address
 //! whose node id we do not know).
+//!
+//! Join, on the leader: a voter at the same address is done (registered if it is not yet);
+//! otherwise add it as a learner, wait until it has everything the leader had applied when the
+//! join started, promote it (`AddVoterIds`), propose `RegisterNode`. Remove, on the leader: drop it
+//! from the voters and from the membership, then propose `UnregisterNode` (which frees the
+//! open-unlinked files only it held); the last voter cannot be removed; a leader that removed
+//! itself steps down and asks the remaining voters to finish. A non-leader forwards either request
+//! once to the leader it knows and relays the answer; a forwarded request is not forwarded again
+//! (the sender retries), so two nodes with stale views cannot bounce it between them. Who may
+//! send which request is `transport::membership_authorizer`'s policy.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
+use openraft::{ChangeMembers, LogId};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::network::{PeerTransport, RpcKind};
-use super::Replica;
-use crate::state::{NodeId, StoreFault};
+use super::network::{PeerTransport, RpcKind, TransportError};
+use super::{ProposeError, Replica};
+use crate::state::{Caller, NodeId, Op, StoreFault};
+use crate::store::codec::{decode, encode};
+
+/// How long `join_cluster` keeps trying (seed unreachable, no leader yet, learner catching up).
+pub const JOIN_DEADLINE_MS: u64 = 60_000;
+/// How long `remove_member` keeps trying (seed unreachable, no leader yet).
+pub const REMOVE_DEADLINE_MS: u64 = 30_000;
+/// First and largest pause between retries of an admin call.
+pub const RETRY_BACKOFF_MIN_MS: u64 = 100;
+pub const RETRY_BACKOFF_MAX_MS: u64 = 2_000;
+/// How long `cluster_status` waits for each member's answer (a member hashes its whole state to
+/// answer, so this grows with the data: measure before lowering it).
+pub const STATUS_TIMEOUT_MS: u64 = 5_000;
+/// How long the leader retries a membership change while another one is still in progress.
+pub const MEMBERSHIP_BUSY_WAIT_MS: u64 = 10_000;
+/// The state machine metadata key of the last applied log id (the same key as in `storage`).
+const SM_APPLIED_KEY: &str = "applied";
+/// The Raft metadata key of the committed log id (the same key as in `storage`).
+const META_COMMITTED_KEY: &str = "committed";
+/// An error reply starting with this is final: retrying the same request cannot succeed.
+const FINAL: &str = "refused: ";
 
 /// Target id meaning "whichever CA-signed node answers at this address".
 pub const ANY_NODE: NodeId = 0;
@@ -63,33 +98,393 @@ pub enum AdminError {
     Refused(String),
 }
 
-/// Serve `Join`, `Remove` or `Status` on this node.
-pub async fn serve(_replica: &Replica, _kind: RpcKind, _body: &[u8]) -> Result<Vec<u8>, StoreFault> {
-    Err(StoreFault("STUB: admin RPCs not implemented yet".into()))
+/// A request a non-leader forwarded to the leader. A forwarded request is never forwarded again
+/// (two nodes that each believe the other leads, during an election, would otherwise bounce it
+/// back and forth); the sender retries instead. On the wire it is the plain request followed by
+/// one byte, so a plain request never decodes as one (decoding rejects trailing bytes).
+#[derive(Serialize, Deserialize)]
+struct Forwarded<T> {
+    req: T,
+    hops: u8,
 }
 
-/// Ask the cluster at `seed_addr` to admit `replica` (reachable at `my_addr`): it is added as a
-/// learner, catches up, and becomes a voter. Returns once it is a voter. Idempotent: a node that
-/// is a member already returns at once.
+/// The request in `body` and whether a node forwarded it.
+fn decode_request<T: DeserializeOwned>(body: &[u8]) -> Result<(T, bool), StoreFault> {
+    match decode::<T>(body) {
+        Ok(req) => Ok((req, false)),
+        Err(plain) => match decode::<Forwarded<T>>(body) {
+            Ok(f) => Ok((f.req, true)),
+            Err(_) => Err(plain),
+        },
+    }
+}
+
+/// Serve `Join`, `Remove` or `Status` on this node. Replies are an encoded `Result<T, String>`
+/// (`T` = `()` for `Join` and `Remove`, `NodeStatus` for `Status`); a body that does not decode
+/// is refused as a fault.
+pub async fn serve(replica: &Replica, kind: RpcKind, body: &[u8]) -> Result<Vec<u8>, StoreFault> {
+    match kind {
+        RpcKind::Status => {
+            let _: () = decode(body)?;
+            encode(&status(replica).await)
+        }
+        RpcKind::Join => {
+            let (req, forwarded) = decode_request::<JoinRequest>(body)?;
+            match leader(replica) {
+                Leader::Me => encode(&join_here(replica, &req).await),
+                other => relay(replica, other, kind, &req, forwarded).await,
+            }
+        }
+        RpcKind::Remove => {
+            let (node, forwarded) = decode_request::<NodeId>(body)?;
+            match leader(replica) {
+                Leader::Me => encode(&remove_here(replica, node).await),
+                other => relay(replica, other, kind, &node, forwarded).await,
+            }
+        }
+        other => Err(StoreFault(format!("{other:?} is not an admin request"))),
+    }
+}
+
+/// Who this node believes leads.
+enum Leader {
+    Me,
+    Other(NodeId, String),
+    Unknown,
+}
+
+fn leader(replica: &Replica) -> Leader {
+    let m = replica.raft.metrics().borrow().clone();
+    match m.current_leader {
+        Some(l) if l == replica.node_id && m.state.is_leader() => Leader::Me,
+        Some(l) if l != replica.node_id => match m.membership_config.membership().get_node(&l) {
+            Some(n) => Leader::Other(l, n.addr.clone()),
+            None => Leader::Unknown,
+        },
+        _ => Leader::Unknown,
+    }
+}
+
+/// Hand a request to the leader and pass its encoded answer back unchanged.
+async fn relay<T: Serialize>(
+    replica: &Replica,
+    leader: Leader,
+    kind: RpcKind,
+    req: &T,
+    forwarded: bool,
+) -> Result<Vec<u8>, StoreFault> {
+    let (id, addr) = match leader {
+        Leader::Other(id, addr) if !forwarded => (id, addr),
+        Leader::Other(id, _) => {
+            return encode(&Err::<(), _>(format!(
+                "not the leader (node {id} is, as far as node {} knows); retry",
+                replica.node_id
+            )))
+        }
+        _ => return encode(&Err::<(), _>(format!("node {} knows no leader; retry", replica.node_id))),
+    };
+    let body = encode(&Forwarded { req, hops: 1 })?;
+    match replica.transport.call(id, &addr, kind, body).await {
+        Ok(answer) => Ok(answer),
+        Err(e) => encode(&Err::<(), _>(format!("forwarding to the leader (node {id} at {addr}): {e}"))),
+    }
+}
+
+/// The voters and every member's address, as this node's Raft knows them.
+fn membership(replica: &Replica) -> (BTreeSet<NodeId>, BTreeMap<NodeId, String>) {
+    let m = replica.raft.metrics().borrow().membership_config.clone();
+    let voters = m.membership().voter_ids().collect();
+    let nodes = m.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
+    (voters, nodes)
+}
+
+impl Replica {
+    /// Whether this node is a voter in its current membership.
+    pub fn is_voter(&self) -> bool {
+        self.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == self.node_id)
+    }
+}
+
+/// Apply a membership change on the leader, retrying while an earlier change is still in progress.
+async fn change(replica: &Replica, changes: ChangeMembers<NodeId, openraft::BasicNode>) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(MEMBERSHIP_BUSY_WAIT_MS);
+    loop {
+        match replica.raft.change_membership(changes.clone(), false).await {
+            Ok(_) => return Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(e))))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tracing::debug!(error = %e, "membership change waits for the previous one");
+                tokio::time::sleep(Duration::from_millis(RETRY_BACKOFF_MIN_MS)).await;
+            }
+            Err(e) => return Err(format!("membership change {changes:?}: {e}")),
+        }
+    }
+}
+
+/// Propose `RegisterNode` (on the leader) unless `node` is registered already.
+async fn ensure_registered(replica: &Replica, node: NodeId) -> Result<(), String> {
+    let registered = replica.read().and_then(|v| v.meta()).map_err(|e| e.to_string())?.nodes.contains(&node);
+    if registered {
+        return Ok(());
+    }
+    match replica.propose(Caller::root(), Op::RegisterNode { node }).await {
+        Ok(_) | Err(ProposeError::Fs(_)) => Ok(()),
+        Err(e) => Err(format!("registering node {node}: {e}")),
+    }
+}
+
+/// Leader: admit `req.node_id` as a learner, wait for it to catch up, make it a voter, register it.
+/// Idempotent: a voter at the same address only gets registered if it is not yet.
+async fn join_here(replica: &Replica, req: &JoinRequest) -> Result<(), String> {
+    let node = req.node_id;
+    if node == ANY_NODE {
+        return Err(format!("{FINAL}node id {ANY_NODE} is reserved"));
+    }
+    if req.addr.is_empty() {
+        return Err(format!("{FINAL}node {node} has no address to be reached at"));
+    }
+    let (voters, nodes) = membership(replica);
+    match nodes.get(&node) {
+        Some(addr) if voters.contains(&node) && *addr == req.addr => return ensure_registered(replica, node).await,
+        Some(addr) if voters.contains(&node) => {
+            return Err(format!("{FINAL}node {node} is a voter at {addr}; remove it before it joins at {}", req.addr))
+        }
+        Some(addr) if *addr != req.addr => {
+            // A learner left behind by an earlier attempt from another address: openraft does
+            // not replace a node's address when it is added again.
+            change(replica, ChangeMembers::RemoveNodes([node].into())).await?;
+        }
+        _ => {}
+    }
+    tracing::info!(node = replica.node_id, joiner = node, addr = %req.addr, "adding a learner");
+    replica.add_learner(node, req.addr.clone()).await.map_err(|e| format!("adding learner {node}: {e}"))?;
+    tracing::info!(node = replica.node_id, joiner = node, "learner caught up; making it a voter");
+    change(replica, ChangeMembers::AddVoterIds([node].into())).await?;
+    ensure_registered(replica, node).await?;
+    tracing::info!(node = replica.node_id, joiner = node, "node joined as a voter");
+    Ok(())
+}
+
+/// Leader: remove `node` from the voters and from the membership, then unregister it (which frees
+/// the open-unlinked files only it held). Idempotent. Refuses to remove the last voter.
+async fn remove_here(replica: &Replica, node: NodeId) -> Result<(), String> {
+    let (voters, nodes) = membership(replica);
+    if voters.contains(&node) {
+        if voters.len() == 1 {
+            return Err(format!("{FINAL}node {node} is the last voter; a cluster cannot remove all its voters"));
+        }
+        tracing::info!(node = replica.node_id, removed = node, "removing a voter");
+        change(replica, ChangeMembers::RemoveVoters([node].into())).await?;
+    }
+    if membership(replica).1.contains_key(&node) {
+        change(replica, ChangeMembers::RemoveNodes([node].into())).await?;
+    }
+    let registered = replica.read().and_then(|v| v.meta()).map_err(|e| e.to_string())?.nodes.contains(&node);
+    if !registered {
+        return Ok(());
+    }
+    if node != replica.node_id {
+        return match replica.propose(Caller::root(), Op::UnregisterNode { node }).await {
+            Ok(_) | Err(ProposeError::Fs(_)) => Ok(()),
+            Err(e) => Err(format!("unregistering node {node}: {e}")),
+        };
+    }
+    // This leader removed itself and stepped down: it can no longer commit, so it asks the
+    // remaining voters (one of which is or will be the leader) to finish the removal.
+    let rest: Vec<(NodeId, String)> = nodes.into_iter().filter(|(id, _)| *id != node && voters.contains(id)).collect();
+    let body = encode(&node).map_err(|e| e.to_string())?;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(REMOVE_DEADLINE_MS);
+    retry(deadline, "unregistering the removed leader", || async {
+        let mut last = String::from("no remaining voter");
+        for (id, addr) in &rest {
+            match call::<()>(&*replica.transport, *id, addr, RpcKind::Remove, body.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(Attempt::Retry(last))
+    })
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// This node's status; the digest and the applied index come from one read transaction.
+async fn status(replica: &Replica) -> Result<NodeStatus, String> {
+    let m = replica.raft.metrics().borrow().clone();
+    let store = replica.store.clone();
+    let (applied, state_digest) = tokio::task::spawn_blocking(move || {
+        store.state_digest(|view| match view.sm_meta(SM_APPLIED_KEY)? {
+            Some(b) => Ok(decode::<Option<LogId<NodeId>>>(&b)?.map(|l| l.index)),
+            None => Ok(None),
+        })
+    })
+    .await
+    .map_err(|e| format!("digest task: {e}"))?
+    .map_err(|e| e.to_string())?;
+    // `committed` is written lazily with the next log commit, so it may lag what was applied.
+    let committed = match replica.store.raft_meta(META_COMMITTED_KEY) {
+        Ok(Some(b)) => decode::<LogId<NodeId>>(&b).ok().map(|l| l.index),
+        _ => None,
+    };
+    let membership = m.membership_config.membership();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let members = membership
+        .nodes()
+        .map(|(id, n)| MemberInfo { node_id: *id, addr: n.addr.clone(), voter: voters.contains(id) })
+        .collect();
+    Ok(NodeStatus {
+        node_id: replica.node_id,
+        role: format!("{:?}", m.state),
+        term: m.current_term,
+        leader: m.current_leader,
+        last_log_index: m.last_log_index,
+        committed_index: committed.max(applied),
+        applied_index: applied,
+        snapshot_index: m.snapshot.map(|l| l.index),
+        members,
+        state_digest,
+    })
+}
+
+// ------------------------------------------------------------------------------------- client
+
+/// How one attempt of a retried call ended.
+enum Attempt {
+    /// Worth retrying (unreachable, no leader yet, catching up).
+    Retry(String),
+    /// Retrying cannot help.
+    Final(AdminError),
+}
+
+/// One admin call: the transport's answer decoded as `Result<T, String>`.
+async fn call<T: DeserializeOwned>(
+    transport: &dyn PeerTransport,
+    target: NodeId,
+    addr: &str,
+    kind: RpcKind,
+    body: Vec<u8>,
+) -> Result<T, AdminError> {
+    let reply = transport.call(target, addr, kind, body).await.map_err(|e| match e {
+        TransportError::Unreachable(..) => AdminError::Unreachable(e.to_string()),
+        TransportError::Network(..) => AdminError::Refused(e.to_string()),
+    })?;
+    let answer: Result<T, String> =
+        decode(&reply).map_err(|e| AdminError::Refused(format!("garbled answer from {addr}: {e}")))?;
+    answer.map_err(AdminError::Refused)
+}
+
+/// Whether an admin error is worth retrying.
+fn classify(e: AdminError) -> Attempt {
+    match e {
+        AdminError::Refused(m) if m.starts_with(FINAL) || m.contains("not authorized") => {
+            Attempt::Final(AdminError::Refused(m))
+        }
+        AdminError::Refused(m) | AdminError::Unreachable(m) => Attempt::Retry(m),
+    }
+}
+
+/// Run `attempt` until it succeeds, fails finally, or `deadline` passes (backing off between tries).
+async fn retry<T, F, Fut>(deadline: tokio::time::Instant, what: &str, mut attempt: F) -> Result<T, AdminError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Attempt>>,
+{
+    let mut pause = Duration::from_millis(RETRY_BACKOFF_MIN_MS);
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(Attempt::Final(e)) => return Err(e),
+            Err(Attempt::Retry(why)) => {
+                let now = tokio::time::Instant::now();
+                if now + pause > deadline {
+                    return Err(AdminError::Unreachable(format!("{what}: gave up; last error: {why}")));
+                }
+                tracing::info!(error = %why, retry_in_ms = pause.as_millis() as u64, "{what}: retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(RETRY_BACKOFF_MAX_MS));
+            }
+        }
+    }
+}
+
+/// Ask the cluster at `seed_addr` to admit `replica` (reachable at its advertised address): it is
+/// added as a learner, catches up, and becomes a voter. Returns once this node sees itself as a
+/// voter. Idempotent: a node that is a voter already returns at once. Retries (with backoff) while
+/// the seed is unreachable or the cluster has no leader, for at most `JOIN_DEADLINE_MS`.
 pub async fn join_cluster(
-    _replica: &Arc<Replica>,
-    _transport: Arc<dyn PeerTransport>,
-    _seed_addr: &str,
+    replica: &Arc<Replica>,
+    transport: Arc<dyn PeerTransport>,
+    seed_addr: &str,
 ) -> Result<(), AdminError> {
-    Err(AdminError::Refused("STUB".into()))
+    if replica.is_voter() {
+        return Ok(());
+    }
+    let req = JoinRequest { node_id: replica.node_id, addr: replica.cfg.advertise_addr.clone() };
+    if req.addr.is_empty() {
+        return Err(AdminError::Refused("this node has no advertise address for peers to reach it at".into()));
+    }
+    let body = encode(&req).map_err(|e| AdminError::Refused(e.to_string()))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(JOIN_DEADLINE_MS);
+    tracing::info!(node = req.node_id, seed = seed_addr, addr = %req.addr, "asking the cluster to join");
+    retry(deadline, "joining the cluster", || async {
+        call::<()>(&*transport, ANY_NODE, seed_addr, RpcKind::Join, body.clone()).await.map_err(classify)
+    })
+    .await?;
+    // The leader committed the membership that makes this node a voter; wait until it arrives.
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_secs(1));
+    replica
+        .raft
+        .wait(Some(left))
+        .metrics(|m| m.membership_config.membership().voter_ids().any(|v| v == m.id), "this node is a voter")
+        .await
+        .map_err(|e| AdminError::Unreachable(format!("admitted, but the membership did not arrive: {e}")))?;
+    tracing::info!(node = req.node_id, "joined the cluster as a voter");
+    Ok(())
 }
 
 /// Remove `node` from the cluster at `seed_addr` (from the voters and the membership, and
-/// release what it held open).
-pub async fn remove_member(_transport: Arc<dyn PeerTransport>, _seed_addr: &str, _node: NodeId) -> Result<(), AdminError> {
-    Err(AdminError::Refused("STUB".into()))
+/// release what it held open). Retries while the seed is unreachable or there is no leader, for at
+/// most `REMOVE_DEADLINE_MS`.
+pub async fn remove_member(transport: Arc<dyn PeerTransport>, seed_addr: &str, node: NodeId) -> Result<(), AdminError> {
+    let body = encode(&node).map_err(|e| AdminError::Refused(e.to_string()))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(REMOVE_DEADLINE_MS);
+    retry(deadline, "removing a member", || async {
+        call::<()>(&*transport, ANY_NODE, seed_addr, RpcKind::Remove, body.clone()).await.map_err(classify)
+    })
+    .await
 }
 
 /// The status of every member of the cluster at `seed_addr` (asks the seed for the membership,
-/// then each member); a member that does not answer is reported as an error string.
+/// then each member, concurrently, each within `STATUS_TIMEOUT_MS`); a member that does not
+/// answer is reported as an error string.
 pub async fn cluster_status(
-    _transport: Arc<dyn PeerTransport>,
-    _seed_addr: &str,
+    transport: Arc<dyn PeerTransport>,
+    seed_addr: &str,
 ) -> Result<Vec<(MemberInfo, Result<NodeStatus, String>)>, AdminError> {
-    Err(AdminError::Refused("STUB".into()))
+    let unit = encode(&()).map_err(|e| AdminError::Refused(e.to_string()))?;
+    let timeout = Duration::from_millis(STATUS_TIMEOUT_MS);
+    let seed = tokio::time::timeout(
+        timeout,
+        call::<NodeStatus>(&*transport, ANY_NODE, seed_addr, RpcKind::Status, unit.clone()),
+    )
+    .await
+    .map_err(|_| AdminError::Unreachable(format!("{seed_addr}: no answer within {timeout:?}")))??;
+    let asks = seed.members.iter().map(|m| {
+        let transport = transport.clone();
+        let unit = unit.clone();
+        async move {
+            let r = tokio::time::timeout(
+                timeout,
+                call::<NodeStatus>(&*transport, m.node_id, &m.addr, RpcKind::Status, unit),
+            )
+            .await;
+            let r = match r {
+                Err(_) => Err(format!("no answer within {timeout:?}")),
+                Ok(r) => r.map_err(|e| e.to_string()),
+            };
+            (m.clone(), r)
+        }
+    });
+    Ok(futures::future::join_all(asks).await)
 }

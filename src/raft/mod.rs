@@ -5,17 +5,18 @@
 //! openraft-agnostic and sees only bytes).
 
 pub mod admin;
+pub mod forward;
 pub mod network;
 pub mod storage;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
+use tokio::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::state::{Caller, Command, CommandResult, NodeId, Op, Outcome, StateRead, StoreFault, Timespec, ROOT_INO};
@@ -73,6 +74,11 @@ pub const SNAPSHOT_LOG_KEEP_ENTRIES: u64 = 500;
 pub const SNAPSHOT_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 /// Sequence numbers: (incarnation << 40) | counter.
 const SEQ_COUNTER_BITS: u32 = 40;
+/// `propose` waits this much past its deadline for the batcher's answer, so that the batcher's
+/// reason (no leader, no quorum) reaches the caller rather than a bare timeout.
+const PROPOSE_GRACE_MS: u64 = 50;
+/// Pause between attempts of the background bootstrap of a node restarted without quorum.
+const BOOTSTRAP_RETRY_MS: u64 = 1000;
 
 /// Why a proposal did not produce a result.
 #[derive(Debug, thiserror::Error)]
@@ -166,16 +172,60 @@ pub struct Replica {
     store: Store,
     /// How this node reaches its peers (also for forwarding and admin calls).
     transport: Arc<dyn PeerTransport>,
-    incarnation: u64,
-    counter: AtomicU64,
+    seqs: SeqGen,
     queue: tokio::sync::mpsc::Sender<Pending>,
+    /// Where apply sends `Applied` events (the one subscriber).
+    applied_tx: storage::AppliedSlot,
+    /// Read-index rounds shared by concurrent `read_barrier` callers.
+    reads: forward::ReadRounds,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
-/// A proposal waiting for the batcher.
+/// A proposal waiting for the batcher; it gets its sequence number when its batch is formed.
 struct Pending {
-    cmd: Command,
+    caller: Caller,
+    op: Op,
+    time: Timespec,
+    /// The end of the caller's one wait (queue, forwarding, retries, local apply).
+    deadline: Instant,
     reply: tokio::sync::oneshot::Sender<Result<CommandResult, ProposeError>>,
+}
+
+/// Sequence numbers `(incarnation << 40) | counter`, assigned by the batcher in log order.
+struct SeqGen {
+    /// (incarnation, last counter used).
+    state: Mutex<(u64, u64)>,
+    /// Whether the incarnation is final (a joining node learns it only after catching up).
+    ready: tokio::sync::watch::Sender<bool>,
+}
+
+impl SeqGen {
+    fn new(incarnation: u64, ready: bool) -> Self {
+        SeqGen { state: Mutex::new((incarnation, 0)), ready: tokio::sync::watch::channel(ready).0 }
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// Use `incarnation` from now on (never lower than the current one) and mark it final.
+    fn settle(&self, incarnation: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if incarnation > st.0 {
+            *st = (incarnation, 0);
+        }
+        drop(st);
+        self.ready.send_replace(true);
+    }
+
+    /// `n` consecutive sequence numbers.
+    fn take(&self, n: usize) -> anyhow::Result<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let first = st.1 + 1;
+        anyhow::ensure!(first + n as u64 <= 1 << SEQ_COUNTER_BITS, "sequence counter exhausted");
+        st.1 += n as u64;
+        Ok((st.0 << SEQ_COUNTER_BITS) | first)
+    }
 }
 
 fn now() -> Timespec {
@@ -211,9 +261,15 @@ impl Replica {
         Self::start_with(cfg, Arc::new(NoPeers)).await
     }
 
-    /// `start` with a given peer transport.
+    /// `start` with a given peer transport. A fresh data dir bootstraps a single-voter cluster.
+    /// A restarted node whose peers are down (no leader) still starts: it warns, serves reads
+    /// from its replica, and registers itself and releases its orphans in the background once a
+    /// leader appears.
     pub async fn start_with(cfg: ReplicaConfig, transport: Arc<dyn PeerTransport>) -> anyhow::Result<Arc<Replica>> {
-        let (replica, bytes_appended) = Self::open(&cfg, transport).await?;
+        // With existing state the local incarnation counter alone is safe (it was bumped past every
+        // incarnation this data dir used); a fresh one must first see the replicated `max_seq`.
+        let existed = Self::has_state(&cfg.data_dir);
+        let (replica, bytes_appended) = Self::open(&cfg, transport, existed).await?;
         let fresh = !replica.raft.is_initialized().await?;
         if fresh {
             let mut members = BTreeMap::new();
@@ -221,24 +277,54 @@ impl Replica {
             replica.raft.initialize(members).await?;
             tracing::info!(node = cfg.node_id, "initialized a new single-voter cluster");
         }
-        replica.wait_ready().await?;
-        replica.bootstrap_state().await?;
         let handle = tokio::spawn(snapshot_monitor(Arc::downgrade(&replica), bytes_appended));
-        replica.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+        replica.push_task(handle);
+        let ready = async {
+            replica.wait_ready().await?;
+            replica.finish_start().await
+        };
+        match ready.await {
+            Ok(()) => {}
+            Err(e) if !fresh => {
+                tracing::warn!(
+                    node = cfg.node_id,
+                    error = %e,
+                    "no leader or no quorum yet (other nodes down?): starting anyway; reads are served \
+                     from the local replica, writes fail with EIO until a quorum is back"
+                );
+                let handle = tokio::spawn(bootstrap_in_background(Arc::downgrade(&replica)));
+                replica.push_task(handle);
+            }
+            Err(e) => {
+                let _ = replica.shutdown().await;
+                return Err(e);
+            }
+        }
         Ok(replica)
     }
 
     /// Start a node that joins an existing cluster: no bootstrap; it waits to be added as a learner
-    /// by the leader (`add_learner`), then receives the log or a snapshot.
+    /// by the leader (`add_learner`), then receives the log or a snapshot. Call `after_join` once
+    /// it is admitted.
     pub async fn start_joining(cfg: ReplicaConfig, transport: Arc<dyn PeerTransport>) -> anyhow::Result<Arc<Replica>> {
-        let (replica, bytes_appended) = Self::open(&cfg, transport).await?;
+        let existed = Self::has_state(&cfg.data_dir);
+        let (replica, bytes_appended) = Self::open(&cfg, transport, existed).await?;
         let handle = tokio::spawn(snapshot_monitor(Arc::downgrade(&replica), bytes_appended));
-        replica.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+        replica.push_task(handle);
         Ok(replica)
     }
 
-    /// Open the store and start openraft (no membership action).
-    async fn open(cfg: &ReplicaConfig, transport: Arc<dyn PeerTransport>) -> anyhow::Result<(Arc<Replica>, Arc<AtomicU64>)> {
+    fn push_task(&self, handle: tokio::task::JoinHandle<()>) {
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+    }
+
+    /// Open the store and start openraft (no membership action). `seqs_ready`: whether the local
+    /// incarnation may be used before the replica has caught up.
+    async fn open(
+        cfg: &ReplicaConfig,
+        transport: Arc<dyn PeerTransport>,
+        seqs_ready: bool,
+    ) -> anyhow::Result<(Arc<Replica>, Arc<AtomicU64>)> {
         let dir = cfg.data_dir.clone();
         let store = blocking(move || Store::open(&dir)).await?;
         let s2 = store.clone();
@@ -246,23 +332,26 @@ impl Replica {
         anyhow::ensure!(incarnation < (1 << (64 - SEQ_COUNTER_BITS)), "incarnation counter exhausted");
         let log = LogStore::new(store.clone());
         let bytes_appended = log.bytes_appended.clone();
-        let sm = StateMachine::with_log(store.clone(), &log);
+        let applied_tx: storage::AppliedSlot = Default::default();
+        let sm = StateMachine::with_log(store.clone(), &log).with_events(cfg.node_id, applied_tx.clone());
         let raft =
             Raft::new(cfg.node_id, Arc::new(raft_config(cfg.snapshot_entries)?), network::Network::new(transport.clone()), log, sm)
                 .await?;
         let (queue, rx) = tokio::sync::mpsc::channel(PROPOSE_QUEUE_MAX);
-        let batcher = tokio::spawn(batcher(raft.clone(), rx, cfg.propose_timeout));
         let replica = Arc::new(Replica {
             node_id: cfg.node_id,
             cfg: cfg.clone(),
             raft,
             store,
             transport,
-            incarnation,
-            counter: AtomicU64::new(0),
+            seqs: SeqGen::new(incarnation, seqs_ready),
             queue,
-            tasks: Mutex::new(vec![batcher]),
+            applied_tx,
+            reads: Default::default(),
+            tasks: Mutex::new(Vec::new()),
         });
+        let batcher = tokio::spawn(batcher(Arc::downgrade(&replica), rx));
+        replica.push_task(batcher);
         Ok((replica, bytes_appended))
     }
 
@@ -311,6 +400,33 @@ impl Replica {
         Ok(())
     }
 
+    /// After the replica has caught up: settle the incarnation, then bootstrap the state.
+    async fn finish_start(&self) -> anyhow::Result<()> {
+        self.settle_incarnation().await?;
+        self.bootstrap_state().await
+    }
+
+    /// `incarnation = max(local next incarnation, (replicated max_seq(self) >> 40) + 1)`: a node
+    /// id reused with a fresh data dir must not reuse sequence numbers the cluster has seen. A
+    /// higher value is persisted locally (by bumping the local counter up to it).
+    async fn settle_incarnation(&self) -> anyhow::Result<()> {
+        let replicated = {
+            let view = self.store.read()?;
+            view.max_seq(self.node_id)? >> SEQ_COUNTER_BITS
+        };
+        let mut inc = self.seqs.incarnation();
+        while inc <= replicated {
+            let store = self.store.clone();
+            inc = blocking(move || store.next_incarnation()).await?;
+        }
+        anyhow::ensure!(inc < (1 << (64 - SEQ_COUNTER_BITS)), "incarnation counter exhausted");
+        if inc != self.seqs.incarnation() {
+            tracing::info!(node = self.node_id, incarnation = inc, "incarnation raised past the replicated sequence numbers");
+        }
+        self.seqs.settle(inc);
+        Ok(())
+    }
+
     /// First start: create the root and register this node. Restart: release every orphan this node
     /// held open (nothing is open after a restart).
     async fn bootstrap_state(&self) -> anyhow::Result<()> {
@@ -344,45 +460,36 @@ impl Replica {
     /// up, then do what `start` does after its bootstrap (register, release held orphans).
     pub async fn after_join(&self) -> anyhow::Result<()> {
         self.wait_ready().await?;
-        self.bootstrap_state().await
+        self.finish_start().await
     }
 
     pub fn node_id(&self) -> NodeId {
         self.node_id
     }
 
-    /// The next `(incarnation << 40) | counter` sequence number of this node.
-    fn next_seq(&self) -> u64 {
-        let c = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
-        (self.incarnation << SEQ_COUNTER_BITS) | (c & ((1 << SEQ_COUNTER_BITS) - 1))
-    }
-
     /// Propose `op` for `caller`; returns after the command is committed and applied locally.
+    /// One deadline (`propose_timeout`) covers the queue, forwarding to the leader with retries,
+    /// and the local apply; past it the caller gets `Unavailable` (EIO).
     pub async fn propose(&self, caller: Caller, op: Op) -> Result<Outcome, ProposeError> {
-        let cmd = Command {
-            origin: self.node_id,
-            seq: self.next_seq(),
-            time: now(),
-            caller,
-            content_hash: crate::state::sha256(op.payload()),
-            op,
-        };
         let timeout = self.cfg.propose_timeout;
+        let deadline = Instant::now() + timeout;
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let pending = Pending { caller, op, time: now(), deadline, reply: tx };
         let wait = async {
             self.queue
-                .send(Pending { cmd, reply: tx })
+                .send(pending)
                 .await
                 .map_err(|_| ProposeError::Unavailable("replica is shutting down".into()))?;
             rx.await.map_err(|_| ProposeError::Unavailable("replica is shutting down".into()))?
         };
-        match tokio::time::timeout(timeout, wait).await {
+        match tokio::time::timeout_at(deadline + Duration::from_millis(PROPOSE_GRACE_MS), wait).await {
             Err(_) => {
                 tracing::warn!(
                     node = self.node_id,
                     timeout_ms = timeout.as_millis() as u64,
                     leader = ?self.raft.metrics().borrow().current_leader,
-                    "proposal not committed in time (no leader or no quorum); failing it with EIO"
+                    "proposal still queued at its deadline (earlier batches are waiting for a leader or a \
+                     quorum); failing it with EIO"
                 );
                 Err(ProposeError::Unavailable(format!("not committed within {timeout:?}")))
             }
@@ -396,22 +503,35 @@ impl Replica {
     /// apply must never wait for the kernel (an invalidation can wait on a directory lock held by
     /// a FUSE request that waits for apply).
     pub fn subscribe_applied(&self) -> tokio::sync::mpsc::UnboundedReceiver<Applied> {
-        let (_tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        rx // STUB: wired by the forwarding/apply work
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *self.applied_tx.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
     }
 
     /// Read index: returns once the local replica has applied everything the leader had
     /// committed when the call started (close-to-open consistency across nodes). On the leader it
-    /// confirms leadership with a quorum; on a follower it asks the leader. Fails after
-    /// `propose_timeout` without a leader (reads from the local replica still work).
+    /// confirms leadership with a quorum; on a follower it asks the leader. Concurrent callers
+    /// share rounds. Fails after `propose_timeout` without a leader (reads from the local replica
+    /// still work). A node that is the only voter needs no round.
     pub async fn read_barrier(&self) -> Result<(), ProposeError> {
-        Ok(()) // STUB
+        if self.sole_voter() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.cfg.propose_timeout;
+        let index = self.coalesced_read_index(deadline).await?;
+        self.wait_applied(index, deadline).await
     }
 
     /// Whether `node` is in the current membership (voter or learner): the transport serves Raft
     /// RPCs only to members.
     pub fn is_member(&self, node: NodeId) -> bool {
         self.raft.metrics().borrow().membership_config.membership().get_node(&node).is_some()
+    }
+
+    /// Whether this node has any membership yet (a node waiting to be added as a learner has none,
+    /// and must accept RPCs from a leader it does not know yet).
+    pub fn has_membership(&self) -> bool {
+        self.raft.metrics().borrow().membership_config.membership().nodes().next().is_some()
     }
 
     /// A consistent read view of the local replica (a redb read transaction).
@@ -458,8 +578,10 @@ impl Replica {
             RpcKind::AppendEntries => encode(&self.raft.append_entries(decode(body)?).await),
             RpcKind::Vote => encode(&self.raft.vote(decode(body)?).await),
             RpcKind::InstallSnapshot => encode(&self.raft.install_snapshot(decode(body)?).await),
-            RpcKind::Forward | RpcKind::ReadIndex => {
-                Err(StoreFault("STUB: forwarding not implemented yet".into()))
+            RpcKind::Forward => encode(&self.serve_forward(decode(body)?).await),
+            RpcKind::ReadIndex => {
+                let () = decode(body)?;
+                encode(&self.serve_read_index().await)
             }
             RpcKind::Join | RpcKind::Remove | RpcKind::Status => admin::serve(self, kind, body).await,
         }
@@ -479,12 +601,17 @@ impl Replica {
     }
 }
 
-/// Takes every queued proposal (up to the batch limits) into one Raft entry, waits until it is
-/// applied, answers each caller, repeats. One entry in flight at a time: whatever arrives meanwhile
-/// forms the next batch, so the number of log fsyncs adapts to the load.
-async fn batcher(raft: Raft<TypeConfig>, mut rx: tokio::sync::mpsc::Receiver<Pending>, timeout: Duration) {
+/// Takes every queued proposal (up to the batch limits) into one Raft entry, numbers its commands
+/// (ascending, in log order), gets it committed through the leader, answers each caller, repeats.
+/// One entry in flight at a time: whatever arrives meanwhile forms the next batch, so the number
+/// of log fsyncs adapts to the load.
+async fn batcher(replica: Weak<Replica>, mut rx: tokio::sync::mpsc::Receiver<Pending>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     let mut carry: Option<Pending> = None;
+    let mut ready = match replica.upgrade() {
+        Some(r) => r.seqs.ready.subscribe(),
+        None => return,
+    };
     loop {
         // Wait for a free slot first, so that proposals keep accumulating into the next batch
         // while the in-flight ones commit.
@@ -496,12 +623,12 @@ async fn batcher(raft: Raft<TypeConfig>, mut rx: tokio::sync::mpsc::Receiver<Pen
                 None => return,
             },
         };
-        let mut bytes = first.cmd.op.payload().len();
+        let mut bytes = first.op.payload().len();
         let mut batch = vec![first];
         while batch.len() < BATCH_COMMANDS_MAX && bytes < BATCH_PAYLOAD_BYTES_MAX {
             match rx.try_recv() {
                 Ok(p) => {
-                    let len = p.cmd.op.payload().len();
+                    let len = p.op.payload().len();
                     if bytes + len > BATCH_PAYLOAD_BYTES_MAX {
                         carry = Some(p);
                         break;
@@ -513,57 +640,82 @@ async fn batcher(raft: Raft<TypeConfig>, mut rx: tokio::sync::mpsc::Receiver<Pen
             }
         }
         // A caller that already gave up (timed out) has been told EIO: do not apply its command.
-        batch.retain(|p| !p.reply.is_closed());
-        if batch.is_empty() {
+        let now = Instant::now();
+        batch.retain(|p| !p.reply.is_closed() && p.deadline > now);
+        let Some(deadline) = batch.iter().map(|p| p.deadline).max() else { continue };
+        let Some(r) = replica.upgrade() else { return };
+        // A joining node numbers nothing before it knows its incarnation.
+        if !*ready.borrow() && tokio::time::timeout_at(deadline, ready.wait_for(|r| *r)).await.is_err() {
+            for p in batch {
+                let _ = p.reply.send(Err(ProposeError::Unavailable("this node has not caught up with the cluster yet".into())));
+            }
             continue;
         }
-        let raft = raft.clone();
+        let first_seq = match r.seqs.take(batch.len()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot number proposals");
+                for p in batch {
+                    let _ = p.reply.send(Err(ProposeError::Fatal(e.to_string())));
+                }
+                continue;
+            }
+        };
+        let mut cmds = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        for (i, p) in batch.into_iter().enumerate() {
+            cmds.push(Command {
+                origin: r.node_id,
+                seq: first_seq + i as u64,
+                time: p.time,
+                caller: p.caller,
+                content_hash: crate::state::sha256(p.op.payload()),
+                op: p.op,
+            });
+            replies.push(p.reply);
+        }
         tokio::spawn(async move {
-            commit_batch(&raft, batch, timeout).await;
+            match r.commit(Batch(cmds), deadline).await {
+                Ok(results) => {
+                    for (reply, res) in replies.into_iter().zip(results) {
+                        let _ = reply.send(Ok(res));
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    let fatal = matches!(e, ProposeError::Fatal(_));
+                    for reply in replies {
+                        let err =
+                            if fatal { ProposeError::Fatal(msg.clone()) } else { ProposeError::Unavailable(msg.clone()) };
+                        let _ = reply.send(Err(err));
+                    }
+                }
+            }
+            drop(r);
             drop(slot);
         });
     }
 }
 
-/// Propose one batch as one Raft entry and answer each of its callers.
-async fn commit_batch(raft: &Raft<TypeConfig>, batch: Vec<Pending>, timeout: Duration) {
-    let (cmds, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
-    let n = cmds.len();
-    let fail = |replies: Vec<tokio::sync::oneshot::Sender<Result<CommandResult, ProposeError>>>,
-                make: &dyn Fn() -> ProposeError| {
-        for r in replies {
-            let _ = r.send(Err(make()));
+/// Retries what a restarted node does after catching up (settle the incarnation, register, release
+/// its orphans) until a leader with a quorum lets it through.
+async fn bootstrap_in_background(replica: Weak<Replica>) {
+    loop {
+        let Some(r) = replica.upgrade() else { return };
+        let res = async {
+            r.wait_ready().await?;
+            r.finish_start().await
         }
-    };
-    match tokio::time::timeout(timeout.saturating_mul(2), raft.client_write(Batch(cmds))).await {
-        Err(_) => {
-            tracing::warn!(commands = n, "batch not committed in time (no leader or no quorum)");
-            fail(replies, &|| ProposeError::Unavailable("not committed in time".into()));
-        }
-        Ok(Ok(resp)) => {
-            if resp.data.0.len() != n {
-                tracing::error!(want = n, got = resp.data.0.len(), "apply returned the wrong number of results");
-                fail(replies, &|| ProposeError::Fatal("apply returned the wrong number of results".into()));
+        .await;
+        match res {
+            Ok(()) => {
+                tracing::info!(node = r.node_id, "quorum reached: node bootstrap finished");
                 return;
             }
-            for (r, res) in replies.into_iter().zip(resp.data.0) {
-                let _ = r.send(Ok(res));
-            }
+            Err(e) => tracing::debug!(node = r.node_id, error = %e, "bootstrap still waiting for a quorum"),
         }
-        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-            tracing::warn!(leader = ?f.leader_id, "proposal refused: this node is not the leader");
-            let msg = format!("not the leader (leader: {:?})", f.leader_id);
-            fail(replies, &|| ProposeError::Unavailable(msg.clone()));
-        }
-        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-            let msg = format!("membership change in progress: {e}");
-            fail(replies, &|| ProposeError::Unavailable(msg.clone()));
-        }
-        Ok(Err(RaftError::Fatal(f))) => {
-            tracing::error!(error = %f, "raft stopped");
-            let msg = f.to_string();
-            fail(replies, &|| ProposeError::Fatal(msg.clone()));
-        }
+        drop(r);
+        tokio::time::sleep(Duration::from_millis(BOOTSTRAP_RETRY_MS)).await;
     }
 }
 

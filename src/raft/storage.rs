@@ -18,8 +18,8 @@ use openraft::{
 };
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
-use super::{Response, TypeConfig};
-use crate::state::{Command, CommandResult, NodeId, StoreFault, StoreResult};
+use super::{Applied, Response, Touch, TypeConfig};
+use crate::state::{Command, CommandResult, Ino, NodeId, Op, StateRead, StoreFault, StoreResult};
 
 use crate::store::codec::{decode, encode};
 use crate::store::{LogWrite, StateTxn, Store};
@@ -329,23 +329,87 @@ impl AsyncSeek for SnapshotFile {
 
 // ----------------------------------------------------------------------------- state machine
 
+/// Where apply sends `Applied` events: the one subscriber, if any (`Replica::subscribe_applied`).
+pub type AppliedSlot = Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<Applied>>>>;
+
 /// The replicated state machine over the store.
 #[derive(Clone)]
 pub struct StateMachine {
     store: Store,
     /// The log's entry cache: applied entries are dropped from it.
     log_cache: Option<Arc<Mutex<EntryCache>>>,
+    /// This node and the subscriber to tell what remote commands touched.
+    events: Option<(NodeId, AppliedSlot)>,
 }
 
 impl StateMachine {
     pub fn new(store: Store) -> Self {
-        StateMachine { store, log_cache: None }
+        StateMachine { store, log_cache: None, events: None }
     }
 
     /// A state machine that drops what it applied from `log`'s in-memory entry cache.
     pub fn with_log(store: Store, log: &LogStore) -> Self {
-        StateMachine { store, log_cache: Some(log.cache.clone()) }
+        StateMachine { store, log_cache: Some(log.cache.clone()), events: None }
     }
+
+    /// Also send one `Applied` per apply call to the subscriber in `slot` (if any), listing what
+    /// commands from nodes other than `node` touched.
+    pub fn with_events(mut self, node: NodeId, slot: AppliedSlot) -> Self {
+        self.events = Some((node, slot));
+        self
+    }
+}
+
+/// What `cmd` (from another node) is about to touch, looked up in the state before it applies:
+/// the touches, and the inodes that may become orphans (checked after it applied).
+fn touches_before(t: &StateTxn<'_>, cmd: &Command) -> StoreResult<(Vec<Touch>, Vec<Ino>)> {
+    let entry_ino = |parent: Ino, name: &[u8]| -> StoreResult<Option<Ino>> { Ok(t.entry(parent, name)?.map(|e| e.ino)) };
+    let mut out = Vec::new();
+    let mut victims = Vec::new();
+    match &cmd.op {
+        Op::MakeNode { parent, name, .. } | Op::Symlink { parent, name, .. } => {
+            out.push(Touch::Entry { parent: *parent, name: name.clone(), old: None });
+            out.push(Touch::Inode(*parent));
+        }
+        Op::Link { ino, new_parent, new_name } => {
+            out.push(Touch::Entry { parent: *new_parent, name: new_name.clone(), old: None });
+            out.push(Touch::Inode(*new_parent));
+            out.push(Touch::Inode(*ino));
+        }
+        Op::Unlink { parent, name, .. } | Op::Rmdir { parent, name } => {
+            let old = entry_ino(*parent, name)?;
+            out.push(Touch::Entry { parent: *parent, name: name.clone(), old });
+            out.push(Touch::Inode(*parent));
+            if let Some(v) = old {
+                out.push(Touch::Inode(v));
+                victims.push(v);
+            }
+        }
+        Op::Rename { parent, name, new_parent, new_name, .. } => {
+            let src = entry_ino(*parent, name)?;
+            let dst = entry_ino(*new_parent, new_name)?;
+            out.push(Touch::Entry { parent: *parent, name: name.clone(), old: src });
+            out.push(Touch::Entry { parent: *new_parent, name: new_name.clone(), old: dst });
+            out.push(Touch::Inode(*parent));
+            if new_parent != parent {
+                out.push(Touch::Inode(*new_parent));
+            }
+            // The moved inode's ctime (and a directory's `..`) change; a replaced one loses a link.
+            out.extend(src.map(Touch::Inode));
+            if let Some(d) = dst {
+                out.push(Touch::Inode(d));
+                victims.push(d);
+            }
+        }
+        Op::SetAttr { ino, .. }
+        | Op::Write { ino, .. }
+        | Op::Fallocate { ino, .. }
+        | Op::SetXattr { ino, .. }
+        | Op::RemoveXattr { ino, .. } => out.push(Touch::Inode(*ino)),
+        Op::CopyRange { ino_out, .. } => out.push(Touch::Inode(*ino_out)),
+        Op::Init { .. } | Op::RegisterNode { .. } | Op::UnregisterNode { .. } | Op::Release { .. } => {}
+    }
+    Ok((out, victims))
 }
 
 /// The last applied log id and the last applied membership.
@@ -425,9 +489,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             c.lock().unwrap_or_else(|e| e.into_inner()).drop_upto(last_index, false);
         }
         let store = self.store.clone();
-        blocking(move || {
+        // Touches are only computed when someone listens.
+        let me = match &self.events {
+            Some((node, slot)) if slot.lock().unwrap_or_else(|e| e.into_inner()).is_some() => Some(*node),
+            _ => None,
+        };
+        let (out, touched) = blocking(move || {
             store.write_state(false, |t| {
                 let mut out = Vec::with_capacity(entries.len());
+                let mut touched = Vec::new();
                 let mut last = None;
                 for e in &entries {
                     match &e.payload {
@@ -435,7 +505,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         EntryPayload::Normal(batch) => {
                             let mut results = Vec::with_capacity(batch.0.len());
                             for cmd in &batch.0 {
-                                results.push(apply_command(t, cmd)?);
+                                // A retry (result stored) changes nothing and was reported already.
+                                let watch = match me {
+                                    Some(me) if cmd.origin != me && t.result(cmd.origin, cmd.seq)?.is_none() => {
+                                        Some((me, touches_before(t, cmd)?))
+                                    }
+                                    _ => None,
+                                };
+                                let res = apply_command(t, cmd)?;
+                                if let (Some((me, (touches, victims))), true) = (watch, res.is_ok()) {
+                                    touched.extend(touches);
+                                    for v in victims {
+                                        if t.orphan(v)?.is_some_and(|o| o.pending.contains(&me)) {
+                                            touched.push(Touch::Orphan(v));
+                                        }
+                                    }
+                                }
+                                results.push(res);
                             }
                             out.push(Response(results));
                         }
@@ -448,11 +534,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     last = Some(e.log_id);
                 }
                 t.put_sm_meta(SM_APPLIED, &encode(&last)?)?;
-                Ok(out)
+                Ok((out, touched))
             })
         })
         .await
-        .map_err(|e| sm_err("applying entries", e))
+        .map_err(|e| sm_err("applying entries", e))?;
+        // After the commit, never blocking: the channel is unbounded.
+        if let Some((_, slot)) = &self.events {
+            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(tx) = slot.as_ref() {
+                if tx.send(Applied { index: last_index, touched }).is_err() {
+                    *slot = None;
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

@@ -40,8 +40,12 @@ pub fn apply<S: StateWrite + ?Sized>(s: &mut S, cmd: &Command) -> StoreResult<Co
         return Ok(first);
     }
     let max = s.max_seq(cmd.origin)?;
-    if cmd.seq.saturating_add(RESULTS_RETAINED_PER_ORIGIN) <= max {
-        // Its result was forgotten: we cannot tell whether it applied, so we do not apply it again.
+    if cmd.seq <= max {
+        // An origin numbers its commands ascending in log order, so a seq at or below the highest
+        // one applied with no stored result is either a batch that was given up (timed out, its
+        // callers told EIO) and superseded by a later one, arriving late: applying it now would
+        // reorder the origin's operations; or a retry whose result was pruned, which we cannot
+        // tell from one that never applied. Neither may apply.
         return Ok(Err(Errno::Stale));
     }
     let result = if sha256(cmd.op.payload()) != cmd.content_hash {

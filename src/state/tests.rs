@@ -303,12 +303,46 @@ fn old_retries_are_stale_and_results_are_pruned() {
         Err(Errno::Stale)
     );
     assert_eq!(h.s, before, "a stale command records nothing");
-    // Inside the window, an unseen seq still applies.
-    assert!(
-        apply(&mut h.s, &command(5, far - 5, T0, Caller::root(), op))
-            .unwrap()
-            .is_ok()
+    // Inside the window, an unseen seq below the highest is stale too (see the next test).
+    assert_eq!(
+        apply(&mut h.s, &command(5, far - 5, T0, Caller::root(), op)).unwrap(),
+        Err(Errno::Stale)
     );
+}
+
+/// A batch that was given up and superseded by a later one must not apply when it arrives late:
+/// a seq below the origin's highest with no stored result is `Stale` and changes nothing, while
+/// a retry of an applied seq still gets its first result.
+#[test]
+fn late_superseded_command_is_stale_and_not_applied() {
+    let mut h = H::new();
+    let mk = |seq: u64, name: &str| {
+        command(
+            7,
+            seq,
+            T0 + 1,
+            Caller::root(),
+            Op::MakeNode {
+                parent: ROOT_INO,
+                name: name.as_bytes().to_vec(),
+                kind: FileKind::File,
+                perm: 0o644,
+                rdev: 0,
+            },
+        )
+    };
+    // Seqs 10 and 11 formed a batch that timed out; 12 was proposed later and applied first.
+    let later = apply(&mut h.s, &mk(12, "later")).unwrap();
+    assert!(later.is_ok(), "{later:?}");
+    let before = h.s.clone();
+    assert_eq!(apply(&mut h.s, &mk(10, "late-a")).unwrap(), Err(Errno::Stale));
+    assert_eq!(apply(&mut h.s, &mk(11, "late-b")).unwrap(), Err(Errno::Stale));
+    assert_eq!(h.s, before, "a stale command changes nothing and records nothing");
+    assert!(!h.s.entries.contains_key(&(ROOT_INO, b"late-a".to_vec())));
+    // The duplicate rule still holds for the applied one.
+    assert_eq!(apply(&mut h.s, &mk(12, "later")).unwrap(), later);
+    // And the next seq applies.
+    assert!(apply(&mut h.s, &mk(13, "next")).unwrap().is_ok());
 }
 
 #[test]

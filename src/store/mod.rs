@@ -12,6 +12,7 @@
 //! same transaction as the state.
 
 pub mod codec;
+mod digest;
 mod log;
 mod snapshot;
 mod tables;
@@ -273,13 +274,19 @@ impl Store {
         ReadView::open(&txn)
     }
 
+    /// The state digest (hex SHA-256 of every replicated table, see `digest`) together with what
+    /// `applied` reads from the same read transaction (raft/ decodes its last applied index), so
+    /// the two always describe the same state. Blocking: reads every record.
+    pub fn state_digest<T>(&self, applied: impl FnOnce(&ReadView) -> StoreResult<T>) -> StoreResult<(T, String)> {
+        let txn = self.inner.db.begin_read().map_err(fault)?;
+        let view = ReadView::open(&txn)?;
+        let a = applied(&view)?;
+        Ok((a, digest::digest(&view)?))
+    }
+
     /// Run `f` in one state write transaction; commit it if `f` succeeds (durably if `durable`),
     /// abort it otherwise. Blocking: call from a blocking thread.
-    pub fn write_state<T>(
-        &self,
-        durable: bool,
-        f: impl FnOnce(&mut StateTxn<'_>) -> StoreResult<T>,
-    ) -> StoreResult<T> {
+    pub fn write_state<T>(&self, durable: bool, f: impl FnOnce(&mut StateTxn<'_>) -> StoreResult<T>) -> StoreResult<T> {
         if self.inner.stats.failed.load(Ordering::SeqCst) {
             return Err(StoreFault("store failed earlier; refusing writes".into()));
         }

@@ -335,6 +335,20 @@ fn check_block(hash: &Hash, data: &[u8]) -> StoreResult<()> {
     Ok(())
 }
 
+/// Receives one record: key bytes, value bytes.
+pub(super) type RecordSink<'a> = dyn FnMut(&[u8], &[u8]) -> StoreResult<()> + 'a;
+
+impl ReadView {
+    /// Every state-machine metadata record, in key order (for the state digest).
+    pub(super) fn each_sm_meta(&self, f: &mut RecordSink<'_>) -> StoreResult<()> {
+        for item in self.sm_meta.iter().map_err(fault)? {
+            let (k, v) = item.map_err(fault)?;
+            f(k.value().as_bytes(), v.value())?;
+        }
+        Ok(())
+    }
+}
+
 impl StateTxn<'_> {
     /// Set opaque state-machine metadata (same transaction as the state it describes).
     pub fn put_sm_meta(&mut self, key: &str, value: &[u8]) -> StoreResult<()> {

@@ -1,6 +1,8 @@
 //! The byte layout of one RPC on one QUIC bidirectional stream (no I/O here, so it is testable alone).
 //!
-//! Request: `[MAGIC][VERSION][kind code]` then the body, then the sender finishes the stream.
+//! Request: `[MAGIC][VERSION][kind code][body length u32 LE]` then the body, then the sender
+//! finishes the stream. The header comes first so that a server can authorise the peer for the
+//! kind, refuse an oversized body and reserve memory for it before reading a byte of the body.
 //! Reply: `[status]` then the payload: the handler's bytes (`STATUS_OK`) or a short UTF-8 reason
 //! (`STATUS_REFUSED`). Kind codes 1..=15 are Raft RPCs; 16..=63 are reserved for application RPCs
 //! (forwarding a proposal to the leader, read-index); a code we do not know is refused, not a crash.
@@ -10,10 +12,11 @@ use crate::raft::network::RpcKind;
 
 /// First byte of every request: tells a pickbox frame from random bytes.
 pub const MAGIC: u8 = 0xB7;
-/// Framing version; a peer speaking another version is refused.
-pub const VERSION: u8 = 1;
+/// Framing version; a peer speaking another version is refused (2: the header declares the body
+/// length).
+pub const VERSION: u8 = 2;
 /// Bytes before the body of a request.
-pub const REQUEST_HEADER_BYTES: usize = 3;
+pub const REQUEST_HEADER_BYTES: usize = 7;
 /// Bytes before the payload of a reply.
 pub const REPLY_HEADER_BYTES: usize = 1;
 /// Largest request or reply on the wire: the largest message plus its header.
@@ -77,6 +80,34 @@ pub enum FrameError {
     /// More bytes than `FRAME_BYTES_MAX`.
     #[error("message of {0} bytes is over the limit of {MESSAGE_BYTES_MAX}")]
     TooLong(usize),
+    /// The body is not as long as the header says.
+    #[error("body of {got} bytes, but the header declares {declared}")]
+    Length { declared: usize, got: usize },
+}
+
+/// The kind and declared body length of a request header.
+pub fn decode_header(h: &[u8; REQUEST_HEADER_BYTES]) -> Result<(RpcKind, usize), FrameError> {
+    if h[0] != MAGIC {
+        return Err(FrameError::Magic(h[0]));
+    }
+    if h[1] != VERSION {
+        return Err(FrameError::Version(h[1]));
+    }
+    let kind = kind_from_code(h[2]).ok_or(FrameError::Kind(h[2]))?;
+    let len = u32::from_le_bytes([h[3], h[4], h[5], h[6]]) as usize;
+    if len > MESSAGE_BYTES_MAX {
+        return Err(FrameError::TooLong(len));
+    }
+    Ok((kind, len))
+}
+
+/// A request header for `kind` and a body of `len` bytes.
+pub fn encode_header(kind: RpcKind, len: usize) -> Result<[u8; REQUEST_HEADER_BYTES], FrameError> {
+    if len > MESSAGE_BYTES_MAX {
+        return Err(FrameError::TooLong(len));
+    }
+    let l = (len as u32).to_le_bytes();
+    Ok([MAGIC, VERSION, kind_code(kind), l[0], l[1], l[2], l[3]])
 }
 
 /// Build a request frame.
@@ -85,7 +116,7 @@ pub fn encode_request(kind: RpcKind, body: &[u8]) -> Result<Vec<u8>, FrameError>
         return Err(FrameError::TooLong(body.len()));
     }
     let mut f = Vec::with_capacity(REQUEST_HEADER_BYTES + body.len());
-    f.extend_from_slice(&[MAGIC, VERSION, kind_code(kind)]);
+    f.extend_from_slice(&encode_header(kind, body.len())?);
     f.extend_from_slice(body);
     Ok(f)
 }
@@ -98,14 +129,13 @@ pub fn decode_request(mut frame: Vec<u8>) -> Result<(RpcKind, Vec<u8>), FrameErr
     if frame.len() > FRAME_BYTES_MAX {
         return Err(FrameError::TooLong(frame.len() - REQUEST_HEADER_BYTES));
     }
-    if frame[0] != MAGIC {
-        return Err(FrameError::Magic(frame[0]));
-    }
-    if frame[1] != VERSION {
-        return Err(FrameError::Version(frame[1]));
-    }
-    let kind = kind_from_code(frame[2]).ok_or(FrameError::Kind(frame[2]))?;
+    let mut h = [0u8; REQUEST_HEADER_BYTES];
+    h.copy_from_slice(&frame[..REQUEST_HEADER_BYTES]);
+    let (kind, len) = decode_header(&h)?;
     frame.drain(..REQUEST_HEADER_BYTES);
+    if frame.len() != len {
+        return Err(FrameError::Length { declared: len, got: frame.len() });
+    }
     Ok((kind, frame))
 }
 
@@ -157,9 +187,20 @@ mod tests {
             assert_eq!(decode_request(f).unwrap(), (kind, b"abc".to_vec()));
         }
         assert_eq!(decode_request(vec![MAGIC, VERSION]), Err(FrameError::Short(2)));
-        assert_eq!(decode_request(vec![0, VERSION, 1]), Err(FrameError::Magic(0)));
-        assert_eq!(decode_request(vec![MAGIC, 9, 1]), Err(FrameError::Version(9)));
-        assert_eq!(decode_request(vec![MAGIC, VERSION, APP_KIND_FIRST]), Err(FrameError::Kind(APP_KIND_FIRST)));
+        assert_eq!(decode_request(vec![0, VERSION, 1, 0, 0, 0, 0]), Err(FrameError::Magic(0)));
+        assert_eq!(decode_request(vec![MAGIC, 9, 1, 0, 0, 0, 0]), Err(FrameError::Version(9)));
+        assert_eq!(decode_request(vec![MAGIC, VERSION, 15, 0, 0, 0, 0]), Err(FrameError::Kind(15)));
+        assert_eq!(
+            decode_request(vec![MAGIC, VERSION, 1, 2, 0, 0, 0, 9]),
+            Err(FrameError::Length { declared: 2, got: 1 })
+        );
+        let huge = (MESSAGE_BYTES_MAX as u32 + 1).to_le_bytes();
+        let h = [MAGIC, VERSION, 1, huge[0], huge[1], huge[2], huge[3]];
+        assert_eq!(decode_header(&h), Err(FrameError::TooLong(MESSAGE_BYTES_MAX + 1)));
+        for kind in [RpcKind::Forward, RpcKind::ReadIndex, RpcKind::Join, RpcKind::Remove, RpcKind::Status] {
+            assert!(kind_code(kind) >= APP_KIND_FIRST);
+            assert_eq!(decode_header(&encode_header(kind, 5).unwrap()), Ok((kind, 5)));
+        }
     }
 
     #[test]

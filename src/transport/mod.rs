@@ -3,7 +3,8 @@
 //! Code map: `certs` creates and loads the cluster CA and node certificates; `frame` is the byte
 //! layout of one RPC (pure, no I/O); `quic` is the endpoint (`QuicTransport`), which implements
 //! `raft::network::PeerTransport` for outgoing calls and hands incoming requests to an
-//! `RpcHandler`. `ReplicaHandler` serves them from a `Replica`.
+//! `RpcHandler`. `ReplicaHandler` serves them from a `Replica`; `membership_authorizer` decides
+//! which authenticated peer may send which request (see its policy).
 //!
 //! The Replica needs the transport when it starts and the server needs the Replica, so the handler
 //! is attached after start (`QuicTransport::attach`); requests that arrive before get a refusal.
@@ -57,6 +58,40 @@ impl RpcHandler for ReplicaHandler {
             let Some(r) = replica else { return Err("replica stopped".into()) };
             r.handle_rpc(kind, &body).await.map_err(|e| e.0)
         })
+    }
+}
+
+/// The authorisation policy of a node's endpoint, from the replica's current Raft membership
+/// (read for every request, so a removed member is refused at once). Peers are already
+/// authenticated by then: every peer presents a certificate signed by the cluster CA. `node<N>`
+/// below means a certificate whose name is `node<N>` (the peer is node N); any other name is an
+/// operator certificate (for example `admin`, used by the CLI).
+///
+/// - `AppendEntries`, `Vote`, `InstallSnapshot`, `Forward`, `ReadIndex`: `node<N>` with N a member
+///   (voter or learner). While this node has no membership yet (a fresh joiner, which the leader
+///   must reach before the membership reaches it), any `node<N>`.
+/// - `Join`: any `node<N>` (a node asking to join is not a member yet).
+/// - `Status`, `Remove`: any CA-signed certificate, operators' included.
+///
+/// Once the replica has stopped (the weak reference is gone) nothing is served.
+pub fn membership_authorizer(replica: Weak<Replica>) -> Arc<dyn PeerAuthorizer> {
+    Arc::new(MembershipAuthorizer(replica))
+}
+
+struct MembershipAuthorizer(Weak<Replica>);
+
+impl PeerAuthorizer for MembershipAuthorizer {
+    fn authorize(&self, peer: Option<NodeId>, kind: RpcKind) -> bool {
+        let Some(replica) = self.0.upgrade() else { return false };
+        match kind {
+            RpcKind::Status | RpcKind::Remove => true,
+            RpcKind::Join => peer.is_some(),
+            RpcKind::AppendEntries
+            | RpcKind::Vote
+            | RpcKind::InstallSnapshot
+            | RpcKind::Forward
+            | RpcKind::ReadIndex => peer.is_some_and(|n| !replica.has_membership() || replica.is_member(n)),
+        }
     }
 }
 

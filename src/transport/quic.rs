@@ -4,9 +4,12 @@
 //! failed); one bidirectional stream per RPC, read to its end with a size limit on both sides.
 //! Architecture Invariant: nothing here decodes a message body; bodies go to the `RpcHandler`.
 //! Peers are authenticated (a certificate signed by the cluster CA, with ClientAuth), and the
-//! dialler checks that the server's certificate names the node it meant to reach. Authorising an
-//! authenticated peer (for example against the Raft membership) is the job of an optional
-//! `PeerAuthorizer`, asked for every request; without one every CA-signed peer is served.
+//! dialler checks that the server's certificate names the node it meant to reach (target
+//! `ANY_NODE`: any `node<N>` certificate of the cluster CA, for a seed address whose node id is
+//! unknown). Authorising an authenticated peer (for example against the Raft membership) is the
+//! job of an optional `PeerAuthorizer`, asked for every request from its header alone, before the
+//! body is read; without one every CA-signed peer is served. Bodies being read or handled hold
+//! bytes of a node-wide budget (`IN_FLIGHT_BYTES_MAX`), reserved by their declared length.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,13 +18,14 @@ use std::sync::{Arc, Mutex, Once, RwLock};
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Connection, ReadError, ReadToEndError, RecvStream, SendStream, VarInt, WriteError};
+use quinn::{Connection, ReadError, ReadExactError, ReadToEndError, RecvStream, SendStream, VarInt, WriteError};
 use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 
 use super::certs::{cert_names, node_id_from_name, node_name, NodeIdentity};
-use super::frame::{self, FRAME_BYTES_MAX, REASON_BYTES_MAX, REPLY_HEADER_BYTES};
+use super::frame::{self, FRAME_BYTES_MAX, REASON_BYTES_MAX, REPLY_HEADER_BYTES, REQUEST_HEADER_BYTES};
 use super::{PeerAuthorizer, RpcHandler};
+use crate::raft::admin::ANY_NODE;
 use crate::raft::network::{BoxFuture, PeerTransport, RpcKind, TransportError};
 use crate::state::NodeId;
 
@@ -42,6 +46,32 @@ pub const STREAMS_PER_CONNECTION_MAX: u32 = 128;
 pub const CONNECTIONS_MAX: usize = 256;
 /// How long shutdown waits for connections to close cleanly.
 pub const SHUTDOWN_WAIT_MS: u64 = 1_000;
+/// Request body bytes being read or handled at once, across all connections: a request reserves
+/// its declared length before its body is read (waiting, within `CALL_TIMEOUT_MS`, if the budget
+/// is spent), so many concurrent 64 MiB messages cannot exhaust memory.
+pub const IN_FLIGHT_BYTES_MAX: usize = 256 * 1024 * 1024;
+/// Largest body of a membership or status request (`Join`, `Remove`, `Status`), which any CA-signed
+/// certificate, operators' included, may send: such peers cannot reserve much of the budget.
+pub const ADMIN_REQUEST_BYTES_MAX: usize = 64 * 1024;
+/// Upper bound on a `Join` or `Remove` call: the leader waits for a learner to catch up and for
+/// membership changes to commit, which can take longer than an ordinary call.
+pub const MEMBERSHIP_CALL_TIMEOUT_MS: u64 = 60_000;
+
+/// How long a call of `kind` may take (client side) and may be handled (server side).
+pub fn call_timeout(kind: Option<RpcKind>) -> Duration {
+    match kind {
+        Some(RpcKind::Join | RpcKind::Remove) => Duration::from_millis(MEMBERSHIP_CALL_TIMEOUT_MS),
+        _ => Duration::from_millis(CALL_TIMEOUT_MS),
+    }
+}
+
+/// The largest body a request of `kind` may declare.
+fn body_limit(kind: RpcKind) -> usize {
+    match kind {
+        RpcKind::Join | RpcKind::Remove | RpcKind::Status => ADMIN_REQUEST_BYTES_MAX,
+        _ => crate::config::MESSAGE_BYTES_MAX,
+    }
+}
 
 /// Stream error code: the message was over `FRAME_BYTES_MAX`.
 pub const CODE_TOO_LONG: u32 = 1;
@@ -49,6 +79,9 @@ pub const CODE_TOO_LONG: u32 = 1;
 pub const CODE_TIMEOUT: u32 = 2;
 /// Stream error code: the caller gave up (its future was dropped).
 pub const CODE_CANCELLED: u32 = 3;
+/// Stream error code: the request was refused before its body was read (garbled, unauthorised,
+/// or the node is busy); the reply says why.
+pub const CODE_REFUSED: u32 = 4;
 
 /// Why the endpoint could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +114,8 @@ pub struct TransportStats {
     pub handler_errors: u64,
     pub requests_unauthorized: u64,
     pub dials: u64,
+    /// The most request body bytes reserved at once (never above `IN_FLIGHT_BYTES_MAX`).
+    pub request_bytes_peak: u64,
 }
 
 #[derive(Default)]
@@ -93,10 +128,30 @@ struct Counters {
     handler_errors: AtomicU64,
     requests_unauthorized: AtomicU64,
     dials: AtomicU64,
+    request_bytes_peak: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts `bytes` into a gauge for as long as it lives.
+struct Held<'a> {
+    gauge: &'a AtomicU64,
+    bytes: u64,
+}
+
+impl<'a> Held<'a> {
+    fn new(gauge: &'a AtomicU64, bytes: u64) -> Self {
+        gauge.fetch_add(bytes, Ordering::Relaxed);
+        Held { gauge, bytes }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.gauge.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// A cached connection to one peer and the address it was dialled at.
@@ -115,6 +170,12 @@ struct Inner {
     peers: Mutex<HashMap<NodeId, PeerSlot>>,
     counters: Counters,
     connections: Arc<tokio::sync::Semaphore>,
+    /// Request bytes in flight (see `IN_FLIGHT_BYTES_MAX`); one permit per byte.
+    in_flight: Arc<tokio::sync::Semaphore>,
+    /// Bytes of the reservations currently held (for `request_bytes_peak`).
+    request_bytes: AtomicU64,
+    /// Client configuration for `ANY_NODE` targets (no check of which node answers).
+    any_node_client: quinn::ClientConfig,
 }
 
 /// A node's QUIC endpoint; implements `PeerTransport` for outgoing calls and serves incoming ones
@@ -138,8 +199,58 @@ fn tls_err(e: impl std::fmt::Display) -> SetupError {
     SetupError::Tls(e.to_string())
 }
 
-/// The server and client configurations of a node.
-fn configs(identity: &NodeIdentity) -> Result<(quinn::ServerConfig, quinn::ClientConfig), SetupError> {
+/// Accepts a server certificate signed by the cluster CA whose name is `node<N>` for any N: for
+/// dialling a seed address whose node id the caller does not know (`ANY_NODE`). The chain, validity
+/// and ServerAuth checks are webpki's, with the server name taken from the certificate itself.
+#[derive(Debug)]
+struct AnyNodeVerifier(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyNodeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let name = cert_names(end_entity.as_ref())
+            .into_iter()
+            .find(|n| node_id_from_name(n).is_some())
+            .ok_or(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))?;
+        let name = rustls::pki_types::ServerName::try_from(name)
+            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))?;
+        self.0.verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// The server configuration, the client configuration, and the client configuration for
+/// `ANY_NODE` targets of a node.
+fn configs(
+    identity: &NodeIdentity,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig, quinn::ClientConfig), SetupError> {
     install_crypto_provider();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
@@ -156,6 +267,17 @@ fn configs(identity: &NodeIdentity) -> Result<(quinn::ServerConfig, quinn::Clien
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())
         .map_err(tls_err)?;
     server_tls.alpn_protocols = vec![ALPN.to_vec()];
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .build()
+        .map_err(tls_err)?;
+    let mut any_tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyNodeVerifier(webpki)))
+        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(tls_err)?;
+    any_tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
@@ -176,8 +298,10 @@ fn configs(identity: &NodeIdentity) -> Result<(quinn::ServerConfig, quinn::Clien
         quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls).map_err(tls_err)?));
     server.transport_config(transport.clone());
     let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls).map_err(tls_err)?));
-    client.transport_config(transport);
-    Ok((server, client))
+    client.transport_config(transport.clone());
+    let mut any = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(any_tls).map_err(tls_err)?));
+    any.transport_config(transport);
+    Ok((server, client, any))
 }
 
 /// The names in the verified certificate of the other side of `conn`, for logs.
@@ -192,7 +316,7 @@ impl QuicTransport {
     /// Bind the endpoint and start accepting. Must be called inside a tokio runtime. Incoming
     /// requests are refused until a handler is attached.
     pub fn bind(cfg: QuicConfig) -> Result<Arc<QuicTransport>, SetupError> {
-        let (server, client) = configs(&cfg.identity)?;
+        let (server, client, any_node_client) = configs(&cfg.identity)?;
         let mut endpoint = quinn::Endpoint::server(server, cfg.listen)
             .map_err(|source| SetupError::Bind { addr: cfg.listen, source })?;
         endpoint.set_default_client_config(client);
@@ -204,6 +328,9 @@ impl QuicTransport {
             peers: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             connections: Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX)),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_BYTES_MAX)),
+            request_bytes: AtomicU64::new(0),
+            any_node_client,
         });
         let accept = tokio::spawn(accept_loop(inner.clone()));
         tracing::info!(node = cfg.node_id, addr = %inner.local_addr(), "QUIC endpoint listening");
@@ -244,6 +371,7 @@ impl QuicTransport {
             handler_errors: g(&c.handler_errors),
             requests_unauthorized: g(&c.requests_unauthorized),
             dials: g(&c.dials),
+            request_bytes_peak: g(&c.request_bytes_peak),
         }
     }
 
@@ -318,6 +446,7 @@ fn code_reason(code: VarInt) -> String {
         Ok(CODE_TOO_LONG) => "message over the peer's size limit".into(),
         Ok(CODE_TIMEOUT) => "peer timed out waiting for the request".into(),
         Ok(CODE_CANCELLED) => "cancelled".into(),
+        Ok(CODE_REFUSED) => "refused".into(),
         _ => format!("stream error code {code}"),
     }
 }
@@ -331,11 +460,12 @@ impl Inner {
     async fn exchange(&self, target: NodeId, addr: &str, frame: Vec<u8>) -> Result<Vec<u8>, TransportError> {
         let sock = resolve(addr).await.map_err(|e| TransportError::Unreachable(target, e))?;
         let conn = self.connection(target, sock).await?;
-        let call = tokio::time::timeout(Duration::from_millis(CALL_TIMEOUT_MS), exchange_on(&conn, frame)).await;
+        let timeout = call_timeout(frame.get(2).copied().and_then(frame::kind_from_code));
+        let call = tokio::time::timeout(timeout, exchange_on(&conn, frame)).await;
         let reply = match call {
             Err(_) => {
                 self.forget(target, &conn);
-                return Err(TransportError::Unreachable(target, format!("no reply within {CALL_TIMEOUT_MS} ms")));
+                return Err(TransportError::Unreachable(target, format!("no reply within {timeout:?}")));
             }
             Ok(Err(Failure::Connection(e))) => {
                 self.forget(target, &conn);
@@ -365,10 +495,12 @@ impl Inner {
         *cached = None;
         bump(&self.counters.dials);
         let name = node_name(target);
-        let connecting = self
-            .endpoint
-            .connect(addr, &name)
-            .map_err(|e| TransportError::Unreachable(target, format!("dial {addr}: {e}")))?;
+        let connecting = if target == ANY_NODE {
+            self.endpoint.connect_with(self.any_node_client.clone(), addr, &name)
+        } else {
+            self.endpoint.connect(addr, &name)
+        }
+        .map_err(|e| TransportError::Unreachable(target, format!("dial {addr}: {e}")))?;
         let conn = match tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connecting).await {
             Err(_) => {
                 return Err(TransportError::Unreachable(
@@ -431,8 +563,10 @@ impl Inner {
         }
     }
 
-    /// Serve one RPC stream: read the request (bounded), check its header, call the handler,
-    /// write the reply. Every refusal is answered and logged; nothing here panics on input.
+    /// Serve one RPC stream: read the header, check it and authorise the peer for its kind
+    /// before reading the body, reserve the body's bytes from the in-flight budget, read it
+    /// (bounded in size and time), call the handler, write the reply. Every refusal is answered
+    /// and logged; nothing here panics on input.
     async fn serve_stream(
         &self,
         mut send: SendStream,
@@ -442,54 +576,100 @@ impl Inner {
         remote: SocketAddr,
     ) {
         let node = self.node_id;
-        let read =
-            tokio::time::timeout(Duration::from_millis(CALL_TIMEOUT_MS), recv.read_to_end(FRAME_BYTES_MAX)).await;
-        let frame = match read {
-            Err(_) => {
-                tracing::warn!(node, %remote, %peer, timeout_ms = CALL_TIMEOUT_MS, "request not received in time; closing the stream");
-                let _ = recv.stop(VarInt::from_u32(CODE_TIMEOUT));
-                let _ = send.reset(VarInt::from_u32(CODE_TIMEOUT));
-                return;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(CALL_TIMEOUT_MS);
+        let timed_out = |recv: &mut RecvStream, send: &mut SendStream| {
+            tracing::warn!(node, %remote, %peer, timeout_ms = CALL_TIMEOUT_MS, "request not received in time; closing the stream");
+            let _ = recv.stop(VarInt::from_u32(CODE_TIMEOUT));
+            let _ = send.reset(VarInt::from_u32(CODE_TIMEOUT));
+        };
+
+        let mut header = [0u8; REQUEST_HEADER_BYTES];
+        match tokio::time::timeout_at(deadline, recv.read_exact(&mut header)).await {
+            Err(_) => return timed_out(&mut recv, &mut send),
+            Ok(Err(ReadExactError::FinishedEarly(n))) => {
+                return self.refuse_garbled(&mut send, &mut recv, peer, remote, frame::FrameError::Short(n)).await;
             }
-            Ok(Err(ReadToEndError::TooLong)) => {
-                bump(&self.counters.messages_oversized);
-                tracing::warn!(node, %remote, %peer, limit = FRAME_BYTES_MAX, "refused a message over the size limit");
-                let _ = recv.stop(VarInt::from_u32(CODE_TOO_LONG));
-                reply(&mut send, frame::encode_refused("message over the size limit")).await;
-                return;
-            }
-            Ok(Err(e)) => {
+            Ok(Err(ReadExactError::ReadError(e))) => {
                 tracing::debug!(node, %remote, %peer, error = %e, "request stream aborted by the peer");
                 return;
             }
-            Ok(Ok(f)) => f,
-        };
-        let len = frame.len();
-        let (kind, body) = match frame::decode_request(frame) {
-            Ok(r) => r,
-            Err(e) => {
-                bump(&self.counters.messages_garbled);
-                tracing::warn!(node, %remote, %peer, bytes = len, error = %e, "refused a garbled message; closing the stream");
-                reply(&mut send, frame::encode_refused(&format!("garbled message: {e}"))).await;
-                return;
+            Ok(Ok(())) => {}
+        }
+        let (kind, len) = match frame::decode_header(&header) {
+            Ok(h) => h,
+            Err(frame::FrameError::TooLong(n)) => {
+                return self.refuse_oversized(&mut send, &mut recv, peer, remote, n).await
             }
+            Err(e) => return self.refuse_garbled(&mut send, &mut recv, peer, remote, e).await,
         };
+
         let authorizer = self.authorizer.read().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(auth) = authorizer {
             if !auth.authorize(peer_id, kind) {
                 bump(&self.counters.requests_unauthorized);
                 tracing::warn!(node, %remote, %peer, ?peer_id, ?kind, "refused a request: peer not authorized");
+                let _ = recv.stop(VarInt::from_u32(CODE_REFUSED));
                 reply(&mut send, frame::encode_refused("not authorized")).await;
                 return;
             }
         }
+        if len > body_limit(kind) {
+            return self.refuse_oversized(&mut send, &mut recv, peer, remote, len).await;
+        }
+
+        // Reserve the body's bytes before reading them; held until the reply is written.
+        let permits = u32::try_from(len).unwrap_or(u32::MAX);
+        let reserved = tokio::time::timeout_at(deadline, self.in_flight.clone().acquire_many_owned(permits)).await;
+        let _reserved = match reserved {
+            Err(_) => {
+                tracing::warn!(node, %remote, %peer, ?kind, bytes = len, budget = IN_FLIGHT_BYTES_MAX, "request bytes in flight over the budget for too long; refused");
+                let _ = recv.stop(VarInt::from_u32(CODE_REFUSED));
+                reply(&mut send, frame::encode_refused("node busy: too many request bytes in flight")).await;
+                return;
+            }
+            Ok(Err(_)) => return, // the semaphore is never closed
+            Ok(Ok(p)) => p,
+        };
+        // (tokio hands permits to a waiting request as they free up, so the semaphore's own count
+        // would include bytes not yet reserved; count whole reservations instead.)
+        let _held = Held::new(&self.request_bytes, len as u64);
+        let now = self.request_bytes.load(Ordering::Relaxed);
+        self.counters.request_bytes_peak.fetch_max(now, Ordering::Relaxed);
+        let mut body = vec![0u8; len];
+        match tokio::time::timeout_at(deadline, recv.read_exact(&mut body)).await {
+            Err(_) => return timed_out(&mut recv, &mut send),
+            Ok(Err(ReadExactError::FinishedEarly(n))) => {
+                let e = frame::FrameError::Length { declared: len, got: n };
+                return self.refuse_garbled(&mut send, &mut recv, peer, remote, e).await;
+            }
+            Ok(Err(ReadExactError::ReadError(e))) => {
+                tracing::debug!(node, %remote, %peer, error = %e, "request stream aborted by the peer");
+                return;
+            }
+            Ok(Ok(())) => {}
+        }
+        // Nothing may follow the declared body.
+        match tokio::time::timeout_at(deadline, recv.read_to_end(0)).await {
+            Err(_) => return timed_out(&mut recv, &mut send),
+            Ok(Err(ReadToEndError::TooLong)) => {
+                let e = frame::FrameError::Length { declared: len, got: len + 1 };
+                return self.refuse_garbled(&mut send, &mut recv, peer, remote, e).await;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(node, %remote, %peer, error = %e, "request stream aborted by the peer");
+                return;
+            }
+            Ok(Ok(_)) => {}
+        }
+
         let handler = self.handler.read().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(handler) = handler else {
             tracing::debug!(node, %remote, %peer, ?kind, "request before the handler was attached; refused");
             reply(&mut send, frame::encode_refused("node not ready: no handler attached")).await;
             return;
         };
-        let out = tokio::time::timeout(Duration::from_millis(CALL_TIMEOUT_MS), handler.handle(kind, body)).await;
+        let timeout = call_timeout(Some(kind));
+        let out = tokio::time::timeout(timeout, handler.handle(kind, body)).await;
         let answer = match out {
             Ok(Ok(payload)) if payload.len() + REPLY_HEADER_BYTES <= FRAME_BYTES_MAX => {
                 bump(&self.counters.requests_served);
@@ -508,11 +688,41 @@ impl Inner {
             }
             Err(_) => {
                 bump(&self.counters.handler_errors);
-                tracing::warn!(node, %remote, %peer, ?kind, timeout_ms = CALL_TIMEOUT_MS, "handler did not answer in time");
+                tracing::warn!(node, %remote, %peer, ?kind, timeout_ms = timeout.as_millis() as u64, "handler did not answer in time");
                 frame::encode_refused("handler timed out")
             }
         };
         reply(&mut send, answer).await;
+    }
+
+    /// Refuse a request whose bytes are not a pickbox request (stop reading, answer, log).
+    async fn refuse_garbled(
+        &self,
+        send: &mut SendStream,
+        recv: &mut RecvStream,
+        peer: &str,
+        remote: SocketAddr,
+        e: frame::FrameError,
+    ) {
+        bump(&self.counters.messages_garbled);
+        tracing::warn!(node = self.node_id, %remote, %peer, error = %e, "refused a garbled message; closing the stream");
+        let _ = recv.stop(VarInt::from_u32(CODE_REFUSED));
+        reply(send, frame::encode_refused(&format!("garbled message: {e}"))).await;
+    }
+
+    /// Refuse a request whose declared body is over the limit for its kind, without reading it.
+    async fn refuse_oversized(
+        &self,
+        send: &mut SendStream,
+        recv: &mut RecvStream,
+        peer: &str,
+        remote: SocketAddr,
+        bytes: usize,
+    ) {
+        bump(&self.counters.messages_oversized);
+        tracing::warn!(node = self.node_id, %remote, %peer, bytes, "refused a message over the size limit");
+        let _ = recv.stop(VarInt::from_u32(CODE_TOO_LONG));
+        reply(send, frame::encode_refused("message over the size limit")).await;
     }
 }
 

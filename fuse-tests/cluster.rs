@@ -1,0 +1,513 @@
+//! Multi-node end-to-end tests: real `pickbox` processes, real mounts, QUIC with mutual TLS on
+//! loopback (`cluster_harness::Cluster`). Cross-node visibility and cache coherence,
+//! close-to-open, concurrent writers, leader crash, catch-up through a snapshot, membership
+//! changes, loss of quorum, and a node from another CA.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::io::IntoRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::cluster_harness::{
+    create_ca, create_cert, poll, Cluster, ClusterOptions, CONVERGE_TIMEOUT, PROPOSE_TIMEOUT_MS, VISIBLE_TIMEOUT,
+};
+use crate::harness::{errno_of, lstat, STOP_TIMEOUT};
+
+/// The entry and attribute TTL pickbox gives the kernel (`TTL` in src/fs/mod.rs). A change seen
+/// on another node sooner than this after that node looked the name up was invalidated, not
+/// expired.
+const KERNEL_ENTRY_TTL: Duration = Duration::from_secs(1);
+/// How long a new leader may take to be elected after the old one died.
+const ELECTION_TIMEOUT: Duration = Duration::from_secs(15);
+/// Slack on top of the propose timeout for a write that must fail with EIO (debug build, 2 cores).
+const EIO_SLACK: Duration = Duration::from_secs(5);
+
+/// Creates or truncates `p`, writes `data`, fsyncs and closes it, reporting every error (also the
+/// one close may return, which dropping a `File` would swallow).
+fn write_synced(p: &Path, data: &[u8]) -> io::Result<()> {
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(p)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    close(f)
+}
+
+/// Closes `f` and returns close's error (a FUSE flush error surfaces there).
+fn close(f: File) -> io::Result<()> {
+    let fd = f.into_raw_fd();
+    // SAFETY: we own fd (taken out of the File), and close it exactly once.
+    crate::harness::check(unsafe { libc::close(fd) }).map(|_| ())
+}
+
+/// Polls until `cond(k)` holds on every node of `on`; panics naming `what` after `VISIBLE_TIMEOUT`.
+fn seen(c: &Cluster, on: &[u64], what: &str, cond: impl Fn(&Cluster, u64) -> bool) {
+    if let Err(e) = try_seen(c, on, what, cond) {
+        panic!("{e}");
+    }
+}
+
+/// Like `seen`, returning the failure instead.
+fn try_seen(c: &Cluster, on: &[u64], what: &str, cond: impl Fn(&Cluster, u64) -> bool) -> Result<(), String> {
+    let missing: Vec<u64> = on.iter().copied().filter(|&k| poll(VISIBLE_TIMEOUT, || cond(c, k)).is_none()).collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{what}: not seen on node(s) {missing:?} within {VISIBLE_TIMEOUT:?}"))
+    }
+}
+
+/// Looks `rels` up on every node of `on` now (so the kernel caches them), runs `change`, then
+/// polls until `gone_or_changed` holds on each, which must happen before the kernel's entry TTL
+/// from that node's lookup ran out: the change was pushed, not waited out.
+fn seen_before_ttl(
+    c: &Cluster,
+    on: &[u64],
+    what: &str,
+    rels: &[&str],
+    change: impl FnOnce(),
+    cond: impl Fn(&Cluster, u64) -> bool,
+) -> Result<(), String> {
+    let mut warmed = Vec::new();
+    for &k in on {
+        for rel in rels {
+            let _ = lstat(&c.path(k, rel));
+        }
+        warmed.push((k, Instant::now()));
+    }
+    change();
+    let mut errors = Vec::new();
+    for (k, at) in warmed {
+        let seen_after = poll(VISIBLE_TIMEOUT, || cond(c, k)).map(|_| at.elapsed());
+        match seen_after {
+            Some(d) if d < KERNEL_ENTRY_TTL => {}
+            Some(d) => errors.push(format!("{what}: seen on node {k} only {d:?} after its lookup (kernel TTL {KERNEL_ENTRY_TTL:?})")),
+            None => errors.push(format!("{what}: not seen on node {k} within {VISIBLE_TIMEOUT:?}")),
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+fn others(c: &Cluster, k: u64) -> Vec<u64> {
+    c.ids().into_iter().filter(|&o| o != k).collect()
+}
+
+fn read_eq(p: &Path, want: &[u8]) -> bool {
+    fs::read(p).map(|got| got == want).unwrap_or(false)
+}
+
+#[test]
+fn cluster_changes_on_each_node_are_seen_on_the_others() {
+    let c = Cluster::start(3);
+    // Every step is checked; the failures are reported together at the end.
+    let mut failures: Vec<String> = Vec::new();
+    for origin in c.ids() {
+        let obs = others(&c, origin);
+        let r = |rel: &str| format!("n{origin}/{rel}");
+        let at = |rel: &str| c.path(origin, &r(rel));
+        let mut check = |step: Result<(), String>| {
+            if let Err(e) = step {
+                failures.push(format!("change on node {origin}: {e}"));
+            }
+        };
+
+        fs::create_dir(c.path(origin, &format!("n{origin}"))).unwrap();
+        check(try_seen(&c, &obs, "mkdir", |c, k| c.path(k, &format!("n{origin}")).is_dir()));
+
+        write_synced(&at("f"), b"first").unwrap();
+        check(try_seen(&c, &obs, "create+write", |c, k| read_eq(&c.path(k, &r("f")), b"first")));
+
+        // The observers have the old content in their page cache now; the new one must replace it.
+        let v2 = format!("second version from node {origin}, longer than the first").into_bytes();
+        write_synced(&at("f"), &v2).unwrap();
+        check(try_seen(&c, &obs, "overwrite", |c, k| read_eq(&c.path(k, &r("f")), &v2)));
+
+        fs::set_permissions(at("f"), fs::Permissions::from_mode(0o640)).unwrap();
+        check(try_seen(&c, &obs, "chmod", |c, k| {
+            lstat(&c.path(k, &r("f"))).is_ok_and(|st| st.st_mode & 0o7777 == 0o640)
+        }));
+
+        fs::hard_link(at("f"), at("h")).unwrap();
+        check(try_seen(&c, &obs, "link", |c, k| {
+            read_eq(&c.path(k, &r("h")), &v2) && fs::metadata(c.path(k, &r("f"))).is_ok_and(|m| m.nlink() == 2)
+        }));
+
+        std::os::unix::fs::symlink("f", at("s")).unwrap();
+        check(try_seen(&c, &obs, "symlink", |c, k| {
+            fs::read_link(c.path(k, &r("s"))).is_ok_and(|t| t == Path::new("f")) && read_eq(&c.path(k, &r("s")), &v2)
+        }));
+
+        let (f, g) = (r("f"), r("g"));
+        check(seen_before_ttl(
+            &c,
+            &obs,
+            "rename",
+            &[&f, &g],
+            || fs::rename(at("f"), at("g")).unwrap(),
+            |c, k| lstat(&c.path(k, &f)).is_err() && read_eq(&c.path(k, &g), &v2),
+        ));
+
+        let h = r("h");
+        check(seen_before_ttl(
+            &c,
+            &obs,
+            "unlink",
+            &[&h, &g],
+            || fs::remove_file(at("h")).unwrap(),
+            |c, k| lstat(&c.path(k, &h)).is_err() && lstat(&c.path(k, &g)).is_ok_and(|st| st.st_nlink == 1),
+        ));
+
+        // rmdir of a directory the other nodes have looked up.
+        fs::create_dir(at("empty")).unwrap();
+        check(try_seen(&c, &obs, "mkdir", |c, k| c.path(k, &r("empty")).is_dir()));
+        let e = r("empty");
+        check(seen_before_ttl(
+            &c,
+            &obs,
+            "rmdir",
+            &[&e],
+            || fs::remove_dir(at("empty")).unwrap(),
+            |c, k| lstat(&c.path(k, &e)).is_err(),
+        ));
+    }
+    // Every node lists the same tree.
+    for k in c.ids() {
+        for o in c.ids() {
+            let dir = c.path(k, &format!("n{o}"));
+            let mut names: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+            names.sort();
+            if names != ["g", "s"] {
+                failures.push(format!("node {k} lists n{o} as {names:?}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn cluster_close_to_open() {
+    let c = Cluster::start(3);
+    for (a, b) in [(1, 2), (2, 3), (3, 1)] {
+        let rel = format!("cto-{a}-{b}");
+        for i in 0..20u32 {
+            // Lengths go up and down, so a stale size shows too.
+            let data = format!("{i}:{}", "x".repeat(((i * 7919) % 5000) as usize)).into_bytes();
+            // b reads first (it caches the old content), then a writes and closes ...
+            let _ = fs::read(c.path(b, &rel));
+            let mut f = File::create(c.path(a, &rel)).unwrap();
+            f.write_all(&data).unwrap();
+            close(f).unwrap();
+            // ... and an open on b that starts after the close returned must see the new content.
+            let got = fs::read(c.path(b, &rel)).unwrap();
+            assert!(got == data, "node {b} read {} bytes of old content after node {a} closed round {i}", got.len());
+        }
+    }
+}
+
+#[test]
+fn cluster_concurrent_writers_converge() {
+    let mut c = Cluster::start(3);
+    const FILES_PER_NODE: usize = 40;
+    const CHUNK_BYTES: usize = 4096;
+    const CHUNKS: u64 = 16;
+    write_synced(&c.path(1, "shared"), b"").unwrap();
+    seen(&c, &[2, 3], "shared", |c, k| c.path(k, "shared").exists());
+
+    let wins: Arc<Mutex<Vec<(u64, usize)>>> = Arc::default();
+    let threads: Vec<_> = c
+        .ids()
+        .into_iter()
+        .map(|k| {
+            let mnt = c.mnt(k).to_path_buf();
+            let wins = Arc::clone(&wins);
+            std::thread::spawn(move || {
+                let shared = OpenOptions::new().write(true).open(mnt.join("shared")).unwrap();
+                for i in 0..FILES_PER_NODE {
+                    write_synced(&mnt.join(format!("own-{k}-{i}")), format!("{k}/{i}").as_bytes()).unwrap();
+                    // All three write the same chunks of the same file.
+                    let chunk = vec![b'a' + k as u8; CHUNK_BYTES];
+                    shared.write_all_at(&chunk, (i as u64 % CHUNKS) * CHUNK_BYTES as u64).unwrap();
+                    shared.sync_data().unwrap();
+                    // All three race to create the same name: exactly one may win.
+                    match OpenOptions::new().write(true).create_new(true).open(mnt.join(format!("race-{i}"))) {
+                        Ok(f) => {
+                            close(f).unwrap();
+                            wins.lock().unwrap().push((k, i));
+                        }
+                        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EEXIST), "node {k} race-{i}: {e}"),
+                    }
+                    if i % 4 == 0 {
+                        fs::rename(mnt.join(format!("own-{k}-{i}")), mnt.join(format!("moved-{k}-{i}"))).unwrap();
+                    }
+                }
+                close(shared).unwrap();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("writer thread panicked");
+    }
+    let mut wins = wins.lock().unwrap().clone();
+    wins.sort_by_key(|&(_, i)| i);
+    let won: Vec<usize> = wins.iter().map(|&(_, i)| i).collect();
+    assert_eq!(won, (0..FILES_PER_NODE).collect::<Vec<_>>(), "each race-N created exactly once: {wins:?}");
+
+    let (index, digest) = c.wait_converged(CONVERGE_TIMEOUT);
+    eprintln!("converged at index {index}, digest {digest}");
+    let digests = c.digests();
+    assert_eq!(digests.len(), 3);
+    assert!(digests.values().all(|(i, d)| *i == Some(index) && d.as_deref() == Some(digest.as_str())), "{digests:?}");
+    let shared: Vec<Vec<u8>> = c.ids().into_iter().map(|k| fs::read(c.path(k, "shared")).unwrap()).collect();
+    assert_eq!(shared[0].len(), CHUNK_BYTES * CHUNKS as usize);
+    assert!(shared.iter().all(|s| *s == shared[0]), "nodes read different content of the shared file");
+    let listing = |k: u64| -> BTreeSet<_> { fs::read_dir(c.mnt(k)).unwrap().map(|e| e.unwrap().file_name()).collect() };
+    let first = listing(1);
+    assert_eq!(first.len(), 1 + 3 * FILES_PER_NODE + FILES_PER_NODE);
+    for k in [2, 3] {
+        assert_eq!(listing(k), first, "node {k} lists a different root");
+    }
+}
+
+/// One acknowledged write of the leader-crash test.
+struct Acked {
+    rel: String,
+    data: Vec<u8>,
+    at: Instant,
+}
+
+#[test]
+fn cluster_leader_kill9_during_writes() {
+    let mut c = Cluster::start(3);
+    let leader = c.wait_leader(ELECTION_TIMEOUT, None);
+    let survivors = others(&c, leader);
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
+    let failed: Arc<Mutex<Vec<String>>> = Arc::default();
+    let writers: Vec<_> = survivors
+        .iter()
+        .map(|&k| {
+            let (mnt, stop, acked, failed) = (c.mnt(k).to_path_buf(), stop.clone(), acked.clone(), failed.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let rel = format!("w-{k}-{i}");
+                    let data = format!("write {i} on node {k}").repeat(1 + (i % 50) as usize).into_bytes();
+                    match write_synced(&mnt.join(&rel), &data) {
+                        Ok(()) => acked.lock().unwrap().push(Acked { rel, data, at: Instant::now() }),
+                        Err(e) => failed.lock().unwrap().push(format!("{rel}: {e}")),
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let count_since = |t: Instant| acked.lock().unwrap().iter().filter(|a| a.at > t).count();
+    let start = Instant::now();
+    assert!(poll(Duration::from_secs(30), || count_since(start) >= 30).is_some(), "writes do not go through");
+
+    c.kill9(leader);
+    let killed_at = Instant::now();
+    let new_leader = c.wait_leader(ELECTION_TIMEOUT, Some(leader));
+    let elected_after = killed_at.elapsed();
+    let resumed = poll(Duration::from_secs(20), || count_since(killed_at + elected_after) >= 30);
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().expect("writer panicked");
+    }
+    let failed = failed.lock().unwrap().clone();
+    eprintln!(
+        "leader {leader} killed; node {new_leader} leader after {elected_after:?}; writes resumed: {resumed:?}; \
+         {} acked, {} failed: {:?}",
+        acked.lock().unwrap().len(),
+        failed.len(),
+        failed.iter().take(5).collect::<Vec<_>>()
+    );
+    assert!(resumed.is_some(), "writes did not resume under the new leader");
+
+    let check_acked = |c: &Cluster, k: u64| {
+        for a in acked.lock().unwrap().iter() {
+            let got = fs::read(c.path(k, &a.rel)).unwrap_or_else(|e| panic!("acked {} lost on node {k}: {e}", a.rel));
+            assert!(got == a.data, "acked {} has other content on node {k}", a.rel);
+        }
+    };
+    for &k in &survivors {
+        check_acked(&c, k);
+    }
+    c.wait_converged(CONVERGE_TIMEOUT);
+    c.start_node(leader);
+    let (index, digest) = c.wait_converged(CONVERGE_TIMEOUT);
+    eprintln!("node {leader} caught up: index {index}, digest {digest}");
+    check_acked(&c, leader);
+}
+
+#[test]
+fn cluster_node_rejoins_through_a_snapshot() {
+    const SNAPSHOT_ENTRIES: u64 = 1000;
+    const ENTRIES: u64 = 10_000;
+    let mut c = Cluster::with(ClusterOptions { snapshot_entries: Some(SNAPSHOT_ENTRIES), ..ClusterOptions::default() });
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    write_synced(&c.path(1, "before"), &big).unwrap();
+    c.wait_converged(CONVERGE_TIMEOUT);
+    c.stop(3);
+    let row = |c: &mut Cluster, k: u64| c.status().into_iter().find(|s| s.node_id == k).expect("member row");
+    let stopped_at = row(&mut c, 1).last_log_index.unwrap_or(0);
+
+    // One Raft entry per chmod: a single writer never has two commands queued for one batch.
+    let target = c.path(1, "before");
+    let started = Instant::now();
+    let mut ops = 0u64;
+    loop {
+        for _ in 0..1000 {
+            let mode = if ops % 2 == 0 { 0o600 } else { 0o644 };
+            fs::set_permissions(&target, fs::Permissions::from_mode(mode)).unwrap();
+            ops += 1;
+        }
+        write_synced(&c.path(1, &format!("during-{ops}")), format!("after {ops} ops").as_bytes()).unwrap();
+        if row(&mut c, 1).last_log_index.unwrap_or(0) >= stopped_at + ENTRIES {
+            break;
+        }
+    }
+    eprintln!("{ops} ops ({} entries) in {:?} while node 3 was down", ENTRIES, started.elapsed());
+    let leader = c.wait_leader(ELECTION_TIMEOUT, None);
+    let leader_snapshot = row(&mut c, leader).snapshot_index.unwrap_or(0);
+    assert!(
+        leader_snapshot > stopped_at + SNAPSHOT_ENTRIES,
+        "the leader did not snapshot (snapshot_index {leader_snapshot}, node 3 stopped at {stopped_at})"
+    );
+
+    let started = Instant::now();
+    c.start_node(3);
+    let (index, digest) = c.wait_converged(CONVERGE_TIMEOUT);
+    let s3 = row(&mut c, 3);
+    eprintln!("node 3 caught up in {:?}: index {index}, digest {digest}, {s3:?}", started.elapsed());
+    let snap3 = s3.snapshot_index.unwrap_or(0);
+    assert!(snap3 > stopped_at, "node 3 has no snapshot past where it stopped ({snap3} <= {stopped_at})");
+    assert_eq!(fs::read(c.path(3, "before")).unwrap(), big);
+    assert_eq!(fs::read(c.path(3, &format!("during-{ops}"))).unwrap(), format!("after {ops} ops").as_bytes());
+}
+
+#[test]
+fn cluster_fourth_node_joins_as_voter() {
+    let mut c = Cluster::start(3);
+    write_synced(&c.path(2, "old"), b"from before the join").unwrap();
+    let k = c.add_node();
+    assert_eq!(k, 4);
+    let members = c.members();
+    assert_eq!(members.iter().map(|m| (m.node_id, m.voter)).collect::<Vec<_>>(), [(1, true), (2, true), (3, true), (4, true)]);
+    assert_eq!(fs::read(c.path(4, "old")).unwrap(), b"from before the join");
+    write_synced(&c.path(4, "new"), b"from node 4").unwrap();
+    seen(&c, &[1, 2, 3], "write on node 4", |c, k| read_eq(&c.path(k, "new"), b"from node 4"));
+    let (index, _) = c.wait_converged(CONVERGE_TIMEOUT);
+    let s4 = c.status().into_iter().find(|s| s.node_id == 4).expect("node 4 in status");
+    assert!(s4.error.is_none() && s4.role.as_deref() != Some("Learner"), "{s4:?}");
+    // With four voters two are needed besides the leader: one node down still leaves a quorum.
+    let down = if c.wait_leader(ELECTION_TIMEOUT, None) == 3 { 2 } else { 3 };
+    c.stop(down);
+    write_synced(&c.path(4, "after"), b"quorum of 3 of 4").unwrap();
+    eprintln!("4 nodes converged at {index}; write with node {down} down ok");
+}
+
+#[test]
+fn cluster_member_removed() {
+    let mut c = Cluster::start(3);
+    write_synced(&c.path(1, "f"), b"x").unwrap();
+    c.remove_member(3).unwrap_or_else(|e| panic!("members remove 3: {e}"));
+    let ids = |c: &mut Cluster| c.members().iter().map(|m| m.node_id).collect::<Vec<_>>();
+    assert_eq!(ids(&mut c), [1, 2]);
+    // What the removed node's process does is its own affair; stop it (it may have exited).
+    let n3 = c.node(3);
+    if n3.is_running() {
+        n3.signal(libc::SIGTERM);
+        n3.wait_exit(STOP_TIMEOUT).expect("removed node 3 does not stop");
+    }
+    write_synced(&c.path(2, "g"), b"two voters").unwrap();
+    seen(&c, &[1], "write after removal", |c, k| read_eq(&c.path(k, "g"), b"two voters"));
+
+    // Down to one voter: with node 2 removed and stopped, node 1 alone is a quorum.
+    c.remove_member(2).unwrap_or_else(|e| panic!("members remove 2: {e}"));
+    assert_eq!(ids(&mut c), [1]);
+    let n2 = c.node(2);
+    if n2.is_running() {
+        n2.signal(libc::SIGTERM);
+        n2.wait_exit(STOP_TIMEOUT).expect("removed node 2 does not stop");
+    }
+    c.wait_leader(ELECTION_TIMEOUT, None);
+    let t = Instant::now();
+    write_synced(&c.path(1, "alone"), b"one voter").unwrap();
+    assert!(t.elapsed() < Duration::from_millis(PROPOSE_TIMEOUT_MS), "write waited for a removed node");
+}
+
+#[test]
+fn cluster_minority_fails_writes_keeps_reads() {
+    let mut c = Cluster::start(3);
+    write_synced(&c.path(1, "keep"), b"readable without quorum").unwrap();
+    fs::create_dir(c.path(1, "dir")).unwrap();
+    seen(&c, &[2, 3], "keep", |c, k| read_eq(&c.path(k, "keep"), b"readable without quorum"));
+    c.stop(2);
+    c.stop(3);
+
+    let propose = Duration::from_millis(PROPOSE_TIMEOUT_MS);
+    let t = Instant::now();
+    let e = errno_of(fs::create_dir(c.path(1, "nope")));
+    let took = t.elapsed();
+    assert_eq!(e, libc::EIO, "mkdir without quorum");
+    assert!(took < propose + EIO_SLACK, "mkdir took {took:?} to fail (propose timeout {propose:?})");
+    let t = Instant::now();
+    let e = errno_of(write_synced(&c.path(1, "keep"), b"lost"));
+    assert_eq!(e, libc::EIO, "write without quorum");
+    let write_took = t.elapsed();
+    assert!(write_took < 2 * propose + EIO_SLACK, "write took {write_took:?} to fail");
+
+    let t = Instant::now();
+    assert_eq!(fs::read(c.path(1, "keep")).unwrap(), b"readable without quorum");
+    assert!(c.path(1, "dir").is_dir());
+    let names: Vec<_> = fs::read_dir(c.mnt(1)).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    let read_took = t.elapsed();
+    assert!(read_took < propose + EIO_SLACK, "reads took {read_took:?}");
+    eprintln!("without quorum: mkdir EIO after {took:?}, write EIO after {write_took:?}, reads {read_took:?}");
+
+    c.start_node(2);
+    c.start_node(3);
+    let back = poll(Duration::from_secs(30), || fs::create_dir(c.path(1, "again")).is_ok());
+    assert!(back.is_some(), "writes do not work again with the quorum back");
+    seen(&c, &[2, 3], "write after recovery", |c, k| c.path(k, "again").is_dir());
+    c.wait_converged(CONVERGE_TIMEOUT);
+}
+
+#[test]
+fn cluster_refuses_node_from_another_ca() {
+    /// How long the refused node may take to give up.
+    const REFUSED_EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+    let mut c = Cluster::start(3);
+    let other: PathBuf = c.scratch().join("other-ca");
+    create_ca(&other);
+    create_cert(&other, "node4");
+    let mut intruder = c.foreign_node(4, &other);
+    intruder.spawn_process();
+    let status = intruder.wait_exit(REFUSED_EXIT_TIMEOUT);
+    let log = intruder.log();
+    eprintln!("node with a foreign certificate: exit {status:?}; log tail:\n{}", intruder.log_tail());
+    let status = status.unwrap_or_else(|| panic!("a node with a foreign certificate still runs after {REFUSED_EXIT_TIMEOUT:?}"));
+    assert!(!status.success(), "a node with a foreign certificate exited successfully");
+    assert!(!crate::harness::is_mounted(&intruder.mnt), "it mounted");
+    let lower = log.to_lowercase();
+    assert!(
+        ["certificate", "tls", "unknown ca", "refused", "handshake"].iter().any(|w| lower.contains(w)),
+        "the error does not say what went wrong:\n{log}"
+    );
+    drop(intruder);
+
+    let members = c.members();
+    assert_eq!(members.iter().map(|m| m.node_id).collect::<Vec<_>>(), [1, 2, 3]);
+    write_synced(&c.path(1, "still"), b"fine").unwrap();
+    seen(&c, &[2, 3], "write after the refused join", |c, k| read_eq(&c.path(k, "still"), b"fine"));
+    c.wait_converged(CONVERGE_TIMEOUT);
+}

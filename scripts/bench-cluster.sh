@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Cluster benchmark by hand (not in CI): a 3-node cluster on loopback (scripts/cluster.sh, data on
+# disk under BENCH_DIR, fsync honoured) against bindfs over a directory on the same disk, measured
+# in the same run. Runs the single-node workloads on node BENCH_NODE's mount (default 1, the node
+# that bootstrapped and is normally the leader; set 2 to measure through a follower), then the
+# cross-node visibility latencies from that node to the next one, and prints idle RSS per node.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+source scripts/lib.sh
+
+need_root "the benchmark (mounts, drop_caches)"
+need_dev_fuse
+ensure_packages fuse3 bindfs python3
+
+node=${BENCH_NODE:-1}
+other=$(( node % 3 + 1 ))
+tarball=""
+for f in $(ls -S "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/*.crate 2>/dev/null); do
+    n=$(tar -tzf "$f" 2>/dev/null | wc -l)
+    if [ "$n" -ge 200 ] && [ "$n" -le 1500 ]; then tarball=$f; break; fi
+done
+[ -n "$tarball" ] || die "no .crate with 200-1500 files in ~/.cargo/registry/cache (run cargo fetch)"
+
+work=${BENCH_DIR:-$repo/bench-out}/cluster.$$
+mkdir -p "$work/bindfs-src" "$work/bindfs-mnt"
+export PICKBOX_CLUSTER_DIR=$work/cluster
+bpid=""
+cleanup() {
+    bash scripts/cluster.sh down || true
+    stop_node "$bpid" "$work/bindfs-mnt"
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+RUST_LOG=${RUST_LOG:-warn} bash scripts/cluster.sh up 3
+bindfs -f --multithreaded -o big_writes "$work/bindfs-src" "$work/bindfs-mnt" >"$work/bindfs.log" 2>&1 &
+bpid=$!
+wait_mounted "$bpid" "$work/bindfs-mnt" 30 || { cat "$work/bindfs.log" >&2; die "bindfs did not mount"; }
+
+pids=$(cat "$PICKBOX_CLUSTER_DIR"/node{1,2,3}/pid | paste -sd,)
+pid=$(cat "$PICKBOX_CLUSTER_DIR/node$node/pid")
+log "3-node cluster (workloads on node $node, visibility node $node -> node $other) vs bindfs on $(df --output=source "$work" | tail -n 1)"
+python3 scripts/bench.py --pickbox "$PICKBOX_CLUSTER_DIR/node$node/mnt" --bindfs "$work/bindfs-mnt" \
+    --pid "$pid" --pids "$pids" --tarball "$tarball" --other "$PICKBOX_CLUSTER_DIR/node$other/mnt"
+bash scripts/cluster.sh status || true

@@ -1,0 +1,319 @@
+//! Cross-node coherence of the kernel's caches (design decisions 7, 8, 16): a thread of its own
+//! consumes the replica's `Applied` events, turns what other nodes' commands touched into FUSE
+//! invalidations, hands remote orphans to the release logic, and publishes a watermark (the last
+//! log index fully handled) that `open`/`opendir` wait for (close-to-open across nodes).
+//!
+//! Why a dedicated OS thread: a notification is a synchronous write to /dev/fuse, and the kernel
+//! takes the parent directory's lock for `inval_entry`/`delete` and page locks for `inval_inode`
+//! (which may even send WRITEs to launder dirty pages). Such a write may block until a FUSE
+//! request in flight finishes, so it must never run on a fuser worker (crate-notes pitfall 1:
+//! deadlock) nor on a tokio worker (it would stall the tasks that answer those requests), and no
+//! request path may wait for this thread while holding a directory lock (see `open` in mod.rs:
+//! lookups do not wait for the watermark, only opens do).
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use fuser::INodeNo;
+use tokio::sync::watch;
+
+use crate::raft::{Applied, Replica, Touch};
+use crate::state::Ino;
+
+/// The watermark once nothing is tracked any more (the replica closed the event channel, or
+/// never delivers events): waits pass at once rather than hang.
+pub const WATERMARK_UNTRACKED: u64 = u64::MAX;
+/// How long an open waits for the invalidations of entries already applied before it answers
+/// anyway (with a warning): bounds the damage of a kernel notification stuck on a lock.
+pub const INVAL_WAIT_MS: u64 = 5_000;
+/// How long a gap between the applied index and the watermark may last while the thread is idle
+/// (no event in the channel) before a waiter gives up on it: entries applied without an event
+/// (a snapshot install) would otherwise stall every open for `INVAL_WAIT_MS`.
+const IDLE_GAP_MS: u64 = 100;
+
+/// One kernel notification, free of fuser types (so the mapping can be tested without a mount).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// Forget the dentry `name` in `parent` (the next path walk looks it up again).
+    Entry { parent: Ino, name: Vec<u8> },
+    /// `name` in `parent`, which named `child`, is gone: drop the dentry and tell inotify.
+    Delete { parent: Ino, child: Ino, name: Vec<u8> },
+    /// Attributes and the whole page cache of `ino`.
+    Inode(Ino),
+}
+
+/// What one `Applied` event asks of this node.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// In order: entry notices first (in log order), then each touched inode once.
+    pub notices: Vec<Notice>,
+    /// Inodes other nodes' commands turned into orphans that this node must release.
+    pub orphans: Vec<Ino>,
+}
+
+/// Map the touches of one `Applied` event to notifications. `name_now(parent, name)` tells which
+/// inode the name has in the local replica now (after the event): a name that is gone gets a
+/// `Delete` (with the inode it named), one that still exists (added, or replaced) an `Entry`.
+/// The parent directory's attributes (mtime, size, nlink) and a replaced or removed inode's (nlink,
+/// ctime) changed too, so those inodes are invalidated as well.
+pub fn plan(touched: &[Touch], mut name_now: impl FnMut(Ino, &[u8]) -> Option<Ino>) -> Plan {
+    let mut out = Plan::default();
+    let mut inodes: Vec<Ino> = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut inode = |ino: Ino, inodes: &mut Vec<Ino>| {
+        if seen.insert(ino) {
+            inodes.push(ino);
+        }
+    };
+    for touch in touched {
+        match touch {
+            Touch::Inode(ino) => inode(*ino, &mut inodes),
+            Touch::Entry { parent, name, old } => {
+                match (old, name_now(*parent, name)) {
+                    (Some(child), None) => {
+                        out.notices.push(Notice::Delete { parent: *parent, child: *child, name: name.clone() })
+                    }
+                    _ => out.notices.push(Notice::Entry { parent: *parent, name: name.clone() }),
+                }
+                inode(*parent, &mut inodes);
+                if let Some(old) = old {
+                    inode(*old, &mut inodes);
+                }
+            }
+            Touch::Orphan(ino) => {
+                if !out.orphans.contains(ino) {
+                    out.orphans.push(*ino);
+                }
+            }
+        }
+    }
+    out.notices.extend(inodes.into_iter().map(Notice::Inode));
+    out
+}
+
+/// The shared side of the coherence thread: the session's notifier, the watermark, counters.
+pub struct Coherence {
+    /// Set by `mount` once the session exists; before that the kernel caches nothing of ours.
+    pub notifier: Arc<OnceLock<fuser::Notifier>>,
+    watermark: watch::Sender<u64>,
+    /// The thread is waiting for the next event (the channel is empty).
+    idle: std::sync::atomic::AtomicBool,
+    /// Notifications the kernel refused (other than ENOENT, which fuser maps to success).
+    pub failures: AtomicU64,
+    /// Notifications sent.
+    pub sent: AtomicU64,
+}
+
+impl Default for Coherence {
+    fn default() -> Self {
+        Coherence {
+            notifier: Arc::default(),
+            watermark: watch::Sender::new(0),
+            idle: std::sync::atomic::AtomicBool::new(false),
+            failures: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Coherence {
+    /// The last log index whose remote changes the kernel has been told about.
+    pub fn watermark(&self) -> u64 {
+        *self.watermark.borrow()
+    }
+
+    fn advance(&self, index: u64) {
+        self.watermark.send_if_modified(|w| {
+            let newer = index > *w;
+            if newer {
+                *w = index;
+            }
+            newer
+        });
+    }
+
+    /// Wait until every entry up to `index` has been handled, at most `INVAL_WAIT_MS`, or until
+    /// the gap has lasted `IDLE_GAP_MS` with no event left to handle. Returns whether the
+    /// watermark was reached.
+    pub async fn wait_for(&self, index: u64) -> bool {
+        let mut rx = self.watermark.subscribe();
+        let start = tokio::time::Instant::now();
+        let mut idle_since: Option<tokio::time::Instant> = None;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(IDLE_GAP_MS), rx.wait_for(|w| *w >= index)).await {
+                // A closed channel cannot happen while `self` lives; treat it as reached.
+                Ok(_) => return true,
+                Err(_) => {
+                    let now = tokio::time::Instant::now();
+                    if self.idle.load(Ordering::Acquire) {
+                        let since = *idle_since.get_or_insert(now);
+                        if now - since >= Duration::from_millis(IDLE_GAP_MS) {
+                            tracing::debug!(index, watermark = self.watermark(), "entries applied without an event: not waiting for them");
+                            return false;
+                        }
+                    } else {
+                        idle_since = None;
+                    }
+                    if now - start >= Duration::from_millis(INVAL_WAIT_MS) {
+                        tracing::warn!(index, watermark = self.watermark(), "kernel cache invalidation lags: answering anyway");
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Send one notice; ENOENT (nothing cached) is success. Never fatal: a failure is logged and
+    /// counted, and the kernel entry times out with its TTL anyway.
+    fn send(&self, notifier: &fuser::Notifier, notice: &Notice) {
+        let result = match notice {
+            Notice::Entry { parent, name } => notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)),
+            Notice::Delete { parent, child, name } => {
+                let name = OsStr::from_bytes(name);
+                // `delete` fails (ENOTEMPTY) when the kernel still caches children of a removed
+                // directory, or when its dentry names another inode: then plain invalidation.
+                notifier
+                    .delete(INodeNo(*parent), INodeNo(*child), name)
+                    .or_else(|_| notifier.inval_entry(INodeNo(*parent), name))
+            }
+            // Offset 0, length 0: attributes and the page cache from offset 0 to the end
+            // (a negative offset would invalidate attributes only).
+            Notice::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+        };
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = result {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(?notice, error = %e, "kernel cache invalidation failed");
+        }
+    }
+}
+
+/// What the coherence thread calls for a remote orphan (on the runtime, asynchronously).
+pub type OrphanHook = Arc<dyn Fn(Ino) + Send + Sync>;
+
+/// Start the coherence thread on the replica's `Applied` events. Subscribes first and then reads
+/// the applied index, so the watermark starts at an index whose events are either already handled
+/// (nothing of ours was cached before) or still in the channel. The thread holds the replica
+/// weakly and ends when the event channel closes; then the watermark becomes
+/// `WATERMARK_UNTRACKED`.
+pub fn start(replica: &Arc<Replica>, coherence: Arc<Coherence>, on_orphan: OrphanHook) -> std::io::Result<()> {
+    let mut rx = replica.subscribe_applied();
+    coherence.advance(replica.applied_index().unwrap_or(0));
+    let weak: Weak<Replica> = Arc::downgrade(replica);
+    std::thread::Builder::new().name("pickbox-inval".into()).spawn(move || {
+        loop {
+            coherence.idle.store(true, Ordering::Release);
+            let Some(applied) = rx.blocking_recv() else { break };
+            coherence.idle.store(false, Ordering::Release);
+            handle(&weak, &coherence, &on_orphan, &applied);
+            coherence.advance(applied.index);
+        }
+        tracing::debug!("applied-event channel closed: cache invalidation stops");
+        coherence.advance(WATERMARK_UNTRACKED);
+    })?;
+    Ok(())
+}
+
+fn handle(replica: &Weak<Replica>, coherence: &Coherence, on_orphan: &OrphanHook, applied: &Applied) {
+    if applied.touched.is_empty() {
+        return;
+    }
+    let Some(replica) = replica.upgrade() else { return };
+    let view = match replica.read() {
+        Ok(view) => Some(view),
+        Err(fault) => {
+            // Without a view every removed name is invalidated instead of deleted: still coherent.
+            tracing::error!(%fault, "cannot read the replica for cache invalidation");
+            None
+        }
+    };
+    let plan = plan(&applied.touched, |parent, name| {
+        view.as_ref().and_then(|v| v.entry(parent, name).ok().flatten()).map(|e| e.ino)
+    });
+    drop(view);
+    if let Some(notifier) = coherence.notifier.get() {
+        for notice in &plan.notices {
+            coherence.send(notifier, notice);
+        }
+    }
+    for ino in plan.orphans {
+        on_orphan(ino);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(parent: Ino, name: &str, old: Option<Ino>) -> Touch {
+        Touch::Entry { parent, name: name.as_bytes().to_vec(), old }
+    }
+
+    #[test]
+    fn maps_touches_to_notices() {
+        // A remote rename a -> b over an existing b (inode 9), in directory 1; a write to 7;
+        // an orphan 9 (b's old inode was open somewhere); a create of c.
+        let touched = vec![
+            entry(1, "a", Some(7)),
+            entry(1, "b", Some(9)),
+            Touch::Inode(7),
+            Touch::Orphan(9),
+            entry(1, "c", None),
+            Touch::Orphan(9),
+        ];
+        let now = |parent: Ino, name: &[u8]| match (parent, name) {
+            (1, b"b") => Some(7),
+            (1, b"c") => Some(10),
+            _ => None,
+        };
+        let p = plan(&touched, now);
+        assert_eq!(
+            p.notices,
+            vec![
+                Notice::Delete { parent: 1, child: 7, name: b"a".to_vec() },
+                Notice::Entry { parent: 1, name: b"b".to_vec() },
+                Notice::Entry { parent: 1, name: b"c".to_vec() },
+                Notice::Inode(1),
+                Notice::Inode(7),
+                Notice::Inode(9),
+            ]
+        );
+        assert_eq!(p.orphans, vec![9]);
+    }
+
+    #[test]
+    fn nothing_touched_nothing_sent() {
+        assert_eq!(plan(&[], |_, _| None), Plan::default());
+    }
+
+    #[tokio::test]
+    async fn watermark_waits_and_is_monotone() {
+        let c = Arc::new(Coherence::default());
+        c.advance(5);
+        assert!(c.wait_for(5).await);
+        c.advance(3);
+        assert_eq!(c.watermark(), 5);
+        let waiter = tokio::spawn({
+            let c = c.clone();
+            async move { c.wait_for(8).await }
+        });
+        c.advance(8);
+        assert!(tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("resolves").unwrap());
+        c.advance(WATERMARK_UNTRACKED);
+        assert!(c.wait_for(1 << 60).await);
+    }
+
+    #[tokio::test]
+    async fn an_idle_gap_is_not_waited_for() {
+        // Entries applied without an event (a snapshot install) leave a gap nobody will close.
+        let c = Coherence::default();
+        c.idle.store(true, Ordering::Release);
+        let start = std::time::Instant::now();
+        assert!(!c.wait_for(10).await);
+        assert!(start.elapsed() < Duration::from_millis(INVAL_WAIT_MS));
+    }
+}

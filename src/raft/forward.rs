@@ -1,0 +1,290 @@
+//! Getting a batch committed by whichever node leads (locally, or forwarded to the leader over the
+//! `Forward` RPC), and the read index (a leader round, or the `ReadIndex` RPC from a follower).
+//!
+//! Retries go to whoever leads now, with backoff, until the caller's one deadline. Retrying a
+//! batch is exactly-once because apply deduplicates by `(origin, seq)`: a batch that committed
+//! twice answers the second time with the first results.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::{Batch, ProposeError, Replica, RpcKind};
+use crate::state::{CommandResult, NodeId};
+use crate::store::codec::{decode, encode};
+
+/// First pause before retrying when there is no usable leader; doubled after every failure...
+pub const RETRY_BACKOFF_MIN_MS: u64 = 10;
+/// ...up to this.
+pub const RETRY_BACKOFF_MAX_MS: u64 = 200;
+
+/// Why a node did not serve a `Forward` or `ReadIndex` request.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// This node does not lead; `leader` is whom it believes leads.
+    #[error("not the leader (leader hint: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    /// The leader could not commit or confirm leadership in time (no quorum).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The leader's Raft has stopped.
+    #[error("leader stopped: {0}")]
+    Fatal(String),
+}
+
+/// What the leader answers to a forwarded batch: the log index of the entry and one result per
+/// command.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Forwarded {
+    pub index: u64,
+    pub results: Vec<CommandResult>,
+}
+
+/// Reply of `RpcKind::Forward`.
+pub type ForwardReply = Result<Forwarded, Refusal>;
+/// Reply of `RpcKind::ReadIndex`: the index a reader must have applied.
+pub type ReadIndexReply = Result<u64, Refusal>;
+
+/// One try: retry (later, maybe elsewhere) with this reason, or give up with this error.
+enum Attempt {
+    Retry(String),
+    Fail(ProposeError),
+}
+
+/// Doubling backoff between retries, bounded by a deadline.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { next: Duration::from_millis(RETRY_BACKOFF_MIN_MS) }
+    }
+
+    /// Sleep for the next pause (never past `deadline`); false once the deadline has passed.
+    async fn wait(&mut self, deadline: Instant) -> bool {
+        let until = (Instant::now() + self.next).min(deadline);
+        tokio::time::sleep_until(until).await;
+        self.next = (self.next * 2).min(Duration::from_millis(RETRY_BACKOFF_MAX_MS));
+        Instant::now() < deadline
+    }
+}
+
+impl Replica {
+    /// The leader this node knows of and its address from the membership.
+    fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone()).unwrap_or_default();
+        Some((leader, addr))
+    }
+
+    /// Whether this node is the only voter (reads need no leader round: every write is committed
+    /// and applied here before it is acknowledged).
+    pub(super) fn sole_voter(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let mut voters = m.membership_config.membership().voter_ids();
+        voters.next() == Some(self.node_id) && voters.next().is_none()
+    }
+
+    /// Commit `batch` through the current leader (this node or a remote one), retrying across
+    /// elections until `deadline`; returns once the entry is applied on this node.
+    pub(super) async fn commit(&self, batch: Batch, deadline: Instant) -> Result<Vec<CommandResult>, ProposeError> {
+        let n = batch.0.len();
+        let mut backoff = Backoff::new();
+        let mut body = None;
+        let why = loop {
+            let attempt = match self.leader() {
+                None => Err(Attempt::Retry("no leader known (election in progress, or no quorum)".into())),
+                Some((leader, _)) if leader == self.node_id => self.write_local(&batch, deadline).await,
+                Some((leader, addr)) => {
+                    if body.is_none() {
+                        body = Some(encode(&batch).map_err(|e| ProposeError::Fatal(e.0))?);
+                    }
+                    let body = body.clone().unwrap_or_default();
+                    self.write_remote(body, leader, &addr, deadline).await
+                }
+            };
+            match attempt {
+                Ok(results) if results.len() == n => return Ok(results),
+                Ok(results) => {
+                    tracing::error!(want = n, got = results.len(), "apply returned the wrong number of results");
+                    return Err(ProposeError::Fatal("apply returned the wrong number of results".into()));
+                }
+                Err(Attempt::Fail(ProposeError::Unavailable(reason))) => break reason,
+                Err(Attempt::Fail(e)) => return Err(e),
+                Err(Attempt::Retry(reason)) => {
+                    tracing::debug!(node = self.node_id, %reason, "batch not committed yet; retrying");
+                    if !backoff.wait(deadline).await {
+                        break reason;
+                    }
+                }
+            }
+        };
+        tracing::warn!(
+            node = self.node_id,
+            commands = n,
+            timeout_ms = self.cfg.propose_timeout.as_millis() as u64,
+            reason = %why,
+            "proposal not committed in time; failing it with EIO"
+        );
+        Err(ProposeError::Unavailable(format!("not committed in time: {why}")))
+    }
+
+    /// This node leads: append the batch and wait until it is applied (here, by `client_write`).
+    async fn write_local(&self, batch: &Batch, deadline: Instant) -> Result<Vec<CommandResult>, Attempt> {
+        match tokio::time::timeout_at(deadline, self.raft.client_write(batch.clone())).await {
+            Err(_) => Err(Attempt::Fail(ProposeError::Unavailable(
+                "this node leads but could not commit (no quorum: too few voters reachable)".into(),
+            ))),
+            Ok(Ok(resp)) => Ok(resp.data.0),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(Attempt::Retry(format!("this node stopped leading (new leader: {:?})", f.leader_id)))
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                Err(Attempt::Retry(format!("membership change in progress: {e}")))
+            }
+            Ok(Err(RaftError::Fatal(f))) => {
+                tracing::error!(error = %f, "raft stopped");
+                Err(Attempt::Fail(ProposeError::Fatal(f.to_string())))
+            }
+        }
+    }
+
+    /// Another node leads: forward the encoded batch, then wait until this node has applied the
+    /// entry (so the caller reads its own write here).
+    async fn write_remote(
+        &self,
+        body: Vec<u8>,
+        leader: NodeId,
+        addr: &str,
+        deadline: Instant,
+    ) -> Result<Vec<CommandResult>, Attempt> {
+        let call = self.transport.call(leader, addr, RpcKind::Forward, body);
+        let reply = match tokio::time::timeout_at(deadline, call).await {
+            Err(_) => {
+                return Err(Attempt::Fail(ProposeError::Unavailable(format!(
+                    "leader {leader} did not answer in time (no quorum, or unreachable)"
+                ))))
+            }
+            Ok(Err(e)) => return Err(Attempt::Retry(format!("leader {leader}: {e}"))),
+            Ok(Ok(bytes)) => bytes,
+        };
+        let reply: ForwardReply = decode(&reply)
+            .map_err(|e| Attempt::Retry(format!("leader {leader} sent an undecodable reply: {}", e.0)))?;
+        let done = reply.map_err(|r| Attempt::Retry(format!("node {leader}: {r}")))?;
+        self.wait_applied(done.index, deadline).await.map_err(Attempt::Fail)?;
+        Ok(done.results)
+    }
+
+    /// Wait until this node has applied `index`, at most until `deadline`.
+    pub(super) async fn wait_applied(&self, index: u64, deadline: Instant) -> Result<(), ProposeError> {
+        if self.applied_index().unwrap_or(0) >= index {
+            return Ok(());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.raft.wait(Some(left)).applied_index_at_least(Some(index), "entry applied locally").await.map_err(|e| {
+            ProposeError::Unavailable(format!("entry {index} committed but not applied on this node in time: {e}"))
+        })?;
+        Ok(())
+    }
+
+    /// Serve `Forward`: commit a follower's batch if this node leads.
+    pub(super) async fn serve_forward(&self, batch: Batch) -> ForwardReply {
+        let timeout = self.cfg.propose_timeout;
+        match tokio::time::timeout(timeout, self.raft.client_write(batch)).await {
+            Err(_) => Err(Refusal::Unavailable(format!("leader {} could not commit within {timeout:?} (no quorum)", self.node_id))),
+            Ok(Ok(resp)) => Ok(Forwarded { index: resp.log_id.index, results: resp.data.0 }),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(Refusal::NotLeader { leader: f.leader_id }),
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                Err(Refusal::Unavailable(format!("membership change in progress: {e}")))
+            }
+            Ok(Err(RaftError::Fatal(f))) => Err(Refusal::Fatal(f.to_string())),
+        }
+    }
+
+    /// Serve `ReadIndex`: confirm leadership with a quorum and return the index a reader must
+    /// have applied to see every write committed before this call.
+    pub(super) async fn serve_read_index(&self) -> ReadIndexReply {
+        self.local_read_index(Instant::now() + self.cfg.propose_timeout).await
+    }
+
+    /// This node's own read index if it leads.
+    async fn local_read_index(&self, deadline: Instant) -> ReadIndexReply {
+        match tokio::time::timeout_at(deadline, self.raft.get_read_log_id()).await {
+            Err(_) => Err(Refusal::Unavailable(format!("leader {} could not confirm leadership in time (no quorum)", self.node_id))),
+            Ok(Ok((read, applied))) => Ok(read.max(applied).map(|l| l.index).unwrap_or(0)),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(Refusal::NotLeader { leader: f.leader_id }),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
+                Err(Refusal::Unavailable(format!("leader {} has no quorum: {q}", self.node_id)))
+            }
+            Ok(Err(RaftError::Fatal(f))) => Err(Refusal::Fatal(f.to_string())),
+        }
+    }
+
+    /// The read index from whoever leads, retrying across elections until `deadline`.
+    async fn fetch_read_index(&self, deadline: Instant) -> Result<u64, String> {
+        let mut backoff = Backoff::new();
+        loop {
+            let why = match self.leader() {
+                None => "no leader known (election in progress, or no quorum)".to_string(),
+                Some((leader, _)) if leader == self.node_id => match self.local_read_index(deadline).await {
+                    Ok(i) => return Ok(i),
+                    Err(r) => r.to_string(),
+                },
+                Some((leader, addr)) => {
+                    let body = encode(&()).map_err(|e| e.0)?;
+                    match tokio::time::timeout_at(deadline, self.transport.call(leader, &addr, RpcKind::ReadIndex, body)).await {
+                        Err(_) => format!("leader {leader} did not answer in time"),
+                        Ok(Err(e)) => format!("leader {leader}: {e}"),
+                        Ok(Ok(bytes)) => match decode::<ReadIndexReply>(&bytes) {
+                            Ok(Ok(i)) => return Ok(i),
+                            Ok(Err(r)) => format!("node {leader}: {r}"),
+                            Err(e) => format!("leader {leader} sent an undecodable reply: {}", e.0),
+                        },
+                    }
+                }
+            };
+            if !backoff.wait(deadline).await {
+                return Err(why);
+            }
+        }
+    }
+
+    /// The read index, shared between concurrent callers: one round at a time; a round serves
+    /// every caller that arrived before it started, so a burst of barriers costs one or two
+    /// rounds instead of one each.
+    pub(super) async fn coalesced_read_index(&self, deadline: Instant) -> Result<u64, ProposeError> {
+        let me = self.reads.arrived.fetch_add(1, Ordering::SeqCst) + 1;
+        let unavailable = |why: String| ProposeError::Unavailable(format!("read barrier: {why}"));
+        let _turn = tokio::time::timeout_at(deadline, self.reads.turn.lock())
+            .await
+            .map_err(|_| unavailable("timed out waiting for the leader round".into()))?;
+        if let Some((covers, res)) = self.reads.last.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            if covers >= me {
+                return res.map_err(unavailable);
+            }
+        }
+        // Everyone who arrived until now is covered by the round we start now.
+        let covers = self.reads.arrived.load(Ordering::SeqCst);
+        let res = self.fetch_read_index(deadline).await;
+        *self.reads.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((covers, res.clone()));
+        res.map_err(unavailable)
+    }
+}
+
+/// State of read-index coalescing.
+#[derive(Default)]
+pub(super) struct ReadRounds {
+    /// Callers that have asked so far (a caller's ticket is the count after its arrival).
+    arrived: AtomicU64,
+    /// One round at a time (FIFO).
+    turn: tokio::sync::Mutex<()>,
+    /// The last finished round: the highest ticket it covers, and its result.
+    last: Mutex<Option<(u64, Result<u64, String>)>>,
+}
