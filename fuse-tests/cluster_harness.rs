@@ -93,7 +93,17 @@ pub struct Cluster {
     certs: PathBuf,
     opts: ClusterOptions,
     dir: tempfile::TempDir,
+    /// When the cluster started, for the timing line `Drop` prints.
+    created: Instant,
     _permit: Permit,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // The nodes themselves stop in their own Drop, right after this.
+        let outcome = if std::thread::panicking() { "failed" } else { "passed" };
+        eprintln!("cluster: test {outcome} after {:?} with nodes {:?}", self.created.elapsed(), self.ids());
+    }
 }
 
 impl Cluster {
@@ -111,8 +121,15 @@ impl Cluster {
         let certs = dir.path().join("certs");
         cli_ok(&[OsString::from("cert"), "create-ca".into(), "--dir".into(), certs.clone().into()]);
         create_cert(&certs, ADMIN_NAME);
-        let mut cluster =
-            Cluster { nodes: BTreeMap::new(), ports: BTreeMap::new(), certs, opts: opts.clone(), dir, _permit: permit };
+        let mut cluster = Cluster {
+            nodes: BTreeMap::new(),
+            ports: BTreeMap::new(),
+            certs,
+            opts: opts.clone(),
+            dir,
+            created: Instant::now(),
+            _permit: permit,
+        };
         for _ in 0..opts.nodes {
             cluster.add_node();
         }

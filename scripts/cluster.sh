@@ -5,8 +5,8 @@
 #                       node 1 bootstraps, the others join through it; each waits for its mount
 #   cluster.sh down     stop every node (SIGTERM, then SIGKILL), detach any mount left behind
 #   cluster.sh kill K   SIGKILL node K (a crash: its mount stays dead until it starts again)
-#   cluster.sh start K  start node K again with the same arguments (it restarts from its state;
-#                       a K without state joins, so `start 4` adds a fourth node)
+#   cluster.sh start K  start node K again with the same arguments and binary (it restarts from
+#                       its state; a K without state joins, so `start 4` adds a fourth node)
 #   cluster.sh status   `pickbox status` against the first running node (extra args passed on,
 #                       e.g. --json)
 #
@@ -89,7 +89,9 @@ has_state() { [ -e "$(node_dir "$1")/data/pickbox.redb" ]; }
 start_node() {
     local k=$1 d
     d=$(node_dir "$k")
-    mkdir -p "$d/data" "$d/mnt"
+    mkdir -p "$d/data"
+    # A mount left by a crash cannot be stat'ed; the node detaches it itself when it starts.
+    is_mounted "$d/mnt" || mkdir -p "$d/mnt"
     local args=(mount "$d/mnt" --data-dir "$d/data" --node-id "$k" --listen "$(node_addr "$k")" --certs "$certs")
     # Every node but the first joins through node 1; a node with state ignores --join (restart).
     [ "$k" -eq 1 ] || args+=(--join "$(node_addr 1)")
@@ -177,10 +179,12 @@ cmd_up() {
     summary
 }
 
-# Detaches every mount under the cluster dir (dead ones too: "Transport endpoint is not connected").
+# Detaches every node mount under the cluster dir (dead ones too: "Transport endpoint is not
+# connected"); scripts/run.sh's single node (.cluster/single) is not ours.
 unmount_leftovers() {
     local m
-    awk -v root="$cluster/" 'index($5, root) == 1 { print $5 }' /proc/self/mountinfo | sort -r | while read -r m; do
+    awk -v root="$cluster/node" 'index($5, root) == 1 && substr($5, length(root) + 1) ~ /^[0-9]+\/mnt$/ { print $5 }' \
+        /proc/self/mountinfo | while read -r m; do
         log "detaching leftover mount $m"
         umount -l "$m" 2>/dev/null || true
     done
@@ -231,7 +235,8 @@ cmd_start() {
     need_root "mounting Pickbox"
     need_dev_fuse
     [ -d "$certs" ] || die "no cluster under $cluster: run cluster.sh up first"
-    build
+    # No rebuild here: the node restarts with the binary the running nodes use.
+    [ -x "$bin" ] || die "$bin is missing: run cluster.sh up first"
     ensure_certs "$k"
     log "starting node $k ($(has_state "$k" && echo restart || echo "join via $(node_addr 1)"))"
     start_node "$k"

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Runs pjdfstest as root inside Pickbox mounts and fails if any test failed:
 #   1. in a fresh single-node mount            -> target/pjdfstest.log
-#   2. in a follower's mount of a fresh 3-node cluster (scripts/cluster.sh, QUIC on loopback)
+#   2. in a follower's mount of a fresh 3-node cluster (QUIC on loopback, free ports picked at
+#      random: scripts/cluster.sh's fixed ports 8001.. may be taken by a developer's own cluster)
 #                                              -> target/pjdfstest-cluster.log
 # Usage: bash scripts/pjdfstest.sh [--single|--cluster] [PATTERN...]   (default: both; patterns
 #        filter test names, e.g. "rename")
-# Env: PICKBOX_BIN (a prebuilt binary for the single node), PJDFSTEST_TIMEOUT_S (default 1800,
-#      per run), PICKBOX_PROFILE (cluster.sh's build, default debug here: the one cargo test built).
+# Env: PICKBOX_BIN (a prebuilt binary), PJDFSTEST_TIMEOUT_S (default 1800, per run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -16,6 +16,7 @@ source scripts/lib.sh
 CLUSTER_MOUNT_WAIT_S=60
 # How long a mutation may wait for a quorum in the cluster run, in ms (a failure shows quickly).
 CLUSTER_PROPOSE_TIMEOUT_MS=5000
+CLUSTER_NODES=3
 
 modes=(single cluster)
 case "${1:-}" in
@@ -38,13 +39,15 @@ work=$(mktemp -d /tmp/pickbox-pjdfstest.XXXXXX)
 # mktemp makes it 0700; the users pjdfstest switches to must be able to reach the mounts.
 chmod 0755 "$work"
 pid=""
-cluster_up=0
+# The cluster's node PIDs by node number (index 0 unused).
+cluster_pids=()
 cleanup() {
     stop_node "$pid" "$work/mnt"
-    if [ "$cluster_up" -eq 1 ]; then
-        PICKBOX_CLUSTER_DIR=$work/cluster bash scripts/cluster.sh down >/dev/null 2>&1 || true
-    fi
-    # Whatever cluster.sh left behind (it stops nodes by their pid files; this catches the rest).
+    local k
+    for k in "${!cluster_pids[@]}"; do
+        stop_node "${cluster_pids[$k]}" "$work/cluster/node$k/mnt"
+    done
+    # Any mount left under the work dir (a node that died leaves its mount behind).
     awk -v root="$work/" 'index($5, root) == 1 { print $5 }' /proc/self/mountinfo | sort -r |
         while read -r m; do umount -l "$m" 2>/dev/null || true; done
     rm -rf "$work"
@@ -100,9 +103,17 @@ run_single() {
     return "$status"
 }
 
+# A UDP port that is free on loopback right now.
+free_udp_port() {
+    python3 -c 'import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])'
+}
+
 # The id of a running follower of the cluster (from `status --json`); node 2 if none says so.
 follower_id() {
-    PICKBOX_CLUSTER_DIR=$work/cluster bash scripts/cluster.sh status --json 2>/dev/null |
+    "$PICKBOX_BIN" status --peer "$1" --certs "$work/cluster/certs" --json 2>/dev/null |
         python3 -c 'import json, sys
 rows = json.load(sys.stdin)
 ids = [r["node_id"] for r in rows if not r.get("error") and (r.get("role") or "").lower() == "follower"]
@@ -110,32 +121,44 @@ print(min(ids) if ids else 2)' 2>/dev/null || echo 2
 }
 
 run_cluster() {
-    local cdir=$work/cluster status=0 k f mnt
-    export PICKBOX_CLUSTER_DIR=$cdir PICKBOX_PROFILE=${PICKBOX_PROFILE:-debug}
-    export PICKBOX_MOUNT_WAIT_SECS=$CLUSTER_MOUNT_WAIT_S PICKBOX_PROPOSE_TIMEOUT_MS=$CLUSTER_PROPOSE_TIMEOUT_MS
-    cluster_up=1
-    if ! RUST_LOG=${RUST_LOG:-warn} bash scripts/cluster.sh up 3 >"$work/cluster-up.log" 2>&1; then
-        cat "$work/cluster-up.log" >&2
-        unset PICKBOX_PROPOSE_TIMEOUT_MS PICKBOX_MOUNT_WAIT_SECS
-        echo "pjdfstest (3-node cluster, follower): no summary (the cluster did not start)"
-        return 1
-    fi
-    # Only the nodes read these; pjdfstest and the commands below must not.
-    unset PICKBOX_PROPOSE_TIMEOUT_MS PICKBOX_MOUNT_WAIT_SECS
-    f=$(follower_id)
+    local cdir=$work/cluster status=0 k f mnt seed="" addr
+    local certs=$cdir/certs
+    mkdir -p "$certs"
+    "$PICKBOX_BIN" cert create-ca --dir "$certs" >/dev/null
+    "$PICKBOX_BIN" cert create-node admin --dir "$certs" >/dev/null
+    # Node 1 bootstraps; each other node joins through it once the one before it has mounted.
+    for k in $(seq 1 "$CLUSTER_NODES"); do
+        "$PICKBOX_BIN" cert create-node "node$k" --dir "$certs" >/dev/null
+        mkdir -p "$cdir/node$k/mnt" "$cdir/node$k/data"
+        addr=127.0.0.1:$(free_udp_port)
+        local args=(mount "$cdir/node$k/mnt" --data-dir "$cdir/node$k/data" --node-id "$k" --listen "$addr"
+            --certs "$certs" --propose-timeout-ms "$CLUSTER_PROPOSE_TIMEOUT_MS")
+        [ -z "$seed" ] || args+=(--join "$seed")
+        RUST_LOG=${RUST_LOG:-warn} "$PICKBOX_BIN" "${args[@]}" >"$cdir/node$k/log" 2>&1 &
+        cluster_pids[$k]=$!
+        if ! wait_mounted "${cluster_pids[$k]}" "$cdir/node$k/mnt" "$CLUSTER_MOUNT_WAIT_S"; then
+            tail -n 50 "$cdir/node$k/log" >&2
+            echo "pjdfstest (3-node cluster, follower): no summary (node $k did not mount)"
+            return 1
+        fi
+        [ -n "$seed" ] || seed=$addr
+    done
+    f=$(follower_id "$seed")
     mnt=$cdir/node$f/mnt
     run_pjdfstest "3-node cluster, follower node $f" "$mnt" "$repo/target/pjdfstest-cluster.log" "$@" || status=$?
-    bash scripts/cluster.sh status || status=1
-    for k in 1 2 3; do
-        if ! alive "$(cat "$cdir/node$k/pid" 2>/dev/null || echo 0)"; then
+    "$PICKBOX_BIN" status --peer "$seed" --certs "$certs" || status=1
+    for k in "${!cluster_pids[@]}"; do
+        if ! alive "${cluster_pids[$k]}"; then
             echo "node $k died during pjdfstest; its log:" >&2
             tail -n 80 "$cdir/node$k/log" >&2
             status=1
         fi
     done
     [ "$status" -eq 0 ] || { echo "follower log tail:" >&2; tail -n 30 "$cdir/node$f/log" >&2; }
-    bash scripts/cluster.sh down >/dev/null 2>&1 || status=1
-    cluster_up=0
+    for k in "${!cluster_pids[@]}"; do
+        stop_node "${cluster_pids[$k]}" "$cdir/node$k/mnt"
+    done
+    cluster_pids=()
     return "$status"
 }
 

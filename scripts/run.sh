@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds Pickbox and runs one node in the foreground with its mount at .cluster/node1/mnt
-# (data in .cluster/node1/data). Ctrl-C (SIGINT) unmounts and stops it; so does `umount` of the
+# Builds Pickbox and runs one node without peers in the foreground, its mount at
+# .cluster/single/mnt and its data in .cluster/single/data (apart from the nodes of
+# scripts/cluster.sh). Ctrl-C (SIGINT) unmounts and stops it; so does `umount` of the
 # mountpoint from another shell. Needs root for the FUSE mount.
 # Env: PICKBOX_PROFILE=release|debug (default release), RUST_LOG (default info).
 set -euo pipefail
@@ -19,7 +20,7 @@ case "$profile" in
     *) die "PICKBOX_PROFILE must be release or debug, not $profile" ;;
 esac
 
-node=$repo/.cluster/node1
+node=${PICKBOX_CLUSTER_DIR:-$repo/.cluster}/single
 mkdir -p "$node/mnt" "$node/data"
 # The node handles SIGINT/SIGTERM itself (unmounts, exits 0); this only detaches a mount left by a crash.
 trap 'stop_node "" "$node/mnt"' EXIT

@@ -28,10 +28,10 @@ use crate::transport::{self, NodeCertPaths, NodeIdentity, QuicConfig, QuicTransp
 const SESSION_POLL: Duration = Duration::from_millis(200);
 /// Pause between two attempts to get ready (find a leader and a quorum) after a restart or join.
 const READY_RETRY_PAUSE_MS: u64 = 500;
-/// How long a joining node keeps retrying a seed it cannot reach (it may still be starting).
-const JOIN_UNREACHABLE_MS_MAX: u64 = 30_000;
-/// Pause between two join attempts against an unreachable seed.
-const JOIN_RETRY_PAUSE_MS: u64 = 1_000;
+/// How long a restarting node gives Raft to load its membership before it concludes there is none.
+const MEMBERSHIP_LOAD_WAIT_MS: u64 = 1_000;
+/// How often it looks meanwhile.
+const MEMBERSHIP_POLL_MS: u64 = 20;
 /// Hex digits of the state digest shown in the status table (the JSON has all of it).
 const DIGEST_HEX_SHOWN: usize = 16;
 
@@ -116,7 +116,7 @@ async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
     cfg.advertise_addr = args.advertise_addr();
     cfg.snapshot_entries = args.snapshot_entries;
     if mode == StartMode::Restart && args.join.is_some() {
-        tracing::info!(data_dir = %data_dir.display(), "existing state: restarting as a member; --join is ignored");
+        tracing::info!(data_dir = %data_dir.display(), "existing state: restarting as a member; --join is ignored unless it never joined");
     }
 
     let replica = match open_replica(mode, cfg, net.as_ref()).await {
@@ -218,7 +218,14 @@ async fn get_ready(
     match (mode, net, join) {
         (StartMode::Alone | StartMode::Bootstrap, _, _) => Ok(()),
         (StartMode::Join, Some(t), Some(seed)) => {
-            join_with_retries(replica, t.clone(), seed).await?;
+            join_cluster(replica, t.clone(), seed).await?;
+            wait_ready(replica).await
+        }
+        (StartMode::Restart, Some(t), Some(seed)) if !has_membership_soon(replica).await => {
+            // A store without any membership never finished joining: join again rather than
+            // wait for a leader that does not know this node.
+            tracing::info!(%seed, "existing store has no membership (an unfinished join): joining again");
+            join_cluster(replica, t.clone(), seed).await?;
             wait_ready(replica).await
         }
         (StartMode::Restart, Some(_), _) => wait_ready(replica).await,
@@ -226,29 +233,31 @@ async fn get_ready(
     }
 }
 
-/// `admin::join_cluster`, retrying for a while a seed that cannot be reached (it may be starting).
-async fn join_with_retries(replica: &Arc<Replica>, t: Arc<QuicTransport>, seed: &str) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(JOIN_UNREACHABLE_MS_MAX);
+/// Whether the replica has a membership, allowing Raft a moment to load it from the store (its
+/// metrics start empty and are filled in by Raft's own task after start).
+async fn has_membership_soon(replica: &Replica) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(MEMBERSHIP_LOAD_WAIT_MS);
     loop {
-        tracing::info!(%seed, "asking to join the cluster");
-        let dyn_t: Arc<dyn PeerTransport> = t.clone();
-        match admin::join_cluster(replica, dyn_t, seed).await {
-            Ok(()) => {
-                tracing::info!(%seed, "joined the cluster as a voter");
-                return Ok(());
-            }
-            Err(AdminError::Unreachable(why)) if tokio::time::Instant::now() < deadline => {
-                tracing::warn!(%seed, %why, "seed unreachable; retrying");
-                tokio::time::sleep(Duration::from_millis(JOIN_RETRY_PAUSE_MS)).await;
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!(
-                    "joining the cluster through {seed} (the data dir now holds an unjoined store: \
-                     remove it before trying again)"
-                )))
-            }
+        if replica.has_membership() {
+            return true;
         }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(MEMBERSHIP_POLL_MS)).await;
     }
+}
+
+/// `admin::join_cluster` (which itself retries an unreachable seed or a busy leader for a while).
+async fn join_cluster(replica: &Arc<Replica>, t: Arc<QuicTransport>, seed: &str) -> anyhow::Result<()> {
+    let t: Arc<dyn PeerTransport> = t;
+    admin::join_cluster(replica, t, seed).await.with_context(|| {
+        format!(
+            "joining the cluster through {seed} (starting again with the same --join retries the join)"
+        )
+    })?;
+    tracing::info!(%seed, "joined the cluster as a voter");
+    Ok(())
 }
 
 /// `Replica::after_join` until it succeeds: a restarted node may have to wait for its peers (a

@@ -56,11 +56,18 @@ pub struct Plan {
 }
 
 /// Map the touches of one `Applied` event to notifications. `name_now(parent, name)` tells which
-/// inode the name has in the local replica now (after the event): a name that is gone gets a
-/// `Delete` (with the inode it named), one that still exists (added, or replaced) an `Entry`.
+/// inode the name has in the local replica now (after the event), `linked(ino)` whether an inode
+/// still has a name (exists with a link count above zero). A name that is gone and whose inode
+/// is gone or unlinked gets a `Delete`; every other change an `Entry`. A renamed (still linked)
+/// inode must not get a `Delete`: the kernel clears its link count and marks a directory dead
+/// (S_DEAD), which would break it under its new name on this node.
 /// The parent directory's attributes (mtime, size, nlink) and a replaced or removed inode's (nlink,
 /// ctime) changed too, so those inodes are invalidated as well.
-pub fn plan(touched: &[Touch], mut name_now: impl FnMut(Ino, &[u8]) -> Option<Ino>) -> Plan {
+pub fn plan(
+    touched: &[Touch],
+    mut name_now: impl FnMut(Ino, &[u8]) -> Option<Ino>,
+    mut linked: impl FnMut(Ino) -> bool,
+) -> Plan {
     let mut out = Plan::default();
     let mut inodes: Vec<Ino> = Vec::new();
     let mut seen = BTreeSet::new();
@@ -74,7 +81,7 @@ pub fn plan(touched: &[Touch], mut name_now: impl FnMut(Ino, &[u8]) -> Option<In
             Touch::Inode(ino) => inode(*ino, &mut inodes),
             Touch::Entry { parent, name, old } => {
                 match (old, name_now(*parent, name)) {
-                    (Some(child), None) => {
+                    (Some(child), None) if !linked(*child) => {
                         out.notices.push(Notice::Delete { parent: *parent, child: *child, name: name.clone() })
                     }
                     _ => out.notices.push(Notice::Entry { parent: *parent, name: name.clone() }),
@@ -231,9 +238,16 @@ fn handle(replica: &Weak<Replica>, coherence: &Coherence, on_orphan: &OrphanHook
             None
         }
     };
-    let plan = plan(&applied.touched, |parent, name| {
-        view.as_ref().and_then(|v| v.entry(parent, name).ok().flatten()).map(|e| e.ino)
-    });
+    let plan = plan(
+        &applied.touched,
+        |parent, name| view.as_ref().and_then(|v| v.entry(parent, name).ok().flatten()).map(|e| e.ino),
+        // Without an answer, assume linked: an `Entry` is always safe.
+        |ino| match view.as_ref().map(|v| v.inode(ino)) {
+            Some(Ok(None)) => false,
+            Some(Ok(Some(inode))) => inode.nlink > 0,
+            None | Some(Err(_)) => true,
+        },
+    );
     drop(view);
     if let Some(notifier) = coherence.notifier.get() {
         for notice in &plan.notices {
@@ -256,7 +270,7 @@ mod tests {
     #[test]
     fn maps_touches_to_notices() {
         // A remote rename a -> b over an existing b (inode 9), in directory 1; a write to 7;
-        // an orphan 9 (b's old inode was open somewhere); a create of c.
+        // an orphan 9 (b's old inode was open somewhere); a create of c; an unlink of d (11).
         let touched = vec![
             entry(1, "a", Some(7)),
             entry(1, "b", Some(9)),
@@ -264,22 +278,26 @@ mod tests {
             Touch::Orphan(9),
             entry(1, "c", None),
             Touch::Orphan(9),
+            entry(1, "d", Some(11)),
         ];
         let now = |parent: Ino, name: &[u8]| match (parent, name) {
             (1, b"b") => Some(7),
             (1, b"c") => Some(10),
             _ => None,
         };
-        let p = plan(&touched, now);
+        // 7 was renamed (still linked), 9 and 11 lost their last name.
+        let p = plan(&touched, now, |ino| ino == 7 || ino == 10);
         assert_eq!(
             p.notices,
             vec![
-                Notice::Delete { parent: 1, child: 7, name: b"a".to_vec() },
+                Notice::Entry { parent: 1, name: b"a".to_vec() },
                 Notice::Entry { parent: 1, name: b"b".to_vec() },
                 Notice::Entry { parent: 1, name: b"c".to_vec() },
+                Notice::Delete { parent: 1, child: 11, name: b"d".to_vec() },
                 Notice::Inode(1),
                 Notice::Inode(7),
                 Notice::Inode(9),
+                Notice::Inode(11),
             ]
         );
         assert_eq!(p.orphans, vec![9]);
@@ -287,7 +305,7 @@ mod tests {
 
     #[test]
     fn nothing_touched_nothing_sent() {
-        assert_eq!(plan(&[], |_, _| None), Plan::default());
+        assert_eq!(plan(&[], |_, _| None, |_| true), Plan::default());
     }
 
     #[tokio::test]

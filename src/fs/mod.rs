@@ -196,8 +196,15 @@ impl Filesystem for PickboxFs {
         reply: ReplyAttr,
     ) {
         // ctime is always the command's time; crtime/chgtime/bkuptime/flags are macOS-only.
-        let caller = who(req, true);
         let (atime, mtime) = (set_time(atime), set_time(mtime));
+        if self.writeback && mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() {
+            // The kernel writing back the mtime the state already has (see `unchanged_mtime`):
+            // answer from the local replica, no Raft round.
+            if let Some(inode) = mtime.as_ref().and_then(|m| self.ops.unchanged_mtime(ino.0, m)) {
+                return reply.attr(&TTL, &attr::file_attr(&inode));
+            }
+        }
+        let caller = who(req, true);
         let ops = self.ops.clone();
         self.spawn(async move {
             match ops.setattr(caller, ino.0, mode, uid, gid, size, atime, mtime).await {

@@ -533,6 +533,16 @@ impl Ops {
         Ok(())
     }
 
+    /// The inode, if a setattr of only `mtime` asks for the mtime it already has. With the
+    /// writeback cache the kernel sends its cached mtime (and ctime) as a setattr when it writes
+    /// the inode back: on close, and again around a rename or unlink of the file. After the first
+    /// one the state holds exactly that mtime, so the repeats would cost a Raft round each to
+    /// change nothing but ctime (which the kernel keeps itself while it caches the file).
+    pub fn unchanged_mtime(&self, ino: Ino, mtime: &SetTime) -> Option<Inode> {
+        let SetTime::At(t) = mtime else { return None };
+        self.getattr(ino).ok().filter(|inode| inode.mtime == *t)
+    }
+
     #[allow(clippy::too_many_arguments)] // reason: one parameter per attribute setattr can change
     pub async fn setattr(
         &self,
@@ -642,9 +652,20 @@ fn op_kind(op: &Op) -> &'static str {
 }
 
 /// Release orphan `ino` for this node unless a handle here holds it (then its last close does).
-/// The claim keeps new opens of `ino` out until the release is applied.
+/// The claim keeps new opens of `ino` out until the release is applied. Only an orphan waiting
+/// for this node is claimed (a last close of an ordinary file must not refuse a concurrent
+/// open); reading that before claiming is safe because every caller that can find it pending
+/// (the last close, the releaser after an unlink, the coherence thread) reads after the removal
+/// was applied, or is followed by one that does.
 async fn release_unless_open(replica: &Replica, handles: &Handles, ino: Ino) {
-    if !handles.claim_if_closed(ino) {
+    let pending = match replica.read().and_then(|r| r.orphan(ino)) {
+        Ok(orphan) => orphan.is_some_and(|o| o.pending.contains(&replica.node_id())),
+        Err(fault) => {
+            tracing::error!(%fault, ino, "cannot read orphan record");
+            false
+        }
+    };
+    if !pending || !handles.claim_if_closed(ino) {
         return;
     }
     struct Claim<'a>(&'a Handles, Ino);
@@ -654,18 +675,9 @@ async fn release_unless_open(replica: &Replica, handles: &Handles, ino: Ino) {
         }
     }
     let _claim = Claim(handles, ino);
-    let pending = match replica.read().and_then(|r| r.orphan(ino)) {
-        Ok(orphan) => orphan.is_some_and(|o| o.pending.contains(&replica.node_id())),
-        Err(fault) => {
-            tracing::error!(%fault, ino, "cannot read orphan record");
-            false
-        }
-    };
-    if pending {
-        tracing::debug!(op = "Release", ino, "proposing");
-        if let Err(e) = replica.propose(Caller::root(), Op::Release { ino }).await {
-            tracing::warn!(ino, error = %e, "release of an open-unlinked inode failed; retried at next start");
-        }
+    tracing::debug!(op = "Release", ino, "proposing");
+    if let Err(e) = replica.propose(Caller::root(), Op::Release { ino }).await {
+        tracing::warn!(ino, error = %e, "release of an open-unlinked inode failed; retried at next start");
     }
 }
 

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::error::{InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -111,12 +111,41 @@ impl PeerClient {
     }
 }
 
+/// Commands cost at least this many bytes on the wire besides their payload (caller, hash, names).
+const COMMAND_OVERHEAD_BYTES: usize = 256;
+
+/// About how many bytes `e` takes encoded (payloads dominate; no encoding needed to know).
+fn entry_bytes(e: &openraft::Entry<TypeConfig>) -> usize {
+    match &e.payload {
+        openraft::EntryPayload::Normal(b) => b.0.iter().map(|c| c.op.payload().len() + COMMAND_OVERHEAD_BYTES).sum(),
+        _ => COMMAND_OVERHEAD_BYTES,
+    }
+}
+
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        // openraft bounds each AppendEntries by the heartbeat interval (replication/mod.rs:455 in
+        // 0.9.25) and its own limit counts entries, not bytes: refuse a message over the byte
+        // budget with a hint of how many entries fit, and openraft resends fewer at once.
+        if rpc.entries.len() > 1 {
+            let bytes: usize = rpc.entries.iter().map(entry_bytes).sum();
+            if bytes > super::APPEND_ENTRIES_BYTES_MAX {
+                let mut fit = 0usize;
+                let mut sum = 0usize;
+                for e in &rpc.entries {
+                    sum += entry_bytes(e);
+                    if sum > super::APPEND_ENTRIES_BYTES_MAX {
+                        break;
+                    }
+                    fit += 1;
+                }
+                return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit.max(1) as u64)));
+            }
+        }
         self.call(RpcKind::AppendEntries, &rpc).await
     }
 

@@ -93,7 +93,7 @@ impl EntryCache {
 
     /// `id` became durable: move it from pending to recent (if it was not replaced meanwhile).
     fn durable(&mut self, id: &LogId<NodeId>, ok: bool) {
-        if !self.pending.get(&id.index).is_some_and(|(e, _)| e.log_id == *id) {
+        if self.pending.get(&id.index).is_none_or(|(e, _)| e.log_id != *id) {
             return;
         }
         let Some((e, n)) = self.pending.remove(&id.index) else { return };

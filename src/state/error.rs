@@ -68,7 +68,8 @@ pub enum Errno {
     /// No data or hole at or beyond this offset (SEEK_DATA/SEEK_HOLE at or past the end: ENXIO).
     #[error("no such device or address")]
     NoSuchOffset,
-    /// A retry of a command so old that its result was forgotten; it was not applied again.
+    /// Not applied: a retry of a command so old that its result was forgotten, or a command
+    /// superseded by a later sequence number of its origin (it arrived late, out of order).
     #[error("stale command")]
     Stale,
 }

@@ -249,9 +249,10 @@ fn register_and_unregister_are_idempotent() {
 
 #[test]
 fn repeated_command_returns_first_result_and_changes_nothing() {
+    // Origin 4: the helper numbers origin 1's commands from 1, below these explicit seqs.
     let mut h = H::new();
     let cmd = command(
-        1,
+        4,
         100,
         T0 + 5,
         Caller::root(),
@@ -270,7 +271,7 @@ fn repeated_command_returns_first_result_and_changes_nothing() {
     assert_eq!(h.s, after);
     // A failed result is remembered too.
     let bad = command(
-        1,
+        4,
         101,
         T0 + 6,
         Caller::root(),

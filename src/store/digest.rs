@@ -14,8 +14,9 @@ use super::fault;
 use super::tables::{dump_state, ReadView};
 use crate::state::StoreResult;
 
-/// Changes whenever the digest's input format does: digests of different versions never match.
-const DIGEST_TAG: &[u8] = b"pickbox-state-digest-v1\0";
+/// Changes whenever the digest's input format does: digests of different versions never match
+/// (v2: block values carry their check value, see tables::BLOCK_DATA).
+const DIGEST_TAG: &[u8] = b"pickbox-state-digest-v2\0";
 /// Table id used for the state-machine metadata records (real state tables start at 1).
 const SM_META_TABLE_ID: u8 = 0;
 

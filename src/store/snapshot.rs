@@ -1,6 +1,6 @@
 //! Snapshot files: every state table streamed as length-prefixed records, never the whole state in RAM.
 //!
-//! Format: `PBSNAP01`, u32 header length, header (opaque bytes from raft/), then records
+//! Format: `PBSNAP02`, u32 header length, header (opaque bytes from raft/), then records
 //! `[table id u8][key len u32][key][value len u32][value]` (key and value as redb encodes them),
 //! then the trailer `[0xFF][record count u64][SHA-256 of every byte before the digest]`.
 //! All integers little-endian. Files are written as `<id>.tmp`, fsynced, renamed to `<id>.snap`.
@@ -16,7 +16,8 @@ use super::tables::{check_record, dump_state, ReadView, StateTxn};
 use crate::config::MESSAGE_BYTES_MAX;
 use crate::state::{StoreFault, StoreResult};
 
-const MAGIC: &[u8; 8] = b"PBSNAP01";
+/// v02: block values carry their check value (tables::BLOCK_DATA); a v01 file is refused.
+const MAGIC: &[u8; 8] = b"PBSNAP02";
 const END: u8 = 0xFF;
 
 /// A snapshot file on disk.

@@ -208,6 +208,28 @@ fn raw_table_round_trip() {
 }
 
 #[test]
+fn a_flipped_bit_or_a_cut_in_a_stored_block_is_an_error_not_data() {
+    let (_d, store) = tmp_store();
+    let data: Vec<u8> = (0..65_536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let h = sha256(&data);
+    store.write_state(false, |t| t.put_block_data(&h, &data)).unwrap();
+    let stored = store.read().unwrap().block_data.get(&h[..]).unwrap().unwrap().value().to_vec();
+    assert_eq!(store.read().unwrap().block_data(&h).unwrap(), Some(data.clone()));
+    for damage in [0usize, 31, 32_768, 65_535, stored.len() - 1] {
+        let mut bad = stored.clone();
+        bad[damage] ^= 0x10;
+        store.write_state(false, |t| t.block_data.insert(&h[..], bad.as_slice()).map(|_| ()).map_err(fault)).unwrap();
+        let err = store.read().unwrap().block_data(&h).unwrap_err();
+        assert!(err.0.contains("corrupt"), "byte {damage}: {err}");
+    }
+    for cut in [1usize, 8, stored.len() - 4] {
+        let short = &stored[..stored.len() - cut];
+        store.write_state(false, |t| t.block_data.insert(&h[..], short).map(|_| ()).map_err(fault)).unwrap();
+        assert!(store.read().unwrap().block_data(&h).is_err(), "cut {cut}");
+    }
+}
+
+#[test]
 fn corrupted_block_is_an_error_not_data() {
     let (_d, store) = tmp_store();
     let h = sha256(b"good data");
