@@ -105,7 +105,7 @@ fn read_eq(p: &Path, want: &[u8]) -> bool {
 
 #[test]
 fn cluster_changes_on_each_node_are_seen_on_the_others() {
-    let c = Cluster::start(3);
+    let c = Cluster::new(3);
     // Every step is checked; the failures are reported together at the end.
     let mut failures: Vec<String> = Vec::new();
     for origin in c.ids() {
@@ -197,7 +197,7 @@ fn cluster_changes_on_each_node_are_seen_on_the_others() {
 
 #[test]
 fn cluster_close_to_open() {
-    let c = Cluster::start(3);
+    let c = Cluster::new(3);
     for (a, b) in [(1, 2), (2, 3), (3, 1)] {
         let rel = format!("cto-{a}-{b}");
         for i in 0..20u32 {
@@ -217,7 +217,7 @@ fn cluster_close_to_open() {
 
 #[test]
 fn cluster_concurrent_writers_converge() {
-    let mut c = Cluster::start(3);
+    let mut c = Cluster::new(3);
     const FILES_PER_NODE: usize = 40;
     const CHUNK_BYTES: usize = 4096;
     const CHUNKS: u64 = 16;
@@ -279,6 +279,15 @@ fn cluster_concurrent_writers_converge() {
     }
 }
 
+/// Sets the flag when dropped: writer threads stop before the cluster goes, also on a panic.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// One acknowledged write of the leader-crash test.
 struct Acked {
     rel: String,
@@ -288,10 +297,12 @@ struct Acked {
 
 #[test]
 fn cluster_leader_kill9_during_writes() {
-    let mut c = Cluster::start(3);
+    let mut c = Cluster::new(3);
     let leader = c.wait_leader(ELECTION_TIMEOUT, None);
     let survivors = others(&c, leader);
     let stop = Arc::new(AtomicBool::new(false));
+    // Declared after the cluster, so dropped before it.
+    let _stop_writers = StopOnDrop(Arc::clone(&stop));
     let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
     let failed: Arc<Mutex<Vec<String>>> = Arc::default();
     let writers: Vec<_> = survivors
@@ -326,9 +337,10 @@ fn cluster_leader_kill9_during_writes() {
         w.join().expect("writer panicked");
     }
     let failed = failed.lock().unwrap().clone();
+    let first_ack_after_kill = acked.lock().unwrap().iter().filter(|a| a.at > killed_at).map(|a| a.at - killed_at).min();
     eprintln!(
-        "leader {leader} killed; node {new_leader} leader after {elected_after:?}; writes resumed: {resumed:?}; \
-         {} acked, {} failed: {:?}",
+        "leader {leader} killed; node {new_leader} reported leader after {elected_after:?}; first write acked \
+         {first_ack_after_kill:?} after the kill; 30 more after {resumed:?}; {} acked, {} failed: {:?}",
         acked.lock().unwrap().len(),
         failed.len(),
         failed.iter().take(5).collect::<Vec<_>>()
@@ -345,7 +357,7 @@ fn cluster_leader_kill9_during_writes() {
         check_acked(&c, k);
     }
     c.wait_converged(CONVERGE_TIMEOUT);
-    c.start_node(leader);
+    c.start(leader);
     let (index, digest) = c.wait_converged(CONVERGE_TIMEOUT);
     eprintln!("node {leader} caught up: index {index}, digest {digest}");
     check_acked(&c, leader);
@@ -377,6 +389,8 @@ fn cluster_node_rejoins_through_a_snapshot() {
         if row(&mut c, 1).last_log_index.unwrap_or(0) >= stopped_at + ENTRIES {
             break;
         }
+        // Each op is at least one entry: far more ops than entries means the index is not moving.
+        assert!(ops < 2 * ENTRIES, "{ops} ops, but the log did not grow by {ENTRIES} entries");
     }
     eprintln!("{ops} ops ({} entries) in {:?} while node 3 was down", ENTRIES, started.elapsed());
     let leader = c.wait_leader(ELECTION_TIMEOUT, None);
@@ -387,7 +401,7 @@ fn cluster_node_rejoins_through_a_snapshot() {
     );
 
     let started = Instant::now();
-    c.start_node(3);
+    c.start(3);
     let (index, digest) = c.wait_converged(CONVERGE_TIMEOUT);
     let s3 = row(&mut c, 3);
     eprintln!("node 3 caught up in {:?}: index {index}, digest {digest}, {s3:?}", started.elapsed());
@@ -399,7 +413,7 @@ fn cluster_node_rejoins_through_a_snapshot() {
 
 #[test]
 fn cluster_fourth_node_joins_as_voter() {
-    let mut c = Cluster::start(3);
+    let mut c = Cluster::new(3);
     write_synced(&c.path(2, "old"), b"from before the join").unwrap();
     let k = c.add_node();
     assert_eq!(k, 4);
@@ -420,7 +434,7 @@ fn cluster_fourth_node_joins_as_voter() {
 
 #[test]
 fn cluster_member_removed() {
-    let mut c = Cluster::start(3);
+    let mut c = Cluster::new(3);
     write_synced(&c.path(1, "f"), b"x").unwrap();
     c.remove_member(3).unwrap_or_else(|e| panic!("members remove 3: {e}"));
     let ids = |c: &mut Cluster| c.members().iter().map(|m| m.node_id).collect::<Vec<_>>();
@@ -450,7 +464,7 @@ fn cluster_member_removed() {
 
 #[test]
 fn cluster_minority_fails_writes_keeps_reads() {
-    let mut c = Cluster::start(3);
+    let mut c = Cluster::new(3);
     write_synced(&c.path(1, "keep"), b"readable without quorum").unwrap();
     fs::create_dir(c.path(1, "dir")).unwrap();
     seen(&c, &[2, 3], "keep", |c, k| read_eq(&c.path(k, "keep"), b"readable without quorum"));
@@ -489,8 +503,8 @@ fn cluster_minority_fails_writes_keeps_reads() {
         assert!(*took < propose + EIO_SLACK, "{what} took {took:?} without quorum");
     }
 
-    c.start_node(2);
-    c.start_node(3);
+    c.start(2);
+    c.start(3);
     let back = poll(Duration::from_secs(30), || fs::create_dir(c.path(1, "again")).is_ok());
     assert!(back.is_some(), "writes do not work again with the quorum back");
     seen(&c, &[2, 3], "write after recovery", |c, k| c.path(k, "again").is_dir());
@@ -499,17 +513,23 @@ fn cluster_minority_fails_writes_keeps_reads() {
 
 #[test]
 fn cluster_refuses_node_from_another_ca() {
-    /// How long the refused node may take to give up.
-    const REFUSED_EXIT_TIMEOUT: Duration = Duration::from_secs(60);
-    let mut c = Cluster::start(3);
+    /// How long the refused node may take to give up: the join's own deadline (60 s, it may
+    /// retry a refusal it takes for a transient failure) plus slack.
+    const REFUSED_EXIT_TIMEOUT: Duration = Duration::from_secs(90);
+    let mut c = Cluster::new(3);
     let other: PathBuf = c.scratch().join("other-ca");
     create_ca(&other);
     create_cert(&other, "node4");
     let mut intruder = c.foreign_node(4, &other);
     intruder.spawn_process();
+    let started = Instant::now();
     let status = intruder.wait_exit(REFUSED_EXIT_TIMEOUT);
     let log = intruder.log();
-    eprintln!("node with a foreign certificate: exit {status:?}; log tail:\n{}", intruder.log_tail());
+    eprintln!(
+        "node with a foreign certificate: exit {status:?} after {:?}; log tail:\n{}",
+        started.elapsed(),
+        intruder.log_tail()
+    );
     let status = status.unwrap_or_else(|| panic!("a node with a foreign certificate still runs after {REFUSED_EXIT_TIMEOUT:?}"));
     assert!(!status.success(), "a node with a foreign certificate exited successfully");
     assert!(!crate::harness::is_mounted(&intruder.mnt), "it mounted");

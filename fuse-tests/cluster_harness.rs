@@ -108,7 +108,7 @@ impl Drop for Cluster {
 
 impl Cluster {
     /// A cluster of `nodes` nodes with the default options.
-    pub fn start(nodes: u64) -> Cluster {
+    pub fn new(nodes: u64) -> Cluster {
         Cluster::with(ClusterOptions { nodes, ..ClusterOptions::default() })
     }
 
@@ -236,7 +236,7 @@ impl Cluster {
     }
 
     /// Starts node `k` again on its data dir and waits for the mount.
-    pub fn start_node(&mut self, k: u64) {
+    pub fn start(&mut self, k: u64) {
         let started = Instant::now();
         if let Err(e) = self.node(k).try_spawn(JOIN_TIMEOUT) {
             panic!("node {k} did not restart: {e}");
@@ -429,4 +429,26 @@ pub fn poll(timeout: Duration, mut cond: impl FnMut() -> bool) -> Option<Duratio
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+#[test]
+fn converged_needs_every_running_member_to_agree() {
+    let row = |id: u64, applied: u64, committed: u64, digest: &str| MemberStatus {
+        node_id: id,
+        applied_index: Some(applied),
+        committed_index: Some(committed),
+        state_digest: Some(digest.into()),
+        ..MemberStatus::default()
+    };
+    let same = [row(1, 7, 7, "d"), row(2, 7, 7, "d"), row(3, 7, 7, "d")];
+    assert_eq!(converged(&same, &[1, 2, 3]), Some((7, "d".into())));
+    // A node behind, another digest at the same index, a higher commit not yet applied.
+    assert_eq!(converged(&[row(1, 7, 7, "d"), row(2, 6, 7, "c")], &[1, 2]), None);
+    assert_eq!(converged(&[row(1, 7, 7, "d"), row(2, 7, 7, "e")], &[1, 2]), None);
+    assert_eq!(converged(&[row(1, 7, 8, "d"), row(2, 7, 7, "d")], &[1, 2]), None);
+    // A stopped node's row is ignored; a running node that does not answer is not.
+    let silent = MemberStatus { node_id: 3, error: Some("unreachable".into()), ..MemberStatus::default() };
+    assert_eq!(converged(&[row(1, 7, 7, "d"), row(2, 7, 7, "d"), silent.clone()], &[1, 2]), Some((7, "d".into())));
+    assert_eq!(converged(&[row(1, 7, 7, "d"), row(2, 7, 7, "d"), silent], &[1, 2, 3]), None);
+    assert_eq!(converged(&[], &[1]), None);
 }

@@ -21,17 +21,21 @@ rm -f "$repo/target/pjdfstest.log" "$repo/target/pjdfstest-cluster.log"
 failed=0
 
 log "cargo test --all-targets --no-fail-fast"
+started=$SECONDS
 set +e
 timeout "${CARGO_TEST_TIMEOUT_S:-2700}" cargo test --all-targets --no-fail-fast 2>&1 | tee "$cargo_log"
 cargo_status=${PIPESTATUS[0]}
 set -e
 [ "$cargo_status" -eq 0 ] || { echo "cargo test failed (exit status $cargo_status)"; failed=1; }
+cargo_secs=$((SECONDS - started))
 
-log "pjdfstest"
+log "pjdfstest (single node, then a follower of a 3-node cluster)"
+started=$SECONDS
 set +e
 bash scripts/pjdfstest.sh
 pjd_status=$?
 set -e
+pjd_secs=$((SECONDS - started))
 [ "$pjd_status" -eq 0 ] || { echo "pjdfstest failed (exit status $pjd_status)"; failed=1; }
 
 # One closing line over both runners.
@@ -53,6 +57,7 @@ echo "cargo test: $cargo_passed passed, $cargo_failed failed, $cargo_ignored ign
 echo "pjdfstest (single node): $pjd_passed passed, $pjd_failed failed, $pjd_skipped skipped"
 echo "pjdfstest (3-node cluster, follower): $pjdc_passed passed, $pjdc_failed failed, $pjdc_skipped skipped"
 echo "pjdfstest exit status: $pjd_status"
+echo "time: cargo test ${cargo_secs}s, pjdfstest ${pjd_secs}s"
 echo "total: $((cargo_passed + pjd_passed + pjdc_passed)) passed," \
     "$((cargo_failed + pjd_failed + pjdc_failed)) failed," \
     "$((cargo_ignored + pjd_skipped + pjdc_skipped)) skipped"

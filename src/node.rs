@@ -129,16 +129,18 @@ async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
     tracing::info!(node_id = args.node_id, data_dir = %data_dir.display(), ?mode, "replica started");
 
     // Getting ready can take long (catch-up, waiting for a quorum): a stop signal ends it.
+    let mut finishing = None;
     let ready = tokio::select! {
-        r = get_ready(mode, &replica, net.as_ref(), args.join.as_deref()) => r.map(|()| None),
-        name = signals.recv() => Ok(Some(name)),
+        r = get_ready(mode, &replica, net.as_ref(), args.join.as_deref()) => r.map(Ok),
+        name = signals.recv() => Ok(Err(name)),
     };
     let result = match ready {
-        Ok(None) => {
+        Ok(Ok(background)) => {
+            finishing = background;
             tracing::info!(node_id = args.node_id, "replica ready");
             serve(&replica, &args, &data_dir, &mut signals).await
         }
-        Ok(Some(name)) => {
+        Ok(Err(name)) => {
             tracing::info!(signal = name, "stopping before the replica was ready");
             Ok(())
         }
@@ -147,6 +149,9 @@ async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
 
     // The replica is shut down whatever happened to the mount, so the store is left durable; the
     // endpoint goes last, because Raft may still talk to peers until it has stopped.
+    if let Some(h) = finishing {
+        h.abort();
+    }
     let shutdown = replica.shutdown().await.context("shutting down the replica");
     tracing::info!("replica stopped");
     close_endpoint(net.as_ref()).await;
@@ -208,27 +213,49 @@ fn set_membership_authorizer(t: &QuicTransport, replica: &Arc<Replica>) {
     t.set_authorizer(transport::membership_authorizer(Arc::downgrade(replica)));
 }
 
-/// Join (if asked), catch up and wait for a leader, then do the post-start bookkeeping.
+/// Join (if asked), catch up and wait for a leader, then do the post-start bookkeeping. A
+/// restarted node whose peers are down (no leader or no quorum) starts anyway, like
+/// `Replica::start_with`: reads are served from its replica, writes fail with EIO until a quorum
+/// is back, and the bookkeeping finishes in the returned background task.
 async fn get_ready(
     mode: StartMode,
     replica: &Arc<Replica>,
     net: Option<&Arc<QuicTransport>>,
     join: Option<&str>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     match (mode, net, join) {
-        (StartMode::Alone | StartMode::Bootstrap, _, _) => Ok(()),
+        (StartMode::Alone | StartMode::Bootstrap, _, _) => Ok(None),
         (StartMode::Join, Some(t), Some(seed)) => {
             join_cluster(replica, t.clone(), seed).await?;
-            wait_ready(replica).await
+            wait_ready(replica).await.map(|()| None)
         }
         (StartMode::Restart, Some(t), Some(seed)) if !has_membership_soon(replica).await => {
             // A store without any membership never finished joining: join again rather than
             // wait for a leader that does not know this node.
             tracing::info!(%seed, "existing store has no membership (an unfinished join): joining again");
             join_cluster(replica, t.clone(), seed).await?;
-            wait_ready(replica).await
+            wait_ready(replica).await.map(|()| None)
         }
-        (StartMode::Restart, Some(_), _) => wait_ready(replica).await,
+        (StartMode::Restart, Some(_), _) => match replica.after_join().await {
+            Ok(()) => Ok(None),
+            Err(e) if is_fatal(&e) => Err(e.context("getting the replica ready")),
+            Err(e) => {
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "no leader or no quorum yet (other nodes down?): starting anyway; reads are served \
+                     from the local replica, writes fail with EIO until a quorum is back"
+                );
+                let weak = Arc::downgrade(replica);
+                Ok(Some(tokio::spawn(async move {
+                    if let Some(r) = weak.upgrade() {
+                        match wait_ready(&r).await {
+                            Ok(()) => tracing::info!("quorum reached: node start finished"),
+                            Err(e) => tracing::error!(error = %format!("{e:#}"), "finishing the node start failed"),
+                        }
+                    }
+                })))
+            }
+        },
         (StartMode::Join | StartMode::Restart, _, _) => anyhow::bail!("joining needs --listen and --join"),
     }
 }
@@ -289,7 +316,9 @@ async fn serve(
     data_dir: &std::path::Path,
     signals: &mut Signals,
 ) -> anyhow::Result<()> {
-    let ops = Arc::new(Ops::new(replica.clone(), data_dir.to_path_buf()));
+    // In a cluster the kernel's writeback cache is off: it would keep its own file sizes and
+    // ignore changes made on other nodes (see fs/mount.rs).
+    let ops = Arc::new(Ops::new(replica.clone(), data_dir.to_path_buf()).clustered(args.listen.is_some()));
     let mut fatal = ops.watch_fatal();
     // No handle is open before the mount, so orphans this node still holds (from a crash) go.
     match ops.release_stale_orphans().await {
