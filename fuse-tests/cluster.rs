@@ -381,7 +381,7 @@ fn cluster_node_rejoins_through_a_snapshot() {
     let mut ops = 0u64;
     loop {
         for _ in 0..1000 {
-            let mode = if ops % 2 == 0 { 0o600 } else { 0o644 };
+            let mode = if ops.is_multiple_of(2) { 0o600 } else { 0o644 };
             fs::set_permissions(&target, fs::Permissions::from_mode(mode)).unwrap();
             ops += 1;
         }

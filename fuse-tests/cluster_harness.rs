@@ -102,7 +102,9 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         // The nodes themselves stop in their own Drop, right after this.
         let outcome = if std::thread::panicking() { "failed" } else { "passed" };
-        eprintln!("cluster: test {outcome} after {:?} with nodes {:?}", self.created.elapsed(), self.ids());
+        // libtest names each test's thread after the test.
+        let test = std::thread::current().name().unwrap_or("?").to_string();
+        eprintln!("cluster: {test} {outcome} after {:?} with nodes {:?}", self.created.elapsed(), self.ids());
     }
 }
 

@@ -32,8 +32,14 @@ pub(super) const ENTRIES: TableDefinition<(u64, &[u8]), &[u8]> = TableDefinition
 pub(super) const COOKIES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("entry_cookies");
 /// (ino, block index) -> 32-byte SHA-256.
 pub(super) const BLOCK_MAP: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("block_map");
-/// SHA-256 -> block bytes followed by their 8-byte `block_check` (little-endian), see `check_block`.
+/// SHA-256 -> the block's first `BLOCK_HEAD_BYTES` bytes (all of a shorter block) followed by the
+/// 8-byte `block_check` of the whole block (little-endian), see `seal_block` and `check_block`.
 pub(super) const BLOCK_DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("block_data");
+/// SHA-256 -> the bytes of a block beyond its first `BLOCK_HEAD_BYTES` (absent for shorter blocks).
+/// redb gives a value larger than a page a page of the next power of two of its size: a whole
+/// 64 KiB block in one value took a 128 KiB page, written in full (measured: 128 MiB of pwrite for
+/// 64 MiB of distinct blocks); a head that fits a 64 KiB page plus a small tail writes ~64.5 KiB.
+pub(super) const BLOCK_TAILS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("block_tails");
 /// SHA-256 -> reference count.
 pub(super) const BLOCK_REFS: TableDefinition<&[u8], u64> = TableDefinition::new("block_refs");
 /// (ino, name) -> value.
@@ -226,10 +232,18 @@ macro_rules! impl_state_read {
                 Ok(out)
             }
             fn block_data(&self, hash: &Hash) -> StoreResult<Option<Vec<u8>>> {
-                match self.block_data.get(&hash[..]).map_err(fault)? {
-                    Some(v) => Ok(Some(check_block(hash, v.value())?.to_vec())),
-                    None => Ok(None),
-                }
+                let Some(head) = self.block_data.get(&hash[..]).map_err(fault)? else { return Ok(None) };
+                let head = head.value();
+                let tail = if head.len() == BLOCK_HEAD_BYTES + BLOCK_CHECK_BYTES {
+                    self.block_tails.get(&hash[..]).map_err(fault)?
+                } else {
+                    None
+                };
+                let tail: &[u8] = match &tail {
+                    Some(t) => t.value(),
+                    None => &[],
+                };
+                Ok(Some(check_block(hash, head, tail)?))
             }
             fn block_refs(&self, hash: &Hash) -> StoreResult<u64> {
                 Ok(self.block_refs.get(&hash[..]).map_err(fault)?.map(|v| v.value()).unwrap_or(0))
@@ -300,6 +314,7 @@ state_tables! {
     9 results: RESULTS<(u64, u64), &'static [u8]>,
     10 max_seq: MAX_SEQ<u64, u64>,
     11 fs_meta: FS_META<&'static str, &'static [u8]>,
+    12 block_tails: BLOCK_TAILS<&'static [u8], &'static [u8]>,
 }
 
 fn get_decoded<T: serde::de::DeserializeOwned>(
@@ -316,8 +331,11 @@ fn to_hash(bytes: &[u8]) -> StoreResult<Hash> {
     bytes.try_into().map_err(|_| StoreFault(format!("block map holds a {}-byte hash", bytes.len())))
 }
 
-/// Bytes of the check value stored after every block's bytes.
+/// Bytes of the check value stored after every block's head.
 const BLOCK_CHECK_BYTES: usize = 8;
+/// Most block bytes stored in a BLOCK_DATA value: with the check value it stays within
+/// `LOG_CHUNK_BYTES`, which fits a 64 KiB redb page with its key and page overhead.
+const BLOCK_HEAD_BYTES: usize = LOG_CHUNK_BYTES - BLOCK_CHECK_BYTES;
 
 /// The check value stored after a block's bytes: a 64-bit hash over the length and the bytes in four
 /// independent multiply-rotate lanes, about ten times cheaper than SHA-256 (which runs at ~1.6 GB/s
@@ -348,26 +366,31 @@ fn block_check(data: &[u8]) -> u64 {
     h ^ (h >> 32)
 }
 
-/// The stored form of a block: its bytes, then their check value.
-fn seal_block(data: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(data.len() + BLOCK_CHECK_BYTES);
-    v.extend_from_slice(data);
+/// The stored form of a block: the head value (its first `BLOCK_HEAD_BYTES` bytes, then the check
+/// value of all its bytes) and the tail value (the rest, empty for a short block).
+fn seal_block(data: &[u8]) -> (Vec<u8>, &[u8]) {
+    let (head, tail) = data.split_at(data.len().min(BLOCK_HEAD_BYTES));
+    let mut v = Vec::with_capacity(head.len() + BLOCK_CHECK_BYTES);
+    v.extend_from_slice(head);
     v.extend_from_slice(&block_check(data).to_le_bytes());
-    v
+    (v, tail)
 }
 
 /// A block read through the store must match the check value written with it; never hand out
-/// damaged data. Returns the block's bytes without the check value.
-fn check_block<'a>(hash: &Hash, stored: &'a [u8]) -> StoreResult<&'a [u8]> {
+/// damaged data. Returns the block's bytes (head without the check value, then the tail).
+fn check_block(hash: &Hash, head: &[u8], tail: &[u8]) -> StoreResult<Vec<u8>> {
     let corrupt = |why: &str| {
-        tracing::error!(block = %hex::encode(hash), len = stored.len(), why, "stored block is corrupt");
+        tracing::error!(block = %hex::encode(hash), len = head.len() + tail.len(), why, "stored block is corrupt");
         Err(StoreFault(format!("block {} is corrupt ({why})", hex::encode(hash))))
     };
-    let Some(split) = stored.len().checked_sub(BLOCK_CHECK_BYTES) else { return corrupt("too short") };
-    let (data, check) = stored.split_at(split);
+    let Some(split) = head.len().checked_sub(BLOCK_CHECK_BYTES) else { return corrupt("too short") };
+    let (first, check) = head.split_at(split);
+    let mut data = Vec::with_capacity(first.len() + tail.len());
+    data.extend_from_slice(first);
+    data.extend_from_slice(tail);
     let mut c = [0u8; BLOCK_CHECK_BYTES];
     c.copy_from_slice(check);
-    if u64::from_le_bytes(c) != block_check(data) {
+    if u64::from_le_bytes(c) != block_check(&data) {
         return corrupt("check value mismatch");
     }
     Ok(data)
@@ -448,7 +471,11 @@ impl StateWrite for StateTxn<'_> {
         if cfg!(debug_assertions) {
             check_address(hash, data)?;
         }
-        self.block_data.insert(&hash[..], seal_block(data).as_slice()).map_err(fault)?;
+        let (head, tail) = seal_block(data);
+        self.block_data.insert(&hash[..], head.as_slice()).map_err(fault)?;
+        if !tail.is_empty() {
+            self.block_tails.insert(&hash[..], tail).map_err(fault)?;
+        }
         Ok(())
     }
     fn put_block_refs(&mut self, hash: &Hash, refs: u64) -> StoreResult<()> {
@@ -457,6 +484,7 @@ impl StateWrite for StateTxn<'_> {
     }
     fn del_block(&mut self, hash: &Hash) -> StoreResult<()> {
         self.block_data.remove(&hash[..]).map_err(fault)?;
+        self.block_tails.remove(&hash[..]).map_err(fault)?;
         self.block_refs.remove(&hash[..]).map_err(fault)?;
         Ok(())
     }

@@ -213,20 +213,47 @@ fn a_flipped_bit_or_a_cut_in_a_stored_block_is_an_error_not_data() {
     let data: Vec<u8> = (0..65_536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let h = sha256(&data);
     store.write_state(false, |t| t.put_block_data(&h, &data)).unwrap();
-    let stored = store.read().unwrap().block_data.get(&h[..]).unwrap().unwrap().value().to_vec();
+    let v = store.read().unwrap();
+    let head = v.block_data.get(&h[..]).unwrap().unwrap().value().to_vec();
+    let tail = v.block_tails.get(&h[..]).unwrap().unwrap().value().to_vec();
+    drop(v);
+    // A whole block is stored as a head that fits a 64 KiB page and a small tail.
+    assert!(head.len() <= tables::LOG_CHUNK_BYTES, "{}", head.len());
     assert_eq!(store.read().unwrap().block_data(&h).unwrap(), Some(data.clone()));
-    for damage in [0usize, 31, 32_768, 65_535, stored.len() - 1] {
-        let mut bad = stored.clone();
+    let put = |head: &[u8], tail: &[u8]| {
+        store
+            .write_state(false, |t| {
+                t.block_data.insert(&h[..], head).map_err(fault)?;
+                t.block_tails.insert(&h[..], tail).map_err(fault)?;
+                Ok(())
+            })
+            .unwrap()
+    };
+    for damage in [0usize, 31, 32_768, head.len() - 1] {
+        let mut bad = head.clone();
         bad[damage] ^= 0x10;
-        store.write_state(false, |t| t.block_data.insert(&h[..], bad.as_slice()).map(|_| ()).map_err(fault)).unwrap();
+        put(&bad, &tail);
         let err = store.read().unwrap().block_data(&h).unwrap_err();
-        assert!(err.0.contains("corrupt"), "byte {damage}: {err}");
+        assert!(err.0.contains("corrupt"), "head byte {damage}: {err}");
     }
-    for cut in [1usize, 8, stored.len() - 4] {
-        let short = &stored[..stored.len() - cut];
-        store.write_state(false, |t| t.block_data.insert(&h[..], short).map(|_| ()).map_err(fault)).unwrap();
-        assert!(store.read().unwrap().block_data(&h).is_err(), "cut {cut}");
+    for damage in [0usize, tail.len() - 1] {
+        let mut bad = tail.clone();
+        bad[damage] ^= 0x01;
+        put(&head, &bad);
+        assert!(store.read().unwrap().block_data(&h).is_err(), "tail byte {damage}");
     }
+    put(&head, &tail[..tail.len() - 1]);
+    assert!(store.read().unwrap().block_data(&h).is_err(), "a cut tail");
+    put(&head[..head.len() - 9], &tail);
+    assert!(store.read().unwrap().block_data(&h).is_err(), "a cut head");
+    put(&head[..5], &[]);
+    assert!(store.read().unwrap().block_data(&h).is_err(), "a head shorter than its check value");
+    // Freeing the block removes both parts.
+    put(&head, &tail);
+    store.write_state(false, |t| t.del_block(&h)).unwrap();
+    let v = store.read().unwrap();
+    assert!(v.block_data(&h).unwrap().is_none());
+    assert!(v.block_tails.get(&h[..]).unwrap().is_none());
 }
 
 #[test]
