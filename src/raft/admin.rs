@@ -380,8 +380,18 @@ fn classify(e: AdminError) -> Attempt {
         AdminError::Refused(m) if m.starts_with(FINAL) || m.contains("not authorized") => {
             Attempt::Final(AdminError::Refused(m))
         }
+        // A TLS refusal (a certificate from another CA, or none) cannot heal by waiting; the
+        // transport reports it as text from rustls, on either side of the handshake.
+        AdminError::Refused(m) | AdminError::Unreachable(m) if is_certificate_refusal(&m) => {
+            Attempt::Final(AdminError::Refused(m))
+        }
         AdminError::Refused(m) | AdminError::Unreachable(m) => Attempt::Retry(m),
     }
+}
+
+/// Whether a transport error says the TLS handshake refused a certificate.
+fn is_certificate_refusal(m: &str) -> bool {
+    m.contains("invalid peer certificate") || m.contains("peer sent no certificates")
 }
 
 /// Run `attempt` until it succeeds, fails finally, or `deadline` passes (backing off between tries).

@@ -74,7 +74,46 @@ impl Backoff {
     }
 }
 
+/// How a call to the leader ended.
+enum LeaderCall {
+    Replied(Vec<u8>),
+    /// Try again (maybe elsewhere): the call failed, or this node stopped believing in that
+    /// leader while waiting (a dead leader's connection may only fail at the idle timeout).
+    Retry(String),
+    /// The caller's deadline passed.
+    TimedOut,
+}
+
 impl Replica {
+    /// Call `leader`, giving up early when this node's view of the leader changes (an election
+    /// after the leader died), so the retry goes to the new leader instead of waiting for a dead
+    /// connection until the deadline.
+    async fn call_leader(&self, leader: NodeId, addr: &str, kind: RpcKind, body: Vec<u8>, deadline: Instant) -> LeaderCall {
+        let call = self.transport.call(leader, addr, kind, body);
+        tokio::pin!(call);
+        let mut metrics = self.raft.metrics();
+        loop {
+            tokio::select! {
+                r = &mut call => {
+                    return match r {
+                        Ok(bytes) => LeaderCall::Replied(bytes),
+                        Err(e) => LeaderCall::Retry(format!("leader {leader}: {e}")),
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => return LeaderCall::TimedOut,
+                changed = metrics.changed() => {
+                    if changed.is_err() {
+                        return LeaderCall::Retry("raft stopped".into());
+                    }
+                    let now = metrics.borrow().current_leader;
+                    if now != Some(leader) {
+                        return LeaderCall::Retry(format!("leader changed from {leader} to {now:?} during the call"));
+                    }
+                }
+            }
+        }
+    }
+
     /// The leader this node knows of and its address from the membership.
     fn leader(&self) -> Option<(NodeId, String)> {
         let m = self.raft.metrics().borrow().clone();
@@ -165,15 +204,14 @@ impl Replica {
         addr: &str,
         deadline: Instant,
     ) -> Result<Vec<CommandResult>, Attempt> {
-        let call = self.transport.call(leader, addr, RpcKind::Forward, body);
-        let reply = match tokio::time::timeout_at(deadline, call).await {
-            Err(_) => {
+        let reply = match self.call_leader(leader, addr, RpcKind::Forward, body, deadline).await {
+            LeaderCall::Replied(bytes) => bytes,
+            LeaderCall::Retry(why) => return Err(Attempt::Retry(why)),
+            LeaderCall::TimedOut => {
                 return Err(Attempt::Fail(ProposeError::Unavailable(format!(
                     "leader {leader} did not answer in time (no quorum, or unreachable)"
                 ))))
             }
-            Ok(Err(e)) => return Err(Attempt::Retry(format!("leader {leader}: {e}"))),
-            Ok(Ok(bytes)) => bytes,
         };
         let reply: ForwardReply = decode(&reply)
             .map_err(|e| Attempt::Retry(format!("leader {leader} sent an undecodable reply: {}", e.0)))?;
@@ -239,10 +277,10 @@ impl Replica {
                 },
                 Some((leader, addr)) => {
                     let body = encode(&()).map_err(|e| e.0)?;
-                    match tokio::time::timeout_at(deadline, self.transport.call(leader, &addr, RpcKind::ReadIndex, body)).await {
-                        Err(_) => format!("leader {leader} did not answer in time"),
-                        Ok(Err(e)) => format!("leader {leader}: {e}"),
-                        Ok(Ok(bytes)) => match decode::<ReadIndexReply>(&bytes) {
+                    match self.call_leader(leader, &addr, RpcKind::ReadIndex, body, deadline).await {
+                        LeaderCall::TimedOut => format!("leader {leader} did not answer in time"),
+                        LeaderCall::Retry(why) => why,
+                        LeaderCall::Replied(bytes) => match decode::<ReadIndexReply>(&bytes) {
                             Ok(Ok(i)) => return Ok(i),
                             Ok(Err(r)) => format!("node {leader}: {r}"),
                             Err(e) => format!("leader {leader} sent an undecodable reply: {}", e.0),

@@ -78,6 +78,10 @@ pub const SNAPSHOT_LOG_BYTES_MAX: u64 = 256 * 1024 * 1024;
 pub const SNAPSHOT_LOG_KEEP_ENTRIES: u64 = 500;
 /// Snapshot chunk per install_snapshot RPC.
 pub const SNAPSHOT_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
+/// A read barrier waits at most this long (or the propose timeout, if shorter) for the read
+/// index; then the read is served from the local replica (design decision 10: reads go on without
+/// quorum). An election after a leader failure takes 0.4-0.8 s (the election timeout) plus a vote.
+pub const READ_BARRIER_WAIT_MS: u64 = 1_000;
 /// Sequence numbers: (incarnation << 40) | counter.
 const SEQ_COUNTER_BITS: u32 = 40;
 /// `propose` waits this much past its deadline for the batcher's answer, so that the batcher's
@@ -523,7 +527,7 @@ impl Replica {
         if self.sole_voter() {
             return Ok(());
         }
-        let deadline = Instant::now() + self.cfg.propose_timeout;
+        let deadline = Instant::now() + self.cfg.propose_timeout.min(Duration::from_millis(READ_BARRIER_WAIT_MS));
         let index = self.coalesced_read_index(deadline).await?;
         self.wait_applied(index, deadline).await
     }
