@@ -252,8 +252,12 @@ impl Replica {
         self.local_read_index(Instant::now() + self.cfg.propose_timeout).await
     }
 
-    /// This node's own read index if it leads.
+    /// This node's own read index if it leads: from its lease when a quorum acknowledged it
+    /// recently (no round), otherwise confirmed with a heartbeat round.
     async fn local_read_index(&self, deadline: Instant) -> ReadIndexReply {
+        if let Some(index) = self.leased_read_index() {
+            return Ok(index);
+        }
         match tokio::time::timeout_at(deadline, self.raft.get_read_log_id()).await {
             Err(_) => Err(Refusal::Unavailable(format!("leader {} could not confirm leadership in time (no quorum)", self.node_id))),
             Ok(Ok((read, applied))) => Ok(read.max(applied).map(|l| l.index).unwrap_or(0)),
@@ -316,9 +320,64 @@ impl Replica {
     }
 }
 
+impl Replica {
+    /// The read index without a round, if this node leads and a quorum acknowledged it less than
+    /// `LEADER_LEASE_MS` ago: the highest index a majority of voters has (the leader counts its
+    /// own last log index), which is at least the commit index.
+    fn leased_read_index(&self) -> Option<u64> {
+        let acked = (*self.reads.quorum_acked.lock().unwrap_or_else(|e| e.into_inner()))?;
+        if acked.elapsed() >= Duration::from_millis(LEADER_LEASE_MS) {
+            return None;
+        }
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        if m.state != openraft::ServerState::Leader || m.current_leader != Some(self.node_id) {
+            return None;
+        }
+        let replication = m.replication.as_ref()?;
+        let mut matched: Vec<u64> = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .map(|v| {
+                if v == self.node_id {
+                    m.last_log_index.unwrap_or(0)
+                } else {
+                    replication.get(&v).cloned().flatten().map(|l| l.index).unwrap_or(0)
+                }
+            })
+            .collect();
+        if matched.is_empty() {
+            return None;
+        }
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        let majority = matched[matched.len() / 2];
+        Some(majority.max(m.last_applied.map(|l| l.index).unwrap_or(0)))
+    }
+}
+
+/// A leader answers the read index from its own knowledge, without a heartbeat round, while a
+/// quorum acknowledged it less than this long ago: half the minimum election timeout, so no other
+/// node can have been elected meanwhile even with some clock drift (a lease read).
+pub const LEADER_LEASE_MS: u64 = super::ELECTION_TIMEOUT_MIN_MS / 2;
+
+/// Keeps `ReadRounds::quorum_acked` current: openraft reports "milliseconds since a quorum
+/// acknowledged the leader" in its metrics, computed when the metrics were sent; this turns it
+/// into an instant as soon as each report arrives.
+pub(super) async fn track_lease(replica: std::sync::Weak<Replica>, mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, openraft::BasicNode>>) {
+    while metrics.changed().await.is_ok() {
+        let Some(r) = replica.upgrade() else { return };
+        let ms = metrics.borrow().millis_since_quorum_ack;
+        let at = ms.and_then(|ms| std::time::Instant::now().checked_sub(Duration::from_millis(ms)));
+        *r.reads.quorum_acked.lock().unwrap_or_else(|e| e.into_inner()) = at;
+    }
+}
+
 /// State of read-index coalescing.
 #[derive(Default)]
 pub(super) struct ReadRounds {
+    /// When a quorum last acknowledged this node as leader (see `track_lease`).
+    quorum_acked: Mutex<Option<std::time::Instant>>,
     /// Callers that have asked so far (a caller's ticket is the count after its arrival).
     arrived: AtomicU64,
     /// One round at a time (FIFO).

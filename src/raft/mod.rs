@@ -362,6 +362,8 @@ impl Replica {
         });
         let batcher = tokio::spawn(batcher(Arc::downgrade(&replica), rx));
         replica.push_task(batcher);
+        let lease = tokio::spawn(forward::track_lease(Arc::downgrade(&replica), replica.raft.metrics()));
+        replica.push_task(lease);
         Ok((replica, bytes_appended))
     }
 
@@ -686,7 +688,7 @@ async fn batcher(replica: Weak<Replica>, mut rx: tokio::sync::mpsc::Receiver<Pen
                 seq: first_seq + i as u64,
                 time: p.time,
                 caller: p.caller,
-                content_hash: crate::state::sha256(p.op.payload()),
+                content_hash: p.op.content_hash(),
                 op: p.op,
             });
             replies.push(p.reply);
