@@ -39,6 +39,8 @@ pub use ops::Ops;
 /// this mount, so the kernel's cache stays coherent; other nodes' changes will be invalidated
 /// explicitly (design decision 8).
 const TTL: Duration = Duration::from_secs(1);
+/// How long the end of the session waits for deferred times setattrs to be committed.
+const DESTROY_DEFERRED_WAIT_MS: u64 = 10_000;
 /// Inode numbers are never reused (they come from a counter in the state), so one generation.
 const GENERATION: Generation = Generation(0);
 
@@ -154,6 +156,20 @@ impl Filesystem for PickboxFs {
         Ok(())
     }
 
+    /// The session ends (unmount): store deferred times setattrs while the replica still runs.
+    /// Runs on the session thread, not on the runtime, so it may block (bounded).
+    fn destroy(&mut self) {
+        let ops = self.ops.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.rt.spawn(async move {
+            ops.propose_deferred().await;
+            let _ = tx.send(());
+        });
+        if rx.recv_timeout(Duration::from_millis(DESTROY_DEFERRED_WAIT_MS)).is_err() {
+            tracing::warn!("deferred times setattrs not stored before unmount");
+        }
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         // A name the kernel does not cache: answer from a replica that has caught up with the
         // leader (a file created on another node is found at once). Not waiting for the
@@ -197,14 +213,31 @@ impl Filesystem for PickboxFs {
     ) {
         // ctime is always the command's time; crtime/chgtime/bkuptime/flags are macOS-only.
         let (atime, mtime) = (set_time(atime), set_time(mtime));
-        if self.writeback && mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() {
-            // The kernel writing back the mtime the state already has (see `unchanged_mtime`):
-            // answer from the local replica, no Raft round.
-            if let Some(inode) = mtime.as_ref().and_then(|m| self.ops.unchanged_mtime(ino.0, m)) {
-                return reply.attr(&TTL, &attr::file_attr(&inode));
+        if self.writeback && mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && (atime.is_some() || mtime.is_some()) {
+            // The kernel writing back the times the inode has (or will have, once a deferred
+            // setattr is stored; see `unchanged_times`): answer locally, no Raft round.
+            match self.ops.unchanged_times(ino.0, atime.as_ref(), mtime.as_ref()) {
+                Some(Ok(inode)) => return reply.attr(&TTL, &attr::file_attr(&inode)),
+                Some(Err(e)) => return reply.error(self.ops.errno_of(&e)),
+                None => {}
             }
         }
         let caller = who(req, true);
+        if self.writeback && mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() {
+            // The kernel's mtime after writing back this node's write, or explicit times set
+            // right after it: answered now, stored with the next proposal (`Ops::defer_times`).
+            if let Some(inode) = self.ops.defer_times(&caller, ino.0, atime.as_ref(), mtime.as_ref()) {
+                reply.attr(&TTL, &attr::file_attr(&inode));
+                if self.ops.arm_deferred_timer() {
+                    let ops = self.ops.clone();
+                    self.spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(ops::DEFERRED_TIMES_MS)).await;
+                        ops.propose_deferred().await;
+                    });
+                }
+                return;
+            }
+        }
         let ops = self.ops.clone();
         self.spawn(async move {
             match ops.setattr(caller, ino.0, mode, uid, gid, size, atime, mtime).await {
@@ -406,7 +439,17 @@ impl Filesystem for PickboxFs {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.barrier(ino, reply);
+        // The kernel sent its mtime as a setattr just before (maybe deferred): store it first.
+        // The barrier is taken here, so it covers only the writes that came before the fsync.
+        let wait = self.ops.writes.barrier(ino.0);
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            ops.propose_deferred().await;
+            if let Some(wait) = wait {
+                wait.await;
+            }
+            reply.ok();
+        });
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {

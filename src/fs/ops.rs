@@ -3,6 +3,7 @@
 //! Reads are served from a local read view of the replica. Mutations become one `Op` each and are
 //! proposed through Raft; they return once the command is committed and applied on this node.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use crate::config::{NAME_BYTES_MAX, READDIR_BATCH_MAX, SYMLINK_BYTES_MAX, XATTR_
 use crate::raft::Replica;
 use crate::state::{
     Caller, Errno, FallocMode, FileKind, Ino, Inode, Op, Outcome, RenameFlags, SetTime, StateRead,
-    XattrFlags,
+    Timespec, XattrFlags,
 };
 
 use crate::state::content;
@@ -25,6 +26,14 @@ use super::inflight::InFlight;
 pub const SPACE_RESERVE_BYTES: u64 = 64 * 1024 * 1024;
 /// The "nearly full" warning is logged at most once per this many seconds.
 const SPACE_WARN_INTERVAL_S: u64 = 10;
+/// A deferred times setattr (see `defer_times`) is proposed at the latest this long after it
+/// was answered, if no other proposal of this node carried it along before.
+pub const DEFERRED_TIMES_MS: u64 = 20;
+/// Most deferred times setattrs held at once; beyond that a setattr is proposed at once.
+const DEFERRED_TIMES_MAX: usize = 1024;
+/// Most inodes whose last change was this node's own write are remembered (cleared when full;
+/// the cost is that a setattr is proposed at once instead of deferred).
+const OWN_WRITES_MAX: usize = 4096;
 /// `st_blksize`/`f_bsize` we report in statfs.
 pub const STATFS_BLOCK_BYTES: u64 = 4096;
 /// Cookie of `.` in readdir; `..` is `DOTDOT_COOKIE`; entries have cookies above both.
@@ -75,6 +84,41 @@ pub struct Ops {
     fatal: tokio::sync::watch::Sender<Option<String>>,
     /// This node has (or may get) peers: other nodes change files behind the kernel's back.
     clustered: bool,
+    /// Renames hold this shared while they are in flight; a removal proposed without
+    /// `origin_open` (see `fast_removal`) holds it exclusively, so no rename from this node can
+    /// move another inode under the name between reading its target and applying the removal.
+    names: tokio::sync::RwLock<()>,
+    /// The mtime this node's own last write gave an inode (see `defer_times`).
+    own_writes: std::sync::Mutex<HashMap<Ino, Timespec>>,
+    /// Answered times setattrs not proposed yet, in arrival order (one per inode, merged).
+    deferred: std::sync::Mutex<Vec<Deferred>>,
+    /// A task that proposes `deferred` after `DEFERRED_TIMES_MS` is scheduled.
+    deferred_timer: std::sync::atomic::AtomicBool,
+}
+
+/// A setattr of times answered before it is proposed (see `Ops::defer_times`).
+#[derive(Clone, Debug)]
+struct Deferred {
+    caller: Caller,
+    ino: Ino,
+    atime: Option<Timespec>,
+    mtime: Option<Timespec>,
+}
+
+/// A removal of a name that is proposed with `origin_open: false` (one Raft round instead of the
+/// removal plus a Release): the name's inode is not open on this node, which is the only
+/// registered node, and is claimed (new opens of it are refused) until the removal is applied.
+/// Dropping it ends the claim and lets renames go on.
+struct FastRemoval<'a> {
+    _names: tokio::sync::RwLockWriteGuard<'a, ()>,
+    handles: &'a Handles,
+    ino: Ino,
+}
+
+impl Drop for FastRemoval<'_> {
+    fn drop(&mut self) {
+        self.handles.unclaim(self.ino);
+    }
 }
 
 /// A name as the state accepts it: 1..=NAME_BYTES_MAX bytes, no `/` or NUL.
@@ -109,6 +153,10 @@ impl Ops {
             space_warned_s: AtomicU64::new(0),
             fatal: tokio::sync::watch::Sender::new(None),
             clustered: false,
+            names: tokio::sync::RwLock::new(()),
+            own_writes: std::sync::Mutex::new(HashMap::new()),
+            deferred: std::sync::Mutex::new(Vec::new()),
+            deferred_timer: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -161,10 +209,17 @@ impl Ops {
             return Err(Errno::NotDir.into());
         }
         let entry = r.entry(parent, name)?.ok_or(FsError::Fs(Errno::NoEnt))?;
-        Self::inode_in(&*r, entry.ino)
+        Ok(self.with_deferred(Self::inode_in(&*r, entry.ino)?))
     }
 
+    /// The inode's attributes, with the times of a deferred setattr (see `defer_times`) that
+    /// was answered already.
     pub fn getattr(&self, ino: Ino) -> FsResult<Inode> {
+        Ok(self.with_deferred(self.stored_attr(ino)?))
+    }
+
+    /// The inode's attributes as the state holds them.
+    fn stored_attr(&self, ino: Ino) -> FsResult<Inode> {
         Self::inode_in(&*self.view()?, ino)
     }
 
@@ -224,7 +279,7 @@ impl Ops {
                 cursor = e.cookie;
                 let inode = if plus {
                     match r.inode(e.ino)? {
-                        Some(inode) => Some(inode),
+                        Some(inode) => Some(self.with_deferred(inode)),
                         None => {
                             // Cannot happen in a consistent state; skip rather than list a dangling name.
                             tracing::warn!(dir = ino, ino = e.ino, "directory entry without an inode");
@@ -431,9 +486,16 @@ impl Ops {
 
     // ---- mutations: one proposed command each ----
 
+    /// Propose `op`, with any deferred times setattrs queued just before it (same batch; they
+    /// come first, so a later change of the same inode wins).
     async fn propose(&self, caller: Caller, op: Op) -> FsResult<Outcome> {
         tracing::debug!(op = op_kind(&op), "proposing");
-        Ok(self.replica.propose(caller, op).await?)
+        let taken = std::mem::take(&mut *self.deferred());
+        if taken.is_empty() {
+            return Ok(self.replica.propose(caller, op).await?);
+        }
+        let ((), outcome) = tokio::join!(self.propose_all(taken), self.replica.propose(caller, op));
+        Ok(outcome?)
     }
 
     /// The inode a command returned, or (for an outcome without one) the inode as read now.
@@ -496,8 +558,38 @@ impl Ops {
         Ok(self.view()?.entry(parent, name)?.map(|e| e.ino))
     }
 
+    /// Whether removing `(parent, name)` can skip `origin_open`: only if no other node is
+    /// registered (no other node can hold the inode open, and a node that registers before the
+    /// removal applies is made to release it like any other), no handle here holds it, and no
+    /// other removal or rename of this node is in flight (then this one falls back to the
+    /// two-round path rather than wait). The claim refuses opens of the inode until the removal
+    /// is applied: an open racing with it is ordered after it (ENOENT), even if the removal then
+    /// fails (a concurrent unlink without permission: that open fails spuriously).
+    fn fast_removal(&self, parent: Ino, name: &[u8]) -> FsResult<Option<FastRemoval<'_>>> {
+        let Ok(guard) = self.names.try_write() else { return Ok(None) };
+        let r = self.view()?;
+        let Some(entry) = r.entry(parent, name)? else { return Ok(None) };
+        if entry.kind == FileKind::Dir {
+            return Ok(None);
+        }
+        let me = self.replica.node_id();
+        if !r.meta()?.nodes.iter().all(|n| *n == me) {
+            return Ok(None);
+        }
+        drop(r);
+        if !self.handles.claim_if_closed(entry.ino) {
+            return Ok(None);
+        }
+        Ok(Some(FastRemoval { _names: guard, handles: &self.handles, ino: entry.ino }))
+    }
+
     pub async fn unlink(&self, caller: Caller, parent: Ino, name: Vec<u8>) -> FsResult<()> {
         check_name(&name)?;
+        if let Some(fast) = self.fast_removal(parent, &name)? {
+            self.propose(caller, Op::Unlink { parent, name, origin_open: false }).await?;
+            drop(fast);
+            return Ok(());
+        }
         let target = self.target(parent, &name)?;
         self.propose(caller, Op::Unlink { parent, name, origin_open: true }).await?;
         self.release_removed(target);
@@ -524,6 +616,15 @@ impl Ops {
         if flags.noreplace && flags.exchange {
             return Err(Errno::Inval.into());
         }
+        if !flags.exchange {
+            if let Some(fast) = self.fast_removal(new_parent, &new_name)? {
+                let op = Op::Rename { parent, name, new_parent, new_name, flags, origin_open: false };
+                self.propose(caller, op).await?;
+                drop(fast);
+                return Ok(());
+            }
+        }
+        let _names = self.names.read().await;
         // An exchange removes nothing; otherwise a replaced target may be open here (or be opened
         // while the rename is in flight): the state keeps it as an orphan until released.
         let target = if flags.exchange { None } else { self.target(new_parent, &new_name)? };
@@ -533,14 +634,123 @@ impl Ops {
         Ok(())
     }
 
-    /// The inode, if a setattr of only `mtime` asks for the mtime it already has. With the
-    /// writeback cache the kernel sends its cached mtime (and ctime) as a setattr when it writes
-    /// the inode back: on close, and again around a rename or unlink of the file. After the first
-    /// one the state holds exactly that mtime, so the repeats would cost a Raft round each to
-    /// change nothing but ctime (which the kernel keeps itself while it caches the file).
-    pub fn unchanged_mtime(&self, ino: Ino, mtime: &SetTime) -> Option<Inode> {
-        let SetTime::At(t) = mtime else { return None };
-        self.getattr(ino).ok().filter(|inode| inode.mtime == *t)
+    /// Remember the mtime this node's write just gave `inode`.
+    fn note_own_write(&self, inode: &Inode) {
+        let mut m = self.own_writes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if m.len() >= OWN_WRITES_MAX && !m.contains_key(&inode.ino) {
+            m.clear();
+        }
+        m.insert(inode.ino, inode.mtime);
+    }
+
+    fn deferred(&self) -> std::sync::MutexGuard<'_, Vec<Deferred>> {
+        self.deferred.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// `inode` with the times a deferred setattr of it will give it (what it will hold).
+    fn with_deferred(&self, mut inode: Inode) -> Inode {
+        let deferred = self.deferred();
+        if deferred.is_empty() {
+            return inode;
+        }
+        if let Some(d) = deferred.iter().find(|d| d.ino == inode.ino) {
+            inode.atime = d.atime.unwrap_or(inode.atime);
+            inode.mtime = d.mtime.unwrap_or(inode.mtime);
+        }
+        inode
+    }
+
+    /// The inode, if a setattr of only times (with the writeback cache) needs no Raft round:
+    /// each given time is the one the inode holds already, counting a deferred setattr still
+    /// waiting (see `defer_times`); the kernel sends its cached mtime again whenever it writes
+    /// the inode back, for example around a rename. `Some(Err(ENOENT))` for an inode that is
+    /// gone: the kernel writes back the times of an unlinked file when it evicts it, after the
+    /// unlink freed it; inode numbers are never reused, so a proposal could only fail the same
+    /// way.
+    pub fn unchanged_times(&self, ino: Ino, atime: Option<&SetTime>, mtime: Option<&SetTime>) -> Option<FsResult<Inode>> {
+        let inode = match self.getattr(ino) {
+            Ok(inode) => inode,
+            Err(FsError::Fs(Errno::NoEnt)) => return Some(Err(Errno::NoEnt.into())),
+            Err(_) => return None,
+        };
+        let same = |given: Option<&SetTime>, have: &Timespec| match given {
+            None => true,
+            Some(SetTime::At(t)) => t == have,
+            Some(SetTime::Now) => false,
+        };
+        (same(mtime, &inode.mtime) && same(atime, &inode.atime)).then_some(Ok(inode))
+    }
+
+    /// With the writeback cache the kernel owns mtime and ctime of a cached regular file: after
+    /// writing the dirty pages back (WRITE, whose command sets mtime to the command's time) it
+    /// sends its own mtime, taken at write(2), as a setattr, and close(2) waits for it; tar and
+    /// cp -p then set both times explicitly. Such a setattr is answered at once (with the times
+    /// it sets) and proposed later, together with the next proposal of this node (one log
+    /// entry, one fsync: a create loop pays 2 rounds per file, not 3), or after
+    /// `DEFERRED_TIMES_MS`, or at fsync or unmount. Only when its outcome is certain: explicit
+    /// times (not "now") for a regular file whose last change was this node's own write (so the
+    /// kernel holds it cached and shows its own mtime/ctime), set by its owner or root (allowed
+    /// to set times). A crash in that window keeps the write's own mtime. Returns the inode to
+    /// answer with, or `None`: propose now.
+    pub fn defer_times(&self, caller: &Caller, ino: Ino, atime: Option<&SetTime>, mtime: Option<&SetTime>) -> Option<Inode> {
+        let explicit = |t: Option<&SetTime>| match t {
+            None => Some(None),
+            Some(SetTime::At(t)) => Some(Some(*t)),
+            Some(SetTime::Now) => None,
+        };
+        let (atime, mtime) = (explicit(atime)?, explicit(mtime)?);
+        if atime.is_none() && mtime.is_none() {
+            return None;
+        }
+        let inode = self.stored_attr(ino).ok()?;
+        if inode.kind != FileKind::File || !(caller.uid == 0 || caller.uid == inode.uid) {
+            return None;
+        }
+        let own = self.own_writes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&ino).copied();
+        if own != Some(inode.mtime) {
+            return None;
+        }
+        {
+            let mut d = self.deferred();
+            if let Some(e) = d.iter_mut().find(|e| e.ino == ino) {
+                e.caller = caller.clone();
+                e.atime = atime.or(e.atime);
+                e.mtime = mtime.or(e.mtime);
+            } else if d.len() < DEFERRED_TIMES_MAX {
+                d.push(Deferred { caller: caller.clone(), ino, atime, mtime });
+            } else {
+                return None;
+            }
+        }
+        Some(self.with_deferred(inode))
+    }
+
+    /// True if the caller should schedule `propose_deferred` after `DEFERRED_TIMES_MS` (no such
+    /// task is scheduled yet).
+    pub fn arm_deferred_timer(&self) -> bool {
+        !self.deferred_timer.swap(true, Ordering::AcqRel)
+    }
+
+    /// Propose every deferred times setattr now (the timer, fsync, unmount).
+    pub async fn propose_deferred(&self) {
+        self.deferred_timer.store(false, Ordering::Release);
+        let taken = std::mem::take(&mut *self.deferred());
+        self.propose_all(taken).await;
+    }
+
+    /// Propose `taken` (deferred setattrs) concurrently: each is queued on its first poll, in
+    /// order, so they join the same batch as a proposal polled right after them.
+    async fn propose_all(&self, taken: Vec<Deferred>) {
+        let proposals = taken.into_iter().map(|d| async move {
+            let (atime, mtime) = (d.atime.map(SetTime::At), d.mtime.map(SetTime::At));
+            let op = Op::SetAttr { ino: d.ino, perm: None, uid: None, gid: None, size: None, atime, mtime };
+            tracing::debug!(op = "SetAttr", ino = d.ino, "proposing deferred");
+            if let Err(e) = self.replica.propose(d.caller, op).await {
+                // ENOENT: the file was removed meanwhile; anything else keeps the write's mtime.
+                tracing::debug!(ino = d.ino, error = %e, "deferred times not stored");
+            }
+        });
+        futures::future::join_all(proposals).await;
     }
 
     #[allow(clippy::too_many_arguments)] // reason: one parameter per attribute setattr can change
@@ -570,7 +780,10 @@ impl Ops {
     pub async fn write(&self, caller: Caller, ino: Ino, offset: u64, data: Vec<u8>, append: bool) -> FsResult<u64> {
         self.check_space(data.len() as u64)?;
         match self.propose(caller, Op::Write { ino, offset, data, append }).await? {
-            Outcome::Written { len, .. } => Ok(len),
+            Outcome::Written { len, attr } => {
+                self.note_own_write(&attr);
+                Ok(len)
+            }
             other => {
                 tracing::error!(?other, "write returned an unexpected outcome");
                 Err(Errno::Io.into())
@@ -778,7 +991,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unlink_and_replacing_rename_free_closed_files() {
         let (ops, replica, _dir) = ops().await;
-        // Unlink proposes origin_open always; the release follows at once when nothing is open.
+        // Unlink of a closed file on the only node frees it in the same command (origin_open
+        // false), otherwise the release follows at once when nothing is open.
         let (a, fh) = ops.create(me(), ROOT_INO, b"a".to_vec(), 0o600, libc::O_RDWR).await.unwrap();
         ops.release(fh).await;
         ops.unlink(me(), ROOT_INO, b"a".to_vec()).await.unwrap();
@@ -798,6 +1012,71 @@ mod tests {
         ops.unlink(me(), ROOT_INO, b"d".to_vec()).await.unwrap();
         until_freed(&ops, c.ino).await;
         assert!(replica.read().unwrap().orphans().unwrap().is_empty());
+        replica.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn removal_of_a_closed_file_on_the_only_node_frees_it_at_once() {
+        let (ops, replica, _dir) = ops().await;
+        let (a, fh) = ops.create(me(), ROOT_INO, b"a".to_vec(), 0o600, libc::O_RDWR).await.unwrap();
+        ops.release(fh).await;
+        ops.unlink(me(), ROOT_INO, b"a".to_vec()).await.unwrap();
+        // No poll: the Unlink itself freed it (no orphan record, no Release round).
+        assert!(matches!(ops.getattr(a.ino), Err(FsError::Fs(Errno::NoEnt))));
+        assert!(ops.open(a.ino, libc::O_RDONLY).is_err(), "claim ended, inode gone");
+        let (b, fh) = ops.create(me(), ROOT_INO, b"b".to_vec(), 0o600, libc::O_RDWR).await.unwrap();
+        ops.release(fh).await;
+        let (c, fh) = ops.create(me(), ROOT_INO, b"c".to_vec(), 0o600, libc::O_RDWR).await.unwrap();
+        ops.release(fh).await;
+        ops.rename(me(), ROOT_INO, b"c".to_vec(), ROOT_INO, b"b".to_vec(), RenameFlags::default()).await.unwrap();
+        assert!(matches!(ops.getattr(b.ino), Err(FsError::Fs(Errno::NoEnt))), "replaced file freed by the rename");
+        assert_eq!(ops.lookup(ROOT_INO, b"b").unwrap().ino, c.ino);
+        // A file open here still becomes an orphan that the last close releases.
+        let fh = ops.open(c.ino, libc::O_RDONLY).unwrap();
+        ops.unlink(me(), ROOT_INO, b"b".to_vec()).await.unwrap();
+        assert!(replica.read().unwrap().orphan(c.ino).unwrap().is_some());
+        assert!(ops.getattr(c.ino).is_ok());
+        ops.release(fh).await;
+        assert!(replica.read().unwrap().orphans().unwrap().is_empty());
+        assert!(ops.open(c.ino, libc::O_RDONLY).is_err());
+        replica.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deferred_mtime_is_stored_with_the_next_proposal() {
+        let (ops, replica, _dir) = ops().await;
+        let (f, fh) = ops.create(me(), ROOT_INO, b"f".to_vec(), 0o644, libc::O_RDWR).await.unwrap();
+        let t = Timespec { sec: 1_000, nsec: 7 };
+        assert!(ops.defer_times(&me(), f.ino, None, Some(&SetTime::At(t))).is_none(), "no own write yet");
+        ops.write(me(), f.ino, 0, b"x".to_vec(), false).await.unwrap();
+        let stranger = Caller { uid: 1000, gid: 1000, groups: Vec::new(), pid: 1 };
+        assert!(ops.defer_times(&stranger, f.ino, None, Some(&SetTime::At(t))).is_none(), "only the owner or root");
+        assert!(ops.defer_times(&me(), f.ino, None, Some(&SetTime::Now)).is_none());
+        let shown = ops.defer_times(&me(), f.ino, None, Some(&SetTime::At(t))).expect("deferred");
+        assert_eq!(shown.mtime, t, "answered with the time it sets");
+        assert_ne!(ops.stored_attr(f.ino).unwrap().mtime, t, "not stored yet");
+        assert_eq!(ops.getattr(f.ino).unwrap().mtime, t, "but shown");
+        assert!(matches!(ops.unchanged_times(f.ino, None, Some(&SetTime::At(t))), Some(Ok(_))), "the repeat is local");
+        assert!(ops.unchanged_times(f.ino, None, Some(&SetTime::At(Timespec { sec: 5, nsec: 0 }))).is_none());
+        // The next proposal carries it, before its own command.
+        ops.make_node(me(), ROOT_INO, b"g".to_vec(), FileKind::File, 0o644, 0).await.unwrap();
+        assert_eq!(ops.getattr(f.ino).unwrap().mtime, t);
+        // The timer path; a later write of the same inode wins over a deferred mtime.
+        ops.write(me(), f.ino, 0, b"y".to_vec(), false).await.unwrap();
+        ops.defer_times(&me(), f.ino, None, Some(&SetTime::At(t))).expect("deferred");
+        ops.write(me(), f.ino, 1, b"z".to_vec(), false).await.unwrap();
+        assert!(ops.getattr(f.ino).unwrap().mtime > t);
+        ops.defer_times(&me(), f.ino, None, Some(&SetTime::At(t))).expect("deferred");
+        // Explicit atime too (tar, cp -p), merged with the deferred mtime.
+        let a = Timespec { sec: 2_000, nsec: 9 };
+        let shown = ops.defer_times(&me(), f.ino, Some(&SetTime::At(a)), None).expect("deferred");
+        assert_eq!((shown.atime, shown.mtime), (a, t));
+        ops.propose_deferred().await;
+        let stored = ops.getattr(f.ino).unwrap();
+        assert_eq!((stored.atime, stored.mtime), (a, t));
+        ops.release(fh).await;
+        ops.unlink(me(), ROOT_INO, b"f".to_vec()).await.unwrap();
+        assert!(matches!(ops.unchanged_times(f.ino, None, Some(&SetTime::At(t))), Some(Err(FsError::Fs(Errno::NoEnt)))));
         replica.shutdown().await.unwrap();
     }
 

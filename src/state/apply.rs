@@ -13,12 +13,15 @@ use crate::config::{
 };
 
 use super::command::{
-    Command, CommandResult, FallocMode, Op, Outcome, RenameFlags, SetTime, XattrFlags,
+    Command, CommandResult, ContentDigest, FallocMode, Op, Outcome, RenameFlags, SetTime,
+    XattrFlags,
 };
 use super::content::{sha256, Blocks};
 use super::error::Errno;
 use super::txn::{StateWrite, StoreFault, StoreResult};
-use super::types::{DirEntry, FileKind, Ino, Inode, Meta, NodeId, Orphan, Timespec, ROOT_INO};
+use super::types::{
+    DirEntry, FileKind, Hash, Ino, Inode, Meta, NodeId, Orphan, Timespec, ROOT_INO,
+};
 
 /// Set-user-ID bit.
 pub const S_ISUID: u32 = 0o4000;
@@ -48,7 +51,9 @@ pub fn apply<S: StateWrite + ?Sized>(s: &mut S, cmd: &Command) -> StoreResult<Co
         // tell from one that never applied. Neither may apply.
         return Ok(Err(Errno::Stale));
     }
-    let result = if sha256(cmd.op.payload()) != cmd.content_hash {
+    // One pass over the payload: checks it, and gives a write the hashes of its whole blocks.
+    let digest = cmd.op.content_digest();
+    let result = if !content_hash_matches(cmd, &digest) {
         tracing::warn!(
             origin = cmd.origin,
             seq = cmd.seq,
@@ -56,7 +61,7 @@ pub fn apply<S: StateWrite + ?Sized>(s: &mut S, cmd: &Command) -> StoreResult<Co
         );
         Err(Errno::Io)
     } else {
-        run(s, cmd)?
+        run(s, cmd, &digest.pieces)?
     };
     s.put_result(cmd.origin, cmd.seq, &result)?;
     if cmd.seq > max && cmd.seq >= RESULTS_RETAINED_PER_ORIGIN {
@@ -64,6 +69,15 @@ pub fn apply<S: StateWrite + ?Sized>(s: &mut S, cmd: &Command) -> StoreResult<Co
         s.prune_results(cmd.origin, cmd.seq - RESULTS_RETAINED_PER_ORIGIN + 1)?;
     }
     Ok(result)
+}
+
+/// Does the command carry the content hash of its op? A write proposed by a build from before
+/// write hashes were hashes of piece hashes carries SHA-256 of its data; such an entry may still
+/// be replayed from a log, so it is accepted too (corrupted data matches neither). This costs a
+/// second pass only when the first does not match.
+fn content_hash_matches(cmd: &Command, digest: &ContentDigest) -> bool {
+    digest.hash == cmd.content_hash
+        || (matches!(cmd.op, Op::Write { .. }) && sha256(cmd.op.payload()) == cmd.content_hash)
 }
 
 /// Why an op stopped: a deterministic errno, or a store fault.
@@ -86,11 +100,16 @@ impl From<StoreFault> for Fail {
 
 type Step<T> = Result<T, Fail>;
 
-fn run<S: StateWrite + ?Sized>(s: &mut S, cmd: &Command) -> StoreResult<CommandResult> {
+fn run<S: StateWrite + ?Sized>(
+    s: &mut S,
+    cmd: &Command,
+    pieces: &[Hash],
+) -> StoreResult<CommandResult> {
     let meta = s.meta()?;
     let mut tx = Tx {
         s,
         cmd,
+        pieces,
         meta0: meta.clone(),
         meta,
         dirty: BTreeMap::new(),
@@ -132,6 +151,8 @@ fn is_dot(name: &[u8]) -> bool {
 struct Tx<'a, S: StateWrite + ?Sized> {
     s: &'a mut S,
     cmd: &'a Command,
+    /// The checked piece hashes of a write's data (`ContentDigest::pieces`).
+    pieces: &'a [Hash],
     meta0: Meta,
     meta: Meta,
     /// Changed inodes (`None` = freed).
@@ -884,6 +905,7 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         if data.len() > WRITE_BYTES_MAX {
             return Err(Errno::Inval.into());
         }
+        let proposed = offset;
         let offset = if append { inode.size } else { offset };
         let len = data.len() as u64;
         match offset.checked_add(len) {
@@ -897,7 +919,11 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
             });
         }
         self.begin();
-        self.blocks().write(&mut inode, offset, data)?;
+        // The pieces were cut at the proposed offset; an append that lands at another place
+        // within a block is cut differently, and its blocks are hashed as they are stored.
+        let pieces = (offset % BLOCK_BYTES == proposed % BLOCK_BYTES).then_some(self.pieces);
+        self.blocks()
+            .write_hashed(&mut inode, offset, data, pieces)?;
         self.finish_write(inode, offset + len, len)
     }
 

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::content::{hash_of_hashes, piece_hashes, sha256};
 use super::error::Errno;
 use super::types::{Caller, FileKind, Hash, Ino, Inode, NodeId, Timespec};
 
@@ -16,7 +17,8 @@ pub struct Command {
     pub time: Timespec,
     /// Who asked.
     pub caller: Caller,
-    /// SHA-256 of the op's payload bytes (`Op::payload`); apply recomputes it and rejects a mismatch.
+    /// The hash of the op's payload bytes (`Op::payload`), as `Op::content_hash` defines it; apply
+    /// recomputes it and rejects a mismatch.
     pub content_hash: Hash,
     pub op: Op,
 }
@@ -138,6 +140,44 @@ impl Op {
             | Op::CopyRange { .. }
             | Op::RemoveXattr { .. }
             | Op::Release { .. } => &[],
+        }
+    }
+}
+
+/// An op's content hash, with the pieces it was made of (apply stores whole blocks under them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContentDigest {
+    /// What `Command::content_hash` must be.
+    pub hash: Hash,
+    /// For a write, SHA-256 of each piece of its data (`content::write_pieces` at its `offset`);
+    /// empty for other ops.
+    pub pieces: Vec<Hash>,
+}
+
+impl Op {
+    /// `Command::content_hash` for this op: for a write, SHA-256 over the concatenated SHA-256
+    /// hashes of its data cut at the file's block boundaries as seen from `offset`
+    /// (`content::write_pieces`; for an append too, whose real offset only apply knows), so that
+    /// apply checks the data and gets the hashes of the whole blocks it stores in one pass; for
+    /// other ops, SHA-256 of the payload.
+    pub fn content_hash(&self) -> Hash {
+        self.content_digest().hash
+    }
+
+    /// The content hash and, for a write, its piece hashes (one pass over the data).
+    pub fn content_digest(&self) -> ContentDigest {
+        match self {
+            Op::Write { offset, data, .. } => {
+                let pieces = piece_hashes(*offset, data);
+                ContentDigest {
+                    hash: hash_of_hashes(&pieces),
+                    pieces,
+                }
+            }
+            _ => ContentDigest {
+                hash: sha256(self.payload()),
+                pieces: Vec::new(),
+            },
         }
     }
 }

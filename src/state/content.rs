@@ -21,6 +21,32 @@ pub fn sha256(data: &[u8]) -> Hash {
     Sha256::digest(data).into()
 }
 
+/// The pieces a write's data is cut into for its content hash: at the file's block boundaries as
+/// seen from `offset` (the first piece runs to the next boundary, the others are whole blocks, the
+/// last may be short). The proposer knows the cut from `(offset, data)` alone, and apply writing at
+/// that offset stores exactly these pieces as its whole blocks, so it can reuse their hashes.
+pub fn write_pieces(offset: u64, data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let head = ((BLOCK_BYTES - offset % BLOCK_BYTES) as usize).min(data.len());
+    let (first, rest) = data.split_at(head);
+    std::iter::once(first)
+        .filter(|p| !p.is_empty())
+        .chain(rest.chunks(BLOCK_BYTES as usize))
+}
+
+/// SHA-256 of each piece of a write (`write_pieces`), in order.
+pub fn piece_hashes(offset: u64, data: &[u8]) -> Vec<Hash> {
+    write_pieces(offset, data).map(sha256).collect()
+}
+
+/// SHA-256 over the concatenated piece hashes: the content hash of a write.
+pub fn hash_of_hashes(hashes: &[Hash]) -> Hash {
+    let mut h = Sha256::new();
+    for piece in hashes {
+        h.update(piece);
+    }
+    h.finalize().into()
+}
+
 /// The canonical stored form of a block: without its trailing zeros (empty = a hole).
 pub fn canonical(data: &[u8]) -> &[u8] {
     let end = data.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
@@ -184,12 +210,23 @@ impl<S: StateWrite + ?Sized> Blocks<'_, S> {
     fn set(&mut self, inode: &mut Inode, index: u64, data: &[u8]) -> StoreResult<()> {
         debug_assert!(data.len() as u64 <= BLOCK_BYTES);
         let data = canonical(data);
-        let old = self.s.block_hash(inode.ino, index)?;
         let new = if data.is_empty() {
             None
         } else {
             Some(sha256(data))
         };
+        self.set_hashed(inode, index, data, new)
+    }
+
+    /// Make block `index` hold `data`, already canonical, whose hash is `new` (`None`: a hole).
+    fn set_hashed(
+        &mut self,
+        inode: &mut Inode,
+        index: u64,
+        data: &[u8],
+        new: Option<Hash>,
+    ) -> StoreResult<()> {
+        let old = self.s.block_hash(inode.ino, index)?;
         if old == new {
             return Ok(());
         }
@@ -212,23 +249,50 @@ impl<S: StateWrite + ?Sized> Blocks<'_, S> {
 
     /// Write `data` at `offset`. The caller has checked the limits and raises the size.
     pub fn write(&mut self, inode: &mut Inode, offset: u64, data: &[u8]) -> StoreResult<()> {
+        self.write_hashed(inode, offset, data, None)
+    }
+
+    /// Write `data` at `offset`, with `pieces` the hashes of `write_pieces(offset, data)` if the
+    /// caller has them (checked against the command's content hash; for an offset with the same
+    /// remainder modulo BLOCK_BYTES, which cuts alike): a block the write covers whole is then
+    /// stored under its piece's hash without hashing it again. Blocks the write covers in part are
+    /// merged with the old content and hashed as merged.
+    pub fn write_hashed(
+        &mut self,
+        inode: &mut Inode,
+        offset: u64,
+        data: &[u8],
+        pieces: Option<&[Hash]>,
+    ) -> StoreResult<()> {
         let mut done = 0usize;
+        // Each turn writes the next piece of `write_pieces(offset, data)`: the cuts are the same.
+        let mut hashes = pieces.unwrap_or_default().iter();
         while done < data.len() {
+            let known = hashes.next();
             let at = offset + done as u64;
             let index = at / BLOCK_BYTES;
             let within = (at % BLOCK_BYTES) as usize;
             let n = (BLOCK_BYTES as usize - within).min(data.len() - done);
-            let mut block = if within == 0 && n == BLOCK_BYTES as usize {
-                Vec::new()
-            } else {
-                self.load(inode, index)?
-            };
+            let piece = &data[done..done + n];
+            done += n;
+            if within == 0 && n == BLOCK_BYTES as usize {
+                // A whole block: its piece is the block. A piece ending in a zero is not in
+                // canonical form (its hash is not the stored block's), so it is hashed trimmed.
+                match known {
+                    Some(hash) if piece.last() != Some(&0) => {
+                        debug_assert_eq!(*hash, sha256(piece), "piece hashes of another cut");
+                        self.set_hashed(inode, index, piece, Some(*hash))?
+                    }
+                    _ => self.set(inode, index, piece)?,
+                }
+                continue;
+            }
+            let mut block = self.load(inode, index)?;
             if block.len() < within + n {
                 block.resize(within + n, 0);
             }
-            block[within..within + n].copy_from_slice(&data[done..done + n]);
+            block[within..within + n].copy_from_slice(piece);
             self.set(inode, index, &block)?;
-            done += n;
         }
         Ok(())
     }

@@ -32,7 +32,7 @@ fn command(origin: NodeId, seq: u64, time: i64, caller: Caller, op: Op) -> Comma
         seq,
         time: ts(time),
         caller,
-        content_hash: sha256(op.payload()),
+        content_hash: op.content_hash(),
         op,
     }
 }
@@ -367,6 +367,242 @@ fn content_hash_mismatch_is_io_and_recorded() {
     assert_eq!(apply(&mut h.s, &cmd).unwrap(), Err(Errno::Io));
     assert!(h.s.same_namespace(&before));
     assert_eq!(h.s.results.get(&(1, 50)), Some(&Err(Errno::Io)));
+}
+
+/// `len` bytes that differ per `seed` (xorshift; zeros occur, as in real data).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn write_content_hash_is_hash_of_block_piece_hashes() {
+    let b = BLOCK_BYTES as usize;
+    let data = noise(2 * b + 200, 1);
+    // At BLOCK_BYTES - 100 the cut is 100 | block | block | 100.
+    let cuts = [0, 100, 100 + b, 100 + 2 * b, 200 + 2 * b];
+    let mut hashes = Vec::new();
+    for w in cuts.windows(2) {
+        hashes.extend_from_slice(&sha256(&data[w[0]..w[1]]));
+    }
+    let op = |offset: u64, append: bool| Op::Write {
+        ino: 5,
+        offset,
+        data: data.clone(),
+        append,
+    };
+    assert_eq!(op(BLOCK_BYTES - 100, false).content_hash(), sha256(&hashes));
+    // The cut depends on the offset within a block only, append or not.
+    assert_eq!(op(7 * BLOCK_BYTES - 100, true).content_hash(), sha256(&hashes));
+    let digest = op(BLOCK_BYTES - 100, false).content_digest();
+    assert_eq!(digest.pieces.len(), 4);
+    assert_eq!(digest.pieces[1], sha256(&data[100..100 + b]));
+    // Aligned: whole blocks and a short tail.
+    let mut aligned = Vec::new();
+    for piece in data.chunks(b) {
+        aligned.extend_from_slice(&sha256(piece));
+    }
+    assert_eq!(op(3 * BLOCK_BYTES, false).content_hash(), sha256(&aligned));
+    assert_ne!(op(0, false).content_hash(), sha256(&data));
+    // An empty write hashes nothing; other payloads are hashed as they are.
+    let empty = Op::Write {
+        ino: 5,
+        offset: 3,
+        data: Vec::new(),
+        append: false,
+    };
+    assert_eq!(empty.content_hash(), sha256(b""));
+    let xattr = Op::SetXattr {
+        ino: 5,
+        name: b"user.a".to_vec(),
+        value: data.clone(),
+        flags: XattrFlags::Any,
+    };
+    assert_eq!(xattr.content_hash(), sha256(&data));
+    assert!(xattr.content_digest().pieces.is_empty());
+}
+
+#[test]
+fn tampered_write_payload_is_rejected() {
+    let b = BLOCK_BYTES as usize;
+    let mut h = H::new();
+    let f = h.file(ROOT_INO, "f");
+    h.write(f, 0, &noise(4 * b, 2));
+    let offset = BLOCK_BYTES - 100;
+    let data = noise(3 * b + 50, 3);
+    let good = command(
+        1,
+        100,
+        T0 + 50,
+        Caller::root(),
+        Op::Write {
+            ino: f,
+            offset,
+            data: data.clone(),
+            append: false,
+        },
+    );
+    type Tamper = (&'static str, fn(&mut Vec<u8>));
+    let tampers: [Tamper; 5] = [
+        ("a byte of a whole block", |d| d[100 + BLOCK_BYTES as usize + 7] ^= 0x40),
+        ("a byte of the partial head", |d| d[3] ^= 1),
+        ("a byte of the partial tail", |d| *d.last_mut().unwrap() ^= 0x80),
+        ("two whole blocks swapped", |d| {
+            let b = BLOCK_BYTES as usize;
+            let (x, y) = d[100..100 + 2 * b].split_at_mut(b);
+            x.swap_with_slice(y);
+        }),
+        ("the last byte lost", |d| {
+            d.pop();
+        }),
+    ];
+    for (seq, (what, tamper)) in (50u64..).zip(tampers) {
+        let mut cmd = good.clone();
+        cmd.seq = seq;
+        let Op::Write { data, .. } = &mut cmd.op else {
+            unreachable!()
+        };
+        tamper(data);
+        assert_ne!(cmd.op, good.op, "{what}: the tamper changed nothing");
+        let before = h.s.clone();
+        assert_eq!(apply(&mut h.s, &cmd).unwrap(), Err(Errno::Io), "{what}");
+        assert!(h.s.same_namespace(&before), "{what}: a rejected write changed the state");
+        assert_eq!(h.s.results.get(&(1, seq)), Some(&Err(Errno::Io)), "{what}");
+    }
+    // The untampered command applies.
+    assert!(apply(&mut h.s, &good).unwrap().is_ok());
+    check_invariants(&h.s).unwrap();
+    let mut want = noise(4 * b, 2);
+    want[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+    assert_eq!(h.read(f), want);
+}
+
+#[test]
+fn write_with_a_plain_sha256_content_hash_still_applies() {
+    // Entries proposed before write hashes were hashes of piece hashes may be replayed from a log.
+    let b = BLOCK_BYTES as usize;
+    let mut h = H::new();
+    let f = h.file(ROOT_INO, "f");
+    let data = noise(2 * b + 9, 4);
+    let op = Op::Write {
+        ino: f,
+        offset: 0,
+        data: data.clone(),
+        append: false,
+    };
+    let mut cmd = command(1, 60, T0 + 60, Caller::root(), op);
+    cmd.content_hash = sha256(&data);
+    assert!(apply(&mut h.s, &cmd).unwrap().is_ok());
+    check_invariants(&h.s).unwrap();
+    assert_eq!(h.read(f), data);
+}
+
+/// What each block of a file with `content` must be stored as: trailing zeros cut, all-zero blocks
+/// not stored, keyed by SHA-256.
+fn expected_blocks(content: &[u8]) -> BTreeMap<u64, Hash> {
+    content
+        .chunks(BLOCK_BYTES as usize)
+        .enumerate()
+        .filter_map(|(i, block)| {
+            let block = super::content::canonical(block);
+            (!block.is_empty()).then(|| (i as u64, sha256(block)))
+        })
+        .collect()
+}
+
+#[test]
+fn writes_reusing_piece_hashes_store_what_block_merging_stores() {
+    let b = BLOCK_BYTES as usize;
+    let mut h = H::new();
+    let f = h.file(ROOT_INO, "f");
+    // `merged` gets every write as sub-writes that never cover a whole block, so every block goes
+    // through load, merge and hash: how every write was stored before piece hashes were reused.
+    let mut reused = h.s.clone();
+    let mut merged = h.s.clone();
+    let mut model: Vec<u8> = Vec::new();
+    let (mut seq_r, mut seq_m) = (100u64, 100u64);
+    // A block ending in zeros and an all-zero block (trimmed and a hole when covered whole).
+    let mut zeros = noise(3 * b, 5);
+    zeros[b - 10..b].fill(0);
+    zeros[b..2 * b].fill(0);
+    let dup = noise(b, 6);
+    let mut twice = dup.clone();
+    twice.extend_from_slice(&dup);
+    // (offset, data, append): aligned, unaligned, ending at a boundary, zeros, appends whose
+    // proposed offset cuts like the real one and ones that do not, identical blocks, rewrites.
+    let writes: Vec<(u64, Vec<u8>, bool)> = vec![
+        (0, noise(3 * b, 7), false),
+        (BLOCK_BYTES - 100, noise(3 * b + 50, 8), false),
+        (7, noise(b - 7, 9), false),
+        (5 * BLOCK_BYTES, zeros.clone(), false),
+        (5 * BLOCK_BYTES + 1, zeros, false),
+        (0, noise(2 * b + 3, 10), true),
+        (8 * BLOCK_BYTES + 3, noise(2 * b + 1, 11), true),
+        (12 * BLOCK_BYTES, twice, false),
+        (12 * BLOCK_BYTES, dup, false),
+        (20 * BLOCK_BYTES + 1, noise(1 << 20, 12), false),
+        (21 * BLOCK_BYTES, noise(1 << 20, 12), false),
+        (3, vec![0; 2 * b], false),
+        (0, noise(b + 1, 13), true),
+    ];
+    for (i, (offset, data, append)) in writes.into_iter().enumerate() {
+        let time = T0 + 100 + i as i64;
+        let at = if append { model.len() } else { offset as usize };
+        // As proposed: one command, its pieces reused where they are whole blocks.
+        seq_r += 1;
+        let op = Op::Write {
+            ino: f,
+            offset,
+            data: data.clone(),
+            append,
+        };
+        let r = apply(&mut reused, &command(1, seq_r, time, Caller::root(), op)).unwrap();
+        assert!(r.is_ok(), "write {i}: {r:?}");
+        check_invariants(&reused).unwrap_or_else(|e| panic!("write {i}: {e}"));
+        // Block by block, merged.
+        let mut done = 0;
+        while done < data.len() {
+            let pos = at + done;
+            let mut n = (b - pos % b).min(data.len() - done);
+            if n == b {
+                n -= 1;
+            }
+            seq_m += 1;
+            let op = Op::Write {
+                ino: f,
+                offset: pos as u64,
+                data: data[done..done + n].to_vec(),
+                append: false,
+            };
+            let r = apply(&mut merged, &command(1, seq_m, time, Caller::root(), op)).unwrap();
+            assert!(r.is_ok(), "write {i} at {pos}: {r:?}");
+            done += n;
+        }
+        check_invariants(&merged).unwrap_or_else(|e| panic!("write {i}: {e}"));
+        if model.len() < at + data.len() {
+            model.resize(at + data.len(), 0);
+        }
+        model[at..at + data.len()].copy_from_slice(&data);
+        assert!(reused.same_namespace(&merged), "write {i}: the states differ");
+        let inode = &reused.inodes[&f];
+        assert_eq!(inode.size, model.len() as u64);
+        assert_eq!(read_range(&reused, inode, 0, inode.size).unwrap().unwrap(), model);
+        let stored: BTreeMap<u64, Hash> = reused
+            .block_map
+            .range((f, 0)..=(f, u64::MAX))
+            .map(|((_, index), hash)| (*index, *hash))
+            .collect();
+        assert_eq!(stored, expected_blocks(&model), "write {i}: block map");
+        assert_eq!(inode.blocks, stored.len() as u64);
+    }
+    assert!(reused.block_refs.values().any(|r| *r > 1), "no identical blocks shared");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2072,4 +2308,60 @@ fn workload_is_deterministic_and_valid() {
     }
     assert!(ok > 100, "most commands should apply ({ok})");
     assert!(s.inodes.len() > 3);
+}
+
+/// Micro-benchmark of the write path's CPU without I/O: the proposer's content hash plus `apply`
+/// on a `MemState`, for 256 MiB of distinct 1 MiB writes to one file, block-aligned and not.
+/// Run: `cargo test --release --lib state::tests::bench_write_hashing -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: run in release with --ignored --nocapture"]
+fn bench_write_hashing() {
+    use std::time::{Duration, Instant};
+    const WRITE_BYTES: usize = 1 << 20;
+    const WRITES: u64 = 256;
+    // The first round pays for first-touching the memory the states grow into: a warm-up.
+    for (label, skew) in [("warm-up", 0u64), ("aligned", 0), ("unaligned +4097", 4097)] {
+        let mut h = H::new();
+        let f = h.file(ROOT_INO, "f");
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut data = vec![0u8; WRITE_BYTES];
+        let (mut hashing, mut applying) = (Duration::ZERO, Duration::ZERO);
+        for i in 0..WRITES {
+            // Distinct data per write (xorshift), made outside the timed parts.
+            for chunk in data.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+            }
+            let op = Op::Write {
+                ino: f,
+                offset: skew + i * WRITE_BYTES as u64,
+                data: data.clone(),
+                append: false,
+            };
+            let t = Instant::now();
+            let content_hash = op.content_hash();
+            hashing += t.elapsed();
+            let seq = h.next(1);
+            let cmd = Command {
+                origin: 1,
+                seq,
+                time: ts(T0),
+                caller: Caller::root(),
+                content_hash,
+                op,
+            };
+            let t = Instant::now();
+            let r = apply(&mut h.s, &cmd).expect("no store fault");
+            applying += t.elapsed();
+            assert!(r.is_ok(), "{r:?}");
+        }
+        let mib = (WRITES * WRITE_BYTES as u64) as f64 / f64::from(1u32 << 20);
+        let total = hashing + applying;
+        eprintln!(
+            "{label}: {mib} MiB: propose hash {hashing:?}, apply {applying:?}, total {total:?} ({:.0} MiB/s)",
+            mib / total.as_secs_f64()
+        );
+    }
 }

@@ -96,7 +96,7 @@ fn cmd(seq: u64, op: Op) -> Command {
         seq,
         time: Timespec { sec: 1_700_000_000 + seq as i64, nsec: 0 },
         caller: Caller::root(),
-        content_hash: sha256(op.payload()),
+        content_hash: op.content_hash(),
         op,
     }
 }
