@@ -356,6 +356,18 @@ impl StateMachine {
 
     /// Also send one `Applied` per apply call to the subscriber in `slot` (if any), listing what
     /// commands from nodes other than `node` touched.
+    /// Hand `event` to the subscriber, if any; never blocks (the channel is unbounded).
+    fn send_event(&self, event: Applied) {
+        if let Some((_, slot)) = &self.events {
+            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(tx) = slot.as_ref() {
+                if tx.send(event).is_err() {
+                    *slot = None;
+                }
+            }
+        }
+    }
+
     pub fn with_events(mut self, node: NodeId, slot: AppliedSlot) -> Self {
         self.events = Some((node, slot));
         self
@@ -542,14 +554,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await
         .map_err(|e| sm_err("applying entries", e))?;
         // After the commit, never blocking: the channel is unbounded.
-        if let Some((_, slot)) = &self.events {
-            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(tx) = slot.as_ref() {
-                if tx.send(Applied { index: last_index, touched }).is_err() {
-                    *slot = None;
-                }
-            }
-        }
+        self.send_event(Applied { index: last_index, touched });
         Ok(out)
     }
 
@@ -597,6 +602,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             ));
         }
         tracing::info!(id = %meta.snapshot_id, last = ?meta.last_log_id, "snapshot installed");
+        // The subscriber learns that everything up to the snapshot is here (its watermark moves
+        // on, so opens do not wait); what changed is not listed (see docs/SEMANTICS.md).
+        if let Some(last) = meta.last_log_id {
+            self.send_event(Applied { index: last.index, touched: Vec::new() });
+        }
         Ok(())
     }
 
