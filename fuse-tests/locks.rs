@@ -3,7 +3,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::io::AsRawFd;
 
-use crate::harness::{check, errno_of, Node};
+use crate::harness::{check, errno_of, wait_until, Node};
 
 fn flock(f: &File, op: i32) -> std::io::Result<()> {
     // SAFETY: f is open.
@@ -30,7 +30,12 @@ fn flock_conflicts_between_open_files() {
     // A blocking waiter is woken when the holder unlocks.
     let c = File::open(&p).unwrap();
     let waiter = std::thread::spawn(move || flock(&c, libc::LOCK_EX).map(|_| c));
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    // Wait until the kernel lists the waiter as blocked ("->" in /proc/locks), so the unlock
+    // below really wakes a sleeping waiter rather than racing its first attempt.
+    let blocked = wait_until(std::time::Duration::from_secs(10), || {
+        fs::read_to_string("/proc/locks").map(|l| l.lines().any(|x| x.contains("-> FLOCK"))).unwrap_or(false)
+    });
+    assert!(blocked, "the blocking flock never showed up as a waiter in /proc/locks");
     flock(&a, libc::LOCK_UN).unwrap();
     let c = waiter.join().unwrap().unwrap();
     assert_eq!(errno_of(flock(&a, libc::LOCK_EX | libc::LOCK_NB)), libc::EWOULDBLOCK);
