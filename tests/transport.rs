@@ -81,7 +81,7 @@ fn bind(id: NodeId, identity: NodeIdentity) -> Arc<QuicTransport> {
 struct Echo;
 
 impl RpcHandler for Echo {
-    fn handle(&self, _kind: RpcKind, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> {
+    fn handle(&self, _peer: Option<NodeId>, _kind: RpcKind, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> {
         Box::pin(async move { Ok([b"echo:".as_slice(), &body].concat()) })
     }
 }
@@ -430,7 +430,7 @@ async fn learner_catches_up_after_large_writes() {
 struct Slow;
 
 impl RpcHandler for Slow {
-    fn handle(&self, _kind: RpcKind, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> {
+    fn handle(&self, _peer: Option<NodeId>, _kind: RpcKind, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> {
         Box::pin(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
             Ok((body.len() as u64).to_le_bytes().to_vec())

@@ -582,15 +582,24 @@ impl Replica {
         Ok(())
     }
 
-    /// Serve one encoded RPC from a peer (the server side of `PeerTransport`); returns the encoded
-    /// `Result<Response, RaftError>`.
-    pub async fn handle_rpc(&self, kind: RpcKind, body: &[u8]) -> Result<Vec<u8>, StoreFault> {
+    /// Serve one encoded RPC from `peer` (the node id its certificate names; the server side of
+    /// `PeerTransport`); returns the encoded reply.
+    pub async fn handle_rpc(&self, peer: Option<NodeId>, kind: RpcKind, body: &[u8]) -> Result<Vec<u8>, StoreFault> {
         use crate::store::codec::{decode, encode};
         match kind {
+            RpcKind::Forward => {
+                let batch: Batch = decode(body)?;
+                // A node forwards only its own commands: one member must not propose in another's
+                // name (it could replay or pre-empt that node's sequence numbers).
+                if let Some(c) = batch.0.iter().find(|c| Some(c.origin) != peer) {
+                    tracing::warn!(?peer, origin = c.origin, "refused a forwarded batch carrying another node's commands");
+                    return Err(StoreFault(format!("forwarded commands of origin {} from peer {peer:?}", c.origin)));
+                }
+                encode(&self.serve_forward(batch).await)
+            }
             RpcKind::AppendEntries => encode(&self.raft.append_entries(decode(body)?).await),
             RpcKind::Vote => encode(&self.raft.vote(decode(body)?).await),
             RpcKind::InstallSnapshot => encode(&self.raft.install_snapshot(decode(body)?).await),
-            RpcKind::Forward => encode(&self.serve_forward(decode(body)?).await),
             RpcKind::ReadIndex => {
                 let () = decode(body)?;
                 encode(&self.serve_read_index().await)

@@ -300,9 +300,10 @@ impl PeerTransport for MemTransport {
             c.contains(&self.me) || c.contains(&target)
         };
         let node = if cut { None } else { self.net.nodes.lock().unwrap().get(&target).and_then(|w| w.upgrade()) };
+        let me = self.me;
         Box::pin(async move {
             let Some(r) = node else { return Err(TransportError::Unreachable(target, "cut off or not registered".into())) };
-            r.handle_rpc(kind, &body).await.map_err(|e| TransportError::Network(target, e.0))
+            r.handle_rpc(Some(me), kind, &body).await.map_err(|e| TransportError::Network(target, e.0))
         })
     }
 }
@@ -788,5 +789,36 @@ fn reused_node_id_with_fresh_dir_gets_a_higher_incarnation() {
         let max_after = rs[0].read().unwrap().max_seq(2).unwrap();
         assert!(max_after >> SEQ_COUNTER_BITS > max_before >> SEQ_COUNTER_BITS, "{max_before:#x} -> {max_after:#x}");
         shutdown_all(&[rs[0].clone(), r]).await;
+    });
+}
+
+/// A forwarded batch is served only if every command's origin is the forwarding peer: a member
+/// cannot propose in another node's name.
+#[test]
+fn forward_refuses_commands_of_another_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let r = Replica::start(cfg(dir.path())).await.unwrap();
+        let cmd = |origin: NodeId, name: &[u8]| {
+            let op = Op::MakeNode { parent: ROOT_INO, name: name.to_vec(), kind: FileKind::File, perm: 0o644, rdev: 0 };
+            Command {
+                origin,
+                seq: 1,
+                time: Timespec { sec: 1, nsec: 0 },
+                caller: Caller::root(),
+                content_hash: op.content_hash(),
+                op,
+            }
+        };
+        let forged = crate::store::codec::encode(&Batch(vec![cmd(3, b"forged")])).unwrap();
+        assert!(r.handle_rpc(Some(2), RpcKind::Forward, &forged).await.is_err());
+        assert!(r.handle_rpc(None, RpcKind::Forward, &forged).await.is_err());
+        assert!(r.read().unwrap().entry(ROOT_INO, b"forged").unwrap().is_none(), "a forged command applied");
+        let own = crate::store::codec::encode(&Batch(vec![cmd(3, b"own")])).unwrap();
+        let reply = r.handle_rpc(Some(3), RpcKind::Forward, &own).await.unwrap();
+        let reply: forward::ForwardReply = crate::store::codec::decode(&reply).unwrap();
+        assert!(reply.is_ok(), "{reply:?}");
+        assert!(r.read().unwrap().entry(ROOT_INO, b"own").unwrap().is_some());
+        r.shutdown().await.unwrap();
     });
 }

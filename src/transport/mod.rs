@@ -25,7 +25,8 @@ use crate::state::NodeId;
 /// Serves the requests that arrive from peers: the body of one request in, the reply body out, or
 /// a reason for refusing it (sent back to the caller and logged).
 pub trait RpcHandler: Send + Sync + 'static {
-    fn handle(&self, kind: RpcKind, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>>;
+    /// `peer` is the node id in the caller's certificate name (`None` for an operator).
+    fn handle(&self, peer: Option<NodeId>, kind: RpcKind, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>>;
 }
 
 /// Decides whether an authenticated peer may make a request: `peer` is the node id in its
@@ -52,11 +53,11 @@ impl ReplicaHandler {
 }
 
 impl RpcHandler for ReplicaHandler {
-    fn handle(&self, kind: RpcKind, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> {
+    fn handle(&self, peer: Option<NodeId>, kind: RpcKind, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> {
         let replica = self.0.upgrade();
         Box::pin(async move {
             let Some(r) = replica else { return Err("replica stopped".into()) };
-            r.handle_rpc(kind, &body).await.map_err(|e| e.0)
+            r.handle_rpc(peer, kind, &body).await.map_err(|e| e.0)
         })
     }
 }

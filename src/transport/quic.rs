@@ -669,7 +669,7 @@ impl Inner {
             return;
         };
         let timeout = call_timeout(Some(kind));
-        let out = tokio::time::timeout(timeout, handler.handle(kind, body)).await;
+        let out = tokio::time::timeout(timeout, handler.handle(peer_id, kind, body)).await;
         let answer = match out {
             Ok(Ok(payload)) if payload.len() + REPLY_HEADER_BYTES <= FRAME_BYTES_MAX => {
                 bump(&self.counters.requests_served);
