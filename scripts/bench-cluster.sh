@@ -15,28 +15,20 @@ ensure_packages fuse3 bindfs python3
 
 node=${BENCH_NODE:-1}
 other=$(( node % 3 + 1 ))
-tarball=""
-for f in $(ls -S "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/*.crate 2>/dev/null); do
-    n=$(tar -tzf "$f" 2>/dev/null | wc -l)
-    if [ "$n" -ge 200 ] && [ "$n" -le 1500 ]; then tarball=$f; break; fi
-done
-[ -n "$tarball" ] || die "no .crate with 200-1500 files in ~/.cargo/registry/cache (run cargo fetch)"
+tarball=$(bench_tarball)
 
 work=${BENCH_DIR:-$repo/bench-out}/cluster.$$
 mkdir -p "$work/bindfs-src" "$work/bindfs-mnt"
 export PICKBOX_CLUSTER_DIR=$work/cluster
-bpid=""
 cleanup() {
     bash scripts/cluster.sh down || true
-    stop_node "$bpid" "$work/bindfs-mnt"
+    stop_node "${BINDFS_PID:-}" "$work/bindfs-mnt"
     rm -rf "$work"
 }
 trap cleanup EXIT
 
 RUST_LOG=${RUST_LOG:-warn} bash scripts/cluster.sh up 3
-bindfs -f --multithreaded -o big_writes "$work/bindfs-src" "$work/bindfs-mnt" >"$work/bindfs.log" 2>&1 &
-bpid=$!
-wait_mounted "$bpid" "$work/bindfs-mnt" 30 || { cat "$work/bindfs.log" >&2; die "bindfs did not mount"; }
+start_bindfs "$work"
 
 pids=$(cat "$PICKBOX_CLUSTER_DIR"/node{1,2,3}/pid | paste -sd,)
 pid=$(cat "$PICKBOX_CLUSTER_DIR/node$node/pid")

@@ -19,22 +19,15 @@ case "$profile" in
     *) die "PICKBOX_PROFILE must be release or debug, not $profile" ;;
 esac
 
-# A crate source tarball with a few hundred files, from cargo's download cache.
-tarball=""
-for f in $(ls -S "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/*.crate 2>/dev/null); do
-    n=$(tar -tzf "$f" 2>/dev/null | wc -l)
-    if [ "$n" -ge 200 ] && [ "$n" -le 1500 ]; then tarball=$f; break; fi
-done
-[ -n "$tarball" ] || die "no .crate with 200-1500 files in ~/.cargo/registry/cache (run cargo fetch)"
+tarball=$(bench_tarball)
 
 # Both data directories on the same disk: under BENCH_DIR.
 work=${BENCH_DIR:-$repo/bench-out}/run.$$
 mkdir -p "$work/pickbox-mnt" "$work/pickbox-data" "$work/bindfs-src" "$work/bindfs-mnt"
 pid=""
-bpid=""
 cleanup() {
     stop_node "$pid" "$work/pickbox-mnt"
-    stop_node "$bpid" "$work/bindfs-mnt"
+    stop_node "${BINDFS_PID:-}" "$work/bindfs-mnt"
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -44,11 +37,9 @@ RUST_LOG=${RUST_LOG:-warn} "$bin" mount "$work/pickbox-mnt" --data-dir "$work/pi
 pid=$!
 wait_mounted "$pid" "$work/pickbox-mnt" 30 || { tail -n 30 "$work/pickbox.log" >&2; die "pickbox did not mount"; }
 
-bindfs -f --multithreaded -o big_writes "$work/bindfs-src" "$work/bindfs-mnt" >"$work/bindfs.log" 2>&1 &
-bpid=$!
-wait_mounted "$bpid" "$work/bindfs-mnt" 30 || { cat "$work/bindfs.log" >&2; die "bindfs did not mount"; }
+start_bindfs "$work"
 
-log "pickbox ($profile, pid $pid) vs bindfs (pid $bpid) on $(df --output=source "$work" | tail -n 1); tarball $(basename "$tarball") ($(tar -tzf "$tarball" | wc -l) entries)"
+log "pickbox ($profile, pid $pid) vs bindfs (pid $BINDFS_PID) on $(df --output=source "$work" | tail -n 1); tarball $(basename "$tarball") ($(tar -tzf "$tarball" | wc -l) entries)"
 python3 scripts/bench.py --pickbox "$work/pickbox-mnt" --bindfs "$work/bindfs-mnt" --pid "$pid" --tarball "$tarball"
 alive "$pid" || { tail -n 30 "$work/pickbox.log" >&2; die "pickbox died during the benchmark"; }
 echo "pickbox data dir after the run: $(du -sh "$work/pickbox-data" | cut -f1)"

@@ -98,3 +98,23 @@ stop_node() {
         umount -l "$mnt" 2>/dev/null || true
     fi
 }
+
+# Prints a crate source tarball with a few hundred files from cargo's download cache (the untar
+# workload of the benchmarks); fails if there is none.
+bench_tarball() {
+    local f n
+    for f in $(ls -S "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/*.crate 2>/dev/null); do
+        n=$(tar -tzf "$f" 2>/dev/null | wc -l)
+        if [ "$n" -ge 200 ] && [ "$n" -le 1500 ]; then echo "$f"; return 0; fi
+    done
+    die "no .crate with 200-1500 files in ~/.cargo/registry/cache (run cargo fetch)"
+}
+
+# Mounts bindfs (the benchmarks' baseline) of $1/bindfs-src at $1/bindfs-mnt in the background;
+# sets BINDFS_PID. Not a subshell call: the caller must own the process to stop it.
+start_bindfs() {
+    local work=$1
+    bindfs -f --multithreaded -o big_writes "$work/bindfs-src" "$work/bindfs-mnt" >"$work/bindfs.log" 2>&1 &
+    BINDFS_PID=$!
+    wait_mounted "$BINDFS_PID" "$work/bindfs-mnt" 30 || { cat "$work/bindfs.log" >&2; die "bindfs did not mount"; }
+}

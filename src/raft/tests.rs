@@ -559,6 +559,14 @@ fn leader_loss_during_follower_writes_keeps_every_acknowledged_write() {
     });
 }
 
+/// The leader (per node 1's view, nodes numbered from 1 in order) and one follower.
+fn leader_and_follower(rs: &[Arc<Replica>]) -> (Arc<Replica>, Arc<Replica>) {
+    let leader = rs[0].metrics().current_leader.expect("a leader is known");
+    let l = rs[leader as usize - 1].clone();
+    let f = rs.iter().find(|r| r.node_id() != leader).expect("a follower").clone();
+    (l, f)
+}
+
 /// A read barrier on a follower sees a write committed through the leader. Prints the cost.
 #[test]
 fn read_barrier_on_follower_sees_leader_write() {
@@ -566,9 +574,7 @@ fn read_barrier_on_follower_sees_leader_write() {
     rt().block_on(async {
         let net = Arc::new(MemNet::default());
         let rs = cluster(&net, &ds, Duration::from_secs(5)).await;
-        let leader = rs[0].metrics().current_leader.unwrap();
-        let l = rs[leader as usize - 1].clone();
-        let f = rs.iter().find(|r| r.node_id() != leader).unwrap().clone();
+        let (l, f) = leader_and_follower(&rs);
         for i in 0..20 {
             let name = format!("rb{i}");
             l.propose(Caller::root(), mk(&name)).await.unwrap();
@@ -622,9 +628,7 @@ fn applied_events_on_follower_for_remote_changes() {
     rt().block_on(async {
         let net = Arc::new(MemNet::default());
         let rs = cluster(&net, &ds, Duration::from_secs(5)).await;
-        let leader = rs[0].metrics().current_leader.unwrap();
-        let l = rs[leader as usize - 1].clone();
-        let f = rs.iter().find(|r| r.node_id() != leader).unwrap().clone();
+        let (l, f) = leader_and_follower(&rs);
         let mut events = f.subscribe_applied();
         let Outcome::Inode(a) = l.propose(Caller::root(), mk("a")).await.unwrap() else { panic!() };
         let Outcome::Inode(b) = l.propose(Caller::root(), mk("b")).await.unwrap() else { panic!() };
