@@ -8,6 +8,7 @@
 mod harness;
 
 mod cluster;
+mod cluster_cache;
 mod cluster_harness;
 mod data;
 mod dirs;

@@ -21,6 +21,8 @@ use std::time::Duration;
 use fuser::INodeNo;
 use tokio::sync::watch;
 
+use super::handles::Handles;
+use super::names::KernelNames;
 use crate::raft::{Applied, Replica, Touch};
 use crate::state::Ino;
 
@@ -102,6 +104,25 @@ pub fn plan(
     out
 }
 
+/// With the writeback cache the kernel keeps its own size, mtime and ctime of a cached regular
+/// file whatever it is told (see fs/names.rs): after each `Inode` notice, also drop every name
+/// the kernel knows the inode by, so that it evicts the inode once unused and the next lookup
+/// reads the replica's attributes. `names(ino)` gives those names (none for other kinds).
+pub fn with_evictions(notices: Vec<Notice>, mut names: impl FnMut(Ino) -> Vec<(Ino, Vec<u8>)>) -> Vec<Notice> {
+    let mut out = Vec::with_capacity(notices.len());
+    for notice in notices {
+        let ino = match notice {
+            Notice::Inode(ino) => Some(ino),
+            _ => None,
+        };
+        out.push(notice);
+        if let Some(ino) = ino {
+            out.extend(names(ino).into_iter().map(|(parent, name)| Notice::Entry { parent, name }));
+        }
+    }
+    out
+}
+
 /// The shared side of the coherence thread: the session's notifier, the watermark, counters.
 pub struct Coherence {
     /// Set by `mount` once the session exists; before that the kernel caches nothing of ours.
@@ -113,6 +134,9 @@ pub struct Coherence {
     pub failures: AtomicU64,
     /// Notifications sent.
     pub sent: AtomicU64,
+    /// The names the kernel knows regular files by (recorded only with the writeback cache in a
+    /// cluster).
+    pub names: KernelNames,
 }
 
 impl Default for Coherence {
@@ -123,6 +147,7 @@ impl Default for Coherence {
             idle: std::sync::atomic::AtomicBool::new(false),
             failures: AtomicU64::new(0),
             sent: AtomicU64::new(0),
+            names: KernelNames::default(),
         }
     }
 }
@@ -174,6 +199,16 @@ impl Coherence {
         }
     }
 
+    /// Make the kernel drop what it caches of regular file `ino` (attributes, pages and every
+    /// name we know it by), so it evicts the inode once nothing holds it. Blocking: call it from
+    /// a thread that may block (not a fuser worker, not a tokio worker).
+    pub fn evict(&self, ino: Ino) {
+        let Some(notifier) = self.notifier.get() else { return };
+        for notice in with_evictions(vec![Notice::Inode(ino)], |ino| self.names.names(ino)) {
+            self.send(notifier, &notice);
+        }
+    }
+
     /// Send one notice; ENOENT (nothing cached) is success. Never fatal: a failure is logged and
     /// counted, and the kernel entry times out with its TTL anyway.
     fn send(&self, notifier: &fuser::Notifier, notice: &Notice) {
@@ -207,7 +242,12 @@ pub type OrphanHook = Arc<dyn Fn(Ino) + Send + Sync>;
 /// (nothing of ours was cached before) or still in the channel. The thread holds the replica
 /// weakly and ends when the event channel closes; then the watermark becomes
 /// `WATERMARK_UNTRACKED`.
-pub fn start(replica: &Arc<Replica>, coherence: Arc<Coherence>, on_orphan: OrphanHook) -> std::io::Result<()> {
+pub fn start(
+    replica: &Arc<Replica>,
+    coherence: Arc<Coherence>,
+    handles: Arc<Handles>,
+    on_orphan: OrphanHook,
+) -> std::io::Result<()> {
     let mut rx = replica.subscribe_applied();
     coherence.advance(replica.applied_index().unwrap_or(0));
     let weak: Weak<Replica> = Arc::downgrade(replica);
@@ -216,7 +256,7 @@ pub fn start(replica: &Arc<Replica>, coherence: Arc<Coherence>, on_orphan: Orpha
             coherence.idle.store(true, Ordering::Release);
             let Some(applied) = rx.blocking_recv() else { break };
             coherence.idle.store(false, Ordering::Release);
-            handle(&weak, &coherence, &on_orphan, &applied);
+            handle(&weak, &coherence, &handles, &on_orphan, &applied);
             coherence.advance(applied.index);
         }
         tracing::debug!("applied-event channel closed: cache invalidation stops");
@@ -225,7 +265,7 @@ pub fn start(replica: &Arc<Replica>, coherence: Arc<Coherence>, on_orphan: Orpha
     Ok(())
 }
 
-fn handle(replica: &Weak<Replica>, coherence: &Coherence, on_orphan: &OrphanHook, applied: &Applied) {
+fn handle(replica: &Weak<Replica>, coherence: &Coherence, handles: &Handles, on_orphan: &OrphanHook, applied: &Applied) {
     if applied.touched.is_empty() {
         return;
     }
@@ -249,8 +289,21 @@ fn handle(replica: &Weak<Replica>, coherence: &Coherence, on_orphan: &OrphanHook
         },
     );
     drop(view);
+    let notices = if coherence.names.is_enabled() {
+        with_evictions(plan.notices, |ino| {
+            let names = coherence.names.names(ino);
+            // Held open here, the inode cannot be evicted now, and a lookup before its last
+            // close would bind a new dentry to it with the old size: evict again at that close.
+            if !names.is_empty() {
+                handles.mark_stale_if_open(ino);
+            }
+            names
+        })
+    } else {
+        plan.notices
+    };
     if let Some(notifier) = coherence.notifier.get() {
-        for notice in &plan.notices {
+        for notice in &notices {
             coherence.send(notifier, notice);
         }
     }
@@ -301,6 +354,22 @@ mod tests {
             ]
         );
         assert_eq!(p.orphans, vec![9]);
+    }
+
+    #[test]
+    fn inode_notices_are_followed_by_the_names_to_evict() {
+        let notices = vec![Notice::Entry { parent: 1, name: b"x".to_vec() }, Notice::Inode(5), Notice::Inode(6)];
+        let out = with_evictions(notices, |ino| if ino == 5 { vec![(1, b"a".to_vec()), (2, b"b".to_vec())] } else { vec![] });
+        assert_eq!(
+            out,
+            vec![
+                Notice::Entry { parent: 1, name: b"x".to_vec() },
+                Notice::Inode(5),
+                Notice::Entry { parent: 1, name: b"a".to_vec() },
+                Notice::Entry { parent: 2, name: b"b".to_vec() },
+                Notice::Inode(6),
+            ]
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! claim fail (the last close releases instead). Claim and open take the same lock, so exactly
 //! one of them wins and an orphan is never released under an open handle.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use crate::state::Ino;
@@ -28,6 +28,9 @@ struct Table {
     writers: HashMap<Ino, u32>,
     /// Releases in progress per inode (a count: a last close and an unlink may both release).
     claims: HashMap<Ino, u32>,
+    /// Open inodes whose kernel attributes went stale while open (another node changed them, or
+    /// an append here went past the kernel's idea of the size): evict them at their last close.
+    stale: HashSet<Ino>,
 }
 
 impl Table {
@@ -113,6 +116,21 @@ impl Handles {
         Some((handle.ino, last))
     }
 
+    /// Mark `ino` for eviction at its last close if it is open here; returns whether it is.
+    pub fn mark_stale_if_open(&self, ino: Ino) -> bool {
+        let mut t = self.lock();
+        let open = t.open.contains_key(&ino);
+        if open {
+            t.stale.insert(ino);
+        }
+        open
+    }
+
+    /// At the last close of `ino`: was it marked stale (and the mark is now taken)?
+    pub fn take_stale(&self, ino: Ino) -> bool {
+        self.lock().stale.remove(&ino)
+    }
+
     /// Does this node hold `ino` open?
     pub fn is_open(&self, ino: Ino) -> bool {
         self.lock().open.contains_key(&ino)
@@ -149,6 +167,18 @@ mod tests {
         assert_eq!(h.release(a), None);
         assert_eq!(h.release(b), Some((7, true)));
         assert!(!h.is_open(7));
+    }
+
+    #[test]
+    fn stale_marks_only_open_inodes() {
+        let h = Handles::default();
+        assert!(!h.mark_stale_if_open(4));
+        assert!(!h.take_stale(4));
+        let fh = h.open(4, libc::O_RDONLY);
+        assert!(h.mark_stale_if_open(4));
+        assert_eq!(h.release(fh), Some((4, true)));
+        assert!(h.take_stale(4));
+        assert!(!h.take_stale(4), "taken once");
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod errno;
 mod handles;
 mod inflight;
 mod mount;
+mod names;
 mod ops;
 
 use std::ffi::OsStr;
@@ -129,6 +130,26 @@ fn fs_err(e: Errno) -> fuser::Errno {
     FsError::Fs(e).errno()
 }
 
+/// How a file is opened. With the writeback cache the kernel places an O_APPEND write at its own
+/// idea of the end of file, which in a cluster may be stale (another node appended): such a
+/// handle bypasses the page cache (direct I/O), so each append reaches Pickbox and lands at the
+/// replicated end of file, atomically, as without the writeback cache.
+fn open_flags(ops: &Ops, writeback: bool, flags: i32) -> FopenFlags {
+    if writeback && ops.is_clustered() && flags & libc::O_APPEND != 0 {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        FopenFlags::empty()
+    }
+}
+
+/// The kernel gets an entry for `inode` under `name` in `parent`: record it if it is a regular
+/// file (see fs/names.rs). Called before the reply, so a FORGET cannot overtake it.
+fn known(ops: &Ops, parent: u64, name: &[u8], inode: &crate::state::Inode) {
+    if inode.kind == FileKind::File {
+        ops.coherence.names.looked_up(inode.ino, parent, name);
+    }
+}
+
 impl Filesystem for PickboxFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         if let Err(nearest) = config.set_max_write(WRITE_BYTES_MAX as u32) {
@@ -151,6 +172,9 @@ impl Filesystem for PickboxFs {
             if !self.writeback {
                 tracing::info!("kernel does not offer the writeback cache: writes go through");
             }
+        }
+        if self.writeback && self.ops.is_clustered() {
+            self.ops.coherence.names.enable();
         }
         tracing::info!(writeback_cache = self.writeback, "FUSE session initialised");
         Ok(())
@@ -180,10 +204,18 @@ impl Filesystem for PickboxFs {
         self.spawn(async move {
             ops.catch_up(false).await;
             match ops.lookup(parent.0, &name) {
-                Ok(inode) => reply.entry(&TTL, &attr::file_attr(&inode), GENERATION),
+                Ok(inode) => {
+                    known(&ops, parent.0, &name, &inode);
+                    reply.entry(&TTL, &attr::file_attr(&inode), GENERATION)
+                }
                 Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
+    }
+
+    // BATCH_FORGET: fuser's default calls `forget` for each inode.
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.ops.coherence.names.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -261,8 +293,11 @@ impl Filesystem for PickboxFs {
         let (caller, name) = (who(req, true), bytes(name));
         let ops = self.ops.clone();
         self.spawn(async move {
-            match ops.make_node(caller, parent.0, name, kind, mode & !umask, rdev).await {
-                Ok(inode) => reply.entry(&TTL, &attr::file_attr(&inode), GENERATION),
+            match ops.make_node(caller, parent.0, name.clone(), kind, mode & !umask, rdev).await {
+                Ok(inode) => {
+                    known(&ops, parent.0, &name, &inode);
+                    reply.entry(&TTL, &attr::file_attr(&inode), GENERATION)
+                }
                 Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
@@ -335,8 +370,11 @@ impl Filesystem for PickboxFs {
         let (caller, name, newname) = (who(req, true), bytes(name), bytes(newname));
         let ops = self.ops.clone();
         self.spawn(async move {
-            match ops.rename(caller, parent.0, name, newparent.0, newname, flags).await {
-                Ok(()) => reply.ok(),
+            match ops.rename(caller, parent.0, name.clone(), newparent.0, newname.clone(), flags).await {
+                Ok(()) => {
+                    ops.coherence.names.renamed(parent.0, &name, newparent.0, &newname, flags.exchange);
+                    reply.ok()
+                }
                 Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
@@ -346,8 +384,11 @@ impl Filesystem for PickboxFs {
         let (caller, name) = (who(req, true), bytes(newname));
         let ops = self.ops.clone();
         self.spawn(async move {
-            match ops.link(caller, ino.0, newparent.0, name).await {
-                Ok(inode) => reply.entry(&TTL, &attr::file_attr(&inode), GENERATION),
+            match ops.link(caller, ino.0, newparent.0, name.clone()).await {
+                Ok(inode) => {
+                    known(&ops, newparent.0, &name, &inode);
+                    reply.entry(&TTL, &attr::file_attr(&inode), GENERATION)
+                }
                 Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
@@ -360,10 +401,11 @@ impl Filesystem for PickboxFs {
         // so waiting for the invalidation thread is safe here. Without FOPEN_KEEP_CACHE the
         // kernel also drops the file's page cache at open, so the content is read afresh.
         let ops = self.ops.clone();
+        let writeback = self.writeback;
         self.spawn(async move {
             ops.catch_up(true).await;
             match ops.open(ino.0, flags.0) {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok(fh) => reply.opened(FileHandle(fh), open_flags(&ops, writeback, flags.0)),
                 Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
@@ -410,8 +452,15 @@ impl Filesystem for PickboxFs {
         // whoever triggered writeback. The kernel has already cleared setuid/setgid with a
         // setattr at write(2) time (file_remove_privs), so write them as root, which the state
         // does not treat as a privilege-dropping write.
-        let append = !self.writeback && flags.0 & libc::O_APPEND != 0;
-        let caller = if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) { Caller::root() } else { who(req, false) };
+        // In a cluster an O_APPEND handle is direct I/O (see `open_flags`): its writes carry no
+        // FUSE_WRITE_CACHE and append at the replicated end; the kernel's size of the file is then
+        // a guess until it evicts the inode, which the last close makes it do.
+        let cached = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+        let append = flags.0 & libc::O_APPEND != 0 && (!self.writeback || (self.ops.is_clustered() && !cached));
+        if append && self.writeback {
+            self.ops.handles.mark_stale_if_open(ino.0);
+        }
+        let caller = if cached { Caller::root() } else { who(req, false) };
         let data = data.to_vec();
         let ticket = self.ops.writes.start(ino.0);
         let ops = self.ops.clone();
@@ -501,7 +550,12 @@ impl Filesystem for PickboxFs {
         let listed = self.ops.list_each(ino.0, offset, true, |e, inode| match inode {
             Some(inode) => {
                 let attr = attr::file_attr(inode);
-                reply.add(INodeNo(e.ino), e.cookie, OsStr::from_bytes(&e.name), &TTL, &attr, GENERATION)
+                let full = reply.add(INodeNo(e.ino), e.cookie, OsStr::from_bytes(&e.name), &TTL, &attr, GENERATION);
+                // The kernel takes a lookup for every entry but "." and "..".
+                if !full && e.name != b"." && e.name != b".." {
+                    known(&self.ops, ino.0, &e.name, inode);
+                }
+                full
             }
             None => false,
         });
@@ -590,10 +644,12 @@ impl Filesystem for PickboxFs {
         }
         let (caller, name) = (who(req, true), bytes(name));
         let ops = self.ops.clone();
+        let writeback = self.writeback;
         self.spawn(async move {
-            match ops.create(caller, parent.0, name, mode & !umask, flags).await {
+            match ops.create(caller, parent.0, name.clone(), mode & !umask, flags).await {
                 Ok((inode, fh)) => {
-                    reply.created(&TTL, &attr::file_attr(&inode), GENERATION, FileHandle(fh), FopenFlags::empty())
+                    known(&ops, parent.0, &name, &inode);
+                    reply.created(&TTL, &attr::file_attr(&inode), GENERATION, FileHandle(fh), open_flags(&ops, writeback, flags))
                 }
                 Err(e) => reply.error(ops.errno_of(&e)),
             }

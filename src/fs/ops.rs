@@ -139,7 +139,7 @@ impl Ops {
         let handles = Arc::new(Handles::default());
         let coherence = Arc::new(Coherence::default());
         let hook = orphan_hook(&replica, &handles);
-        if let Err(e) = coherence::start(&replica, coherence.clone(), hook) {
+        if let Err(e) = coherence::start(&replica, coherence.clone(), handles.clone(), hook) {
             // Without it other nodes' changes reach the kernel only when its TTL expires, and
             // their orphans are released at this node's next start.
             tracing::error!(error = %e, "cannot start the cache invalidation thread");
@@ -160,8 +160,9 @@ impl Ops {
         }
     }
 
-    /// Mark this node as one of a cluster (it listens for peers, even if it has none yet): the
-    /// mount then does without the kernel's writeback cache (see fs/mount.rs `want_writeback`).
+    /// Mark this node as one of a cluster (it listens for peers, even if it has none yet): other
+    /// nodes change files behind the kernel's back, so with the writeback cache the kernel's
+    /// names of regular files are recorded for eviction (see fs/names.rs).
     pub fn clustered(mut self, clustered: bool) -> Self {
         self.clustered = clustered;
         self
@@ -430,6 +431,11 @@ impl Ops {
     /// The last close on this node of an orphan (open-unlinked) inode tells the cluster.
     pub async fn release(self: &Arc<Self>, fh: u64) {
         if let Some((ino, true)) = self.handles.release(fh) {
+            if self.handles.take_stale(ino) {
+                // Sending notifications may block (kernel locks): not on a tokio worker.
+                let coherence = self.coherence.clone();
+                tokio::task::spawn_blocking(move || coherence.evict(ino));
+            }
             release_unless_open(&self.replica, &self.handles, ino).await;
         }
     }

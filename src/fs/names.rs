@@ -1,0 +1,203 @@
+//! The names under which the kernel knows each regular file (what it looked up and has not
+//! forgotten yet), so that another node's change of the file can make the kernel evict it.
+//!
+//! Why: with the writeback cache the kernel owns the size, mtime and ctime of a cached regular
+//! file and ignores what Pickbox reports, even after `inval_inode` (measured on 6.18, see
+//! fs/mount.rs). FUSE evicts an inode as soon as nothing references it (`generic_delete_inode`),
+//! so dropping every dentry of an inode that is not open makes the next lookup build it afresh
+//! from the replica. The state has no reverse index (inode -> names), and what matters is the
+//! kernel's view anyway: each answer that gives the kernel an entry (lookup, create, mknod, link,
+//! readdirplus) adds one to the inode's lookup count and records the name; `forget` takes the
+//! count down and drops the record at zero, so the table is bounded by the kernel's own cache.
+//! A name that went stale (renamed or removed since) is harmless: invalidating it is a no-op or
+//! a cache miss.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use crate::state::Ino;
+
+/// Names kept per inode at most (hard links beyond these are not invalidated by name; their
+/// dentries still expire with the entry TTL).
+pub const NAMES_PER_INODE_MAX: usize = 16;
+
+#[derive(Default)]
+struct Known {
+    /// The kernel's lookup count for the inode, as far as our answers tell.
+    lookups: u64,
+    names: Vec<(Ino, Vec<u8>)>,
+}
+
+/// The kernel's names of regular files. Off (records nothing) unless enabled: only a node whose
+/// files other nodes change needs it.
+#[derive(Default)]
+pub struct KernelNames {
+    enabled: AtomicBool,
+    table: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    inodes: HashMap<Ino, Known>,
+    /// The reverse: which inode each recorded name belongs to (for renames).
+    by_name: HashMap<(Ino, Vec<u8>), Ino>,
+}
+
+impl Table {
+    fn unname(&mut self, parent: Ino, name: &[u8]) -> Option<Ino> {
+        let ino = self.by_name.remove(&(parent, name.to_vec()))?;
+        if let Some(known) = self.inodes.get_mut(&ino) {
+            known.names.retain(|(p, n)| !(*p == parent && n == name));
+        }
+        Some(ino)
+    }
+
+    fn name(&mut self, ino: Ino, parent: Ino, name: &[u8]) {
+        let Some(known) = self.inodes.get_mut(&ino) else { return };
+        if known.names.len() < NAMES_PER_INODE_MAX && !known.names.iter().any(|(p, n)| *p == parent && n == name) {
+            known.names.push((parent, name.to_vec()));
+            if let Some(previous) = self.by_name.insert((parent, name.to_vec()), ino) {
+                if previous != ino {
+                    if let Some(k) = self.inodes.get_mut(&previous) {
+                        k.names.retain(|(p, n)| !(*p == parent && n == name));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl KernelNames {
+    pub fn enable(&self) {
+        self.enabled.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// The kernel got an entry for regular file `ino` under `name` in `parent` (its lookup count
+    /// goes up by one).
+    pub fn looked_up(&self, ino: Ino, parent: Ino, name: &[u8]) {
+        if !self.is_enabled() {
+            return;
+        }
+        let mut t = self.lock();
+        t.inodes.entry(ino).or_default().lookups += 1;
+        t.name(ino, parent, name);
+    }
+
+    /// The kernel forgot `n` lookups of `ino`.
+    pub fn forget(&self, ino: Ino, n: u64) {
+        if !self.is_enabled() {
+            return;
+        }
+        let mut t = self.lock();
+        if let Some(known) = t.inodes.get_mut(&ino) {
+            known.lookups = known.lookups.saturating_sub(n);
+            if known.lookups == 0 {
+                if let Some(known) = t.inodes.remove(&ino) {
+                    for name in known.names {
+                        t.by_name.remove(&name);
+                    }
+                }
+            }
+        }
+    }
+
+    /// This node renamed `name` in `parent` to `new_name` in `new_parent` (the kernel moved its
+    /// dentry): follow it, so the new name is the one invalidated. With `exchange`, the inode
+    /// that had the new name moves the other way.
+    pub fn renamed(&self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], exchange: bool) {
+        if !self.is_enabled() {
+            return;
+        }
+        let mut t = self.lock();
+        let moved = t.unname(parent, name);
+        let other = t.unname(new_parent, new_name);
+        if let Some(ino) = moved {
+            t.name(ino, new_parent, new_name);
+        }
+        if let (true, Some(ino)) = (exchange, other) {
+            t.name(ino, parent, name);
+        }
+    }
+
+    /// The names the kernel may have for `ino` (empty if it holds none we know of).
+    pub fn names(&self, ino: Ino) -> Vec<(Ino, Vec<u8>)> {
+        if !self.is_enabled() {
+            return Vec::new();
+        }
+        self.lock().inodes.get(&ino).map(|k| k.names.clone()).unwrap_or_default()
+    }
+
+    /// Inodes recorded (for tests and status).
+    pub fn len(&self) -> usize {
+        self.lock().inodes.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_nothing_until_enabled() {
+        let k = KernelNames::default();
+        k.looked_up(5, 1, b"a");
+        assert!(k.names(5).is_empty());
+        assert_eq!(k.len(), 0);
+    }
+
+    #[test]
+    fn counts_lookups_and_forgets_at_zero() {
+        let k = KernelNames::default();
+        k.enable();
+        k.looked_up(5, 1, b"a");
+        k.looked_up(5, 1, b"a");
+        k.looked_up(5, 2, b"b");
+        assert_eq!(k.names(5), vec![(1, b"a".to_vec()), (2, b"b".to_vec())]);
+        k.forget(5, 2);
+        assert_eq!(k.names(5).len(), 2, "one lookup left");
+        k.forget(5, 1);
+        assert!(k.names(5).is_empty());
+        assert_eq!(k.len(), 0);
+        k.forget(9, 3);
+    }
+
+    #[test]
+    fn follows_renames_and_exchanges() {
+        let k = KernelNames::default();
+        k.enable();
+        k.looked_up(5, 1, b"a");
+        k.looked_up(6, 2, b"b");
+        k.renamed(1, b"a", 3, b"c", false);
+        assert_eq!(k.names(5), vec![(3, b"c".to_vec())]);
+        k.renamed(3, b"c", 2, b"b", true);
+        assert_eq!(k.names(5), vec![(2, b"b".to_vec())]);
+        assert_eq!(k.names(6), vec![(3, b"c".to_vec())]);
+        // A replacing rename: the replaced inode loses the name.
+        k.renamed(2, b"b", 3, b"c", false);
+        assert_eq!(k.names(5), vec![(3, b"c".to_vec())]);
+        assert!(k.names(6).is_empty());
+        k.forget(6, 1);
+        k.forget(5, 1);
+        assert_eq!(k.len(), 0);
+        assert!(k.lock().by_name.is_empty());
+    }
+
+    #[test]
+    fn bounds_names_per_inode() {
+        let k = KernelNames::default();
+        k.enable();
+        for i in 0..(NAMES_PER_INODE_MAX as u64 + 5) {
+            k.looked_up(5, 1, format!("n{i}").as_bytes());
+        }
+        assert_eq!(k.names(5).len(), NAMES_PER_INODE_MAX);
+    }
+}
