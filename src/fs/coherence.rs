@@ -55,6 +55,9 @@ pub struct Plan {
     pub notices: Vec<Notice>,
     /// Inodes other nodes' commands turned into orphans that this node must release.
     pub orphans: Vec<Ino>,
+    /// The state was replaced as a whole (snapshot install): every regular file the kernel
+    /// caches is evicted (names and directories expire with their TTL).
+    pub everything: bool,
 }
 
 /// Map the touches of one `Applied` event to notifications. `name_now(parent, name)` tells which
@@ -98,6 +101,7 @@ pub fn plan(
                     out.orphans.push(*ino);
                 }
             }
+            Touch::Everything => out.everything = true,
         }
     }
     out.notices.extend(inodes.into_iter().map(Notice::Inode));
@@ -289,8 +293,12 @@ fn handle(replica: &Weak<Replica>, coherence: &Coherence, handles: &Handles, on_
         },
     );
     drop(view);
+    let mut notices = plan.notices;
+    if plan.everything {
+        notices.extend(coherence.names.inodes().into_iter().map(Notice::Inode));
+    }
     let notices = if coherence.names.is_enabled() {
-        with_evictions(plan.notices, |ino| {
+        with_evictions(notices, |ino| {
             let names = coherence.names.names(ino);
             // Held open here, the inode cannot be evicted now, and a lookup before its last
             // close would bind a new dentry to it with the old size: evict again at that close.
@@ -300,7 +308,7 @@ fn handle(replica: &Weak<Replica>, coherence: &Coherence, handles: &Handles, on_
             names
         })
     } else {
-        plan.notices
+        notices
     };
     if let Some(notifier) = coherence.notifier.get() {
         for notice in &notices {
@@ -370,6 +378,14 @@ mod tests {
                 Notice::Inode(6),
             ]
         );
+    }
+
+    #[test]
+    fn a_snapshot_install_asks_for_everything() {
+        let p = plan(&[Touch::Everything], |_, _| None, |_| true);
+        assert!(p.everything);
+        assert!(p.notices.is_empty());
+        assert!(!plan(&[Touch::Inode(3)], |_, _| None, |_| true).everything);
     }
 
     #[test]

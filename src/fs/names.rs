@@ -132,6 +132,14 @@ impl KernelNames {
         self.lock().inodes.get(&ino).map(|k| k.names.clone()).unwrap_or_default()
     }
 
+    /// Every inode recorded.
+    pub fn inodes(&self) -> Vec<Ino> {
+        if !self.is_enabled() {
+            return Vec::new();
+        }
+        self.lock().inodes.keys().copied().collect()
+    }
+
     /// Inodes recorded (for tests and status).
     pub fn len(&self) -> usize {
         self.lock().inodes.len()

@@ -154,6 +154,8 @@ pub enum Touch {
     /// `ino` became an orphan (open-unlinked) that this node must release once it has no open
     /// handle on it.
     Orphan(crate::state::Ino),
+    /// The whole state was replaced (a snapshot was installed): anything may have changed.
+    Everything,
 }
 
 /// A short summary of the replica's Raft state.

@@ -603,9 +603,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         tracing::info!(id = %meta.snapshot_id, last = ?meta.last_log_id, "snapshot installed");
         // The subscriber learns that everything up to the snapshot is here (its watermark moves
-        // on, so opens do not wait); what changed is not listed (see docs/SEMANTICS.md).
+        // on, so opens do not wait); what changed is not listed, only that anything may have.
         if let Some(last) = meta.last_log_id {
-            self.send_event(Applied { index: last.index, touched: Vec::new() });
+            self.send_event(Applied { index: last.index, touched: vec![Touch::Everything] });
         }
         Ok(())
     }
