@@ -4,7 +4,7 @@
 //! from several nodes at once (direct I/O handles: no append lands on another's bytes).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 
 use crate::cluster_harness::{poll, Cluster, VISIBLE_TIMEOUT};
@@ -100,9 +100,33 @@ trait WriteAtEnd {
 
 impl WriteAtEnd for File {
     fn write_all_at_end(&mut self, data: &[u8]) {
-        use std::io::{Seek, SeekFrom};
         self.seek(SeekFrom::End(0)).unwrap();
         self.write_all(data).unwrap();
         self.sync_all().unwrap();
+    }
+}
+
+#[test]
+fn cluster_open_right_after_a_remote_growth_reads_everything() {
+    // Node 2 holds the inode in its cache; node 1 grows the file (no truncation, so no earlier
+    // change evicts it first) and closes; node 2 opens at once. Node 2 applies and evicts while
+    // its kernel is already opening the old inode: that open must not read the old size.
+    let c = Cluster::new(3);
+    let mut want = b"start\n".to_vec();
+    fs::write(c.path(1, "grown"), &want).unwrap();
+    assert!(size_seen(&c, 2, "grown", want.len() as u64));
+    for round in 0..20 {
+        assert_eq!(fs::read(c.path(2, "grown")).unwrap(), want, "round {round}: node 2 before the change");
+        let line = format!("round {round} {}\n", "y".repeat(round * 37));
+        // No fsync: close is the barrier, and node 2 opens the moment it returns.
+        let mut f = OpenOptions::new().append(false).write(true).open(c.path(1, "grown")).unwrap();
+        f.seek(SeekFrom::End(0)).unwrap();
+        f.write_all(line.as_bytes()).unwrap();
+        let fd = std::os::unix::io::IntoRawFd::into_raw_fd(f);
+        // SAFETY: fd was just taken out of the File and is closed exactly once.
+        crate::harness::check(unsafe { libc::close(fd) }).unwrap();
+        want.extend_from_slice(line.as_bytes());
+        let got = fs::read(c.path(2, "grown")).unwrap();
+        assert!(got == want, "round {round}: node 2 read {} of {} bytes right after node 1 closed", got.len(), want.len());
     }
 }

@@ -299,7 +299,7 @@ fn handle(replica: &Weak<Replica>, coherence: &Coherence, handles: &Handles, on_
     }
     let notices = if coherence.names.is_enabled() {
         with_evictions(notices, |ino| {
-            let names = coherence.names.names(ino);
+            let names = coherence.names.evict(ino);
             // Held open here, the inode cannot be evicted now, and a lookup before its last
             // close would bind a new dentry to it with the old size: evict again at that close.
             if !names.is_empty() {

@@ -402,8 +402,17 @@ impl Filesystem for PickboxFs {
         // kernel also drops the file's page cache at open, so the content is read afresh.
         let ops = self.ops.clone();
         let writeback = self.writeback;
+        let arrived = std::time::Instant::now();
         self.spawn(async move {
             ops.catch_up(true).await;
+            // With the writeback cache the kernel keeps the size of an inode it holds: if another
+            // node's change evicted this one while the kernel was resolving the path to it, the
+            // kernel may still hold the old inode. ESTALE makes the VFS look the path up again
+            // (the name is gone from its cache, so it gets a fresh inode) and retry the open once.
+            if ops.coherence.names.open_may_be_stale(ino.0, arrived) {
+                tracing::debug!(ino = ino.0, "open raced another node's change: ESTALE, the kernel retries");
+                return reply.error(fuser::Errno::ESTALE);
+            }
             match ops.open(ino.0, flags.0) {
                 Ok(fh) => reply.opened(FileHandle(fh), open_flags(&ops, writeback, flags.0)),
                 Err(e) => reply.error(ops.errno_of(&e)),

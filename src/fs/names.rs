@@ -15,18 +15,31 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::state::Ino;
 
 /// Names kept per inode at most (hard links beyond these are not invalidated by name; their
 /// dentries still expire with the entry TTL).
 pub const NAMES_PER_INODE_MAX: usize = 16;
+/// An open that arrives up to this long after the inode's eviction may have been resolved by the
+/// kernel before it (path walk, then the OPEN request): the kernel may then hold the old inode,
+/// with its old size, which no notification can correct while it is in use.
+pub const OPEN_RACE_MS: u64 = 500;
+/// After one ESTALE for an inode, the next open of it within this long is answered normally
+/// (the VFS retries an ESTALE open once, with a fresh lookup; a second ESTALE would reach the
+/// caller).
+pub const ESTALE_RETRY_MS: u64 = 1_000;
 
 #[derive(Default)]
 struct Known {
     /// The kernel's lookup count for the inode, as far as our answers tell.
     lookups: u64,
     names: Vec<(Ino, Vec<u8>)>,
+    /// When another node's change last made us drop the kernel's names of this inode.
+    evicted_at: Option<Instant>,
+    /// When an open of it was last answered ESTALE (see `open_may_be_stale`).
+    estale_at: Option<Instant>,
 }
 
 /// The kernel's names of regular files. Off (records nothing) unless enabled: only a node whose
@@ -140,6 +153,41 @@ impl KernelNames {
         self.lock().inodes.keys().copied().collect()
     }
 
+    /// The names to drop for another node's change of `ino`; stamps the eviction (see
+    /// `open_may_be_stale`).
+    pub fn evict(&self, ino: Ino) -> Vec<(Ino, Vec<u8>)> {
+        if !self.is_enabled() {
+            return Vec::new();
+        }
+        let mut t = self.lock();
+        let Some(known) = t.inodes.get_mut(&ino) else { return Vec::new() };
+        known.evicted_at = Some(Instant::now());
+        known.names.clone()
+    }
+
+    /// Should an open of `ino` that arrived at `arrived` be answered ESTALE, so that the VFS
+    /// looks the path up again and gets a fresh inode? Yes if the inode was evicted shortly
+    /// before the open arrived or while it waited (the kernel may have resolved the path to the
+    /// old inode first), unless an open of it was answered ESTALE just before (that was the
+    /// first attempt; this is the VFS's retry).
+    pub fn open_may_be_stale(&self, ino: Ino, arrived: Instant) -> bool {
+        if !self.is_enabled() {
+            return false;
+        }
+        let mut t = self.lock();
+        let Some(known) = t.inodes.get_mut(&ino) else { return false };
+        let now = Instant::now();
+        let raced = known
+            .evicted_at
+            .is_some_and(|at| at + Duration::from_millis(OPEN_RACE_MS) >= arrived);
+        let retried = known.estale_at.is_some_and(|at| now.duration_since(at) < Duration::from_millis(ESTALE_RETRY_MS));
+        if raced && !retried {
+            known.estale_at = Some(now);
+            return true;
+        }
+        false
+    }
+
     /// Inodes recorded (for tests and status).
     pub fn len(&self) -> usize {
         self.lock().inodes.len()
@@ -197,6 +245,21 @@ mod tests {
         k.forget(5, 1);
         assert_eq!(k.len(), 0);
         assert!(k.lock().by_name.is_empty());
+    }
+
+    #[test]
+    fn an_open_racing_an_eviction_is_retried_once() {
+        let k = KernelNames::default();
+        k.enable();
+        let before = Instant::now();
+        assert!(!k.open_may_be_stale(5, before), "unknown inode");
+        k.looked_up(5, 1, b"a");
+        assert!(!k.open_may_be_stale(5, Instant::now()), "never evicted");
+        assert_eq!(k.evict(5), vec![(1, b"a".to_vec())]);
+        assert!(k.open_may_be_stale(5, before), "evicted after the open arrived");
+        assert!(!k.open_may_be_stale(5, before), "the VFS's retry goes through");
+        let long_after = Instant::now() + Duration::from_millis(OPEN_RACE_MS + 10);
+        assert!(!k.open_may_be_stale(5, long_after), "evicted long before the open");
     }
 
     #[test]
