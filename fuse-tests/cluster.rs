@@ -29,7 +29,7 @@ const EIO_SLACK: Duration = Duration::from_secs(5);
 
 /// Creates or truncates `p`, writes `data`, fsyncs and closes it, reporting every error (also the
 /// one close may return, which dropping a `File` would swallow).
-fn write_synced(p: &Path, data: &[u8]) -> io::Result<()> {
+pub(crate) fn write_synced(p: &Path, data: &[u8]) -> io::Result<()> {
     let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(p)?;
     f.write_all(data)?;
     f.sync_all()?;
@@ -37,14 +37,14 @@ fn write_synced(p: &Path, data: &[u8]) -> io::Result<()> {
 }
 
 /// Closes `f` and returns close's error (a FUSE flush error surfaces there).
-fn close(f: File) -> io::Result<()> {
+pub(crate) fn close(f: File) -> io::Result<()> {
     let fd = f.into_raw_fd();
     // SAFETY: we own fd (taken out of the File), and close it exactly once.
     crate::harness::check(unsafe { libc::close(fd) }).map(|_| ())
 }
 
 /// Polls until `cond(k)` holds on every node of `on`; panics naming `what` after `VISIBLE_TIMEOUT`.
-fn seen(c: &Cluster, on: &[u64], what: &str, cond: impl Fn(&Cluster, u64) -> bool) {
+pub(crate) fn seen(c: &Cluster, on: &[u64], what: &str, cond: impl Fn(&Cluster, u64) -> bool) {
     if let Err(e) = try_seen(c, on, what, cond) {
         panic!("{e}");
     }
@@ -99,7 +99,7 @@ fn others(c: &Cluster, k: u64) -> Vec<u64> {
     c.ids().into_iter().filter(|&o| o != k).collect()
 }
 
-fn read_eq(p: &Path, want: &[u8]) -> bool {
+pub(crate) fn read_eq(p: &Path, want: &[u8]) -> bool {
     fs::read(p).map(|got| got == want).unwrap_or(false)
 }
 

@@ -122,9 +122,7 @@ fn cluster_open_right_after_a_remote_growth_reads_everything() {
         let mut f = OpenOptions::new().append(false).write(true).open(c.path(1, "grown")).unwrap();
         f.seek(SeekFrom::End(0)).unwrap();
         f.write_all(line.as_bytes()).unwrap();
-        let fd = std::os::unix::io::IntoRawFd::into_raw_fd(f);
-        // SAFETY: fd was just taken out of the File and is closed exactly once.
-        crate::harness::check(unsafe { libc::close(fd) }).unwrap();
+        crate::cluster::close(f).unwrap();
         want.extend_from_slice(line.as_bytes());
         let got = fs::read(c.path(2, "grown")).unwrap();
         assert!(got == want, "round {round}: node 2 read {} of {} bytes right after node 1 closed", got.len(), want.len());

@@ -5,8 +5,12 @@
 //! Every node is a `harness::Node`, so `Drop` stops each process this cluster started by its PID
 //! and detaches its mount, also when the test panics. The cluster holds one permit of the
 //! parallel-node budget for all its nodes.
+//!
+//! With `ClusterOptions::netns` each node runs in a network namespace of its own (`netns::Net`),
+//! listening on its own address there, so that a test can cut nodes off (`isolate`) and `heal`;
+//! the `pickbox` command-line calls then run in the namespace of the node they ask.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::io::Read;
 use std::net::UdpSocket;
@@ -17,6 +21,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use crate::harness::{binary, Node, Permit};
+use crate::netns::{in_netns, Net};
 
 /// How long a mutation waits for a quorum in test nodes before it fails with EIO, in ms.
 pub const PROPOSE_TIMEOUT_MS: u64 = 3_000;
@@ -37,6 +42,8 @@ const CLI_TIMEOUT: Duration = Duration::from_secs(20);
 const STATUS_POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// The operator certificate the tests use for `status` and `members`.
 const ADMIN_NAME: &str = "admin";
+/// The UDP port every node listens on in netns mode (each node has an address of its own there).
+const NETNS_PORT: u16 = 7000;
 
 /// What a cluster starts with.
 #[derive(Clone, Debug)]
@@ -45,11 +52,13 @@ pub struct ClusterOptions {
     pub propose_timeout_ms: u64,
     /// `--snapshot-entries`; None keeps the node's default.
     pub snapshot_entries: Option<u64>,
+    /// Each node in a network namespace of its own (for partitions) instead of on loopback.
+    pub netns: bool,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { nodes: 3, propose_timeout_ms: PROPOSE_TIMEOUT_MS, snapshot_entries: None }
+        ClusterOptions { nodes: 3, propose_timeout_ms: PROPOSE_TIMEOUT_MS, snapshot_entries: None, netns: false }
     }
 }
 
@@ -89,6 +98,8 @@ pub struct MemberInfo {
 pub struct Cluster {
     /// Declared first so that it drops first: every node stops before its certificates go.
     nodes: BTreeMap<u64, Node>,
+    /// The namespaces in netns mode; after `nodes`, so that no node runs when they go.
+    net: Option<Net>,
     ports: BTreeMap<u64, u16>,
     certs: PathBuf,
     opts: ClusterOptions,
@@ -125,6 +136,7 @@ impl Cluster {
         create_cert(&certs, ADMIN_NAME);
         let mut cluster = Cluster {
             nodes: BTreeMap::new(),
+            net: opts.netns.then(Net::new),
             ports: BTreeMap::new(),
             certs,
             opts: opts.clone(),
@@ -145,7 +157,56 @@ impl Cluster {
 
     /// Node `k`'s QUIC address.
     pub fn addr(&self, k: u64) -> String {
-        format!("127.0.0.1:{}", self.ports[&k])
+        match &self.net {
+            Some(net) => format!("{}:{NETNS_PORT}", net.ip(k)),
+            None => format!("127.0.0.1:{}", self.ports[&k]),
+        }
+    }
+
+    /// Runs `f` in node `k`'s network namespace (netns mode), or as it is (loopback).
+    fn in_node_net<T>(&self, k: u64, f: impl FnOnce() -> T) -> T {
+        match &self.net {
+            Some(net) => in_netns(&net.ns_path(k), f),
+            None => f(),
+        }
+    }
+
+    /// Starts node `k`'s process (in its namespace) and waits for its mount.
+    fn spawn_node(&mut self, k: u64, timeout: Duration) -> Result<(), String> {
+        let ns = self.net.as_ref().map(|net| net.ns_path(k));
+        let node = self.nodes.get_mut(&k).unwrap_or_else(|| panic!("no node {k}"));
+        match ns {
+            Some(ns) => in_netns(&ns, || node.try_spawn(timeout)),
+            None => node.try_spawn(timeout),
+        }
+    }
+
+    /// Netns mode: cuts each node of `ks` off from every other node (a node alone on its side;
+    /// the nodes not named still reach each other).
+    pub fn isolate(&mut self, ks: &[u64]) {
+        let net = self.net.as_mut().expect("isolate needs ClusterOptions::netns");
+        for &k in ks {
+            net.set_connected(k, false);
+        }
+        eprintln!("cluster: nodes {ks:?} cut off");
+    }
+
+    /// Netns mode: connects every node again.
+    pub fn heal(&mut self) {
+        let net = self.net.as_mut().expect("heal needs ClusterOptions::netns");
+        let cut: Vec<u64> = self.nodes.keys().copied().filter(|&k| !net.is_connected(k)).collect();
+        for &k in &cut {
+            net.set_connected(k, true);
+        }
+        eprintln!("cluster: nodes {cut:?} connected again");
+    }
+
+    /// The nodes cut off from the others right now.
+    pub fn isolated(&self) -> BTreeSet<u64> {
+        match &self.net {
+            Some(net) => self.nodes.keys().copied().filter(|&k| !net.is_connected(k)).collect(),
+            None => BTreeSet::new(),
+        }
     }
 
     /// Every node this cluster started, running or not.
@@ -198,7 +259,12 @@ impl Cluster {
     pub fn add_node(&mut self) -> u64 {
         let k = self.nodes.keys().next_back().map_or(1, |last| last + 1);
         create_cert(&self.certs, &format!("node{k}"));
-        self.ports.insert(k, free_udp_port());
+        match self.net.as_mut() {
+            Some(net) => net.add_host(k),
+            None => {
+                self.ports.insert(k, free_udp_port());
+            }
+        }
         let seed = self.running().first().map(|&s| self.addr(s));
         let args = self.node_args(k, &self.certs.clone(), seed.as_deref());
         let node = Node::prepare_with_limit(
@@ -210,7 +276,7 @@ impl Cluster {
         );
         self.nodes.insert(k, node);
         let started = Instant::now();
-        if let Err(e) = self.node(k).try_spawn(JOIN_TIMEOUT) {
+        if let Err(e) = self.spawn_node(k, JOIN_TIMEOUT) {
             panic!("node {k} did not join and mount: {e}");
         }
         eprintln!("cluster: node {k} mounted after {:?}", started.elapsed());
@@ -220,6 +286,7 @@ impl Cluster {
     /// A node `k` that is not part of this cluster's bookkeeping, started with `certs` and
     /// `--join` a running node: for tests of nodes that must be refused. The caller owns it.
     pub fn foreign_node(&mut self, k: u64, certs: &Path) -> Node {
+        assert!(self.net.is_none(), "foreign_node runs on loopback only");
         self.ports.insert(k, free_udp_port());
         let seed = self.running().first().map(|&s| self.addr(s)).expect("a running node to join");
         let args = self.node_args(k, certs, Some(&seed));
@@ -240,17 +307,21 @@ impl Cluster {
     /// Starts node `k` again on its data dir and waits for the mount.
     pub fn start(&mut self, k: u64) {
         let started = Instant::now();
-        if let Err(e) = self.node(k).try_spawn(JOIN_TIMEOUT) {
+        if let Err(e) = self.spawn_node(k, JOIN_TIMEOUT) {
             panic!("node {k} did not restart: {e}");
         }
         eprintln!("cluster: node {k} restarted and mounted after {:?}", started.elapsed());
     }
 
     /// Runs `pickbox ARGS --peer <a running node> --certs .. --name admin`, trying each running
-    /// node in turn; returns the first success's stdout or every error.
+    /// node in turn (those not cut off first; in netns mode from the asked node's namespace);
+    /// returns the first success's stdout or every error.
     fn admin_cli(&mut self, args: &[&str]) -> Result<String, String> {
+        let isolated = self.isolated();
+        let mut order = self.running();
+        order.sort_by_key(|k| isolated.contains(k));
         let mut errors = Vec::new();
-        for k in self.running() {
+        for k in order {
             let mut full: Vec<OsString> = args.iter().map(OsString::from).collect();
             full.extend([
                 "--peer".into(),
@@ -260,7 +331,7 @@ impl Cluster {
                 "--name".into(),
                 ADMIN_NAME.into(),
             ]);
-            match cli(&full) {
+            match self.in_node_net(k, || cli(&full)) {
                 Ok(out) => return Ok(out),
                 Err(e) => errors.push(format!("via node {k}: {e}")),
             }

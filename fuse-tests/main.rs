@@ -15,6 +15,8 @@ mod dirs;
 mod lifecycle;
 mod locks;
 mod meta;
+mod netns;
+mod partition;
 mod rename;
 mod stress;
 mod writeback;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # THE test command: installs what the tests need, runs every cargo test target (unit and property
 # tests, the openraft storage suite, fuse-tests against real mounts and 3-node clusters), then
-# pjdfstest in a single-node mount and in a follower's mount of a 3-node cluster.
+# pjdfstest in a single-node mount and in every node's mount of a 3-node cluster.
 # Needs root and /dev/fuse. Exits non-zero if anything failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,14 +10,15 @@ source scripts/lib.sh
 
 need_root "the test suite"
 need_dev_fuse
-# fuse3: the umount/fusermount3 tools; attr/acl: getfattr/setfacl; libacl1-dev: pjdfstest's build.
-ensure_packages fuse3 attr acl libacl1-dev
+# fuse3: the umount/fusermount3 tools; attr/acl: getfattr/setfacl; libacl1-dev: pjdfstest's build;
+# iproute2: `ip netns`, veth and bridge for the network-partition tests (fuse-tests/partition.rs).
+ensure_packages fuse3 attr acl libacl1-dev iproute2
 ensure_pjdfstest
 ensure_test_users
 
 mkdir -p target
 cargo_log=$repo/target/cargo-test.log
-rm -f "$repo/target/pjdfstest.log" "$repo/target/pjdfstest-cluster.log"
+rm -f "$repo/target/pjdfstest.log" "$repo"/target/pjdfstest-cluster*.log
 failed=0
 
 log "cargo test --all-targets --no-fail-fast"
@@ -29,7 +30,7 @@ set -e
 [ "$cargo_status" -eq 0 ] || { echo "cargo test failed (exit status $cargo_status)"; failed=1; }
 cargo_secs=$((SECONDS - started))
 
-log "pjdfstest (single node, then a follower of a 3-node cluster)"
+log "pjdfstest (single node, then every node of a 3-node cluster)"
 started=$SECONDS
 set +e
 bash scripts/pjdfstest.sh
@@ -50,15 +51,21 @@ pjd_summary() {
     awk '/^Summary:/ { print $2, $4, $6; found = 1 } END { if (!found) print 0, 0, 0 }' "$1" 2>/dev/null ||
         echo "0 0 0"
 }
-read -r pjd_failed pjd_skipped pjd_passed < <(pjd_summary "$repo/target/pjdfstest.log")
-read -r pjdc_failed pjdc_skipped pjdc_passed < <(pjd_summary "$repo/target/pjdfstest-cluster.log")
 echo
 echo "cargo test: $cargo_passed passed, $cargo_failed failed, $cargo_ignored ignored (exit status $cargo_status)"
-echo "pjdfstest (single node): $pjd_passed passed, $pjd_failed failed, $pjd_skipped skipped"
-echo "pjdfstest (3-node cluster, follower): $pjdc_passed passed, $pjdc_failed failed, $pjdc_skipped skipped"
+total_passed=$cargo_passed total_failed=$cargo_failed total_skipped=$cargo_ignored
+# The single-node run, then one run per cluster node (scripts/pjdfstest.sh names the logs).
+for pjd_log in "$repo/target/pjdfstest.log" "$repo"/target/pjdfstest-cluster-node*.log; do
+    [ -e "$pjd_log" ] || continue
+    case "$pjd_log" in
+        */pjdfstest.log) what="single node" ;;
+        *) k=${pjd_log##*-node}; what="3-node cluster, node ${k%.log}" ;;
+    esac
+    read -r f s p < <(pjd_summary "$pjd_log")
+    echo "pjdfstest ($what): $p passed, $f failed, $s skipped"
+    total_passed=$((total_passed + p)) total_failed=$((total_failed + f)) total_skipped=$((total_skipped + s))
+done
 echo "pjdfstest exit status: $pjd_status"
 echo "time: cargo test ${cargo_secs}s, pjdfstest ${pjd_secs}s"
-echo "total: $((cargo_passed + pjd_passed + pjdc_passed)) passed," \
-    "$((cargo_failed + pjd_failed + pjdc_failed)) failed," \
-    "$((cargo_ignored + pjd_skipped + pjdc_skipped)) skipped"
+echo "total: $total_passed passed, $total_failed failed, $total_skipped skipped"
 exit "$failed"
