@@ -54,11 +54,20 @@ pub struct ClusterOptions {
     pub snapshot_entries: Option<u64>,
     /// Each node in a network namespace of its own (for partitions) instead of on loopback.
     pub netns: bool,
+    /// Nodes whose data dir is a tmpfs of its own: node id -> its size in bytes (to fill a
+    /// node's disk on purpose). Other nodes keep theirs on the temp dir's filesystem.
+    pub data_tmpfs: BTreeMap<u64, u64>,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { nodes: 3, propose_timeout_ms: PROPOSE_TIMEOUT_MS, snapshot_entries: None, netns: false }
+        ClusterOptions {
+            nodes: 3,
+            propose_timeout_ms: PROPOSE_TIMEOUT_MS,
+            snapshot_entries: None,
+            netns: false,
+            data_tmpfs: BTreeMap::new(),
+        }
     }
 }
 
@@ -270,7 +279,7 @@ impl Cluster {
         let node = Node::prepare_with_limit(
             args,
             None,
-            None,
+            self.opts.data_tmpfs.get(&k).copied(),
             &format!("pickbox-cluster-node{k}-"),
             CLUSTER_TEST_SECONDS_MAX,
         );

@@ -9,6 +9,7 @@ mod harness;
 
 mod cluster;
 mod cluster_cache;
+mod cluster_disk;
 mod cluster_harness;
 mod data;
 mod dirs;

@@ -165,7 +165,8 @@ pub enum MembersCommand {
         #[arg(long, env = "PICKBOX_JSON")]
         json: bool,
     },
-    /// Remove member ID from the cluster (from the voters and the membership).
+    /// Remove member ID from the cluster (from the voters and the membership); an ID that is not
+    /// a member is an error.
     Remove {
         /// The node id to remove.
         #[arg(value_parser = clap::value_parser!(u64).range(1..))]

@@ -32,6 +32,9 @@ const READY_RETRY_PAUSE_MS: u64 = 500;
 const MEMBERSHIP_LOAD_WAIT_MS: u64 = 1_000;
 /// How often it looks meanwhile.
 const MEMBERSHIP_POLL_MS: u64 = 20;
+/// Pause between two attempts to finish an interrupted join (each attempt retries for up to
+/// `admin::JOIN_DEADLINE_MS` itself).
+const JOIN_RESUME_PAUSE_MS: u64 = 5_000;
 /// Hex digits of the state digest shown in the status table (the JSON has all of it).
 const DIGEST_HEX_SHOWN: usize = 16;
 
@@ -236,26 +239,38 @@ async fn get_ready(
             join_cluster(replica, t.clone(), seed).await?;
             wait_ready(replica).await.map(|()| None)
         }
-        (StartMode::Restart, Some(_), _) => match replica.after_join().await {
-            Ok(()) => Ok(None),
-            Err(e) if is_fatal(&e) => Err(e.context("getting the replica ready")),
-            Err(e) => {
-                tracing::warn!(
-                    error = %format!("{e:#}"),
-                    "no leader or no quorum yet (other nodes down?): starting anyway; reads are served \
-                     from the local replica, writes fail with EIO until a quorum is back"
-                );
-                let weak = Arc::downgrade(replica);
-                Ok(Some(tokio::spawn(async move {
-                    if let Some(r) = weak.upgrade() {
+        (StartMode::Restart, Some(t), seed) => {
+            // A learner here was added by a join that stopped before the promotion: once ready
+            // (a leader replicates to it, so it is still in the membership), it asks to be promoted.
+            let learner = has_membership_soon(replica).await && replica.is_learner();
+            let promote = learner.then(|| (t.clone(), seed.map(str::to_string)));
+            match replica.after_join().await {
+                Ok(()) => Ok(promote.map(|(t, seed)| tokio::spawn(resume_join(Arc::downgrade(replica), t, seed)))),
+                Err(e) if is_fatal(&e) => Err(e.context("getting the replica ready")),
+                Err(e) => {
+                    tracing::warn!(
+                        error = %format!("{e:#}"),
+                        "no leader or no quorum yet (other nodes down?): starting anyway; reads are served \
+                         from the local replica, writes fail with EIO until a quorum is back"
+                    );
+                    let weak = Arc::downgrade(replica);
+                    Ok(Some(tokio::spawn(async move {
+                        let Some(r) = weak.upgrade() else { return };
                         match wait_ready(&r).await {
                             Ok(()) => tracing::info!("quorum reached: node start finished"),
-                            Err(e) => tracing::error!(error = %format!("{e:#}"), "finishing the node start failed"),
+                            Err(e) => {
+                                tracing::error!(error = %format!("{e:#}"), "finishing the node start failed");
+                                return;
+                            }
                         }
-                    }
-                })))
+                        drop(r);
+                        if let Some((t, seed)) = promote {
+                            resume_join(weak, t, seed).await;
+                        }
+                    })))
+                }
             }
-        },
+        }
         (StartMode::Join | StartMode::Restart, _, _) => anyhow::bail!("joining needs --listen and --join"),
     }
 }
@@ -285,6 +300,34 @@ async fn join_cluster(replica: &Arc<Replica>, t: Arc<QuicTransport>, seed: &str)
     })?;
     tracing::info!(%seed, "joined the cluster as a voter");
     Ok(())
+}
+
+/// Background: `admin::resume_join` until this node is a voter, a final refusal, or the replica
+/// is gone (the task is aborted at stop).
+async fn resume_join(replica: std::sync::Weak<Replica>, t: Arc<QuicTransport>, seed: Option<String>) {
+    let mut attempt = 0u64;
+    loop {
+        attempt += 1;
+        let Some(r) = replica.upgrade() else { return };
+        let t: Arc<dyn PeerTransport> = t.clone();
+        match admin::resume_join(&r, t, seed.as_deref()).await {
+            Ok(()) => {
+                tracing::info!(attempt, "the interrupted join is complete: this node is a voter");
+                return;
+            }
+            Err(e @ (AdminError::Refused(_) | AdminError::NotAMember(_))) => {
+                tracing::error!(
+                    error = %e,
+                    "the cluster refused to promote this learner; it stays a learner (remove it with \
+                     `pickbox members remove`, then join again)"
+                );
+                return;
+            }
+            Err(e) => tracing::warn!(attempt, error = %e, "promoting this learner failed for now; retrying"),
+        }
+        drop(r);
+        tokio::time::sleep(Duration::from_millis(JOIN_RESUME_PAUSE_MS)).await;
+    }
 }
 
 /// `Replica::after_join` until it succeeds: a restarted node may have to wait for its peers (a
@@ -336,9 +379,13 @@ async fn serve(
     tracing::info!(mountpoint = %args.mountpoint.display(), "mounted");
 
     let mut tick = tokio::time::interval(SESSION_POLL);
+    // A store fault on a replicated entry stops Raft without failing any local request.
+    let raft_stopped = replica.raft_stopped();
+    tokio::pin!(raft_stopped);
     let stop = loop {
         tokio::select! {
             name = signals.recv() => break Stop::Signal(name),
+            why = &mut raft_stopped => break Stop::Fatal(why),
             _ = tick.tick() => if mounted.is_finished() { break Stop::Unmounted },
             Ok(()) = fatal.changed() => {
                 break Stop::Fatal(fatal.borrow().clone().unwrap_or_default())
@@ -428,6 +475,8 @@ struct StatusRow {
     applied_index: Option<u64>,
     snapshot_index: Option<u64>,
     state_digest: Option<String>,
+    /// Reads that met a corrupt stored block on that node since it started (JSON only).
+    corrupt_block_reads: Option<u64>,
     /// Why the member did not answer.
     error: Option<String>,
 }
@@ -446,6 +495,7 @@ impl StatusRow {
             applied_index: None,
             snapshot_index: None,
             state_digest: None,
+            corrupt_block_reads: None,
             error: None,
         };
         match s {
@@ -458,6 +508,7 @@ impl StatusRow {
                 row.applied_index = s.applied_index;
                 row.snapshot_index = s.snapshot_index;
                 row.state_digest = Some(s.state_digest);
+                row.corrupt_block_reads = Some(s.corrupt_block_reads);
             }
             Err(e) => row.error = Some(e),
         }
@@ -563,6 +614,7 @@ mod tests {
             snapshot_index: None,
             members: vec![],
             state_digest: "ab".repeat(32),
+            corrupt_block_reads: 2,
         }
     }
 
@@ -593,6 +645,8 @@ mod tests {
         assert_eq!(arr[0]["applied_index"], 41);
         assert_eq!(arr[0]["snapshot_index"], serde_json::Value::Null);
         assert_eq!(arr[0]["state_digest"], "ab".repeat(32));
+        assert_eq!(arr[0]["corrupt_block_reads"], 2);
+        assert_eq!(arr[1]["corrupt_block_reads"], serde_json::Value::Null);
         assert_eq!(arr[0]["error"], serde_json::Value::Null);
         assert_eq!(arr[1]["error"], "unreachable: dial timed out");
         // Every row has the same keys, answered or not.

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use pickbox::raft::admin::{
-    cluster_status, join_cluster, remove_member, JoinRequest, MemberInfo, NodeStatus, ANY_NODE,
+    cluster_status, join_cluster, remove_member, resume_join, AdminError, JoinRequest, MemberInfo, NodeStatus,
+    ANY_NODE,
 };
 use pickbox::raft::network::{BoxFuture, PeerTransport, RpcKind, TransportError};
 use pickbox::raft::{Replica, ReplicaConfig};
@@ -654,7 +655,12 @@ async fn join_through_a_follower_and_remove_over_quic() {
     assert!(!meta.nodes.contains(&3), "{meta:?}");
     let err = ts[2].call(1, &addr(0), RpcKind::Vote, vec![1]).await.unwrap_err();
     assert!(matches!(&err, TransportError::Network(1, m) if m.contains("not authorized")), "{err}");
-    remove_member(op.clone(), &addr(0), 3).await.unwrap();
+    // Removing it again, or a node that never was a member, is the operator's mistake.
+    for (node, seed) in [(3, 0), (7, 1)] {
+        let err = remove_member(op.clone(), &addr(seed), node).await.unwrap_err();
+        assert!(matches!(err, AdminError::NotAMember(n) if n == node), "{err:?}");
+        assert_eq!(err.to_string(), format!("node {node} is not a member"));
+    }
     let all = wait_converged(&op, &addr(0), 2).await;
     assert!(all.iter().all(|s| s.members.len() == 2));
 
@@ -723,6 +729,66 @@ async fn join_retries_until_the_seed_serves_and_final_refusals_end_it() {
         r.shutdown().await.unwrap();
     }
     for t in &ts {
+        t.shutdown().await;
+    }
+}
+
+/// (k) A node stopped after the leader added it as a learner and before the promotion restarts as
+/// a learner; `resume_join` (what `pickbox mount` runs in the background on such a restart, after
+/// `after_join`) gets it promoted and registered, and it has what was written meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learner_restarted_before_promotion_becomes_a_voter() {
+    logs();
+    let root = tempfile::tempdir().unwrap();
+    pki(root.path(), "ca", &[1, 2]);
+    let ts: Vec<_> = (1..=2).map(|id| bind(id, identity(root.path(), "ca", id))).collect();
+    let addr = |i: usize| ts[i].local_addr().to_string();
+    let op = operator(root.path());
+    let a = Replica::start_with(replica_cfg(root.path(), 1, &ts[0]), ts[0].clone()).await.unwrap();
+    serve_replica(&ts[0], &a);
+    let make = Op::MakeNode { parent: ROOT_INO, name: b"f".to_vec(), kind: FileKind::File, perm: 0o644, rdev: 0 };
+    let Outcome::Inode(f) = a.propose(Caller::root(), make).await.unwrap() else { panic!("not an inode") };
+
+    // The first step of a join (what the leader's Join does before it promotes), then a stop.
+    let b = Replica::start_joining(replica_cfg(root.path(), 2, &ts[1]), ts[1].clone()).await.unwrap();
+    serve_replica(&ts[1], &b);
+    a.add_learner(2, addr(1)).await.unwrap();
+    wait_until("node 2 to see itself a learner", Duration::from_secs(10), || b.is_learner()).await;
+    b.shutdown().await.unwrap();
+    drop(b);
+    a.propose(Caller::root(), Op::Write { ino: f.ino, offset: 0, data: b"while down".to_vec(), append: false })
+        .await
+        .unwrap();
+
+    let b = Replica::start_joining(replica_cfg(root.path(), 2, &ts[1]), ts[1].clone()).await.unwrap();
+    serve_replica(&ts[1], &b);
+    wait_until("node 2 to load its membership", Duration::from_secs(10), || b.has_membership()).await;
+    assert!(b.is_learner() && !b.is_voter());
+    b.after_join().await.unwrap();
+    assert!(b.is_learner(), "nothing but resume_join promotes it");
+    let t = Instant::now();
+    resume_join(&b, ts[1].clone(), None).await.unwrap();
+    eprintln!("learner promoted after restart in {:?}", t.elapsed());
+    assert!(b.is_voter() && !b.is_learner());
+    // Resuming again is a no-op.
+    resume_join(&b, ts[1].clone(), None).await.unwrap();
+    let all = wait_converged(&op, &addr(0), 2).await;
+    for s in &all {
+        let mut ids: Vec<_> = s.members.iter().map(|m| (m.node_id, m.voter)).collect();
+        ids.sort();
+        assert_eq!(ids, vec![(1, true), (2, true)], "{s:?}");
+    }
+    assert_eq!(read_file(&b, b"f"), b"while down");
+    assert_eq!(b.read().unwrap().meta().unwrap().nodes, vec![1, 2]);
+    // A voter of two: node 2 is part of the quorum now (its writes commit through the leader).
+    b.propose(Caller::root(), Op::Write { ino: f.ino, offset: 0, data: b"from node2".to_vec(), append: false })
+        .await
+        .unwrap();
+    assert_eq!(read_file(&a, b"f"), b"from node2");
+
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+    for t in ts.iter().chain([&op]) {
         t.shutdown().await;
     }
 }

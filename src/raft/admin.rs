@@ -49,6 +49,9 @@ const SM_APPLIED_KEY: &str = "applied";
 const META_COMMITTED_KEY: &str = "committed";
 /// An error reply starting with this is final: retrying the same request cannot succeed.
 const FINAL: &str = "refused: ";
+/// The end of the final reply to a `Remove` of a node that is neither in the membership nor
+/// registered (`remove_member` turns it into `AdminError::NotAMember`).
+const NOT_A_MEMBER: &str = "is not a member";
 
 /// Target id meaning "whichever CA-signed node answers at this address".
 pub const ANY_NODE: NodeId = 0;
@@ -85,6 +88,8 @@ pub struct NodeStatus {
     /// Hex SHA-256 of the replicated state at `applied_index`: equal on every node that has
     /// applied the same entries.
     pub state_digest: String,
+    /// Reads on this node that met a corrupt stored block (and answered EIO) since it started.
+    pub corrupt_block_reads: u64,
 }
 
 /// Why an admin call failed.
@@ -96,6 +101,9 @@ pub enum AdminError {
     /// The cluster refused the request (the reason comes from the serving node).
     #[error("refused: {0}")]
     Refused(String),
+    /// `remove_member` of a node that is not a member (nor a removal left half done).
+    #[error("node {0} is not a member")]
+    NotAMember(NodeId),
 }
 
 /// A request a non-leader forwarded to the leader. A forwarded request is never forwarded again
@@ -203,6 +211,12 @@ impl Replica {
     pub fn is_voter(&self) -> bool {
         self.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == self.node_id)
     }
+
+    /// Whether this node is in its current membership as a learner only: a join that stopped
+    /// (crash, stop) after the leader added it and before the promotion (see `resume_join`).
+    pub fn is_learner(&self) -> bool {
+        self.is_member(self.node_id) && !self.is_voter()
+    }
 }
 
 /// Apply a membership change on the leader, retrying while an earlier change is still in progress.
@@ -267,9 +281,19 @@ async fn join_here(replica: &Replica, req: &JoinRequest) -> Result<(), String> {
 }
 
 /// Leader: remove `node` from the voters and from the membership, then unregister it (which frees
-/// the open-unlinked files only it held). Idempotent. Refuses to remove the last voter.
+/// the open-unlinked files only it held). Refuses to remove the last voter, and a node that is
+/// neither in the membership nor registered (final: "node N is not a member"). A removal left
+/// half done (out of the membership but still registered: a leader change or a crash between the
+/// steps) is finished, so retrying a failed removal always converges; a retry of a removal that
+/// did take effect is answered "not a member", which `remove_member` accepts (see there).
 async fn remove_here(replica: &Replica, node: NodeId) -> Result<(), String> {
     let (voters, nodes) = membership(replica);
+    let registered = |replica: &Replica| -> Result<bool, String> {
+        Ok(replica.read().and_then(|v| v.meta()).map_err(|e| e.to_string())?.nodes.contains(&node))
+    };
+    if !nodes.contains_key(&node) && !registered(replica)? {
+        return Err(format!("{FINAL}node {node} {NOT_A_MEMBER}"));
+    }
     if voters.contains(&node) {
         if voters.len() == 1 {
             return Err(format!("{FINAL}node {node} is the last voter; a cluster cannot remove all its voters"));
@@ -280,8 +304,7 @@ async fn remove_here(replica: &Replica, node: NodeId) -> Result<(), String> {
     if membership(replica).1.contains_key(&node) {
         change(replica, ChangeMembers::RemoveNodes([node].into())).await?;
     }
-    let registered = replica.read().and_then(|v| v.meta()).map_err(|e| e.to_string())?.nodes.contains(&node);
-    if !registered {
+    if !registered(replica)? {
         return Ok(());
     }
     if node != replica.node_id {
@@ -300,6 +323,8 @@ async fn remove_here(replica: &Replica, node: NodeId) -> Result<(), String> {
         for (id, addr) in &rest {
             match call::<()>(&*replica.transport, *id, addr, RpcKind::Remove, body.clone()).await {
                 Ok(()) => return Ok(()),
+                // An earlier round (whose answer was lost) finished it already.
+                Err(AdminError::Refused(m)) if is_not_a_member(&m) => return Ok(()),
                 Err(e) => last = e.to_string(),
             }
         }
@@ -344,6 +369,7 @@ async fn status(replica: &Replica) -> Result<NodeStatus, String> {
         snapshot_index: m.snapshot.map(|l| l.index),
         members,
         state_digest,
+        corrupt_block_reads: crate::store::CORRUPT_BLOCK_READS.load(std::sync::atomic::Ordering::Relaxed),
     })
 }
 
@@ -386,7 +412,13 @@ fn classify(e: AdminError) -> Attempt {
             Attempt::Final(AdminError::Refused(m))
         }
         AdminError::Refused(m) | AdminError::Unreachable(m) => Attempt::Retry(m),
+        e @ AdminError::NotAMember(_) => Attempt::Final(e),
     }
+}
+
+/// Whether an error reply is `remove_here`'s "node N is not a member".
+fn is_not_a_member(m: &str) -> bool {
+    m.starts_with(FINAL) && m.ends_with(NOT_A_MEMBER)
 }
 
 /// Whether a transport error says the TLS handshake refused a certificate.
@@ -427,6 +459,45 @@ pub async fn join_cluster(
     transport: Arc<dyn PeerTransport>,
     seed_addr: &str,
 ) -> Result<(), AdminError> {
+    join_through(replica, transport, &[seed_addr.to_string()]).await
+}
+
+/// Finish a join that stopped after this node was added as a learner (it crashed or was stopped
+/// before the promotion; on restart it is a learner that nobody promotes). Asks the cluster to
+/// `Join` this node again, which is idempotent on the leader: the learner is added again (a
+/// no-op for openraft), catches up, is promoted and registered. A node that is no learner returns
+/// at once. Seeds, tried in turn at every attempt: the leader this node knows, the other voters
+/// of its membership, then `seed` (`--join`, if given). Same retries and deadline as `join_cluster`.
+pub async fn resume_join(
+    replica: &Arc<Replica>,
+    transport: Arc<dyn PeerTransport>,
+    seed: Option<&str>,
+) -> Result<(), AdminError> {
+    if !replica.is_learner() {
+        return Ok(());
+    }
+    let (voters, nodes) = membership(replica);
+    let leader = replica.raft.metrics().borrow().current_leader;
+    let mut seeds: Vec<String> = Vec::new();
+    let ids = leader.into_iter().chain(voters.iter().copied()).filter(|id| *id != replica.node_id);
+    for addr in ids.filter_map(|id| nodes.get(&id).cloned()).chain(seed.map(str::to_string)) {
+        if !seeds.contains(&addr) {
+            seeds.push(addr);
+        }
+    }
+    if seeds.is_empty() {
+        return Err(AdminError::Refused("this learner knows no voter to ask for its promotion".into()));
+    }
+    tracing::info!(node = replica.node_id, ?seeds, "a learner since an unfinished join: asking to be promoted");
+    join_through(replica, transport, &seeds).await
+}
+
+/// `join_cluster` through the first of `seeds` that takes the request at each attempt.
+async fn join_through(
+    replica: &Arc<Replica>,
+    transport: Arc<dyn PeerTransport>,
+    seeds: &[String],
+) -> Result<(), AdminError> {
     if replica.is_voter() {
         return Ok(());
     }
@@ -436,9 +507,17 @@ pub async fn join_cluster(
     }
     let body = encode(&req).map_err(|e| AdminError::Refused(e.to_string()))?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(JOIN_DEADLINE_MS);
-    tracing::info!(node = req.node_id, seed = seed_addr, addr = %req.addr, "asking the cluster to join");
+    tracing::info!(node = req.node_id, ?seeds, addr = %req.addr, "asking the cluster to join");
     retry(deadline, "joining the cluster", || async {
-        call::<()>(&*transport, ANY_NODE, seed_addr, RpcKind::Join, body.clone()).await.map_err(classify)
+        let mut last = String::from("no seed address");
+        for seed in seeds {
+            match call::<()>(&*transport, ANY_NODE, seed, RpcKind::Join, body.clone()).await.map_err(classify) {
+                Ok(()) => return Ok(()),
+                Err(Attempt::Retry(why)) => last = format!("{seed}: {why}"),
+                Err(fin) => return Err(fin),
+            }
+        }
+        Err(Attempt::Retry(last))
     })
     .await?;
     // The leader committed the membership that makes this node a voter; wait until it arrives.
@@ -456,11 +535,32 @@ pub async fn join_cluster(
 /// Remove `node` from the cluster at `seed_addr` (from the voters and the membership, and
 /// release what it held open). Retries while the seed is unreachable or there is no leader, for at
 /// most `REMOVE_DEADLINE_MS`.
+///
+/// A node that is not a member is `AdminError::NotAMember` (an operator's typo must not pass for
+/// a removal), except after a failed attempt of this same call: that attempt may have reached the
+/// leader and removed the node before its answer was lost (a timeout, a leader change), so "not a
+/// member" then means the removal took effect and the call succeeds. The state asked for holds in
+/// both cases; only the report differs.
 pub async fn remove_member(transport: Arc<dyn PeerTransport>, seed_addr: &str, node: NodeId) -> Result<(), AdminError> {
     let body = encode(&node).map_err(|e| AdminError::Refused(e.to_string()))?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(REMOVE_DEADLINE_MS);
+    let attempted = std::sync::atomic::AtomicBool::new(false);
     retry(deadline, "removing a member", || async {
-        call::<()>(&*transport, ANY_NODE, seed_addr, RpcKind::Remove, body.clone()).await.map_err(classify)
+        match call::<()>(&*transport, ANY_NODE, seed_addr, RpcKind::Remove, body.clone()).await {
+            Ok(()) => Ok(()),
+            Err(AdminError::Refused(m)) if is_not_a_member(&m) => {
+                if attempted.load(std::sync::atomic::Ordering::Relaxed) {
+                    tracing::info!(node, "not a member any more: an earlier attempt of this call removed it");
+                    Ok(())
+                } else {
+                    Err(Attempt::Final(AdminError::NotAMember(node)))
+                }
+            }
+            Err(e) => {
+                attempted.store(true, std::sync::atomic::Ordering::Relaxed);
+                Err(classify(e))
+            }
+        }
     })
     .await
 }
@@ -497,4 +597,52 @@ pub async fn cluster_status(
         }
     });
     Ok(futures::future::join_all(asks).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::raft::network::BoxFuture;
+
+    /// Answers each call with the next scripted reply (a transport error or an encoded answer).
+    struct Scripted(Mutex<Vec<Result<Result<(), String>, TransportError>>>);
+
+    impl PeerTransport for Scripted {
+        fn call(&self, _: NodeId, _: &str, kind: RpcKind, _: Vec<u8>) -> BoxFuture<Result<Vec<u8>, TransportError>> {
+            assert_eq!(kind, RpcKind::Remove);
+            let next = self.0.lock().unwrap().remove(0);
+            Box::pin(async move { next.map(|answer| encode(&answer).unwrap()) })
+        }
+    }
+
+    fn not_a_member(node: NodeId) -> Result<(), String> {
+        Err(format!("{FINAL}node {node} {NOT_A_MEMBER}"))
+    }
+
+    async fn remove(script: Vec<Result<Result<(), String>, TransportError>>) -> Result<(), AdminError> {
+        let t = Arc::new(Scripted(Mutex::new(script)));
+        let out = remove_member(t.clone(), "seed:1", 7).await;
+        assert!(t.0.lock().unwrap().is_empty(), "every scripted answer was used");
+        out
+    }
+
+    #[tokio::test]
+    async fn remove_of_a_non_member_is_an_error_unless_an_earlier_attempt_may_have_done_it() {
+        let err = remove(vec![Ok(not_a_member(7))]).await.unwrap_err();
+        assert!(matches!(err, AdminError::NotAMember(7)), "{err:?}");
+        assert_eq!(err.to_string(), "node 7 is not a member");
+        // The first attempt timed out (it may have removed the node); the retry finds it gone.
+        let lost = TransportError::Unreachable(ANY_NODE, "no reply within 5s".into());
+        remove(vec![Err(lost), Ok(not_a_member(7))]).await.unwrap();
+        // A relayed answer that the leader lost: the same.
+        remove(vec![Ok(Err("forwarding to the leader (node 1 at a:1): timed out".into())), Ok(not_a_member(7))])
+            .await
+            .unwrap();
+        // Other final refusals stay errors.
+        let err = remove(vec![Ok(Err(format!("{FINAL}node 7 is the last voter")))]).await.unwrap_err();
+        assert!(err.to_string().contains("last voter"), "{err}");
+        remove(vec![Ok(Ok(()))]).await.unwrap();
+    }
 }

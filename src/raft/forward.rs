@@ -44,6 +44,20 @@ pub struct Forwarded {
     pub results: Vec<CommandResult>,
 }
 
+/// A batch handed to this node's Raft (`client_write_ff`): its outcome arrives here.
+pub(super) type LocalWrite = tokio::sync::oneshot::Receiver<openraft::raft::ClientWriteResult<super::TypeConfig>>;
+
+/// How a batch keeps its place in the log (see `Replica::commit`).
+pub(super) struct Order {
+    /// The first attempt, already submitted by the batcher in numbering order, if this node led.
+    pub first: Option<LocalWrite>,
+    /// Finishes (either way) when the previous batch has finished; `None` for the first batch.
+    pub after: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Cleared when this batch leaves its in-order first attempt (the batcher then submits
+    /// nothing behind it until it has finished).
+    pub in_order: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
 /// Reply of `RpcKind::Forward`.
 pub type ForwardReply = Result<Forwarded, Refusal>;
 /// Reply of `RpcKind::ReadIndex`: the index a reader must have applied.
@@ -132,12 +146,40 @@ impl Replica {
     }
 
     /// Commit `batch` through the current leader (this node or a remote one), retrying across
-    /// elections until `deadline`; returns once the entry is applied on this node.
-    pub(super) async fn commit(&self, batch: Batch, deadline: Instant) -> Result<Vec<CommandResult>, ProposeError> {
+    /// elections until `deadline`; returns once the entry is applied on this node. `order` keeps
+    /// batches in numbering order in the log: every attempt but the batcher's own first one waits
+    /// until the previous batch has finished.
+    pub(super) async fn commit(&self, batch: Batch, order: Order, deadline: Instant) -> Result<Vec<CommandResult>, ProposeError> {
+        let Order { mut first, mut after, in_order } = order;
         let n = batch.0.len();
         let mut backoff = Backoff::new();
         let mut body = None;
         let why = loop {
+            if let Some(rx) = first.take() {
+                match self.local_result(rx, deadline).await {
+                    Ok(results) if results.len() == n => return Ok(results),
+                    Ok(_) => {
+                        tracing::error!(want = n, "apply returned the wrong number of results");
+                        return Err(ProposeError::Fatal("apply returned the wrong number of results".into()));
+                    }
+                    Err(Attempt::Fail(ProposeError::Unavailable(reason))) => break reason,
+                    Err(Attempt::Fail(e)) => return Err(e),
+                    Err(Attempt::Retry(reason)) => {
+                        tracing::debug!(node = self.node_id, %reason, "batch not committed yet; retrying");
+                        in_order.store(false, Ordering::SeqCst);
+                        if !backoff.wait(deadline).await {
+                            break reason;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if let Some(prev) = after.take() {
+                // Either outcome of the receiver means the previous batch is finished.
+                if tokio::time::timeout_at(deadline, prev).await.is_err() {
+                    break "an earlier batch of this node is still not committed".to_string();
+                }
+            }
             let attempt = match self.leader() {
                 None => Err(Attempt::Retry("no leader known (election in progress, or no quorum)".into())),
                 Some((leader, _)) if leader == self.node_id => self.write_local(&batch, deadline).await,
@@ -175,22 +217,33 @@ impl Replica {
         Err(ProposeError::Unavailable(format!("not committed in time: {why}")))
     }
 
-    /// This node leads: append the batch and wait until it is applied (here, by `client_write`).
+    /// This node leads: append the batch and wait until it is applied (here).
     async fn write_local(&self, batch: &Batch, deadline: Instant) -> Result<Vec<CommandResult>, Attempt> {
-        match tokio::time::timeout_at(deadline, self.raft.client_write(batch.clone())).await {
+        match self.raft.client_write_ff(batch.clone()).await {
+            Ok(rx) => self.local_result(rx, deadline).await,
+            Err(f) => {
+                tracing::error!(error = %f, "raft stopped");
+                Err(Attempt::Fail(ProposeError::Fatal(f.to_string())))
+            }
+        }
+    }
+
+    /// Wait for the outcome of a batch submitted to this node's Raft (`client_write_ff`).
+    async fn local_result(&self, rx: LocalWrite, deadline: Instant) -> Result<Vec<CommandResult>, Attempt> {
+        match tokio::time::timeout_at(deadline, rx).await {
             Err(_) => Err(Attempt::Fail(ProposeError::Unavailable(
                 "this node leads but could not commit (no quorum: too few voters reachable)".into(),
             ))),
-            Ok(Ok(resp)) => Ok(resp.data.0),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+            Ok(Err(_)) => {
+                tracing::error!("raft stopped before answering a write");
+                Err(Attempt::Fail(ProposeError::Fatal("raft stopped".into())))
+            }
+            Ok(Ok(Ok(resp))) => Ok(resp.data.0),
+            Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => {
                 Err(Attempt::Retry(format!("this node stopped leading (new leader: {:?})", f.leader_id)))
             }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+            Ok(Ok(Err(ClientWriteError::ChangeMembershipError(e)))) => {
                 Err(Attempt::Retry(format!("membership change in progress: {e}")))
-            }
-            Ok(Err(RaftError::Fatal(f))) => {
-                tracing::error!(error = %f, "raft stopped");
-                Err(Attempt::Fail(ProposeError::Fatal(f.to_string())))
             }
         }
     }

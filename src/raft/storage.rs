@@ -19,9 +19,9 @@ use openraft::{
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
 use super::{Applied, Response, Touch, TypeConfig};
-use crate::state::{Command, CommandResult, Ino, NodeId, Op, StateRead, StoreFault, StoreResult};
+use crate::state::{Command, CommandResult, Digested, Ino, NodeId, Op, StateRead, StoreFault, StoreResult};
 
-use crate::store::codec::{decode, encode};
+use crate::store::codec::{decode, encode, encode_sized};
 use crate::store::{LogWrite, StateTxn, Store};
 
 type SE = StorageError<NodeId>;
@@ -52,18 +52,70 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> StoreResult<T> + Send +
     tokio::task::spawn_blocking(f).await.map_err(|e| StoreFault(format!("blocking task failed: {e}")))?
 }
 
-/// Apply one command: the pure state machine over the store transaction.
-fn apply_command(t: &mut StateTxn<'_>, cmd: &Command) -> StoreResult<CommandResult> {
-    crate::state::apply::apply(t, cmd)
+/// Apply one command (its payload hashed beforehand): the pure state machine over the store
+/// transaction.
+fn apply_command(t: &mut StateTxn<'_>, cmd: &Digested<'_>) -> StoreResult<CommandResult> {
+    crate::state::apply_digested(t, cmd)
+}
+
+/// Payload bytes in one apply call from which its hashing is split over two threads.
+pub const PARALLEL_HASH_BYTES_MIN: usize = 1024 * 1024;
+
+/// Hash the payload of every command of `entries` (apply's check, decision 5), one list per entry.
+/// Done before apply's write transaction opens: the store has one writer at a time, so the log
+/// writer can commit the next entry meanwhile. A large apply is hashed on two threads.
+fn digest_entries(entries: &[Ent]) -> Vec<Vec<Digested<'_>>> {
+    let cmds: Vec<&Command> = entries
+        .iter()
+        .flat_map(|e| match &e.payload {
+            EntryPayload::Normal(batch) => batch.0.as_slice(),
+            _ => &[],
+        })
+        .collect();
+    let bytes: usize = cmds.iter().map(|c| c.op.payload().len()).sum();
+    let mut flat: Vec<Digested<'_>> = if cmds.len() > 1 && bytes >= PARALLEL_HASH_BYTES_MIN {
+        // Split at half the bytes, so both threads get about the same work.
+        let mut acc = 0;
+        let mid = cmds.iter().position(|c| {
+            acc += c.op.payload().len();
+            acc * 2 >= bytes
+        });
+        let mid = mid.map_or(cmds.len() / 2, |m| (m + 1).min(cmds.len() - 1));
+        let (a, b) = cmds.split_at(mid);
+        std::thread::scope(|s| {
+            let other = s.spawn(|| b.iter().map(|c| Digested::new(c)).collect::<Vec<_>>());
+            let mut out: Vec<Digested<'_>> = a.iter().map(|c| Digested::new(c)).collect();
+            match other.join() {
+                Ok(rest) => out.extend(rest),
+                // The hashing thread cannot fail short of a bug; hash here instead.
+                Err(_) => out.extend(b.iter().map(|c| Digested::new(c))),
+            }
+            out
+        })
+    } else {
+        cmds.iter().map(|c| Digested::new(c)).collect()
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries.iter().rev() {
+        let n = match &e.payload {
+            EntryPayload::Normal(batch) => batch.0.len(),
+            _ => 0,
+        };
+        out.push(flat.split_off(flat.len() - n));
+    }
+    out.reverse();
+    out
 }
 
 // ------------------------------------------------------------------------------------------ log
 
 /// Durable entries kept in memory until applied, at most this many encoded bytes: apply reads the
 /// entries it just committed from here instead of reading (copying) and decoding them from redb.
-/// Two full batches (BATCH_PAYLOAD_BYTES_MAX) fit: with one batch in flight apply never needs
-/// more, and 16 MiB pushed the peak RSS of a 256 MiB write of distinct data over 150 MiB.
-pub const RECENT_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// One full batch (BATCH_PAYLOAD_BYTES_MAX, plus its encoding overhead) more than can be in
+/// flight fits. The payload is shared with the entries openraft holds for those batches anyway
+/// (`Batch` is reference-counted), so this costs little memory of its own; before entries were
+/// shared, 16 MiB pushed the peak RSS of a 256 MiB write of distinct data over 150 MiB.
+pub const RECENT_BYTES_MAX: usize = (super::BATCHES_IN_FLIGHT_MAX + 1) * (super::BATCH_PAYLOAD_BYTES_MAX + 64 * 1024);
 
 /// Entries in memory: `pending` (appended, not yet durable: the only readable copy) and `recent`
 /// (durable, not yet applied; a copy of what redb holds, dropped when applied or when over
@@ -110,6 +162,20 @@ impl EntryCache {
             let Some((_, (_, n))) = self.recent.pop_first() else { break };
             self.recent_bytes -= n;
         }
+    }
+}
+
+/// Encoded bytes per command beyond its payload, about (header, caller, op fields), so that an
+/// entry's encoding buffer is allocated once.
+const COMMAND_OVERHEAD_BYTES: usize = 256;
+
+/// About the encoded size of `e` (at least its payload bytes).
+fn encoded_size_hint(e: &Ent) -> usize {
+    match &e.payload {
+        EntryPayload::Normal(batch) => {
+            batch.0.iter().map(|c| c.op.payload().len() + COMMAND_OVERHEAD_BYTES).sum::<usize>() + COMMAND_OVERHEAD_BYTES
+        }
+        _ => COMMAND_OVERHEAD_BYTES,
     }
 }
 
@@ -240,15 +306,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut rows = Vec::new();
         let mut ids = Vec::new();
+        // Encode before taking the cache lock (apply takes it too): an entry carries MiBs.
+        let mut encoded = Vec::new();
+        for e in entries {
+            let bytes = encode_sized(&e, encoded_size_hint(&e)).map_err(|err| log_err("encoding a log entry", err))?;
+            encoded.push((e, bytes));
+        }
         {
             let mut bytes_total = 0u64;
             let mut cache = self.cache();
-            for e in entries {
-                let bytes = encode(&e).map_err(|err| log_err("encoding a log entry", err))?;
+            for (e, bytes) in encoded {
                 bytes_total += bytes.len() as u64;
                 ids.push(e.log_id);
-                cache.pending.insert(e.log_id.index, (e, bytes.len()));
-                rows.push((ids[ids.len() - 1].index, bytes));
+                rows.push((e.log_id.index, bytes));
+                let n = rows[rows.len() - 1].1.len();
+                cache.pending.insert(e.log_id.index, (e, n));
             }
             self.bytes_appended.fetch_add(bytes_total, Ordering::Relaxed);
         }
@@ -509,16 +581,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             _ => None,
         };
         let (out, touched) = blocking(move || {
+            let digests = digest_entries(&entries);
             store.write_state(false, |t| {
                 let mut out = Vec::with_capacity(entries.len());
                 let mut touched = Vec::new();
                 let mut last = None;
-                for e in &entries {
+                for (e, digested) in entries.iter().zip(&digests) {
                     match &e.payload {
                         EntryPayload::Blank => out.push(Response(Vec::new())),
                         EntryPayload::Normal(batch) => {
                             let mut results = Vec::with_capacity(batch.0.len());
-                            for cmd in &batch.0 {
+                            for d in digested {
+                                let cmd = d.command();
                                 // A retry (result stored) changes nothing and was reported already.
                                 let watch = match me {
                                     Some(me) if cmd.origin != me && t.result(cmd.origin, cmd.seq)?.is_none() => {
@@ -526,7 +600,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                     }
                                     _ => None,
                                 };
-                                let res = apply_command(t, cmd)?;
+                                let res = apply_command(t, d)?;
                                 if let (Some((me, (touches, victims))), true) = (watch, res.is_ok()) {
                                     touched.extend(touches);
                                     for v in victims {

@@ -36,9 +36,34 @@ pub const COPY_BLOCKS_MAX: u64 = 1024;
 /// Every permission bit an inode keeps.
 pub const PERM_MASK: u32 = 0o7777;
 
+/// A command with its content digest recomputed from its own payload (the one hash pass of apply),
+/// so that the pass can run before the store's write transaction opens (outside the store's one
+/// writer, overlapping a log commit) and apply still checks what it stores.
+pub struct Digested<'a> {
+    cmd: &'a Command,
+    digest: ContentDigest,
+}
+
+impl<'a> Digested<'a> {
+    /// Hash `cmd`'s payload (for a write, each piece, then the hash of the piece hashes).
+    pub fn new(cmd: &'a Command) -> Self {
+        Digested { cmd, digest: cmd.op.content_digest() }
+    }
+
+    pub fn command(&self) -> &'a Command {
+        self.cmd
+    }
+}
+
 /// Apply `cmd` to the state: deduplicate by `(origin, seq)`, check the content hash, run the op,
 /// record the result. The returned result is what the waiting caller gets.
 pub fn apply<S: StateWrite + ?Sized>(s: &mut S, cmd: &Command) -> StoreResult<CommandResult> {
+    apply_digested(s, &Digested::new(cmd))
+}
+
+/// `apply` of a command whose payload was hashed beforehand (`Digested::new`).
+pub fn apply_digested<S: StateWrite + ?Sized>(s: &mut S, d: &Digested<'_>) -> StoreResult<CommandResult> {
+    let cmd = d.cmd;
     if let Some(first) = s.result(cmd.origin, cmd.seq)? {
         return Ok(first);
     }
@@ -51,9 +76,10 @@ pub fn apply<S: StateWrite + ?Sized>(s: &mut S, cmd: &Command) -> StoreResult<Co
         // tell from one that never applied. Neither may apply.
         return Ok(Err(Errno::Stale));
     }
-    // One pass over the payload: checks it, and gives a write the hashes of its whole blocks.
-    let digest = cmd.op.content_digest();
-    let result = if !content_hash_matches(cmd, &digest) {
+    // One pass over the payload (done by `Digested::new`): checks it, and gives a write the
+    // hashes of its whole blocks.
+    let digest = &d.digest;
+    let result = if !content_hash_matches(cmd, digest) {
         tracing::warn!(
             origin = cmd.origin,
             seq = cmd.seq,

@@ -54,7 +54,9 @@ pub fn canonical(data: &[u8]) -> &[u8] {
 }
 
 /// Bytes `[offset, offset + len)` of the file, cut at its size; holes read as zeros. A stored block
-/// that is missing or does not hash to its key is `Errno::Io`: corruption is never returned as data.
+/// that is missing or fails its check (`StateRead::read_block_into`) is `Errno::Io`: corruption is
+/// never returned as data. Each block is checked once, by the store, and its bytes are appended
+/// straight to the output (no buffer per block, no zero-fill of what the blocks cover).
 /// The caller bounds `len` (FUSE max_read, or a chunk size).
 pub fn read_range<R: StateRead + ?Sized>(
     r: &R,
@@ -69,27 +71,23 @@ pub fn read_range<R: StateRead + ?Sized>(
     let Ok(count) = usize::try_from(end - offset) else {
         return Ok(Err(Errno::Overflow));
     };
-    let mut out = vec![0u8; count];
+    let mut out = Vec::with_capacity(count);
     let first = offset / BLOCK_BYTES;
     let last = (end - 1) / BLOCK_BYTES;
     for (index, hash) in r.block_hashes(inode.ino, first, last + 1)? {
-        let Some(data) = r.block_data(&hash)? else {
-            return Ok(Err(Errno::Io));
-        };
-        if data.len() as u64 > BLOCK_BYTES || sha256(&data) != hash {
-            return Ok(Err(Errno::Io));
-        }
         let block_start = index * BLOCK_BYTES;
-        let data_end = block_start + data.len() as u64;
         let from = offset.max(block_start);
-        let to = end.min(data_end);
-        if from < to {
-            let dst = (from - offset) as usize;
-            let src = (from - block_start) as usize;
-            let n = (to - from) as usize;
-            out[dst..dst + n].copy_from_slice(&data[src..src + n]);
+        let to = end.min(block_start + BLOCK_BYTES);
+        // Zeros for a hole before this block; what the block lacks up to `to` is its trimmed
+        // trailing zeros, filled by the next block's turn or at the end.
+        out.resize((from - offset) as usize, 0);
+        let within = (from - block_start) as usize;
+        match r.read_block_into(&hash, within, (to - from) as usize, &mut out)? {
+            Some(stored) if stored as u64 <= BLOCK_BYTES => {}
+            _ => return Ok(Err(Errno::Io)),
         }
     }
+    out.resize(count, 0);
     Ok(Ok(out))
 }
 

@@ -20,7 +20,7 @@ pub use command::{Command, CommandResult, FallocMode, Op, Outcome, RenameFlags, 
 pub use error::{Errno, FsResult};
 pub use txn::{StateRead, StateWrite, StoreFault, StoreResult};
 pub use types::{Caller, DirEntry, FileKind, Hash, Ino, Inode, Meta, NodeId, Orphan, Timespec, ROOT_INO};
-pub use apply::apply;
+pub use apply::{apply, apply_digested, Digested};
 pub use check::check_invariants;
 pub use content::{read_range, seek_data, seek_hole, sha256};
 pub use mem::MemState;

@@ -28,6 +28,21 @@ pub trait StateRead {
     fn block_hashes(&self, ino: Ino, from: u64, to: u64) -> StoreResult<Vec<(u64, Hash)>>;
     /// The content of a stored block (its length may be less than BLOCK_BYTES: the rest is zeros).
     fn block_data(&self, hash: &Hash) -> StoreResult<Option<Vec<u8>>>;
+    /// The read path's block access: append bytes `[from, from + max)` of the stored block (cut at
+    /// its length) to `out` and return the block's whole length, after checking the whole block.
+    /// `Ok(None)` if the block is missing or fails its check: the reader answers EIO, and the node
+    /// goes on serving (corruption met by apply is a store fault instead). This default checks the
+    /// bytes against their address (SHA-256); the redb store checks the 64-bit check value stored
+    /// with every block instead, and copies from its pages without an intermediate buffer.
+    fn read_block_into(&self, hash: &Hash, from: usize, max: usize, out: &mut Vec<u8>) -> StoreResult<Option<usize>> {
+        let Some(data) = self.block_data(hash)? else { return Ok(None) };
+        if super::content::sha256(&data) != *hash {
+            return Ok(None);
+        }
+        let start = from.min(data.len());
+        out.extend_from_slice(&data[start..data.len().min(from.saturating_add(max))]);
+        Ok(Some(data.len()))
+    }
     /// How many block-map slots reference this block (0 if unknown).
     fn block_refs(&self, hash: &Hash) -> StoreResult<u64>;
     /// One extended attribute.

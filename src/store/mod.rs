@@ -57,6 +57,10 @@ pub struct StoreStats {
     pub failed: AtomicBool,
 }
 
+/// Reads that met a corrupt block (the reader got EIO; `tables::copy_block`). Process-wide, not
+/// per `Store`, because a read view does not know its store: a node is one process with one store.
+pub static CORRUPT_BLOCK_READS: AtomicU64 = AtomicU64::new(0);
+
 /// A handle to the node's store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -322,6 +326,11 @@ impl Store {
         self.inner.current_snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The size in bytes of the newest snapshot file (about the size of the whole state).
+    pub fn current_snapshot_bytes(&self) -> Option<u64> {
+        std::fs::metadata(self.current_snapshot()?.path).ok().map(|m| m.len())
+    }
+
     /// A fresh path in the snapshot directory to receive a snapshot into.
     pub fn receiving_path(&self) -> PathBuf {
         let n = self.inner.snapshot_seq.fetch_add(1, Ordering::Relaxed);
@@ -347,8 +356,8 @@ impl Store {
     /// writes `sm_meta`), keep it as the current snapshot under `id`. Installing the same snapshot
     /// twice gives the same state. Blocking.
     pub fn install_snapshot(&self, src: &Path, id: &str, sm_meta: &[(&str, Vec<u8>)]) -> StoreResult<SnapshotInfo> {
+        // Verified before it is adopted (see snapshot::adopt).
         let info = snapshot::adopt(&self.inner.snap_dir, src, id)?;
-        snapshot::verify(&info.path)?;
         if self.inner.stats.failed.load(Ordering::SeqCst) {
             return Err(StoreFault("store failed earlier; refusing writes".into()));
         }

@@ -4,6 +4,8 @@
 //! `[table id u8][key len u32][key][value len u32][value]` (key and value as redb encodes them),
 //! then the trailer `[0xFF][record count u64][SHA-256 of every byte before the digest]`.
 //! All integers little-endian. Files are written as `<id>.tmp`, fsynced, renamed to `<id>.snap`.
+//! A received file (`recv-*.part`) is verified completely before it is renamed to `<id>.snap`;
+//! `.part` and `.tmp` files left by a crash or an aborted receive are deleted at open (`scan`).
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -189,6 +191,11 @@ pub(super) fn write(dir: &Path, id: &str, header: &[u8], view: &ReadView) -> Sto
 
 /// Make `src` the snapshot file `<dir>/<id>.snap`: rename it if it is a file we are receiving,
 /// copy it otherwise (a handle from elsewhere), keep it if it already is that file.
+///
+/// The file is verified completely (magic, record shapes, count, digest, no trailing bytes)
+/// before the rename that adopts it: a bad file never takes the place of a snapshot (the current
+/// one may have the same id) nor survives to be picked by `scan` at the next open. A refused file
+/// we were receiving is deleted; the caller's state and current snapshot stay as they were.
 pub(super) fn adopt(dir: &Path, src: &Path, id: &str) -> StoreResult<SnapshotInfo> {
     check_id(id)?;
     let path = dir.join(format!("{id}.snap"));
@@ -196,18 +203,32 @@ pub(super) fn adopt(dir: &Path, src: &Path, id: &str) -> StoreResult<SnapshotInf
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     };
-    if !same(src, &path) {
+    let refuse = |e: StoreFault| {
+        tracing::error!(id, src = %src.display(), error = %e.0, "received snapshot refused");
+        StoreFault(format!("snapshot {id} refused (current snapshot and state unchanged): {}", e.0))
+    };
+    if same(src, &path) {
+        verify(&path).map_err(refuse)?;
+    } else {
         let ours = src.parent().is_some_and(|p| same(p, dir))
             && src.extension().is_some_and(|e| e == "part");
-        if ours {
-            File::open(src).and_then(|f| f.sync_all()).map_err(fault)?;
-            std::fs::rename(src, &path).map_err(fault)?;
+        // The file the rename adopts: ours in place, otherwise a private copy (verified after
+        // copying, so what is checked is what is kept).
+        let staged = if ours {
+            src.to_path_buf()
         } else {
             let tmp = dir.join(format!("{id}.tmp"));
             std::fs::copy(src, &tmp).map_err(fault)?;
-            File::open(&tmp).and_then(|f| f.sync_all()).map_err(fault)?;
-            std::fs::rename(&tmp, &path).map_err(fault)?;
+            tmp
+        };
+        let checked = verify(&staged).and_then(|_| File::open(&staged).and_then(|f| f.sync_all()).map_err(fault));
+        if let Err(e) = checked {
+            if let Err(err) = std::fs::remove_file(&staged) {
+                tracing::warn!(path = %staged.display(), error = %err, "could not remove a refused snapshot file");
+            }
+            return Err(refuse(e));
         }
+        std::fs::rename(&staged, &path).map_err(fault)?;
         sync_dir(dir)?;
     }
     let header = read_header(&path)?;

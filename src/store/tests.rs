@@ -277,6 +277,26 @@ fn corrupted_block_is_an_error_not_data() {
 }
 
 #[test]
+fn reads_of_a_corrupt_block_are_counted() {
+    let (_d, store) = tmp_store();
+    let h = sha256(b"good data");
+    store.write_state(false, |t| t.put_block_data(&h, b"good data")).unwrap();
+    let counted = || CORRUPT_BLOCK_READS.load(Ordering::Relaxed);
+    // Other tests in this process may count too: only an increase is checked.
+    let before = counted();
+    let mut out = Vec::new();
+    assert_eq!(store.read().unwrap().read_block_into(&h, 0, 100, &mut out).unwrap(), Some(9));
+    assert_eq!(out, b"good data");
+    store.write_state(false, |t| t.block_data.insert(&h[..], &b"evil data"[..]).map(|_| ()).map_err(fault)).unwrap();
+    for _ in 0..2 {
+        out.clear();
+        assert_eq!(store.read().unwrap().read_block_into(&h, 0, 100, &mut out).unwrap(), None);
+        assert!(out.is_empty(), "no damaged bytes handed out");
+    }
+    assert!(counted() >= before + 2, "{before} -> {}", counted());
+}
+
+#[test]
 fn snapshot_build_install_reproduces_state() {
     let (_d1, a) = tmp_store();
     for c in workload() {
@@ -324,6 +344,96 @@ fn snapshot_build_install_reproduces_state() {
     std::fs::write(&bad, bytes).unwrap();
     assert!(b.install_snapshot(&bad, "2-1-18-1", &meta).is_err());
     assert_eq!(dump(&a), dump(&b));
+}
+
+/// A store whose state came from `workload`, with one snapshot of it installed.
+fn store_with_snapshot() -> (tempfile::TempDir, Store, SnapshotInfo) {
+    let (d, a) = tmp_store();
+    for c in workload() {
+        let _ = a.write_state(false, |t| apply(t, &c)).unwrap();
+    }
+    let info = a.build_snapshot(|_| Ok(("1-1-17-1".to_string(), b"header".to_vec()))).unwrap();
+    (d, a, info)
+}
+
+fn snapshot_files(store: &Store) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(&store.inner.snap_dir).unwrap().flatten().map(|e| e.path()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn corrupt_received_snapshot_is_refused_before_it_replaces_anything() {
+    let (_da, a, good) = store_with_snapshot();
+    let (db, b) = tmp_store();
+    let meta = [("applied", 17u64.to_le_bytes().to_vec())];
+    b.install_snapshot(&good.path, &good.id, &meta).unwrap();
+    let state = dump(&b);
+    assert_eq!(state, dump(&a));
+    let current = b.current_snapshot().unwrap();
+    let current_bytes = std::fs::read(&current.path).unwrap();
+
+    let n = current_bytes.len();
+    let mut flipped = current_bytes.clone();
+    flipped[n / 2] ^= 0x55;
+    let mut trailing = current_bytes.clone();
+    trailing.push(0);
+    let mut bad_magic = current_bytes.clone();
+    bad_magic[0] = b'X';
+    let corruptions = [
+        ("flipped byte", flipped),
+        ("truncated", current_bytes[..n - 7].to_vec()),
+        ("trailing byte", trailing),
+        ("bad magic", bad_magic),
+        ("empty", Vec::new()),
+    ];
+    // Under a new id and under the current snapshot's own id (whose good file a rename would
+    // have replaced).
+    for id in ["2-1-18-1", current.id.as_str()] {
+        for (what, bytes) in &corruptions {
+            let recv = b.receiving_path();
+            std::fs::write(&recv, bytes).unwrap();
+            let err = b.install_snapshot(&recv, id, &meta).expect_err(what);
+            assert!(err.0.contains("refused"), "{what}: {}", err.0);
+            assert!(!recv.exists(), "{what}: the refused received file is deleted");
+            assert_eq!(dump(&b), state, "{what}: state unchanged");
+            assert_eq!(b.current_snapshot().unwrap().path, current.path, "{what}");
+            assert_eq!(std::fs::read(&current.path).unwrap(), current_bytes, "{what}: current file unchanged");
+            assert_eq!(snapshot_files(&b), vec![current.path.clone()], "{what}");
+        }
+    }
+    // A corrupt file from elsewhere (copied, not renamed) is refused too and leaves no copy.
+    let outside = db.path().join("outside.bin");
+    std::fs::write(&outside, &corruptions[0].1).unwrap();
+    assert!(b.install_snapshot(&outside, "3-1-19-1", &meta).is_err());
+    assert!(outside.exists(), "a file that is not ours is left alone");
+    assert_eq!(snapshot_files(&b), vec![current.path.clone()]);
+
+    // After a restart the good snapshot is still the current one.
+    drop(b);
+    let b = Store::open(db.path()).unwrap();
+    assert_eq!(b.current_snapshot().unwrap().id, current.id);
+    assert_eq!(dump(&b), state);
+    // And a good received snapshot is still adopted after all that.
+    let recv = b.receiving_path();
+    std::fs::copy(&good.path, &recv).unwrap();
+    b.install_snapshot(&recv, "4-1-20-1", &meta).unwrap();
+    assert_eq!(b.current_snapshot().unwrap().id, "4-1-20-1");
+    assert_eq!(dump(&b), state);
+}
+
+#[test]
+fn leftover_partial_snapshot_files_are_removed_at_open() {
+    let (d, a, good) = store_with_snapshot();
+    let part = a.receiving_path();
+    std::fs::write(&part, b"PBSNAP02 half a snapshot").unwrap();
+    let tmp = a.inner.snap_dir.join("9-9-9-9.tmp");
+    std::fs::write(&tmp, b"half written").unwrap();
+    drop(a);
+    let a = Store::open(d.path()).unwrap();
+    assert!(!part.exists() && !tmp.exists());
+    assert_eq!(snapshot_files(&a), vec![good.path.clone()]);
+    assert_eq!(a.current_snapshot().unwrap().id, good.id);
 }
 
 #[test]
@@ -549,4 +659,127 @@ fn state_digest_cost_of_256_mib() {
     let t = std::time::Instant::now();
     let (_, d) = store.state_digest(applied_seq).unwrap();
     eprintln!("digest of 256 MiB: {:?} ({d})", t.elapsed());
+}
+
+/// The stored check values must not change between builds (every block on disk, in snapshots and
+/// in the state digest carries one), and checking a block stored as head + tail must give what
+/// hashing it whole gives, wherever it is cut.
+#[test]
+fn block_check_values_are_stable_and_independent_of_the_cut() {
+    let data: Vec<u8> = (0..65_536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    // Values of the function as first shipped (hashing one slice).
+    let shipped: [(usize, u64); 6] = [
+        (0, 0xb3ac_5a51_6983_1e83),
+        (1, 0xf4db_68c4_6ffd_b0da),
+        (31, 0x15ad_83b1_f7e3_d093),
+        (33, 0x216f_21fc_8ee3_0417),
+        (65_016, 0x6395_258b_5cef_f11a),
+        (65_536, 0xec7a_637a_3d14_5e07),
+    ];
+    for (n, want) in shipped {
+        assert_eq!(tables::block_check(&[&data[..n]]), want, "{n} bytes");
+    }
+    for n in [0usize, 1, 31, 32, 33, 100, 65_016, 65_536] {
+        let whole = tables::block_check(&[&data[..n]]);
+        for cut in [0usize, 1, 7, 31, 32, 33, 64, 65_015, 65_016].into_iter().filter(|c| *c <= n) {
+            let (a, b) = data[..n].split_at(cut);
+            assert_eq!(tables::block_check(&[a, b]), whole, "{n} bytes cut at {cut}");
+            let (b1, b2) = b.split_at(b.len() / 2);
+            assert_eq!(tables::block_check(&[a, b1, b2]), whole, "{n} bytes cut at {cut} and half");
+        }
+    }
+}
+
+/// A file of blocks 0 (whole: stored as head + tail), 1 (a hole), 2 (short: trailing zeros trimmed),
+/// 3 (whole), 4 (short, the last), written through `w`; returns the inode and its bytes.
+fn read_test_file(w: &mut dyn StateWrite) -> (Inode, Vec<u8>) {
+    use crate::config::BLOCK_BYTES;
+    let block = |seed: u32, n: usize| -> Vec<u8> {
+        (0..n as u32).map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 11) as u8 | 1).collect()
+    };
+    let b = BLOCK_BYTES as usize;
+    let mut file = inode(5);
+    file.size = 4 * BLOCK_BYTES + 500;
+    let mut flat = vec![0u8; file.size as usize];
+    for (index, data) in [(0u64, block(1, b)), (2, block(2, 1000)), (3, block(3, b)), (4, block(4, 200))] {
+        let h = sha256(&data);
+        w.put_block_data(&h, &data).unwrap();
+        w.put_block_refs(&h, 1).unwrap();
+        w.put_block_hash(file.ino, index, &h).unwrap();
+        flat[index as usize * b..index as usize * b + data.len()].copy_from_slice(&data);
+    }
+    file.blocks = 4;
+    w.put_inode(&file).unwrap();
+    (file, flat)
+}
+
+/// The read path copies straight from redb's pages and checks each block once: every range reads
+/// as the in-memory model (which checks SHA-256) reads it, across holes, short blocks, the
+/// head/tail cut of a stored block and the end of file.
+#[test]
+fn read_range_from_the_store_matches_the_model() {
+    use crate::config::BLOCK_BYTES;
+    use crate::state::read_range;
+    let (_d, store) = tmp_store();
+    let (file, flat) = store.write_state(false, |t| Ok(read_test_file(t))).unwrap();
+    let mut mem = MemState::new();
+    read_test_file(&mut mem);
+    let b = BLOCK_BYTES;
+    let offsets = [0, 1, 65_015, 65_016, 65_017, b - 1, b, b + 5, 2 * b + 999, 2 * b + 1000, 3 * b + 65_016, 4 * b + 199];
+    let offsets = offsets.into_iter().chain([4 * b + 200, 4 * b + 499, 4 * b + 500, 4 * b + 600]);
+    let v = store.read().unwrap();
+    for offset in offsets {
+        for len in [0, 1, 8, 65_016, b, b + 1, 3 * b, 10 * b] {
+            let want = if offset >= file.size {
+                Vec::new()
+            } else {
+                flat[offset as usize..file.size.min(offset + len) as usize].to_vec()
+            };
+            assert_eq!(read_range(&v, &file, offset, len).unwrap(), Ok(want.clone()), "store at {offset}+{len}");
+            assert_eq!(read_range(&mem, &file, offset, len).unwrap(), Ok(want), "model at {offset}+{len}");
+        }
+    }
+}
+
+/// Damage to a stored block (either of its two values) is EIO for a reader, with an error log
+/// line, not a store fault: the node goes on serving the other blocks. Apply, which loads whole
+/// blocks through `block_data`, still gets a store fault (replicas must not diverge).
+#[test]
+fn a_corrupt_block_reads_as_eio_and_the_rest_still_reads() {
+    use crate::config::BLOCK_BYTES;
+    use crate::state::{read_range, Errno};
+    let (_d, store) = tmp_store();
+    let (file, flat) = store.write_state(false, |t| Ok(read_test_file(t))).unwrap();
+    let h = store.read().unwrap().block_hash(file.ino, 3).unwrap().unwrap();
+    let v = store.read().unwrap();
+    let head = v.block_data.get(&h[..]).unwrap().unwrap().value().to_vec();
+    let tail = v.block_tails.get(&h[..]).unwrap().unwrap().value().to_vec();
+    drop(v);
+    let put = |head: &[u8], tail: &[u8]| {
+        store
+            .write_state(false, |t| {
+                t.block_data.insert(&h[..], head).map_err(fault)?;
+                t.block_tails.insert(&h[..], tail).map_err(fault)?;
+                Ok(())
+            })
+            .unwrap()
+    };
+    let (mut bad_head, mut bad_tail) = (head.clone(), tail.clone());
+    bad_head[1000] ^= 0x04;
+    bad_tail[0] ^= 0x80;
+    for (what, head, tail) in [("head", &bad_head, &tail), ("tail", &head, &bad_tail), ("cut", &head, &tail[1..].to_vec())] {
+        put(head, tail);
+        let v = store.read().unwrap();
+        // Any range that touches block 3 is EIO, even one that needs only a few of its bytes.
+        for (offset, len) in [(3 * BLOCK_BYTES, BLOCK_BYTES), (3 * BLOCK_BYTES - 10, 20), (0, 5 * BLOCK_BYTES)] {
+            assert_eq!(read_range(&v, &file, offset, len).unwrap(), Err(Errno::Io), "{what}: {offset}+{len}");
+        }
+        // The blocks around it still read.
+        assert_eq!(read_range(&v, &file, 0, 3 * BLOCK_BYTES).unwrap(), Ok(flat[..3 * BLOCK_BYTES as usize].to_vec()));
+        assert_eq!(read_range(&v, &file, 4 * BLOCK_BYTES, BLOCK_BYTES).unwrap(), Ok(flat[4 * BLOCK_BYTES as usize..].to_vec()));
+        // Apply's access is a store fault.
+        assert!(v.block_data(&h).is_err(), "{what}");
+    }
+    put(&head, &tail);
+    assert_eq!(read_range(&store.read().unwrap(), &file, 0, 5 * BLOCK_BYTES).unwrap(), Ok(flat));
 }
