@@ -142,6 +142,16 @@ fn open_flags(ops: &Ops, writeback: bool, flags: i32) -> FopenFlags {
     }
 }
 
+fn answer_lookup(ops: &Ops, parent: u64, name: &[u8], reply: ReplyEntry) {
+    match ops.lookup(parent, name) {
+        Ok(inode) => {
+            known(ops, parent, name, &inode);
+            reply.entry(&TTL, &attr::file_attr(&inode), GENERATION)
+        }
+        Err(e) => reply.error(ops.errno_of(&e)),
+    }
+}
+
 /// The kernel gets an entry for `inode` under `name` in `parent`: record it if it is a regular
 /// file (see fs/names.rs). Called before the reply, so a FORGET cannot overtake it.
 fn known(ops: &Ops, parent: u64, name: &[u8], inode: &crate::state::Inode) {
@@ -200,16 +210,16 @@ impl Filesystem for PickboxFs {
         // invalidation watermark: the kernel holds the parent directory's lock during a lookup,
         // and the invalidation thread may need that lock (inval_entry), which would deadlock.
         let name = bytes(name);
+        let parent = parent.0;
+        // A single node, or a leader within its lease that has applied its read index: nothing
+        // to wait for, answer here (a task hand-off costs more than the lookup).
+        if self.ops.caught_up() {
+            return answer_lookup(&self.ops, parent, &name, reply);
+        }
         let ops = self.ops.clone();
         self.spawn(async move {
             ops.catch_up(false).await;
-            match ops.lookup(parent.0, &name) {
-                Ok(inode) => {
-                    known(&ops, parent.0, &name, &inode);
-                    reply.entry(&TTL, &attr::file_attr(&inode), GENERATION)
-                }
-                Err(e) => reply.error(ops.errno_of(&e)),
-            }
+            answer_lookup(&ops, parent, &name, reply);
         });
     }
 

@@ -373,6 +373,11 @@ impl Ops {
     /// everything the leader had committed (read index), and, with `invalidated`, until the
     /// kernel has been told about every remote change up to there. Without quorum the read
     /// barrier fails: reads go on from the local replica (decision 10), so this only logs.
+    /// Whether `catch_up(false)` would return at once (see `Replica::read_barrier_ready`).
+    pub fn caught_up(&self) -> bool {
+        self.replica.read_barrier_ready()
+    }
+
     pub async fn catch_up(&self, invalidated: bool) {
         if let Err(e) = self.replica.read_barrier().await {
             tracing::debug!(error = %e, "read barrier failed: serving from the local replica");

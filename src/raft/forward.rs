@@ -377,7 +377,7 @@ impl Replica {
     /// The read index without a round, if this node leads and a quorum acknowledged it less than
     /// `LEADER_LEASE_MS` ago: the highest index a majority of voters has (the leader counts its
     /// own last log index), which is at least the commit index.
-    fn leased_read_index(&self) -> Option<u64> {
+    pub(super) fn leased_read_index(&self) -> Option<u64> {
         let acked = (*self.reads.quorum_acked.lock().unwrap_or_else(|e| e.into_inner()))?;
         if acked.elapsed() >= Duration::from_millis(LEADER_LEASE_MS) {
             return None;

@@ -583,6 +583,14 @@ impl Replica {
         self.wait_applied(index, deadline).await
     }
 
+    /// Whether a read barrier started now would return at once, without waiting: this node is
+    /// the only voter, or it leads with a valid lease and has applied up to the lease's read
+    /// index. Lets a caller skip the asynchronous path (a task hand-off per lookup).
+    pub fn read_barrier_ready(&self) -> bool {
+        self.sole_voter()
+            || self.leased_read_index().is_some_and(|index| self.applied_index().unwrap_or(0) >= index)
+    }
+
     /// Whether `node` is in the current membership (voter or learner): the transport serves Raft
     /// RPCs only to members.
     pub fn is_member(&self, node: NodeId) -> bool {
