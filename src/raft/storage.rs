@@ -658,23 +658,28 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot.file.sync_all().await.map_err(|e| sm_err("syncing a received snapshot", e))?;
         let src = snapshot.path.clone();
         drop(snapshot);
-        let sm_meta = vec![
-            (SM_APPLIED, encode(&meta.last_log_id).map_err(|e| sm_err("encoding", e))?),
-            (SM_MEMBERSHIP, encode(&meta.last_membership).map_err(|e| sm_err("encoding", e))?),
-        ];
-        let id = meta.snapshot_id.clone();
-        let store = self.store.clone();
-        let info = blocking(move || store.install_snapshot(&src, &id, &sm_meta))
-            .await
-            .map_err(|e| sm_err("installing a snapshot", e))?;
+        // The file must cover what openraft says it does, checked before the state is replaced
+        // (a mismatch is a storage error: the node stops with its state as it was; the received
+        // file is removed at the next start).
+        let (store, path) = (self.store.clone(), src.clone());
+        let header = blocking(move || store.snapshot_header(&path)).await.map_err(|e| sm_err("reading a snapshot header", e))?;
         let header: SnapshotMeta<NodeId, openraft::BasicNode> =
-            decode(&info.header).map_err(|e| sm_err("decoding a snapshot header", e))?;
+            decode(&header).map_err(|e| sm_err("decoding a snapshot header", e))?;
         if header.last_log_id != meta.last_log_id {
             return Err(sm_err(
                 "installing a snapshot",
                 format!("file covers {:?}, meta says {:?}", header.last_log_id, meta.last_log_id),
             ));
         }
+        let sm_meta = vec![
+            (SM_APPLIED, encode(&meta.last_log_id).map_err(|e| sm_err("encoding", e))?),
+            (SM_MEMBERSHIP, encode(&meta.last_membership).map_err(|e| sm_err("encoding", e))?),
+        ];
+        let id = meta.snapshot_id.clone();
+        let store = self.store.clone();
+        blocking(move || store.install_snapshot(&src, &id, &sm_meta))
+            .await
+            .map_err(|e| sm_err("installing a snapshot", e))?;
         tracing::info!(id = %meta.snapshot_id, last = ?meta.last_log_id, "snapshot installed");
         // The subscriber learns that everything up to the snapshot is here (its watermark moves
         // on, so opens do not wait); what changed is not listed, only that anything may have.

@@ -355,6 +355,12 @@ impl Store {
     /// Replace the whole state with the snapshot file at `src` (one Immediate transaction that also
     /// writes `sm_meta`), keep it as the current snapshot under `id`. Installing the same snapshot
     /// twice gives the same state. Blocking.
+    /// The header (raft/'s snapshot metadata) of a received snapshot file, read before it is
+    /// installed (size-bounded; the rest of the file is verified by `install_snapshot`).
+    pub fn snapshot_header(&self, src: &Path) -> StoreResult<Vec<u8>> {
+        snapshot::read_header(src)
+    }
+
     pub fn install_snapshot(&self, src: &Path, id: &str, sm_meta: &[(&str, Vec<u8>)]) -> StoreResult<SnapshotInfo> {
         // Verified before it is adopted (see snapshot::adopt).
         let info = snapshot::adopt(&self.inner.snap_dir, src, id)?;
