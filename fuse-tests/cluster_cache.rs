@@ -23,8 +23,10 @@ fn cluster_remote_size_changes_reach_a_cached_inode() {
     assert_eq!(fs::read(c.path(2, "grow")).unwrap(), b"1234");
     // Node 1 grows it; node 2's stat (no open in between) must show the new size.
     let mut f = OpenOptions::new().write(true).open(c.path(1, "grow")).unwrap();
-    f.write_all_at_end(&[b'x'; 10_000]);
-    drop(f);
+    f.seek(SeekFrom::End(0)).unwrap();
+    f.write_all(&[b'x'; 10_000]).unwrap();
+    f.sync_all().unwrap();
+    crate::cluster::close(f).unwrap();
     assert!(size_seen(&c, 2, "grow", 10_004), "node 2 kept the old size after node 1 grew the file");
     let got = fs::read(c.path(2, "grow")).unwrap();
     assert_eq!(got.len(), 10_004);
@@ -90,19 +92,6 @@ fn cluster_appends_from_several_nodes_all_land() {
         let mut want_lines: Vec<&str> = want.iter().map(|l| l.trim_end()).collect();
         want_lines.sort_unstable();
         assert_eq!(got, want_lines, "node {k}");
-    }
-}
-
-/// `write_all` at the end of file without O_APPEND (the page-cache path).
-trait WriteAtEnd {
-    fn write_all_at_end(&mut self, data: &[u8]);
-}
-
-impl WriteAtEnd for File {
-    fn write_all_at_end(&mut self, data: &[u8]) {
-        self.seek(SeekFrom::End(0)).unwrap();
-        self.write_all(data).unwrap();
-        self.sync_all().unwrap();
     }
 }
 

@@ -575,7 +575,7 @@ impl Replica {
     /// share rounds. Fails after `propose_timeout` without a leader (reads from the local replica
     /// still work). A node that is the only voter needs no round.
     pub async fn read_barrier(&self) -> Result<(), ProposeError> {
-        if self.sole_voter() {
+        if self.read_barrier_ready() {
             return Ok(());
         }
         let deadline = Instant::now() + self.cfg.propose_timeout.min(Duration::from_millis(READ_BARRIER_WAIT_MS));
