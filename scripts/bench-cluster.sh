@@ -33,6 +33,6 @@ start_bindfs "$work"
 pids=$(cat "$PICKBOX_CLUSTER_DIR"/node{1,2,3}/pid | paste -sd,)
 pid=$(cat "$PICKBOX_CLUSTER_DIR/node$node/pid")
 log "3-node cluster (workloads on node $node, visibility node $node -> node $other) vs bindfs on $(df --output=source "$work" | tail -n 1)"
-python3 scripts/bench.py --pickbox "$PICKBOX_CLUSTER_DIR/node$node/mnt" --bindfs "$work/bindfs-mnt" \
+python3 scripts/bench.py --pickbox "$PICKBOX_CLUSTER_DIR/node$node/mnt" --bindfs "$work/bindfs-mnt" --raw-dir "$work/bindfs-src" \
     --pid "$pid" --pids "$pids" --tarball "$tarball" --other "$PICKBOX_CLUSTER_DIR/node$other/mnt"
 bash scripts/cluster.sh status || true

@@ -49,6 +49,22 @@ def reset_peak_rss(pid):
         pass
 
 
+def disk_write_mib_s(root):
+    """Raw sequential write speed of the medium under root (a plain file, fdatasync), MiB/s."""
+    path = os.path.join(root, "disk-ceiling")
+    chunk = os.urandom(SEQ_CHUNK)
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(SEQ_BYTES // SEQ_CHUNK):
+            os.write(fd, chunk)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return SEQ_BYTES / 2**20 / (time.perf_counter() - t0)
+
+
 def workloads(root, tarball, pid=None):
     """Yields (name, seconds) for every workload, run inside root/bench."""
     base = os.path.join(root, "bench")
@@ -208,6 +224,7 @@ def main():
     ap.add_argument("--pid", type=int, required=True, help="pickbox PID for RSS figures")
     ap.add_argument("--tarball", required=True)
     ap.add_argument("--other", help="a second node's mount of the same cluster: measure visibility")
+    ap.add_argument("--raw-dir", help="a plain directory on the same disk, for the disk's own speed")
     ap.add_argument("--pids", default="", help="comma-separated PIDs of every node, for idle RSS")
     args = ap.parse_args()
 
@@ -219,16 +236,24 @@ def main():
             print(f"{name:36} {1000 * percentile(xs, 0.5):10.3f} {1000 * percentile(xs, 0.99):10.3f}")
 
     idle_mib = status_kib(args.pid, "VmRSS") / 1024.0
+    disk = disk_write_mib_s(args.raw_dir or args.bindfs)
+    print(f"{'disk: raw seq write 256M+fdatasync':36} {disk:9.0f} MiB/s (the medium's ceiling, same run)")
     rows = {}
     order = []
-    # Interleave: each workload group runs on pickbox, then on bindfs, in the same run.
-    for name, seconds in workloads(args.bindfs, args.tarball):
-        rows.setdefault(name, {})["bindfs"] = seconds
-        order.append(name)
-    for name, seconds in workloads(args.pickbox, args.tarball, args.pid):
-        rows.setdefault(name, {})["pickbox"] = seconds
-        if name not in order:
-            order.append(name)
+    # Interleaved: each workload runs on bindfs, then at once on pickbox, so both meet the disk in
+    # the same state (its speed drifts by 2-3x over minutes on this kind of machine).
+    runs = [("bindfs", workloads(args.bindfs, args.tarball)),
+            ("pickbox", workloads(args.pickbox, args.tarball, args.pid))]
+    while runs:
+        for which, gen in list(runs):
+            try:
+                name, seconds = next(gen)
+            except StopIteration:
+                runs.remove((which, gen))
+                continue
+            rows.setdefault(name, {})[which] = seconds
+            if name not in order:
+                order.append(name)
 
     print(f"{'op':36} {'pickbox':>10} {'bindfs':>10} {'ratio':>8}")
     for name in order:

@@ -40,6 +40,6 @@ wait_mounted "$pid" "$work/pickbox-mnt" 30 || { tail -n 30 "$work/pickbox.log" >
 start_bindfs "$work"
 
 log "pickbox ($profile, pid $pid) vs bindfs (pid $BINDFS_PID) on $(df --output=source "$work" | tail -n 1); tarball $(basename "$tarball") ($(tar -tzf "$tarball" | wc -l) entries)"
-python3 scripts/bench.py --pickbox "$work/pickbox-mnt" --bindfs "$work/bindfs-mnt" --pid "$pid" --tarball "$tarball"
+python3 scripts/bench.py --pickbox "$work/pickbox-mnt" --bindfs "$work/bindfs-mnt" --raw-dir "$work/bindfs-src" --pid "$pid" --tarball "$tarball"
 alive "$pid" || { tail -n 30 "$work/pickbox.log" >&2; die "pickbox died during the benchmark"; }
 echo "pickbox data dir after the run: $(du -sh "$work/pickbox-data" | cut -f1)"
