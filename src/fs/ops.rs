@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::config::{NAME_BYTES_MAX, READDIR_BATCH_MAX, SYMLINK_BYTES_MAX, XATTR_NAME_BYTES_MAX, XATTR_VALUE_BYTES_MAX};
-use crate::raft::Replica;
+use crate::raft::{ProposeError, Replica};
 use crate::state::{
     Caller, Errno, FallocMode, FileKind, Ino, Inode, Op, Outcome, RenameFlags, SetTime, StateRead,
     Timespec, XattrFlags,
@@ -84,10 +84,6 @@ pub struct Ops {
     fatal: tokio::sync::watch::Sender<Option<String>>,
     /// This node has (or may get) peers: other nodes change files behind the kernel's back.
     clustered: bool,
-    /// Renames hold this shared while they are in flight; a removal proposed without
-    /// `origin_open` (see `fast_removal`) holds it exclusively, so no rename from this node can
-    /// move another inode under the name between reading its target and applying the removal.
-    names: tokio::sync::RwLock<()>,
     /// The mtime this node's own last write gave an inode (see `defer_times`).
     own_writes: std::sync::Mutex<HashMap<Ino, Timespec>>,
     /// Answered times setattrs not proposed yet, in arrival order (one per inode, merged).
@@ -105,21 +101,24 @@ struct Deferred {
     mtime: Option<Timespec>,
 }
 
-/// A removal of a name that is proposed with `origin_open: false` (one Raft round instead of the
-/// removal plus a Release): the name's inode is not open on this node, which is the only
-/// registered node, and is claimed (new opens of it are refused) until the removal is applied.
-/// Dropping it ends the claim and lets renames go on.
-struct FastRemoval<'a> {
-    _names: tokio::sync::RwLockWriteGuard<'a, ()>,
-    handles: &'a Handles,
+/// A removal of a name whose inode this node holds closed (see `Ops::claim_target`): the inode
+/// is claimed (new opens of it here are refused) until the removal is applied, so the command
+/// carries it as `expect_closed` and this node owes no Release for it. Dropping it ends the claim.
+struct ClosedClaim {
+    handles: Arc<Handles>,
     ino: Ino,
 }
 
-impl Drop for FastRemoval<'_> {
+impl Drop for ClosedClaim {
     fn drop(&mut self) {
         self.handles.unclaim(self.ino);
     }
 }
+
+/// First and longest pause between attempts to settle a claim whose removal timed out (see
+/// `Ops::settle`).
+const SETTLE_RETRY_MS_MIN: u64 = 50;
+const SETTLE_RETRY_MS_MAX: u64 = 2_000;
 
 /// A name as the state accepts it: 1..=NAME_BYTES_MAX bytes, no `/` or NUL.
 pub fn check_name(name: &[u8]) -> FsResult<()> {
@@ -153,7 +152,6 @@ impl Ops {
             space_warned_s: AtomicU64::new(0),
             fatal: tokio::sync::watch::Sender::new(None),
             clustered: false,
-            names: tokio::sync::RwLock::new(()),
             own_writes: std::sync::Mutex::new(HashMap::new()),
             deferred: std::sync::Mutex::new(Vec::new()),
             deferred_timer: std::sync::atomic::AtomicBool::new(false),
@@ -445,40 +443,18 @@ impl Ops {
         }
     }
 
-    /// After an unlink or a replacing rename that this node proposed with `origin_open` (always,
-    /// so an open racing with it cannot free the inode under its handle): release the orphan at
-    /// once unless a handle here holds it (then its last close does). `target` is the inode the
-    /// name had before the command; if that is not an orphan waiting for this node (another node
-    /// replaced the name meanwhile, or it keeps other links), look through all orphans.
-    fn release_removed(&self, target: Option<Ino>) {
-        let Some(target) = target else { return };
-        let (replica, handles) = (self.replica.clone(), self.handles.clone());
-        tokio::spawn(async move {
-            let me = replica.node_id();
-            let pending_here = |ino| match replica.read().and_then(|r| r.orphan(ino)) {
-                Ok(orphan) => orphan.is_some_and(|o| o.pending.contains(&me)),
-                Err(fault) => {
-                    tracing::error!(%fault, ino, "cannot read orphan record");
-                    false
-                }
-            };
-            if pending_here(target) {
-                release_unless_open(&replica, &handles, target).await;
-                return;
-            }
-            let orphans = match replica.read().and_then(|r| r.orphans()) {
-                Ok(orphans) => orphans,
-                Err(fault) => {
-                    tracing::error!(%fault, "cannot read orphan records");
-                    return;
-                }
-            };
-            for (ino, orphan) in orphans {
-                if orphan.pending.contains(&me) {
-                    release_unless_open(&replica, &handles, ino).await;
-                }
-            }
-        });
+    /// After an unlink or a replacing rename (its outcome is the inode that lost a name): if that
+    /// was its last name and the command did not carry it as `expect_closed` (it is open here,
+    /// had other names when proposed, or another node's rename put it under the name meanwhile),
+    /// it waits for this node's release: at once unless a handle here holds it (then its last
+    /// close does). In the background: the removal itself is answered after one round.
+    fn release_removed(&self, outcome: &Outcome, expect_closed: Option<Ino>) {
+        let Outcome::Inode(removed) = outcome else { return };
+        if removed.nlink != 0 || expect_closed == Some(removed.ino) {
+            return;
+        }
+        let (replica, handles, ino) = (self.replica.clone(), self.handles.clone(), removed.ino);
+        tokio::spawn(async move { release_unless_open(&replica, &handles, ino).await });
     }
 
     /// At start no handle is open, so every orphan still pending on this node can be released.
@@ -564,47 +540,75 @@ impl Ops {
         self.inode_of(outcome, ino)
     }
 
-    /// The inode `(parent, name)` names now, if any.
-    fn target(&self, parent: Ino, name: &[u8]) -> FsResult<Option<Ino>> {
-        Ok(self.view()?.entry(parent, name)?.map(|e| e.ino))
-    }
-
-    /// Whether removing `(parent, name)` can skip `origin_open`: only if no other node is
-    /// registered (no other node can hold the inode open, and a node that registers before the
-    /// removal applies is made to release it like any other), no handle here holds it, and no
-    /// other removal or rename of this node is in flight (then this one falls back to the
-    /// two-round path rather than wait). The claim refuses opens of the inode until the removal
-    /// is applied: an open racing with it is ordered after it (ENOENT), even if the removal then
-    /// fails (a concurrent unlink without permission: that open fails spuriously).
-    fn fast_removal(&self, parent: Ino, name: &[u8]) -> FsResult<Option<FastRemoval<'_>>> {
-        let Ok(guard) = self.names.try_write() else { return Ok(None) };
+    /// Claim the inode `(parent, name)` names for its removal, if this node can vouch that it does
+    /// not hold it open (see `ClosedClaim`): a non-directory whose only name this is (a claim on
+    /// an inode with other names would refuse opens through them) and that no handle here holds.
+    /// An open racing with the removal is then ordered after it (ENOENT), even if the removal
+    /// fails (a concurrent unlink without permission: that open fails spuriously). `None`: the
+    /// removal carries no expectation, and this node releases the inode afterwards if needed.
+    fn claim_target(&self, parent: Ino, name: &[u8]) -> FsResult<Option<ClosedClaim>> {
         let r = self.view()?;
         let Some(entry) = r.entry(parent, name)? else { return Ok(None) };
-        if entry.kind == FileKind::Dir {
-            return Ok(None);
-        }
-        let me = self.replica.node_id();
-        if !r.meta()?.nodes.iter().all(|n| *n == me) {
+        if entry.kind == FileKind::Dir || r.inode(entry.ino)?.is_none_or(|i| i.nlink != 1) {
             return Ok(None);
         }
         drop(r);
         if !self.handles.claim_if_closed(entry.ino) {
             return Ok(None);
         }
-        Ok(Some(FastRemoval { _names: guard, handles: &self.handles, ino: entry.ino }))
+        Ok(Some(ClosedClaim { handles: self.handles.clone(), ino: entry.ino }))
+    }
+
+    /// Propose a removal that carries `claim` as `expect_closed`, end the claim once its outcome
+    /// is known, and release what it left pending on this node (`release_removed`).
+    async fn propose_removal(&self, caller: Caller, op: Op, claim: Option<ClosedClaim>) -> FsResult<()> {
+        let expect_closed = claim.as_ref().map(|c| c.ino);
+        match self.propose(caller, op).await {
+            Ok(outcome) => {
+                drop(claim);
+                self.release_removed(&outcome, expect_closed);
+                Ok(())
+            }
+            Err(FsError::Unavailable(why)) => {
+                if let Some(claim) = claim {
+                    self.settle(claim);
+                }
+                Err(FsError::Unavailable(why))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A removal that timed out may still be applied later (it reached a leader's log); until
+    /// then its claim must hold, or an open here could be freed under its handle by the other
+    /// nodes' releases. Once any later command of this node has been applied, the removal either
+    /// was applied before it or never will be (its sequence number is stale). So propose a
+    /// Release of the claimed inode (harmless: nothing unless it is an orphan waiting for this
+    /// node, which it may be released from, being claimed), retrying until it is applied, and
+    /// end the claim then.
+    fn settle(&self, claim: ClosedClaim) {
+        let replica = self.replica.clone();
+        tokio::spawn(async move {
+            let mut pause_ms = SETTLE_RETRY_MS_MIN;
+            loop {
+                match replica.propose(Caller::root(), Op::Release { ino: claim.ino }).await {
+                    Ok(_) | Err(ProposeError::Fs(_)) | Err(ProposeError::Fatal(_)) => break,
+                    Err(ProposeError::Unavailable(why)) => {
+                        tracing::debug!(ino = claim.ino, %why, "claim of a removal with unknown outcome still held");
+                        tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
+                        pause_ms = (pause_ms * 2).min(SETTLE_RETRY_MS_MAX);
+                    }
+                }
+            }
+            drop(claim);
+        });
     }
 
     pub async fn unlink(&self, caller: Caller, parent: Ino, name: Vec<u8>) -> FsResult<()> {
         check_name(&name)?;
-        if let Some(fast) = self.fast_removal(parent, &name)? {
-            self.propose(caller, Op::Unlink { parent, name, origin_open: false }).await?;
-            drop(fast);
-            return Ok(());
-        }
-        let target = self.target(parent, &name)?;
-        self.propose(caller, Op::Unlink { parent, name, origin_open: true }).await?;
-        self.release_removed(target);
-        Ok(())
+        let claim = self.claim_target(parent, &name)?;
+        let expect_closed = claim.as_ref().map(|c| c.ino);
+        self.propose_removal(caller, Op::Unlink { parent, name, expect_closed }, claim).await
     }
 
     pub async fn rmdir(&self, caller: Caller, parent: Ino, name: Vec<u8>) -> FsResult<()> {
@@ -627,22 +631,12 @@ impl Ops {
         if flags.noreplace && flags.exchange {
             return Err(Errno::Inval.into());
         }
-        if !flags.exchange {
-            if let Some(fast) = self.fast_removal(new_parent, &new_name)? {
-                let op = Op::Rename { parent, name, new_parent, new_name, flags, origin_open: false };
-                self.propose(caller, op).await?;
-                drop(fast);
-                return Ok(());
-            }
-        }
-        let _names = self.names.read().await;
         // An exchange removes nothing; otherwise a replaced target may be open here (or be opened
-        // while the rename is in flight): the state keeps it as an orphan until released.
-        let target = if flags.exchange { None } else { self.target(new_parent, &new_name)? };
-        let op = Op::Rename { parent, name, new_parent, new_name, flags, origin_open: !flags.exchange };
-        self.propose(caller, op).await?;
-        self.release_removed(target);
-        Ok(())
+        // while the rename is in flight): see `claim_target`.
+        let claim = if flags.exchange { None } else { self.claim_target(new_parent, &new_name)? };
+        let expect_closed = claim.as_ref().map(|c| c.ino);
+        let op = Op::Rename { parent, name, new_parent, new_name, flags, expect_closed };
+        self.propose_removal(caller, op, claim).await
     }
 
     /// Remember the mtime this node's write just gave `inode`.
@@ -905,17 +899,39 @@ async fn release_unless_open(replica: &Replica, handles: &Handles, ino: Ino) {
     }
 }
 
+/// Other nodes' orphans are released this long after this node learnt of them, all gathered in
+/// one batch: a stream of removals elsewhere costs this node one log entry per window rather
+/// than one per removal, and the releases stay off the path of the change being made visible.
+/// Holding an orphan a little longer is always safe (its blocks are freed later).
+pub const RELEASE_GATHER_MS: u64 = 20;
+
 /// What the coherence thread does with an orphan another node created: release it on the
-/// runtime (the proposal is batched with others) unless a handle here holds it. Holds the
-/// replica weakly, so the thread does not keep it alive.
+/// runtime unless a handle here holds it, gathered with the others of the next
+/// `RELEASE_GATHER_MS` into one batch. Holds the replica weakly, so the thread does not keep it
+/// alive.
 fn orphan_hook(replica: &Arc<Replica>, handles: &Arc<Handles>) -> coherence::OrphanHook {
     let weak = Arc::downgrade(replica);
     let handles = handles.clone();
     let rt = tokio::runtime::Handle::try_current().ok();
+    let gathered: Arc<std::sync::Mutex<Vec<Ino>>> = Arc::default();
     Arc::new(move |ino| {
-        let (Some(replica), Some(rt)) = (weak.upgrade(), rt.as_ref()) else { return };
-        let handles = handles.clone();
-        rt.spawn(async move { release_unless_open(&replica, &handles, ino).await });
+        let Some(rt) = rt.as_ref() else { return };
+        let first = {
+            let mut g = gathered.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            g.push(ino);
+            g.len() == 1
+        };
+        if !first {
+            return;
+        }
+        let (weak, handles, gathered) = (weak.clone(), handles.clone(), gathered.clone());
+        rt.spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(RELEASE_GATHER_MS)).await;
+            let inos = std::mem::take(&mut *gathered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+            let Some(replica) = weak.upgrade() else { return };
+            // Proposed concurrently: each is queued on its first poll, so they share a batch.
+            futures::future::join_all(inos.into_iter().map(|ino| release_unless_open(&replica, &handles, ino))).await;
+        });
     })
 }
 
@@ -1002,8 +1018,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unlink_and_replacing_rename_free_closed_files() {
         let (ops, replica, _dir) = ops().await;
-        // Unlink of a closed file on the only node frees it in the same command (origin_open
-        // false), otherwise the release follows at once when nothing is open.
+        // Unlink of a closed file on the only node frees it in the same command (it carries the
+        // inode as expect_closed), otherwise the release follows at once when nothing is open.
         let (a, fh) = ops.create(me(), ROOT_INO, b"a".to_vec(), 0o600, libc::O_RDWR).await.unwrap();
         ops.release(fh).await;
         ops.unlink(me(), ROOT_INO, b"a".to_vec()).await.unwrap();

@@ -1,4 +1,4 @@
-//! openraft storage traits over the redb store: log storage with group commit, the state machine,
+//! openraft storage traits over the store: log storage with group commit, the state machine,
 //! file-backed snapshots.
 
 use std::collections::BTreeMap;
@@ -110,7 +110,7 @@ fn digest_entries(entries: &[Ent]) -> Vec<Vec<Digested<'_>>> {
 // ------------------------------------------------------------------------------------------ log
 
 /// Durable entries kept in memory until applied, at most this many encoded bytes: apply reads the
-/// entries it just committed from here instead of reading (copying) and decoding them from redb.
+/// entries it just committed from here instead of reading (copying) and decoding them from the log.
 /// One full batch (BATCH_PAYLOAD_BYTES_MAX, plus its encoding overhead) more than can be in
 /// flight fits. The payload is shared with the entries openraft holds for those batches anyway
 /// (`Batch` is reference-counted), so this costs little memory of its own; before entries were
@@ -118,7 +118,7 @@ fn digest_entries(entries: &[Ent]) -> Vec<Vec<Digested<'_>>> {
 pub const RECENT_BYTES_MAX: usize = (super::BATCHES_IN_FLIGHT_MAX + 1) * (super::BATCH_PAYLOAD_BYTES_MAX + 64 * 1024);
 
 /// Entries in memory: `pending` (appended, not yet durable: the only readable copy) and `recent`
-/// (durable, not yet applied; a copy of what redb holds, dropped when applied or when over
+/// (durable, not yet applied; a copy of what the log holds, dropped when applied or when over
 /// `RECENT_BYTES_MAX`, oldest first).
 #[derive(Default)]
 pub struct EntryCache {
@@ -205,7 +205,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Ent>, SE> {
         let bounds: (Bound<u64>, Bound<u64>) = (range.start_bound().cloned(), range.end_bound().cloned());
-        // The cache first: an entry leaves `pending` only after it is in redb, so reading in this
+        // The cache first: an entry leaves `pending` only after it is in the log, so reading in this
         // order never misses one.
         let mut out: BTreeMap<u64, Ent> = BTreeMap::new();
         {
@@ -214,7 +214,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 out.entry(*k).or_insert_with(|| e.clone());
             }
         }
-        // Everything asked for is in memory (the usual case for apply): skip redb.
+        // Everything asked for is in memory (the usual case for apply): skip the log.
         let lo = match bounds.0 {
             Bound::Included(a) => a,
             Bound::Excluded(a) => a.saturating_add(1),
@@ -351,8 +351,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SE> {
         self.cache().drop_upto(log_id.index, true);
         let last_purged = encode(&log_id).map_err(|e| log_err("encoding last_purged", e))?;
-        // An Immediate commit of the same redb file: it also makes every earlier (non-durable)
-        // apply durable, so the purged entries are covered by durable state.
+        // The store makes every earlier (non-durable) apply durable before any entry goes, so the
+        // purged entries are covered by durable state (last_purged <= durable last_applied).
         self.store
             .submit_wait(|done| LogWrite::Purge { upto: log_id.index, last_purged, done })
             .await

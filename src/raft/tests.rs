@@ -212,7 +212,7 @@ fn restart_releases_orphans_held_by_this_node() {
         r.propose(Caller::root(), Op::Write { ino: f.ino, offset: 0, data: b"still here".to_vec(), append: false })
             .await
             .unwrap();
-        r.propose(Caller::root(), Op::Unlink { parent: ROOT_INO, name: b"open-unlinked".to_vec(), origin_open: true })
+        r.propose(Caller::root(), Op::Unlink { parent: ROOT_INO, name: b"open-unlinked".to_vec(), expect_closed: None })
             .await
             .unwrap();
         let v = r.read().unwrap();
@@ -640,12 +640,12 @@ fn applied_events_on_follower_for_remote_changes() {
                 new_parent: ROOT_INO,
                 new_name: b"b".to_vec(),
                 flags: Default::default(),
-                origin_open: false,
+                expect_closed: None,
             },
         )
         .await
         .unwrap();
-        l.propose(Caller::root(), Op::Unlink { parent: ROOT_INO, name: b"b".to_vec(), origin_open: false }).await.unwrap();
+        l.propose(Caller::root(), Op::Unlink { parent: ROOT_INO, name: b"b".to_vec(), expect_closed: None }).await.unwrap();
         // A local change is not reported.
         let Outcome::Inode(own) = f.propose(Caller::root(), mk("own")).await.unwrap() else { panic!() };
         let target = l.applied_index().max(f.applied_index()).unwrap();
@@ -731,7 +731,7 @@ fn restart_without_quorum_starts_and_recovers() {
         rs[0].propose(Caller::root(), mk("kept")).await.unwrap();
         // Node 2 holds a file open when it is unlinked: it must release it after its restart.
         let Outcome::Inode(o) = rs[1].propose(Caller::root(), mk("open")).await.unwrap() else { panic!() };
-        rs[1].propose(Caller::root(), Op::Unlink { parent: ROOT_INO, name: b"open".to_vec(), origin_open: true }).await.unwrap();
+        rs[1].propose(Caller::root(), Op::Unlink { parent: ROOT_INO, name: b"open".to_vec(), expect_closed: None }).await.unwrap();
         let target = rs[1].applied_index().unwrap();
         for r in &rs {
             wait_applied_on(r, target).await;

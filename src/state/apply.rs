@@ -288,8 +288,8 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
             Op::Unlink {
                 parent,
                 name,
-                origin_open,
-            } => self.unlink(*parent, name, *origin_open),
+                expect_closed,
+            } => self.unlink(*parent, name, *expect_closed),
             Op::Rmdir { parent, name } => self.rmdir(*parent, name),
             Op::Rename {
                 parent,
@@ -297,8 +297,8 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
                 new_parent,
                 new_name,
                 flags,
-                origin_open,
-            } => self.rename(*parent, name, *new_parent, new_name, *flags, *origin_open),
+                expect_closed,
+            } => self.rename(*parent, name, *new_parent, new_name, *flags, *expect_closed),
             Op::SetAttr {
                 ino,
                 perm,
@@ -554,16 +554,19 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
     }
 
     /// A non-directory lost one name: drop its link count; at zero it becomes an orphan (if some
-    /// node may hold it open) or is freed.
-    fn drop_name(&mut self, ino: Ino, origin_open: bool) -> Step<()> {
+    /// node may hold it open) or is freed. Every registered node may hold it open, except the
+    /// origin when it said it expected this very inode closed (`expect_closed`, see `Op::Unlink`).
+    /// Returns the inode as it is afterwards.
+    fn drop_name(&mut self, ino: Ino, expect_closed: Option<Ino>) -> Step<Inode> {
         let mut inode = self.need(ino)?;
         inode.nlink = inode.nlink.saturating_sub(1);
         inode.ctime = self.now();
         let last = inode.nlink == 0;
-        self.put(inode);
+        self.put(inode.clone());
         if !last {
-            return Ok(());
+            return Ok(inode);
         }
+        let origin_open = expect_closed != Some(ino);
         let origin = self.cmd.origin;
         let mut pending: Vec<NodeId> = self
             .meta
@@ -577,11 +580,11 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
             pending.sort_unstable();
         }
         if pending.is_empty() {
-            self.free(ino)
+            self.free(ino)?;
         } else {
             self.s.put_orphan(ino, &Orphan { pending })?;
-            Ok(())
         }
+        Ok(inode)
     }
 
     /// Delete an inode with its xattrs, blocks and orphan record.
@@ -603,7 +606,7 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         Ok(())
     }
 
-    fn unlink(&mut self, parent: Ino, name: &[u8], origin_open: bool) -> Step<Outcome> {
+    fn unlink(&mut self, parent: Ino, name: &[u8], expect_closed: Option<Ino>) -> Step<Outcome> {
         self.need_dir(parent)?;
         check_name(name)?;
         if is_dot(name) {
@@ -618,9 +621,9 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         }
         self.begin();
         self.s.del_entry(parent, name)?;
-        self.drop_name(entry.ino, origin_open)?;
+        let removed = self.drop_name(entry.ino, expect_closed)?;
         self.touch_dir(parent)?;
-        Ok(Outcome::Done)
+        Ok(Outcome::Inode(removed))
     }
 
     fn is_empty_dir(&self, ino: Ino) -> Step<bool> {
@@ -677,7 +680,7 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         new_parent: Ino,
         new_name: &[u8],
         flags: RenameFlags,
-        origin_open: bool,
+        expect_closed: Option<Ino>,
     ) -> Step<Outcome> {
         if flags.exchange && flags.noreplace {
             return Err(Errno::Inval.into());
@@ -738,13 +741,14 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         }
         self.begin();
         // The replaced target goes first.
+        let mut replaced = None;
         if let Some(dst) = &dst {
             self.s.del_entry(new_parent, new_name)?;
             if dst.kind == FileKind::Dir {
                 self.free(dst.ino)?;
                 self.dir_nlink(new_parent, -1)?;
             } else {
-                self.drop_name(dst.ino, origin_open)?;
+                replaced = Some(self.drop_name(dst.ino, expect_closed)?);
             }
         }
         self.s.del_entry(parent, name)?;
@@ -766,7 +770,7 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         }
         self.touch_dir(parent)?;
         self.touch_dir(new_parent)?;
-        Ok(Outcome::Done)
+        Ok(replaced.map_or(Outcome::Done, Outcome::Inode))
     }
 
     /// RENAME_EXCHANGE, after the shared checks. Both names stay where they are (with their

@@ -79,12 +79,17 @@ pub enum Op {
     Symlink { parent: Ino, #[serde(with = "serde_bytes")] name: Vec<u8>, #[serde(with = "serde_bytes")] target: Vec<u8> },
     /// Add a hard link to `ino` at `(new_parent, new_name)`.
     Link { ino: Ino, new_parent: Ino, #[serde(with = "serde_bytes")] new_name: Vec<u8> },
-    /// Remove a non-directory name. `origin_open` says whether the origin node holds the inode open
-    /// (if so, the inode becomes an orphan instead of being freed when its last name goes).
-    Unlink { parent: Ino, #[serde(with = "serde_bytes")] name: Vec<u8>, origin_open: bool },
+    /// Remove a non-directory name. `expect_closed` is the inode the origin expects under the name
+    /// and guarantees it does not hold open (no handle, new opens refused) until this command is
+    /// applied. If the name names that inode, the origin is not among the nodes that must
+    /// release it when its last name goes (freed at once if no other node is registered);
+    /// otherwise (`None`, or another inode is under the name now: a rename from another node got
+    /// in first) the origin may hold the removed inode open and must release it like any node.
+    /// Returns the removed inode as it is afterwards.
+    Unlink { parent: Ino, #[serde(with = "serde_bytes")] name: Vec<u8>, expect_closed: Option<Ino> },
     /// Remove an empty directory.
     Rmdir { parent: Ino, #[serde(with = "serde_bytes")] name: Vec<u8> },
-    /// Rename; `origin_open` as for Unlink, about a replaced target.
+    /// Rename; `expect_closed` as for Unlink, about a replaced target (which it returns, if any).
     Rename {
         parent: Ino,
         #[serde(with = "serde_bytes")]
@@ -93,7 +98,7 @@ pub enum Op {
         #[serde(with = "serde_bytes")]
         new_name: Vec<u8>,
         flags: RenameFlags,
-        origin_open: bool,
+        expect_closed: Option<Ino>,
     },
     /// Change attributes (chmod, chown, truncate, utimens). A chown by a non-root caller, or of a
     /// regular file, clears setuid/setgid as Linux does.
@@ -185,9 +190,11 @@ impl Op {
 /// What a successful command returns to its caller.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Nothing to report (unlink, rmdir, rename, xattr changes, release, register).
+    /// Nothing to report (rmdir, rename without a replaced target, xattr changes, release,
+    /// register).
     Done,
-    /// The created, linked or changed inode, as it is after the command.
+    /// The created, linked or changed inode, as it is after the command; for unlink and a
+    /// replacing rename, the inode that lost a name (`nlink` 0: it is an orphan or freed).
     Inode(Inode),
     /// Bytes written or copied, and the file's attributes afterwards.
     Written { len: u64, attr: Inode },

@@ -155,22 +155,29 @@ impl H {
         read_range(&self.s, &inode, 0, inode.size).unwrap().unwrap()
     }
 
+    /// The inode `(parent, name)` names now, as a proposer that holds it closed expects it.
+    fn closed(&self, parent: Ino, name: &str) -> Option<Ino> {
+        self.s.entry(parent, name.as_bytes()).unwrap().map(|e| e.ino)
+    }
+
     fn rename(&mut self, p: Ino, n: &str, np: Ino, nn: &str, flags: RenameFlags) -> CommandResult {
+        let expect_closed = self.closed(np, nn);
         self.run(Op::Rename {
             parent: p,
             name: n.into(),
             new_parent: np,
             new_name: nn.into(),
             flags,
-            origin_open: false,
+            expect_closed,
         })
     }
 
     fn unlink(&mut self, parent: Ino, name: &str) -> CommandResult {
+        let expect_closed = self.closed(parent, name);
         self.run(Op::Unlink {
             parent,
             name: name.into(),
-            origin_open: false,
+            expect_closed,
         })
     }
 
@@ -903,17 +910,62 @@ fn open_unlinked_files_wait_for_every_node() {
 }
 
 #[test]
-fn origin_open_keeps_the_origin_pending() {
+fn no_expectation_keeps_the_origin_pending() {
     let mut h = H::new();
     let f = h.file(ROOT_INO, "f");
     h.ok(Op::Unlink {
         parent: ROOT_INO,
         name: b"f".to_vec(),
-        origin_open: true,
+        expect_closed: None,
     });
     assert_eq!(h.s.orphans[&f].pending, vec![1]);
     h.ok(Op::Release { ino: f });
     assert!(!h.s.inodes.contains_key(&f));
+}
+
+/// The origin expected inode `f` under the name, but another node's rename put `g` there first:
+/// the removal takes `g`, which the origin may hold open, so the origin stays pending for it; the
+/// outcome names the removed inode so the origin knows to release it.
+#[test]
+fn a_stale_expectation_keeps_the_origin_pending() {
+    let mut h = H::new();
+    h.ok(Op::RegisterNode { node: 2 });
+    let f = h.file(ROOT_INO, "f");
+    let g = h.file(ROOT_INO, "g");
+    let x = h.file(ROOT_INO, "x");
+    let rename = |name: &str, new_name: &str, expect_closed| Op::Rename {
+        parent: ROOT_INO,
+        name: name.into(),
+        new_parent: ROOT_INO,
+        new_name: new_name.into(),
+        flags: RenameFlags::default(),
+        expect_closed,
+    };
+    // Node 2 renames g over f, holding f closed: f waits for node 1 only.
+    h.run_from(2, Caller::root(), rename("g", "f", Some(f))).unwrap();
+    assert_eq!(h.s.orphans[&f].pending, vec![1]);
+    // Node 1 unlinks "f" still expecting f there: it removes g, and stays pending for it.
+    let removed = h.ok(Op::Unlink { parent: ROOT_INO, name: b"f".to_vec(), expect_closed: Some(f) });
+    assert!(matches!(&removed, Outcome::Inode(i) if i.ino == g && i.nlink == 0), "{removed:?}");
+    assert_eq!(h.s.orphans[&g].pending, vec![1, 2]);
+    // The same for a replacing rename: node 1 moves x over "z" expecting z there, but node 2
+    // moved y over it first.
+    let z = h.file(ROOT_INO, "z");
+    let y = h.file(ROOT_INO, "y");
+    h.run_from(2, Caller::root(), rename("y", "z", Some(z))).unwrap();
+    assert_eq!(h.s.orphans[&z].pending, vec![1]);
+    let replaced = h.ok(rename("x", "z", Some(z)));
+    assert!(matches!(&replaced, Outcome::Inode(i) if i.ino == y && i.nlink == 0), "{replaced:?}");
+    assert_eq!(h.s.orphans[&y].pending, vec![1, 2]);
+    // A matching expectation: only the other node is asked.
+    let w = h.file(ROOT_INO, "w");
+    h.ok(Op::Unlink { parent: ROOT_INO, name: b"w".to_vec(), expect_closed: Some(w) });
+    assert_eq!(h.s.orphans[&w].pending, vec![2]);
+    // An unlink of one of two names orphans nothing, whatever it expected.
+    h.ok(Op::Link { ino: x, new_parent: ROOT_INO, new_name: b"x2".to_vec() });
+    let kept = h.ok(Op::Unlink { parent: ROOT_INO, name: b"z".to_vec(), expect_closed: None });
+    assert!(matches!(&kept, Outcome::Inode(i) if i.ino == x && i.nlink == 1), "{kept:?}");
+    assert!(!h.s.orphans.contains_key(&x));
 }
 
 #[test]
@@ -1631,7 +1683,7 @@ fn link_to_an_orphan_is_refused() {
     h.ok(Op::Unlink {
         parent: ROOT_INO,
         name: b"f".to_vec(),
-        origin_open: true,
+        expect_closed: None,
     });
     assert_eq!(
         h.err(Op::Link {
@@ -1856,6 +1908,15 @@ impl Model {
     }
 }
 
+/// What a proposer puts in `expect_closed` for removing `(parent, name)`: nothing when it holds
+/// the inode open, otherwise the inode the name has in `s`.
+fn expect_closed(s: &MemState, parent: Ino, name: &str, open: bool) -> Option<Ino> {
+    if open {
+        return None;
+    }
+    s.entry(parent, name.as_bytes()).unwrap().map(|e| e.ino)
+}
+
 /// The command an action stands for in state `s` (None: nothing fits, or a retry).
 fn to_op(s: &MemState, a: A) -> Option<Op> {
     let dirs: Vec<Ino> = s
@@ -1909,11 +1970,14 @@ fn to_op(s: &MemState, a: A) -> Option<Op> {
             new_parent: pick(&dirs, dir).unwrap_or(ROOT_INO),
             new_name: NAMES[name].into(),
         },
-        A::Unlink { dir, name, open } => Op::Unlink {
-            parent: pick(&dirs, dir).unwrap_or(ROOT_INO),
-            name: NAMES[name].into(),
-            origin_open: open,
-        },
+        A::Unlink { dir, name, open } => {
+            let parent = pick(&dirs, dir).unwrap_or(ROOT_INO);
+            Op::Unlink {
+                parent,
+                name: NAMES[name].into(),
+                expect_closed: expect_closed(s, parent, NAMES[name], open),
+            }
+        }
         A::Rmdir { dir, name } => Op::Rmdir {
             parent: pick(&dirs, dir).unwrap_or(ROOT_INO),
             name: NAMES[name].into(),
@@ -1925,17 +1989,20 @@ fn to_op(s: &MemState, a: A) -> Option<Op> {
             name2,
             flags,
             open,
-        } => Op::Rename {
-            parent: pick(&dirs, dir).unwrap_or(ROOT_INO),
-            name: NAMES[name].into(),
-            new_parent: pick(&dirs, dir2).unwrap_or(ROOT_INO),
-            new_name: NAMES[name2].into(),
-            flags: RenameFlags {
-                noreplace: flags == 3 || flags == 5,
-                exchange: flags == 4 || flags == 5,
-            },
-            origin_open: open,
-        },
+        } => {
+            let new_parent = pick(&dirs, dir2).unwrap_or(ROOT_INO);
+            Op::Rename {
+                parent: pick(&dirs, dir).unwrap_or(ROOT_INO),
+                name: NAMES[name].into(),
+                new_parent,
+                new_name: NAMES[name2].into(),
+                flags: RenameFlags {
+                    noreplace: flags == 3 || flags == 5,
+                    exchange: flags == 4 || flags == 5,
+                },
+                expect_closed: expect_closed(s, new_parent, NAMES[name2], open),
+            }
+        }
         A::Write {
             file,
             off,

@@ -1,41 +1,66 @@
 //! The log writer thread: group commit of Raft log appends, votes, truncations and purges.
 //!
 //! Every write to the log side goes through one queue, so writes are applied in submission order
-//! (openraft requires serialized log IO). The thread takes everything queued, writes it in ONE
-//! `Durability::Immediate` transaction, then reports completion to every submitter. One fsync
-//! therefore covers as many appends as arrived while the previous one was in flight.
+//! (openraft requires serialized log IO). The thread takes everything queued, writes the entries
+//! into the segment log (`wal`) with ONE fdatasync, makes a durable redb commit only if the batch
+//! needs one (a vote, a purge, a sync), then reports completion to every submitter.
+//!
+//! Durability of the state (the invariant the rest relies on): apply commits redb `Durability::None`
+//! and the log no longer shares the redb file, so the state becomes durable only with a durable
+//! (`Immediate`) redb commit: every `STATE_FLUSH_MS` or `STATE_FLUSH_BYTES` of log written (an
+//! apply commit is then made `Immediate`, `Store::write_state`), at each purge, at `Sync`, and at
+//! close. A crash loses at most the state applied since the last one; openraft re-applies it from
+//! the log at start, which is why `last_purged <= durable last_applied` must hold: a purge first
+//! makes the state durable (in the same commit that records `last_purged`), then deletes entries.
+//! Lazy metadata (`committed`) is written to redb only once the log entries it refers to are
+//! durable (`ready`), so a durable `committed` never points past the durable log (openraft
+//! re-applies up to it at start and fails if entries are missing). A durable `last_applied` may be
+//! ahead of the durable log on a follower (it applies committed entries before its own fsync);
+//! openraft then purges up to `last_applied` at start.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadableTable};
+use redb::{Database, Durability, ReadableTable, WriteTransaction};
 
-use super::tables::{LOG, LOG_CHUNK_BYTES, RAFT_META};
+use super::tables::{LOCAL, RAFT_META};
+use super::wal::Wal;
 use super::{fault, StoreStats};
 use crate::state::{StoreFault, StoreResult};
 
 /// Called once the operation is durable (or failed).
 pub type Done = Box<dyn FnOnce(StoreResult<()>) + Send>;
 
-/// Most operations taken into one commit.
+/// Most operations taken into one batch.
 const BATCH_OPS_MAX: usize = 4096;
-/// Most entry bytes taken into one commit (a bound on the transaction's memory).
+/// Most entry bytes taken into one batch (a bound on the memory held by queued entries).
 const BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Log bytes written after which an apply commit is made durable (bounds the re-apply at start
+/// after a crash).
+pub const STATE_FLUSH_BYTES: u64 = 64 * 1024 * 1024;
+/// Time after which an apply commit is made durable.
+pub const STATE_FLUSH_MS: u64 = 1000;
+/// LOCAL key: the highest index the log purged (the segment log's own record, so it can hide
+/// purged entries still in its first segment and finish a purge a crash interrupted).
+pub(super) const LOCAL_LOG_PURGED: &str = "log_purged_upto";
 
 /// One write to the log side of the store.
 pub enum LogWrite {
-    /// Append (or overwrite) entries `index -> encoded entry`.
+    /// Append (or overwrite) entries `index -> encoded entry` (contiguous indexes; an index at or
+    /// below the last one replaces the log from there).
     Append { entries: Vec<(u64, Vec<u8>)>, done: Done },
     /// Set (Some) or delete (None) one Raft metadata key (vote, committed). Without `done` the
-    /// write is lazy: it goes into the next commit, whenever that happens.
+    /// write is lazy: it goes into the next durable redb commit after the log entries submitted
+    /// before it are durable.
     PutMeta { key: &'static str, value: Option<Vec<u8>>, done: Option<Done> },
     /// Delete entries with index >= `from`.
     Truncate { from: u64, done: Done },
-    /// Delete entries with index <= `upto` and record `last_purged`.
+    /// Make the state durable, record `last_purged`, then delete entries with index <= `upto`.
     Purge { upto: u64, last_purged: Vec<u8>, done: Done },
-    /// Make everything committed so far durable (also the state machine's non-durable commits).
+    /// Make everything so far durable: the log and the state machine's non-durable commits.
     Sync { done: Done },
 }
 
@@ -63,15 +88,121 @@ impl LogWrite {
     }
 }
 
-/// Lazy metadata writes waiting for the next commit.
-pub(super) type LazyMeta = Arc<Mutex<BTreeMap<&'static str, Option<Vec<u8>>>>>;
+/// Raft metadata writes by key.
+pub(super) type MetaWrites = BTreeMap<&'static str, Option<Vec<u8>>>;
 
-pub(super) fn run(db: Arc<Database>, rx: Receiver<LogWrite>, stats: Arc<StoreStats>, lazy: LazyMeta) {
+/// What the writer thread and the state side share.
+pub(super) struct Shared {
+    pub db: Arc<Database>,
+    pub wal: Wal,
+    pub stats: Arc<StoreStats>,
+    /// Lazy metadata as submitted: the log entries it refers to may not be durable yet.
+    pub lazy: Mutex<MetaWrites>,
+    /// Lazy metadata whose log entries are durable: written by the next durable redb commit,
+    /// whoever makes it.
+    ready: Mutex<MetaWrites>,
+    /// When the state was last made durable, and `stats.log_bytes` then.
+    durable_at: Mutex<(Instant, u64)>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    pub fn new(db: Arc<Database>, wal: Wal, stats: Arc<StoreStats>) -> Shared {
+        Shared {
+            db,
+            wal,
+            stats,
+            lazy: Mutex::default(),
+            ready: Mutex::default(),
+            durable_at: Mutex::new((Instant::now(), 0)),
+        }
+    }
+
+    /// Whether the next apply commit should be durable (`STATE_FLUSH_MS`, `STATE_FLUSH_BYTES`).
+    pub fn state_flush_due(&self) -> bool {
+        let (at, bytes) = *locked(&self.durable_at);
+        at.elapsed() >= Duration::from_millis(STATE_FLUSH_MS)
+            || self.stats.log_bytes.load(Ordering::Relaxed).saturating_sub(bytes) >= STATE_FLUSH_BYTES
+    }
+
+    /// Write the ready lazy metadata into `txn`, which the caller commits durably.
+    pub fn write_ready_meta(&self, txn: &WriteTransaction) -> StoreResult<()> {
+        let ready = std::mem::take(&mut *locked(&self.ready));
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let mut meta = txn.open_table(RAFT_META).map_err(fault)?;
+        put_meta(&mut meta, &ready)
+    }
+
+    /// The writer has ended: every append it took is durable, so is every lazy write's entry.
+    pub fn writer_ended(&self) {
+        let lazy = std::mem::take(&mut *locked(&self.lazy));
+        locked(&self.ready).extend(lazy);
+    }
+
+    /// A durable redb commit happened: the state is durable up to here.
+    pub fn state_made_durable(&self) {
+        *locked(&self.durable_at) = (Instant::now(), self.stats.log_bytes.load(Ordering::Relaxed));
+        self.stats.state_flushes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One durable redb commit of `puts` (after the ready lazy metadata), and of the purge mark.
+    /// It also makes every earlier apply commit durable.
+    pub fn commit_meta(&self, puts: &MetaWrites, purged_upto: Option<u64>) -> StoreResult<()> {
+        let mut txn = self.db.begin_write().map_err(fault)?;
+        txn.set_durability(Durability::Immediate).map_err(fault)?;
+        self.write_ready_meta(&txn)?;
+        {
+            let mut meta = txn.open_table(RAFT_META).map_err(fault)?;
+            put_meta(&mut meta, puts)?;
+            // Write something so the commit is never elided as empty.
+            let n = meta.get("sync").map_err(fault)?.map(|v| v.value().len()).unwrap_or(0);
+            let flip: &[u8] = if n == 0 { &[1] } else { &[] };
+            meta.insert("sync", flip).map_err(fault)?;
+            if let Some(upto) = purged_upto {
+                let mut local = txn.open_table(LOCAL).map_err(fault)?;
+                local.insert(LOCAL_LOG_PURGED, upto).map_err(fault)?;
+            }
+        }
+        txn.commit().map_err(fault)?;
+        self.state_made_durable();
+        Ok(())
+    }
+}
+
+fn put_meta(meta: &mut redb::Table<&str, &[u8]>, puts: &MetaWrites) -> StoreResult<()> {
+    for (key, value) in puts {
+        match value {
+            Some(v) => {
+                meta.insert(*key, v.as_slice()).map_err(fault)?;
+            }
+            None => {
+                meta.remove(*key).map_err(fault)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn run(sh: Arc<Shared>, rx: Receiver<LogWrite>) {
     let mut failed: Option<String> = None;
     while let Ok(first) = rx.recv() {
+        // Lazy metadata is taken before the queue is drained: every append it refers to was
+        // queued before it, so it is in this batch or an earlier one, and durable once this
+        // batch's log writes are.
+        let lazy_now = std::mem::take(&mut *locked(&sh.lazy));
         let mut bytes = first.bytes();
         let mut batch = vec![first];
-        while batch.len() < BATCH_OPS_MAX && bytes < BATCH_BYTES_MAX {
+        let mut cut_short = false;
+        loop {
+            if batch.len() >= BATCH_OPS_MAX || bytes >= BATCH_BYTES_MAX {
+                cut_short = true;
+                break;
+            }
             match rx.try_recv() {
                 Ok(op) => {
                     bytes += op.bytes();
@@ -80,15 +211,24 @@ pub(super) fn run(db: Arc<Database>, rx: Receiver<LogWrite>, stats: Arc<StoreSta
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
             }
         }
-        let lazy_now = std::mem::take(&mut *lazy.lock().unwrap_or_else(|e| e.into_inner()));
+        let lazy_now = if cut_short {
+            // Its appends may still be queued: back it goes (unless set again meanwhile).
+            let mut lazy = locked(&sh.lazy);
+            for (k, v) in lazy_now {
+                lazy.entry(k).or_insert(v);
+            }
+            MetaWrites::new()
+        } else {
+            lazy_now
+        };
         let res = match &failed {
             Some(why) => Err(format!("store failed earlier: {why}")),
-            None => write_batch(&db, &lazy_now, &batch, &stats).map_err(|e| e.0),
+            None => write_batch(&sh, &batch, lazy_now).map_err(|e| e.0),
         };
         if let Err(why) = &res {
             if failed.is_none() {
                 tracing::error!(error = %why, ops = batch.len(), "log write failed; the store stops accepting writes");
-                stats.failed.store(true, Ordering::SeqCst);
+                sh.stats.failed.store(true, Ordering::SeqCst);
                 failed = Some(why.clone());
             }
         }
@@ -98,72 +238,45 @@ pub(super) fn run(db: Arc<Database>, rx: Receiver<LogWrite>, stats: Arc<StoreSta
     }
 }
 
-fn write_batch(
-    db: &Database,
-    lazy: &BTreeMap<&'static str, Option<Vec<u8>>>,
-    batch: &[LogWrite],
-    stats: &StoreStats,
-) -> StoreResult<()> {
-    let mut txn = db.begin_write().map_err(fault)?;
-    txn.set_durability(Durability::Immediate).map_err(fault)?;
+fn write_batch(sh: &Shared, batch: &[LogWrite], lazy_now: MetaWrites) -> StoreResult<()> {
+    let mut puts = MetaWrites::new();
+    let mut need_commit = false;
     let mut entries = 0u64;
     let mut entry_bytes = 0u64;
-    {
-        let mut log = txn.open_table(LOG).map_err(fault)?;
-        let mut meta = txn.open_table(RAFT_META).map_err(fault)?;
-        for (key, value) in lazy {
-            match value {
-                Some(v) => {
-                    meta.insert(*key, v.as_slice()).map_err(fault)?;
-                }
-                None => {
-                    meta.remove(*key).map_err(fault)?;
-                }
+    for op in batch {
+        match op {
+            LogWrite::Append { entries: es, .. } => {
+                sh.wal.append(es)?;
+                entries += es.len() as u64;
+                entry_bytes += es.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
             }
-        }
-        for op in batch {
-            match op {
-                LogWrite::Append { entries: es, .. } => {
-                    for (index, bytes) in es {
-                        // An overwritten entry may have had more pieces.
-                        log.retain_in((*index, 0u32)..=(*index, u32::MAX), |_, _| false).map_err(fault)?;
-                        if bytes.is_empty() {
-                            log.insert((*index, 0u32), &[][..]).map_err(fault)?;
-                        }
-                        for (part, piece) in bytes.chunks(LOG_CHUNK_BYTES).enumerate() {
-                            log.insert((*index, part as u32), piece).map_err(fault)?;
-                        }
-                        entries += 1;
-                        entry_bytes += bytes.len() as u64;
-                    }
-                }
-                LogWrite::PutMeta { key, value, .. } => match value {
-                    Some(v) => {
-                        meta.insert(*key, v.as_slice()).map_err(fault)?;
-                    }
-                    None => {
-                        meta.remove(*key).map_err(fault)?;
-                    }
-                },
-                LogWrite::Truncate { from, .. } => {
-                    log.retain_in((*from, 0u32).., |_, _| false).map_err(fault)?;
-                }
-                LogWrite::Purge { upto, last_purged, .. } => {
-                    log.retain_in(..=(*upto, u32::MAX), |_, _| false).map_err(fault)?;
-                    meta.insert("last_purged", last_purged.as_slice()).map_err(fault)?;
-                }
-                LogWrite::Sync { .. } => {
-                    // Write something so the commit is never elided as empty.
-                    let n = meta.get("sync").map_err(fault)?.map(|v| v.value().len()).unwrap_or(0);
-                    let flip: &[u8] = if n == 0 { &[1] } else { &[] };
-                    meta.insert("sync", flip).map_err(fault)?;
-                }
+            LogWrite::PutMeta { key, value, .. } => {
+                puts.insert(key, value.clone());
+                need_commit = true;
             }
+            LogWrite::Truncate { from, .. } => sh.wal.truncate(*from)?,
+            LogWrite::Purge { upto, last_purged, .. } => {
+                // last_purged <= durable last_applied: openraft purges only applied entries, and
+                // this commit makes every apply so far durable before any entry goes.
+                puts.insert("last_purged", Some(last_purged.clone()));
+                sh.commit_meta(&puts, Some(*upto))?;
+                puts.clear();
+                sh.wal.purge(*upto)?;
+            }
+            LogWrite::Sync { .. } => need_commit = true,
         }
     }
-    txn.commit().map_err(fault)?;
-    stats.log_commits.fetch_add(1, Ordering::Relaxed);
-    stats.log_entries.fetch_add(entries, Ordering::Relaxed);
-    stats.log_bytes.fetch_add(entry_bytes, Ordering::Relaxed);
+    if sh.wal.sync()? {
+        sh.stats.log_commits.fetch_add(1, Ordering::Relaxed);
+    }
+    sh.stats.log_entries.fetch_add(entries, Ordering::Relaxed);
+    sh.stats.log_bytes.fetch_add(entry_bytes, Ordering::Relaxed);
+    if !lazy_now.is_empty() {
+        let mut ready = locked(&sh.ready);
+        ready.extend(lazy_now);
+    }
+    if need_commit || !puts.is_empty() {
+        sh.commit_meta(&puts, None)?;
+    }
     Ok(())
 }

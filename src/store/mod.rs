@@ -1,21 +1,24 @@
-//! The redb store: Raft log, vote, state tables, snapshots (the only module that imports redb).
+//! The store: Raft log, vote, state tables, snapshots (the only module that imports redb).
 //!
-//! One redb file, `<data>/pickbox.redb`, holds the Raft log side (log, vote, committed, last purged),
-//! the state machine side (the namespace tables behind `StateRead`/`StateWrite` plus the last
-//! applied log id and membership, in the same transaction as the state they describe) and one local
-//! table (the incarnation counter). Snapshot files live in `<data>/snapshots/`.
+//! The Raft log lives in append-only segment files under `<data>/log/` (`wal`). One redb file,
+//! `<data>/pickbox.redb`, holds the Raft metadata (vote, committed, last purged), the state machine
+//! side (the namespace tables behind `StateRead`/`StateWrite` plus the last applied log id and
+//! membership, in the same transaction as the state they describe) and one local table
+//! (incarnation counter, the log's purge mark). Snapshot files live in `<data>/snapshots/`.
 //!
 //! Architecture invariant: this module knows nothing of openraft; Raft types arrive as opaque bytes
-//! encoded by `raft/`. Durability: log writes commit `Immediate` (group commit, see `log`); apply
-//! commits `None` and becomes durable with the next log commit of the same file, which is safe
-//! because a crash then only loses state that the durable log replays, and `last_applied` is in the
-//! same transaction as the state.
+//! encoded by `raft/`. Durability: log writes are group-committed (one fdatasync per batch, see
+//! `log`); apply commits `None` and becomes durable with the next durable redb commit (at most
+//! `STATE_FLUSH_MS`/`STATE_FLUSH_BYTES` later, and always before a purge), which is safe because a
+//! crash then only loses state that the durable log replays, and `last_applied` is in the same
+//! transaction as the state.
 
 pub mod codec;
 mod digest;
 mod log;
 mod snapshot;
 mod tables;
+mod wal;
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -23,9 +26,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
-pub use log::{Done, LogWrite};
+pub use log::{Done, LogWrite, STATE_FLUSH_BYTES, STATE_FLUSH_MS};
+pub use wal::SEGMENT_BYTES;
 pub use snapshot::SnapshotInfo;
 pub use tables::{ReadView, StateTxn};
 
@@ -45,7 +49,7 @@ pub(crate) fn fault(e: impl std::fmt::Display) -> StoreFault {
 /// Counters of the store, for metrics and tests.
 #[derive(Debug, Default)]
 pub struct StoreStats {
-    /// Durable log commits (each one fsync).
+    /// Durable log commits (each one fdatasync of the segment log).
     pub log_commits: AtomicU64,
     /// Entries written by those commits.
     pub log_entries: AtomicU64,
@@ -53,6 +57,8 @@ pub struct StoreStats {
     pub log_bytes: AtomicU64,
     /// State machine write transactions (apply batches).
     pub apply_txns: AtomicU64,
+    /// Durable redb commits (each makes the applied state durable).
+    pub state_flushes: AtomicU64,
     /// Set once a write failed; the store refuses further writes (fail-stop).
     pub failed: AtomicBool,
 }
@@ -69,15 +75,14 @@ pub struct Store {
 
 struct Inner {
     db: Arc<Database>,
+    /// The log, and what the log writer shares with the state side.
+    log: Arc<log::Shared>,
     snap_dir: PathBuf,
     writer: Mutex<Option<mpsc::Sender<LogWrite>>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     stats: Arc<StoreStats>,
     current_snapshot: Mutex<Option<SnapshotInfo>>,
     snapshot_seq: AtomicU64,
-    /// Metadata writes nobody waits for (committed): written with the next log commit instead of
-    /// costing an fsync of their own.
-    lazy_meta: log::LazyMeta,
 }
 
 impl Drop for Inner {
@@ -86,6 +91,13 @@ impl Drop for Inner {
         self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(t) = self.writer_thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
+        }
+        // A clean close leaves everything durable: the state and the lazy metadata.
+        if !self.stats.failed.load(Ordering::SeqCst) {
+            self.log.writer_ended();
+            if let Err(e) = self.log.wal.sync().and_then(|_| self.log.commit_meta(&Default::default(), None)) {
+                tracing::error!(error = %e, "store: final sync at close failed");
+            }
         }
     }
 }
@@ -112,6 +124,16 @@ fn join_piece(out: &mut Vec<(u64, Vec<u8>)>, index: u64, part: u32, piece: &[u8]
 
 /// The redb file inside a data directory.
 pub const DB_FILE: &str = "pickbox.redb";
+/// The segment log's directory inside a data directory.
+pub const LOG_DIR: &str = "log";
+/// Where a log is built while it is moved out of redb's LOG table (previous versions).
+const LOG_MIGRATING_DIR: &str = "log.migrating";
+/// LOCAL key: where the log is (absent: in redb's LOG table, previous versions).
+const LOCAL_LOG_FORMAT: &str = "log_format";
+/// `LOCAL_LOG_FORMAT` value: the log is in segment files under `LOG_DIR`.
+const LOG_FORMAT_SEGMENTS: u64 = 1;
+/// Entries moved out of the LOG table per append when migrating.
+const MIGRATE_BATCH_ENTRIES: usize = 256;
 
 /// Whether `data_dir` holds a store already (a node that has run before).
 pub fn exists(data_dir: &Path) -> bool {
@@ -130,30 +152,29 @@ impl Store {
             tables::create_all_tables(&txn)?;
             txn.commit().map_err(fault)?;
         }
+        let wal = open_log(data_dir, &db)?;
         let db = Arc::new(db);
         let stats = Arc::new(StoreStats::default());
+        let shared = Arc::new(log::Shared::new(db.clone(), wal, stats.clone()));
         let (tx, rx) = mpsc::channel();
-        let lazy_meta = log::LazyMeta::default();
         let thread = {
-            let db = db.clone();
-            let stats = stats.clone();
-            let lazy = lazy_meta.clone();
+            let shared = shared.clone();
             std::thread::Builder::new()
                 .name("pickbox-log-writer".into())
-                .spawn(move || log::run(db, rx, stats, lazy))
+                .spawn(move || log::run(shared, rx))
                 .map_err(fault)?
         };
         let current = snapshot::scan(&snap_dir)?;
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
+                log: shared,
                 snap_dir,
                 writer: Mutex::new(Some(tx)),
                 writer_thread: Mutex::new(Some(thread)),
                 stats,
                 current_snapshot: Mutex::new(current),
                 snapshot_seq: AtomicU64::new(0),
-                lazy_meta,
             }),
         })
     }
@@ -168,7 +189,7 @@ impl Store {
     pub fn submit(&self, op: LogWrite) {
         let op = match op {
             LogWrite::PutMeta { key, value, done: None } => {
-                self.inner.lazy_meta.lock().unwrap_or_else(|e| e.into_inner()).insert(key, value);
+                self.inner.log.lazy.lock().unwrap_or_else(|e| e.into_inner()).insert(key, value);
                 return;
             }
             op => op,
@@ -214,53 +235,25 @@ impl Store {
         rx.recv().map_err(|_| StoreFault("log writer dropped a request".into()))?
     }
 
-    /// Make everything committed so far durable (one Immediate commit through the writer).
+    /// Make everything so far durable: the log (fdatasync) and the state (an Immediate redb commit),
+    /// through the writer.
     pub fn sync_blocking(&self) -> StoreResult<()> {
         self.submit_blocking(|done| LogWrite::Sync { done })
     }
 
     /// Entries in `range` (by index), in order.
     pub fn read_log(&self, range: (Bound<u64>, Bound<u64>)) -> StoreResult<Vec<(u64, Vec<u8>)>> {
-        let txn = self.inner.db.begin_read().map_err(fault)?;
-        let t = txn.open_table(LOG).map_err(fault)?;
-        let start = match range.0 {
-            Bound::Included(a) => Bound::Included((a, 0u32)),
-            Bound::Excluded(a) => Bound::Excluded((a, u32::MAX)),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        let end = match range.1 {
-            Bound::Included(b) => Bound::Included((b, u32::MAX)),
-            Bound::Excluded(b) => Bound::Excluded((b, 0u32)),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
-        for item in t.range::<(u64, u32)>((start, end)).map_err(fault)? {
-            let (k, v) = item.map_err(fault)?;
-            let (index, part) = k.value();
-            join_piece(&mut out, index, part, v.value())?;
-        }
-        Ok(out)
+        self.inner.log.wal.read_range(range)
     }
 
     /// The last entry in the log, if any.
     pub fn last_log(&self) -> StoreResult<Option<(u64, Vec<u8>)>> {
-        let txn = self.inner.db.begin_read().map_err(fault)?;
-        let t = txn.open_table(LOG).map_err(fault)?;
-        let Some(index) = t.last().map_err(fault)?.map(|(k, _)| k.value().0) else { return Ok(None) };
-        let mut out = Vec::new();
-        for item in t.range((index, 0u32)..=(index, u32::MAX)).map_err(fault)? {
-            let (k, v) = item.map_err(fault)?;
-            join_piece(&mut out, index, k.value().1, v.value())?;
-        }
-        Ok(out.pop())
+        self.inner.log.wal.last()
     }
 
     /// The first entry in the log, if any.
     pub fn first_log_index(&self) -> StoreResult<Option<u64>> {
-        let txn = self.inner.db.begin_read().map_err(fault)?;
-        let t = txn.open_table(LOG).map_err(fault)?;
-        let first = t.first().map_err(fault)?.map(|(k, _)| k.value().0);
-        Ok(first)
+        Ok(self.inner.log.wal.first_index())
     }
 
     /// One Raft metadata value ("vote", "committed", "last_purged").
@@ -288,20 +281,29 @@ impl Store {
         Ok((a, digest::digest(&view)?))
     }
 
-    /// Run `f` in one state write transaction; commit it if `f` succeeds (durably if `durable`),
-    /// abort it otherwise. Blocking: call from a blocking thread.
+    /// Run `f` in one state write transaction; commit it if `f` succeeds, abort it otherwise.
+    /// The commit is durable if `durable`, or if the state has not been made durable for
+    /// `STATE_FLUSH_MS` or `STATE_FLUSH_BYTES` of log (see `log` for why that is safe). Blocking:
+    /// call from a blocking thread.
     pub fn write_state<T>(&self, durable: bool, f: impl FnOnce(&mut StateTxn<'_>) -> StoreResult<T>) -> StoreResult<T> {
         if self.inner.stats.failed.load(Ordering::SeqCst) {
             return Err(StoreFault("store failed earlier; refusing writes".into()));
         }
+        let durable = durable || self.inner.log.state_flush_due();
         let mut txn = self.inner.db.begin_write().map_err(fault)?;
         txn.set_durability(if durable { Durability::Immediate } else { Durability::None }).map_err(fault)?;
         let out = {
             let mut tables = StateTxn::open(&txn)?;
             f(&mut tables)?
         };
+        if durable {
+            self.inner.log.write_ready_meta(&txn)?;
+        }
         txn.commit().map_err(fault)?;
         self.inner.stats.apply_txns.fetch_add(1, Ordering::Relaxed);
+        if durable {
+            self.inner.log.state_made_durable();
+        }
         Ok(out)
     }
 
@@ -378,8 +380,15 @@ impl Store {
             }
         }
         txn.commit().map_err(fault)?;
+        self.inner.log.state_made_durable();
         self.set_current(info.clone());
         Ok(info)
+    }
+
+    /// Test hook: `(path, end of the last record)` of every log segment.
+    #[cfg(test)]
+    pub(crate) fn log_segment_files(&self) -> Vec<(PathBuf, u64)> {
+        self.inner.log.wal.segment_files()
     }
 
     /// Test hook: overwrite a stored block's bytes behind the state's back (disk corruption).
@@ -398,6 +407,81 @@ impl Store {
         snapshot::remove_others(&self.inner.snap_dir, &info.path);
         *cur = Some(info);
     }
+}
+
+/// Open the segment log of `data_dir`. A data directory of a previous version has its log in
+/// redb's LOG table: it is moved into a new segment log first (built aside, synced, renamed into
+/// place, then one durable commit empties the table and sets `LOCAL_LOG_FORMAT`; a crash before
+/// that commit redoes the move, so either the old or the new log is complete at any point).
+fn open_log(data_dir: &Path, db: &Database) -> StoreResult<wal::Wal> {
+    let dir = data_dir.join(LOG_DIR);
+    let aside = data_dir.join(LOG_MIGRATING_DIR);
+    if aside.exists() {
+        std::fs::remove_dir_all(&aside).map_err(fault)?;
+    }
+    let (old_entries, purged_upto, format) = {
+        let txn = db.begin_read().map_err(fault)?;
+        let log = txn.open_table(LOG).map_err(fault)?;
+        let local = txn.open_table(LOCAL).map_err(fault)?;
+        let purged = local.get(log::LOCAL_LOG_PURGED).map_err(fault)?.map(|v| v.value());
+        let format = local.get(LOCAL_LOG_FORMAT).map_err(fault)?.map(|v| v.value());
+        (!log.is_empty().map_err(fault)?, purged, format)
+    };
+    let sync_data_dir = || std::fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(fault);
+    if format == Some(LOG_FORMAT_SEGMENTS) {
+        if old_entries {
+            return Err(StoreFault(
+                "the redb LOG table has entries although the log is in segment files (was this data directory used by an older version?); refusing to start".into(),
+            ));
+        }
+        if !dir.exists() {
+            return Err(StoreFault(format!("the log directory {} is missing; refusing to start", dir.display())));
+        }
+    } else {
+        if old_entries {
+            migrate_log_table(db, &aside)?;
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(fault)?;
+            }
+            std::fs::rename(&aside, &dir).map_err(fault)?;
+        } else if !dir.exists() {
+            std::fs::create_dir(&dir).map_err(fault)?;
+        }
+        sync_data_dir()?;
+        let mut txn = db.begin_write().map_err(fault)?;
+        txn.set_durability(Durability::Immediate).map_err(fault)?;
+        if old_entries {
+            txn.delete_table(LOG).map_err(fault)?;
+            txn.open_table(LOG).map_err(fault)?;
+        }
+        txn.open_table(LOCAL).map_err(fault)?.insert(LOCAL_LOG_FORMAT, LOG_FORMAT_SEGMENTS).map_err(fault)?;
+        txn.commit().map_err(fault)?;
+        if old_entries {
+            tracing::info!("log moved from the redb LOG table into {}", dir.display());
+        }
+    }
+    wal::Wal::open(&dir, purged_upto)
+}
+
+/// Copy every entry of the LOG table into a new segment log in `aside`, durably.
+fn migrate_log_table(db: &Database, aside: &Path) -> StoreResult<()> {
+    let wal = wal::Wal::open(aside, None)?;
+    let txn = db.begin_read().map_err(fault)?;
+    let t = txn.open_table(LOG).map_err(fault)?;
+    let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
+    for item in t.iter().map_err(fault)? {
+        let (k, v) = item.map_err(fault)?;
+        let (index, part) = k.value();
+        let new_entry = batch.last().is_none_or(|(i, _)| *i != index);
+        if new_entry && batch.len() >= MIGRATE_BATCH_ENTRIES {
+            wal.append(&batch)?;
+            batch.clear();
+        }
+        join_piece(&mut batch, index, part, v.value())?;
+    }
+    wal.append(&batch)?;
+    wal.sync()?;
+    Ok(())
 }
 
 #[cfg(test)]

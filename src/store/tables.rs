@@ -9,17 +9,18 @@ use crate::state::{
     CommandResult, DirEntry, Hash, Ino, Inode, Meta, NodeId, Orphan, StateRead, StateWrite, StoreFault, StoreResult,
 };
 
-// --- Raft log side (written by the log writer thread only).
-/// Raft log: (index, part) -> consecutive pieces of the bincode entry (encoded by raft/), each at
-/// most `LOG_CHUNK_BYTES`. redb gives a value larger than a page a page of the next power of two
-/// of its size, so a 1 MiB entry stored whole took a 2 MiB page (written and fsynced in full);
-/// pieces just under 64 KiB fit 64 KiB pages.
+// --- Raft log side (written by the log writer thread only; the log itself is in `wal`).
+/// The Raft log of previous versions: (index, part) -> consecutive pieces of the bincode entry,
+/// each at most `LOG_CHUNK_BYTES`. Read once, to move it into the segment log
+/// (`mod.rs::open_log`), and empty afterwards.
 pub(super) const LOG: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("raft_log_chunks");
-/// Largest piece of a log entry in one LOG record (page overhead stays within 64 KiB).
+/// Largest piece of a log entry in one LOG record (page overhead stays within 64 KiB); also the
+/// block head size below.
 pub(super) const LOG_CHUNK_BYTES: usize = 64 * 1024 - 512;
 /// Raft metadata: "vote", "committed", "last_purged", "sync" -> opaque bytes.
 pub(super) const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
-/// Local, never replicated: "incarnation" -> counter.
+/// Local, never replicated: "incarnation" -> counter, "log_purged_upto" -> the segment log's
+/// purge mark, "log_format" -> where the log is (1: segment files).
 pub(super) const LOCAL: TableDefinition<&str, u64> = TableDefinition::new("local");
 
 // --- State machine side (written by apply and snapshot install).

@@ -1,11 +1,11 @@
-//! Tests of the redb store: state tables against the in-memory model, snapshots, group commit,
-//! corruption, crash consistency.
+//! Tests of the store: state tables against the in-memory model, snapshots, group commit,
+//! corruption, crash consistency, the move of the log out of redb.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use redb::ReadableTable;
+use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::tables::{ReadView, BLOCK_DATA};
 use super::*;
@@ -124,9 +124,9 @@ fn workload() -> Vec<Command> {
             new_parent: 3,
             new_name: b"c".to_vec(),
             flags: Default::default(),
-            origin_open: false,
+            expect_closed: None,
         },
-        Op::Unlink { parent: ROOT_INO, name: b"a".to_vec(), origin_open: true },
+        Op::Unlink { parent: ROOT_INO, name: b"a".to_vec(), expect_closed: None },
         Op::Rmdir { parent: ROOT_INO, name: b"nope".to_vec() },
         Op::MakeNode { parent: ROOT_INO, name: b"a".to_vec(), kind: FileKind::File, perm: 0o644, rdev: 0 },
         Op::SetAttr { ino: 4, perm: None, uid: None, gid: None, size: Some(3), atime: None, mtime: None },
@@ -442,15 +442,24 @@ fn group_commit_batches_concurrent_appends() {
     let threads = 16;
     let per_thread = 100u64;
     let start = std::time::Instant::now();
+    // The log takes contiguous indexes: submissions are ordered by index, waits are concurrent.
+    let next = std::sync::Mutex::new(1u64);
     std::thread::scope(|s| {
-        for t in 0..threads {
-            let store = store.clone();
+        for _ in 0..threads {
+            let (store, next) = (store.clone(), &next);
             s.spawn(move || {
-                for i in 0..per_thread {
-                    let index = t * per_thread + i;
-                    store
-                        .submit_blocking(|done| LogWrite::Append { entries: vec![(index, vec![0u8; 200])], done })
-                        .unwrap();
+                for _ in 0..per_thread {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    {
+                        let mut n = next.lock().unwrap();
+                        let index = *n;
+                        *n += 1;
+                        let done: Done = Box::new(move |r| {
+                            let _ = tx.send(r);
+                        });
+                        store.submit(LogWrite::Append { entries: vec![(index, vec![0u8; 200])], done });
+                    }
+                    rx.recv().unwrap().unwrap();
                 }
             });
         }
@@ -483,19 +492,19 @@ fn log_truncate_and_purge() {
 }
 
 #[test]
-fn large_log_entries_are_stored_in_pieces() {
+fn large_log_entries_round_trip() {
     use std::ops::Bound::{Excluded, Included, Unbounded};
     let (_d, store) = tmp_store();
     let piece = super::tables::LOG_CHUNK_BYTES;
     let entry = |i: u64, len: usize| -> Vec<u8> { (0..len).map(|j| (j as u64 * 31 + i) as u8).collect() };
-    let lens = [0usize, 1, piece - 1, piece, piece + 1, 3 * piece, 1 << 20];
+    let lens = [2usize, 1, piece - 1, piece, piece + 1, 3 * piece, 1 << 20];
     let rows: Vec<_> = lens.iter().enumerate().map(|(i, n)| (i as u64 + 1, entry(i as u64 + 1, *n))).collect();
     store.submit_blocking(|done| LogWrite::Append { entries: rows.clone(), done }).unwrap();
     assert_eq!(store.read_log((Unbounded, Unbounded)).unwrap(), rows);
     assert_eq!(store.read_log((Included(3), Excluded(6))).unwrap(), rows[2..5].to_vec());
     assert_eq!(store.read_log((Excluded(5), Included(6))).unwrap(), rows[5..6].to_vec());
     assert_eq!(store.last_log().unwrap(), Some(rows[6].clone()));
-    // Overwriting an entry with a shorter one leaves none of its old pieces behind.
+    // Overwriting an entry with a shorter one leaves nothing of the old one behind.
     store.submit_blocking(|done| LogWrite::Append { entries: vec![(7, vec![9u8; 5])], done }).unwrap();
     assert_eq!(store.last_log().unwrap(), Some((7, vec![9u8; 5])));
     store.submit_blocking(|done| LogWrite::Truncate { from: 6, done }).unwrap();
@@ -538,9 +547,14 @@ fn check_consistent(store: &Store) -> (u64, u64) {
 fn crash_copy_of_the_file_is_consistent() {
     let dir = tempfile::tempdir().unwrap();
     let store = run_until_crash(dir.path(), 200);
-    // The file as the OS has it right now is what a process crash leaves behind.
+    // The files as the OS has them right now are what a process crash leaves behind.
     let crash = tempfile::tempdir().unwrap();
     std::fs::copy(dir.path().join("pickbox.redb"), crash.path().join("pickbox.redb")).unwrap();
+    std::fs::create_dir(crash.path().join(LOG_DIR)).unwrap();
+    for e in std::fs::read_dir(dir.path().join(LOG_DIR)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), crash.path().join(LOG_DIR).join(e.file_name())).unwrap();
+    }
     let reopened = Store::open(crash.path()).unwrap();
     let (applied, last) = check_consistent(&reopened);
     eprintln!("after simulated crash: applied {applied}, durable log {last}");
@@ -559,6 +573,144 @@ fn reopen_after_drop_without_shutdown() {
     drop(reopened);
     let store = run_until_crash(dir.path(), 0);
     drop(store);
+}
+
+#[test]
+fn state_is_durable_before_a_purge_and_at_sync() {
+    let (_d, store) = tmp_store();
+    let rows: Vec<_> = (1..=10u64).map(|i| (i, vec![i as u8; 10])).collect();
+    store.submit_blocking(|done| LogWrite::Append { entries: rows, done }).unwrap();
+    // Opening made the state durable; an apply right after is not.
+    let flushes = || store.stats().state_flushes.load(Ordering::Relaxed);
+    let f0 = flushes();
+    store.write_state(false, |t| t.put_sm_meta("applied", &5u64.to_le_bytes())).unwrap();
+    assert_eq!(flushes(), f0, "an apply commit right after a durable one stays non-durable");
+    store.submit_blocking(|done| LogWrite::Purge { upto: 5, last_purged: b"p5".to_vec(), done }).unwrap();
+    assert_eq!(flushes(), f0 + 1, "a purge makes the state durable first");
+    store.sync_blocking().unwrap();
+    assert_eq!(flushes(), f0 + 2);
+    // A vote is an Immediate commit of its own; `committed` (lazy) rides along once its entries
+    // are durable.
+    store.submit(LogWrite::PutMeta { key: "committed", value: Some(b"c10".to_vec()), done: None });
+    store.submit_blocking(|done| LogWrite::Append { entries: vec![(11, vec![1])], done }).unwrap();
+    store.submit_blocking(|done| LogWrite::PutMeta { key: "vote", value: Some(b"v".to_vec()), done: Some(done) }).unwrap();
+    assert_eq!(store.raft_meta("vote").unwrap(), Some(b"v".to_vec()));
+    assert_eq!(store.raft_meta("committed").unwrap(), Some(b"c10".to_vec()));
+}
+
+#[test]
+fn an_apply_commit_becomes_durable_after_the_flush_interval() {
+    let (_d, store) = tmp_store();
+    let flushes = || store.stats().state_flushes.load(Ordering::Relaxed);
+    let f0 = flushes();
+    store.write_state(false, |t| t.put_inode(&inode(100))).unwrap();
+    assert_eq!(flushes(), f0);
+    std::thread::sleep(std::time::Duration::from_millis(STATE_FLUSH_MS + 50));
+    store.write_state(false, |t| t.put_inode(&inode(101))).unwrap();
+    assert_eq!(flushes(), f0 + 1, "STATE_FLUSH_MS after the last durable commit");
+    store.write_state(false, |t| t.put_inode(&inode(102))).unwrap();
+    assert_eq!(flushes(), f0 + 1);
+}
+
+#[test]
+fn log_survives_reopen_after_truncate_and_purge() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let rows: Vec<_> = (1..=10u64).map(|i| (i, vec![i as u8; 100])).collect();
+    store.submit_blocking(|done| LogWrite::Append { entries: rows.clone(), done }).unwrap();
+    store.submit_blocking(|done| LogWrite::Truncate { from: 8, done }).unwrap();
+    store.submit_blocking(|done| LogWrite::Append { entries: vec![(8, vec![0xAA])], done }).unwrap();
+    store.submit_blocking(|done| LogWrite::Purge { upto: 3, last_purged: b"p3".to_vec(), done }).unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    let mut want = rows[3..7].to_vec();
+    want.push((8, vec![0xAA]));
+    assert_eq!(store.read_log((std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)).unwrap(), want);
+    assert_eq!(store.first_log_index().unwrap(), Some(4));
+    // Beyond the last entry (after a snapshot install), then an append there.
+    store.submit_blocking(|done| LogWrite::Purge { upto: 50, last_purged: b"p50".to_vec(), done }).unwrap();
+    assert_eq!(store.last_log().unwrap(), None);
+    store.submit_blocking(|done| LogWrite::Append { entries: vec![(51, vec![51])], done }).unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.read_log((std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)).unwrap(), vec![(51, vec![51])]);
+    assert_eq!(store.raft_meta("last_purged").unwrap(), Some(b"p50".to_vec()));
+}
+
+#[test]
+fn a_torn_log_tail_is_cut_at_open_and_a_corrupt_older_segment_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let rows: Vec<_> = (1..=5u64).map(|i| (i, vec![i as u8; 100])).collect();
+    store.submit_blocking(|done| LogWrite::Append { entries: rows.clone(), done }).unwrap();
+    let (path, end) = store.log_segment_files().pop().unwrap();
+    drop(store);
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[100, 0, 0, 0, 1, 2, 3, 4, 6, 0, 0, 0, 0, 0, 0, 0, 9, 9], end).unwrap();
+    drop(f);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.read_log((std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)).unwrap(), rows);
+    drop(store);
+    // A second segment after the first one makes the damaged one "older": refuse to start.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[0xFF; 4], end - 50).unwrap();
+    drop(f);
+    let next = path.with_file_name(format!("{:020}.seg", 6));
+    std::fs::copy(&path, &next).unwrap();
+    let err = Store::open(dir.path()).err().expect("must refuse to start");
+    assert!(err.0.contains("not the last one") && err.0.contains("entry 5"), "{}", err.0);
+}
+
+/// A data directory of the previous version: the log in redb's LOG table (pieces of at most
+/// `LOG_CHUNK_BYTES`), no `log/` directory.
+fn old_version_data_dir(dir: &std::path::Path, rows: &[(u64, Vec<u8>)]) {
+    let db = redb::Database::create(dir.join(DB_FILE)).unwrap();
+    let txn = db.begin_write().unwrap();
+    tables::create_all_tables(&txn).unwrap();
+    {
+        let mut log = txn.open_table(tables::LOG).unwrap();
+        for (index, bytes) in rows {
+            for (part, piece) in bytes.chunks(tables::LOG_CHUNK_BYTES).enumerate() {
+                log.insert((*index, part as u32), piece).unwrap();
+            }
+        }
+        let mut meta = txn.open_table(tables::RAFT_META).unwrap();
+        meta.insert("vote", &b"v1"[..]).unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+#[test]
+fn a_log_in_the_redb_table_is_moved_into_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = tables::LOG_CHUNK_BYTES * 2 + 7;
+    let rows: Vec<_> = (3..=600u64).map(|i| (i, vec![i as u8; if i == 300 { big } else { 50 }])).collect();
+    old_version_data_dir(dir.path(), &rows);
+    let store = Store::open(dir.path()).unwrap();
+    let all = || store.read_log((std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)).unwrap();
+    assert_eq!(all(), rows);
+    assert_eq!(store.raft_meta("vote").unwrap(), Some(b"v1".to_vec()));
+    {
+        let txn = store.inner.db.begin_read().unwrap();
+        assert!(txn.open_table(tables::LOG).unwrap().is_empty().unwrap(), "the table is emptied");
+    }
+    store.submit_blocking(|done| LogWrite::Append { entries: vec![(601, vec![1])], done }).unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.last_log().unwrap(), Some((601, vec![1])));
+    assert_eq!(store.first_log_index().unwrap(), Some(3));
+    drop(store);
+
+    // A crash after the new log was renamed into place but before the table was emptied: the move
+    // is redone from the table, which is still complete.
+    let dir = tempfile::tempdir().unwrap();
+    old_version_data_dir(dir.path(), &rows);
+    std::fs::create_dir(dir.path().join(LOG_DIR)).unwrap();
+    std::fs::create_dir(dir.path().join(LOG_MIGRATING_DIR)).unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.read_log((std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)).unwrap(), rows);
+    assert!(!dir.path().join(LOG_MIGRATING_DIR).exists());
 }
 
 #[test]

@@ -1,0 +1,859 @@
+//! The Raft log as append-only segment files (a write-ahead log) under `<data>/log/`.
+//!
+//! Why not redb: a durable redb commit writes every page the state's non-durable commits dirtied
+//! since the previous one (tens of 4 KiB pages, each its own pwrite) before its fsync, and its
+//! copy-on-write pages double the bytes written. An append here is one pwrite into a preallocated
+//! file and one fdatasync for everything queued (group commit, see `log`).
+//!
+//! Format. Segment `<first index, 20 digits>.seg` starts with a `SEGMENT_HEADER_BYTES` header
+//! (magic, version, generation, first index, CRC32 of those), then records
+//! `[u32 len][u32 crc32(generation, index, payload)][u64 index][payload]`, little endian, the
+//! indexes contiguous across segments. A new segment is preallocated to `SEGMENT_BYTES`, so an
+//! append does not change the file size (no metadata to journal) and the space after the last
+//! record reads as zeros: a zero length ends the records. The generation is random per segment
+//! and inside every record's CRC, so a record is never taken for one of another segment file.
+//!
+//! Invariants: (1) after the last record of the active (last) segment there are only zeros: a
+//! truncation, and the recovery of a torn tail, cut the file there and preallocate it again; so
+//! stale records can never reappear behind a shorter new one. (2) A segment is fdatasynced before
+//! the next one is created, so after a crash only the last segment can end in a torn record; a
+//! bad record anywhere else, or a hole between segments, is corruption and the log refuses to open
+//! (acknowledged entries are never dropped silently). (3) Segments are created as `.tmp`, synced,
+//! renamed and the directory synced, so a segment file always has its header.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::ops::Bound;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::state::{StoreFault, StoreResult};
+
+/// Bytes preallocated per segment; the active segment rolls over when the next record does not
+/// fit (a record larger than this gets a segment of its own, which then grows past it).
+pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Bytes of a segment's header.
+const SEGMENT_HEADER_BYTES: u64 = 32;
+/// Bytes of a record's header (length, CRC, index).
+const RECORD_HEADER_BYTES: u64 = 16;
+/// Largest payload of a record: an encoded entry is at most one message (bounds what a corrupt
+/// length can make recovery allocate).
+pub const RECORD_PAYLOAD_BYTES_MAX: u64 = crate::config::MESSAGE_BYTES_MAX as u64;
+const SEGMENT_MAGIC: &[u8; 8] = b"PBOXWAL\n";
+const SEGMENT_VERSION: u32 = 1;
+const SEGMENT_SUFFIX: &str = ".seg";
+const TMP_SUFFIX: &str = ".seg.tmp";
+/// Records are gathered into one buffer of up to this many bytes per pwrite.
+const WRITE_BUFFER_BYTES: usize = 1024 * 1024;
+/// A payload at least this long is written straight from the entry instead of being copied.
+const DIRECT_PAYLOAD_BYTES_MIN: usize = 64 * 1024;
+/// Bytes read at a time when recovery scans a segment.
+const SCAN_BUFFER_BYTES: usize = 1024 * 1024;
+
+fn io_fault(what: &str, path: &Path, e: impl std::fmt::Display) -> StoreFault {
+    StoreFault(format!("log {what} {}: {e}", path.display()))
+}
+
+fn crc(generation: u64, index: u64, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&generation.to_le_bytes());
+    h.update(&index.to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+/// A fresh random generation (never 0).
+fn new_generation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    h.write_u128(nanos);
+    h.write_u32(std::process::id());
+    h.finish() | 1
+}
+
+fn segment_header(generation: u64, first: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
+    let mut h = [0u8; SEGMENT_HEADER_BYTES as usize];
+    h[0..8].copy_from_slice(SEGMENT_MAGIC);
+    h[8..12].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+    h[12..20].copy_from_slice(&generation.to_le_bytes());
+    h[20..28].copy_from_slice(&first.to_le_bytes());
+    let c = crc32fast::hash(&h[0..28]);
+    h[28..32].copy_from_slice(&c.to_le_bytes());
+    h
+}
+
+fn record_header(len: u32, crc: u32, index: u64) -> [u8; RECORD_HEADER_BYTES as usize] {
+    let mut h = [0u8; RECORD_HEADER_BYTES as usize];
+    h[0..4].copy_from_slice(&len.to_le_bytes());
+    h[4..8].copy_from_slice(&crc.to_le_bytes());
+    h[8..16].copy_from_slice(&index.to_le_bytes());
+    h
+}
+
+fn parse_record_header(b: &[u8]) -> (u32, u32, u64) {
+    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let mut idx = [0u8; 8];
+    idx.copy_from_slice(&b[8..16]);
+    (u32_at(0), u32_at(4), u64::from_le_bytes(idx))
+}
+
+fn segment_name(first: u64) -> String {
+    format!("{first:020}{SEGMENT_SUFFIX}")
+}
+
+fn sync_dir(dir: &Path) -> StoreResult<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_fault("syncing directory", dir, e))
+}
+
+/// Give `file` `len` bytes of allocated space (zeros) if it is shorter. posix_fallocate, so that
+/// appends inside it change no file size; a plain `set_len` (a sparse file) if the filesystem
+/// cannot preallocate or has not that much room left (the writes themselves then report ENOSPC).
+fn preallocate(file: &File, path: &Path, len: u64) -> StoreResult<()> {
+    match nix::fcntl::posix_fallocate(file, 0, len as libc::off_t) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "log segment: posix_fallocate failed; using a sparse file");
+            let have = file.metadata().map_err(|e| io_fault("stat", path, e))?.len();
+            if have < len {
+                file.set_len(len).map_err(|e| io_fault("extending", path, e))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// One segment file and where its records are.
+struct Segment {
+    /// Index of its first record (also its name).
+    first: u64,
+    path: PathBuf,
+    file: Arc<File>,
+    generation: u64,
+    /// `(offset, payload length)` of entry `first + i` at `i`.
+    records: Vec<(u64, u32)>,
+    /// Where the next record goes.
+    end: u64,
+}
+
+impl Segment {
+    fn next_index(&self) -> u64 {
+        self.first + self.records.len() as u64
+    }
+
+    fn create(dir: &Path, first: u64, segment_bytes: u64) -> StoreResult<Segment> {
+        let path = dir.join(segment_name(first));
+        let tmp = dir.join(format!("{first:020}{TMP_SUFFIX}"));
+        let generation = new_generation();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| io_fault("creating", &tmp, e))?;
+        preallocate(&file, &tmp, segment_bytes)?;
+        file.write_all_at(&segment_header(generation, first), 0).map_err(|e| io_fault("writing", &tmp, e))?;
+        file.sync_all().map_err(|e| io_fault("syncing", &tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| io_fault("renaming", &tmp, e))?;
+        sync_dir(dir)?;
+        Ok(Segment { first, path, file: Arc::new(file), generation, records: Vec::new(), end: SEGMENT_HEADER_BYTES })
+    }
+
+    /// Cut the file at `end` and preallocate it again, so that only zeros follow the last record
+    /// (invariant 1); durable on return.
+    fn cut(&mut self, end: u64, segment_bytes: u64) -> StoreResult<()> {
+        self.file.set_len(end).map_err(|e| io_fault("truncating", &self.path, e))?;
+        preallocate(&self.file, &self.path, segment_bytes)?;
+        self.file.sync_all().map_err(|e| io_fault("syncing", &self.path, e))?;
+        self.end = end;
+        Ok(())
+    }
+
+    /// Read and check the record of `index` (live, in this segment).
+    fn read(&self, index: u64) -> StoreResult<Vec<u8>> {
+        let (off, len) = self.records[(index - self.first) as usize];
+        let mut buf = vec![0u8; RECORD_HEADER_BYTES as usize + len as usize];
+        self.file.read_exact_at(&mut buf, off).map_err(|e| io_fault("reading", &self.path, e))?;
+        let (l, c, i) = parse_record_header(&buf);
+        let payload = buf.split_off(RECORD_HEADER_BYTES as usize);
+        if l != len || i != index || c != crc(self.generation, index, &payload) {
+            return Err(StoreFault(format!(
+                "log segment {}: record of entry {index} at offset {off} fails its check (disk corruption?)",
+                self.path.display()
+            )));
+        }
+        Ok(payload)
+    }
+}
+
+/// Reads a segment sequentially through a buffer (recovery).
+struct Scanner<'a> {
+    file: &'a File,
+    file_len: u64,
+    buf: Vec<u8>,
+    buf_off: u64,
+}
+
+impl Scanner<'_> {
+    /// `len` bytes at `off`, or None if the file ends first.
+    fn bytes(&mut self, off: u64, len: usize) -> std::io::Result<Option<&[u8]>> {
+        if off + len as u64 > self.file_len {
+            return Ok(None);
+        }
+        let have = off >= self.buf_off && off + len as u64 <= self.buf_off + self.buf.len() as u64;
+        if !have {
+            let want = (len.max(SCAN_BUFFER_BYTES) as u64).min(self.file_len - off) as usize;
+            self.buf.resize(want, 0);
+            self.file.read_exact_at(&mut self.buf, off)?;
+            self.buf_off = off;
+        }
+        let start = (off - self.buf_off) as usize;
+        Ok(Some(&self.buf[start..start + len]))
+    }
+}
+
+/// How the record scan of one segment ended.
+enum ScanEnd {
+    /// Zeros or the end of the file: a clean end.
+    Clean,
+    /// A record that is not valid (torn, corrupt, or not the next index): the reason.
+    Bad(String),
+}
+
+/// Open an existing segment: check its header, find its records.
+fn scan_segment(path: &Path, first: u64) -> StoreResult<(Segment, ScanEnd)> {
+    let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| io_fault("opening", path, e))?;
+    let file_len = file.metadata().map_err(|e| io_fault("stat", path, e))?.len();
+    let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
+    let bad_header = |why: &str| StoreFault(format!("log segment {}: {why}; refusing to start", path.display()));
+    if file_len < SEGMENT_HEADER_BYTES {
+        return Err(bad_header("shorter than its header"));
+    }
+    file.read_exact_at(&mut header, 0).map_err(|e| io_fault("reading", path, e))?;
+    if &header[0..8] != SEGMENT_MAGIC {
+        return Err(bad_header("not a log segment (bad magic)"));
+    }
+    if crc32fast::hash(&header[0..28]).to_le_bytes() != header[28..32] {
+        return Err(bad_header("header fails its check"));
+    }
+    let u64_at = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&header[i..i + 8]);
+        u64::from_le_bytes(b)
+    };
+    let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    if version != SEGMENT_VERSION {
+        return Err(bad_header(&format!("version {version}, this build reads {SEGMENT_VERSION}")));
+    }
+    let generation = u64_at(12);
+    if u64_at(20) != first {
+        return Err(bad_header(&format!("header says first index {}, name says {first}", u64_at(20))));
+    }
+    let mut seg = Segment {
+        first,
+        path: path.to_path_buf(),
+        file: Arc::new(file),
+        generation,
+        records: Vec::new(),
+        end: SEGMENT_HEADER_BYTES,
+    };
+    let file = seg.file.clone();
+    let mut sc = Scanner { file: &file, file_len, buf: Vec::new(), buf_off: 0 };
+    let end = loop {
+        let off = seg.end;
+        let index = seg.next_index();
+        let read = |e| io_fault("reading", path, e);
+        let Some(h) = sc.bytes(off, RECORD_HEADER_BYTES as usize).map_err(read)? else { break ScanEnd::Clean };
+        let (len, c, i) = parse_record_header(h);
+        if len == 0 {
+            break ScanEnd::Clean;
+        }
+        if len as u64 > RECORD_PAYLOAD_BYTES_MAX {
+            break ScanEnd::Bad(format!("record length {len} at offset {off} is over the limit"));
+        }
+        if i != index {
+            break ScanEnd::Bad(format!("record at offset {off} has index {i}, expected {index}"));
+        }
+        let Some(payload) = sc.bytes(off + RECORD_HEADER_BYTES, len as usize).map_err(read)? else {
+            break ScanEnd::Bad(format!("record of entry {index} at offset {off} is cut short by the end of the file"));
+        };
+        if crc(generation, i, payload) != c {
+            break ScanEnd::Bad(format!("record of entry {index} at offset {off} fails its check"));
+        }
+        seg.records.push((off, len));
+        seg.end = off + RECORD_HEADER_BYTES + len as u64;
+    };
+    Ok((seg, end))
+}
+
+/// What readers and the writer share.
+struct State {
+    /// In index order; contiguous: each segment's `first` is the previous one's `next_index()`.
+    segments: VecDeque<Segment>,
+    /// The lowest live index: entries below it are purged (the first segment may still hold some).
+    start: u64,
+}
+
+impl State {
+    /// The index the next append continues at, if there is any segment.
+    fn next_index(&self) -> Option<u64> {
+        self.segments.back().map(|s| s.next_index())
+    }
+
+    /// Live indexes `[lo, hi)`.
+    fn live(&self) -> Option<(u64, u64)> {
+        let lo = self.start.max(self.segments.front()?.first);
+        let hi = self.next_index()?;
+        (lo < hi).then_some((lo, hi))
+    }
+
+    fn segment_of(&self, index: u64) -> &Segment {
+        let i = self.segments.partition_point(|s| s.first <= index) - 1;
+        &self.segments[i]
+    }
+}
+
+/// The log. One writer (the log writer thread) calls `append`/`sync`/`truncate`/`purge`; any
+/// thread reads.
+pub(super) struct Wal {
+    dir: PathBuf,
+    /// `SEGMENT_BYTES` (smaller in tests).
+    segment_bytes: u64,
+    state: RwLock<State>,
+    /// The active segment has writes not yet fdatasynced.
+    dirty: AtomicBool,
+}
+
+impl Wal {
+    /// Open (or create) the log in `dir`. Entries up to `purged_upto` are purged (a purge that a
+    /// crash interrupted is finished). A torn record at the end of the last segment is cut
+    /// (it was never acknowledged); any other damage is a `StoreFault`.
+    pub fn open(dir: &Path, purged_upto: Option<u64>) -> StoreResult<Wal> {
+        Wal::open_with(dir, purged_upto, SEGMENT_BYTES)
+    }
+
+    fn open_with(dir: &Path, purged_upto: Option<u64>, segment_bytes: u64) -> StoreResult<Wal> {
+        std::fs::create_dir_all(dir).map_err(|e| io_fault("creating", dir, e))?;
+        let mut names = Vec::new();
+        for ent in std::fs::read_dir(dir).map_err(|e| io_fault("listing", dir, e))? {
+            let ent = ent.map_err(|e| io_fault("listing", dir, e))?;
+            let name = ent.file_name().to_string_lossy().into_owned();
+            if name.ends_with(TMP_SUFFIX) {
+                // A segment whose creation a crash interrupted: it never held a record.
+                std::fs::remove_file(ent.path()).map_err(|e| io_fault("removing", &ent.path(), e))?;
+                continue;
+            }
+            let first = name.strip_suffix(SEGMENT_SUFFIX).filter(|n| n.len() == 20).and_then(|n| n.parse::<u64>().ok());
+            match first {
+                Some(first) => names.push((first, ent.path())),
+                None => tracing::warn!(file = %ent.path().display(), "unexpected file in the log directory; ignored"),
+            }
+        }
+        names.sort();
+        let mut segments: VecDeque<Segment> = VecDeque::new();
+        let count = names.len();
+        for (k, (first, path)) in names.into_iter().enumerate() {
+            let last = k + 1 == count;
+            if let Some(prev) = segments.back() {
+                if prev.next_index() != first {
+                    return Err(StoreFault(format!(
+                        "log: segment {} ends before entry {}, the next segment starts at {first}: entries are missing; refusing to start",
+                        prev.path.display(),
+                        prev.next_index()
+                    )));
+                }
+            }
+            let (mut seg, end) = scan_segment(&path, first)?;
+            if let ScanEnd::Bad(why) = end {
+                if !last {
+                    return Err(StoreFault(format!(
+                        "log segment {} (not the last one): {why}; refusing to start",
+                        path.display()
+                    )));
+                }
+                // The normal crash case: this write was never acknowledged.
+                tracing::warn!(segment = %path.display(), index = seg.next_index(), reason = %why, "log: cutting a torn tail");
+            }
+            if last {
+                // Zeros after the last record (invariant 1), whatever a crash left there.
+                let end = seg.end;
+                seg.cut(end, segment_bytes)?;
+            }
+            segments.push_back(seg);
+        }
+        let start = match (purged_upto, segments.front()) {
+            (Some(p), _) => p + 1,
+            (None, Some(s)) => s.first,
+            (None, None) => 0,
+        };
+        let wal = Wal {
+            dir: dir.to_path_buf(),
+            segment_bytes,
+            state: RwLock::new(State { segments, start }),
+            dirty: AtomicBool::new(false),
+        };
+        // Finish a purge a crash interrupted.
+        {
+            let mut st = wal.write();
+            wal.drop_purged(&mut st)?;
+        }
+        Ok(wal)
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Append entries (contiguous indexes). An index at or below the last one truncates from
+    /// there first (openraft overwrites conflicting entries); into an empty log any index goes.
+    /// (openraft never appends below its purge point; its storage suite does, and gets the
+    /// entries back until the next open, which hides them behind the purge mark.) Not durable
+    /// until `sync`.
+    pub fn append(&self, entries: &[(u64, Vec<u8>)]) -> StoreResult<()> {
+        let Some(&(first_index, _)) = entries.first() else { return Ok(()) };
+        for w in entries.windows(2) {
+            if w[1].0 != w[0].0 + 1 {
+                return Err(StoreFault(format!("log append: index {} follows {}", w[1].0, w[0].0)));
+            }
+        }
+        for (index, payload) in entries {
+            if payload.is_empty() || payload.len() as u64 > RECORD_PAYLOAD_BYTES_MAX {
+                return Err(StoreFault(format!("log append: entry {index} has {} bytes", payload.len())));
+            }
+        }
+        let live = self.read().live();
+        match live {
+            Some((_, hi)) if first_index < hi => self.truncate(first_index)?,
+            Some((_, hi)) if first_index > hi => {
+                return Err(StoreFault(format!("log append: entry {first_index} would leave a hole after {}", hi - 1)))
+            }
+            _ => {}
+        }
+        let mut st = self.write();
+        if (st.live().is_none() && st.next_index() != Some(first_index)) || first_index < st.start {
+            // Only purged entries (or none) are left: start afresh at this index.
+            while let Some(seg) = st.segments.pop_front() {
+                std::fs::remove_file(&seg.path).map_err(|e| io_fault("removing", &seg.path, e))?;
+            }
+            st.segments.push_back(Segment::create(&self.dir, first_index, self.segment_bytes)?);
+            st.start = first_index;
+        }
+        let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUFFER_BYTES.min(entries.iter().map(|e| e.1.len() + 16).sum()));
+        let mut buf_at = st.segments.back().map(|s| s.end).unwrap_or(SEGMENT_HEADER_BYTES);
+        for (index, payload) in entries {
+            let rec = RECORD_HEADER_BYTES + payload.len() as u64;
+            let seg = st.segments.back_mut().ok_or_else(|| StoreFault("log append: no active segment".into()))?;
+            if seg.end + rec > self.segment_bytes && !seg.records.is_empty() {
+                // Roll over. The full segment is synced first (invariant 2).
+                flush(seg, &mut buf, buf_at)?;
+                seg.file.sync_data().map_err(|e| io_fault("syncing", &seg.path, e))?;
+                let next = Segment::create(&self.dir, *index, self.segment_bytes)?;
+                buf_at = next.end;
+                st.segments.push_back(next);
+            }
+            let seg = st.segments.back_mut().ok_or_else(|| StoreFault("log append: no active segment".into()))?;
+            let header = record_header(payload.len() as u32, crc(seg.generation, *index, payload), *index);
+            buf.extend_from_slice(&header);
+            if payload.len() >= DIRECT_PAYLOAD_BYTES_MIN {
+                flush(seg, &mut buf, buf_at)?;
+                let at = seg.end + RECORD_HEADER_BYTES;
+                seg.file.write_all_at(payload, at).map_err(|e| io_fault("writing", &seg.path, e))?;
+                buf_at = at + payload.len() as u64;
+            } else {
+                buf.extend_from_slice(payload);
+            }
+            seg.records.push((seg.end, payload.len() as u32));
+            seg.end += rec;
+            if buf.len() >= WRITE_BUFFER_BYTES {
+                flush(seg, &mut buf, buf_at)?;
+                buf_at = seg.end;
+            }
+        }
+        if let Some(seg) = st.segments.back() {
+            flush(seg, &mut buf, buf_at)?;
+        }
+        self.dirty.store(true, Ordering::Release);
+        return Ok(());
+
+        /// Write the gathered records at `at` (where the first of them goes).
+        fn flush(seg: &Segment, buf: &mut Vec<u8>, at: u64) -> StoreResult<()> {
+            if !buf.is_empty() {
+                seg.file.write_all_at(buf, at).map_err(|e| io_fault("writing", &seg.path, e))?;
+                buf.clear();
+            }
+            Ok(())
+        }
+    }
+
+    /// Make every append so far durable (one fdatasync; nothing if there is nothing new).
+    /// Whether it synced.
+    pub fn sync(&self) -> StoreResult<bool> {
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(false);
+        }
+        let active = self.read().segments.back().map(|s| (s.file.clone(), s.path.clone()));
+        if let Some((file, path)) = active {
+            if let Err(e) = file.sync_data() {
+                self.dirty.store(true, Ordering::Release);
+                return Err(io_fault("syncing", &path, e));
+            }
+        }
+        Ok(true)
+    }
+
+    /// Delete entries with index >= `from`; durable on return.
+    pub fn truncate(&self, from: u64) -> StoreResult<()> {
+        let mut st = self.write();
+        let Some(next) = st.next_index() else { return Ok(()) };
+        if from >= next {
+            return Ok(());
+        }
+        // Newest first, so a crash leaves a contiguous prefix.
+        let mut removed = false;
+        while st.segments.back().is_some_and(|s| s.first >= from) {
+            if let Some(seg) = st.segments.pop_back() {
+                std::fs::remove_file(&seg.path).map_err(|e| io_fault("removing", &seg.path, e))?;
+                removed = true;
+            }
+        }
+        if removed {
+            sync_dir(&self.dir)?;
+        }
+        if let Some(seg) = st.segments.back_mut() {
+            if from < seg.next_index() {
+                let keep = (from - seg.first) as usize;
+                let off = seg.records[keep].0;
+                seg.records.truncate(keep);
+                seg.cut(off, self.segment_bytes)?;
+            }
+        }
+        // Whatever was not yet synced is either gone or synced by the cut.
+        self.dirty.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Purge entries with index <= `upto`: whole segments go once all their entries are purged.
+    /// `upto` may lie beyond the last entry (after a snapshot install): then every segment goes,
+    /// and the next append starts a fresh segment at its own index.
+    pub fn purge(&self, upto: u64) -> StoreResult<()> {
+        let mut st = self.write();
+        st.start = st.start.max(upto.saturating_add(1));
+        self.drop_purged(&mut st)
+    }
+
+    /// Delete the segments that hold only purged entries (oldest first: a crash leaves a suffix).
+    fn drop_purged(&self, st: &mut State) -> StoreResult<()> {
+        let mut removed = false;
+        while st.segments.front().is_some_and(|s| s.next_index() <= st.start) {
+            if let Some(seg) = st.segments.pop_front() {
+                std::fs::remove_file(&seg.path).map_err(|e| io_fault("removing", &seg.path, e))?;
+                removed = true;
+            }
+        }
+        if st.segments.is_empty() {
+            self.dirty.store(false, Ordering::Release);
+        }
+        if removed {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Live entries in `range`, in order.
+    pub fn read_range(&self, range: (Bound<u64>, Bound<u64>)) -> StoreResult<Vec<(u64, Vec<u8>)>> {
+        let st = self.read();
+        let Some((lo, hi)) = st.live() else { return Ok(Vec::new()) };
+        let a = match range.0 {
+            Bound::Included(a) => a,
+            Bound::Excluded(a) => a.saturating_add(1),
+            Bound::Unbounded => 0,
+        }
+        .max(lo);
+        let b = match range.1 {
+            Bound::Included(b) => b.saturating_add(1),
+            Bound::Excluded(b) => b,
+            Bound::Unbounded => u64::MAX,
+        }
+        .min(hi);
+        let mut out = Vec::with_capacity(b.saturating_sub(a).min(1024) as usize);
+        for index in a..b {
+            out.push((index, st.segment_of(index).read(index)?));
+        }
+        Ok(out)
+    }
+
+    /// The last live entry.
+    pub fn last(&self) -> StoreResult<Option<(u64, Vec<u8>)>> {
+        let st = self.read();
+        let Some((_, hi)) = st.live() else { return Ok(None) };
+        Ok(Some((hi - 1, st.segment_of(hi - 1).read(hi - 1)?)))
+    }
+
+    /// The first live index.
+    pub fn first_index(&self) -> Option<u64> {
+        self.read().live().map(|(lo, _)| lo)
+    }
+
+    /// `(path, end of the last record)` of every segment (tests corrupt them).
+    #[cfg(test)]
+    pub fn segment_files(&self) -> Vec<(PathBuf, u64)> {
+        self.read().segments.iter().map(|s| (s.path.clone(), s.end)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ops::Bound::{Excluded, Included, Unbounded};
+
+    /// Small segments, so a few entries roll over.
+    const TEST_SEGMENT_BYTES: u64 = 4096;
+
+    fn open(dir: &Path, purged: Option<u64>) -> Wal {
+        Wal::open_with(dir, purged, TEST_SEGMENT_BYTES).unwrap()
+    }
+
+    fn entry(i: u64, len: usize) -> Vec<u8> {
+        (0..len).map(|j| (j as u64 * 7 + i) as u8).collect()
+    }
+
+    fn rows(range: std::ops::RangeInclusive<u64>, len: usize) -> Vec<(u64, Vec<u8>)> {
+        range.map(|i| (i, entry(i, len))).collect()
+    }
+
+    fn all(w: &Wal) -> Vec<(u64, Vec<u8>)> {
+        w.read_range((Unbounded, Unbounded)).unwrap()
+    }
+
+    fn indexes(w: &Wal) -> Vec<u64> {
+        all(w).into_iter().map(|(i, _)| i).collect()
+    }
+
+    fn segment_count(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(SEGMENT_SUFFIX))
+            .count()
+    }
+
+    #[test]
+    fn append_and_read_across_segments_and_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let w = open(d.path(), None);
+        assert_eq!(w.last().unwrap(), None);
+        assert_eq!(w.first_index(), None);
+        // 1000-byte entries: 4 per 4 KiB segment; one entry larger than a segment.
+        let mut want = rows(1..=10, 1000);
+        want.push((11, entry(11, 10_000)));
+        want.extend(rows(12..=20, 300));
+        w.append(&want[..5]).unwrap();
+        w.append(&want[5..]).unwrap();
+        assert!(w.sync().unwrap());
+        assert!(segment_count(d.path()) >= 4, "rolled over: {}", segment_count(d.path()));
+        assert_eq!(all(&w), want);
+        assert_eq!(w.read_range((Included(3), Excluded(12))).unwrap(), want[2..11].to_vec());
+        assert_eq!(w.read_range((Excluded(10), Included(12))).unwrap(), want[10..12].to_vec());
+        assert_eq!(w.last().unwrap(), Some(want[19].clone()));
+        drop(w);
+        let w = open(d.path(), None);
+        assert_eq!(all(&w), want);
+        assert_eq!(w.first_index(), Some(1));
+        // Appends go on after a reopen.
+        w.append(&rows(21..=22, 5)).unwrap();
+        w.sync().unwrap();
+        assert_eq!(w.last().unwrap().unwrap().0, 22);
+    }
+
+    #[test]
+    fn bad_appends_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let w = open(d.path(), None);
+        w.append(&rows(5..=6, 10)).unwrap();
+        assert!(w.append(&rows(8..=8, 10)).is_err(), "a hole");
+        assert!(w.append(&[(7, vec![1]), (9, vec![1])]).is_err(), "not contiguous");
+        assert!(w.append(&[(7, Vec::new())]).is_err(), "empty entry");
+        assert_eq!(indexes(&w), vec![5, 6]);
+    }
+
+    #[test]
+    fn truncate_then_append_and_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let w = open(d.path(), None);
+        w.append(&rows(1..=20, 1000)).unwrap();
+        w.sync().unwrap();
+        // Into an earlier segment.
+        w.truncate(10).unwrap();
+        assert_eq!(indexes(&w), (1..=9).collect::<Vec<_>>());
+        // An append at or below the last index overwrites from there, with shorter entries (the
+        // old records behind them must never come back).
+        w.append(&rows(8..=9, 10)).unwrap();
+        w.sync().unwrap();
+        let mut want = rows(1..=7, 1000);
+        want.extend(rows(8..=9, 10));
+        assert_eq!(all(&w), want);
+        drop(w);
+        let w = open(d.path(), None);
+        assert_eq!(all(&w), want);
+        // At a segment's first entry, and everything.
+        w.truncate(5).unwrap();
+        assert_eq!(indexes(&w), vec![1, 2, 3, 4]);
+        w.truncate(1).unwrap();
+        assert_eq!(all(&w), vec![]);
+        w.append(&rows(1..=3, 7)).unwrap();
+        w.sync().unwrap();
+        drop(w);
+        let w = open(d.path(), None);
+        assert_eq!(all(&w), rows(1..=3, 7));
+    }
+
+    #[test]
+    fn purge_partial_and_beyond_the_end() {
+        let d = tempfile::tempdir().unwrap();
+        let w = open(d.path(), None);
+        w.append(&rows(1..=20, 1000)).unwrap();
+        w.sync().unwrap();
+        let before = segment_count(d.path());
+        w.purge(6).unwrap();
+        assert_eq!(w.first_index(), Some(7));
+        assert_eq!(indexes(&w), (7..=20).collect::<Vec<_>>());
+        assert!(segment_count(d.path()) < before, "whole segments deleted");
+        drop(w);
+        // Reopened with the purge mark: entries 5 and 6 may still be in a file, never visible.
+        let w = open(d.path(), Some(6));
+        assert_eq!(indexes(&w), (7..=20).collect::<Vec<_>>());
+        // Beyond the last entry (a snapshot install): all goes, the next append starts there.
+        w.purge(100).unwrap();
+        assert_eq!(w.first_index(), None);
+        assert_eq!(w.last().unwrap(), None);
+        assert_eq!(segment_count(d.path()), 0);
+        w.append(&rows(101..=103, 10)).unwrap();
+        w.sync().unwrap();
+        drop(w);
+        let w = open(d.path(), Some(100));
+        assert_eq!(all(&w), rows(101..=103, 10));
+        // A purge a crash interrupted (mark written, segments still there) is finished at open.
+        w.append(&rows(104..=120, 1000)).unwrap();
+        w.sync().unwrap();
+        let before = segment_count(d.path());
+        drop(w);
+        let w = open(d.path(), Some(115));
+        assert_eq!(indexes(&w), (116..=120).collect::<Vec<_>>());
+        assert!(segment_count(d.path()) < before);
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_earlier_entries_survive() {
+        let d = tempfile::tempdir().unwrap();
+        let w = open(d.path(), None);
+        w.append(&rows(1..=9, 300)).unwrap();
+        w.sync().unwrap();
+        let (path, end) = w.segment_files().pop().unwrap();
+        drop(w);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        // Half a record for entry 10 (header says 300 bytes, 100 written), then garbage.
+        let half = [&record_header(300, 12345, 10)[..], &[0xAB; 100]].concat();
+        f.write_all_at(&half, end).unwrap();
+        drop(f);
+        let w = open(d.path(), None);
+        assert_eq!(all(&w), rows(1..=9, 300));
+        // The tail is gone for good: a shorter entry 10 is not followed by anything stale.
+        w.append(&rows(10..=10, 20)).unwrap();
+        w.sync().unwrap();
+        drop(w);
+        let w = open(d.path(), None);
+        let mut want = rows(1..=9, 300);
+        want.push((10, entry(10, 20)));
+        assert_eq!(all(&w), want);
+
+        // Pure garbage after the last record.
+        let (path, end) = w.segment_files().pop().unwrap();
+        drop(w);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0xFF; 64], end).unwrap();
+        drop(f);
+        let w = open(d.path(), None);
+        assert_eq!(all(&w), want);
+    }
+
+    #[test]
+    fn a_torn_record_inside_the_last_segment_drops_only_what_follows() {
+        let d = tempfile::tempdir().unwrap();
+        let w = open(d.path(), None);
+        w.append(&rows(1..=3, 200)).unwrap();
+        w.sync().unwrap();
+        let (path, _) = w.segment_files().pop().unwrap();
+        drop(w);
+        // Flip a payload byte of entry 2: entries 2 and 3 were "never acknowledged".
+        let f = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let off = SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 200 + RECORD_HEADER_BYTES + 5;
+        f.write_all_at(&[0x5A ^ entry(2, 200)[5]], off).unwrap();
+        drop(f);
+        let w = open(d.path(), None);
+        assert_eq!(indexes(&w), vec![1]);
+    }
+
+    #[test]
+    fn corrupt_record_in_an_older_segment_refuses_to_open() {
+        let d = tempfile::tempdir().unwrap();
+        let w = open(d.path(), None);
+        w.append(&rows(1..=20, 1000)).unwrap();
+        w.sync().unwrap();
+        let files = w.segment_files();
+        assert!(files.len() >= 3);
+        drop(w);
+        let f = OpenOptions::new().read(true).write(true).open(&files[0].0).unwrap();
+        f.write_all_at(&[0xEE; 8], SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 1000 + RECORD_HEADER_BYTES + 10).unwrap();
+        drop(f);
+        let err = Wal::open_with(d.path(), None, TEST_SEGMENT_BYTES).err().expect("must refuse");
+        assert!(err.0.contains("not the last one") && err.0.contains("refusing to start"), "{}", err.0);
+        assert!(err.0.contains("entry 2"), "names the entry: {}", err.0);
+
+        // A missing middle segment is a hole.
+        let d = tempfile::tempdir().unwrap();
+        let w = open(d.path(), None);
+        w.append(&rows(1..=20, 1000)).unwrap();
+        w.sync().unwrap();
+        let files = w.segment_files();
+        drop(w);
+        std::fs::remove_file(&files[1].0).unwrap();
+        let err = Wal::open_with(d.path(), None, TEST_SEGMENT_BYTES).err().expect("must refuse");
+        assert!(err.0.contains("missing"), "{}", err.0);
+
+        // A corrupt length never allocates beyond the limit; in the last segment it is a torn tail.
+        let d = tempfile::tempdir().unwrap();
+        let w = open(d.path(), None);
+        w.append(&rows(1..=2, 100)).unwrap();
+        w.sync().unwrap();
+        let (path, _) = w.segment_files().pop().unwrap();
+        drop(w);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&u32::MAX.to_le_bytes(), SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 100).unwrap();
+        drop(f);
+        let w = open(d.path(), None);
+        assert_eq!(indexes(&w), vec![1]);
+    }
+
+    #[test]
+    fn records_of_another_generation_are_not_taken() {
+        // A valid record copied from another segment file fails the generation check.
+        let d = tempfile::tempdir().unwrap();
+        let w = open(d.path(), None);
+        w.append(&rows(1..=1, 100)).unwrap();
+        w.sync().unwrap();
+        let (path, end) = w.segment_files().pop().unwrap();
+        drop(w);
+        let other = [&record_header(100, crc(12345, 2, &entry(2, 100)), 2)[..], &entry(2, 100)].concat();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&other, end).unwrap();
+        drop(f);
+        let w = open(d.path(), None);
+        assert_eq!(indexes(&w), vec![1]);
+    }
+}
