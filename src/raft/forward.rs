@@ -105,7 +105,9 @@ impl Replica {
     async fn call_leader(&self, leader: NodeId, addr: &str, kind: RpcKind, body: Vec<u8>, deadline: Instant) -> LeaderCall {
         let call = self.transport.call(leader, addr, kind, body);
         tokio::pin!(call);
-        let mut metrics = self.raft.metrics();
+        // The server metrics carry the leader and change rarely (the full metrics change several
+        // times per write, and each change would poll this select).
+        let mut metrics = self.raft.server_metrics();
         loop {
             tokio::select! {
                 r = &mut call => {
@@ -130,7 +132,8 @@ impl Replica {
 
     /// The leader this node knows of and its address from the membership.
     fn leader(&self) -> Option<(NodeId, String)> {
-        let m = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.server_metrics();
+        let m = metrics.borrow();
         let leader = m.current_leader?;
         let addr = m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone()).unwrap_or_default();
         Some((leader, addr))
@@ -416,13 +419,44 @@ pub const LEADER_LEASE_MS: u64 = super::ELECTION_TIMEOUT_MIN_MS / 2;
 
 /// Keeps `ReadRounds::quorum_acked` current: openraft reports "milliseconds since a quorum
 /// acknowledged the leader" in its metrics, computed when the metrics were sent; this turns it
-/// into an instant as soon as each report arrives.
-pub(super) async fn track_lease(replica: std::sync::Weak<Replica>, mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, openraft::BasicNode>>) {
-    while metrics.changed().await.is_ok() {
-        let Some(r) = replica.upgrade() else { return };
-        let ms = metrics.borrow().millis_since_quorum_ack;
-        let at = ms.and_then(|ms| std::time::Instant::now().checked_sub(Duration::from_millis(ms)));
-        *r.reads.quorum_acked.lock().unwrap_or_else(|e| e.into_inner()) = at;
+/// into an instant as soon as each report arrives. Only while this node leads a cluster with other
+/// voters (the only case that reads the lease): otherwise it waits on the server metrics (vote,
+/// leader, membership), which change rarely, rather than being woken by every metrics report
+/// (several per write).
+pub(super) async fn track_lease(
+    replica: std::sync::Weak<Replica>,
+    mut server: tokio::sync::watch::Receiver<openraft::metrics::RaftServerMetrics<NodeId, openraft::BasicNode>>,
+    mut data: tokio::sync::watch::Receiver<openraft::metrics::RaftDataMetrics<NodeId>>,
+) {
+    loop {
+        let leads_others = {
+            let s = server.borrow_and_update();
+            let mut voters = s.membership_config.membership().voter_ids();
+            let sole = voters.next() == Some(s.id) && voters.next().is_none();
+            s.state == openraft::ServerState::Leader && s.current_leader == Some(s.id) && !sole
+        };
+        if !leads_others {
+            match replica.upgrade() {
+                Some(r) => *r.reads.quorum_acked.lock().unwrap_or_else(|e| e.into_inner()) = None,
+                None => return,
+            }
+            if server.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        tokio::select! {
+            changed = server.changed() => if changed.is_err() { return },
+            changed = data.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let Some(r) = replica.upgrade() else { return };
+                let ms = data.borrow_and_update().millis_since_quorum_ack;
+                let at = ms.and_then(|ms| std::time::Instant::now().checked_sub(Duration::from_millis(ms)));
+                *r.reads.quorum_acked.lock().unwrap_or_else(|e| e.into_inner()) = at;
+            }
+        }
     }
 }
 

@@ -398,7 +398,11 @@ impl Replica {
         });
         let batcher = tokio::spawn(batcher(Arc::downgrade(&replica), rx));
         replica.push_task(batcher);
-        let lease = tokio::spawn(forward::track_lease(Arc::downgrade(&replica), replica.raft.metrics()));
+        let lease = tokio::spawn(forward::track_lease(
+            Arc::downgrade(&replica),
+            replica.raft.server_metrics(),
+            replica.raft.data_metrics(),
+        ));
         replica.push_task(lease);
         Ok((replica, bytes_appended))
     }
@@ -613,14 +617,23 @@ impl Replica {
     /// `shutdown` stops Raft on purpose, so while the node serves, any stop is a failure: the
     /// node must stop too, even when no local request failed.
     pub async fn raft_stopped(&self) -> String {
-        let mut rx = self.raft.metrics();
+        // Waits on the server metrics (vote, leader, membership: they change rarely), not on the
+        // full metrics, which openraft sends after every pass of its loop (several per write):
+        // a waiter there is woken, on another thread, several times per write. Raft's core holds
+        // the only sender of the server metrics and drops it when it stops, for whatever reason,
+        // after it has put the reason into the full metrics.
+        let mut server = self.raft.server_metrics();
         loop {
-            if let Err(e) = &rx.borrow().running_state {
+            if let Err(e) = &self.raft.metrics().borrow().running_state {
                 return e.to_string();
             }
-            if rx.changed().await.is_err() {
-                return "the Raft task ended".into();
+            if server.changed().await.is_err() {
+                break;
             }
+        }
+        match &self.raft.metrics().borrow().running_state {
+            Err(e) => e.to_string(),
+            Ok(()) => "the Raft task ended".into(),
         }
     }
 
@@ -856,7 +869,7 @@ async fn batcher(replica: Weak<Replica>, mut rx: tokio::sync::mpsc::Receiver<Pen
         next_id += 1;
         in_flight.insert(id, InFlight { in_order: in_order.clone() });
         let (my_done, next_prev) = tokio::sync::oneshot::channel();
-        let after = std::mem::replace(&mut prev_done, Some(next_prev));
+        let after = prev_done.replace(next_prev);
         let done_tx = done_tx.clone();
         tokio::spawn(async move {
             let order = forward::Order { first, after, in_order };

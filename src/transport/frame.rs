@@ -12,9 +12,10 @@ use crate::raft::network::RpcKind;
 
 /// First byte of every request: tells a pickbox frame from random bytes.
 pub const MAGIC: u8 = 0xB7;
-/// Framing version; a peer speaking another version is refused (2: the header declares the body
-/// length).
-pub const VERSION: u8 = 2;
+/// Protocol version; a peer speaking another version is refused (2: the header declares the body
+/// length; 3: removals carry the inode they expect, `expect_closed`, so the bodies of Raft and
+/// forward RPCs of version 2 no longer decode the same).
+pub const VERSION: u8 = 3;
 /// Bytes before the body of a request.
 pub const REQUEST_HEADER_BYTES: usize = 7;
 /// Bytes before the payload of a reply.
