@@ -86,7 +86,13 @@ pub enum Op {
     /// otherwise (`None`, or another inode is under the name now: a rename from another node got
     /// in first) the origin may hold the removed inode open and must release it like any node.
     /// Returns the removed inode as it is afterwards.
-    Unlink { parent: Ino, #[serde(with = "serde_bytes")] name: Vec<u8>, expect_closed: Option<Ino> },
+    Unlink {
+        parent: Ino,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        #[serde(with = "expect_closed_wire")]
+        expect_closed: Option<Ino>,
+    },
     /// Remove an empty directory.
     Rmdir { parent: Ino, #[serde(with = "serde_bytes")] name: Vec<u8> },
     /// Rename; `expect_closed` as for Unlink, about a replaced target (which it returns, if any).
@@ -98,6 +104,7 @@ pub enum Op {
         #[serde(with = "serde_bytes")]
         new_name: Vec<u8>,
         flags: RenameFlags,
+        #[serde(with = "expect_closed_wire")]
         expect_closed: Option<Ino>,
     },
     /// Change attributes (chmod, chown, truncate, utimens). A chown by a non-root caller, or of a
@@ -123,6 +130,43 @@ pub enum Op {
     RemoveXattr { ino: Ino, #[serde(with = "serde_bytes")] name: Vec<u8> },
     /// The origin node no longer holds the orphan `ino` open.
     Release { ino: Ino },
+}
+
+/// How `expect_closed` is encoded, so that log entries written before it existed still decode
+/// (a data dir of the previous version keeps its log; see `store::wal`'s upgrade). The field
+/// replaced `origin_open: bool`, one byte 0 or 1 in the log; an enum's variant index is one byte
+/// too, so variants 0 and 1 are the old values and 2 carries the inode. Both old values decode to
+/// `None`, which keeps the origin among the nodes that must release the inode: for the old
+/// `false` more cautious than it was (the origin releases it at its next start, where it holds
+/// nothing open), never less.
+mod expect_closed_wire {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Ino;
+
+    #[derive(Serialize, Deserialize)]
+    enum Wire {
+        /// `origin_open: false` of the previous version.
+        LegacyNotOpen,
+        /// `origin_open: true` of the previous version, and `None` now.
+        MayBeOpen,
+        Closed(Ino),
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<Ino>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            None => Wire::MayBeOpen,
+            Some(ino) => Wire::Closed(*ino),
+        }
+        .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ino>, D::Error> {
+        Ok(match Wire::deserialize(d)? {
+            Wire::LegacyNotOpen | Wire::MayBeOpen => None,
+            Wire::Closed(ino) => Some(ino),
+        })
+    }
 }
 
 impl Op {

@@ -935,3 +935,56 @@ fn a_corrupt_block_reads_as_eio_and_the_rest_still_reads() {
     put(&head, &tail);
     assert_eq!(read_range(&store.read().unwrap(), &file, 0, 5 * BLOCK_BYTES).unwrap(), Ok(flat));
 }
+
+/// Log entries of the previous version (`origin_open: bool` where `expect_closed` is now) still
+/// decode: a data dir upgraded in place keeps its log (`wal`'s upgrade moves it), and openraft
+/// reads its last entry at start.
+#[test]
+fn removals_of_the_previous_log_format_still_decode() {
+    use crate::state::{Op, RenameFlags};
+    #[derive(serde::Serialize)]
+    #[allow(dead_code)]
+    enum LegacyOp {
+        Init,
+        RegisterNode,
+        UnregisterNode,
+        MakeNode,
+        Symlink,
+        Link,
+        Unlink { parent: u64, #[serde(with = "serde_bytes")] name: Vec<u8>, origin_open: bool },
+        Rmdir,
+        Rename {
+            parent: u64,
+            #[serde(with = "serde_bytes")]
+            name: Vec<u8>,
+            new_parent: u64,
+            #[serde(with = "serde_bytes")]
+            new_name: Vec<u8>,
+            flags: RenameFlags,
+            origin_open: bool,
+        },
+    }
+    for origin_open in [false, true] {
+        let old = codec::encode(&LegacyOp::Unlink { parent: 1, name: b"a".to_vec(), origin_open }).unwrap();
+        let op: Op = codec::decode(&old).unwrap();
+        assert_eq!(op, Op::Unlink { parent: 1, name: b"a".to_vec(), expect_closed: None });
+        let flags = RenameFlags::default();
+        let old = codec::encode(&LegacyOp::Rename {
+            parent: 1,
+            name: b"a".to_vec(),
+            new_parent: 2,
+            new_name: b"b".to_vec(),
+            flags,
+            origin_open,
+        })
+        .unwrap();
+        let op: Op = codec::decode(&old).unwrap();
+        let want = Op::Rename { parent: 1, name: b"a".to_vec(), new_parent: 2, new_name: b"b".to_vec(), flags, expect_closed: None };
+        assert_eq!(op, want);
+    }
+    // And the new form round-trips.
+    for expect_closed in [None, Some(7)] {
+        let op = Op::Unlink { parent: 1, name: b"a".to_vec(), expect_closed };
+        assert_eq!(codec::decode::<Op>(&codec::encode(&op).unwrap()).unwrap(), op);
+    }
+}
