@@ -26,9 +26,9 @@ pub const NAMES_PER_INODE_MAX: usize = 16;
 /// kernel before it (path walk, then the OPEN request): the kernel may then hold the old inode,
 /// with its old size, which no notification can correct while it is in use.
 pub const OPEN_RACE_MS: u64 = 500;
-/// After one ESTALE for an inode, the next open of it within this long is answered normally
-/// (the VFS retries an ESTALE open once, with a fresh lookup; a second ESTALE would reach the
-/// caller).
+/// After an ESTALE for an inode, the next raced open of it within this long is taken for the
+/// VFS's retry and answered normally (the VFS retries an ESTALE open once, with a fresh lookup;
+/// a second ESTALE would reach the caller).
 pub const ESTALE_RETRY_MS: u64 = 1_000;
 
 #[derive(Default)]
@@ -53,10 +53,11 @@ struct Table {
     inodes: HashMap<Ino, Known>,
     /// The reverse: which inode each recorded name belongs to (for renames).
     by_name: HashMap<(Ino, Vec<u8>), Ino>,
-    /// When an open of an inode was last answered ESTALE (see `open_may_be_stale`), for the last
-    /// `ESTALE_RETRY_MS`. Apart from `inodes`: the kernel may forget the inode between the ESTALE
-    /// and its retry (the retry's lookup then records it afresh), and the retry must still pass.
-    estale: HashMap<Ino, Instant>,
+    /// Opens of an inode answered ESTALE whose retry has not come yet, and when the last was
+    /// (see `open_may_be_stale`). Apart from `inodes`: the kernel may forget the inode between
+    /// the ESTALE and its retry (the retry's lookup then records it afresh, and may meet another
+    /// eviction), and the retry must still pass.
+    estale: HashMap<Ino, (u32, Instant)>,
 }
 
 impl Table {
@@ -170,27 +171,37 @@ impl KernelNames {
     /// Should an open of `ino` that arrived at `arrived` be answered ESTALE, so that the VFS
     /// looks the path up again and gets a fresh inode? Yes if the inode was evicted shortly
     /// before the open arrived or while it waited (the kernel may have resolved the path to the
-    /// old inode first), unless an open of it was answered ESTALE just before (that was the
-    /// first attempt; this is the VFS's retry).
+    /// old inode first), unless an open of it was answered ESTALE just before and its retry has
+    /// not come yet (this is the VFS's retry).
     pub fn open_may_be_stale(&self, ino: Ino, arrived: Instant) -> bool {
         if !self.is_enabled() {
             return false;
         }
         let mut t = self.lock();
-        let Some(known) = t.inodes.get(&ino) else { return false };
-        let raced = known
-            .evicted_at
-            .is_some_and(|at| at + Duration::from_millis(OPEN_RACE_MS) >= arrived);
+        let raced = t.inodes.get(&ino).is_some_and(|known| {
+            known.evicted_at.is_some_and(|at| at + Duration::from_millis(OPEN_RACE_MS) >= arrived)
+        });
         if !raced {
+            // Also the retry of an ESTALE when the kernel got a fresh inode for it (forgot the
+            // old one, looked the name up again): nothing is owed any more.
+            t.estale.remove(&ino);
             return false;
         }
         let now = Instant::now();
         let recent = |at: &Instant| now.duration_since(*at) < Duration::from_millis(ESTALE_RETRY_MS);
-        if t.estale.get(&ino).is_some_and(recent) {
+        t.estale.retain(|_, (_, at)| recent(at));
+        if let Some((owed, _)) = t.estale.get_mut(&ino) {
+            // The first raced open after an ESTALE is taken for its retry (a second ESTALE would
+            // reach the caller), whatever evicted the inode meanwhile.
+            *owed -= 1;
+            if *owed == 0 {
+                t.estale.remove(&ino);
+            }
             return false;
         }
-        t.estale.retain(|_, at| recent(at));
-        t.estale.insert(ino, now);
+        let (owed, at) = t.estale.entry(ino).or_insert((0, now));
+        *owed += 1;
+        *at = now;
         true
     }
 
@@ -283,6 +294,10 @@ mod tests {
         k.looked_up(5, 1, b"a");
         k.evict(5);
         assert!(!k.open_may_be_stale(5, before), "the VFS's retry goes through");
+        // A later change races a later open: ESTALE again (the retry was consumed).
+        k.evict(5);
+        assert!(k.open_may_be_stale(5, Instant::now()), "a new race");
+        assert!(!k.open_may_be_stale(5, Instant::now()), "and its retry");
     }
 
     #[test]
