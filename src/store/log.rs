@@ -41,6 +41,9 @@ const BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Log bytes written after which an apply commit is made durable (bounds the re-apply at start
 /// after a crash).
 pub const STATE_FLUSH_BYTES: u64 = 64 * 1024 * 1024;
+/// Log bytes written after which the kernel is asked to start writing the state file's dirty
+/// pages back (`Store::write_state`), so each durable commit's fsync has little left to write.
+pub const STATE_WRITEBACK_BYTES: u64 = 8 * 1024 * 1024;
 /// Time after which an apply commit is made durable.
 pub const STATE_FLUSH_MS: u64 = 1000;
 /// LOCAL key: the highest index the log purged (the segment log's own record, so it can hide
@@ -103,6 +106,8 @@ pub(super) struct Shared {
     ready: Mutex<MetaWrites>,
     /// When the state was last made durable, and `stats.log_bytes` then.
     durable_at: Mutex<(Instant, u64)>,
+    /// `stats.log_bytes` when the state file's writeback was last started.
+    writeback_at: std::sync::atomic::AtomicU64,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -118,6 +123,7 @@ impl Shared {
             lazy: Mutex::default(),
             ready: Mutex::default(),
             durable_at: Mutex::new((Instant::now(), 0)),
+            writeback_at: Default::default(),
         }
     }
 
@@ -126,6 +132,17 @@ impl Shared {
         let (at, bytes) = *locked(&self.durable_at);
         at.elapsed() >= Duration::from_millis(STATE_FLUSH_MS)
             || self.stats.log_bytes.load(Ordering::Relaxed).saturating_sub(bytes) >= STATE_FLUSH_BYTES
+    }
+
+    /// Whether `STATE_WRITEBACK_BYTES` of log were written since the state file's writeback was
+    /// last started (then it counts as started now). Called by the one state writer.
+    pub fn writeback_due(&self) -> bool {
+        let now = self.stats.log_bytes.load(Ordering::Relaxed);
+        if now.saturating_sub(self.writeback_at.load(Ordering::Relaxed)) < STATE_WRITEBACK_BYTES {
+            return false;
+        }
+        self.writeback_at.store(now, Ordering::Relaxed);
+        true
     }
 
     /// Write the ready lazy metadata into `txn`, which the caller commits durably.
