@@ -366,6 +366,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 pub struct SnapshotFile {
     file: tokio::fs::File,
     path: PathBuf,
+    /// A snapshot being received and not handed to `install_snapshot`: openraft drops it when
+    /// a transfer is aborted (leader change, timeout), and its file goes with it.
+    discard_on_drop: bool,
+}
+
+impl Drop for SnapshotFile {
+    fn drop(&mut self) {
+        if !self.discard_on_drop {
+            return;
+        }
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => tracing::debug!(path = %self.path.display(), "removed an unfinished snapshot transfer"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "cannot remove an unfinished snapshot transfer"),
+        }
+    }
 }
 
 impl SnapshotFile {
@@ -588,7 +604,7 @@ async fn open_snapshot(info: crate::store::SnapshotInfo) -> Result<Snapshot<Type
     let meta: SnapshotMeta<NodeId, openraft::BasicNode> =
         decode(&info.header).map_err(|e| sm_err("decoding a snapshot header", e))?;
     let file = tokio::fs::File::open(&info.path).await.map_err(|e| sm_err("opening a snapshot", e))?;
-    Ok(Snapshot { meta, snapshot: Box::new(SnapshotFile { file, path: info.path }) })
+    Ok(Snapshot { meta, snapshot: Box::new(SnapshotFile { file, path: info.path, discard_on_drop: false }) })
 }
 
 /// Builds a snapshot file from one read transaction.
@@ -669,7 +685,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .open(&path)
             .await
             .map_err(|e| sm_err("creating a snapshot file", e))?;
-        Ok(Box::new(SnapshotFile { file, path }))
+        Ok(Box::new(SnapshotFile { file, path, discard_on_drop: true }))
     }
 
     async fn install_snapshot(
@@ -681,6 +697,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot.file.flush().await.map_err(|e| sm_err("flushing a received snapshot", e))?;
         snapshot.file.sync_all().await.map_err(|e| sm_err("syncing a received snapshot", e))?;
         let src = snapshot.path.clone();
+        snapshot.discard_on_drop = false;
         drop(snapshot);
         // The file must cover what openraft says it does, checked before the state is replaced
         // (a mismatch is a storage error: the node stops with its state as it was; the received

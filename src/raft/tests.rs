@@ -925,3 +925,31 @@ fn pipelined_large_writes_in_a_cluster() {
         shutdown_all(&rs).await;
     });
 }
+
+/// openraft drops a snapshot being received when the transfer is aborted (leader change,
+/// timeout) without calling install: its partial file must not stay behind until the next start.
+#[test]
+fn an_aborted_snapshot_transfer_leaves_no_file() {
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let mut sm = storage::StateMachine::new(store);
+        let mut receiving = sm.begin_receiving_snapshot().await.unwrap();
+        let path = receiving.path().to_path_buf();
+        receiving.write_all(b"the first chunk of a snapshot").await.unwrap();
+        receiving.flush().await.unwrap();
+        assert!(path.exists(), "the transfer writes into {}", path.display());
+        drop(receiving);
+        assert!(!path.exists(), "{} left behind", path.display());
+        // A built snapshot (what is sent to followers) stays when its handle is dropped.
+        let built = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let kept = built.snapshot.path().to_path_buf();
+        drop(built);
+        assert!(kept.exists(), "{} was removed", kept.display());
+        let current = sm.get_current_snapshot().await.unwrap().expect("the built snapshot");
+        drop(current);
+        assert!(kept.exists(), "{} was removed", kept.display());
+    });
+}
