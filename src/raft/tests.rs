@@ -953,3 +953,40 @@ fn an_aborted_snapshot_transfer_leaves_no_file() {
         assert!(kept.exists(), "{} was removed", kept.display());
     });
 }
+
+/// A received snapshot whose header covers other entries than openraft's meta says is refused
+/// before the state is replaced; the same file with the matching meta installs.
+#[test]
+fn a_snapshot_whose_header_mismatches_the_meta_is_refused() {
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    use openraft::{CommittedLeaderId, LogId};
+    use tokio::io::AsyncWriteExt;
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    rt().block_on(async {
+        let r = Replica::start(cfg(d1.path())).await.unwrap();
+        make_file(&r, b"in-the-snapshot").await;
+        r.shutdown().await.unwrap();
+        drop(r);
+        let mut source = storage::StateMachine::new(crate::store::Store::open(d1.path()).unwrap());
+        let built = source.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let bytes = std::fs::read(built.snapshot.path()).unwrap();
+        let good = built.meta.clone();
+        assert!(good.last_log_id.is_some());
+
+        let mut target = storage::StateMachine::new(crate::store::Store::open(d2.path()).unwrap());
+        let before = target.applied_state().await.unwrap().0;
+        let mut bad = good.clone();
+        let last = good.last_log_id.unwrap();
+        bad.last_log_id = Some(LogId::new(CommittedLeaderId::new(last.leader_id.term, last.leader_id.node_id), last.index + 5));
+        let mut receiving = target.begin_receiving_snapshot().await.unwrap();
+        receiving.write_all(&bytes).await.unwrap();
+        let err = target.install_snapshot(&bad, receiving).await.expect_err("a mismatching header");
+        assert!(err.to_string().contains("meta says"), "{err}");
+        assert_eq!(target.applied_state().await.unwrap().0, before, "state replaced");
+
+        let mut receiving = target.begin_receiving_snapshot().await.unwrap();
+        receiving.write_all(&bytes).await.unwrap();
+        target.install_snapshot(&good, receiving).await.unwrap();
+        assert_eq!(target.applied_state().await.unwrap().0, good.last_log_id);
+    });
+}
