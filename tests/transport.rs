@@ -73,6 +73,13 @@ fn identity(root: &Path, ca: &str, id: NodeId) -> NodeIdentity {
     NodeIdentity::load(&root.join(ca), &paths).unwrap()
 }
 
+/// A cluster CA with nodes 1..=n, and a bound endpoint for each.
+fn endpoints(root: &Path, n: NodeId) -> Vec<Arc<QuicTransport>> {
+    let ids: Vec<NodeId> = (1..=n).collect();
+    pki(root, "ca", &ids);
+    ids.iter().map(|&id| bind(id, identity(root, "ca", id))).collect()
+}
+
 fn bind(id: NodeId, identity: NodeIdentity) -> Arc<QuicTransport> {
     let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
     QuicTransport::bind(QuicConfig { node_id: id, listen, identity }).unwrap()
@@ -137,8 +144,7 @@ fn certificates_are_written_private_and_bad_files_are_clear_errors() {
 async fn three_replicas_replicate_over_quic() {
     logs();
     let root = tempfile::tempdir().unwrap();
-    pki(root.path(), "ca", &[1, 2, 3]);
-    let ts: Vec<_> = (1..=3).map(|id| bind(id, identity(root.path(), "ca", id))).collect();
+    let ts = endpoints(root.path(), 3);
     let addr = |i: usize| ts[i].local_addr().to_string();
     let cfg = |id: NodeId| ReplicaConfig::new(id, root.path().join(format!("data{id}")), Duration::from_secs(5));
 
@@ -395,8 +401,7 @@ async fn dead_peer_is_unreachable_quickly() {
 async fn learner_catches_up_after_large_writes() {
     logs();
     let root = tempfile::tempdir().unwrap();
-    pki(root.path(), "ca", &[1, 2]);
-    let ts: Vec<_> = (1..=2).map(|id| bind(id, identity(root.path(), "ca", id))).collect();
+    let ts = endpoints(root.path(), 2);
     let cfg = |id: NodeId| ReplicaConfig::new(id, root.path().join(format!("data{id}")), Duration::from_secs(5));
     let a = Replica::start_with(cfg(1), ts[0].clone()).await.unwrap();
     ts[0].attach_replica(&a);
@@ -508,6 +513,15 @@ fn replica_cfg(root: &Path, id: NodeId, t: &QuicTransport) -> ReplicaConfig {
 }
 
 /// A replica served over `t`, with the membership authoriser.
+/// Node 1 started (bootstrapped) on `t`, serving, with a file `f` in the root.
+async fn first_replica_with_a_file(root: &Path, t: &Arc<QuicTransport>) -> (Arc<Replica>, pickbox::state::Inode) {
+    let a = Replica::start_with(replica_cfg(root, 1, t), t.clone()).await.unwrap();
+    serve_replica(t, &a);
+    let make = Op::MakeNode { parent: ROOT_INO, name: b"f".to_vec(), kind: FileKind::File, perm: 0o644, rdev: 0 };
+    let Outcome::Inode(f) = a.propose(Caller::root(), make).await.unwrap() else { panic!("not an inode") };
+    (a, f)
+}
+
 fn serve_replica(t: &QuicTransport, r: &Arc<Replica>) {
     t.attach_replica(r);
     t.set_authorizer(membership_authorizer(Arc::downgrade(r)));
@@ -541,8 +555,7 @@ async fn wait_converged(op: &Arc<QuicTransport>, seed: &str, members: usize) -> 
 async fn membership_authorizer_refuses_non_members_and_limits_operators() {
     logs();
     let root = tempfile::tempdir().unwrap();
-    pki(root.path(), "ca", &[1, 2, 3]);
-    let ts: Vec<_> = (1..=3).map(|id| bind(id, identity(root.path(), "ca", id))).collect();
+    let ts = endpoints(root.path(), 3);
     let a = Replica::start_with(replica_cfg(root.path(), 1, &ts[0]), ts[0].clone()).await.unwrap();
     serve_replica(&ts[0], &a);
     let fresh = Replica::start_joining(replica_cfg(root.path(), 3, &ts[2]), ts[2].clone()).await.unwrap();
@@ -601,15 +614,11 @@ async fn membership_authorizer_refuses_non_members_and_limits_operators() {
 async fn join_through_a_follower_and_remove_over_quic() {
     logs();
     let root = tempfile::tempdir().unwrap();
-    pki(root.path(), "ca", &[1, 2, 3]);
-    let ts: Vec<_> = (1..=3).map(|id| bind(id, identity(root.path(), "ca", id))).collect();
+    let ts = endpoints(root.path(), 3);
     let addr = |i: usize| ts[i].local_addr().to_string();
     let op = operator(root.path());
 
-    let a = Replica::start_with(replica_cfg(root.path(), 1, &ts[0]), ts[0].clone()).await.unwrap();
-    serve_replica(&ts[0], &a);
-    let make = Op::MakeNode { parent: ROOT_INO, name: b"f".to_vec(), kind: FileKind::File, perm: 0o644, rdev: 0 };
-    let Outcome::Inode(f) = a.propose(Caller::root(), make).await.unwrap() else { panic!("not an inode") };
+    let (a, f) = first_replica_with_a_file(root.path(), &ts[0]).await;
     let data: Vec<u8> = (0..300_000u32).map(|i| (i % 239) as u8).collect();
     a.propose(Caller::root(), Op::Write { ino: f.ino, offset: 0, data: data.clone(), append: false }).await.unwrap();
 
@@ -692,8 +701,7 @@ async fn join_through_a_follower_and_remove_over_quic() {
 async fn join_retries_until_the_seed_serves_and_final_refusals_end_it() {
     logs();
     let root = tempfile::tempdir().unwrap();
-    pki(root.path(), "ca", &[1, 2]);
-    let ts: Vec<_> = (1..=2).map(|id| bind(id, identity(root.path(), "ca", id))).collect();
+    let ts = endpoints(root.path(), 2);
     let seed = ts[0].local_addr().to_string();
     let b = Replica::start_joining(replica_cfg(root.path(), 2, &ts[1]), ts[1].clone()).await.unwrap();
     serve_replica(&ts[1], &b);
@@ -740,14 +748,10 @@ async fn join_retries_until_the_seed_serves_and_final_refusals_end_it() {
 async fn learner_restarted_before_promotion_becomes_a_voter() {
     logs();
     let root = tempfile::tempdir().unwrap();
-    pki(root.path(), "ca", &[1, 2]);
-    let ts: Vec<_> = (1..=2).map(|id| bind(id, identity(root.path(), "ca", id))).collect();
+    let ts = endpoints(root.path(), 2);
     let addr = |i: usize| ts[i].local_addr().to_string();
     let op = operator(root.path());
-    let a = Replica::start_with(replica_cfg(root.path(), 1, &ts[0]), ts[0].clone()).await.unwrap();
-    serve_replica(&ts[0], &a);
-    let make = Op::MakeNode { parent: ROOT_INO, name: b"f".to_vec(), kind: FileKind::File, perm: 0o644, rdev: 0 };
-    let Outcome::Inode(f) = a.propose(Caller::root(), make).await.unwrap() else { panic!("not an inode") };
+    let (a, f) = first_replica_with_a_file(root.path(), &ts[0]).await;
 
     // The first step of a join (what the leader's Join does before it promotes), then a stop.
     let b = Replica::start_joining(replica_cfg(root.path(), 2, &ts[1]), ts[1].clone()).await.unwrap();

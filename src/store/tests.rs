@@ -207,28 +207,36 @@ fn raw_table_round_trip() {
     assert!(bad.is_err());
 }
 
+/// The two stored values of block `h` (head and tail) as they are on disk.
+fn raw_block(store: &Store, h: &crate::state::Hash) -> (Vec<u8>, Vec<u8>) {
+    let v = store.read().unwrap();
+    let head = v.block_data.get(&h[..]).unwrap().unwrap().value().to_vec();
+    let tail = v.block_tails.get(&h[..]).unwrap().unwrap().value().to_vec();
+    (head, tail)
+}
+
+/// Overwrite the two stored values of block `h` (to damage them), bypassing every check.
+fn put_raw_block(store: &Store, h: &crate::state::Hash, head: &[u8], tail: &[u8]) {
+    store
+        .write_state(false, |t| {
+            t.block_data.insert(&h[..], head).map_err(fault)?;
+            t.block_tails.insert(&h[..], tail).map_err(fault)?;
+            Ok(())
+        })
+        .unwrap()
+}
+
 #[test]
 fn a_flipped_bit_or_a_cut_in_a_stored_block_is_an_error_not_data() {
     let (_d, store) = tmp_store();
     let data: Vec<u8> = (0..65_536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let h = sha256(&data);
     store.write_state(false, |t| t.put_block_data(&h, &data)).unwrap();
-    let v = store.read().unwrap();
-    let head = v.block_data.get(&h[..]).unwrap().unwrap().value().to_vec();
-    let tail = v.block_tails.get(&h[..]).unwrap().unwrap().value().to_vec();
-    drop(v);
+    let (head, tail) = raw_block(&store, &h);
     // A whole block is stored as a head that fits a 64 KiB page and a small tail.
     assert!(head.len() <= tables::LOG_CHUNK_BYTES, "{}", head.len());
     assert_eq!(store.read().unwrap().block_data(&h).unwrap(), Some(data.clone()));
-    let put = |head: &[u8], tail: &[u8]| {
-        store
-            .write_state(false, |t| {
-                t.block_data.insert(&h[..], head).map_err(fault)?;
-                t.block_tails.insert(&h[..], tail).map_err(fault)?;
-                Ok(())
-            })
-            .unwrap()
-    };
+    let put = |head: &[u8], tail: &[u8]| put_raw_block(&store, &h, head, tail);
     for damage in [0usize, 31, 32_768, head.len() - 1] {
         let mut bad = head.clone();
         bad[damage] ^= 0x10;
@@ -903,19 +911,8 @@ fn a_corrupt_block_reads_as_eio_and_the_rest_still_reads() {
     let (_d, store) = tmp_store();
     let (file, flat) = store.write_state(false, |t| Ok(read_test_file(t))).unwrap();
     let h = store.read().unwrap().block_hash(file.ino, 3).unwrap().unwrap();
-    let v = store.read().unwrap();
-    let head = v.block_data.get(&h[..]).unwrap().unwrap().value().to_vec();
-    let tail = v.block_tails.get(&h[..]).unwrap().unwrap().value().to_vec();
-    drop(v);
-    let put = |head: &[u8], tail: &[u8]| {
-        store
-            .write_state(false, |t| {
-                t.block_data.insert(&h[..], head).map_err(fault)?;
-                t.block_tails.insert(&h[..], tail).map_err(fault)?;
-                Ok(())
-            })
-            .unwrap()
-    };
+    let (head, tail) = raw_block(&store, &h);
+    let put = |head: &[u8], tail: &[u8]| put_raw_block(&store, &h, head, tail);
     let (mut bad_head, mut bad_tail) = (head.clone(), tail.clone());
     bad_head[1000] ^= 0x04;
     bad_tail[0] ^= 0x80;
