@@ -207,7 +207,16 @@ fn put_meta(meta: &mut redb::Table<&str, &[u8]>, puts: &MetaWrites) -> StoreResu
 
 pub(super) fn run(sh: Arc<Shared>, rx: Receiver<LogWrite>) {
     let mut failed: Option<String> = None;
-    while let Ok(first) = rx.recv() {
+    // An operation taken from the queue to learn whether the writer is idle.
+    let mut next: Option<LogWrite> = None;
+    loop {
+        let first = match next.take() {
+            Some(op) => op,
+            None => match rx.recv() {
+                Ok(op) => op,
+                Err(_) => break,
+            },
+        };
         // Lazy metadata is taken before the queue is drained: every append it refers to was
         // queued before it, so it is in this batch or an earlier one, and durable once this
         // batch's log writes are.
@@ -252,6 +261,13 @@ pub(super) fn run(sh: Arc<Shared>, rx: Receiver<LogWrite>) {
         for op in batch {
             op.finish(&res);
         }
+        match rx.try_recv() {
+            Ok(op) => next = Some(op),
+            // Idle: prepare the blocks the next small appends go to (after the completions, so
+            // no submitter waits for it).
+            Err(_) if failed.is_none() => sh.wal.zero_ahead(),
+            Err(_) => {}
+        }
     }
 }
 
@@ -260,8 +276,19 @@ fn write_batch(sh: &Shared, batch: &[LogWrite], lazy_now: MetaWrites) -> StoreRe
     let mut need_commit = false;
     let mut entries = 0u64;
     let mut entry_bytes = 0u64;
+    // A batch with one append and no other log change can have that append made durable by its
+    // own write (`Wal::append_durable`).
+    let log_changes = batch.iter().filter(|op| !matches!(op, LogWrite::PutMeta { .. } | LogWrite::Sync { .. })).count();
+    let single_append = log_changes == 1 && batch.iter().any(|op| matches!(op, LogWrite::Append { .. }));
     for op in batch {
         match op {
+            LogWrite::Append { entries: es, .. } if single_append => {
+                if sh.wal.append_durable(es)? {
+                    sh.stats.log_commits.fetch_add(1, Ordering::Relaxed);
+                }
+                entries += es.len() as u64;
+                entry_bytes += es.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+            }
             LogWrite::Append { entries: es, .. } => {
                 sh.wal.append(es)?;
                 entries += es.len() as u64;

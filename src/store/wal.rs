@@ -13,6 +13,16 @@
 //! record reads as zeros: a zero length ends the records. The generation is random per segment
 //! and inside every record's CRC, so a record is never taken for one of another segment file.
 //!
+//! Durability cost. posix_fallocate leaves "unwritten" extents on ext4: the first write into
+//! such a block changes the extent tree, so each fdatasync after it also commits the journal. So
+//! the blocks ahead of the active segment's tail are written with zeros before records reach them
+//! (`ZERO_AHEAD_BYTES` at segment creation and at a cut, then `zero_ahead` on the writer thread
+//! after small batches): an append then overwrites written blocks and its sync is a data flush
+//! only. Large batches write past that frontier themselves (one journal commit per large batch is
+//! cheap next to its data; zeroing ahead of them would double the bytes written). A batch that is
+//! one write goes out with `RWF_DSYNC` (`append_durable`): one syscall, and the sync covers only
+//! the bytes written, not the zero-fill in flight elsewhere in the file.
+//!
 //! Invariants: (1) after the last record of the active (last) segment there are only zeros: a
 //! truncation, and the recovery of a torn tail, cut the file there and preallocate it again; so
 //! stale records can never reappear behind a shorter new one. (2) A segment is fdatasynced before
@@ -26,7 +36,8 @@ use std::fs::{File, OpenOptions};
 use std::ops::Bound;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::state::{StoreFault, StoreResult};
@@ -51,6 +62,18 @@ const WRITE_BUFFER_BYTES: usize = 1024 * 1024;
 const DIRECT_PAYLOAD_BYTES_MIN: usize = 64 * 1024;
 /// Bytes read at a time when recovery scans a segment.
 const SCAN_BUFFER_BYTES: usize = 1024 * 1024;
+/// Bytes of zeros written ahead of the active segment's tail (see the module doc), at once.
+const ZERO_AHEAD_BYTES: u64 = 1024 * 1024;
+/// `zero_ahead` writes more zeros once fewer than this many bytes ahead of the tail are written.
+const ZERO_AHEAD_LOW_BYTES: u64 = 256 * 1024;
+/// `zero_ahead` does nothing after a batch of more record bytes than this (a stream writes its
+/// blocks itself).
+const ZERO_AHEAD_BATCH_BYTES_MAX: u64 = 64 * 1024;
+/// A batch of at most this many bytes in one write is written with `RWF_DSYNC` instead of a write
+/// and an fdatasync.
+const DSYNC_WRITE_BYTES_MAX: usize = 256 * 1024;
+/// Zero bytes for the zero-fill (a static, so no allocation per fill).
+static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
 
 fn io_fault(what: &str, path: &Path, e: impl std::fmt::Display) -> StoreFault {
     StoreFault(format!("log {what} {}: {e}", path.display()))
@@ -125,6 +148,39 @@ fn preallocate(file: &File, path: &Path, len: u64) -> StoreResult<()> {
     }
 }
 
+/// Write zeros over `[from, to)` of `file` (converting unwritten extents into written ones).
+fn write_zeros(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Write `buf` at `at` with `RWF_DSYNC`: durable on return, like a write and an fdatasync of that
+/// range. `Ok(n)` is the bytes written (fewer than `buf.len()`: the caller writes and syncs the
+/// rest the usual way); an error of kind `Unsupported` if the kernel or filesystem lacks it.
+fn pwrite_dsync(file: &File, buf: &[u8], at: u64) -> std::io::Result<usize> {
+    let iov = libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
+    loop {
+        // SAFETY: one iovec over `buf`, which outlives the call; the fd is open.
+        let n = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, at as libc::off_t, libc::RWF_DSYNC) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
+                return Err(std::io::Error::new(std::io::ErrorKind::Unsupported, e))
+            }
+            _ => return Err(e),
+        }
+    }
+}
+
 /// One segment file and where its records are.
 struct Segment {
     /// Index of its first record (also its name).
@@ -136,6 +192,11 @@ struct Segment {
     records: Vec<(u64, u32)>,
     /// Where the next record goes.
     end: u64,
+    /// Size of the file: `segment_bytes`, more if a record larger than that grew it.
+    file_len: u64,
+    /// Every block below this offset is written (records or zeros), none is an unwritten extent
+    /// (best effort: only speed depends on it). Only the writer changes it.
+    written: AtomicU64,
 }
 
 impl Segment {
@@ -156,10 +217,20 @@ impl Segment {
             .map_err(|e| io_fault("creating", &tmp, e))?;
         preallocate(&file, &tmp, segment_bytes)?;
         file.write_all_at(&segment_header(generation, first), 0).map_err(|e| io_fault("writing", &tmp, e))?;
+        let written = zero_fill_after(&file, &tmp, SEGMENT_HEADER_BYTES, segment_bytes);
         file.sync_all().map_err(|e| io_fault("syncing", &tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| io_fault("renaming", &tmp, e))?;
         sync_dir(dir)?;
-        Ok(Segment { first, path, file: Arc::new(file), generation, records: Vec::new(), end: SEGMENT_HEADER_BYTES })
+        Ok(Segment {
+            first,
+            path,
+            file: Arc::new(file),
+            generation,
+            records: Vec::new(),
+            end: SEGMENT_HEADER_BYTES,
+            file_len: segment_bytes,
+            written: AtomicU64::new(written),
+        })
     }
 
     /// Cut the file at `end` and preallocate it again, so that only zeros follow the last record
@@ -167,8 +238,11 @@ impl Segment {
     fn cut(&mut self, end: u64, segment_bytes: u64) -> StoreResult<()> {
         self.file.set_len(end).map_err(|e| io_fault("truncating", &self.path, e))?;
         preallocate(&self.file, &self.path, segment_bytes)?;
+        let written = zero_fill_after(&self.file, &self.path, end, segment_bytes.max(end));
         self.file.sync_all().map_err(|e| io_fault("syncing", &self.path, e))?;
         self.end = end;
+        self.file_len = segment_bytes.max(end);
+        self.written.store(written, Ordering::Relaxed);
         Ok(())
     }
 
@@ -186,6 +260,20 @@ impl Segment {
             )));
         }
         Ok(payload)
+    }
+}
+
+/// Write `ZERO_AHEAD_BYTES` of zeros after `end` (not past `file_len`), so the next appends
+/// overwrite written blocks; the caller syncs. Where the blocks are known written up to. A failure
+/// (e.g. no room left on a sparse file) only costs speed: logged, and `end` is returned.
+fn zero_fill_after(file: &File, path: &Path, end: u64, file_len: u64) -> u64 {
+    let to = end.saturating_add(ZERO_AHEAD_BYTES).min(file_len);
+    match write_zeros(file, end, to) {
+        Ok(()) => to.max(end),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "log segment: zero-fill ahead of the tail failed");
+            end
+        }
     }
 }
 
@@ -259,6 +347,10 @@ fn scan_segment(path: &Path, first: u64) -> StoreResult<(Segment, ScanEnd)> {
         generation,
         records: Vec::new(),
         end: SEGMENT_HEADER_BYTES,
+        file_len,
+        // Unknown: the open cuts the last segment (and zero-fills after the cut); older ones are
+        // never written again.
+        written: AtomicU64::new(0),
     };
     let file = seg.file.clone();
     let mut sc = Scanner { file: &file, file_len, buf: Vec::new(), buf_off: 0 };
@@ -325,6 +417,10 @@ pub(super) struct Wal {
     state: RwLock<State>,
     /// The active segment has writes not yet fdatasynced.
     dirty: AtomicBool,
+    /// `RWF_DSYNC` writes work here (cleared at the first "unsupported").
+    dsync_supported: AtomicBool,
+    /// Record bytes of the last `append` (`zero_ahead` skips after a large one).
+    last_append_bytes: AtomicU64,
 }
 
 impl Wal {
@@ -394,6 +490,8 @@ impl Wal {
             segment_bytes,
             state: RwLock::new(State { segments, start }),
             dirty: AtomicBool::new(false),
+            dsync_supported: AtomicBool::new(true),
+            last_append_bytes: AtomicU64::new(0),
         };
         // Finish a purge a crash interrupted.
         {
@@ -417,7 +515,18 @@ impl Wal {
     /// entries back until the next open, which hides them behind the purge mark.) Not durable
     /// until `sync`.
     pub fn append(&self, entries: &[(u64, Vec<u8>)]) -> StoreResult<()> {
-        let Some(&(first_index, _)) = entries.first() else { return Ok(()) };
+        self.append_with(entries, false).map(|_| ())
+    }
+
+    /// `append`, and durable on return: if nothing else awaits a sync and the records go out in
+    /// one small write, that write is `RWF_DSYNC` (cheaper than a write and an fdatasync);
+    /// otherwise the caller's next `sync` makes them durable. Whether they are durable already.
+    pub fn append_durable(&self, entries: &[(u64, Vec<u8>)]) -> StoreResult<bool> {
+        self.append_with(entries, true)
+    }
+
+    fn append_with(&self, entries: &[(u64, Vec<u8>)], dsync: bool) -> StoreResult<bool> {
+        let Some(&(first_index, _)) = entries.first() else { return Ok(false) };
         for w in entries.windows(2) {
             if w[1].0 != w[0].0 + 1 {
                 return Err(StoreFault(format!("log append: index {} follows {}", w[1].0, w[0].0)));
@@ -445,7 +554,12 @@ impl Wal {
             st.segments.push_back(Segment::create(&self.dir, first_index, self.segment_bytes)?);
             st.start = first_index;
         }
-        let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUFFER_BYTES.min(entries.iter().map(|e| e.1.len() + 16).sum()));
+        let record_bytes: u64 = entries.iter().map(|e| RECORD_HEADER_BYTES + e.1.len() as u64).sum();
+        self.last_append_bytes.store(record_bytes, Ordering::Relaxed);
+        // Anything written before the last write of this call (a full buffer, a large payload, a
+        // roll-over) rules the RWF_DSYNC write out: it syncs only its own range.
+        let mut earlier_writes = false;
+        let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUFFER_BYTES.min(record_bytes as usize));
         let mut buf_at = st.segments.back().map(|s| s.end).unwrap_or(SEGMENT_HEADER_BYTES);
         for (index, payload) in entries {
             let rec = RECORD_HEADER_BYTES + payload.len() as u64;
@@ -454,6 +568,7 @@ impl Wal {
                 // Roll over. The full segment is synced first (invariant 2).
                 flush(seg, &mut buf, buf_at)?;
                 seg.file.sync_data().map_err(|e| io_fault("syncing", &seg.path, e))?;
+                earlier_writes = true;
                 let next = Segment::create(&self.dir, *index, self.segment_bytes)?;
                 buf_at = next.end;
                 st.segments.push_back(next);
@@ -462,6 +577,7 @@ impl Wal {
             let header = record_header(payload.len() as u32, crc(seg.generation, *index, payload), *index);
             buf.extend_from_slice(&header);
             if payload.len() >= DIRECT_PAYLOAD_BYTES_MIN {
+                earlier_writes = true;
                 flush(seg, &mut buf, buf_at)?;
                 let at = seg.end + RECORD_HEADER_BYTES;
                 seg.file.write_all_at(payload, at).map_err(|e| io_fault("writing", &seg.path, e))?;
@@ -471,16 +587,33 @@ impl Wal {
             }
             seg.records.push((seg.end, payload.len() as u32));
             seg.end += rec;
+            seg.file_len = seg.file_len.max(seg.end);
+            seg.written.fetch_max(seg.end, Ordering::Relaxed);
             if buf.len() >= WRITE_BUFFER_BYTES {
+                earlier_writes = true;
                 flush(seg, &mut buf, buf_at)?;
                 buf_at = seg.end;
             }
         }
-        if let Some(seg) = st.segments.back() {
-            flush(seg, &mut buf, buf_at)?;
+        let Some(seg) = st.segments.back() else { return Ok(false) };
+        let one_small_write = !earlier_writes && !buf.is_empty() && buf.len() <= DSYNC_WRITE_BYTES_MAX;
+        if dsync && one_small_write && !self.dirty.load(Ordering::Acquire) && self.dsync_supported.load(Ordering::Relaxed) {
+            match pwrite_dsync(&seg.file, &buf, buf_at) {
+                Ok(n) if n == buf.len() => return Ok(true),
+                Ok(n) => {
+                    buf.drain(..n);
+                    buf_at += n as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                    tracing::info!(error = %e, "log: RWF_DSYNC writes unsupported here; using write + fdatasync");
+                    self.dsync_supported.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(io_fault("writing", &seg.path, e)),
+            }
         }
+        flush(seg, &mut buf, buf_at)?;
         self.dirty.store(true, Ordering::Release);
-        return Ok(());
+        return Ok(false);
 
         /// Write the gathered records at `at` (where the first of them goes).
         fn flush(seg: &Segment, buf: &mut Vec<u8>, at: u64) -> StoreResult<()> {
@@ -506,6 +639,41 @@ impl Wal {
             }
         }
         Ok(true)
+    }
+
+    /// Write zeros ahead of the active segment's tail once a small append came within
+    /// `ZERO_AHEAD_LOW_BYTES` of where its written blocks end (see the module doc), and start
+    /// their writeback without waiting for it. For the writer, when it has nothing queued. A
+    /// failure only costs speed: logged, and no more zero-fill in this segment.
+    pub fn zero_ahead(&self) {
+        if self.last_append_bytes.load(Ordering::Relaxed) > ZERO_AHEAD_BATCH_BYTES_MAX {
+            return;
+        }
+        let st = self.read();
+        let Some(seg) = st.segments.back() else { return };
+        let written = seg.written.load(Ordering::Relaxed).max(seg.end);
+        if written >= seg.file_len || written - seg.end >= ZERO_AHEAD_LOW_BYTES {
+            return;
+        }
+        let to = written.saturating_add(ZERO_AHEAD_BYTES).min(seg.file_len);
+        if let Err(e) = write_zeros(&seg.file, written, to) {
+            tracing::warn!(path = %seg.path.display(), error = %e, "log segment: zero-fill ahead of the tail failed");
+            seg.written.store(seg.file_len, Ordering::Relaxed);
+            return;
+        }
+        seg.written.store(to, Ordering::Relaxed);
+        // SAFETY: a plain syscall on an open fd; no memory is passed.
+        let r = unsafe {
+            libc::sync_file_range(
+                seg.file.as_raw_fd(),
+                written as libc::off64_t,
+                (to - written) as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if r != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "log segment: sync_file_range failed");
+        }
     }
 
     /// Delete entries with index >= `from`; durable on return.
@@ -838,6 +1006,104 @@ mod tests {
         drop(f);
         let w = open(d.path(), None);
         assert_eq!(indexes(&w), vec![1]);
+    }
+
+    /// The bytes of `path` from `from` to its end.
+    fn tail_bytes(path: &Path, from: u64) -> Vec<u8> {
+        let data = std::fs::read(path).unwrap();
+        data[from as usize..].to_vec()
+    }
+
+    #[test]
+    fn zero_fill_ahead_never_touches_records() {
+        // Segments large enough for several zero-fill steps.
+        let d = tempfile::tempdir().unwrap();
+        let seg_bytes = 4 * ZERO_AHEAD_BYTES;
+        let w = Wal::open_with(d.path(), None, seg_bytes).unwrap();
+        let written = |w: &Wal| w.read().segments.back().map(|s| s.written.load(Ordering::Relaxed)).unwrap();
+        w.append(&rows(1..=1, 100)).unwrap();
+        // A new segment comes with zeros written after its header.
+        assert_eq!(written(&w), SEGMENT_HEADER_BYTES + ZERO_AHEAD_BYTES);
+        // Small appends, each followed by the idle writer's zero fill: the written frontier keeps
+        // ahead of the tail, up to the end of the file and never past it.
+        let mut want = rows(1..=1, 100);
+        for i in 2..=1500u64 {
+            let e = (i, entry(i, 3000 + (i as usize % 7)));
+            w.append(std::slice::from_ref(&e)).unwrap();
+            w.sync().unwrap();
+            want.push(e);
+            w.zero_ahead();
+            let (end, len) = w.read().segments.back().map(|s| (s.end, s.file_len)).unwrap();
+            let wr = written(&w);
+            assert!(wr >= end && wr <= len.max(end), "frontier {wr}, tail {end}, file {len}");
+            if len == seg_bytes && end + ZERO_AHEAD_LOW_BYTES <= len {
+                assert!(wr >= end + ZERO_AHEAD_LOW_BYTES, "kept ahead: frontier {wr}, tail {end}");
+            }
+        }
+        assert!(w.segment_files().len() >= 2, "rolled over");
+        for (path, end) in w.segment_files() {
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), seg_bytes);
+            assert!(tail_bytes(&path, end).iter().all(|&b| b == 0), "only zeros after the last record");
+        }
+        assert_eq!(all(&w), want);
+        drop(w);
+        let w = Wal::open_with(d.path(), None, seg_bytes).unwrap();
+        assert_eq!(all(&w), want);
+        // After a large append the fill is left to the appends themselves.
+        w.append(&[(1501, entry(1501, 200_000))]).unwrap();
+        let before = written(&w);
+        w.zero_ahead();
+        assert_eq!(written(&w), before);
+    }
+
+    #[test]
+    fn truncate_after_zero_fill_leaves_no_stale_records() {
+        let d = tempfile::tempdir().unwrap();
+        let seg_bytes = 2 * ZERO_AHEAD_BYTES;
+        let w = Wal::open_with(d.path(), None, seg_bytes).unwrap();
+        for i in 1..=50u64 {
+            w.append(&rows(i..=i, 1000)).unwrap();
+            w.zero_ahead();
+        }
+        w.sync().unwrap();
+        w.truncate(20).unwrap();
+        // Shorter entries at 20..: the old 1000-byte records after them must not come back.
+        w.append(&rows(20..=21, 10)).unwrap();
+        w.sync().unwrap();
+        let mut want = rows(1..=19, 1000);
+        want.extend(rows(20..=21, 10));
+        let (path, end) = w.segment_files().pop().unwrap();
+        assert!(tail_bytes(&path, end).iter().all(|&b| b == 0));
+        drop(w);
+        let w = Wal::open_with(d.path(), None, seg_bytes).unwrap();
+        assert_eq!(all(&w), want);
+    }
+
+    #[test]
+    fn append_durable_syncs_one_small_write_itself() {
+        let d = tempfile::tempdir().unwrap();
+        let w = open(d.path(), None);
+        // The first append creates the segment (synced) and is one small write.
+        assert!(w.append_durable(&rows(1..=2, 100)).unwrap());
+        assert!(!w.sync().unwrap(), "nothing left to sync");
+        // Not after a plain append that awaits its sync: that one needs the fdatasync.
+        w.append(&rows(3..=3, 100)).unwrap();
+        assert!(!w.append_durable(&rows(4..=4, 100)).unwrap());
+        assert!(w.sync().unwrap());
+        // Not when the records roll over into a new segment (more than one write).
+        assert!(!w.append_durable(&rows(5..=10, 1000)).unwrap());
+        assert!(w.sync().unwrap());
+        // Overwriting the tail (a truncation first) still works and is durable.
+        assert!(w.append_durable(&rows(10..=10, 7)).unwrap());
+        let mut want = rows(1..=9, 0);
+        for (i, e) in want.iter_mut() {
+            *e = entry(*i, if *i <= 4 { 100 } else { 1000 });
+        }
+        want.push((10, entry(10, 7)));
+        assert_eq!(all(&w), want);
+        drop(w);
+        let w = open(d.path(), None);
+        assert_eq!(all(&w), want);
     }
 
     #[test]
