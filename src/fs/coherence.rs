@@ -1,7 +1,10 @@
 //! Cross-node coherence of the kernel's caches (design decisions 7, 8, 16): a thread of its own
 //! consumes the replica's `Applied` events, turns what other nodes' commands touched into FUSE
-//! invalidations, hands remote orphans to the release logic, and publishes a watermark (the last
-//! log index fully handled) that `open`/`opendir` wait for (close-to-open across nodes).
+//! invalidations, hands remote orphans to the release logic, and publishes a watermark (the index
+//! of the last event fully handled) that `open`/`opendir` wait for (close-to-open across nodes).
+//! Only applies that touched something send an event, so this thread sleeps while the node only
+//! runs its own commands; a waiter waits for the last event at or below the applied index
+//! (`Replica::last_event_index`), not for the applied index itself.
 //!
 //! Why a dedicated OS thread: a notification is a synchronous write to /dev/fuse, and the kernel
 //! takes the parent directory's lock for `inval_entry`/`delete` and page locks for `inval_inode`
@@ -176,6 +179,9 @@ impl Coherence {
     /// the gap has lasted `IDLE_GAP_MS` with no event left to handle. Returns whether the
     /// watermark was reached.
     pub async fn wait_for(&self, index: u64) -> bool {
+        if self.watermark() >= index {
+            return true;
+        }
         let mut rx = self.watermark.subscribe();
         let start = tokio::time::Instant::now();
         let mut idle_since: Option<tokio::time::Instant> = None;

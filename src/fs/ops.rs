@@ -381,8 +381,12 @@ impl Ops {
             tracing::debug!(error = %e, "read barrier failed: serving from the local replica");
         }
         if invalidated {
+            // Only applies that touched something send an event; the entries after the last
+            // event need no invalidation. The applied index is read first: every event up to it
+            // was sent before openraft counted it as applied.
             let applied = self.replica.applied_index().unwrap_or(0);
-            self.coherence.wait_for(applied).await;
+            let target = applied.min(self.replica.last_event_index());
+            self.coherence.wait_for(target).await;
         }
     }
 

@@ -162,8 +162,10 @@ impl ReplicaConfig {
 
 /// What one apply call changed on behalf of commands from *other* nodes, for the filesystem
 /// adapter: kernel cache invalidation, and releasing orphans this node does not hold open.
-/// One `Applied` is sent per apply call (possibly with nothing touched), in log order, so a
-/// subscriber that has handled the event with `index >= i` has seen everything up to entry `i`.
+/// One `Applied` is sent per apply call that touched something (and per snapshot install), in log
+/// order, before openraft counts the entries as applied. So once this node has applied entry `a`,
+/// a subscriber that has handled the event with `index >= min(a, Replica::last_event_index())`
+/// (read after `a`) has seen everything up to entry `a`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Applied {
     /// The last log index this apply call covered.
@@ -216,6 +218,8 @@ pub struct Replica {
     queue: tokio::sync::mpsc::Sender<Pending>,
     /// Where apply sends `Applied` events (the one subscriber).
     applied_tx: storage::AppliedSlot,
+    /// This node's proposers waiting for their commands, answered by apply (`storage::Waiters`).
+    waiters: Arc<storage::Waiters>,
     /// Read-index rounds shared by concurrent `read_barrier` callers.
     reads: forward::ReadRounds,
     /// Batches submitted while another was in flight (pipelined), for tests and diagnosis.
@@ -378,7 +382,10 @@ impl Replica {
         let log = LogStore::new(store.clone());
         let bytes_appended = log.bytes_appended.clone();
         let applied_tx: storage::AppliedSlot = Default::default();
-        let sm = StateMachine::with_log(store.clone(), &log).with_events(cfg.node_id, applied_tx.clone());
+        let waiters: Arc<storage::Waiters> = Default::default();
+        let sm = StateMachine::with_log(store.clone(), &log)
+            .with_events(cfg.node_id, applied_tx.clone())
+            .with_waiters(cfg.node_id, waiters.clone());
         let raft =
             Raft::new(cfg.node_id, Arc::new(raft_config(cfg.snapshot_entries)?), network::Network::new(transport.clone()), log, sm)
                 .await?;
@@ -392,6 +399,7 @@ impl Replica {
             seqs: SeqGen::new(incarnation, seqs_ready),
             queue,
             applied_tx,
+            waiters,
             reads: Default::default(),
             pipelined: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
@@ -563,14 +571,21 @@ impl Replica {
         }
     }
 
-    /// Receive an `Applied` event after every apply call from now on. There is one subscriber (the
-    /// filesystem adapter); a second call replaces the first. The channel is unbounded because
+    /// Receive an `Applied` event after every apply call that touched something from now on.
+    /// There is one subscriber (the filesystem adapter); a second call replaces the first. The channel is unbounded because
     /// apply must never wait for the kernel (an invalidation can wait on a directory lock held by
     /// a FUSE request that waits for apply).
     pub fn subscribe_applied(&self) -> tokio::sync::mpsc::UnboundedReceiver<Applied> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        *self.applied_tx.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        self.applied_tx.subscribe(tx);
         rx
+    }
+
+    /// The index of the last `Applied` event sent (0 if none). Entries after it that are applied
+    /// touched nothing a subscriber must handle: a waiter for "everything up to applied index `a`
+    /// handled" waits for `min(a, last_event_index())`, read after `a`.
+    pub fn last_event_index(&self) -> u64 {
+        self.applied_tx.last_event()
     }
 
     /// Read index: returns once the local replica has applied everything the leader had
@@ -834,19 +849,23 @@ async fn batcher(replica: Weak<Replica>, mut rx: tokio::sync::mpsc::Receiver<Pen
                 continue;
             }
         };
+        // Each proposer is answered by the local apply of its command (`storage::Waiters`), or,
+        // if that did not answer it, when the batch finishes (a snapshot install covered the
+        // entry, or the batch failed).
         let mut cmds = Vec::with_capacity(batch.len());
-        let mut replies = Vec::with_capacity(batch.len());
         for (i, p) in batch.into_iter().enumerate() {
+            let seq = first_seq + i as u64;
             cmds.push(Command {
                 origin: r.node_id,
-                seq: first_seq + i as u64,
+                seq,
                 time: p.time,
                 caller: p.caller,
                 content_hash: p.content_hash,
                 op: p.op,
             });
-            replies.push(p.reply);
+            r.waiters.insert(seq, p.reply);
         }
+        let seqs = first_seq..first_seq + cmds.len() as u64;
         let batch = Batch::new(cmds);
         // The first attempt goes to this node's Raft from here, in numbering order (openraft's
         // API queue is FIFO); a forwarded batch is sent from its own task, with one in flight.
@@ -875,17 +894,21 @@ async fn batcher(replica: Weak<Replica>, mut rx: tokio::sync::mpsc::Receiver<Pen
             let order = forward::Order { first, after, in_order };
             match r.commit(batch, order, deadline).await {
                 Ok(results) => {
-                    for (reply, res) in replies.into_iter().zip(results) {
-                        let _ = reply.send(Ok(res));
+                    for (seq, res) in seqs.zip(results) {
+                        if let Some(reply) = r.waiters.take(seq) {
+                            let _ = reply.send(Ok(res));
+                        }
                     }
                 }
                 Err(e) => {
                     let msg = e.to_string();
                     let fatal = matches!(e, ProposeError::Fatal(_));
-                    for reply in replies {
-                        let err =
-                            if fatal { ProposeError::Fatal(msg.clone()) } else { ProposeError::Unavailable(msg.clone()) };
-                        let _ = reply.send(Err(err));
+                    for seq in seqs {
+                        if let Some(reply) = r.waiters.take(seq) {
+                            let err =
+                                if fatal { ProposeError::Fatal(msg.clone()) } else { ProposeError::Unavailable(msg.clone()) };
+                            let _ = reply.send(Err(err));
+                        }
                     }
                 }
             }

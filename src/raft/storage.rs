@@ -419,8 +419,86 @@ impl AsyncSeek for SnapshotFile {
 
 // ----------------------------------------------------------------------------- state machine
 
-/// Where apply sends `Applied` events: the one subscriber, if any (`Replica::subscribe_applied`).
-pub type AppliedSlot = Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<Applied>>>>;
+/// Where apply sends `Applied` events: the one subscriber, if any (`Replica::subscribe_applied`),
+/// and the index of the last event sent.
+pub type AppliedSlot = Arc<EventSlot>;
+
+/// The subscriber of `Applied` events and what has been sent to it. Only apply calls that touched
+/// something send an event (most rounds touch nothing: local commands), so the subscriber is not
+/// woken for nothing; `last_event` tells a waiter that nothing after it needs handling.
+#[derive(Default)]
+pub struct EventSlot {
+    tx: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Applied>>>,
+    /// The index of the last event sent (0: none). Stored before the apply call returns, so
+    /// before openraft counts its entries as applied.
+    last_event: AtomicU64,
+}
+
+impl EventSlot {
+    /// Send events to `tx` from now on (replacing any earlier subscriber).
+    pub fn subscribe(&self, tx: tokio::sync::mpsc::UnboundedSender<Applied>) {
+        *self.tx.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    }
+
+    /// The index of the last event sent (0 if none).
+    pub fn last_event(&self) -> u64 {
+        self.last_event.load(Ordering::Acquire)
+    }
+
+    fn listening(&self) -> bool {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+}
+
+/// Where a proposer waits for its command's result.
+pub type Reply = tokio::sync::oneshot::Sender<Result<CommandResult, super::ProposeError>>;
+
+/// The proposers of this node waiting for their commands, by sequence number. Apply answers a
+/// command of this node as soon as its transaction has committed, straight from openraft's
+/// state-machine task: the proposer does not wait for openraft to take the apply result back to
+/// its core, answer the client write, and for the batch's task to fan the results out (on a
+/// follower, not for the leader's `Forward` reply either). Whoever takes a waiter out answers it
+/// (apply with the result, or the batch's task with the result or the error): exactly once.
+#[derive(Default)]
+pub struct Waiters(Mutex<std::collections::HashMap<u64, Reply>>);
+
+impl Waiters {
+    /// `reply` waits for the command numbered `seq` from this node.
+    pub fn insert(&self, seq: u64, reply: Reply) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(seq, reply);
+    }
+
+    /// The waiter of `seq`, if nobody answered it yet.
+    pub fn take(&self, seq: u64) -> Option<Reply> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&seq)
+    }
+
+    /// Answer the waiters of this node's (`me`) commands in `entries` with their `results`.
+    fn answer(&self, me: NodeId, entries: &[Ent], results: &[Response]) {
+        let mut answered = Vec::new();
+        {
+            let mut waiting = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if waiting.is_empty() {
+                return;
+            }
+            for (e, resp) in entries.iter().zip(results) {
+                if let EntryPayload::Normal(batch) = &e.payload {
+                    for (cmd, res) in batch.0.iter().zip(&resp.0) {
+                        if cmd.origin == me {
+                            if let Some(reply) = waiting.remove(&cmd.seq) {
+                                answered.push((reply, res.clone()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (reply, res) in answered {
+            // A proposer that gave up (deadline) has dropped its receiver.
+            let _ = reply.send(Ok(res));
+        }
+    }
+}
 
 /// The replicated state machine over the store.
 #[derive(Clone)]
@@ -430,32 +508,42 @@ pub struct StateMachine {
     log_cache: Option<Arc<Mutex<EntryCache>>>,
     /// This node and the subscriber to tell what remote commands touched.
     events: Option<(NodeId, AppliedSlot)>,
+    /// This node and its proposers waiting for their commands.
+    waiters: Option<(NodeId, Arc<Waiters>)>,
 }
 
 impl StateMachine {
     pub fn new(store: Store) -> Self {
-        StateMachine { store, log_cache: None, events: None }
+        StateMachine { store, log_cache: None, events: None, waiters: None }
     }
 
     /// A state machine that drops what it applied from `log`'s in-memory entry cache.
     pub fn with_log(store: Store, log: &LogStore) -> Self {
-        StateMachine { store, log_cache: Some(log.cache.clone()), events: None }
+        StateMachine { store, log_cache: Some(log.cache.clone()), events: None, waiters: None }
     }
 
-    /// Also send one `Applied` per apply call to the subscriber in `slot` (if any), listing what
-    /// commands from nodes other than `node` touched.
+    /// Also answer the commands of `node` waiting in `waiters` as soon as they are applied.
+    pub fn with_waiters(mut self, node: NodeId, waiters: Arc<Waiters>) -> Self {
+        self.waiters = Some((node, waiters));
+        self
+    }
+
     /// Hand `event` to the subscriber, if any; never blocks (the channel is unbounded).
     fn send_event(&self, event: Applied) {
         if let Some((_, slot)) = &self.events {
-            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(tx) = slot.as_ref() {
-                if tx.send(event).is_err() {
-                    *slot = None;
+            let mut tx = slot.tx.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(sender) = tx.as_ref() {
+                let index = event.index;
+                if sender.send(event).is_err() {
+                    *tx = None;
                 }
+                slot.last_event.fetch_max(index, Ordering::AcqRel);
             }
         }
     }
 
+    /// Also send an `Applied` event after each apply call in which commands from nodes other than
+    /// `node` touched something, to the subscriber in `slot` (if any).
     pub fn with_events(mut self, node: NodeId, slot: AppliedSlot) -> Self {
         self.events = Some((node, slot));
         self
@@ -652,7 +740,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         // Touches are only computed when someone listens.
         let me = match &self.events {
-            Some((node, slot)) if slot.lock().unwrap_or_else(|e| e.into_inner()).is_some() => Some(*node),
+            Some((node, slot)) if slot.listening() => Some(*node),
             _ => None,
         };
         // A small apply runs here, on openraft's state-machine task: its redb transaction costs
@@ -660,15 +748,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // hashing) or one whose commit is the durable state flush (an fsync) goes to a blocking
         // thread, so that it does not hold up the runtime's workers.
         let payload: usize = entries.iter().map(payload_bytes).sum();
-        let (out, touched) = if payload < INLINE_APPLY_BYTES_MAX && !self.store.state_flush_due() {
-            apply_entries(&self.store, &entries, me)
+        let (entries, (out, touched)) = if payload < INLINE_APPLY_BYTES_MAX && !self.store.state_flush_due() {
+            apply_entries(&self.store, &entries, me).map(|r| (entries, r))
         } else {
             let store = self.store.clone();
-            blocking(move || apply_entries(&store, &entries, me)).await
+            blocking(move || apply_entries(&store, &entries, me).map(|r| (entries, r))).await
         }
         .map_err(|e| sm_err("applying entries", e))?;
-        // After the commit, never blocking: the channel is unbounded.
-        self.send_event(Applied { index: last_index, touched });
+        if let Some((node, waiters)) = &self.waiters {
+            waiters.answer(*node, &entries, &out);
+        }
+        // After the commit, never blocking: the channel is unbounded. An apply that touched
+        // nothing of interest sends nothing (see `EventSlot`).
+        if !touched.is_empty() {
+            self.send_event(Applied { index: last_index, touched });
+        }
         Ok(out)
     }
 

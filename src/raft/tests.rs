@@ -648,7 +648,9 @@ fn applied_events_on_follower_for_remote_changes() {
         l.propose(Caller::root(), Op::Unlink { parent: ROOT_INO, name: b"b".to_vec(), expect_closed: None }).await.unwrap();
         // A local change is not reported.
         let Outcome::Inode(own) = f.propose(Caller::root(), mk("own")).await.unwrap() else { panic!() };
-        let target = l.applied_index().max(f.applied_index()).unwrap();
+        // Only applies that touched something send an event: the last one sent is the target.
+        let target = f.last_event_index();
+        assert!(target > 0, "remote changes sent events");
         let mut touched = Vec::new();
         let mut last = 0;
         let t = Instant::now();
@@ -676,6 +678,9 @@ fn applied_events_on_follower_for_remote_changes() {
         }
         assert!(!touched.contains(&entry("own", None)), "own change reported: {touched:?}");
         assert!(!touched.contains(&Touch::Inode(own.ino)));
+        // The apply of the local create touched nothing to report: it sent no event at all.
+        assert!(events.try_recv().is_err(), "an event for an apply that touched nothing");
+        assert_eq!(f.last_event_index(), last);
         shutdown_all(&rs).await;
     });
 }
