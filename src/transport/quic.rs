@@ -53,6 +53,20 @@ pub const IN_FLIGHT_BYTES_MAX: usize = 256 * 1024 * 1024;
 /// Largest body of a membership or status request (`Join`, `Remove`, `Status`), which any CA-signed
 /// certificate, operators' included, may send: such peers cannot reserve much of the budget.
 pub const ADMIN_REQUEST_BYTES_MAX: usize = 64 * 1024;
+/// A peer may receive this many ack-eliciting packets before it must acknowledge at once (QUIC
+/// ACK frequency extension; quinn's default is 1, an ACK for every other packet). Between nodes
+/// nearly every packet is a request or a reply, which carries the ACK of what came the other way,
+/// so a standalone ACK datagram per round (a send, a wake-up and a receive on both nodes) is waste.
+pub const ACK_ELICITING_THRESHOLD_PACKETS: u32 = 8;
+/// The longest a peer may hold back an ACK below the threshold (quinn's default is 25 ms). Short,
+/// so that a lost packet is still detected promptly (the probe timeout includes this delay).
+pub const ACK_DELAY_MAX_US: u64 = 5_000;
+/// Largest UDP payload this endpoint accepts and MTU discovery searches up to (quinn's defaults
+/// are 1472 and 1452, Ethernet sizes). On loopback or jumbo-frame links an AppendEntries with a
+/// 4 KiB write then travels as one datagram instead of four (one encryption, one receive, no
+/// immediate ACK for a burst); on a 1500-byte path the discovery probes above it are lost and the
+/// endpoint keeps the size it found, so raising the bound is safe.
+pub const UDP_PAYLOAD_BYTES_MAX: u16 = 16_384;
 /// Upper bound on a `Join` or `Remove` call: the leader waits for a learner to catch up and for
 /// membership changes to commit, which can take longer than an ordinary call.
 pub const MEMBERSHIP_CALL_TIMEOUT_MS: u64 = 60_000;
@@ -89,6 +103,9 @@ pub enum SetupError {
     /// The certificates or key were refused by rustls (wrong kind, key does not match, ...).
     #[error("TLS configuration: {0}")]
     Tls(String),
+    /// A QUIC endpoint setting was refused by quinn (a constant out of its bounds).
+    #[error("QUIC configuration: {0}")]
+    Quic(String),
     /// Binding the UDP socket failed.
     #[error("bind {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
@@ -292,6 +309,14 @@ fn configs(
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .keep_alive_interval(Some(Duration::from_millis(KEEP_ALIVE_MS)))
         .max_idle_timeout(Some(VarInt::from_u32(IDLE_TIMEOUT_MS).into()));
+    let mut ack_frequency = quinn::AckFrequencyConfig::default();
+    ack_frequency
+        .ack_eliciting_threshold(VarInt::from_u32(ACK_ELICITING_THRESHOLD_PACKETS))
+        .max_ack_delay(Some(Duration::from_micros(ACK_DELAY_MAX_US)));
+    transport.ack_frequency_config(Some(ack_frequency));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(UDP_PAYLOAD_BYTES_MAX);
+    transport.mtu_discovery_config(Some(mtu));
     let transport = Arc::new(transport);
 
     let mut server =
@@ -317,8 +342,15 @@ impl QuicTransport {
     /// requests are refused until a handler is attached.
     pub fn bind(cfg: QuicConfig) -> Result<Arc<QuicTransport>, SetupError> {
         let (server, client, any_node_client) = configs(&cfg.identity)?;
-        let mut endpoint = quinn::Endpoint::server(server, cfg.listen)
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config
+            .max_udp_payload_size(UDP_PAYLOAD_BYTES_MAX)
+            .map_err(|e| SetupError::Quic(e.to_string()))?;
+        let socket = std::net::UdpSocket::bind(cfg.listen)
             .map_err(|source| SetupError::Bind { addr: cfg.listen, source })?;
+        let mut endpoint =
+            quinn::Endpoint::new(endpoint_config, Some(server), socket, Arc::new(quinn::TokioRuntime))
+                .map_err(|source| SetupError::Bind { addr: cfg.listen, source })?;
         endpoint.set_default_client_config(client);
         let inner = Arc::new(Inner {
             node_id: cfg.node_id,
