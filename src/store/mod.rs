@@ -294,16 +294,14 @@ impl Store {
 
     /// A consistent read-only view of the state.
     pub fn read(&self) -> StoreResult<ReadView> {
-        let txn = self.inner.db.begin_read().map_err(fault)?;
-        ReadView::open(&txn)
+        Ok(ReadView::open(self.inner.db.begin_read().map_err(fault)?))
     }
 
     /// The state digest (hex SHA-256 of every replicated table, see `digest`) together with what
     /// `applied` reads from the same read transaction (raft/ decodes its last applied index), so
     /// the two always describe the same state. Blocking: reads every record.
     pub fn state_digest<T>(&self, applied: impl FnOnce(&ReadView) -> StoreResult<T>) -> StoreResult<(T, String)> {
-        let txn = self.inner.db.begin_read().map_err(fault)?;
-        let view = ReadView::open(&txn)?;
+        let view = ReadView::open(self.inner.db.begin_read().map_err(fault)?);
         let a = applied(&view)?;
         Ok((a, digest::digest(&view)?))
     }
@@ -382,8 +380,7 @@ impl Store {
         &self,
         make_header: impl FnOnce(&ReadView) -> StoreResult<(String, Vec<u8>)>,
     ) -> StoreResult<SnapshotInfo> {
-        let txn = self.inner.db.begin_read().map_err(fault)?;
-        let view = ReadView::open(&txn)?;
+        let view = ReadView::open(self.inner.db.begin_read().map_err(fault)?);
         let (id, header) = make_header(&view)?;
         let info = snapshot::write(&self.inner.snap_dir, &id, &header, &view)?;
         self.set_current(info.clone());

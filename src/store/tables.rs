@@ -1,6 +1,8 @@
 //! redb table definitions and the `StateRead`/`StateWrite` views over read and write transactions.
 
-use redb::{ReadOnlyTable, ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction};
+use std::sync::OnceLock;
+
+use redb::{ReadOnlyTable, ReadTransaction, ReadableTable, Table, TableDefinition, TableHandle, WriteTransaction};
 use sha2::{Digest, Sha256};
 
 use super::codec::{decode, encode};
@@ -59,20 +61,28 @@ const FS_META_KEY: &str = "meta";
 /// Defines the table set twice (owned read-only tables and write-transaction tables) so that one
 /// generic body serves both views, and lists the tables a snapshot carries (id -> table).
 macro_rules! state_tables {
-    ($($id:literal $field:ident : $def:ident <$k:ty, $v:ty>),* $(,)?) => {
-        /// A consistent read-only view of the state (one redb read transaction).
+    ($($id:literal $field:ident => $table:ident : $def:ident <$k:ty, $v:ty>),* $(,)?) => {
+        /// A consistent read-only view of the state (one redb read transaction). Tables are
+        /// opened on first use (each open is a lookup in redb's table tree): a lookup or getattr
+        /// needs one or two of the thirteen, a READ four.
         pub struct ReadView {
-            sm_meta: ReadOnlyTable<&'static str, &'static [u8]>,
-            $( pub(super) $field: ReadOnlyTable<$k, $v>, )*
+            txn: ReadTransaction,
+            sm_meta: OnceLock<ReadOnlyTable<&'static str, &'static [u8]>>,
+            $( $field: OnceLock<ReadOnlyTable<$k, $v>>, )*
         }
 
         impl ReadView {
-            pub(super) fn open(txn: &ReadTransaction) -> StoreResult<Self> {
-                Ok(ReadView {
-                    sm_meta: txn.open_table(SM_META).map_err(fault)?,
-                    $( $field: txn.open_table($def).map_err(fault)?, )*
-                })
+            pub(super) fn open(txn: ReadTransaction) -> Self {
+                ReadView { txn, sm_meta: OnceLock::new(), $( $field: OnceLock::new(), )* }
             }
+
+            fn sm_meta_table(&self) -> StoreResult<&ReadOnlyTable<&'static str, &'static [u8]>> {
+                lazy_table(&self.txn, &self.sm_meta, SM_META)
+            }
+
+            $( pub(super) fn $table(&self) -> StoreResult<&ReadOnlyTable<$k, $v>> {
+                lazy_table(&self.txn, &self.$field, $def)
+            } )*
         }
 
         /// The state tables opened in one write transaction; apply writes through this.
@@ -88,6 +98,16 @@ macro_rules! state_tables {
                     $( $field: txn.open_table($def).map_err(fault)?, )*
                 })
             }
+
+            // The same accessors as `ReadView`'s, so `impl_state_read!` serves both.
+            fn sm_meta_table(&self) -> StoreResult<&Table<'txn, &'static str, &'static [u8]>> {
+                Ok(&self.sm_meta)
+            }
+
+            $( #[allow(dead_code)]
+            fn $table(&self) -> StoreResult<&Table<'txn, $k, $v>> {
+                Ok(&self.$field)
+            } )*
 
             /// Insert one raw record of a snapshot (bytes as produced by redb's `as_bytes`).
             pub(super) fn insert_raw(&mut self, id: u8, key: &[u8], value: &[u8]) -> StoreResult<()> {
@@ -128,7 +148,7 @@ macro_rules! state_tables {
             emit: &mut dyn FnMut(u8, &[u8], &[u8]) -> StoreResult<()>,
         ) -> StoreResult<()> {
             $(
-                for item in view.$field.iter().map_err(fault)? {
+                for item in view.$table()?.iter().map_err(fault)? {
                     let (k, v) = item.map_err(fault)?;
                     let kv = k.value();
                     let vv = v.value();
@@ -188,10 +208,10 @@ macro_rules! impl_state_read {
     ($ty:ty) => {
         impl StateRead for $ty {
             fn inode(&self, ino: Ino) -> StoreResult<Option<Inode>> {
-                get_decoded(&self.inodes, ino)
+                get_decoded(self.inodes_table()?, ino)
             }
             fn entry(&self, parent: Ino, name: &[u8]) -> StoreResult<Option<DirEntry>> {
-                match self.entries.get((parent, name)).map_err(fault)? {
+                match self.entries_table()?.get((parent, name)).map_err(fault)? {
                     Some(v) => Ok(Some(decode(v.value())?)),
                     None => Ok(None),
                 }
@@ -199,7 +219,7 @@ macro_rules! impl_state_read {
             fn entries_after(&self, parent: Ino, after: u64, max: usize) -> StoreResult<Vec<(Vec<u8>, DirEntry)>> {
                 let Some(start) = after.checked_add(1) else { return Ok(Vec::new()) };
                 let mut out = Vec::new();
-                for item in self.cookies.range((parent, start)..=(parent, u64::MAX)).map_err(fault)? {
+                for item in self.cookies_table()?.range((parent, start)..=(parent, u64::MAX)).map_err(fault)? {
                     if out.len() >= max {
                         break;
                     }
@@ -216,7 +236,7 @@ macro_rules! impl_state_read {
                 Ok(out)
             }
             fn block_hash(&self, ino: Ino, index: u64) -> StoreResult<Option<Hash>> {
-                match self.block_map.get((ino, index)).map_err(fault)? {
+                match self.block_map_table()?.get((ino, index)).map_err(fault)? {
                     Some(v) => Ok(Some(to_hash(v.value())?)),
                     None => Ok(None),
                 }
@@ -226,34 +246,34 @@ macro_rules! impl_state_read {
                 if from >= to {
                     return Ok(out);
                 }
-                for item in self.block_map.range((ino, from)..(ino, to)).map_err(fault)? {
+                for item in self.block_map_table()?.range((ino, from)..(ino, to)).map_err(fault)? {
                     let (k, v) = item.map_err(fault)?;
                     out.push((k.value().1, to_hash(v.value())?));
                 }
                 Ok(out)
             }
             fn block_data(&self, hash: &Hash) -> StoreResult<Option<Vec<u8>>> {
-                with_block(&self.block_data, &self.block_tails, hash, |head, tail| check_block(hash, head, tail))?
+                with_block(self.block_data_table()?, || self.block_tails_table(), hash, |head, tail| check_block(hash, head, tail))?
                     .transpose()
             }
             fn read_block_into(&self, hash: &Hash, from: usize, max: usize, out: &mut Vec<u8>) -> StoreResult<Option<usize>> {
-                let copied = with_block(&self.block_data, &self.block_tails, hash, |head, tail| {
+                let copied = with_block(self.block_data_table()?, || self.block_tails_table(), hash, |head, tail| {
                     copy_block(hash, head, tail, from, max, out)
                 })?;
                 Ok(copied.flatten())
             }
             fn block_refs(&self, hash: &Hash) -> StoreResult<u64> {
-                Ok(self.block_refs.get(&hash[..]).map_err(fault)?.map(|v| v.value()).unwrap_or(0))
+                Ok(self.block_refs_table()?.get(&hash[..]).map_err(fault)?.map(|v| v.value()).unwrap_or(0))
             }
             fn xattr(&self, ino: Ino, name: &[u8]) -> StoreResult<Option<Vec<u8>>> {
-                Ok(self.xattrs.get((ino, name)).map_err(fault)?.map(|v| v.value().to_vec()))
+                Ok(self.xattrs_table()?.get((ino, name)).map_err(fault)?.map(|v| v.value().to_vec()))
             }
             fn xattr_names(&self, ino: Ino) -> StoreResult<Vec<Vec<u8>>> {
                 let mut out = Vec::new();
                 let empty: &[u8] = &[];
                 let iter = match ino.checked_add(1) {
-                    Some(next) => self.xattrs.range((ino, empty)..(next, empty)),
-                    None => self.xattrs.range((ino, empty)..),
+                    Some(next) => self.xattrs_table()?.range((ino, empty)..(next, empty)),
+                    None => self.xattrs_table()?.range((ino, empty)..),
                 }
                 .map_err(fault)?;
                 for item in iter {
@@ -263,27 +283,27 @@ macro_rules! impl_state_read {
                 Ok(out)
             }
             fn orphan(&self, ino: Ino) -> StoreResult<Option<Orphan>> {
-                get_decoded(&self.orphans, ino)
+                get_decoded(self.orphans_table()?, ino)
             }
             fn orphans(&self) -> StoreResult<Vec<(Ino, Orphan)>> {
                 let mut out = Vec::new();
-                for item in self.orphans.iter().map_err(fault)? {
+                for item in self.orphans_table()?.iter().map_err(fault)? {
                     let (k, v) = item.map_err(fault)?;
                     out.push((k.value(), decode(v.value())?));
                 }
                 Ok(out)
             }
             fn result(&self, origin: NodeId, seq: u64) -> StoreResult<Option<CommandResult>> {
-                match self.results.get((origin, seq)).map_err(fault)? {
+                match self.results_table()?.get((origin, seq)).map_err(fault)? {
                     Some(v) => Ok(Some(decode(v.value())?)),
                     None => Ok(None),
                 }
             }
             fn max_seq(&self, origin: NodeId) -> StoreResult<u64> {
-                Ok(self.max_seq.get(origin).map_err(fault)?.map(|v| v.value()).unwrap_or(0))
+                Ok(self.max_seq_table()?.get(origin).map_err(fault)?.map(|v| v.value()).unwrap_or(0))
             }
             fn meta(&self) -> StoreResult<Meta> {
-                match self.fs_meta.get(FS_META_KEY).map_err(fault)? {
+                match self.fs_meta_table()?.get(FS_META_KEY).map_err(fault)? {
                     Some(v) => decode(v.value()),
                     None => Ok(Meta::default()),
                 }
@@ -293,25 +313,39 @@ macro_rules! impl_state_read {
         impl $ty {
             /// Opaque state-machine metadata written by raft/ (last applied log id, membership).
             pub fn sm_meta(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-                Ok(self.sm_meta.get(key).map_err(fault)?.map(|v| v.value().to_vec()))
+                Ok(self.sm_meta_table()?.get(key).map_err(fault)?.map(|v| v.value().to_vec()))
             }
         }
     };
 }
 
 state_tables! {
-    1 inodes: INODES<u64, &'static [u8]>,
-    2 entries: ENTRIES<(u64, &'static [u8]), &'static [u8]>,
-    3 cookies: COOKIES<(u64, u64), &'static [u8]>,
-    4 block_map: BLOCK_MAP<(u64, u64), &'static [u8]>,
-    5 block_data: BLOCK_DATA<&'static [u8], &'static [u8]>,
-    6 block_refs: BLOCK_REFS<&'static [u8], u64>,
-    7 xattrs: XATTRS<(u64, &'static [u8]), &'static [u8]>,
-    8 orphans: ORPHANS<u64, &'static [u8]>,
-    9 results: RESULTS<(u64, u64), &'static [u8]>,
-    10 max_seq: MAX_SEQ<u64, u64>,
-    11 fs_meta: FS_META<&'static str, &'static [u8]>,
-    12 block_tails: BLOCK_TAILS<&'static [u8], &'static [u8]>,
+    1 inodes => inodes_table: INODES<u64, &'static [u8]>,
+    2 entries => entries_table: ENTRIES<(u64, &'static [u8]), &'static [u8]>,
+    3 cookies => cookies_table: COOKIES<(u64, u64), &'static [u8]>,
+    4 block_map => block_map_table: BLOCK_MAP<(u64, u64), &'static [u8]>,
+    5 block_data => block_data_table: BLOCK_DATA<&'static [u8], &'static [u8]>,
+    6 block_refs => block_refs_table: BLOCK_REFS<&'static [u8], u64>,
+    7 xattrs => xattrs_table: XATTRS<(u64, &'static [u8]), &'static [u8]>,
+    8 orphans => orphans_table: ORPHANS<u64, &'static [u8]>,
+    9 results => results_table: RESULTS<(u64, u64), &'static [u8]>,
+    10 max_seq => max_seq_table: MAX_SEQ<u64, u64>,
+    11 fs_meta => fs_meta_table: FS_META<&'static str, &'static [u8]>,
+    12 block_tails => block_tails_table: BLOCK_TAILS<&'static [u8], &'static [u8]>,
+}
+
+/// The table of `cell`, opened in `txn` on first use. Two threads may race to open it; both
+/// tables read the same snapshot, and the loser's is dropped.
+fn lazy_table<'v, K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &ReadTransaction,
+    cell: &'v OnceLock<ReadOnlyTable<K, V>>,
+    def: TableDefinition<K, V>,
+) -> StoreResult<&'v ReadOnlyTable<K, V>> {
+    if let Some(t) = cell.get() {
+        return Ok(t);
+    }
+    let _ = cell.set(txn.open_table(def).map_err(fault)?);
+    cell.get().ok_or_else(|| StoreFault(format!("table {} did not open", def.name())))
 }
 
 fn get_decoded<T: serde::de::DeserializeOwned>(
@@ -326,16 +360,16 @@ fn get_decoded<T: serde::de::DeserializeOwned>(
 
 /// Calls `f` with a stored block's head value and tail value (empty if it has none), borrowed
 /// from redb's pages; `None` if the block is not stored.
-fn with_block<T>(
+fn with_block<'t, T, Tails: ReadableTable<&'static [u8], &'static [u8]> + 't>(
     heads: &impl ReadableTable<&'static [u8], &'static [u8]>,
-    tails: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    tails: impl FnOnce() -> StoreResult<&'t Tails>,
     hash: &Hash,
     f: impl FnOnce(&[u8], &[u8]) -> T,
 ) -> StoreResult<Option<T>> {
     let Some(head) = heads.get(&hash[..]).map_err(fault)? else { return Ok(None) };
     let head = head.value();
     // Only a head of full length has a tail (see `seal_block`).
-    let tail = if head.len() == BLOCK_HEAD_BYTES + BLOCK_CHECK_BYTES { tails.get(&hash[..]).map_err(fault)? } else { None };
+    let tail = if head.len() == BLOCK_HEAD_BYTES + BLOCK_CHECK_BYTES { tails()?.get(&hash[..]).map_err(fault)? } else { None };
     Ok(Some(f(head, tail.as_ref().map_or(&[], |t| t.value()))))
 }
 
@@ -483,7 +517,7 @@ pub(super) type RecordSink<'a> = dyn FnMut(&[u8], &[u8]) -> StoreResult<()> + 'a
 impl ReadView {
     /// Every state-machine metadata record, in key order (for the state digest).
     pub(super) fn each_sm_meta(&self, f: &mut RecordSink<'_>) -> StoreResult<()> {
-        for item in self.sm_meta.iter().map_err(fault)? {
+        for item in self.sm_meta_table()?.iter().map_err(fault)? {
             let (k, v) = item.map_err(fault)?;
             f(k.value().as_bytes(), v.value())?;
         }
@@ -594,5 +628,73 @@ impl StateWrite for StateTxn<'_> {
     fn put_meta(&mut self, meta: &Meta) -> StoreResult<()> {
         self.fs_meta.insert(FS_META_KEY, encode(meta)?.as_slice()).map_err(fault)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    use std::time::Instant;
+
+    use super::super::Store;
+    use crate::state::{FileKind, Inode, StateRead, StateWrite, Timespec};
+
+    /// Views opened per measurement.
+    const VIEWS: u32 = 20_000;
+
+    /// Prints what opening a read view and one lookup's reads cost (a fuser worker does this per
+    /// LOOKUP/GETATTR), against a view that opens every table as `ReadView::open` used to.
+    #[test]
+    #[ignore = "benchmark: run in release with --ignored --nocapture"]
+    fn read_view_open_cost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let root = Inode {
+            ino: 1,
+            kind: FileKind::Dir,
+            parent: 0,
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            nlink: 2,
+            size: 0,
+            rdev: 0,
+            atime: Timespec::default(),
+            mtime: Timespec::default(),
+            ctime: Timespec::default(),
+            crtime: Timespec::default(),
+            blocks: 0,
+            target: Vec::new(),
+        };
+        store.write_state(false, |t| t.put_inode(&root)).unwrap();
+        let time = |every_table: bool| {
+            let t = Instant::now();
+            for _ in 0..VIEWS {
+                let v = store.read().unwrap();
+                if every_table {
+                    v.sm_meta_table().unwrap();
+                    v.inodes_table().unwrap();
+                    v.entries_table().unwrap();
+                    v.cookies_table().unwrap();
+                    v.block_map_table().unwrap();
+                    v.block_data_table().unwrap();
+                    v.block_refs_table().unwrap();
+                    v.xattrs_table().unwrap();
+                    v.orphans_table().unwrap();
+                    v.results_table().unwrap();
+                    v.max_seq_table().unwrap();
+                    v.fs_meta_table().unwrap();
+                    v.block_tails_table().unwrap();
+                }
+                assert!(v.inode(1).unwrap().is_some());
+                assert!(v.entry(1, b"x").unwrap().is_none());
+            }
+            t.elapsed() / VIEWS
+        };
+        let (mut lazy, mut eager) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            lazy.push(time(false));
+            eager.push(time(true));
+        }
+        eprintln!("read view + lookup: tables on first use {lazy:?}; every table opened {eager:?}");
     }
 }

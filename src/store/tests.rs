@@ -37,40 +37,40 @@ fn inode(ino: u64) -> Inode {
 /// Read every state table back into the in-memory model.
 fn to_mem(v: &ReadView) -> MemState {
     let mut m = MemState::new();
-    for item in v.inodes.iter().unwrap() {
+    for item in v.inodes_table().unwrap().iter().unwrap() {
         let (k, _) = item.unwrap();
         m.inodes.insert(k.value(), v.inode(k.value()).unwrap().unwrap());
     }
-    for item in v.entries.iter().unwrap() {
+    for item in v.entries_table().unwrap().iter().unwrap() {
         let (k, _) = item.unwrap();
         let (p, n) = k.value();
         m.entries.insert((p, n.to_vec()), v.entry(p, n).unwrap().unwrap());
     }
-    for item in v.block_map.iter().unwrap() {
+    for item in v.block_map_table().unwrap().iter().unwrap() {
         let (k, _) = item.unwrap();
         let (i, x) = k.value();
         m.block_map.insert((i, x), v.block_hash(i, x).unwrap().unwrap());
     }
-    for item in v.block_data.iter().unwrap() {
+    for item in v.block_data_table().unwrap().iter().unwrap() {
         let (k, _) = item.unwrap();
         let h: [u8; 32] = k.value().try_into().unwrap();
         m.blocks.insert(h, v.block_data(&h).unwrap().unwrap());
     }
-    for item in v.block_refs.iter().unwrap() {
+    for item in v.block_refs_table().unwrap().iter().unwrap() {
         let (k, r) = item.unwrap();
         m.block_refs.insert(k.value().try_into().unwrap(), r.value());
     }
-    for item in v.xattrs.iter().unwrap() {
+    for item in v.xattrs_table().unwrap().iter().unwrap() {
         let (k, val) = item.unwrap();
         m.xattrs.insert((k.value().0, k.value().1.to_vec()), val.value().to_vec());
     }
     m.orphans = v.orphans().unwrap().into_iter().collect();
-    for item in v.results.iter().unwrap() {
+    for item in v.results_table().unwrap().iter().unwrap() {
         let (k, _) = item.unwrap();
         let (o, s) = k.value();
         m.results.insert((o, s), v.result(o, s).unwrap().unwrap());
     }
-    for item in v.max_seq.iter().unwrap() {
+    for item in v.max_seq_table().unwrap().iter().unwrap() {
         let (k, s) = item.unwrap();
         m.max_seqs.insert(k.value(), s.value());
     }
@@ -210,8 +210,8 @@ fn raw_table_round_trip() {
 /// The two stored values of block `h` (head and tail) as they are on disk.
 fn raw_block(store: &Store, h: &crate::state::Hash) -> (Vec<u8>, Vec<u8>) {
     let v = store.read().unwrap();
-    let head = v.block_data.get(&h[..]).unwrap().unwrap().value().to_vec();
-    let tail = v.block_tails.get(&h[..]).unwrap().unwrap().value().to_vec();
+    let head = v.block_data_table().unwrap().get(&h[..]).unwrap().unwrap().value().to_vec();
+    let tail = v.block_tails_table().unwrap().get(&h[..]).unwrap().unwrap().value().to_vec();
     (head, tail)
 }
 
@@ -261,7 +261,7 @@ fn a_flipped_bit_or_a_cut_in_a_stored_block_is_an_error_not_data() {
     store.write_state(false, |t| t.del_block(&h)).unwrap();
     let v = store.read().unwrap();
     assert!(v.block_data(&h).unwrap().is_none());
-    assert!(v.block_tails.get(&h[..]).unwrap().is_none());
+    assert!(v.block_tails_table().unwrap().get(&h[..]).unwrap().is_none());
 }
 
 #[test]
@@ -280,7 +280,7 @@ fn corrupted_block_is_an_error_not_data() {
     let err = v.block_data(&h).unwrap_err();
     assert!(err.0.contains("corrupt"), "{err}");
     // Sanity: the table really holds the corrupted bytes.
-    assert_eq!(v.block_data.get(&h[..]).unwrap().unwrap().value(), b"evil data");
+    assert_eq!(v.block_data_table().unwrap().get(&h[..]).unwrap().unwrap().value(), b"evil data");
     let _ = BLOCK_DATA;
 }
 
@@ -543,7 +543,7 @@ fn check_consistent(store: &Store) -> (u64, u64) {
     let last_log = store.last_log().unwrap().map(|x| x.0).unwrap_or(0);
     assert!(applied <= last_log, "applied {applied} beyond the durable log {last_log}");
     // The state is exactly the applied prefix: never half a transaction.
-    let inodes: Vec<u64> = v.inodes.iter().unwrap().map(|r| r.unwrap().0.value()).collect();
+    let inodes: Vec<u64> = v.inodes_table().unwrap().iter().unwrap().map(|r| r.unwrap().0.value()).collect();
     assert_eq!(inodes, (101..=100 + applied).collect::<Vec<_>>());
     // The log is contiguous.
     let log = store.read_log((std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)).unwrap();
