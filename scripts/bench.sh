@@ -2,7 +2,8 @@
 # Benchmark by hand (not in CI): the same workloads against a Pickbox mount and, in the same run,
 # a bindfs mount (--multithreaded -o big_writes) of a directory on the same disk as Pickbox's data,
 # the ceiling for a FUSE filesystem on that medium. Prints op, pickbox, bindfs, ratio and RSS.
-# Env: PICKBOX_PROFILE=release|debug (default release), BENCH_DIR (default bench-out/ in the repo).
+# Env: PICKBOX_PROFILE=release|debug (default release), PICKBOX_BIN (a prebuilt binary instead, for
+# A/B runs), BENCH_DIR (default bench-out/ in the repo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -13,11 +14,14 @@ need_dev_fuse
 ensure_packages fuse3 bindfs python3
 
 profile=${PICKBOX_PROFILE:-release}
-case "$profile" in
+if [ -n "${PICKBOX_BIN:-}" ]; then
+    profile="binary $PICKBOX_BIN"
+    bin=$PICKBOX_BIN
+else case "$profile" in
     release) cargo build --quiet --release --bin pickbox; bin=$repo/target/release/pickbox ;;
     debug) cargo build --quiet --bin pickbox; bin=$repo/target/debug/pickbox ;;
     *) die "PICKBOX_PROFILE must be release or debug, not $profile" ;;
-esac
+esac; fi
 
 tarball=$(bench_tarball)
 
