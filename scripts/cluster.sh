@@ -50,8 +50,17 @@ check_node_id() {
     [[ "$1" =~ ^[1-9][0-9]{0,2}$ ]] && [ "$1" -le 999 ] || die "not a node number (1..999): ${1:-<missing>}"
 }
 
+# PICKBOX_BIN: run this prebuilt binary instead (A/B benchmark runs); it is never built.
+if [ -n "${PICKBOX_BIN:-}" ]; then
+    bin=$PICKBOX_BIN
+    build_cmd=(die "PICKBOX_BIN=$PICKBOX_BIN is not an executable")
+fi
+
 # Builds the binary if it is missing or older than any source.
 build() {
+    if [ -n "${PICKBOX_BIN:-}" ] && [ -x "$bin" ]; then
+        return 0
+    fi
     if [ -x "$bin" ] && [ -z "$(find src Cargo.toml Cargo.lock -newer "$bin" -print -quit 2>/dev/null)" ]; then
         return 0
     fi

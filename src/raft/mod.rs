@@ -711,8 +711,14 @@ impl Replica {
 
     /// Flush and stop Raft and the store.
     pub async fn shutdown(&self) -> anyhow::Result<()> {
-        for h in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        let tasks: Vec<_> = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
+        for h in &tasks {
             h.abort();
+        }
+        // An aborted task is dropped at its next poll: wait for that, so none of them still holds
+        // this replica (and its store) when shutdown returns. Never called from one of them.
+        for h in tasks {
+            let _ = h.await;
         }
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown reported an error");

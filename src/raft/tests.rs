@@ -349,6 +349,22 @@ fn has(r: &Replica, name: &str) -> bool {
     r.read().unwrap().entry(ROOT_INO, name.as_bytes()).unwrap().is_some()
 }
 
+/// Start a node again on a data dir whose previous replica, in this process, was shut down. Its
+/// database closes when openraft's last task of it has ended, after `shutdown` returned (a new
+/// process never meets this): until then the open fails with "already open".
+async fn restart_with(cfg: ReplicaConfig, transport: Arc<dyn PeerTransport>) -> Arc<Replica> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Replica::start_with(cfg.clone(), transport.clone()).await {
+            Ok(r) => return r,
+            Err(e) if format!("{e:#}").contains("already open") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("restart failed: {e:#}"),
+        }
+    }
+}
+
 async fn shutdown_all(rs: &[Arc<Replica>]) {
     for r in rs {
         let _ = tokio::time::timeout(Duration::from_secs(10), r.shutdown()).await;
@@ -747,13 +763,13 @@ fn restart_without_quorum_starts_and_recovers() {
     runtime.block_on(async {
         let net = Arc::new(MemNet::default());
         let t = Instant::now();
-        let a = Replica::start_with(cfg_n(ds[1].path(), 2, timeout), MemTransport::on(&net, 2)).await.unwrap();
+        let a = restart_with(cfg_n(ds[1].path(), 2, timeout), MemTransport::on(&net, 2)).await;
         net.add(2, &a);
         eprintln!("restart without quorum returned in {:?}", t.elapsed());
         assert!(has(&a, "kept"), "reads work without quorum");
         let r = a.propose(Caller::root(), mk("nope")).await;
         assert!(matches!(r, Err(ProposeError::Unavailable(_))), "{r:?}");
-        let b = Replica::start_with(cfg_n(ds[2].path(), 3, timeout), MemTransport::on(&net, 3)).await.unwrap();
+        let b = restart_with(cfg_n(ds[2].path(), 3, timeout), MemTransport::on(&net, 3)).await;
         net.add(3, &b);
         let t = Instant::now();
         loop {
