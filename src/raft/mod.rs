@@ -652,9 +652,16 @@ impl Replica {
         }
     }
 
-    /// The index of the last entry applied locally.
+    /// The index of the last entry applied locally. Apply answers this node's proposers before
+    /// openraft counts their entries as applied in its metrics, so the index apply stored is
+    /// taken too: a proposer that was answered sees its entry here.
     pub fn applied_index(&self) -> Option<u64> {
-        self.raft.metrics().borrow().last_applied.map(|l| l.index)
+        let counted = self.raft.metrics().borrow().last_applied.map(|l| l.index);
+        match (counted, self.waiters.applied()) {
+            (Some(c), a) => Some(c.max(a)),
+            (None, 0) => None,
+            (None, a) => Some(a),
+        }
     }
 
     /// A summary of Raft and store state.

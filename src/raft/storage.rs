@@ -460,24 +460,35 @@ pub type Reply = tokio::sync::oneshot::Sender<Result<CommandResult, super::Propo
 /// follower, not for the leader's `Forward` reply either). Whoever takes a waiter out answers it
 /// (apply with the result, or the batch's task with the result or the error): exactly once.
 #[derive(Default)]
-pub struct Waiters(Mutex<std::collections::HashMap<u64, Reply>>);
+pub struct Waiters {
+    waiting: Mutex<std::collections::HashMap<u64, Reply>>,
+    /// The last index applied by apply calls, stored before their proposers are answered: a
+    /// proposer answered here may look at the applied index before openraft has counted the
+    /// entry as applied (see `Replica::applied_index`).
+    applied: AtomicU64,
+}
 
 impl Waiters {
+    /// The last index applied by an apply call (0: none since start).
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
     /// `reply` waits for the command numbered `seq` from this node.
     pub fn insert(&self, seq: u64, reply: Reply) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(seq, reply);
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(seq, reply);
     }
 
     /// The waiter of `seq`, if nobody answered it yet.
     pub fn take(&self, seq: u64) -> Option<Reply> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&seq)
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&seq)
     }
 
     /// Answer the waiters of this node's (`me`) commands in `entries` with their `results`.
     fn answer(&self, me: NodeId, entries: &[Ent], results: &[Response]) {
         let mut answered = Vec::new();
         {
-            let mut waiting = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
             if waiting.is_empty() {
                 return;
             }
@@ -755,13 +766,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             blocking(move || apply_entries(&store, &entries, me).map(|r| (entries, r))).await
         }
         .map_err(|e| sm_err("applying entries", e))?;
-        if let Some((node, waiters)) = &self.waiters {
-            waiters.answer(*node, &entries, &out);
-        }
         // After the commit, never blocking: the channel is unbounded. An apply that touched
         // nothing of interest sends nothing (see `EventSlot`).
         if !touched.is_empty() {
             self.send_event(Applied { index: last_index, touched });
+        }
+        if let Some((node, waiters)) = &self.waiters {
+            // After the event (a waiter for the coherence watermark reads the applied index
+            // first, then the last event's index) and before any proposer hears of its result
+            // (whoever is answered sees this entry in `Replica::applied_index`).
+            waiters.applied.fetch_max(last_index, Ordering::AcqRel);
+            waiters.answer(*node, &entries, &out);
         }
         Ok(out)
     }
