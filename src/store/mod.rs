@@ -109,13 +109,25 @@ impl Drop for Inner {
 /// go on, and the next durable commit's fsync (which apply waits for, redb having one writer) finds
 /// little left to write. A hint only: durability still comes from that fsync alone.
 fn writeback_loop(file: std::fs::File, wake: mpsc::Receiver<()>) {
-    use std::os::fd::AsRawFd;
     while wake.recv().is_ok() {
-        // SAFETY: a plain syscall on a file descriptor this thread owns; no memory is passed.
-        let r = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-        if r != 0 {
-            tracing::warn!(error = %std::io::Error::last_os_error(), "store: starting writeback of the state file failed");
+        if let Err(e) = start_writeback(&file, 0, 0) {
+            tracing::warn!(error = %e, "store: starting writeback of the state file failed");
         }
+    }
+}
+
+/// Ask the kernel to start writing `file`'s dirty pages in `[from, from + len)` (`len` 0: to the
+/// end of the file), without waiting for it. A hint: it makes nothing durable.
+fn start_writeback(file: &std::fs::File, from: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on an open file descriptor; no memory is passed.
+    let r = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), from as libc::off64_t, len as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE)
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -655,24 +655,15 @@ impl Wal {
         if written >= seg.file_len || written - seg.end >= ZERO_AHEAD_LOW_BYTES {
             return;
         }
-        let to = written.saturating_add(ZERO_AHEAD_BYTES).min(seg.file_len);
-        if let Err(e) = write_zeros(&seg.file, written, to) {
-            tracing::warn!(path = %seg.path.display(), error = %e, "log segment: zero-fill ahead of the tail failed");
+        let to = zero_fill_after(&seg.file, &seg.path, written, seg.file_len);
+        if to == written {
+            // Failed (logged): no more zero-fill in this segment.
             seg.written.store(seg.file_len, Ordering::Relaxed);
             return;
         }
         seg.written.store(to, Ordering::Relaxed);
-        // SAFETY: a plain syscall on an open fd; no memory is passed.
-        let r = unsafe {
-            libc::sync_file_range(
-                seg.file.as_raw_fd(),
-                written as libc::off64_t,
-                (to - written) as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
-        if r != 0 {
-            tracing::debug!(error = %std::io::Error::last_os_error(), "log segment: sync_file_range failed");
+        if let Err(e) = super::start_writeback(&seg.file, written, to - written) {
+            tracing::debug!(error = %e, "log segment: starting writeback of the zero-fill failed");
         }
     }
 
@@ -924,11 +915,9 @@ mod tests {
         w.sync().unwrap();
         let (path, end) = w.segment_files().pop().unwrap();
         drop(w);
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
         // Half a record for entry 10 (header says 300 bytes, 100 written), then garbage.
         let half = [&record_header(300, 12345, 10)[..], &[0xAB; 100]].concat();
-        f.write_all_at(&half, end).unwrap();
-        drop(f);
+        overwrite(&path, end, &half);
         let w = open(d.path(), None);
         assert_eq!(all(&w), rows(1..=9, 300));
         // The tail is gone for good: a shorter entry 10 is not followed by anything stale.
@@ -943,9 +932,7 @@ mod tests {
         // Pure garbage after the last record.
         let (path, end) = w.segment_files().pop().unwrap();
         drop(w);
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&[0xFF; 64], end).unwrap();
-        drop(f);
+        overwrite(&path, end, &[0xFF; 64]);
         let w = open(d.path(), None);
         assert_eq!(all(&w), want);
     }
@@ -959,10 +946,8 @@ mod tests {
         let (path, _) = w.segment_files().pop().unwrap();
         drop(w);
         // Flip a payload byte of entry 2: entries 2 and 3 were "never acknowledged".
-        let f = OpenOptions::new().read(true).write(true).open(&path).unwrap();
         let off = SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 200 + RECORD_HEADER_BYTES + 5;
-        f.write_all_at(&[0x5A ^ entry(2, 200)[5]], off).unwrap();
-        drop(f);
+        overwrite(&path, off, &[0x5A ^ entry(2, 200)[5]]);
         let w = open(d.path(), None);
         assert_eq!(indexes(&w), vec![1]);
     }
@@ -976,9 +961,7 @@ mod tests {
         let files = w.segment_files();
         assert!(files.len() >= 3);
         drop(w);
-        let f = OpenOptions::new().read(true).write(true).open(&files[0].0).unwrap();
-        f.write_all_at(&[0xEE; 8], SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 1000 + RECORD_HEADER_BYTES + 10).unwrap();
-        drop(f);
+        overwrite(&files[0].0, SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 1000 + RECORD_HEADER_BYTES + 10, &[0xEE; 8]);
         let err = Wal::open_with(d.path(), None, TEST_SEGMENT_BYTES).err().expect("must refuse");
         assert!(err.0.contains("not the last one") && err.0.contains("refusing to start"), "{}", err.0);
         assert!(err.0.contains("entry 2"), "names the entry: {}", err.0);
@@ -1001,11 +984,14 @@ mod tests {
         w.sync().unwrap();
         let (path, _) = w.segment_files().pop().unwrap();
         drop(w);
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&u32::MAX.to_le_bytes(), SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 100).unwrap();
-        drop(f);
+        overwrite(&path, SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 100, &u32::MAX.to_le_bytes());
         let w = open(d.path(), None);
         assert_eq!(indexes(&w), vec![1]);
+    }
+
+    /// Overwrite `bytes` at `at` in `path` (damage a closed segment file).
+    fn overwrite(path: &Path, at: u64, bytes: &[u8]) {
+        OpenOptions::new().write(true).open(path).unwrap().write_all_at(bytes, at).unwrap();
     }
 
     /// The bytes of `path` from `from` to its end.
@@ -1116,9 +1102,7 @@ mod tests {
         let (path, end) = w.segment_files().pop().unwrap();
         drop(w);
         let other = [&record_header(100, crc(12345, 2, &entry(2, 100)), 2)[..], &entry(2, 100)].concat();
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&other, end).unwrap();
-        drop(f);
+        overwrite(&path, end, &other);
         let w = open(d.path(), None);
         assert_eq!(indexes(&w), vec![1]);
     }
