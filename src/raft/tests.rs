@@ -739,6 +739,52 @@ fn no_quorum_is_unavailable_then_recovers() {
     });
 }
 
+/// The leader replicates while its own log write is in flight (vendor/openraft/PATCHES.md): with
+/// its log stalled, a write still commits on the followers' durable copies and the leader applies
+/// and answers it. With both followers' logs stalled, the leader's durable copy alone is no
+/// majority: nothing commits, the proposer gets EIO at its deadline; once the followers' logs
+/// move again, writes go on.
+#[test]
+fn leader_commits_on_follower_copies_while_its_own_log_stalls() {
+    let ds = dirs(3);
+    let timeout = Duration::from_secs(2);
+    rt().block_on(async {
+        let net = Arc::new(MemNet::default());
+        let rs = cluster(&net, &ds, timeout).await;
+        let (l, _) = leader_and_follower(&rs);
+        let followers: Vec<Arc<Replica>> = rs.iter().filter(|r| r.node_id() != l.node_id()).cloned().collect();
+        l.propose(Caller::root(), mk("before")).await.unwrap();
+        {
+            let _stalled = l.store.stall_log();
+            l.propose(Caller::root(), mk("leader-log-stalled")).await.unwrap();
+            assert!(has(&l, "leader-log-stalled"));
+            let target = l.applied_index().unwrap();
+            for f in &followers {
+                wait_applied_on(f, target).await;
+                assert!(has(f, "leader-log-stalled"), "node {}", f.node_id());
+            }
+        }
+        {
+            let _a = followers[0].store.stall_log();
+            let _b = followers[1].store.stall_log();
+            let t = Instant::now();
+            let r = l.propose(Caller::root(), mk("no-majority")).await;
+            assert!(matches!(r, Err(ProposeError::Unavailable(_))), "{r:?}");
+            assert!(t.elapsed() >= timeout, "{:?}", t.elapsed());
+            assert!(!has(&l, "no-majority"), "applied without a durable majority");
+        }
+        let t = Instant::now();
+        loop {
+            match l.propose(Caller::root(), mk("after")).await {
+                Ok(_) | Err(ProposeError::Fs(Errno::Exist)) => break,
+                Err(e) => assert!(t.elapsed() < Duration::from_secs(15), "no recovery: {e}"),
+            }
+        }
+        assert!(has(&l, "after"));
+        shutdown_all(&rs).await;
+    });
+}
+
 /// A restarted node whose peers are down starts anyway (reads work, writes fail), and finishes
 /// its bootstrap once a quorum is back.
 #[test]

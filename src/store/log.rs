@@ -108,6 +108,10 @@ pub(super) struct Shared {
     durable_at: Mutex<(Instant, u64)>,
     /// `stats.log_bytes` when the state file's writeback was last started.
     writeback_at: std::sync::atomic::AtomicU64,
+    /// Test hook: the writer holds this lock while it handles a batch, so a test that holds it
+    /// stalls the log (a slow or stuck disk).
+    #[cfg(test)]
+    pub stall: Mutex<()>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -124,6 +128,8 @@ impl Shared {
             ready: Mutex::default(),
             durable_at: Mutex::new((Instant::now(), 0)),
             writeback_at: Default::default(),
+            #[cfg(test)]
+            stall: Mutex::new(()),
         }
     }
 
@@ -247,6 +253,8 @@ pub(super) fn run(sh: Arc<Shared>, rx: Receiver<LogWrite>) {
         } else {
             lazy_now
         };
+        #[cfg(test)]
+        let _stalled = locked(&sh.stall);
         let res = match &failed {
             Some(why) => Err(format!("store failed earlier: {why}")),
             None => write_batch(&sh, &batch, lazy_now).map_err(|e| e.0),
@@ -323,4 +331,13 @@ fn write_batch(sh: &Shared, batch: &[LogWrite], lazy_now: MetaWrites) -> StoreRe
         sh.commit_meta(&puts, None)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+impl super::Store {
+    /// Test hook: the log writer stalls (before its next batch) while the guard lives: a slow or
+    /// stuck disk under this node's log.
+    pub(crate) fn stall_log(&self) -> std::sync::MutexGuard<'_, ()> {
+        locked(&self.inner.log.stall)
+    }
 }
