@@ -349,6 +349,18 @@ fn has(r: &Replica, name: &str) -> bool {
     r.read().unwrap().entry(ROOT_INO, name.as_bytes()).unwrap().is_some()
 }
 
+/// Create `name` through `r`, retrying failures (no quorum yet, an election) for up to `within`;
+/// EEXIST counts as done (an earlier attempt that timed out may have committed it).
+async fn propose_until_done(r: &Replica, name: &str, within: Duration) {
+    let t = Instant::now();
+    loop {
+        match r.propose(Caller::root(), mk(name)).await {
+            Ok(_) | Err(ProposeError::Fs(Errno::Exist)) => return,
+            Err(e) => assert!(t.elapsed() < within, "no recovery: {e}"),
+        }
+    }
+}
+
 /// Start a node again on a data dir whose previous replica, in this process, was shut down. Its
 /// database closes when openraft's last task of it has ended, after `shutdown` returned (a new
 /// process never meets this): until then the open fails with "already open".
@@ -725,14 +737,7 @@ fn no_quorum_is_unavailable_then_recovers() {
         for n in &others {
             net.heal(*n);
         }
-        let t = Instant::now();
-        loop {
-            match l.propose(Caller::root(), mk("after")).await {
-                Ok(_) => break,
-                Err(ProposeError::Fs(Errno::Exist)) => break,
-                Err(e) => assert!(t.elapsed() < Duration::from_secs(15), "no recovery: {e}"),
-            }
-        }
+        propose_until_done(&l, "after", Duration::from_secs(15)).await;
         let f = rs.iter().find(|r| r.node_id() != l.metrics().current_leader.unwrap()).unwrap();
         f.propose(Caller::root(), mk("after-via-follower")).await.unwrap();
         shutdown_all(&rs).await;
@@ -773,13 +778,7 @@ fn leader_commits_on_follower_copies_while_its_own_log_stalls() {
             assert!(t.elapsed() >= timeout, "{:?}", t.elapsed());
             assert!(!has(&l, "no-majority"), "applied without a durable majority");
         }
-        let t = Instant::now();
-        loop {
-            match l.propose(Caller::root(), mk("after")).await {
-                Ok(_) | Err(ProposeError::Fs(Errno::Exist)) => break,
-                Err(e) => assert!(t.elapsed() < Duration::from_secs(15), "no recovery: {e}"),
-            }
-        }
+        propose_until_done(&l, "after", Duration::from_secs(15)).await;
         assert!(has(&l, "after"));
         shutdown_all(&rs).await;
     });
@@ -817,13 +816,7 @@ fn restart_without_quorum_starts_and_recovers() {
         assert!(matches!(r, Err(ProposeError::Unavailable(_))), "{r:?}");
         let b = restart_with(cfg_n(ds[2].path(), 3, timeout), MemTransport::on(&net, 3)).await;
         net.add(3, &b);
-        let t = Instant::now();
-        loop {
-            match a.propose(Caller::root(), mk("back")).await {
-                Ok(_) | Err(ProposeError::Fs(Errno::Exist)) => break,
-                Err(e) => assert!(t.elapsed() < Duration::from_secs(20), "no recovery: {e}"),
-            }
-        }
+        propose_until_done(&a, "back", Duration::from_secs(20)).await;
         assert!(has(&a, "back"));
         // The background bootstrap released node 2's orphan once the quorum was back.
         let t = Instant::now();
