@@ -330,7 +330,7 @@ impl Store {
         let mut txn = self.inner.db.begin_write().map_err(fault)?;
         txn.set_durability(if durable { Durability::Immediate } else { Durability::None }).map_err(fault)?;
         let out = {
-            let mut tables = StateTxn::open(&txn)?;
+            let mut tables = StateTxn::open(&txn);
             f(&mut tables)?
         };
         if durable {
@@ -416,9 +416,9 @@ impl Store {
         }
         let mut txn = self.inner.db.begin_write().map_err(fault)?;
         txn.set_durability(Durability::Immediate).map_err(fault)?;
-        tables::delete_state_tables(&txn)?;
+        tables::clear_state_tables(&txn)?;
         {
-            let mut t = StateTxn::open(&txn)?;
+            let mut t = StateTxn::open(&txn);
             snapshot::load(&info.path, &mut t)?;
             for (k, v) in sm_meta {
                 t.put_sm_meta(k, v)?;
