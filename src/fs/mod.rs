@@ -30,7 +30,7 @@ use fuser::{
 };
 
 use crate::config::WRITE_BYTES_MAX;
-use crate::state::{Caller, Errno, FallocMode, FileKind, RenameFlags, SetTime, XattrFlags};
+use crate::state::{Caller, Errno, FallocMode, FileKind, HashedOp, Op, RenameFlags, SetTime, XattrFlags};
 
 pub use errno::{FsError, FsResult};
 pub use mount::{cleanup_stale_mount, mount, Mounted};
@@ -480,11 +480,13 @@ impl Filesystem for PickboxFs {
             self.ops.handles.mark_stale_if_open(ino.0);
         }
         let caller = if cached { Caller::root() } else { who(req, false) };
-        let data = data.to_vec();
+        // Hashed here, on the fuser thread: concurrent writes hash on the fuser threads in
+        // parallel instead of one after the other on the runtime's worker.
+        let op = HashedOp::new(Op::Write { ino: ino.0, offset, data: data.to_vec(), append });
         let ticket = self.ops.writes.start(ino.0);
         let ops = self.ops.clone();
         self.spawn(async move {
-            match ops.write(caller, ino.0, offset, data, append).await {
+            match ops.write_hashed(caller, op).await {
                 Ok(len) => reply.written(len.min(u64::from(u32::MAX)) as u32),
                 Err(e) => reply.error(ops.errno_of(&e)),
             }

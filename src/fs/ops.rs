@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::config::{NAME_BYTES_MAX, READDIR_BATCH_MAX, SYMLINK_BYTES_MAX, XATTR_NAME_BYTES_MAX, XATTR_VALUE_BYTES_MAX};
 use crate::raft::{ProposeError, Replica};
 use crate::state::{
-    Caller, Errno, FallocMode, FileKind, Ino, Inode, Op, Outcome, RenameFlags, SetTime, StateRead,
+    Caller, Errno, FallocMode, FileKind, HashedOp, Ino, Inode, Op, Outcome, RenameFlags, SetTime, StateRead,
     Timespec, XattrFlags,
 };
 
@@ -479,8 +479,9 @@ impl Ops {
 
     /// Propose `op`, with any deferred times setattrs queued just before it (same batch; they
     /// come first, so a later change of the same inode wins).
-    async fn propose(&self, caller: Caller, op: Op) -> FsResult<Outcome> {
-        tracing::debug!(op = op_kind(&op), "proposing");
+    async fn propose(&self, caller: Caller, op: impl Into<HashedOp>) -> FsResult<Outcome> {
+        let op = op.into();
+        tracing::debug!(op = op_kind(op.op()), "proposing");
         let taken = std::mem::take(&mut *self.deferred());
         if taken.is_empty() {
             return Ok(self.replica.propose(caller, op).await?);
@@ -787,8 +788,17 @@ impl Ops {
     /// Write `data` at `offset`, or at the end of the file when `append` (O_APPEND: the state
     /// decides where the end is, so concurrent appenders never overwrite each other).
     pub async fn write(&self, caller: Caller, ino: Ino, offset: u64, data: Vec<u8>, append: bool) -> FsResult<u64> {
+        self.write_hashed(caller, HashedOp::new(Op::Write { ino, offset, data, append })).await
+    }
+
+    /// `write` of an `Op::Write` already hashed (by the fuser thread that received the data).
+    pub async fn write_hashed(&self, caller: Caller, op: HashedOp) -> FsResult<u64> {
+        let Op::Write { data, .. } = op.op() else {
+            tracing::error!(op = op_kind(op.op()), "write_hashed got another op");
+            return Err(Errno::Io.into());
+        };
         self.check_space(data.len() as u64)?;
-        match self.propose(caller, Op::Write { ino, offset, data, append }).await? {
+        match self.propose(caller, op).await? {
             Outcome::Written { len, attr } => {
                 self.note_own_write(&attr);
                 Ok(len)

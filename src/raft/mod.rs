@@ -19,7 +19,7 @@ use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
 use tokio::time::Instant;
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Caller, Command, CommandResult, NodeId, Op, Outcome, StateRead, StoreFault, Timespec, ROOT_INO};
+use crate::state::{Caller, Command, CommandResult, HashedOp, NodeId, Op, Outcome, StateRead, StoreFault, Timespec, ROOT_INO};
 use crate::store::Store;
 pub use network::{NoPeers, PeerTransport, RpcKind, TransportError};
 use storage::{LogStore, SnapshotFile, StateMachine};
@@ -234,8 +234,9 @@ struct Pending {
     time: Timespec,
     /// The end of the caller's one wait (queue, forwarding, retries, local apply).
     deadline: Instant,
-    /// `op.content_hash()`, computed by the proposing task (callers hash in parallel; the batcher
-    /// is one task and would hash every batch serially on the write path).
+    /// `op.content_hash()`, computed by whoever made the op (`HashedOp`: a FUSE write on its fuser
+    /// thread, others in the proposing task), never by the batcher, which is one task and would
+    /// hash every batch serially on the write path.
     content_hash: crate::state::Hash,
     reply: tokio::sync::oneshot::Sender<Result<CommandResult, ProposeError>>,
 }
@@ -542,11 +543,11 @@ impl Replica {
     /// Propose `op` for `caller`; returns after the command is committed and applied locally.
     /// One deadline (`propose_timeout`) covers the queue, forwarding to the leader with retries,
     /// and the local apply; past it the caller gets `Unavailable` (EIO).
-    pub async fn propose(&self, caller: Caller, op: Op) -> Result<Outcome, ProposeError> {
+    pub async fn propose(&self, caller: Caller, op: impl Into<HashedOp>) -> Result<Outcome, ProposeError> {
         let timeout = self.cfg.propose_timeout;
         let deadline = Instant::now() + timeout;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let content_hash = op.content_hash();
+        let (op, content_hash) = op.into().into_parts();
         let pending = Pending { caller, op, time: now(), deadline, content_hash, reply: tx };
         let wait = async {
             self.queue

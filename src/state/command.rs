@@ -231,6 +231,36 @@ impl Op {
     }
 }
 
+/// An op with its content hash (`Op::content_hash`), computed where the op is made: a FUSE write
+/// hashes its data on the fuser thread that received it, so the hashing of concurrent writes runs
+/// on those threads instead of queueing on the async runtime's worker.
+#[derive(Clone, Debug)]
+pub struct HashedOp {
+    op: Op,
+    content_hash: Hash,
+}
+
+impl HashedOp {
+    pub fn new(op: Op) -> HashedOp {
+        let content_hash = op.content_hash();
+        HashedOp { op, content_hash }
+    }
+
+    pub fn op(&self) -> &Op {
+        &self.op
+    }
+
+    pub fn into_parts(self) -> (Op, Hash) {
+        (self.op, self.content_hash)
+    }
+}
+
+impl From<Op> for HashedOp {
+    fn from(op: Op) -> HashedOp {
+        HashedOp::new(op)
+    }
+}
+
 /// What a successful command returns to its caller.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
