@@ -85,6 +85,14 @@ macro_rules! state_tables {
             $( pub(super) fn $table(&self) -> StoreResult<&ReadOnlyTable<$k, $v>> {
                 lazy_table(&self.txn, &self.$field, $def)
             } )*
+
+            /// Benchmarks: open every table, as views did before they opened them on first use.
+            #[cfg(test)]
+            fn open_every_table(&self) -> StoreResult<()> {
+                self.sm_meta_table()?;
+                $( self.$table()?; )*
+                Ok(())
+            }
         }
 
         /// The state tables of one write transaction; apply writes through this. Tables are
@@ -110,6 +118,14 @@ macro_rules! state_tables {
             fn $table(&self) -> StoreResult<&Table<'txn, $k, $v>> {
                 self.$field.table().map_err(fault)
             } )*
+
+            /// Benchmarks: open every table, as `open` did before tables were opened on first use.
+            #[cfg(test)]
+            fn open_every_table(&self) -> StoreResult<()> {
+                self.sm_meta_table()?;
+                $( self.$table()?; )*
+                Ok(())
+            }
 
             /// Insert one raw record of a snapshot (bytes as produced by redb's `as_bytes`).
             pub(super) fn insert_raw(&mut self, id: u8, key: &[u8], value: &[u8]) -> StoreResult<()> {
@@ -696,9 +712,9 @@ impl StateWrite for StateTxn<'_> {
 mod bench {
     use std::time::Instant;
 
+    use super::super::tests::cmd;
     use super::super::Store;
-    use super::StateTxn;
-    use crate::state::{apply, Caller, Command, FileKind, Inode, Op, StateRead, StateWrite, Timespec, ROOT_INO};
+    use crate::state::{apply, Command, FileKind, Inode, Op, StateRead, StateWrite, Timespec, ROOT_INO};
 
     /// Views opened per measurement.
     const VIEWS: u32 = 20_000;
@@ -733,19 +749,7 @@ mod bench {
             for _ in 0..VIEWS {
                 let v = store.read().unwrap();
                 if every_table {
-                    v.sm_meta_table().unwrap();
-                    v.inodes_table().unwrap();
-                    v.entries_table().unwrap();
-                    v.cookies_table().unwrap();
-                    v.block_map_table().unwrap();
-                    v.block_data_table().unwrap();
-                    v.block_refs_table().unwrap();
-                    v.xattrs_table().unwrap();
-                    v.orphans_table().unwrap();
-                    v.results_table().unwrap();
-                    v.max_seq_table().unwrap();
-                    v.fs_meta_table().unwrap();
-                    v.block_tails_table().unwrap();
+                    v.open_every_table().unwrap();
                 }
                 assert!(v.inode(1).unwrap().is_some());
                 assert!(v.entry(1, b"x").unwrap().is_none());
@@ -775,14 +779,7 @@ mod bench {
         let mut seq = 0u64;
         let mut cmd = |op: Op| {
             seq += 1;
-            Command {
-                origin: 7,
-                seq,
-                time: Timespec { sec: 1_700_000_000, nsec: 0 },
-                caller: Caller::root(),
-                content_hash: op.content_hash(),
-                op,
-            }
+            cmd(seq, op)
         };
         let init = cmd(Op::Init { perm: 0o755, uid: 0, gid: 0 });
         store.write_state(false, |t| apply(t, &init)).unwrap().unwrap();
@@ -799,7 +796,7 @@ mod bench {
                 store
                     .write_state(false, |s| {
                         if every_table {
-                            open_every_table(s)?;
+                            s.open_every_table()?;
                         }
                         s.put_sm_meta("applied", &c.seq.to_le_bytes())?;
                         apply(s, c)
@@ -819,40 +816,13 @@ mod bench {
             }
         }
     }
-
-    fn open_every_table(s: &StateTxn<'_>) -> crate::state::StoreResult<()> {
-        s.sm_meta_table()?;
-        s.inodes_table()?;
-        s.entries_table()?;
-        s.cookies_table()?;
-        s.block_map_table()?;
-        s.block_data_table()?;
-        s.block_refs_table()?;
-        s.xattrs_table()?;
-        s.orphans_table()?;
-        s.results_table()?;
-        s.max_seq_table()?;
-        s.fs_meta_table()?;
-        s.block_tails_table()?;
-        Ok(())
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::cmd;
     use super::super::Store;
-    use crate::state::{apply, Caller, Command, FileKind, Hash, Meta, Op, StateRead, Timespec, XattrFlags, ROOT_INO};
-
-    fn cmd(seq: u64, op: Op) -> Command {
-        Command {
-            origin: 7,
-            seq,
-            time: Timespec { sec: 1_700_000_000 + seq as i64, nsec: 0 },
-            caller: Caller::root(),
-            content_hash: op.content_hash(),
-            op,
-        }
-    }
+    use crate::state::{apply, FileKind, Hash, Meta, Op, StateRead, XattrFlags, ROOT_INO};
 
     /// A snapshot has no records for an empty table, and `StateTxn` creates only the tables it
     /// touches: after an install every table must still exist (read views open any of them) and

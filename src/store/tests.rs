@@ -90,7 +90,8 @@ fn dump(store: &Store) -> Vec<(u8, Vec<u8>, Vec<u8>)> {
     out
 }
 
-fn cmd(seq: u64, op: Op) -> Command {
+/// A command of origin 7 with sequence number `seq` (shared by the store's test modules).
+pub(super) fn cmd(seq: u64, op: Op) -> Command {
     Command {
         origin: 7,
         seq,
