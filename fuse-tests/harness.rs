@@ -396,10 +396,19 @@ pub fn is_mounted(mnt: &Path) -> bool {
     })
 }
 
-/// Whether the filesystem at `mnt` answers. statfs always reaches the daemon (the kernel does not
-/// cache it), unlike stat, which a stale mount may still answer from the attribute cache.
+/// statfs's `f_type` of a FUSE filesystem (`FUSE_SUPER_MAGIC`).
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// Whether a live FUSE filesystem answers at `mnt`. statfs always reaches the daemon (the kernel
+/// does not cache it), unlike stat, which a stale mount may still answer from the attribute cache.
+/// The type matters: a restarting node detaches the stale mount a crash left before it mounts
+/// again, so between a check of mountinfo (which still listed the stale mount) and this statfs the
+/// mountpoint can be the plain directory underneath, whose statfs succeeds too.
 pub fn is_live(mnt: &Path) -> bool {
-    statfs_errno(mnt).is_none()
+    let c = cstr(mnt);
+    // SAFETY: zeroed statfs is a valid out-parameter; c is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::statfs(c.as_ptr(), &mut st) }).is_ok() && i64::from(st.f_type) == FUSE_SUPER_MAGIC
 }
 
 /// The errno of statfs on `mnt`, or None if it succeeded.

@@ -60,13 +60,20 @@ is_mounted() {
     awk -v m="$1" '$5 == m { found = 1 } END { exit !found }' /proc/self/mountinfo
 }
 
-# Waits until PID $1 has mounted $2 and it answers statfs (a stale mount may answer stat from cache); fails after $3 seconds.
+# Whether a live FUSE filesystem answers statfs at $1 (a stale mount may answer stat from cache,
+# and a restarting node detaches the stale mount before it mounts, leaving the plain directory
+# underneath for a moment: its statfs succeeds too, so the type is checked: FUSE_SUPER_MAGIC).
+is_live_fuse() {
+    [ "$(stat -f -c %t "$1" 2>/dev/null)" = 65735546 ]
+}
+
+# Waits until PID $1 has mounted $2 and it answers statfs as a FUSE filesystem; fails after $3 seconds.
 wait_mounted() {
     local pid=$1 mnt=$2 secs=${3:-30}
     local deadline=$((SECONDS + secs))
     while [ "$SECONDS" -lt "$deadline" ]; do
         alive "$pid" || return 1
-        if is_mounted "$mnt" && stat -f "$mnt" >/dev/null 2>&1; then
+        if is_mounted "$mnt" && is_live_fuse "$mnt"; then
             return 0
         fi
         sleep 0.05
