@@ -340,4 +340,11 @@ impl super::Store {
     pub(crate) fn stall_log(&self) -> std::sync::MutexGuard<'_, ()> {
         locked(&self.inner.log.stall)
     }
+
+    /// Test hook: the state was last made durable `ago` earlier than recorded (the flush
+    /// interval passes without a test sleeping through it).
+    pub(crate) fn age_durable_state(&self, ago: Duration) {
+        let mut at = locked(&self.inner.log.durable_at);
+        at.0 = at.0.checked_sub(ago).expect("the machine has been up longer than `ago`");
+    }
 }

@@ -614,7 +614,10 @@ fn an_apply_commit_becomes_durable_after_the_flush_interval() {
     let f0 = flushes();
     store.write_state(false, |t| t.put_inode(&inode(100))).unwrap();
     assert_eq!(flushes(), f0);
-    std::thread::sleep(std::time::Duration::from_millis(STATE_FLUSH_MS + 50));
+    store.age_durable_state(std::time::Duration::from_millis(STATE_FLUSH_MS / 2));
+    store.write_state(false, |t| t.put_inode(&inode(101))).unwrap();
+    assert_eq!(flushes(), f0, "not yet STATE_FLUSH_MS after the last durable commit");
+    store.age_durable_state(std::time::Duration::from_millis(STATE_FLUSH_MS / 2));
     store.write_state(false, |t| t.put_inode(&inode(101))).unwrap();
     assert_eq!(flushes(), f0 + 1, "STATE_FLUSH_MS after the last durable commit");
     store.write_state(false, |t| t.put_inode(&inode(102))).unwrap();
