@@ -788,7 +788,10 @@ async fn learner_restarted_before_promotion_becomes_a_voter() {
     b.propose(Caller::root(), Op::Write { ino: f.ino, offset: 0, data: b"from node2".to_vec(), append: false })
         .await
         .unwrap();
-    assert_eq!(read_file(&a, b"f"), b"from node2");
+    // Node 2 answered after applying; the leader applies the entry on its own time (it may not
+    // have yet: a follower learns the commit as soon as the leader does).
+    wait_until("the leader to apply node 2's write", Duration::from_secs(10), || read_file(&a, b"f") == b"from node2")
+        .await;
 
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
