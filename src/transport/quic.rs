@@ -703,8 +703,8 @@ impl Inner {
         let _held = Held::new(&self.request_bytes, len as u64);
         let now = self.request_bytes.load(Ordering::Relaxed);
         self.counters.request_bytes_peak.fetch_max(now, Ordering::Relaxed);
-        let mut body = vec![0u8; len];
-        match tokio::time::timeout_at(deadline, recv.read_exact(&mut body)).await {
+        let body = read_body(&mut recv, len);
+        let body = match tokio::time::timeout_at(deadline, body).await {
             Err(_) => return timed_out(&mut recv, &mut send),
             Ok(Err(ReadExactError::FinishedEarly(n))) => {
                 let e = frame::FrameError::Length { declared: len, got: n };
@@ -714,8 +714,8 @@ impl Inner {
                 tracing::debug!(node, %remote, %peer, error = %e, "request stream aborted by the peer");
                 return;
             }
-            Ok(Ok(())) => {}
-        }
+            Ok(Ok(body)) => body,
+        };
         // Nothing may follow the declared body.
         match tokio::time::timeout_at(deadline, recv.read_to_end(0)).await {
             Err(_) => return timed_out(&mut recv, &mut send),
@@ -792,6 +792,19 @@ impl Inner {
         let _ = recv.stop(VarInt::from_u32(CODE_TOO_LONG));
         reply(send, frame::encode_refused("message over the size limit")).await;
     }
+}
+
+/// Read exactly `len` bytes of a request body, chunk by chunk into a buffer of that capacity (no
+/// zero-filling first, and no bigger allocation than the declared length).
+async fn read_body(recv: &mut RecvStream, len: usize) -> Result<Vec<u8>, ReadExactError> {
+    let mut body = Vec::with_capacity(len);
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await? {
+            Some(chunk) => body.extend_from_slice(&chunk.bytes),
+            None => return Err(ReadExactError::FinishedEarly(body.len())),
+        }
+    }
+    Ok(body)
 }
 
 /// Write a whole reply and finish the stream (errors only mean the peer went away).
