@@ -163,6 +163,89 @@ const LOCAL_LOG_FORMAT: &str = "log_format";
 const LOG_FORMAT_SEGMENTS: u64 = 1;
 /// Entries moved out of the LOG table per append when migrating.
 const MIGRATE_BATCH_ENTRIES: usize = 256;
+/// redb reuses the pages freed inside its file but never shrinks the file; only
+/// `Database::compact()` (live pages moved down, the free tail cut off) gives the space back.
+/// `Store::open` compacts when at least this much of the file is free...
+const COMPACT_MIN_FREE_BYTES: u64 = 64 * 1024 * 1024;
+/// ... and at least this share of it: a file with little free space would pay for moving most of
+/// its pages to give little back (compacting a 1 GiB file half free took 2.5-3 s at start).
+const COMPACT_MIN_FREE_PERCENT: u64 = 25;
+/// File space a stored block takes, for the cheap estimate that decides whether the exact free
+/// space is worth measuring (redb's `stats()` reads every page of the file, ~1.5 s per 512 MiB of
+/// live data from a cold cache, too much for every start): a head in its own 64 KiB page and a
+/// tail of ~0.5 KiB in a shared 4 KiB leaf. A short block takes less, so the estimate errs towards
+/// not compacting.
+const COMPACT_EST_BLOCK_BYTES: u64 = 65 * 1024;
+/// File space any other record takes (key, value, B-tree slack), for the same estimate.
+const COMPACT_EST_RECORD_BYTES: u64 = 256;
+
+#[cfg(test)]
+thread_local! {
+    /// Test override of `COMPACT_MIN_FREE_BYTES` for stores opened on this thread (keeps the
+    /// compaction tests' files small).
+    static COMPACT_MIN_FREE_BYTES_TEST: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Give the space freed inside the redb file back to the filesystem when enough of it is free
+/// (`COMPACT_MIN_FREE_BYTES` and `COMPACT_MIN_FREE_PERCENT`). First a cheap estimate (row counts,
+/// O(1) per table) rules out the usual start with little free; only then is the free space
+/// measured exactly (redb's allocated pages against the file length) and the file compacted.
+/// Crash safety is redb's: compact() is a series of ordinary copy-on-write commits (relocated
+/// pages are written to free pages, the old ones freed only after the commit is durable, the file
+/// cut only after the smaller layout is durable), so a crash leaves the last complete commit,
+/// which holds the same records. An error is returned for the caller to log; nothing is lost.
+fn compact_at_open(db: &mut Database, path: &Path) -> StoreResult<()> {
+    use redb::TableHandle;
+    let min_free = COMPACT_MIN_FREE_BYTES;
+    #[cfg(test)]
+    let min_free = COMPACT_MIN_FREE_BYTES_TEST.with(|c| c.get()).unwrap_or(min_free);
+    let worth = |free: u64, file: u64| {
+        free >= min_free && free.saturating_mul(100) >= file.saturating_mul(COMPACT_MIN_FREE_PERCENT)
+    };
+    let file_len = || std::fs::metadata(path).map(|m| m.len()).map_err(fault);
+    let started = std::time::Instant::now();
+    let before = file_len()?;
+    let estimated_free = {
+        let txn = db.begin_read().map_err(fault)?;
+        let mut live = 0u64;
+        for table in txn.list_tables().map_err(fault)? {
+            let rows = txn.open_untyped_table(table.clone()).map_err(fault)?.len().map_err(fault)?;
+            let blocks = table.name() == tables::BLOCK_DATA.name();
+            let each = if blocks { COMPACT_EST_BLOCK_BYTES } else { COMPACT_EST_RECORD_BYTES };
+            live = live.saturating_add(rows.saturating_mul(each));
+        }
+        before.saturating_sub(live)
+    };
+    if !worth(estimated_free, before) {
+        return Ok(());
+    }
+    let free = {
+        let txn = db.begin_write().map_err(fault)?;
+        let stats = txn.stats().map_err(fault)?;
+        txn.abort().map_err(fault)?;
+        before.saturating_sub(stats.allocated_pages().saturating_mul(stats.page_size() as u64))
+    };
+    if !worth(free, before) {
+        tracing::debug!(
+            file_bytes = before,
+            free_bytes = free,
+            estimated_free_bytes = estimated_free,
+            "store: state file not worth compacting"
+        );
+        return Ok(());
+    }
+    // compact() itself loops until no page can move lower, so one call compacts fully.
+    db.compact().map_err(fault)?;
+    let after = file_len()?;
+    tracing::info!(
+        before_bytes = before,
+        after_bytes = after,
+        free_bytes = free,
+        ms = started.elapsed().as_millis() as u64,
+        "store: compacted the state file"
+    );
+    Ok(())
+}
 
 /// Whether `data_dir` holds a store already (a node that has run before).
 pub fn exists(data_dir: &Path) -> bool {
@@ -175,13 +258,24 @@ impl Store {
         std::fs::create_dir_all(data_dir).map_err(fault)?;
         let snap_dir = data_dir.join("snapshots");
         std::fs::create_dir_all(&snap_dir).map_err(fault)?;
-        let db = Database::builder().set_cache_size(CACHE_BYTES).create(data_dir.join(DB_FILE)).map_err(fault)?;
+        let db_path = data_dir.join(DB_FILE);
+        let open_db = || Database::builder().set_cache_size(CACHE_BYTES).create(&db_path).map_err(fault);
+        let mut db = open_db()?;
         {
             let txn = db.begin_write().map_err(fault)?;
             tables::create_all_tables(&txn)?;
             txn.commit().map_err(fault)?;
         }
         let wal = open_log(data_dir, &db)?;
+        // Only here does the store hold the `Database` alone (compact() needs `&mut` and no live
+        // transaction); a node start is also the moment users expect space back after deletes.
+        if let Err(e) = compact_at_open(&mut db, &db_path) {
+            // An optimisation only: the store opens anyway. redb refuses further writes after a
+            // commit that failed half way until the file is reopened (which repairs it), so reopen.
+            tracing::warn!(error = %e, "store: compacting the state file failed; going on uncompacted");
+            drop(db);
+            db = open_db()?;
+        }
         let db = Arc::new(db);
         let stats = Arc::new(StoreStats::default());
         let shared = Arc::new(log::Shared::new(db.clone(), wal, stats.clone()));
