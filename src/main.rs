@@ -18,13 +18,25 @@ const CORES_PER_RUNTIME_WORKER: usize = 2;
 /// tokio's environment variable for its worker count.
 const TOKIO_WORKER_THREADS_ENV: &str = "TOKIO_WORKER_THREADS";
 
+/// The log target of fuser's mount handling (see `main`).
+const FUSER_MOUNT_LOG_TARGET: &str = "fuser::mnt";
+
 fn main() -> ExitCode {
     let cli = cli::parse();
     // A node logs its lifecycle; the one-shot tools (cert, status, members) print their answer on
     // stdout and only warnings on stderr, unless RUST_LOG says otherwise.
     let is_node = cli.command.is_node();
     let default_level = if is_node { "info" } else { "warn" };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    // The node unmounts its own mount in order (sync, unmount, join); fuser's session then tries
+    // again as it drops and warns "Unmount failed: Invalid argument" on every clean stop (it says
+    // itself that this is not necessarily an error). Quiet unless RUST_LOG asks for that target.
+    let rust_log = std::env::var(EnvFilter::DEFAULT_ENV).unwrap_or_default();
+    if !rust_log.contains(FUSER_MOUNT_LOG_TARGET) {
+        if let Ok(d) = format!("{FUSER_MOUNT_LOG_TARGET}=error").parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     // Colours only on a terminal: a node's stderr usually goes to a log file.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
