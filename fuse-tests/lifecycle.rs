@@ -115,6 +115,13 @@ fn stale_mount_is_cleaned_up_on_start() {
         .filter(|l| l.split(' ').nth(4) == node.mnt.to_str())
         .count();
     assert_eq!(n, 1, "mounts stacked at {}", node.mnt.display());
+    // The stale mount went only right before the new mount, after the replica had started: while
+    // the node started, programs got ENOTCONN there, not the plain directory underneath.
+    let log = node.log();
+    let restart = &log[log.rfind("stale FUSE mount found: it is replaced when this node mounts").expect("stale mount seen at start")..];
+    let started = restart.find("replica started").expect("replica started");
+    let detached = restart.find("stale FUSE mount found: detaching it").expect("stale mount detached");
+    assert!(started < detached, "detached before the replica started:\n{restart}");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Wiring and lifecycle: store -> raft + transport -> fs; ordered shutdown; the operator commands.
 //!
-//! Start: data dir, stale-mount cleanup, the QUIC endpoint (with `--listen`), the replica (bootstrap,
-//! join or restart), release of orphans this node left behind, mount. The replica's RPC handler
+//! Start: data dir, mountpoint check, the QUIC endpoint (with `--listen`), the replica (bootstrap,
+//! join or restart), release of orphans this node left behind, mount (which detaches a stale
+//! mount a crash left, right before mounting). The replica's RPC handler
 //! is attached as soon as the replica exists, because peers must reach a node that is still
 //! catching up or waiting for a quorum. Stop on SIGINT/SIGTERM or when the mount goes away from
 //! outside (`umount MOUNTPOINT`): unmount, join the FUSE session, shut the replica down (which
@@ -107,7 +108,7 @@ async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
     // Decided before the data dir (and the store in it) is created.
     let mode = start_mode(&args);
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data dir {}", data_dir.display()))?;
-    fs::cleanup_stale_mount(&args.mountpoint)
+    fs::check_mountpoint(&args.mountpoint)
         .with_context(|| format!("preparing mountpoint {}", args.mountpoint.display()))?;
     let mut signals = Signals::install()?;
 

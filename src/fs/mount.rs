@@ -68,6 +68,11 @@ pub fn mount(ops: Arc<Ops>, rt: tokio::runtime::Handle, mountpoint: &Path) -> io
     config.acl = SessionACL::All; // allow_other
     config.n_threads = Some(FUSE_THREADS);
     config.clone_fd = true;
+    // The stale mount a crash left goes only now, right before the new mount: until here
+    // programs using the mountpoint got ENOTCONN from it, where a detached mountpoint would have
+    // let them read and write the plain directory underneath for the whole start (log replay,
+    // joining) and have it hidden by the new mount.
+    cleanup_stale_mount(mountpoint)?;
     // /proc/self/mountinfo lists the canonical path; resolve it before the mount exists.
     let mountpoint = mountpoint.canonicalize()?;
     let fs = PickboxFs::new(ops.clone(), rt, want_writeback());
@@ -204,9 +209,29 @@ fn abort_connection(conn: u32) {
     }
 }
 
-/// Prepare `mountpoint`: create it if missing, and lazily unmount a stale FUSE mount left by a
-/// crashed process ("Transport endpoint is not connected"). A live mount there is an error.
-pub fn cleanup_stale_mount(mountpoint: &Path) -> io::Result<()> {
+/// Check `mountpoint` before a node starts: create it if missing; a live mount there (or not a
+/// directory) is an error. A stale FUSE mount left by a crashed process stays until `mount`
+/// replaces it.
+pub fn check_mountpoint(mountpoint: &Path) -> io::Result<()> {
+    prepare_mountpoint(mountpoint, false)
+}
+
+/// Like `check_mountpoint`, and lazily unmount a stale FUSE mount ("Transport endpoint is not
+/// connected").
+fn cleanup_stale_mount(mountpoint: &Path) -> io::Result<()> {
+    prepare_mountpoint(mountpoint, true)
+}
+
+fn prepare_mountpoint(mountpoint: &Path, detach_stale: bool) -> io::Result<()> {
+    let stale = || {
+        if detach_stale {
+            tracing::warn!(mountpoint = %mountpoint.display(), "stale FUSE mount found: detaching it");
+            umount2(mountpoint, MntFlags::MNT_DETACH).map_err(io::Error::from)
+        } else {
+            tracing::warn!(mountpoint = %mountpoint.display(), "stale FUSE mount found: it is replaced when this node mounts");
+            Ok(())
+        }
+    };
     match std::fs::metadata(mountpoint) {
         Ok(meta) if meta.is_dir() => {
             if let Some(m) = find_mount(mountpoint) {
@@ -214,9 +239,7 @@ pub fn cleanup_stale_mount(mountpoint: &Path) -> io::Result<()> {
                     // stat may be answered from the kernel's attribute cache even after the daemon
                     // died; statfs always asks the daemon, so it tells a dead connection apart.
                     if let Err(nix::errno::Errno::ENOTCONN) = nix::sys::statfs::statfs(mountpoint) {
-                        tracing::warn!(mountpoint = %mountpoint.display(), "stale FUSE mount found: detaching it");
-                        umount2(mountpoint, MntFlags::MNT_DETACH).map_err(io::Error::from)?;
-                        return Ok(());
+                        return stale();
                     }
                     return Err(io::Error::new(
                         io::ErrorKind::AlreadyExists,
@@ -227,11 +250,7 @@ pub fn cleanup_stale_mount(mountpoint: &Path) -> io::Result<()> {
             Ok(())
         }
         Ok(_) => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a directory", mountpoint.display()))),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            tracing::warn!(mountpoint = %mountpoint.display(), "stale FUSE mount found: detaching it");
-            umount2(mountpoint, MntFlags::MNT_DETACH).map_err(io::Error::from)?;
-            Ok(())
-        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => stale(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir_all(mountpoint),
         Err(e) => Err(e),
     }
