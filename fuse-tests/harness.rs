@@ -408,7 +408,7 @@ pub fn is_live(mnt: &Path) -> bool {
     let c = cstr(mnt);
     // SAFETY: zeroed statfs is a valid out-parameter; c is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    check(unsafe { libc::statfs(c.as_ptr(), &mut st) }).is_ok() && i64::from(st.f_type) == FUSE_SUPER_MAGIC
+    check(unsafe { libc::statfs(c.as_ptr(), &mut st) }).is_ok() && st.f_type == FUSE_SUPER_MAGIC
 }
 
 /// The errno of statfs on `mnt`, or None if it succeeded.

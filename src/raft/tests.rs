@@ -750,6 +750,9 @@ fn no_quorum_is_unavailable_then_recovers() {
 /// majority: nothing commits, the proposer gets EIO at its deadline; once the followers' logs
 /// move again, writes go on.
 #[test]
+// The stall guards are held across awaits on purpose: they stop the log writer thread (a plain
+// thread, not a task of this runtime) while the test proposes.
+#[allow(clippy::await_holding_lock)]
 fn leader_commits_on_follower_copies_while_its_own_log_stalls() {
     let ds = dirs(3);
     let timeout = Duration::from_secs(2);
