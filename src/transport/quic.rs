@@ -349,11 +349,12 @@ fn size_socket_buffers(socket: &std::net::UdpSocket) {
     let _ = sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
     let _ = sock.set_send_buffer_size(SOCKET_BUFFER_BYTES);
     let (recv, send) = (sock.recv_buffer_size().unwrap_or(0), sock.send_buffer_size().unwrap_or(0));
-    // Linux reports twice the size it was asked for (it counts its own bookkeeping).
-    if recv < SOCKET_BUFFER_BYTES || send < SOCKET_BUFFER_BYTES {
+    // Linux reports twice the size it granted (it counts its own bookkeeping).
+    let wanted = 2 * SOCKET_BUFFER_BYTES;
+    if recv < wanted || send < wanted {
         tracing::warn!(
-            recv_bytes = recv,
-            send_bytes = send,
+            recv_bytes = recv / 2,
+            send_bytes = send / 2,
             wanted_bytes = SOCKET_BUFFER_BYTES,
             "the kernel granted smaller UDP socket buffers than asked for: bursts of replication \
              traffic may be dropped and slowed by congestion control; raise net.core.rmem_max and \
