@@ -65,9 +65,9 @@ def disk_write_mib_s(root):
     return SEQ_BYTES / 2**20 / (time.perf_counter() - t0)
 
 
-def workloads(root, tarball, pid=None):
-    """Yields (name, seconds) for every workload, run inside root/bench."""
-    base = os.path.join(root, "bench")
+def workloads(root, tarball, pid=None, round_no=0):
+    """Yields (name, seconds) for every workload, run inside root/bench<round_no>."""
+    base = os.path.join(root, f"bench{round_no}")
     os.mkdir(base)
     files = [os.path.join(base, f"f{i:05}") for i in range(FILES)]
     payload = os.urandom(FILE_BYTES)
@@ -124,6 +124,7 @@ def workloads(root, tarball, pid=None):
     t = timed(seq_write)
     if pid:
         peak["kib"] = status_kib(pid, "VmHWM")
+        print(f"  (round {round_no}: RSS peak during seq write {peak['kib'] / 1024.0:.1f} MiB)", flush=True)
     yield "seq write 256M+fsync", t
 
     def seq_read():
@@ -235,7 +236,12 @@ def main():
                     help="pause between checks of a visibility poll (0: busy poll)")
     ap.add_argument("--raw-dir", help="a plain directory on the same disk, for the disk's own speed")
     ap.add_argument("--pids", default="", help="comma-separated PIDs of every node, for idle RSS")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every workload this many times (interleaved, fresh files each round) "
+                         "and print medians, with the range of the per-round ratios")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
 
     for pid in [int(p) for p in args.pids.split(",") if p]:
         print(f"RSS idle of pid {pid}: {status_kib(pid, 'VmRSS') / 1024.0:.1f} MiB")
@@ -248,32 +254,42 @@ def main():
     idle_mib = status_kib(args.pid, "VmRSS") / 1024.0
     disk = disk_write_mib_s(args.raw_dir or args.bindfs)
     print(f"{'disk: raw seq write 256M+fdatasync':36} {disk:9.0f} MiB/s (the medium's ceiling, same run)")
+    # rows[name][which] = one value per round
     rows = {}
     order = []
-    # Interleaved: each workload runs on bindfs, then at once on pickbox, so both meet the disk in
-    # the same state (its speed drifts by 2-3x over minutes on this kind of machine).
-    runs = [("bindfs", workloads(args.bindfs, args.tarball)),
-            ("pickbox", workloads(args.pickbox, args.tarball, args.pid))]
-    while runs:
-        for which, gen in list(runs):
-            try:
-                name, seconds = next(gen)
-            except StopIteration:
-                runs.remove((which, gen))
-                continue
-            rows.setdefault(name, {})[which] = seconds
-            if name not in order:
-                order.append(name)
+    for round_no in range(args.rounds):
+        # Interleaved: each workload runs on bindfs, then at once on pickbox, so both meet the disk
+        # in the same state (its speed drifts by 2-3x over minutes on this kind of machine).
+        runs = [("bindfs", workloads(args.bindfs, args.tarball, None, round_no)),
+                ("pickbox", workloads(args.pickbox, args.tarball, args.pid, round_no))]
+        while runs:
+            for which, gen in list(runs):
+                try:
+                    name, seconds = next(gen)
+                except StopIteration:
+                    runs.remove((which, gen))
+                    continue
+                rows.setdefault(name, {}).setdefault(which, []).append(seconds)
+                if name not in order:
+                    order.append(name)
 
-    print(f"{'op':36} {'pickbox':>10} {'bindfs':>10} {'ratio':>8}")
+    many = args.rounds > 1
+    what = f"median of {args.rounds} rounds" if many else "one round"
+    spread = f" {'ratio range':>13}" if many else ""
+    print(f"{'op (' + what + ')':36} {'pickbox':>10} {'bindfs':>10} {'ratio':>8}{spread}")
     for name in order:
         r = rows[name]
-        p, b = r.get("pickbox"), r.get("bindfs")
+        ps, bs = r.get("pickbox", []), r.get("bindfs", [])
+        p, b = (percentile(ps, 0.5) if ps else None), (percentile(bs, 0.5) if bs else None)
         if name.startswith("RSS"):
-            print(f"{name:36} {p:10.1f} {'-':>10} {'-':>8}")
+            most = f" {'max ' + format(max(ps), '.1f'):>13}" if many else ""
+            print(f"{name:36} {p:10.1f} {'-':>10} {'-':>8}{most}")
             continue
-        ratio = f"{100.0 * b / p:7.0f}%" if p and b else "-"
-        print(f"{name:36} {p:9.3f}s {b:9.3f}s {ratio:>8}")
+        # The ratio of each round (same disk state), and their median.
+        ratios = sorted(100.0 * bi / pi for pi, bi in zip(ps, bs) if pi and bi)
+        ratio = f"{percentile(ratios, 0.5):7.0f}%" if ratios else "-"
+        rng = f" {ratios[0]:5.0f}-{ratios[-1]:.0f}%" if many and ratios else ""
+        print(f"{name:36} {p:9.3f}s {b:9.3f}s {ratio:>8}{rng:>14}")
         if name.startswith("create+write"):
             print(f"{'  (pickbox creates/s)':36} {FILES / p:10.0f}")
         if name.startswith("seq write") or name.startswith("seq read"):

@@ -3,7 +3,9 @@
 # a bindfs mount (--multithreaded -o big_writes) of a directory on the same disk as Pickbox's data,
 # the ceiling for a FUSE filesystem on that medium. Prints op, pickbox, bindfs, ratio and RSS.
 # Env: PICKBOX_PROFILE=release|debug (default release), PICKBOX_BIN (a prebuilt binary instead, for
-# A/B runs), BENCH_DIR (default bench-out/ in the repo).
+# A/B runs), BENCH_DIR (default bench-out/ in the repo), BENCH_ROUNDS (default 1: run the
+# workloads that many times, interleaved, and print medians and the range of the ratios; this
+# host's speed drifts 2-3x within minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -44,6 +46,6 @@ wait_mounted "$pid" "$work/pickbox-mnt" 30 || { tail -n 30 "$work/pickbox.log" >
 start_bindfs "$work"
 
 log "pickbox ($profile, pid $pid) vs bindfs (pid $BINDFS_PID) on $(df --output=source "$work" | tail -n 1); tarball $(basename "$tarball") ($(tar -tzf "$tarball" | wc -l) entries)"
-python3 scripts/bench.py --pickbox "$work/pickbox-mnt" --bindfs "$work/bindfs-mnt" --raw-dir "$work/bindfs-src" --pid "$pid" --tarball "$tarball"
+python3 scripts/bench.py --rounds "${BENCH_ROUNDS:-1}" --pickbox "$work/pickbox-mnt" --bindfs "$work/bindfs-mnt" --raw-dir "$work/bindfs-src" --pid "$pid" --tarball "$tarball"
 alive "$pid" || { tail -n 30 "$work/pickbox.log" >&2; die "pickbox died during the benchmark"; }
 echo "pickbox data dir after the run: $(du -sh "$work/pickbox-data" | cut -f1)"

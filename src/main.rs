@@ -21,7 +21,32 @@ const TOKIO_WORKER_THREADS_ENV: &str = "TOKIO_WORKER_THREADS";
 /// The log target of fuser's mount handling (see `main`).
 const FUSER_MOUNT_LOG_TARGET: &str = "fuser::mnt";
 
+/// glibc malloc arenas per core (see `limit_malloc_arenas`).
+#[cfg(target_env = "gnu")]
+const MALLOC_ARENAS_PER_CORE: usize = 1;
+/// Fewest glibc malloc arenas.
+#[cfg(target_env = "gnu")]
+const MALLOC_ARENAS_MIN: usize = 2;
+
+/// glibc gives threads their own malloc arenas, up to 8 per core, and memory freed in one arena
+/// is kept for it: a node's threads (FUSE workers copying write data, the log writer, tokio's
+/// blocking threads, a snapshot build) each grew one. Measured on 2 cores, four 256 MiB sequential
+/// writes in a row, the third during a snapshot: peak RSS 100, 101, 123, 129 MiB by default;
+/// with 2 arenas 83, 84, 89, 94 MiB, at the same speed. Must run before any other thread starts.
+#[cfg(target_env = "gnu")]
+fn limit_malloc_arenas() {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let arenas = (cores * MALLOC_ARENAS_PER_CORE).max(MALLOC_ARENAS_MIN);
+    // MALLOC_ARENA_MAX in the environment, if set, decides instead.
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only changes an allocator parameter; called while this is the only thread.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, i32::try_from(arenas).unwrap_or(i32::MAX)) };
+    }
+}
+
 fn main() -> ExitCode {
+    #[cfg(target_env = "gnu")]
+    limit_malloc_arenas();
     let cli = cli::parse();
     // A node logs its lifecycle; the one-shot tools (cert, status, members) print their answer on
     // stdout and only warnings on stderr, unless RUST_LOG says otherwise.
