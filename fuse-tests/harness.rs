@@ -405,20 +405,22 @@ const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 /// again, so between a check of mountinfo (which still listed the stale mount) and this statfs the
 /// mountpoint can be the plain directory underneath, whose statfs succeeds too.
 pub fn is_live(mnt: &Path) -> bool {
-    let c = cstr(mnt);
-    // SAFETY: zeroed statfs is a valid out-parameter; c is NUL-terminated.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    check(unsafe { libc::statfs(c.as_ptr(), &mut st) }).is_ok() && st.f_type == FUSE_SUPER_MAGIC
+    statfs(mnt).is_ok_and(|st| st.f_type == FUSE_SUPER_MAGIC)
 }
 
 /// The errno of statfs on `mnt`, or None if it succeeded.
 pub fn statfs_errno(mnt: &Path) -> Option<i32> {
+    statfs(mnt).err()
+}
+
+/// statfs(2) of `mnt`, or its errno.
+fn statfs(mnt: &Path) -> Result<libc::statfs, i32> {
     let c = cstr(mnt);
     // SAFETY: zeroed statfs is a valid out-parameter; c is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     match check(unsafe { libc::statfs(c.as_ptr(), &mut st) }) {
-        Ok(_) => None,
-        Err(e) => Some(e.raw_os_error().unwrap_or(libc::EIO)),
+        Ok(_) => Ok(st),
+        Err(e) => Err(e.raw_os_error().unwrap_or(libc::EIO)),
     }
 }
 

@@ -785,19 +785,17 @@ impl Ops {
         self.inode_of(outcome, ino)
     }
 
-    /// Write `data` at `offset`, or at the end of the file when `append` (O_APPEND: the state
-    /// decides where the end is, so concurrent appenders never overwrite each other).
+    /// `write_hashed` of `data` at `offset`, hashed here (the tests' way in).
+    #[cfg(test)]
     pub async fn write(&self, caller: Caller, ino: Ino, offset: u64, data: Vec<u8>, append: bool) -> FsResult<u64> {
         self.write_hashed(caller, HashedOp::new(Op::Write { ino, offset, data, append })).await
     }
 
-    /// `write` of an `Op::Write` already hashed (by the fuser thread that received the data).
+    /// Propose an `Op::Write` (data at `offset`, or at the end of the file when `append`: O_APPEND,
+    /// the state decides where the end is, so concurrent appenders never overwrite each other),
+    /// already hashed by the fuser thread that received the data.
     pub async fn write_hashed(&self, caller: Caller, op: HashedOp) -> FsResult<u64> {
-        let Op::Write { data, .. } = op.op() else {
-            tracing::error!(op = op_kind(op.op()), "write_hashed got another op");
-            return Err(Errno::Io.into());
-        };
-        self.check_space(data.len() as u64)?;
+        self.check_space(op.op().payload().len() as u64)?;
         match self.propose(caller, op).await? {
             Outcome::Written { len, attr } => {
                 self.note_own_write(&attr);
