@@ -408,7 +408,12 @@ impl Replica {
         }
         matched.sort_unstable_by(|a, b| b.cmp(a));
         let majority = matched[matched.len() / 2];
-        Some(majority.max(m.last_applied.map(|l| l.index).unwrap_or(0)))
+        // The metrics come from the end of the Raft core's last pass: an entry committed in that
+        // pass may already be applied and answered (here, or on a follower that learned the
+        // commit) while they still show the older progress. The core raises
+        // `committed_index_now` before the commit leaves it, so the index covers every write
+        // anyone has seen acknowledged.
+        Some(majority.max(m.last_applied.map(|l| l.index).unwrap_or(0)).max(self.raft.committed_index_now()))
     }
 }
 

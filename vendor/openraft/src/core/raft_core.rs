@@ -204,6 +204,10 @@ where
     pub(crate) tx_data_metrics: watch::Sender<RaftDataMetrics<C::NodeId>>,
     pub(crate) tx_server_metrics: watch::Sender<RaftServerMetrics<C::NodeId, C::Node>>,
 
+    // PICKBOX PATCH (2): the highest commit index this node has acted on, published before the
+    // commit reaches followers or the state machine (see `Raft::committed_index_now`).
+    pub(crate) committed_index: Arc<std::sync::atomic::AtomicU64>,
+
     pub(crate) command_state: CommandState,
 
     pub(crate) span: Span,
@@ -1714,6 +1718,10 @@ where
                 self.spawn_parallel_vote_requests(&vote_req).await;
             }
             Command::ReplicateCommitted { committed } => {
+                // PICKBOX PATCH (2)
+                if let Some(c) = &committed {
+                    self.committed_index.fetch_max(c.index, Ordering::SeqCst);
+                }
                 for node in self.replications.values() {
                     let _ = node.tx_repl.send(Replicate::Committed(committed.clone()));
                 }
@@ -1723,6 +1731,8 @@ where
                 ref already_committed,
                 ref upto,
             } => {
+                // PICKBOX PATCH (2)
+                self.committed_index.fetch_max(upto.index, Ordering::SeqCst);
                 self.log_store.save_committed(Some(upto.clone())).await?;
                 self.apply_to_state_machine(seq, already_committed.next_index(), upto.index).await?;
             }

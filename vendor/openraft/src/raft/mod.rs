@@ -244,6 +244,8 @@ where C: RaftTypeConfig
         let (tx_metrics, rx_metrics) = watch::channel(RaftMetrics::new_initial(id.clone()));
         let (tx_data_metrics, rx_data_metrics) = watch::channel(RaftDataMetrics::default());
         let (tx_server_metrics, rx_server_metrics) = watch::channel(RaftServerMetrics::default());
+        // PICKBOX PATCH (2)
+        let committed_index = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (tx_shutdown, rx_shutdown) = C::AsyncRuntime::oneshot();
 
         let tick_handle = Tick::spawn(
@@ -298,6 +300,8 @@ where C: RaftTypeConfig
             tx_data_metrics,
             tx_server_metrics,
 
+            committed_index: committed_index.clone(),
+
             command_state: CommandState::default(),
             span: core_span,
 
@@ -319,6 +323,8 @@ where C: RaftTypeConfig
             core_state: Mutex::new(CoreState::Running(core_handle)),
 
             snapshot: Mutex::new(None),
+
+            committed_index,
         };
 
         Ok(Self { inner: Arc::new(inner) })
@@ -335,6 +341,15 @@ where C: RaftTypeConfig
     /// ```
     pub fn runtime_config(&self) -> RuntimeConfigHandle<'_, C> {
         RuntimeConfigHandle::new(self.inner.as_ref())
+    }
+
+    /// PICKBOX PATCH (2): the highest log index this node knows to be committed (0 if none), read
+    /// without a message to the core. The core raises it before it sends that commit index to the
+    /// followers or the entries to the state machine, so it is never below the index of an entry
+    /// whose application anyone (this node or a follower) has seen. The metrics are published only
+    /// after the core's pass, which may be after the state machine answered a client.
+    pub fn committed_index_now(&self) -> u64 {
+        self.inner.committed_index.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Return the config of this Raft node.

@@ -55,6 +55,9 @@ where C: RaftTypeConfig
 
     /// The ongoing snapshot transmission.
     pub(in crate::raft) snapshot: Mutex<Option<crate::network::snapshot_transport::Streaming<C>>>,
+
+    // PICKBOX PATCH (2): see `Raft::committed_index_now`.
+    pub(in crate::raft) committed_index: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl<C> RaftInner<C>
