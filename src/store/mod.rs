@@ -267,6 +267,11 @@ impl Store {
             txn.commit().map_err(fault)?;
         }
         let wal = open_log(data_dir, &db)?;
+        let started = std::time::Instant::now();
+        let moved = tables::migrate_hash_keyed_blocks(&db)?;
+        if moved > 0 {
+            tracing::info!(blocks = moved, ms = started.elapsed().as_millis() as u64, "store: blocks of a previous version moved to id-keyed tables");
+        }
         // Only here does the store hold the `Database` alone (compact() needs `&mut` and no live
         // transaction); a node start is also the moment users expect space back after deletes.
         if let Err(e) = compact_at_open(&mut db, &db_path) {
@@ -535,8 +540,9 @@ impl Store {
     pub(crate) fn corrupt_block(&self, hash: &crate::state::Hash, bytes: &[u8]) {
         let txn = self.inner.db.begin_write().unwrap();
         {
+            let id = txn.open_table(tables::BLOCK_IDS).unwrap().get(&hash[..]).unwrap().unwrap().value();
             let mut t = txn.open_table(tables::BLOCK_DATA).unwrap();
-            t.insert(&hash[..], bytes).unwrap();
+            t.insert(id, bytes).unwrap();
         }
         txn.commit().unwrap();
     }

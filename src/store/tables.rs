@@ -4,7 +4,10 @@ use std::borrow::Borrow;
 use std::cell::OnceCell;
 use std::sync::OnceLock;
 
-use redb::{ReadOnlyTable, ReadTransaction, ReadableTable, Table, TableDefinition, TableHandle, WriteTransaction};
+use redb::{
+    ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition, TableHandle,
+    WriteTransaction,
+};
 use sha2::{Digest, Sha256};
 
 use super::codec::{decode, encode};
@@ -37,14 +40,28 @@ pub(super) const ENTRIES: TableDefinition<(u64, &[u8]), &[u8]> = TableDefinition
 pub(super) const COOKIES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("entry_cookies");
 /// (ino, block index) -> 32-byte SHA-256.
 pub(super) const BLOCK_MAP: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("block_map");
-/// SHA-256 -> the block's first `BLOCK_HEAD_BYTES` bytes (all of a shorter block) followed by the
+// Blocks are stored under a node-local block id, allocated in the order blocks are first stored
+// (the largest id in use plus one), not under their SHA-256: redb places pages roughly in
+// allocation order, so a file written sequentially has its blocks in file order on disk and a cold
+// sequential read becomes sequential disk reads (hash keys scattered them: ~1,000 disk reads per
+// cold 256 MiB read, see docs/ARCHITECTURE.md). Ids are a storage detail like redb's page numbers:
+// replicas may number the same block differently, so neither the state digest nor a snapshot
+// carries them (`dump_state` emits blocks under their hash, `insert_raw` numbers them anew).
+/// Block id -> the block's first `BLOCK_HEAD_BYTES` bytes (all of a shorter block) followed by the
 /// 8-byte `block_check` of the whole block (little-endian), see `seal_block` and `check_block`.
-pub(super) const BLOCK_DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("block_data");
-/// SHA-256 -> the bytes of a block beyond its first `BLOCK_HEAD_BYTES` (absent for shorter blocks).
+pub(super) const BLOCK_DATA: TableDefinition<u64, &[u8]> = TableDefinition::new("block_heads");
+/// Block id -> the bytes of a block beyond its first `BLOCK_HEAD_BYTES` (absent for shorter blocks).
 /// redb gives a value larger than a page a page of the next power of two of its size: a whole
 /// 64 KiB block in one value took a 128 KiB page, written in full (measured: 128 MiB of pwrite for
 /// 64 MiB of distinct blocks); a head that fits a 64 KiB page plus a small tail writes ~64.5 KiB.
-pub(super) const BLOCK_TAILS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("block_tails");
+pub(super) const BLOCK_TAILS: TableDefinition<u64, &[u8]> = TableDefinition::new("block_tails_by_id");
+/// SHA-256 -> block id (node-local, see above).
+pub(super) const BLOCK_IDS: TableDefinition<&[u8], u64> = TableDefinition::new("block_ids");
+/// Tables of previous versions that kept blocks under their hash: SHA-256 -> head value, SHA-256 ->
+/// tail value (same value formats as BLOCK_DATA and BLOCK_TAILS). `Store::open` moves their
+/// records into the id-keyed tables (`migrate_hash_keyed_blocks`) and deletes them.
+pub(super) const OLD_BLOCK_DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("block_data");
+pub(super) const OLD_BLOCK_TAILS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("block_tails");
 /// SHA-256 -> reference count.
 pub(super) const BLOCK_REFS: TableDefinition<&[u8], u64> = TableDefinition::new("block_refs");
 /// (ino, name) -> value.
@@ -115,7 +132,7 @@ macro_rules! state_tables {
             }
 
             $( #[allow(dead_code)]
-            fn $table(&self) -> StoreResult<&Table<'txn, $k, $v>> {
+            pub(super) fn $table(&self) -> StoreResult<&Table<'txn, $k, $v>> {
                 self.$field.table().map_err(fault)
             } )*
 
@@ -129,7 +146,22 @@ macro_rules! state_tables {
 
             /// Insert one raw record of a snapshot (bytes as produced by redb's `as_bytes`).
             pub(super) fn insert_raw(&mut self, id: u8, key: &[u8], value: &[u8]) -> StoreResult<()> {
+                #[allow(unreachable_patterns)] // the block tables' ids come first
                 match id {
+                    BLOCK_HEADS_ID => {
+                        check_block_key(key)?;
+                        let id = self.next_block_id()?;
+                        self.block_ids.insert(key, id).map_err(fault)?;
+                        self.block_data.insert(id, value).map_err(fault)?;
+                    }
+                    BLOCK_TAILS_ID => {
+                        check_block_key(key)?;
+                        let Some(id) = self.block_ids_table()?.get(key).map_err(fault)?.map(|v| v.value()) else {
+                            return Err(StoreFault(format!("snapshot: tail of block {} without its head", hex::encode(key))));
+                        };
+                        self.block_tails.insert(id, value).map_err(fault)?;
+                    }
+                    BLOCK_IDS_ID => return Err(StoreFault("snapshot: a record of the node-local block id table".into())),
                     $( $id => {
                         check_len::<$k>(key)?;
                         check_len::<$v>(value)?;
@@ -172,13 +204,18 @@ macro_rules! state_tables {
             emit: &mut dyn FnMut(u8, &[u8], &[u8]) -> StoreResult<()>,
         ) -> StoreResult<()> {
             $(
-                for item in view.$table()?.iter().map_err(fault)? {
-                    let (k, v) = item.map_err(fault)?;
-                    let kv = k.value();
-                    let vv = v.value();
-                    let kb = <$k as redb::Value>::as_bytes(&kv);
-                    let vb = <$v as redb::Value>::as_bytes(&vv);
-                    emit($id, kb.as_ref(), vb.as_ref())?;
+                match $id {
+                    BLOCK_HEADS_ID => dump_blocks(view, BLOCK_HEADS_ID, emit)?,
+                    BLOCK_TAILS_ID => dump_blocks(view, BLOCK_TAILS_ID, emit)?,
+                    BLOCK_IDS_ID => {}
+                    _ => for item in view.$table()?.iter().map_err(fault)? {
+                        let (k, v) = item.map_err(fault)?;
+                        let kv = k.value();
+                        let vv = v.value();
+                        let kb = <$k as redb::Value>::as_bytes(&kv);
+                        let vb = <$v as redb::Value>::as_bytes(&vv);
+                        emit($id, kb.as_ref(), vb.as_ref())?;
+                    },
                 }
             )*
             Ok(())
@@ -186,7 +223,10 @@ macro_rules! state_tables {
 
         /// Check a snapshot record's lengths before its bytes reach redb's decoders.
         pub(super) fn check_record(id: u8, key: &[u8], value: &[u8]) -> StoreResult<()> {
+            #[allow(unreachable_patterns)] // the block tables' ids come first
             match id {
+                BLOCK_HEADS_ID | BLOCK_TAILS_ID => check_block_key(key),
+                BLOCK_IDS_ID => Err(StoreFault("snapshot: a record of the node-local block id table".into())),
                 $( $id => { check_len::<$k>(key)?; check_len::<$v>(value) } )*
                 other => Err(StoreFault(format!("snapshot: unknown table id {other}"))),
             }
@@ -277,11 +317,11 @@ macro_rules! impl_state_read {
                 Ok(out)
             }
             fn block_data(&self, hash: &Hash) -> StoreResult<Option<Vec<u8>>> {
-                with_block(self.block_data_table()?, || self.block_tails_table(), hash, |head, tail| check_block(hash, head, tail))?
+                with_block(self.block_ids_table()?, self.block_data_table()?, || self.block_tails_table(), hash, |head, tail| check_block(hash, head, tail))?
                     .transpose()
             }
             fn read_block_into(&self, hash: &Hash, from: usize, max: usize, out: &mut Vec<u8>) -> StoreResult<Option<usize>> {
-                let copied = with_block(self.block_data_table()?, || self.block_tails_table(), hash, |head, tail| {
+                let copied = with_block(self.block_ids_table()?, self.block_data_table()?, || self.block_tails_table(), hash, |head, tail| {
                     copy_block(hash, head, tail, from, max, out)
                 })?;
                 Ok(copied.flatten())
@@ -348,14 +388,117 @@ state_tables! {
     2 entries => entries_table: ENTRIES<(u64, &'static [u8]), &'static [u8]>,
     3 cookies => cookies_table: COOKIES<(u64, u64), &'static [u8]>,
     4 block_map => block_map_table: BLOCK_MAP<(u64, u64), &'static [u8]>,
-    5 block_data => block_data_table: BLOCK_DATA<&'static [u8], &'static [u8]>,
+    5 block_data => block_data_table: BLOCK_DATA<u64, &'static [u8]>, // BLOCK_HEADS_ID
     6 block_refs => block_refs_table: BLOCK_REFS<&'static [u8], u64>,
     7 xattrs => xattrs_table: XATTRS<(u64, &'static [u8]), &'static [u8]>,
     8 orphans => orphans_table: ORPHANS<u64, &'static [u8]>,
     9 results => results_table: RESULTS<(u64, u64), &'static [u8]>,
     10 max_seq => max_seq_table: MAX_SEQ<u64, u64>,
     11 fs_meta => fs_meta_table: FS_META<&'static str, &'static [u8]>,
-    12 block_tails => block_tails_table: BLOCK_TAILS<&'static [u8], &'static [u8]>,
+    12 block_tails => block_tails_table: BLOCK_TAILS<u64, &'static [u8]>, // BLOCK_TAILS_ID
+    13 block_ids => block_ids_table: BLOCK_IDS<&'static [u8], u64>, // BLOCK_IDS_ID
+}
+
+/// Table ids of the block tables in `state_tables!`. Snapshots and the state digest carry blocks
+/// under their hash, in the records of previous versions: `BLOCK_HEADS_ID` (hash -> head value) and
+/// `BLOCK_TAILS_ID` (hash -> tail value); the id table is node-local and never carried.
+pub(super) const BLOCK_HEADS_ID: u8 = 5;
+pub(super) const BLOCK_TAILS_ID: u8 = 12;
+pub(super) const BLOCK_IDS_ID: u8 = 13;
+
+/// A snapshot's block record is keyed by a 32-byte SHA-256.
+fn check_block_key(key: &[u8]) -> StoreResult<()> {
+    if key.len() != 32 {
+        return Err(StoreFault(format!("snapshot: block record keyed by {} bytes, not a 32-byte hash", key.len())));
+    }
+    Ok(())
+}
+
+/// Emits every stored block's head values (`which == BLOCK_HEADS_ID`) or tail values
+/// (`BLOCK_TAILS_ID`) under the block's hash, in hash order: the form snapshots and the digest have
+/// always had, independent of the node-local ids.
+fn dump_blocks(view: &ReadView, which: u8, emit: &mut dyn FnMut(u8, &[u8], &[u8]) -> StoreResult<()>) -> StoreResult<()> {
+    let heads = view.block_data_table()?;
+    for item in view.block_ids_table()?.iter().map_err(fault)? {
+        let (hash, id) = item.map_err(fault)?;
+        let (hash, id) = (hash.value(), id.value());
+        if which == BLOCK_HEADS_ID {
+            let Some(head) = heads.get(id).map_err(fault)? else {
+                return Err(StoreFault(format!("block {} has id {id} but no stored bytes", hex::encode(hash))));
+            };
+            emit(which, hash, head.value())?;
+        } else if let Some(tail) = view.block_tails_table()?.get(id).map_err(fault)? {
+            emit(which, hash, tail.value())?;
+        }
+    }
+    Ok(())
+}
+
+/// Blocks moved per transaction by `migrate_hash_keyed_blocks` (at most ~64 MiB of block bytes).
+pub(super) const MIGRATE_BATCH_BLOCKS: usize = 1024;
+
+/// Moves the blocks of a data directory written by a previous version (hash-keyed `OLD_BLOCK_DATA`
+/// and `OLD_BLOCK_TAILS`) into the id-keyed tables, `MIGRATE_BATCH_BLOCKS` per durable transaction,
+/// then deletes the old tables. Each transaction moves whole blocks (head, tail, id), so a crash
+/// leaves every block in exactly one of the two forms and the next open goes on from there.
+/// Returns how many blocks were moved. Runs before the store is shared.
+pub(super) fn migrate_hash_keyed_blocks(db: &redb::Database) -> StoreResult<u64> {
+    let has_old = {
+        let txn = db.begin_read().map_err(fault)?;
+        let found = txn.list_tables().map_err(fault)?.any(|t| t.name() == OLD_BLOCK_DATA.name() || t.name() == OLD_BLOCK_TAILS.name());
+        found
+    };
+    if !has_old {
+        return Ok(0);
+    }
+    let mut moved = 0u64;
+    loop {
+        let txn = db.begin_write().map_err(fault)?;
+        let done = {
+            let mut old_heads = txn.open_table(OLD_BLOCK_DATA).map_err(fault)?;
+            let mut old_tails = txn.open_table(OLD_BLOCK_TAILS).map_err(fault)?;
+            let mut t = StateTxn::open(&txn);
+            let mut batch = Vec::with_capacity(MIGRATE_BATCH_BLOCKS);
+            for item in old_heads.iter().map_err(fault)?.take(MIGRATE_BATCH_BLOCKS) {
+                let (k, _) = item.map_err(fault)?;
+                batch.push(k.value().to_vec());
+            }
+            for hash in &batch {
+                let head = old_heads.remove(hash.as_slice()).map_err(fault)?.map(|v| v.value().to_vec());
+                let tail = old_tails.remove(hash.as_slice()).map_err(fault)?.map(|v| v.value().to_vec());
+                let Some(head) = head else { continue };
+                t.insert_raw(BLOCK_HEADS_ID, hash, &head)?;
+                if let Some(tail) = tail {
+                    t.insert_raw(BLOCK_TAILS_ID, hash, &tail)?;
+                }
+            }
+            moved += batch.len() as u64;
+            batch.len() < MIGRATE_BATCH_BLOCKS
+        };
+        if done {
+            // Tails without a head cannot be placed (no block has them): they were garbage.
+            let orphan_tails = txn.open_table(OLD_BLOCK_TAILS).map_err(fault)?.len().map_err(fault)?;
+            if orphan_tails > 0 {
+                tracing::warn!(count = orphan_tails, "store: block tails without a block head dropped while moving blocks to ids");
+            }
+            txn.delete_table(OLD_BLOCK_DATA).map_err(fault)?;
+            txn.delete_table(OLD_BLOCK_TAILS).map_err(fault)?;
+        }
+        txn.commit().map_err(fault)?;
+        if done {
+            return Ok(moved);
+        }
+    }
+}
+
+impl StateTxn<'_> {
+    /// The id for a block stored now: one more than the largest in use (ids are node-local).
+    fn next_block_id(&self) -> StoreResult<u64> {
+        match self.block_data_table()?.last().map_err(fault)? {
+            Some((k, _)) => k.value().checked_add(1).ok_or_else(|| StoreFault("block ids exhausted".into())),
+            None => Ok(1),
+        }
+    }
 }
 
 /// A table of a write transaction, opened on first use (redb refuses to open a table twice in one
@@ -436,16 +579,21 @@ fn get_decoded<T: serde::de::DeserializeOwned>(
 
 /// Calls `f` with a stored block's head value and tail value (empty if it has none), borrowed
 /// from redb's pages; `None` if the block is not stored.
-fn with_block<'t, T, Tails: ReadableTable<&'static [u8], &'static [u8]> + 't>(
-    heads: &impl ReadableTable<&'static [u8], &'static [u8]>,
+fn with_block<'t, T, Tails: ReadableTable<u64, &'static [u8]> + 't>(
+    ids: &impl ReadableTable<&'static [u8], u64>,
+    heads: &impl ReadableTable<u64, &'static [u8]>,
     tails: impl FnOnce() -> StoreResult<&'t Tails>,
     hash: &Hash,
     f: impl FnOnce(&[u8], &[u8]) -> T,
 ) -> StoreResult<Option<T>> {
-    let Some(head) = heads.get(&hash[..]).map_err(fault)? else { return Ok(None) };
+    let Some(id) = ids.get(&hash[..]).map_err(fault)? else { return Ok(None) };
+    let id = id.value();
+    let Some(head) = heads.get(id).map_err(fault)? else {
+        return Err(StoreFault(format!("block {} has id {id} but no stored bytes", hex::encode(hash))));
+    };
     let head = head.value();
     // Only a head of full length has a tail (see `seal_block`).
-    let tail = if head.len() == BLOCK_HEAD_BYTES + BLOCK_CHECK_BYTES { tails()?.get(&hash[..]).map_err(fault)? } else { None };
+    let tail = if head.len() == BLOCK_HEAD_BYTES + BLOCK_CHECK_BYTES { tails()?.get(id).map_err(fault)? } else { None };
     Ok(Some(f(head, tail.as_ref().map_or(&[], |t| t.value()))))
 }
 
@@ -644,10 +792,9 @@ impl StateWrite for StateTxn<'_> {
         Ok(())
     }
     fn put_block_data(&mut self, hash: &Hash, data: &[u8]) -> StoreResult<()> {
-        // No existence check: apply stores a block only when its reference count is zero, and
-        // data and count change in one transaction, so the block is not there (a lookup would
-        // read a random 64 KiB page per new block for nothing); an insert would overwrite it
-        // with the same bytes anyway.
+        // Apply stores a block only when its reference count is zero, and data and count change
+        // in one transaction, so the block is normally not there; if it is, its bytes are
+        // overwritten in place (same bytes, same id).
         // apply (state/content.rs) hashes the bytes to get `hash` just before this call, so in
         // release builds the check would hash every written byte a second time; debug builds and
         // tests keep it to catch a caller that passes a mismatched pair.
@@ -655,9 +802,16 @@ impl StateWrite for StateTxn<'_> {
             check_address(hash, data)?;
         }
         let (head, tail) = seal_block(data);
-        self.block_data.insert(&hash[..], head.as_slice()).map_err(fault)?;
+        // An id lookup is cheap (the id table is small and mostly cached); it keeps a second store
+        // of the same block from leaving the first copy's bytes behind under an unused id.
+        let id = match self.block_ids_table()?.get(&hash[..]).map_err(fault)?.map(|v| v.value()) {
+            Some(id) => id,
+            None => self.next_block_id()?,
+        };
+        self.block_ids.insert(&hash[..], id).map_err(fault)?;
+        self.block_data.insert(id, head.as_slice()).map_err(fault)?;
         if !tail.is_empty() {
-            self.block_tails.insert(&hash[..], tail).map_err(fault)?;
+            self.block_tails.insert(id, tail).map_err(fault)?;
         }
         Ok(())
     }
@@ -666,8 +820,12 @@ impl StateWrite for StateTxn<'_> {
         Ok(())
     }
     fn del_block(&mut self, hash: &Hash) -> StoreResult<()> {
-        self.block_data.remove(&hash[..]).map_err(fault)?;
-        self.block_tails.remove(&hash[..]).map_err(fault)?;
+        let id = self.block_ids_table()?.get(&hash[..]).map_err(fault)?.map(|v| v.value());
+        if let Some(id) = id {
+            self.block_ids.remove(&hash[..]).map_err(fault)?;
+            self.block_data.remove(id).map_err(fault)?;
+            self.block_tails.remove(id).map_err(fault)?;
+        }
         self.block_refs.remove(&hash[..]).map_err(fault)?;
         Ok(())
     }
