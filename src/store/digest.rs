@@ -3,8 +3,9 @@
 //! Input, in this order: a version tag, then every state-machine metadata record (table id 0: the
 //! last applied log id and the membership, opaque bytes from raft/), then every record of every
 //! state table in table-id and key order, each as `[table id u8][key len u32][key][value len
-//! u32][value]` (little-endian, the bytes redb stores). Node-local tables (the Raft log, vote,
-//! committed index, incarnation counter) are not part of it. Two stores that applied the same
+//! u32][value]` (little-endian, the bytes redb stores; blocks under their hash, see
+//! `tables::dump_state`). Node-local tables (the Raft log, vote, committed index, incarnation
+//! counter, block ids) are not part of it. Two stores that applied the same
 //! entries, or installed a snapshot of them, therefore have equal digests; the bytes are read from
 //! one read transaction, so the digest and the applied index it is reported with agree.
 

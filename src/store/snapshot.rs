@@ -1,7 +1,9 @@
 //! Snapshot files: every state table streamed as length-prefixed records, never the whole state in RAM.
 //!
 //! Format: `PBSNAP02`, u32 header length, header (opaque bytes from raft/), then records
-//! `[table id u8][key len u32][key][value len u32][value]` (key and value as redb encodes them),
+//! `[table id u8][key len u32][key][value len u32][value]` (key and value as redb encodes them;
+//! blocks as `hash -> head value` and `hash -> tail value`, not under the node-local block ids,
+//! see `tables::dump_state`),
 //! then the trailer `[0xFF][record count u64][SHA-256 of every byte before the digest]`.
 //! All integers little-endian. Files are written as `<id>.tmp`, fsynced, renamed to `<id>.snap`.
 //! A received file (`recv-*.part`) is verified completely before it is renamed to `<id>.snap`;

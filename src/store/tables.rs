@@ -83,7 +83,7 @@ macro_rules! state_tables {
     ($($id:literal $field:ident => $table:ident : $def:ident <$k:ty, $v:ty>),* $(,)?) => {
         /// A consistent read-only view of the state (one redb read transaction). Tables are
         /// opened on first use (each open is a lookup in redb's table tree): a lookup or getattr
-        /// needs one or two of the thirteen, a READ four.
+        /// needs one or two of the fourteen, a READ five.
         pub struct ReadView {
             txn: ReadTransaction,
             sm_meta: OnceLock<ReadOnlyTable<&'static str, &'static [u8]>>,
@@ -114,7 +114,7 @@ macro_rules! state_tables {
 
         /// The state tables of one write transaction; apply writes through this. Tables are
         /// opened on first use, as in `ReadView`: a create or a small write touches four to six of
-        /// the thirteen, and every table opened is also written back to redb's table tree at
+        /// the fourteen, and every table opened is also written back to redb's table tree at
         /// commit. A table never opened is unchanged by this transaction.
         pub struct StateTxn<'txn> {
             sm_meta: LazyTable<'txn, &'static str, &'static [u8]>,
@@ -201,7 +201,7 @@ macro_rules! state_tables {
         /// Stream every state table of `view` to `emit(table id, key bytes, value bytes)`.
         pub(super) fn dump_state(
             view: &ReadView,
-            emit: &mut dyn FnMut(u8, &[u8], &[u8]) -> StoreResult<()>,
+            emit: &mut TableSink<'_>,
         ) -> StoreResult<()> {
             $(
                 match $id {
@@ -417,7 +417,7 @@ fn check_block_key(key: &[u8]) -> StoreResult<()> {
 /// Emits every stored block's head values (`which == BLOCK_HEADS_ID`) or tail values
 /// (`BLOCK_TAILS_ID`) under the block's hash, in hash order: the form snapshots and the digest have
 /// always had, independent of the node-local ids.
-fn dump_blocks(view: &ReadView, which: u8, emit: &mut dyn FnMut(u8, &[u8], &[u8]) -> StoreResult<()>) -> StoreResult<()> {
+fn dump_blocks(view: &ReadView, which: u8, emit: &mut TableSink<'_>) -> StoreResult<()> {
     let heads = view.block_data_table()?;
     for item in view.block_ids_table()?.iter().map_err(fault)? {
         let (hash, id) = item.map_err(fault)?;
@@ -734,6 +734,9 @@ fn check_address(hash: &Hash, data: &[u8]) -> StoreResult<()> {
     }
     Ok(())
 }
+
+/// Receives one record of a state table: table id, key bytes, value bytes.
+pub(super) type TableSink<'a> = dyn FnMut(u8, &[u8], &[u8]) -> StoreResult<()> + 'a;
 
 /// Receives one record: key bytes, value bytes.
 pub(super) type RecordSink<'a> = dyn FnMut(&[u8], &[u8]) -> StoreResult<()> + 'a;
