@@ -439,9 +439,11 @@ pub(super) const MIGRATE_BATCH_BLOCKS: usize = 1024;
 
 /// Moves the blocks of a data directory written by a previous version (hash-keyed `OLD_BLOCK_DATA`
 /// and `OLD_BLOCK_TAILS`) into the id-keyed tables, `MIGRATE_BATCH_BLOCKS` per durable transaction,
-/// then deletes the old tables. Each transaction moves whole blocks (head, tail, id), so a crash
-/// leaves every block in exactly one of the two forms and the next open goes on from there.
-/// Returns how many blocks were moved. Runs before the store is shared.
+/// then deletes the old tables. Blocks are numbered in block-map order (file by file, in file
+/// order), so the moved data gets the layout new writes get; blocks no map entry names (none in
+/// a consistent state) follow in hash order. Each transaction moves whole blocks (head, tail,
+/// id), so a crash leaves every block in exactly one of the two forms and the next open goes on
+/// from there. Returns how many blocks were moved. Runs before the store is shared.
 pub(super) fn migrate_hash_keyed_blocks(db: &redb::Database) -> StoreResult<u64> {
     let has_old = {
         let txn = db.begin_read().map_err(fault)?;
@@ -452,16 +454,49 @@ pub(super) fn migrate_hash_keyed_blocks(db: &redb::Database) -> StoreResult<u64>
         return Ok(0);
     }
     let mut moved = 0u64;
+    // Where the block-map scan goes on (None: from the start); `map_done` once it has ended.
+    let mut cursor: Option<(u64, u64)> = None;
+    let mut map_done = false;
     loop {
         let txn = db.begin_write().map_err(fault)?;
         let done = {
             let mut old_heads = txn.open_table(OLD_BLOCK_DATA).map_err(fault)?;
             let mut old_tails = txn.open_table(OLD_BLOCK_TAILS).map_err(fault)?;
             let mut t = StateTxn::open(&txn);
-            let mut batch = Vec::with_capacity(MIGRATE_BATCH_BLOCKS);
-            for item in old_heads.iter().map_err(fault)?.take(MIGRATE_BATCH_BLOCKS) {
-                let (k, _) = item.map_err(fault)?;
-                batch.push(k.value().to_vec());
+            let mut batch: Vec<Vec<u8>> = Vec::with_capacity(MIGRATE_BATCH_BLOCKS);
+            let mut chosen = std::collections::HashSet::with_capacity(MIGRATE_BATCH_BLOCKS);
+            if !map_done {
+                let map = t.block_map_table()?;
+                let range = match cursor {
+                    None => map.range::<(u64, u64)>(..),
+                    Some(c) => map.range::<(u64, u64)>((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)),
+                }
+                .map_err(fault)?;
+                map_done = true;
+                for item in range {
+                    let (k, v) = item.map_err(fault)?;
+                    cursor = Some(k.value());
+                    let hash = v.value();
+                    if !chosen.contains(hash) && old_heads.get(hash).map_err(fault)?.is_some() {
+                        chosen.insert(hash.to_vec());
+                        batch.push(hash.to_vec());
+                        if batch.len() == MIGRATE_BATCH_BLOCKS {
+                            map_done = false;
+                            break;
+                        }
+                    }
+                }
+            }
+            if map_done && batch.len() < MIGRATE_BATCH_BLOCKS {
+                for item in old_heads.iter().map_err(fault)? {
+                    let (k, _) = item.map_err(fault)?;
+                    if !chosen.contains(k.value()) {
+                        batch.push(k.value().to_vec());
+                        if batch.len() == MIGRATE_BATCH_BLOCKS {
+                            break;
+                        }
+                    }
+                }
             }
             for hash in &batch {
                 let head = old_heads.remove(hash.as_slice()).map_err(fault)?.map(|v| v.value().to_vec());
@@ -473,7 +508,7 @@ pub(super) fn migrate_hash_keyed_blocks(db: &redb::Database) -> StoreResult<u64>
                 }
             }
             moved += batch.len() as u64;
-            batch.len() < MIGRATE_BATCH_BLOCKS
+            map_done && batch.len() < MIGRATE_BATCH_BLOCKS
         };
         if done {
             // Tails without a head cannot be placed (no block has them): they were garbage.

@@ -1310,6 +1310,13 @@ fn blocks_of_a_previous_version_are_moved_to_ids_at_open() {
             ids.sort_unstable();
             ids.dedup();
             assert_eq!(ids.len() as u64, blocks.0, "{case}: ids are distinct");
+            if case == "whole" {
+                // Numbered in file order: file 4's distinct blocks have increasing ids.
+                let id_of = |h: &[u8]| v.block_ids_table().unwrap().get(h).unwrap().unwrap().value();
+                let file_ids: Vec<u64> = v.block_map_table().unwrap().range((4u64, 0u64)..(5, 0)).unwrap().map(|r| id_of(r.unwrap().1.value())).collect();
+                assert_eq!(file_ids.len() as u64, short - 1, "block 0 holds zeros only: a hole");
+                assert!(file_ids.windows(2).all(|w| w[0] < w[1]), "{case}: ids follow the block map");
+            }
             let f4 = v.inode(4).unwrap().unwrap();
             for i in [0u64, 1, short / 2, short - 1] {
                 let got = crate::state::content::read_range(&v, &f4, i * 65_536, 8).unwrap().unwrap();
