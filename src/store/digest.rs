@@ -12,7 +12,7 @@
 use sha2::{Digest, Sha256};
 
 use super::fault;
-use super::tables::{dump_state, ReadView};
+use super::tables::{dump_state, BlockOrder, ReadView};
 use crate::state::StoreResult;
 
 /// Changes whenever the digest's input format does: digests of different versions never match
@@ -37,6 +37,6 @@ pub(super) fn digest(view: &ReadView) -> StoreResult<String> {
     let mut h = Sha256::new();
     h.update(DIGEST_TAG);
     view.each_sm_meta(&mut |k, v| record(&mut h, SM_META_TABLE_ID, k, v))?;
-    dump_state(view, &mut |id, k, v| record(&mut h, id, k, v))?;
+    dump_state(view, BlockOrder::Hash, &mut |id, k, v| record(&mut h, id, k, v))?;
     Ok(hex::encode(h.finalize()))
 }

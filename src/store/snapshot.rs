@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::fault;
-use super::tables::{check_record, dump_state, ReadView, StateTxn};
+use super::tables::{check_record, dump_state, BlockOrder, ReadView, StateTxn};
 use crate::config::MESSAGE_BYTES_MAX;
 use crate::state::{StoreFault, StoreResult};
 
@@ -166,7 +166,7 @@ pub(super) fn write(dir: &Path, id: &str, header: &[u8], view: &ReadView) -> Sto
     w.write_all(&(header.len() as u32).to_le_bytes()).map_err(io)?;
     w.write_all(header).map_err(io)?;
     let mut count = 0u64;
-    dump_state(view, &mut |id, k, v| {
+    dump_state(view, BlockOrder::Stored, &mut |id, k, v| {
         if k.len() > MESSAGE_BYTES_MAX || v.len() > MESSAGE_BYTES_MAX {
             return Err(StoreFault("state record larger than the snapshot record limit".into()));
         }

@@ -57,6 +57,10 @@ pub(super) const BLOCK_DATA: TableDefinition<u64, &[u8]> = TableDefinition::new(
 pub(super) const BLOCK_TAILS: TableDefinition<u64, &[u8]> = TableDefinition::new("block_tails_by_id");
 /// SHA-256 -> block id (node-local, see above).
 pub(super) const BLOCK_IDS: TableDefinition<&[u8], u64> = TableDefinition::new("block_ids");
+/// Block id -> SHA-256, the reverse of BLOCK_IDS: a snapshot lists blocks in id order (the order
+/// they lie on disk), so building it reads the block tables sequentially and the installing node
+/// numbers them, and so lays them out, in the same order.
+pub(super) const BLOCK_HASHES: TableDefinition<u64, &[u8]> = TableDefinition::new("block_hashes_by_id");
 /// Tables of previous versions that kept blocks under their hash: SHA-256 -> head value, SHA-256 ->
 /// tail value (same value formats as BLOCK_DATA and BLOCK_TAILS). `Store::open` moves their
 /// records into the id-keyed tables (`migrate_hash_keyed_blocks`) and deletes them.
@@ -83,7 +87,7 @@ macro_rules! state_tables {
     ($($id:literal $field:ident => $table:ident : $def:ident <$k:ty, $v:ty>),* $(,)?) => {
         /// A consistent read-only view of the state (one redb read transaction). Tables are
         /// opened on first use (each open is a lookup in redb's table tree): a lookup or getattr
-        /// needs one or two of the fourteen, a READ five.
+        /// needs one or two of the fifteen, a READ five.
         pub struct ReadView {
             txn: ReadTransaction,
             sm_meta: OnceLock<ReadOnlyTable<&'static str, &'static [u8]>>,
@@ -114,7 +118,7 @@ macro_rules! state_tables {
 
         /// The state tables of one write transaction; apply writes through this. Tables are
         /// opened on first use, as in `ReadView`: a create or a small write touches four to six of
-        /// the fourteen, and every table opened is also written back to redb's table tree at
+        /// the fifteen, and every table opened is also written back to redb's table tree at
         /// commit. A table never opened is unchanged by this transaction.
         pub struct StateTxn<'txn> {
             sm_meta: LazyTable<'txn, &'static str, &'static [u8]>,
@@ -152,6 +156,7 @@ macro_rules! state_tables {
                         check_block_key(key)?;
                         let id = self.next_block_id()?;
                         self.block_ids.insert(key, id).map_err(fault)?;
+                        self.block_hashes.insert(id, key).map_err(fault)?;
                         self.block_data.insert(id, value).map_err(fault)?;
                     }
                     BLOCK_TAILS_ID => {
@@ -161,7 +166,9 @@ macro_rules! state_tables {
                         };
                         self.block_tails.insert(id, value).map_err(fault)?;
                     }
-                    BLOCK_IDS_ID => return Err(StoreFault("snapshot: a record of the node-local block id table".into())),
+                    BLOCK_IDS_ID | BLOCK_HASHES_ID => {
+                        return Err(StoreFault("snapshot: a record of a node-local block id table".into()))
+                    }
                     $( $id => {
                         check_len::<$k>(key)?;
                         check_len::<$v>(value)?;
@@ -201,13 +208,14 @@ macro_rules! state_tables {
         /// Stream every state table of `view` to `emit(table id, key bytes, value bytes)`.
         pub(super) fn dump_state(
             view: &ReadView,
+            order: BlockOrder,
             emit: &mut TableSink<'_>,
         ) -> StoreResult<()> {
             $(
                 match $id {
-                    BLOCK_HEADS_ID => dump_blocks(view, BLOCK_HEADS_ID, emit)?,
-                    BLOCK_TAILS_ID => dump_blocks(view, BLOCK_TAILS_ID, emit)?,
-                    BLOCK_IDS_ID => {}
+                    BLOCK_HEADS_ID => dump_blocks(view, BLOCK_HEADS_ID, order, emit)?,
+                    BLOCK_TAILS_ID => dump_blocks(view, BLOCK_TAILS_ID, order, emit)?,
+                    BLOCK_IDS_ID | BLOCK_HASHES_ID => {}
                     _ => for item in view.$table()?.iter().map_err(fault)? {
                         let (k, v) = item.map_err(fault)?;
                         let kv = k.value();
@@ -226,7 +234,7 @@ macro_rules! state_tables {
             #[allow(unreachable_patterns)] // the block tables' ids come first
             match id {
                 BLOCK_HEADS_ID | BLOCK_TAILS_ID => check_block_key(key),
-                BLOCK_IDS_ID => Err(StoreFault("snapshot: a record of the node-local block id table".into())),
+                BLOCK_IDS_ID | BLOCK_HASHES_ID => Err(StoreFault("snapshot: a record of a node-local block id table".into())),
                 $( $id => { check_len::<$k>(key)?; check_len::<$v>(value) } )*
                 other => Err(StoreFault(format!("snapshot: unknown table id {other}"))),
             }
@@ -397,6 +405,7 @@ state_tables! {
     11 fs_meta => fs_meta_table: FS_META<&'static str, &'static [u8]>,
     12 block_tails => block_tails_table: BLOCK_TAILS<u64, &'static [u8]>, // BLOCK_TAILS_ID
     13 block_ids => block_ids_table: BLOCK_IDS<&'static [u8], u64>, // BLOCK_IDS_ID
+    14 block_hashes => block_hashes_table: BLOCK_HASHES<u64, &'static [u8]>, // BLOCK_HASHES_ID
 }
 
 /// Table ids of the block tables in `state_tables!`. Snapshots and the state digest carry blocks
@@ -405,6 +414,16 @@ state_tables! {
 pub(super) const BLOCK_HEADS_ID: u8 = 5;
 pub(super) const BLOCK_TAILS_ID: u8 = 12;
 pub(super) const BLOCK_IDS_ID: u8 = 13;
+pub(super) const BLOCK_HASHES_ID: u8 = 14;
+
+/// The order in which `dump_state` lists blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum BlockOrder {
+    /// By hash: the same on every replica (the state digest).
+    Hash,
+    /// By node-local id, i.e. as stored (snapshots).
+    Stored,
+}
 
 /// A snapshot's block record is keyed by a 32-byte SHA-256.
 fn check_block_key(key: &[u8]) -> StoreResult<()> {
@@ -415,20 +434,34 @@ fn check_block_key(key: &[u8]) -> StoreResult<()> {
 }
 
 /// Emits every stored block's head values (`which == BLOCK_HEADS_ID`) or tail values
-/// (`BLOCK_TAILS_ID`) under the block's hash, in hash order: the form snapshots and the digest have
-/// always had, independent of the node-local ids.
-fn dump_blocks(view: &ReadView, which: u8, emit: &mut TableSink<'_>) -> StoreResult<()> {
+/// (`BLOCK_TAILS_ID`) under the block's hash, the form snapshots and the digest have always had,
+/// independent of the node-local ids, in hash or id order.
+fn dump_blocks(view: &ReadView, which: u8, order: BlockOrder, emit: &mut TableSink<'_>) -> StoreResult<()> {
     let heads = view.block_data_table()?;
-    for item in view.block_ids_table()?.iter().map_err(fault)? {
-        let (hash, id) = item.map_err(fault)?;
-        let (hash, id) = (hash.value(), id.value());
+    let mut one = |hash: &[u8], id: u64| -> StoreResult<()> {
         if which == BLOCK_HEADS_ID {
             let Some(head) = heads.get(id).map_err(fault)? else {
                 return Err(StoreFault(format!("block {} has id {id} but no stored bytes", hex::encode(hash))));
             };
-            emit(which, hash, head.value())?;
+            emit(which, hash, head.value())
         } else if let Some(tail) = view.block_tails_table()?.get(id).map_err(fault)? {
-            emit(which, hash, tail.value())?;
+            emit(which, hash, tail.value())
+        } else {
+            Ok(())
+        }
+    };
+    match order {
+        BlockOrder::Hash => {
+            for item in view.block_ids_table()?.iter().map_err(fault)? {
+                let (hash, id) = item.map_err(fault)?;
+                one(hash.value(), id.value())?;
+            }
+        }
+        BlockOrder::Stored => {
+            for item in view.block_hashes_table()?.iter().map_err(fault)? {
+                let (id, hash) = item.map_err(fault)?;
+                one(hash.value(), id.value())?;
+            }
         }
     }
     Ok(())
@@ -847,6 +880,7 @@ impl StateWrite for StateTxn<'_> {
             None => self.next_block_id()?,
         };
         self.block_ids.insert(&hash[..], id).map_err(fault)?;
+        self.block_hashes.insert(id, &hash[..]).map_err(fault)?;
         self.block_data.insert(id, head.as_slice()).map_err(fault)?;
         if !tail.is_empty() {
             self.block_tails.insert(id, tail).map_err(fault)?;
@@ -861,6 +895,7 @@ impl StateWrite for StateTxn<'_> {
         let id = self.block_ids_table()?.get(&hash[..]).map_err(fault)?.map(|v| v.value());
         if let Some(id) = id {
             self.block_ids.remove(&hash[..]).map_err(fault)?;
+            self.block_hashes.remove(id).map_err(fault)?;
             self.block_data.remove(id).map_err(fault)?;
             self.block_tails.remove(id).map_err(fault)?;
         }
