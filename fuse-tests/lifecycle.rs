@@ -120,8 +120,11 @@ fn stale_mount_is_cleaned_up_on_start() {
     let log = node.log();
     let restart = &log[log.rfind("stale FUSE mount found: it is replaced when this node mounts").expect("stale mount seen at start")..];
     let started = restart.find("replica started").expect("replica started");
-    let detached = restart.find("stale FUSE mount found: detaching it").expect("stale mount detached");
+    let detached = restart.find("detaching the stale FUSE mount").expect("stale mount detached");
     assert!(started < detached, "detached before the replica started:\n{restart}");
+    // One warning for the one stale mount (the node's log holds both starts).
+    let warnings = log.lines().filter(|l| l.contains("WARN") && l.contains("stale FUSE mount")).count();
+    assert_eq!(warnings, 1, "{log}");
 }
 
 #[test]

@@ -225,7 +225,8 @@ fn cleanup_stale_mount(mountpoint: &Path) -> io::Result<()> {
 fn prepare_mountpoint(mountpoint: &Path, detach_stale: bool) -> io::Result<()> {
     let stale = || {
         if detach_stale {
-            tracing::warn!(mountpoint = %mountpoint.display(), "stale FUSE mount found: detaching it");
+            // The start's `check_mountpoint` already warned about it: one warning per stale mount.
+            tracing::info!(mountpoint = %mountpoint.display(), "detaching the stale FUSE mount");
             umount2(mountpoint, MntFlags::MNT_DETACH).map_err(io::Error::from)
         } else {
             tracing::warn!(mountpoint = %mountpoint.display(), "stale FUSE mount found: it is replaced when this node mounts");
