@@ -49,6 +49,20 @@ def reset_peak_rss(pid):
         pass
 
 
+def disk_reads():
+    """(read requests completed, MiB read) summed over the whole disks (not partitions, loop or ram
+    devices) in /proc/diskstats."""
+    disks = {d for d in os.listdir("/sys/block") if not d.startswith(("loop", "ram", "zram"))}
+    ios = sectors = 0
+    with open("/proc/diskstats") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 5 and fields[2] in disks:
+                ios += int(fields[3])
+                sectors += int(fields[5])
+    return ios, sectors * 512 / 2**20
+
+
 def disk_write_mib_s(root):
     """Raw sequential write speed of the medium under root (a plain file, fdatasync), MiB/s."""
     path = os.path.join(root, "disk-ceiling")
@@ -139,7 +153,13 @@ def workloads(root, tarball, pid=None, round_no=0):
         assert n == SEQ_BYTES, n
 
     drop_caches()
-    yield "seq read 256M (cold)", timed(seq_read)
+    before = disk_reads()
+    t = timed(seq_read)
+    after = disk_reads()
+    who = "pickbox" if pid else "bindfs"
+    print(f"  (round {round_no}: {who} cold seq read: {after[0] - before[0]} disk reads, "
+          f"{after[1] - before[1]:.0f} MiB)", flush=True)
+    yield "seq read 256M (cold)", t
 
     rng = random.Random(42)
     block = os.urandom(4096)
