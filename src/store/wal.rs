@@ -7,11 +7,45 @@
 //!
 //! Format. Segment `<first index, 20 digits>.seg` starts with a `SEGMENT_HEADER_BYTES` header
 //! (magic, version, generation, first index, CRC32 of those), then records
-//! `[u32 len][u32 crc32(generation, index, payload)][u64 index][payload]`, little endian, the
-//! indexes contiguous across segments. A new segment is preallocated to `SEGMENT_BYTES`, so an
-//! append does not change the file size (no metadata to journal) and the space after the last
-//! record reads as zeros: a zero length ends the records. The generation is random per segment
-//! and inside every record's CRC, so a record is never taken for one of another segment file.
+//! `[u32 len][u32 crc32(generation, index, payload)][u64 index][u32 back]
+//! [u32 crc32(generation, the 20 header bytes before it)][payload]`, little endian, the indexes
+//! contiguous across segments. A new segment is preallocated to `SEGMENT_BYTES`, so an append
+//! does not change the file size (no metadata to journal) and the space after the last record
+//! reads as zeros: an all-zero header ends the records. The generation is random per segment and
+//! inside both CRCs, so a record is never taken for one of another segment file.
+//!
+//! Batches. A batch is what is written into a segment between two points where everything in it
+//! is durable: a sync (fdatasync), an `RWF_DSYNC` write, a cut (truncation, recovery), the
+//! segment's creation. `back` is the number of records of the same batch before this one (0: the
+//! first record written after such a point), so `index - back` is the first index of its batch.
+//! The writer thread (`log`) acknowledges an entry only after the sync that ends its batch, and
+//! writes the next batch only after that sync returned. Marking costs nothing at append time (the
+//! writer knows whether unsynced records precede a record: `dirty`; no extra write or syscall).
+//!
+//! Version 1 segments (written by earlier builds: `[u32 len][u32 crc][u64 index][payload]`, no
+//! `back`, no header CRC) are still read. One is never appended to: the next append after it
+//! starts a version 2 segment (an empty one is replaced). If a version 1 segment is the last one
+//! at open, its first bad record ends it as before (taken for a torn tail, cut).
+//!
+//! Recovery of the last segment (version 2). The scan stops at the first record that is not
+//! valid (bad header CRC, bad length, wrong index, bad payload CRC, cut short) or all zeros: entry
+//! `k` at offset `o`. Then the rest of the file is searched for an intact record of a LATER batch:
+//! any offset whose header passes its CRC, whose index `i > k` fits in the bytes since `o`, whose
+//! payload passes its CRC, and whose batch began after `k` (`i - back > k`); one sequential pass
+//! (the bad record's length cannot be trusted, so every offset is a candidate). Found: refuse to
+//! start (`StoreFault` naming the segment, `o`, `k` and the later record), cut nothing. Sound
+//! because the file only grows between cuts, so a record of a batch that began after entry `k` was
+//! written after entry `k`'s bytes were synced: they were durable, and a torn write cannot damage
+//! durable bytes; so this is corruption of an entry that may have been acknowledged, and cutting
+//! it could make this node lose entries Raft counted on. Not found: every intact record after `o`
+//! belongs to the batch of entry `k` (its later pages reached the disk, an earlier one not), so
+//! that batch was the one being written at the crash, never synced, never acknowledged: a torn
+//! tail, cut at `o` (the valid records before it stay; they are a contiguous prefix, and keeping
+//! unacknowledged entries is allowed). The ambiguous case: damage inside the last batch that
+//! reached the disk, with no later batch written after it (e.g. the node stopped, then a sector of
+//! that batch rotted) looks exactly like a crash during that batch; it is cut with a warning. Also
+//! taken for a torn tail: damage to the second last batch when nothing of the last batch reached
+//! the disk.
 //!
 //! Durability cost. posix_fallocate leaves "unwritten" extents on ext4: the first write into
 //! such a block changes the extent tree, so each fdatasync after it also commits the journal. So
@@ -24,12 +58,16 @@
 //! the bytes written, not the zero-fill in flight elsewhere in the file.
 //!
 //! Invariants: (1) after the last record of the active (last) segment there are only zeros: a
-//! truncation, and the recovery of a torn tail, cut the file there and preallocate it again; so
-//! stale records can never reappear behind a shorter new one. (2) A segment is fdatasynced before
-//! the next one is created, so after a crash only the last segment can end in a torn record; a
-//! bad record anywhere else, or a hole between segments, is corruption and the log refuses to open
-//! (acknowledged entries are never dropped silently). (3) Segments are created as `.tmp`, synced,
-//! renamed and the directory synced, so a segment file always has its header.
+//! truncation, and the recovery of a torn tail, cut the file there, preallocate it again and sync
+//! it; so stale records can never reappear behind a shorter new one, and within a segment the
+//! records after the last cut were written in offset order (what recovery's batch rule relies on).
+//! (2) A segment is fdatasynced before the next one is created, so after a crash only the last
+//! segment can end in a torn batch; a bad record anywhere else, or a hole between segments, is
+//! corruption and the log refuses to open. In the last segment, damage before the start of a
+//! later batch is corruption too (see Recovery). (3) Segments are created as `.tmp`, synced,
+//! renamed and the directory synced, so a segment file always has its header. (4) A record's
+//! `back` never claims a later batch start than the truth (the writer resets its batch only at
+//! the points listed under Batches), so a torn batch is never taken for corruption.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -47,13 +85,18 @@ use crate::state::{StoreFault, StoreResult};
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Bytes of a segment's header.
 const SEGMENT_HEADER_BYTES: u64 = 32;
-/// Bytes of a record's header (length, CRC, index).
-const RECORD_HEADER_BYTES: u64 = 16;
+/// Bytes of a record's header (length, payload CRC, index, batch distance, header CRC).
+const RECORD_HEADER_BYTES: u64 = 24;
+/// Bytes of a record's header in a version 1 segment (length, CRC, index; read only).
+const RECORD_HEADER_BYTES_V1: u64 = 16;
 /// Largest payload of a record: an encoded entry is at most one message (bounds what a corrupt
 /// length can make recovery allocate).
 pub const RECORD_PAYLOAD_BYTES_MAX: u64 = crate::config::MESSAGE_BYTES_MAX as u64;
 const SEGMENT_MAGIC: &[u8; 8] = b"PBOXWAL\n";
-const SEGMENT_VERSION: u32 = 1;
+/// The version new segments are written with: 2 has the batch distance and the header CRC.
+const SEGMENT_VERSION: u32 = 2;
+/// Segments of this version (no batch marks) are still read; they are never appended to.
+const SEGMENT_VERSION_V1: u32 = 1;
 const SEGMENT_SUFFIX: &str = ".seg";
 const TMP_SUFFIX: &str = ".seg.tmp";
 /// Records are gathered into one buffer of up to this many bytes per pwrite.
@@ -62,6 +105,9 @@ const WRITE_BUFFER_BYTES: usize = 1024 * 1024;
 const DIRECT_PAYLOAD_BYTES_MIN: usize = 64 * 1024;
 /// Bytes read at a time when recovery scans a segment.
 const SCAN_BUFFER_BYTES: usize = 1024 * 1024;
+/// The search for a later batch skips all-zero blocks of this many bytes at once (most of the
+/// rest of a segment is zeros).
+const ZERO_SKIP_BYTES: usize = 4096;
 /// Bytes of zeros written ahead of the active segment's tail (see the module doc), at once.
 const ZERO_AHEAD_BYTES: u64 = 1024 * 1024;
 /// `zero_ahead` writes more zeros once fewer than this many bytes ahead of the tail are written.
@@ -97,10 +143,10 @@ fn new_generation() -> u64 {
     h.finish() | 1
 }
 
-fn segment_header(generation: u64, first: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
+fn segment_header(version: u32, generation: u64, first: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
     let mut h = [0u8; SEGMENT_HEADER_BYTES as usize];
     h[0..8].copy_from_slice(SEGMENT_MAGIC);
-    h[8..12].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h[12..20].copy_from_slice(&generation.to_le_bytes());
     h[20..28].copy_from_slice(&first.to_le_bytes());
     let c = crc32fast::hash(&h[0..28]);
@@ -108,19 +154,62 @@ fn segment_header(generation: u64, first: u64) -> [u8; SEGMENT_HEADER_BYTES as u
     h
 }
 
-fn record_header(len: u32, crc: u32, index: u64) -> [u8; RECORD_HEADER_BYTES as usize] {
+/// Bytes of a record header in a segment of `version`.
+fn record_header_bytes(version: u32) -> u64 {
+    if version == SEGMENT_VERSION_V1 {
+        RECORD_HEADER_BYTES_V1
+    } else {
+        RECORD_HEADER_BYTES
+    }
+}
+
+/// CRC32 of a (version 2) record header: the generation and the header's first 20 bytes.
+fn header_crc(generation: u64, h: &[u8]) -> u32 {
+    let mut c = crc32fast::Hasher::new();
+    c.update(&generation.to_le_bytes());
+    c.update(&h[0..20]);
+    c.finalize()
+}
+
+/// A record's header as written (version 2): `back` is how many records of the same batch
+/// precede it (see the module doc).
+fn record_header(generation: u64, len: u32, crc: u32, index: u64, back: u32) -> [u8; RECORD_HEADER_BYTES as usize] {
     let mut h = [0u8; RECORD_HEADER_BYTES as usize];
     h[0..4].copy_from_slice(&len.to_le_bytes());
     h[4..8].copy_from_slice(&crc.to_le_bytes());
     h[8..16].copy_from_slice(&index.to_le_bytes());
+    h[16..20].copy_from_slice(&back.to_le_bytes());
+    let hc = header_crc(generation, &h);
+    h[20..24].copy_from_slice(&hc.to_le_bytes());
     h
 }
 
-fn parse_record_header(b: &[u8]) -> (u32, u32, u64) {
+/// A parsed record header.
+#[derive(Clone, Copy)]
+struct RecordHeader {
+    len: u32,
+    /// CRC32 of (generation, index, payload).
+    crc: u32,
+    index: u64,
+    /// Records of the same batch before this one (version 2; 0 in version 1, which has none).
+    back: u32,
+}
+
+fn u64_le(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// Parse the `record_header_bytes(version)` bytes of `b`; None if a version 2 header fails its
+/// own CRC (version 1 headers have none: their CRC covers only the payload side).
+fn parse_record_header(version: u32, generation: u64, b: &[u8]) -> Option<RecordHeader> {
     let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let mut idx = [0u8; 8];
-    idx.copy_from_slice(&b[8..16]);
-    (u32_at(0), u32_at(4), u64::from_le_bytes(idx))
+    let (len, crc, index) = (u32_at(0), u32_at(4), u64_le(&b[8..16]));
+    if version == SEGMENT_VERSION_V1 {
+        return Some(RecordHeader { len, crc, index, back: 0 });
+    }
+    (header_crc(generation, b) == u32_at(20)).then_some(RecordHeader { len, crc, index, back: u32_at(16) })
 }
 
 fn segment_name(first: u64) -> String {
@@ -188,6 +277,9 @@ struct Segment {
     path: PathBuf,
     file: Arc<File>,
     generation: u64,
+    /// Format version (`SEGMENT_VERSION`, or `SEGMENT_VERSION_V1` for a segment written by an
+    /// earlier build, which is read but never appended to).
+    version: u32,
     /// `(offset, payload length)` of entry `first + i` at `i`.
     records: Vec<(u64, u32)>,
     /// Where the next record goes.
@@ -216,7 +308,7 @@ impl Segment {
             .open(&tmp)
             .map_err(|e| io_fault("creating", &tmp, e))?;
         preallocate(&file, &tmp, segment_bytes)?;
-        file.write_all_at(&segment_header(generation, first), 0).map_err(|e| io_fault("writing", &tmp, e))?;
+        file.write_all_at(&segment_header(SEGMENT_VERSION, generation, first), 0).map_err(|e| io_fault("writing", &tmp, e))?;
         let written = zero_fill_after(&file, &tmp, SEGMENT_HEADER_BYTES, segment_bytes);
         file.sync_all().map_err(|e| io_fault("syncing", &tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| io_fault("renaming", &tmp, e))?;
@@ -226,6 +318,7 @@ impl Segment {
             path,
             file: Arc::new(file),
             generation,
+            version: SEGMENT_VERSION,
             records: Vec::new(),
             end: SEGMENT_HEADER_BYTES,
             file_len: segment_bytes,
@@ -249,11 +342,13 @@ impl Segment {
     /// Read and check the record of `index` (live, in this segment).
     fn read(&self, index: u64) -> StoreResult<Vec<u8>> {
         let (off, len) = self.records[(index - self.first) as usize];
-        let mut buf = vec![0u8; RECORD_HEADER_BYTES as usize + len as usize];
+        let hb = record_header_bytes(self.version) as usize;
+        let mut buf = vec![0u8; hb + len as usize];
         self.file.read_exact_at(&mut buf, off).map_err(|e| io_fault("reading", &self.path, e))?;
-        let (l, c, i) = parse_record_header(&buf);
-        let payload = buf.split_off(RECORD_HEADER_BYTES as usize);
-        if l != len || i != index || c != crc(self.generation, index, &payload) {
+        let h = parse_record_header(self.version, self.generation, &buf);
+        let payload = buf.split_off(hb);
+        let ok = h.is_some_and(|h| h.len == len && h.index == index && h.crc == crc(self.generation, index, &payload));
+        if !ok {
             return Err(StoreFault(format!(
                 "log segment {}: record of entry {index} at offset {off} fails its check (disk corruption?)",
                 self.path.display()
@@ -333,8 +428,10 @@ fn scan_segment(path: &Path, first: u64) -> StoreResult<(Segment, ScanEnd)> {
         u64::from_le_bytes(b)
     };
     let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-    if version != SEGMENT_VERSION {
-        return Err(bad_header(&format!("version {version}, this build reads {SEGMENT_VERSION}")));
+    if version != SEGMENT_VERSION && version != SEGMENT_VERSION_V1 {
+        return Err(bad_header(&format!(
+            "version {version}, this build reads {SEGMENT_VERSION_V1} and {SEGMENT_VERSION}"
+        )));
     }
     let generation = u64_at(12);
     if u64_at(20) != first {
@@ -345,6 +442,7 @@ fn scan_segment(path: &Path, first: u64) -> StoreResult<(Segment, ScanEnd)> {
         path: path.to_path_buf(),
         file: Arc::new(file),
         generation,
+        version,
         records: Vec::new(),
         end: SEGMENT_HEADER_BYTES,
         file_len,
@@ -354,31 +452,129 @@ fn scan_segment(path: &Path, first: u64) -> StoreResult<(Segment, ScanEnd)> {
     };
     let file = seg.file.clone();
     let mut sc = Scanner { file: &file, file_len, buf: Vec::new(), buf_off: 0 };
+    let hb = record_header_bytes(version);
     let end = loop {
         let off = seg.end;
         let index = seg.next_index();
         let read = |e| io_fault("reading", path, e);
-        let Some(h) = sc.bytes(off, RECORD_HEADER_BYTES as usize).map_err(read)? else { break ScanEnd::Clean };
-        let (len, c, i) = parse_record_header(h);
-        if len == 0 {
+        let Some(h) = sc.bytes(off, hb as usize).map_err(read)? else { break ScanEnd::Clean };
+        if h.iter().all(|&b| b == 0) || (version == SEGMENT_VERSION_V1 && h[0..4] == [0; 4]) {
             break ScanEnd::Clean;
         }
-        if len as u64 > RECORD_PAYLOAD_BYTES_MAX {
-            break ScanEnd::Bad(format!("record length {len} at offset {off} is over the limit"));
+        let Some(RecordHeader { len, crc: c, index: i, .. }) = parse_record_header(version, generation, h) else {
+            break ScanEnd::Bad(format!("record header at offset {off} fails its check"));
+        };
+        if len == 0 || len as u64 > RECORD_PAYLOAD_BYTES_MAX {
+            break ScanEnd::Bad(format!("record length {len} at offset {off} is out of bounds"));
         }
         if i != index {
             break ScanEnd::Bad(format!("record at offset {off} has index {i}, expected {index}"));
         }
-        let Some(payload) = sc.bytes(off + RECORD_HEADER_BYTES, len as usize).map_err(read)? else {
+        let Some(payload) = sc.bytes(off + hb, len as usize).map_err(read)? else {
             break ScanEnd::Bad(format!("record of entry {index} at offset {off} is cut short by the end of the file"));
         };
         if crc(generation, i, payload) != c {
             break ScanEnd::Bad(format!("record of entry {index} at offset {off} fails its check"));
         }
         seg.records.push((off, len));
-        seg.end = off + RECORD_HEADER_BYTES + len as u64;
+        seg.end = off + hb + len as u64;
     };
     Ok((seg, end))
+}
+
+/// What `later_batch` found after the valid records of the last segment.
+enum After {
+    /// An intact record (entry `index` at `off`) of a batch that began at entry `batch_first`,
+    /// after the entry where the valid records end: that entry was synced before it was written.
+    LaterBatch { off: u64, index: u64, batch_first: u64 },
+    /// No such record; `same_batch` intact records of the batch the valid records end in (a torn
+    /// batch some of whose later pages reached the disk).
+    Nothing { same_batch: u64 },
+}
+
+/// Look after the valid records of a version 2 segment (from `seg.end`, where entry
+/// `seg.next_index()` would be) for an intact record of a later batch (see the module doc). The
+/// bad record's length cannot be trusted, so every byte offset is a candidate, filtered cheaply:
+/// its index must be one the bytes since `seg.end` can hold (each record takes more than a header),
+/// then its header must pass its CRC (a false match is about one in 2^32), and only then is its
+/// payload read and checked. One sequential pass over the rest of the file (zeros fail the index
+/// test at once); after an intact record it goes on past that record.
+fn later_batch(seg: &Segment) -> std::io::Result<After> {
+    let hb = RECORD_HEADER_BYTES as usize;
+    let (from, k) = (seg.end, seg.next_index());
+    let mut same_batch = 0;
+    let mut buf = Vec::new();
+    let mut payload = Vec::new();
+    // Entry k's record takes at least hb + 1 bytes from `from`: no later one starts before that.
+    let mut p = from + hb as u64 + 1;
+    while p + hb as u64 <= seg.file_len {
+        let n = (SCAN_BUFFER_BYTES as u64).min(seg.file_len - p) as usize;
+        buf.resize(n, 0);
+        seg.file.read_exact_at(&mut buf, p)?;
+        // Offsets in `buf` whose whole header is in it; the next read starts after them.
+        let starts = n - hb + 1;
+        // Whether the block at this offset in `buf` is all zeros (the last one looked at).
+        let mut zero_block: Option<(usize, bool)> = None;
+        let mut q = 0;
+        while q < starts {
+            // A header's index field (bytes 8..16) is never zero: skip the offsets whose field
+            // lies in an all-zero block.
+            let (field, bs) = (q + 8, (q + 8) / ZERO_SKIP_BYTES * ZERO_SKIP_BYTES);
+            let be = (bs + ZERO_SKIP_BYTES).min(n);
+            if field + 8 <= be {
+                let zero = match zero_block {
+                    Some((at, z)) if at == bs => z,
+                    _ => {
+                        let z = buf[bs..be] == ZEROS[..be - bs];
+                        zero_block = Some((bs, z));
+                        z
+                    }
+                };
+                if zero {
+                    // The first offset whose field reaches past this block.
+                    q = be - 15;
+                    continue;
+                }
+            }
+            // The candidate offset in `buf`, and in the file.
+            let c = q;
+            q += 1;
+            let at = p + c as u64;
+            let index = u64_le(&buf[c + 8..c + 16]);
+            // Entries k..index take at least hb + 1 bytes each before `at`.
+            if index <= k || index - k > (at - from) / (hb as u64 + 1) {
+                continue;
+            }
+            let Some(h) = parse_record_header(SEGMENT_VERSION, seg.generation, &buf[c..c + hb]) else {
+                continue;
+            };
+            let len = h.len as usize;
+            let end = at + (hb + len) as u64;
+            if len == 0 || len as u64 > RECORD_PAYLOAD_BYTES_MAX || end > seg.file_len {
+                continue;
+            }
+            let Some(batch_first) = index.checked_sub(h.back as u64) else { continue };
+            let body = if c + hb + len <= n {
+                &buf[c + hb..c + hb + len]
+            } else {
+                payload.resize(len, 0);
+                seg.file.read_exact_at(&mut payload, at + hb as u64)?;
+                &payload[..]
+            };
+            if crc(seg.generation, index, body) != h.crc {
+                continue;
+            }
+            if batch_first > k {
+                return Ok(After::LaterBatch { off: at, index, batch_first });
+            }
+            // A record of entry k's own batch: go on after it.
+            same_batch += 1;
+            q = c + hb + len;
+        }
+        // `q` may lie past `starts` (after a record): the next read starts there.
+        p += q as u64;
+    }
+    Ok(After::Nothing { same_batch })
 }
 
 /// What readers and the writer share.
@@ -421,12 +617,16 @@ pub(super) struct Wal {
     dsync_supported: AtomicBool,
     /// Record bytes of the last `append` (`zero_ahead` skips after a large one).
     last_append_bytes: AtomicU64,
+    /// While `dirty`: the index of the first record written into the active segment since it
+    /// was last synced (the current batch's first; records carry their distance to it).
+    batch_first: AtomicU64,
 }
 
 impl Wal {
     /// Open (or create) the log in `dir`. Entries up to `purged_upto` are purged (a purge that a
-    /// crash interrupted is finished). A torn record at the end of the last segment is cut
-    /// (it was never acknowledged); any other damage is a `StoreFault`.
+    /// crash interrupted is finished). A torn last batch in the last segment is cut (it was never
+    /// acknowledged); any other damage, including damage in the last segment followed by an
+    /// intact record of a later batch, is a `StoreFault` and nothing is changed (module doc).
     pub fn open(dir: &Path, purged_upto: Option<u64>) -> StoreResult<Wal> {
         Wal::open_with(dir, purged_upto, SEGMENT_BYTES)
     }
@@ -463,14 +663,42 @@ impl Wal {
                 }
             }
             let (mut seg, end) = scan_segment(&path, first)?;
-            if let ScanEnd::Bad(why) = end {
+            if let ScanEnd::Bad(why) = &end {
                 if !last {
                     return Err(StoreFault(format!(
                         "log segment {} (not the last one): {why}; refusing to start",
                         path.display()
                     )));
                 }
-                // The normal crash case: this write was never acknowledged.
+            }
+            if last && seg.version != SEGMENT_VERSION_V1 {
+                // Torn tail or damage to synced records? Whatever follows the valid records tells.
+                let (off, index) = (seg.end, seg.next_index());
+                let why = match &end {
+                    ScanEnd::Bad(why) => why.clone(),
+                    ScanEnd::Clean => format!("the record header at offset {off} is zeros"),
+                };
+                match later_batch(&seg).map_err(|e| io_fault("reading", &path, e))? {
+                    After::LaterBatch { off: later_off, index: later, batch_first } => {
+                        return Err(StoreFault(format!(
+                            "log segment {} (the last one): entry {index} at offset {off} is damaged ({why}), \
+                             but entry {later} at offset {later_off} is intact and belongs to a batch that began at \
+                             entry {batch_first}, written only after entry {index} was synced: acknowledged entries \
+                             are damaged (disk corruption?); refusing to start",
+                            path.display()
+                        )));
+                    }
+                    After::Nothing { same_batch } if same_batch > 0 || matches!(end, ScanEnd::Bad(_)) => {
+                        // The normal crash case: the last batch was never synced, so never
+                        // acknowledged (or, indistinguishably, it was and is damaged: see the
+                        // module doc).
+                        tracing::warn!(segment = %path.display(), index, offset = off, reason = %why, intact_after = same_batch, "log: cutting a torn tail");
+                    }
+                    After::Nothing { .. } => {}
+                }
+            } else if let ScanEnd::Bad(why) = &end {
+                // A version 1 segment has no batch marks: its first bad record is taken for a
+                // torn tail, as the build that wrote it did.
                 tracing::warn!(segment = %path.display(), index = seg.next_index(), reason = %why, "log: cutting a torn tail");
             }
             if last {
@@ -492,6 +720,7 @@ impl Wal {
             dirty: AtomicBool::new(false),
             dsync_supported: AtomicBool::new(true),
             last_append_bytes: AtomicU64::new(0),
+            batch_first: AtomicU64::new(0),
         };
         // Finish a purge a crash interrupted.
         {
@@ -546,6 +775,10 @@ impl Wal {
             _ => {}
         }
         let mut st = self.write();
+        // The first record of the current batch, if records written into the active segment
+        // since its last sync (or RWF_DSYNC write, truncation, creation) await a sync.
+        let was_dirty = self.dirty.load(Ordering::Acquire);
+        let mut batch_first = was_dirty.then(|| self.batch_first.load(Ordering::Relaxed));
         if (st.live().is_none() && st.next_index() != Some(first_index)) || first_index < st.start {
             // Only purged entries (or none) are left: start afresh at this index.
             while let Some(seg) = st.segments.pop_front() {
@@ -553,28 +786,62 @@ impl Wal {
             }
             st.segments.push_back(Segment::create(&self.dir, first_index, self.segment_bytes)?);
             st.start = first_index;
+            batch_first = None;
+        }
+        // Only a first index among the active segment's records can be the batch's first (a
+        // guard: a batch mark must never claim a later start than the truth, see the module doc).
+        if let Some(seg) = st.segments.back() {
+            batch_first = batch_first.filter(|&f| f >= seg.first && f < seg.next_index());
         }
         let record_bytes: u64 = entries.iter().map(|e| RECORD_HEADER_BYTES + e.1.len() as u64).sum();
         self.last_append_bytes.store(record_bytes, Ordering::Relaxed);
         // Anything written before the last write of this call (a full buffer, a large payload, a
         // roll-over) rules the RWF_DSYNC write out: it syncs only its own range.
         let mut earlier_writes = false;
+        // From here records may reach the file: dirty even if a write fails half way, so the
+        // next record is never marked as a batch's first while unsynced records precede it.
+        self.dirty.store(true, Ordering::Release);
         let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BUFFER_BYTES.min(record_bytes as usize));
         let mut buf_at = st.segments.back().map(|s| s.end).unwrap_or(SEGMENT_HEADER_BYTES);
         for (index, payload) in entries {
             let rec = RECORD_HEADER_BYTES + payload.len() as u64;
             let seg = st.segments.back_mut().ok_or_else(|| StoreFault("log append: no active segment".into()))?;
-            if seg.end + rec > self.segment_bytes && !seg.records.is_empty() {
-                // Roll over. The full segment is synced first (invariant 2).
+            let old_version = seg.version != SEGMENT_VERSION;
+            if (seg.end + rec > self.segment_bytes || old_version) && !seg.records.is_empty() {
+                // Roll over (also out of a segment of an older version, never appended to). The
+                // full segment is synced first (invariant 2).
                 flush(seg, &mut buf, buf_at)?;
                 seg.file.sync_data().map_err(|e| io_fault("syncing", &seg.path, e))?;
                 earlier_writes = true;
                 let next = Segment::create(&self.dir, *index, self.segment_bytes)?;
                 buf_at = next.end;
                 st.segments.push_back(next);
+                batch_first = None;
+            } else if old_version {
+                // An empty segment of an older version (nothing in `buf` yet, this is the first
+                // record): a new one replaces it (same name: the rename replaces the file).
+                let next = Segment::create(&self.dir, *index, self.segment_bytes)?;
+                if let Some(old) = st.segments.pop_back() {
+                    if old.path != next.path {
+                        std::fs::remove_file(&old.path).map_err(|e| io_fault("removing", &old.path, e))?;
+                    }
+                }
+                buf_at = next.end;
+                st.segments.push_back(next);
+                batch_first = None;
             }
             let seg = st.segments.back_mut().ok_or_else(|| StoreFault("log append: no active segment".into()))?;
-            let header = record_header(payload.len() as u32, crc(seg.generation, *index, payload), *index);
+            let first_of_batch = match batch_first {
+                Some(f) => f,
+                None => {
+                    batch_first = Some(*index);
+                    self.batch_first.store(*index, Ordering::Relaxed);
+                    *index
+                }
+            };
+            let back = u32::try_from(index - first_of_batch).unwrap_or(u32::MAX);
+            let header =
+                record_header(seg.generation, payload.len() as u32, crc(seg.generation, *index, payload), *index, back);
             buf.extend_from_slice(&header);
             if payload.len() >= DIRECT_PAYLOAD_BYTES_MIN {
                 earlier_writes = true;
@@ -597,9 +864,13 @@ impl Wal {
         }
         let Some(seg) = st.segments.back() else { return Ok(false) };
         let one_small_write = !earlier_writes && !buf.is_empty() && buf.len() <= DSYNC_WRITE_BYTES_MAX;
-        if dsync && one_small_write && !self.dirty.load(Ordering::Acquire) && self.dsync_supported.load(Ordering::Relaxed) {
+        if dsync && one_small_write && !was_dirty && self.dsync_supported.load(Ordering::Relaxed) {
             match pwrite_dsync(&seg.file, &buf, buf_at) {
-                Ok(n) if n == buf.len() => return Ok(true),
+                Ok(n) if n == buf.len() => {
+                    // Durable: the next record starts a batch.
+                    self.dirty.store(false, Ordering::Release);
+                    return Ok(true);
+                }
                 Ok(n) => {
                     buf.drain(..n);
                     buf_at += n as u64;
@@ -612,7 +883,6 @@ impl Wal {
             }
         }
         flush(seg, &mut buf, buf_at)?;
-        self.dirty.store(true, Ordering::Release);
         return Ok(false);
 
         /// Write the gathered records at `at` (where the first of them goes).
@@ -914,9 +1184,10 @@ mod tests {
         w.append(&rows(1..=9, 300)).unwrap();
         w.sync().unwrap();
         let (path, end) = w.segment_files().pop().unwrap();
+        let generation = w.read().segments.back().unwrap().generation;
         drop(w);
-        // Half a record for entry 10 (header says 300 bytes, 100 written), then garbage.
-        let half = [&record_header(300, 12345, 10)[..], &[0xAB; 100]].concat();
+        // Half a record for entry 10 (a valid header says 300 bytes, 100 written), then garbage.
+        let half = [&record_header(generation, 300, 12345, 10, 0)[..], &[0xAB; 100]].concat();
         overwrite(&path, end, &half);
         let w = open(d.path(), None);
         assert_eq!(all(&w), rows(1..=9, 300));
@@ -938,14 +1209,16 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_record_inside_the_last_segment_drops_only_what_follows() {
+    fn damage_inside_the_only_batch_of_the_last_segment_is_taken_for_a_torn_tail() {
+        // The ambiguous case (module doc): entries 1..=3 are one batch and nothing was written
+        // after it, so damage to entry 2 looks exactly like a crash during that batch.
         let d = tempfile::tempdir().unwrap();
         let w = open(d.path(), None);
         w.append(&rows(1..=3, 200)).unwrap();
         w.sync().unwrap();
         let (path, _) = w.segment_files().pop().unwrap();
         drop(w);
-        // Flip a payload byte of entry 2: entries 2 and 3 were "never acknowledged".
+        // Flip a payload byte of entry 2: entries 2 and 3 count as never acknowledged.
         let off = SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 200 + RECORD_HEADER_BYTES + 5;
         overwrite(&path, off, &[0x5A ^ entry(2, 200)[5]]);
         let w = open(d.path(), None);
@@ -987,6 +1260,322 @@ mod tests {
         overwrite(&path, SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + 100, &u32::MAX.to_le_bytes());
         let w = open(d.path(), None);
         assert_eq!(indexes(&w), vec![1]);
+    }
+
+    /// Batches `[1..=3]`, `[4]` (one RWF_DSYNC write), `[5..=7]` (two appends, one sync) and
+    /// `[8..=9]` of 100-byte entries in one segment, closed. The segment's path and
+    /// `(index, offset)` of every record.
+    fn four_batches(dir: &Path) -> (PathBuf, Vec<(u64, u64)>) {
+        let w = open(dir, None);
+        w.append(&rows(1..=3, 100)).unwrap();
+        w.sync().unwrap();
+        assert!(w.append_durable(&rows(4..=4, 100)).unwrap());
+        w.append(&rows(5..=6, 100)).unwrap();
+        w.append(&rows(7..=7, 100)).unwrap();
+        w.sync().unwrap();
+        w.append(&rows(8..=9, 100)).unwrap();
+        w.sync().unwrap();
+        let st = w.read();
+        assert_eq!(st.segments.len(), 1);
+        let seg = st.segments.back().unwrap();
+        let offsets = seg.records.iter().enumerate().map(|(i, r)| (seg.first + i as u64, r.0)).collect();
+        (seg.path.clone(), offsets)
+    }
+
+    fn offset_of(offsets: &[(u64, u64)], index: u64) -> u64 {
+        offsets.iter().find(|r| r.0 == index).unwrap().1
+    }
+
+    /// Every file in `dir` and its bytes.
+    fn dir_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let p = e.unwrap().path();
+                let b = std::fs::read(&p).unwrap();
+                (p, b)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Flip the bits of the byte at `at` in `path`.
+    fn flip(path: &Path, at: u64) {
+        let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[!b[0]], at).unwrap();
+    }
+
+    /// The `back` field (records of the same batch before it) of every record of `path`.
+    fn batch_marks(path: &Path, offsets: &[(u64, u64)]) -> Vec<(u64, u32)> {
+        let data = std::fs::read(path).unwrap();
+        offsets
+            .iter()
+            .map(|&(i, off)| {
+                let h = &data[off as usize..(off + RECORD_HEADER_BYTES) as usize];
+                (i, u32::from_le_bytes([h[16], h[17], h[18], h[19]]))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn records_mark_their_batch_which_ends_at_each_sync() {
+        let d = tempfile::tempdir().unwrap();
+        let (path, offsets) = four_batches(d.path());
+        let want = vec![(1, 0), (2, 1), (3, 2), (4, 0), (5, 0), (6, 1), (7, 2), (8, 0), (9, 1)];
+        assert_eq!(batch_marks(&path, &offsets), want);
+        // A truncation syncs (its cut): the records after it start a batch; so does a segment
+        // created by a roll-over inside a batch (the full one was synced first).
+        let w = open(d.path(), None);
+        w.append(&rows(10..=11, 100)).unwrap();
+        w.truncate(11).unwrap();
+        w.append(&rows(11..=12, 100)).unwrap();
+        w.append(&rows(13..=60, 100)).unwrap();
+        w.sync().unwrap();
+        let segs: Vec<_> = {
+            let st = w.read();
+            st.segments
+                .iter()
+                .map(|s| {
+                    let offs: Vec<_> = s.records.iter().enumerate().map(|(i, r)| (s.first + i as u64, r.0)).collect();
+                    (s.path.clone(), offs)
+                })
+                .collect()
+        };
+        assert!(segs.len() >= 2, "rolled over");
+        let marks = batch_marks(&segs[0].0, &segs[0].1);
+        assert_eq!(&marks[9..12], &[(10, 0), (11, 0), (12, 1)]);
+        let seg2_first = segs[1].1[0].0;
+        assert_eq!(marks.last().unwrap().1 as u64, marks.last().unwrap().0 - 11, "one batch from 11 on");
+        let marks2 = batch_marks(&segs[1].0, &segs[1].1);
+        assert!(marks2.iter().all(|&(i, b)| b as u64 == i - seg2_first), "{marks2:?}");
+        drop(w);
+        let w = open(d.path(), None);
+        assert_eq!(indexes(&w), (1..=60).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn damage_before_a_later_batch_in_the_last_segment_refuses_to_open_and_cuts_nothing() {
+        // Each case: how to damage the closed `four_batches` log, and the entry named.
+        type Damage = fn(&Path, &[(u64, u64)]);
+        let cases: [(&str, Damage, u64); 5] = [
+            ("a payload byte of entry 2", |p, o| flip(p, offset_of(o, 2) + RECORD_HEADER_BYTES + 50), 2),
+            ("the length of entry 4 (its own batch)", |p, o| overwrite(p, offset_of(o, 4), &7u32.to_le_bytes()), 4),
+            ("the length of entry 5 (the first of its batch)", |p, o| overwrite(p, offset_of(o, 5), &[0xFF; 4]), 5),
+            ("entry 6 all zeros (a bad sector)", |p, o| overwrite(p, offset_of(o, 6), &[0; 124]), 6),
+            (
+                // The penultimate batch is damaged and the last one torn at its first record:
+                // entry 9 still proves the damaged batch was synced.
+                "entry 7 and the header of entry 8",
+                |p, o| {
+                    flip(p, offset_of(o, 7) + RECORD_HEADER_BYTES + 3);
+                    overwrite(p, offset_of(o, 8), &[0; 24]);
+                },
+                7,
+            ),
+        ];
+        for (what, damage, index) in cases {
+            let d = tempfile::tempdir().unwrap();
+            let (path, offsets) = four_batches(d.path());
+            damage(&path, &offsets);
+            let before = dir_bytes(d.path());
+            for _ in 0..2 {
+                let err = Wal::open_with(d.path(), None, TEST_SEGMENT_BYTES).err().unwrap_or_else(|| panic!("{what}: opened"));
+                let off = offset_of(&offsets, index);
+                let msg = &err.0;
+                assert!(msg.contains("refusing to start") && msg.contains("the last one"), "{what}: {msg}");
+                assert!(msg.contains(&format!("entry {index} at offset {off}")), "{what}: names entry and offset: {msg}");
+                assert!(msg.contains(&path.display().to_string()), "{what}: names the segment: {msg}");
+                assert_eq!(dir_bytes(d.path()), before, "{what}: nothing cut or changed");
+            }
+        }
+    }
+
+    #[test]
+    fn a_torn_last_batch_is_cut_and_appends_continue() {
+        // Each case: the damage (the last batch [8..=9] torn, in any page order), and the
+        // entries left.
+        type Damage = fn(&Path, &[(u64, u64)]);
+        let cases: [(&str, Damage, u64); 5] = [
+            ("entry 8's payload, entry 9 intact", |p, o| flip(p, offset_of(o, 8) + RECORD_HEADER_BYTES + 99), 7),
+            ("entry 8 never written, entry 9 intact", |p, o| overwrite(p, offset_of(o, 8), &[0; 124]), 7),
+            ("entry 8's length, entry 9 intact", |p, o| overwrite(p, offset_of(o, 8), &1000u32.to_le_bytes()), 7),
+            ("entry 9 half written", |p, o| overwrite(p, offset_of(o, 9) + 60, &[0; 64]), 8),
+            (
+                // The ambiguous case: nothing after batch [5..=7] reached the disk, so damage to
+                // entry 6 looks like a crash during that batch (module doc).
+                "entry 6, nothing after its batch",
+                |p, o| {
+                    overwrite(p, offset_of(o, 8), &[0; 248]);
+                    flip(p, offset_of(o, 6) + RECORD_HEADER_BYTES);
+                },
+                5,
+            ),
+        ];
+        for (what, damage, left) in cases {
+            let d = tempfile::tempdir().unwrap();
+            let (path, offsets) = four_batches(d.path());
+            damage(&path, &offsets);
+            let w = open(d.path(), None);
+            assert_eq!(all(&w), rows(1..=left, 100), "{what}");
+            let (_, end) = w.segment_files().pop().unwrap();
+            assert!(tail_bytes(&path, end).iter().all(|&b| b == 0), "{what}: only zeros after the cut");
+            // Appends go on (shorter entries: nothing stale may come back behind them).
+            w.append(&rows(left + 1..=12, 10)).unwrap();
+            w.sync().unwrap();
+            drop(w);
+            let w = open(d.path(), None);
+            let mut want = rows(1..=left, 100);
+            want.extend(rows(left + 1..=12, 10));
+            assert_eq!(all(&w), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_zeroed_range_over_many_records_is_told_apart_in_a_large_segment() {
+        // Batch [1..=1500] of 1000-byte entries (past the 1 MiB scan buffer), then [1501..=1510];
+        // 8 KiB read as zeros (a bad sector, or pages a crash never wrote) from inside entry 3.
+        let setup = |d: &Path| {
+            let w = Wal::open_with(d, None, 4 * ZERO_AHEAD_BYTES).unwrap();
+            w.append(&rows(1..=1500, 1000)).unwrap();
+            w.sync().unwrap();
+            w.append(&rows(1501..=1510, 1000)).unwrap();
+            w.sync().unwrap();
+            let st = w.read();
+            let seg = st.segments.back().unwrap();
+            assert_eq!(st.segments.len(), 1);
+            (seg.path.clone(), seg.records.clone())
+        };
+        let d = tempfile::tempdir().unwrap();
+        let (path, records) = setup(d.path());
+        overwrite(&path, records[2].0 + 500, &[0; 8192]);
+        let before = dir_bytes(d.path());
+        let err = Wal::open_with(d.path(), None, 4 * ZERO_AHEAD_BYTES).err().expect("must refuse");
+        assert!(err.0.contains(&format!("entry 3 at offset {}", records[2].0)), "{}", err.0);
+        assert!(err.0.contains("entry 1501"), "the later batch's first intact record: {}", err.0);
+        assert_eq!(dir_bytes(d.path()), before);
+
+        // The same inside the last batch, whose later records reached the disk: torn, cut.
+        let d = tempfile::tempdir().unwrap();
+        let (path, records) = setup(d.path());
+        overwrite(&path, records[1502].0 + 500, &[0; 4096]);
+        let w = Wal::open_with(d.path(), None, 4 * ZERO_AHEAD_BYTES).unwrap();
+        assert_eq!(indexes(&w), (1..=1502).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_later_batch_search_finds_a_record_at_any_offset_after_zeros() {
+        // Zeros from entry 2 up to entry 21 (the first of a later batch), whose offset from where
+        // the search starts (entry 2's + 25) sweeps 8164..=8204: its header before, across and
+        // after the boundary of two zero-skip blocks, the first of them all zeros.
+        for shift in 0..=40usize {
+            let d = tempfile::tempdir().unwrap();
+            let w = Wal::open_with(d.path(), None, 64 * 1024).unwrap();
+            let mut batch = rows(1..=1, 100);
+            batch.extend(rows(2..=19, 407));
+            batch.push((20, entry(20, 407 + shift)));
+            w.append(&batch).unwrap();
+            w.sync().unwrap();
+            w.append(&rows(21..=22, 407)).unwrap();
+            w.sync().unwrap();
+            let (path, offs) = {
+                let st = w.read();
+                let seg = st.segments.back().unwrap();
+                (seg.path.clone(), seg.records.iter().map(|r| r.0).collect::<Vec<_>>())
+            };
+            drop(w);
+            assert_eq!(offs[20] - (offs[1] + RECORD_HEADER_BYTES + 1), 8164 + shift as u64);
+            overwrite(&path, offs[1], &vec![0; (offs[20] - offs[1]) as usize]);
+            let err = Wal::open_with(d.path(), None, 64 * 1024).err().expect("must refuse");
+            assert!(err.0.contains(&format!("entry 21 at offset {}", offs[20])), "shift {shift}: {}", err.0);
+        }
+    }
+
+    /// A version 1 segment file as the previous build wrote it: header, records
+    /// `[u32 len][u32 crc32(generation, index, payload)][u64 index][payload]`, zeros up to
+    /// `TEST_SEGMENT_BYTES`.
+    fn write_v1_segment(dir: &Path, first: u64, entries: &[(u64, Vec<u8>)]) -> PathBuf {
+        let generation = 0x1234_5678_9abc_def1;
+        let mut b = segment_header(SEGMENT_VERSION_V1, generation, first).to_vec();
+        for (i, p) in entries {
+            b.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            b.extend_from_slice(&crc(generation, *i, p).to_le_bytes());
+            b.extend_from_slice(&i.to_le_bytes());
+            b.extend_from_slice(p);
+        }
+        b.resize(TEST_SEGMENT_BYTES as usize, 0);
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join(segment_name(first));
+        std::fs::write(&path, b).unwrap();
+        path
+    }
+
+    fn version_of(path: &Path) -> u32 {
+        let b = std::fs::read(path).unwrap();
+        u32::from_le_bytes([b[8], b[9], b[10], b[11]])
+    }
+
+    #[test]
+    fn version_1_segments_still_open_and_are_never_appended_to() {
+        let d = tempfile::tempdir().unwrap();
+        let v1 = write_v1_segment(d.path(), 1, &rows(1..=3, 100));
+        let w = open(d.path(), None);
+        assert_eq!(all(&w), rows(1..=3, 100));
+        // The next append starts a version 2 segment; the old one stays as it is.
+        let old = std::fs::read(&v1).unwrap();
+        w.append(&rows(4..=5, 100)).unwrap();
+        w.sync().unwrap();
+        assert_eq!(std::fs::read(&v1).unwrap(), old);
+        let files = w.segment_files();
+        assert_eq!(files.len(), 2);
+        assert_eq!(version_of(&files[1].0), SEGMENT_VERSION);
+        drop(w);
+        let w = open(d.path(), None);
+        assert_eq!(all(&w), rows(1..=5, 100));
+        // Truncated back into it, it is the last one again: still not written to.
+        w.truncate(3).unwrap();
+        w.append(&rows(3..=3, 10)).unwrap();
+        w.sync().unwrap();
+        assert_eq!(segment_count(d.path()), 2);
+        drop(w);
+        let w = open(d.path(), None);
+        let mut want = rows(1..=2, 100);
+        want.push((3, entry(3, 10)));
+        assert_eq!(all(&w), want);
+        drop(w);
+
+        // A damaged record in a version 1 last segment: taken for a torn tail, as before.
+        let d = tempfile::tempdir().unwrap();
+        let v1 = write_v1_segment(d.path(), 1, &rows(1..=3, 100));
+        flip(&v1, SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES_V1 + 100 + RECORD_HEADER_BYTES_V1 + 7);
+        let w = open(d.path(), None);
+        assert_eq!(all(&w), rows(1..=1, 100));
+        drop(w);
+        // In a version 1 segment that is not the last one: refused.
+        let d = tempfile::tempdir().unwrap();
+        let v1 = write_v1_segment(d.path(), 1, &rows(1..=3, 100));
+        let w = open(d.path(), None);
+        w.append(&rows(4..=4, 100)).unwrap();
+        w.sync().unwrap();
+        drop(w);
+        flip(&v1, SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES_V1 + 7);
+        let err = Wal::open_with(d.path(), None, TEST_SEGMENT_BYTES).err().expect("must refuse");
+        assert!(err.0.contains("not the last one") && err.0.contains("entry 1"), "{}", err.0);
+
+        // An empty version 1 segment (everything truncated) is replaced by a version 2 one.
+        let d = tempfile::tempdir().unwrap();
+        let v1 = write_v1_segment(d.path(), 7, &[]);
+        let w = open(d.path(), None);
+        assert_eq!(all(&w), vec![]);
+        w.append(&rows(7..=8, 50)).unwrap();
+        w.sync().unwrap();
+        assert_eq!(segment_count(d.path()), 1);
+        assert_eq!(version_of(&v1), SEGMENT_VERSION);
+        drop(w);
+        let w = open(d.path(), None);
+        assert_eq!(all(&w), rows(7..=8, 50));
     }
 
     /// Overwrite `bytes` at `at` in `path` (damage a closed segment file).
@@ -1101,9 +1690,49 @@ mod tests {
         w.sync().unwrap();
         let (path, end) = w.segment_files().pop().unwrap();
         drop(w);
-        let other = [&record_header(100, crc(12345, 2, &entry(2, 100)), 2)[..], &entry(2, 100)].concat();
+        let other = [&record_header(12345, 100, crc(12345, 2, &entry(2, 100)), 2, 0)[..], &entry(2, 100)].concat();
         overwrite(&path, end, &other);
         let w = open(d.path(), None);
         assert_eq!(indexes(&w), vec![1]);
+    }
+
+    /// Append cost: 10,000 single small appends, each durable by itself (`append_durable`, as the
+    /// writer does for a lone append), with the idle writer's zero fill. A measurement, not a
+    /// check: `cargo test --lib store::wal::tests::append_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn append_cost() {
+        let d = tempfile::tempdir().unwrap();
+        let w = Wal::open(d.path(), None).unwrap();
+        let n = 10_000u64;
+        let t = std::time::Instant::now();
+        for i in 1..=n {
+            if !w.append_durable(&[(i, entry(i, 200))]).unwrap() {
+                w.sync().unwrap();
+            }
+            w.zero_ahead();
+        }
+        let dsync = t.elapsed();
+        let t = std::time::Instant::now();
+        for i in n + 1..=2 * n {
+            w.append(&[(i, entry(i, 200))]).unwrap();
+            w.sync().unwrap();
+            w.zero_ahead();
+        }
+        let fdatasync = t.elapsed();
+        eprintln!(
+            "append_cost: {n} appends of 200 bytes: append_durable {:.1} us each, append + sync {:.1} us each",
+            dsync.as_secs_f64() * 1e6 / n as f64,
+            fdatasync.as_secs_f64() * 1e6 / n as f64
+        );
+        // The open scans the rest of the 64 MiB segment for a later batch (`later_batch`).
+        drop(w);
+        let t = std::time::Instant::now();
+        let w = Wal::open(d.path(), None).unwrap();
+        eprintln!("append_cost: open after them: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+        let t = std::time::Instant::now();
+        assert!(matches!(later_batch(w.read().segments.back().unwrap()).unwrap(), After::Nothing { same_batch: 0 }));
+        eprintln!("append_cost: of which the search for a later batch: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(w.last().unwrap().unwrap().0, 2 * n);
     }
 }
