@@ -486,6 +486,8 @@ pub(super) fn migrate_hash_keyed_blocks(db: &redb::Database) -> StoreResult<u64>
     if !has_old {
         return Ok(0);
     }
+    // Every block is read and written once: minutes for a large store, so say why the start waits.
+    tracing::info!("store: moving the blocks of a previous version to id-keyed tables (once)");
     let mut moved = 0u64;
     // Where the block-map scan goes on (None: from the start); `map_done` once it has ended.
     let mut cursor: Option<(u64, u64)> = None;
@@ -541,6 +543,9 @@ pub(super) fn migrate_hash_keyed_blocks(db: &redb::Database) -> StoreResult<u64>
                 }
             }
             moved += batch.len() as u64;
+            if moved.is_multiple_of(MIGRATE_BATCH_BLOCKS as u64 * 64) {
+                tracing::info!(blocks = moved, "store: moving blocks to id-keyed tables");
+            }
             map_done && batch.len() < MIGRATE_BATCH_BLOCKS
         };
         if done {
