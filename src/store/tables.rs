@@ -565,9 +565,10 @@ pub(super) fn migrate_hash_keyed_blocks(db: &redb::Database) -> StoreResult<u64>
 }
 
 impl StateTxn<'_> {
-    /// The id for a block stored now: one more than the largest in use (ids are node-local).
+    /// The id for a block stored now: one more than the largest in use (ids are node-local). Read
+    /// from the reverse table, whose last leaf is a 4 KiB page (a head's is 64 KiB).
     fn next_block_id(&self) -> StoreResult<u64> {
-        match self.block_data_table()?.last().map_err(fault)? {
+        match self.block_hashes_table()?.last().map_err(fault)? {
             Some((k, _)) => k.value().checked_add(1).ok_or_else(|| StoreFault("block ids exhausted".into())),
             None => Ok(1),
         }

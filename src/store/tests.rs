@@ -279,21 +279,14 @@ fn a_flipped_bit_or_a_cut_in_a_stored_block_is_an_error_not_data() {
 fn corrupted_block_is_an_error_not_data() {
     let (_d, store) = tmp_store();
     let h = sha256(b"good data");
-    store
-        .write_state(false, |t| {
-            t.put_block_data(&h, b"good data")?;
-            // Corrupt the stored bytes behind the store's back.
-            let id = t.block_ids_table()?.get(&h[..]).map_err(fault)?.unwrap().value();
-            t.block_data.insert(id, &b"evil data"[..]).map_err(fault)?;
-            Ok(())
-        })
-        .unwrap();
+    store.write_state(false, |t| t.put_block_data(&h, b"good data")).unwrap();
+    // Corrupt the stored bytes behind the store's back.
+    store.corrupt_block(&h, b"evil data");
     let v = store.read().unwrap();
     let err = v.block_data(&h).unwrap_err();
     assert!(err.0.contains("corrupt"), "{err}");
     // Sanity: the table really holds the corrupted bytes.
-    let id = v.block_ids_table().unwrap().get(&h[..]).unwrap().unwrap().value();
-    assert_eq!(v.block_data_table().unwrap().get(id).unwrap().unwrap().value(), b"evil data");
+    assert_eq!(v.block_data_table().unwrap().get(block_id(&store, &h)).unwrap().unwrap().value(), b"evil data");
     let _ = BLOCK_DATA;
 }
 
@@ -308,8 +301,7 @@ fn reads_of_a_corrupt_block_are_counted() {
     let mut out = Vec::new();
     assert_eq!(store.read().unwrap().read_block_into(&h, 0, 100, &mut out).unwrap(), Some(9));
     assert_eq!(out, b"good data");
-    let id = block_id(&store, &h);
-    store.write_state(false, |t| t.block_data.insert(id, &b"evil data"[..]).map(|_| ()).map_err(fault)).unwrap();
+    store.corrupt_block(&h, b"evil data");
     for _ in 0..2 {
         out.clear();
         assert_eq!(store.read().unwrap().read_block_into(&h, 0, 100, &mut out).unwrap(), None);
