@@ -440,6 +440,13 @@ pub(super) async fn track_lease(
             let sole = voters.next() == Some(s.id) && voters.next().is_none();
             s.state == openraft::ServerState::Leader && s.current_leader == Some(s.id) && !sole
         };
+        // A leader of others sends its entries to them from the thread that submits its own log
+        // write: that write goes to the log writer thread. Elsewhere (a follower, whose answer
+        // waits for its write anyway; a sole voter) small appends are written inline.
+        match replica.upgrade() {
+            Some(r) => r.store.set_inline_appends(!leads_others),
+            None => return,
+        }
         if !leads_others {
             match replica.upgrade() {
                 Some(r) => *r.reads.quorum_acked.lock().unwrap_or_else(|e| e.into_inner()) = None,

@@ -5,6 +5,12 @@
 //! into the segment log (`wal`) with ONE fdatasync, makes a durable redb commit only if the batch
 //! needs one (a vote, a purge, a sync), then reports completion to every submitter.
 //!
+//! Inline appends (`write_inline`, a node without peers): a small append submitted while the
+//! writer has nothing queued or in hand is written by the submitting thread itself, under the same
+//! `io` lock the writer holds for each batch, so the order is the same as through the queue. It
+//! saves the two thread hand-offs per Raft round (to the writer and back), which cost as much as
+//! the write itself on small machines.
+//!
 //! Durability of the state (the invariant the rest relies on): apply commits redb `Durability::None`
 //! and the log no longer shares the redb file, so the state becomes durable only with a durable
 //! (`Immediate`) redb commit: every `STATE_FLUSH_MS` or `STATE_FLUSH_BYTES` of log written (an
@@ -19,7 +25,7 @@
 //! openraft then purges up to `last_applied` at start.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,6 +52,10 @@ pub const STATE_FLUSH_BYTES: u64 = 64 * 1024 * 1024;
 pub const STATE_WRITEBACK_BYTES: u64 = 8 * 1024 * 1024;
 /// Time after which an apply commit is made durable.
 pub const STATE_FLUSH_MS: u64 = 1000;
+/// Largest append (entry bytes) that `write_inline` writes on the submitting thread; a larger
+/// one goes to the writer, so a stream of large writes keeps overlapping its log writes with
+/// apply. The same bound as a single `RWF_DSYNC` write.
+pub const INLINE_APPEND_BYTES_MAX: usize = 256 * 1024;
 /// LOCAL key: the highest index the log purged (the segment log's own record, so it can hide
 /// purged entries still in its first segment and finish a purge a crash interrupted).
 pub(super) const LOCAL_LOG_PURGED: &str = "log_purged_upto";
@@ -108,6 +118,16 @@ pub(super) struct Shared {
     durable_at: Mutex<(Instant, u64)>,
     /// `stats.log_bytes` when the state file's writeback was last started.
     writeback_at: std::sync::atomic::AtomicU64,
+    /// Held by whoever writes the log: the writer thread for each batch, `write_inline` for its
+    /// append.
+    io: Mutex<()>,
+    /// Operations submitted to the writer's queue and not yet written (an inline append may go
+    /// only when this is zero).
+    pub queued: AtomicUsize,
+    /// Why the log failed, once it has: every later write fails with it.
+    failed: Mutex<Option<String>>,
+    /// Whether small appends may be written by the submitting thread (`Store::set_inline_appends`).
+    pub inline: AtomicBool,
     /// Test hook: the writer holds this lock while it handles a batch, so a test that holds it
     /// stalls the log (a slow or stuck disk).
     #[cfg(test)]
@@ -128,6 +148,10 @@ impl Shared {
             ready: Mutex::default(),
             durable_at: Mutex::new((Instant::now(), 0)),
             writeback_at: Default::default(),
+            io: Mutex::new(()),
+            queued: AtomicUsize::new(0),
+            failed: Mutex::new(None),
+            inline: AtomicBool::new(false),
             #[cfg(test)]
             stall: Mutex::new(()),
         }
@@ -212,7 +236,6 @@ fn put_meta(meta: &mut redb::Table<&str, &[u8]>, puts: &MetaWrites) -> StoreResu
 }
 
 pub(super) fn run(sh: Arc<Shared>, rx: Receiver<LogWrite>) {
-    let mut failed: Option<String> = None;
     // An operation taken from the queue to learn whether the writer is idle.
     let mut next: Option<LogWrite> = None;
     loop {
@@ -223,9 +246,10 @@ pub(super) fn run(sh: Arc<Shared>, rx: Receiver<LogWrite>) {
                 Err(_) => break,
             },
         };
+        let io = locked(&sh.io);
         // Lazy metadata is taken before the queue is drained: every append it refers to was
-        // queued before it, so it is in this batch or an earlier one, and durable once this
-        // batch's log writes are.
+        // queued before it (or written inline before it), so it is in this batch or an earlier
+        // one, and durable once this batch's log writes are.
         let lazy_now = std::mem::take(&mut *locked(&sh.lazy));
         let mut bytes = first.bytes();
         let mut batch = vec![first];
@@ -255,28 +279,62 @@ pub(super) fn run(sh: Arc<Shared>, rx: Receiver<LogWrite>) {
         };
         #[cfg(test)]
         let _stalled = locked(&sh.stall);
-        let res = match &failed {
-            Some(why) => Err(format!("store failed earlier: {why}")),
-            None => write_batch(&sh, &batch, lazy_now).map_err(|e| e.0),
-        };
-        if let Err(why) = &res {
-            if failed.is_none() {
-                tracing::error!(error = %why, ops = batch.len(), "log write failed; the store stops accepting writes");
-                sh.stats.failed.store(true, Ordering::SeqCst);
-                failed = Some(why.clone());
-            }
-        }
-        for op in batch {
-            op.finish(&res);
-        }
+        let n = batch.len();
+        handle(&sh, batch, lazy_now);
+        sh.queued.fetch_sub(n, Ordering::SeqCst);
+        drop(io);
         match rx.try_recv() {
             Ok(op) => next = Some(op),
             // Idle: prepare the blocks the next small appends go to (after the completions, so
             // no submitter waits for it).
-            Err(_) if failed.is_none() => sh.wal.zero_ahead(),
+            Err(_) if locked(&sh.failed).is_none() => sh.wal.zero_ahead(),
             Err(_) => {}
         }
     }
+}
+
+/// Write `batch` (the caller holds `io`), then report to every submitter. The first failure
+/// fails every later write.
+fn handle(sh: &Shared, batch: Vec<LogWrite>, lazy_now: MetaWrites) {
+    let failed = locked(&sh.failed).clone();
+    let res = match failed {
+        Some(why) => Err(format!("store failed earlier: {why}")),
+        None => write_batch(sh, &batch, lazy_now).map_err(|e| e.0),
+    };
+    if let Err(why) = &res {
+        let mut failed = locked(&sh.failed);
+        if failed.is_none() {
+            tracing::error!(error = %why, ops = batch.len(), "log write failed; the store stops accepting writes");
+            sh.stats.failed.store(true, Ordering::SeqCst);
+            *failed = Some(why.clone());
+        }
+    }
+    for op in batch {
+        op.finish(&res);
+    }
+}
+
+/// Write a small append on the calling thread if the writer has nothing queued or in hand
+/// (completion is reported before this returns); otherwise hand it back for the queue.
+pub(super) fn write_inline(sh: &Shared, op: LogWrite) -> Option<LogWrite> {
+    if !matches!(op, LogWrite::Append { .. }) || op.bytes() > INLINE_APPEND_BYTES_MAX {
+        return Some(op);
+    }
+    // The writer holds `io` from taking a batch until it is written, and `queued` counts what it
+    // has not written yet: with both free nothing submitted earlier is still unwritten.
+    let Ok(io) = sh.io.try_lock() else { return Some(op) };
+    if sh.queued.load(Ordering::SeqCst) != 0 {
+        return Some(op);
+    }
+    #[cfg(test)]
+    let Ok(_stalled) = sh.stall.try_lock() else { return Some(op) };
+    let lazy_now = std::mem::take(&mut *locked(&sh.lazy));
+    handle(sh, vec![op], lazy_now);
+    if locked(&sh.failed).is_none() {
+        sh.wal.zero_ahead();
+    }
+    drop(io);
+    None
 }
 
 fn write_batch(sh: &Shared, batch: &[LogWrite], lazy_now: MetaWrites) -> StoreResult<()> {

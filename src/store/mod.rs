@@ -323,7 +323,17 @@ impl Store {
 
     // ---------------------------------------------------------------- log side
 
-    /// Queue a log write; its `done` runs on the writer thread once it is durable or failed.
+    /// Let small appends be written by the thread that submits them while the writer thread is
+    /// idle (`log::write_inline`): where the round waits for this write alone (a sole voter, a
+    /// follower), the two hand-offs to the writer and back cost as much as the write. Raft turns
+    /// it off while this node leads others: their leader sends them the entries from the thread
+    /// that submits its own write, which must not wait for it.
+    pub fn set_inline_appends(&self, on: bool) {
+        self.inner.log.inline.store(on, Ordering::Relaxed);
+    }
+
+    /// Queue a log write; its `done` runs once it is durable or failed: on the writer thread, or
+    /// before `submit` returns for an append written inline (`set_inline_appends`).
     pub fn submit(&self, op: LogWrite) {
         let op = match op {
             LogWrite::PutMeta { key, value, done: None } => {
@@ -332,12 +342,26 @@ impl Store {
             }
             op => op,
         };
+        let op = if self.inner.log.inline.load(Ordering::Relaxed) {
+            match log::write_inline(&self.inner.log, op) {
+                None => return,
+                Some(op) => op,
+            }
+        } else {
+            op
+        };
         let sender = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let op = match sender {
-            Some(s) => match s.send(op) {
-                Ok(()) => return,
-                Err(mpsc::SendError(op)) => op,
-            },
+            Some(s) => {
+                self.inner.log.queued.fetch_add(1, Ordering::SeqCst);
+                match s.send(op) {
+                    Ok(()) => return,
+                    Err(mpsc::SendError(op)) => {
+                        self.inner.log.queued.fetch_sub(1, Ordering::SeqCst);
+                        op
+                    }
+                }
+            }
             None => op,
         };
         // The writer is gone (closing); nothing can become durable any more.

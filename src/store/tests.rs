@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use redb::{ReadableTable, ReadableTableMetadata};
 
+use super::log::INLINE_APPEND_BYTES_MAX;
 use super::tables::{ReadView, BLOCK_DATA};
 use super::*;
 use crate::state::{
@@ -489,6 +490,72 @@ fn group_commit_batches_concurrent_appends() {
     assert_eq!(entries, threads * per_thread);
     assert!(commits * 2 <= entries, "no batching: {commits} commits for {entries} entries");
     assert_eq!(store.read_log((std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)).unwrap().len() as u64, entries);
+}
+
+/// `done` for a test append: records the thread it ran on and its result.
+fn recording_done() -> (Done, std::sync::mpsc::Receiver<(std::thread::ThreadId, bool)>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let done: Done = Box::new(move |r| {
+        let _ = tx.send((std::thread::current().id(), r.is_ok()));
+    });
+    (done, rx)
+}
+
+#[test]
+fn a_small_append_is_written_by_the_submitter_when_the_writer_is_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let me = std::thread::current().id();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.set_inline_appends(true);
+        let (done, rx) = recording_done();
+        store.submit(LogWrite::Append { entries: vec![(1, vec![1u8; 100])], done });
+        // Reported before submit returned, on this thread.
+        assert_eq!(rx.try_recv().expect("inline append reported before submit returned"), (me, true));
+        // Over the inline bound: the writer thread writes it.
+        let (done, rx) = recording_done();
+        store.submit(LogWrite::Append { entries: vec![(2, vec![2u8; INLINE_APPEND_BYTES_MAX + 1])], done });
+        let (thread, ok) = rx.recv().unwrap();
+        assert!(ok);
+        assert_ne!(thread, me, "a large append goes to the writer thread");
+        // Off: the writer writes small appends too.
+        store.set_inline_appends(false);
+        let (done, rx) = recording_done();
+        store.submit(LogWrite::Append { entries: vec![(3, vec![3u8; 100])], done });
+        assert_ne!(rx.recv().unwrap().0, me);
+    }
+    // Durable: the entries are there after a reopen.
+    let store = Store::open(dir.path()).unwrap();
+    let log = store.read_log((std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)).unwrap();
+    assert_eq!(log.iter().map(|(i, b)| (*i, b.len())).collect::<Vec<_>>(), vec![(1, 100), (2, INLINE_APPEND_BYTES_MAX + 1), (3, 100)]);
+}
+
+#[test]
+fn an_inline_append_waits_for_writes_queued_before_it() {
+    let (_d, store) = tmp_store();
+    store.set_inline_appends(true);
+    store.submit_blocking(|done| LogWrite::Append { entries: vec![(1, vec![1u8; 10])], done }).unwrap();
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stall = store.stall_log();
+    // A write queued while the log is stalled, then a small append: the append must not be
+    // written ahead of it by the submitting thread.
+    let o = order.clone();
+    store.submit(LogWrite::Sync { done: Box::new(move |r| o.lock().unwrap().push(("sync", r.is_ok()))) });
+    let o = order.clone();
+    store.submit(LogWrite::Append {
+        entries: vec![(2, vec![2u8; 10])],
+        done: Box::new(move |r| o.lock().unwrap().push(("append", r.is_ok()))),
+    });
+    assert!(order.lock().unwrap().is_empty(), "nothing is written while the log is stalled");
+    drop(stall);
+    let (done, rx) = recording_done();
+    // Queued behind both (the writer may still be busy) or inline once they are written: either
+    // way it reports after them.
+    store.submit(LogWrite::Append { entries: vec![(3, vec![3u8; 10])], done });
+    assert!(rx.recv().unwrap().1);
+    assert_eq!(*order.lock().unwrap(), vec![("sync", true), ("append", true)]);
+    let log = store.read_log((std::ops::Bound::Unbounded, std::ops::Bound::Unbounded)).unwrap();
+    assert_eq!(log.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![1, 2, 3]);
 }
 
 #[test]
