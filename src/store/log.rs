@@ -379,6 +379,7 @@ fn write_batch(sh: &Shared, batch: &[LogWrite], lazy_now: MetaWrites) -> StoreRe
     if sh.wal.sync()? {
         sh.stats.log_commits.fetch_add(1, Ordering::Relaxed);
     }
+    sh.wal.release_cache();
     sh.stats.log_entries.fetch_add(entries, Ordering::Relaxed);
     sh.stats.log_bytes.fetch_add(entry_bytes, Ordering::Relaxed);
     if !lazy_now.is_empty() {

@@ -118,6 +118,13 @@ const ZERO_AHEAD_BATCH_BYTES_MAX: u64 = 64 * 1024;
 /// A batch of at most this many bytes in one write is written with `RWF_DSYNC` instead of a write
 /// and an fdatasync.
 const DSYNC_WRITE_BYTES_MAX: usize = 256 * 1024;
+/// The page size `release_cache` rounds to.
+const PAGE_BYTES: u64 = 4096;
+/// Log bytes behind the tail whose pages stay in the page cache (`release_cache`): entries a
+/// follower a little behind still needs are read from memory.
+const CACHE_KEEP_BYTES: u64 = 8 * 1024 * 1024;
+/// Least range `release_cache` drops at once (one call per this many log bytes).
+const CACHE_RELEASE_BYTES: u64 = 4 * 1024 * 1024;
 /// Zero bytes for the zero-fill (a static, so no allocation per fill).
 static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
 
@@ -289,6 +296,8 @@ struct Segment {
     /// Every block below this offset is written (records or zeros), none is an unwritten extent
     /// (best effort: only speed depends on it). Only the writer changes it.
     written: AtomicU64,
+    /// The page cache holds none of the file below this offset that `release_cache` could drop.
+    released: AtomicU64,
 }
 
 impl Segment {
@@ -323,6 +332,7 @@ impl Segment {
             end: SEGMENT_HEADER_BYTES,
             file_len: segment_bytes,
             written: AtomicU64::new(written),
+            released: AtomicU64::new(0),
         })
     }
 
@@ -449,6 +459,7 @@ fn scan_segment(path: &Path, first: u64) -> StoreResult<(Segment, ScanEnd)> {
         // Unknown: the open cuts the last segment (and zero-fills after the cut); older ones are
         // never written again.
         written: AtomicU64::new(0),
+        released: AtomicU64::new(0),
     };
     let file = seg.file.clone();
     let mut sc = Scanner { file: &file, file_len, buf: Vec::new(), buf_off: 0 };
@@ -909,6 +920,45 @@ impl Wal {
             }
         }
         Ok(true)
+    }
+
+    /// Drop the pages of durable log records far behind the tail (more than `CACHE_KEEP_BYTES`)
+    /// from the page cache, at least `CACHE_RELEASE_BYTES` at a time. The log is written once and
+    /// read back rarely (entries are served from memory until applied; a lagging follower or a
+    /// restart reads them from disk), so its pages would only push the state file's out, and
+    /// pages freed here are what the next writes reuse. For the writer, right after a sync: every
+    /// record is durable then, so every page below the tail is clean and the kernel drops it.
+    pub fn release_cache(&self) {
+        if self.dirty.load(Ordering::Acquire) {
+            return;
+        }
+        let st = self.read();
+        let Some(active) = st.segments.back() else { return };
+        let behind = active.end;
+        for seg in st.segments.iter() {
+            let upto = if std::ptr::eq(seg, active) {
+                behind.saturating_sub(CACHE_KEEP_BYTES) & !(PAGE_BYTES - 1)
+            } else if behind >= CACHE_KEEP_BYTES {
+                // An older segment (synced at its roll-over), wholly behind the kept range.
+                seg.file_len.max(seg.end)
+            } else {
+                continue;
+            };
+            let from = seg.released.load(Ordering::Relaxed);
+            if upto <= from || (upto - from < CACHE_RELEASE_BYTES && std::ptr::eq(seg, active)) {
+                continue;
+            }
+            use std::os::fd::AsRawFd;
+            // SAFETY: a plain syscall on an open file descriptor; no memory is passed.
+            let r = unsafe {
+                libc::posix_fadvise(seg.file.as_raw_fd(), from as libc::off_t, (upto - from) as libc::off_t, libc::POSIX_FADV_DONTNEED)
+            };
+            if r != 0 {
+                // Only memory use depends on it.
+                tracing::debug!(errno = r, path = %seg.path.display(), "log segment: dropping cached pages failed");
+            }
+            seg.released.store(upto, Ordering::Relaxed);
+        }
     }
 
     /// Write zeros ahead of the active segment's tail once a small append came within
@@ -1734,5 +1784,58 @@ mod tests {
         assert!(matches!(later_batch(w.read().segments.back().unwrap()).unwrap(), After::Nothing { same_batch: 0 }));
         eprintln!("append_cost: of which the search for a later batch: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
         assert_eq!(w.last().unwrap().unwrap().0, 2 * n);
+    }
+
+    /// Pages of `path` in `[from, from + len)` that are in the page cache (mincore).
+    fn resident_pages(path: &Path, from: u64, len: u64) -> usize {
+        use std::os::fd::AsRawFd;
+        let f = File::open(path).unwrap();
+        let pages = (len / PAGE_BYTES) as usize;
+        let mut vec = vec![0u8; pages];
+        // SAFETY: a read-only shared mapping of `len` bytes of an open file, inside its size, only
+        // passed to mincore (never dereferenced) and unmapped before return.
+        unsafe {
+            let p = libc::mmap(std::ptr::null_mut(), len as usize, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), from as libc::off_t);
+            assert_ne!(p, libc::MAP_FAILED);
+            assert_eq!(libc::mincore(p, len as usize, vec.as_mut_ptr()), 0);
+            libc::munmap(p, len as usize);
+        }
+        vec.iter().filter(|&&b| b & 1 != 0).count()
+    }
+
+    #[test]
+    fn durable_records_far_behind_the_tail_leave_the_page_cache() {
+        let d = tempfile::tempdir().unwrap();
+        let w = Wal::open_with(d.path(), None, SEGMENT_BYTES).unwrap();
+        let payload = 64 * 1024;
+        // 16 MiB of records, synced as the writer does, releasing after each sync.
+        let n = (16 * 1024 * 1024 / payload) as u64;
+        for i in 1..=n {
+            w.append(&[(i, entry(i, payload))]).unwrap();
+            w.sync().unwrap();
+            w.release_cache();
+        }
+        let path = w.segment_files()[0].0.clone();
+        let end = w.read().segments.back().unwrap().end;
+        let released = w.read().segments.back().unwrap().released.load(Ordering::Relaxed);
+        assert!(released >= end - CACHE_KEEP_BYTES - CACHE_RELEASE_BYTES && released <= end - CACHE_KEEP_BYTES, "released {released} of {end}");
+        let dropped = resident_pages(&path, 0, released);
+        assert!(dropped <= 16, "{dropped} of {} pages released still cached", released / PAGE_BYTES);
+        // The kept range behind the tail stays cached (written through the page cache).
+        let kept_from = end.div_ceil(PAGE_BYTES) * PAGE_BYTES - CACHE_KEEP_BYTES;
+        let kept = resident_pages(&path, kept_from, CACHE_KEEP_BYTES);
+        assert!(kept as u64 >= CACHE_KEEP_BYTES / PAGE_BYTES - 2, "only {kept} pages of the last 8 MiB cached");
+        // Unsynced records are never dropped: nothing is released while the log is dirty.
+        w.append(&[(n + 1, entry(n + 1, payload))]).unwrap();
+        let before = w.read().segments.back().unwrap().released.load(Ordering::Relaxed);
+        w.release_cache();
+        assert_eq!(w.read().segments.back().unwrap().released.load(Ordering::Relaxed), before);
+        w.sync().unwrap();
+        // Every record reads back whole, dropped or not (from disk).
+        let back = w.read_range((Unbounded, Unbounded)).unwrap();
+        assert_eq!(back.len() as u64, n + 1);
+        for (i, b) in back {
+            assert_eq!(b, entry(i, payload), "entry {i}");
+        }
     }
 }
