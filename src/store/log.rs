@@ -5,7 +5,8 @@
 //! into the segment log (`wal`) with ONE fdatasync, makes a durable redb commit only if the batch
 //! needs one (a vote, a purge, a sync), then reports completion to every submitter.
 //!
-//! Inline appends (`write_inline`, a node without peers): a small append submitted while the
+//! Inline appends (`write_inline`, on a node that leads no one: a sole voter or a follower; see
+//! `Store::set_inline_appends`): a small append submitted while the
 //! writer has nothing queued or in hand is written by the submitting thread itself, under the same
 //! `io` lock the writer holds for each batch, so the order is the same as through the queue. It
 //! saves the two thread hand-offs per Raft round (to the writer and back), which cost as much as
@@ -123,11 +124,11 @@ pub(super) struct Shared {
     io: Mutex<()>,
     /// Operations submitted to the writer's queue and not yet written (an inline append may go
     /// only when this is zero).
-    pub queued: AtomicUsize,
+    pub(super) queued: AtomicUsize,
     /// Why the log failed, once it has: every later write fails with it.
     failed: Mutex<Option<String>>,
     /// Whether small appends may be written by the submitting thread (`Store::set_inline_appends`).
-    pub inline: AtomicBool,
+    pub(super) inline: AtomicBool,
     /// Test hook: the writer holds this lock while it handles a batch, so a test that holds it
     /// stalls the log (a slow or stuck disk).
     #[cfg(test)]
