@@ -154,10 +154,7 @@ macro_rules! state_tables {
                 match id {
                     BLOCK_HEADS_ID => {
                         check_block_key(key)?;
-                        let id = self.next_block_id()?;
-                        self.block_ids.insert(key, id).map_err(fault)?;
-                        self.block_hashes.insert(id, key).map_err(fault)?;
-                        self.block_data.insert(id, value).map_err(fault)?;
+                        self.put_block_head(key, value)?;
                     }
                     BLOCK_TAILS_ID => {
                         check_block_key(key)?;
@@ -565,6 +562,26 @@ pub(super) fn migrate_hash_keyed_blocks(db: &redb::Database) -> StoreResult<u64>
 }
 
 impl StateTxn<'_> {
+    /// Store `head` as the head value of block `hash`, under the block's id if it has one, else
+    /// under a new id (the one place a block is numbered: apply, snapshot install and the move of
+    /// a previous version's blocks all come here). An id lookup is cheap (the id table is small
+    /// and mostly cached); it keeps a second store of the same block from leaving the first
+    /// copy's bytes behind under an unused id. Returns the id.
+    fn put_block_head(&mut self, hash: &[u8], head: &[u8]) -> StoreResult<u64> {
+        let existing = self.block_ids_table()?.get(hash).map_err(fault)?.map(|v| v.value());
+        let id = match existing {
+            Some(id) => id,
+            None => {
+                let id = self.next_block_id()?;
+                self.block_ids.insert(hash, id).map_err(fault)?;
+                self.block_hashes.insert(id, hash).map_err(fault)?;
+                id
+            }
+        };
+        self.block_data.insert(id, head).map_err(fault)?;
+        Ok(id)
+    }
+
     /// The id for a block stored now: one more than the largest in use (ids are node-local). Read
     /// from the reverse table, whose last leaf is a 4 KiB page (a head's is 64 KiB).
     fn next_block_id(&self) -> StoreResult<u64> {
@@ -879,15 +896,7 @@ impl StateWrite for StateTxn<'_> {
             check_address(hash, data)?;
         }
         let (head, tail) = seal_block(data);
-        // An id lookup is cheap (the id table is small and mostly cached); it keeps a second store
-        // of the same block from leaving the first copy's bytes behind under an unused id.
-        let id = match self.block_ids_table()?.get(&hash[..]).map_err(fault)?.map(|v| v.value()) {
-            Some(id) => id,
-            None => self.next_block_id()?,
-        };
-        self.block_ids.insert(&hash[..], id).map_err(fault)?;
-        self.block_hashes.insert(id, &hash[..]).map_err(fault)?;
-        self.block_data.insert(id, head.as_slice()).map_err(fault)?;
+        let id = self.put_block_head(&hash[..], &head)?;
         if !tail.is_empty() {
             self.block_tails.insert(id, tail).map_err(fault)?;
         }

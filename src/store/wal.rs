@@ -432,11 +432,7 @@ fn scan_segment(path: &Path, first: u64) -> StoreResult<(Segment, ScanEnd)> {
     if crc32fast::hash(&header[0..28]).to_le_bytes() != header[28..32] {
         return Err(bad_header("header fails its check"));
     }
-    let u64_at = |i: usize| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&header[i..i + 8]);
-        u64::from_le_bytes(b)
-    };
+    let u64_at = |i: usize| u64_le(&header[i..]);
     let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
     if version != SEGMENT_VERSION && version != SEGMENT_VERSION_V1 {
         return Err(bad_header(&format!(
@@ -934,13 +930,13 @@ impl Wal {
         }
         let st = self.read();
         let Some(active) = st.segments.back() else { return };
-        let behind = active.end;
+        let tail = active.end;
         for seg in st.segments.iter() {
             let upto = if std::ptr::eq(seg, active) {
-                behind.saturating_sub(CACHE_KEEP_BYTES) & !(PAGE_BYTES - 1)
-            } else if behind >= CACHE_KEEP_BYTES {
+                tail.saturating_sub(CACHE_KEEP_BYTES) & !(PAGE_BYTES - 1)
+            } else if tail >= CACHE_KEEP_BYTES {
                 // An older segment (synced at its roll-over), wholly behind the kept range.
-                seg.file_len.max(seg.end)
+                seg.file_len
             } else {
                 continue;
             };
