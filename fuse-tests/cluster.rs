@@ -195,6 +195,56 @@ fn cluster_changes_on_each_node_are_seen_on_the_others() {
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }
 
+/// Every kind of inode this node's kernel learned from the answer that made it (mkdir, symlink,
+/// mknod, create) or from a listing (readdirplus) is told of another node's change at once: a
+/// node skips notices about inodes its kernel does not hold (src/fs/names.rs counts the kernel's
+/// lookups), so a count missed by one of those answers would leave the old attributes cached
+/// until the kernel's TTL ran out. Seen within the TTL of the answer, with no new lookup since.
+#[test]
+fn cluster_changes_reach_every_inode_the_kernel_learned_without_a_lookup() {
+    use std::os::unix::fs::MetadataExt;
+    let c = Cluster::new(3);
+    fs::create_dir_all(c.path(1, "listed/sub")).unwrap();
+    assert!(poll(VISIBLE_TIMEOUT, || c.path(2, "listed").is_dir()).is_some());
+    // Node 2: the names below are new to its kernel, and each answer gives the kernel its entry.
+    let learned = Instant::now();
+    let listed: Vec<_> = fs::read_dir(c.path(2, "listed")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(listed, ["sub"]);
+    fs::create_dir(c.path(2, "d")).unwrap();
+    std::os::unix::fs::symlink("target", c.path(2, "s")).unwrap();
+    nix::unistd::mkfifo(&c.path(2, "p"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    close(File::create(c.path(2, "f")).unwrap()).unwrap();
+    // Node 1 changes each one's attributes, and adds an entry to the directory.
+    let mode = |rel: &str, m: u32| fs::set_permissions(c.path(1, rel), fs::Permissions::from_mode(m)).unwrap();
+    assert!(poll(VISIBLE_TIMEOUT, || c.path(1, "f").exists()).is_some());
+    mode("d", 0o700);
+    std::os::unix::fs::lchown(c.path(1, "s"), Some(4242), None).unwrap();
+    mode("p", 0o600);
+    mode("f", 0o604);
+    mode("listed/sub", 0o701);
+    fs::create_dir(c.path(1, "d/x")).unwrap();
+    type Check = (&'static str, fn(&fs::Metadata) -> bool);
+    let checks: [Check; 6] = [
+        ("d", |m| m.mode() & 0o7777 == 0o700),
+        ("d (its link count after a subdirectory)", |m| m.nlink() == 3),
+        ("s", |m| m.uid() == 4242),
+        ("p", |m| m.mode() & 0o7777 == 0o600),
+        ("f", |m| m.mode() & 0o7777 == 0o604),
+        ("listed/sub", |m| m.mode() & 0o7777 == 0o701),
+    ];
+    let mut late = Vec::new();
+    for (what, ok) in &checks {
+        let rel = what.split(' ').next().unwrap();
+        let seen = poll(VISIBLE_TIMEOUT, || fs::symlink_metadata(c.path(2, rel)).is_ok_and(|m| ok(&m)));
+        match seen.map(|_| learned.elapsed()) {
+            Some(after) if after < KERNEL_ENTRY_TTL => {}
+            Some(after) => late.push(format!("{what}: seen on node 2 only {after:?} after its kernel learned it")),
+            None => late.push(format!("{what}: not seen on node 2 within {VISIBLE_TIMEOUT:?}")),
+        }
+    }
+    assert!(late.is_empty(), "node 2 kept old attributes (TTL {KERNEL_ENTRY_TTL:?}): {}", late.join("; "));
+}
+
 #[test]
 fn cluster_close_to_open() {
     let c = Cluster::new(3);

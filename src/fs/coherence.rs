@@ -130,6 +130,28 @@ pub fn with_evictions(notices: Vec<Notice>, mut names: impl FnMut(Ino) -> Vec<(I
     out
 }
 
+/// Whether a touch can lead to a notice the kernel needs (see `plan` and `for_kernel`): an entry
+/// through its directory or the inode it named before, an inode through itself. Orphans and a
+/// snapshot install are always handled.
+pub fn wanted(touch: &Touch, knows: impl Fn(Ino) -> bool) -> bool {
+    match touch {
+        Touch::Inode(ino) => knows(*ino),
+        Touch::Entry { parent, old, .. } => knows(*parent) || old.is_some_and(&knows),
+        Touch::Orphan(_) | Touch::Everything => true,
+    }
+}
+
+/// Drop the notices about what the kernel cannot hold: an inode it does not know, a name in a
+/// directory it does not know (see fs/names.rs). The kernel would answer each with ENOENT, after
+/// a write to /dev/fuse and a lookup of its inode table.
+pub fn for_kernel(mut notices: Vec<Notice>, knows: impl Fn(Ino) -> bool) -> Vec<Notice> {
+    notices.retain(|n| match n {
+        Notice::Entry { parent, .. } | Notice::Delete { parent, .. } => knows(*parent),
+        Notice::Inode(ino) => knows(*ino),
+    });
+    notices
+}
+
 /// The shared side of the coherence thread: the session's notifier, the watermark, counters.
 pub struct Coherence {
     /// Set by `mount` once the session exists; before that the kernel caches nothing of ours.
@@ -258,7 +280,10 @@ pub fn start(
     handles: Arc<Handles>,
     on_orphan: OrphanHook,
 ) -> std::io::Result<()> {
-    let mut rx = replica.subscribe_applied();
+    // Only what the kernel may hold needs a notice (fs/names.rs): other touches are dropped
+    // before they wake this thread. Orphans and a snapshot install always come.
+    let knows = coherence.clone();
+    let mut rx = replica.subscribe_applied_filtered(move |touch| wanted(touch, |ino| knows.names.knows(ino)));
     coherence.advance(replica.applied_index().unwrap_or(0));
     let weak: Weak<Replica> = Arc::downgrade(replica);
     std::thread::Builder::new().name("pickbox-inval".into()).spawn(move || {
@@ -316,6 +341,7 @@ fn handle(replica: &Weak<Replica>, coherence: &Coherence, handles: &Handles, on_
     } else {
         notices
     };
+    let notices = for_kernel(notices, |ino| coherence.names.knows(ino));
     if let Some(notifier) = coherence.notifier.get() {
         for notice in &notices {
             coherence.send(notifier, notice);
@@ -392,6 +418,41 @@ mod tests {
         assert!(p.everything);
         assert!(p.notices.is_empty());
         assert!(!plan(&[Touch::Inode(3)], |_, _| None, |_| true).everything);
+    }
+
+    #[test]
+    fn notices_about_what_the_kernel_does_not_hold_are_dropped() {
+        let notices = vec![
+            Notice::Entry { parent: 1, name: b"a".to_vec() },
+            Notice::Entry { parent: 5, name: b"b".to_vec() },
+            Notice::Delete { parent: 5, child: 9, name: b"c".to_vec() },
+            Notice::Delete { parent: 6, child: 9, name: b"d".to_vec() },
+            Notice::Inode(5),
+            Notice::Inode(9),
+        ];
+        let kept = for_kernel(notices, |ino| ino == 1 || ino == 6 || ino == 9);
+        assert_eq!(
+            kept,
+            vec![
+                Notice::Entry { parent: 1, name: b"a".to_vec() },
+                Notice::Delete { parent: 6, child: 9, name: b"d".to_vec() },
+                Notice::Inode(9),
+            ],
+            "a name counts by its directory, an inode by itself"
+        );
+    }
+
+    #[test]
+    fn only_touches_that_can_lead_to_a_needed_notice_are_wanted() {
+        let knows = |ino: Ino| ino == 1 || ino == 7;
+        assert!(wanted(&Touch::Inode(7), knows));
+        assert!(!wanted(&Touch::Inode(8), knows));
+        assert!(wanted(&entry(1, "a", None), knows), "a name in a directory the kernel holds");
+        assert!(!wanted(&entry(5, "a", None), knows));
+        assert!(wanted(&entry(5, "a", Some(7)), knows), "it replaced or removed an inode the kernel holds");
+        assert!(!wanted(&entry(5, "a", Some(8)), knows));
+        assert!(wanted(&Touch::Orphan(8), knows));
+        assert!(wanted(&Touch::Everything, knows));
     }
 
     #[test]

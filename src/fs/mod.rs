@@ -152,12 +152,11 @@ fn answer_lookup(ops: &Ops, parent: u64, name: &[u8], reply: ReplyEntry) {
     }
 }
 
-/// The kernel gets an entry for `inode` under `name` in `parent`: record it if it is a regular
-/// file (see fs/names.rs). Called before the reply, so a FORGET cannot overtake it.
+/// The kernel gets an entry for `inode` under `name` in `parent`: count it (and record the name
+/// of a regular file; see fs/names.rs). Every answer that gives the kernel an entry calls this
+/// before it is sent, so neither a FORGET nor a skipped notice can overtake it.
 fn known(ops: &Ops, parent: u64, name: &[u8], inode: &crate::state::Inode) {
-    if inode.kind == FileKind::File {
-        ops.coherence.names.looked_up(inode.ino, parent, name);
-    }
+    ops.coherence.names.looked_up(inode.ino, parent, name, inode.kind == FileKind::File);
 }
 
 impl Filesystem for PickboxFs {
@@ -183,8 +182,13 @@ impl Filesystem for PickboxFs {
                 tracing::info!("kernel does not offer the writeback cache: writes go through");
             }
         }
-        if self.writeback && self.ops.is_clustered() {
-            self.ops.coherence.names.enable();
+        if self.ops.is_clustered() {
+            // Only other nodes' changes need notices, so only then are counts of what the kernel
+            // knows worth keeping.
+            self.ops.coherence.names.enable_counts();
+            if self.writeback {
+                self.ops.coherence.names.enable();
+            }
         }
         tracing::info!(writeback_cache = self.writeback, "FUSE session initialised");
         Ok(())
@@ -317,8 +321,11 @@ impl Filesystem for PickboxFs {
         let (caller, name) = (who(req, true), bytes(name));
         let ops = self.ops.clone();
         self.spawn(async move {
-            match ops.make_node(caller, parent.0, name, FileKind::Dir, mode & !umask, 0).await {
-                Ok(inode) => reply.entry(&TTL, &attr::file_attr(&inode), GENERATION),
+            match ops.make_node(caller, parent.0, name.clone(), FileKind::Dir, mode & !umask, 0).await {
+                Ok(inode) => {
+                    known(&ops, parent.0, &name, &inode);
+                    reply.entry(&TTL, &attr::file_attr(&inode), GENERATION)
+                }
                 Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
@@ -351,8 +358,11 @@ impl Filesystem for PickboxFs {
         let target = target.as_os_str().as_bytes().to_vec();
         let ops = self.ops.clone();
         self.spawn(async move {
-            match ops.symlink(caller, parent.0, name, target).await {
-                Ok(inode) => reply.entry(&TTL, &attr::file_attr(&inode), GENERATION),
+            match ops.symlink(caller, parent.0, name.clone(), target).await {
+                Ok(inode) => {
+                    known(&ops, parent.0, &name, &inode);
+                    reply.entry(&TTL, &attr::file_attr(&inode), GENERATION)
+                }
                 Err(e) => reply.error(ops.errno_of(&e)),
             }
         });

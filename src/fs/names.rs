@@ -1,5 +1,15 @@
-//! The names under which the kernel knows each regular file (what it looked up and has not
-//! forgotten yet), so that another node's change of the file can make the kernel evict it.
+//! Which inodes the kernel knows (the lookup count our answers gave it, less what it forgot),
+//! and the names under which it knows each regular file, so that another node's change of the
+//! file can make the kernel evict it.
+//!
+//! Counts: a notification about an inode the kernel does not hold, or about a name in a directory
+//! it does not hold, does nothing (the kernel answers ENOENT), yet costs a write to /dev/fuse and
+//! the kernel's lookup of the inode. A node that only replicates (a follower while another node
+//! creates files) sent four such futile notifications per created file, ~65 us of CPU each time.
+//! So in a cluster every answer that gives the kernel an entry counts, whatever the inode's kind,
+//! and the coherence thread skips notices about inodes the kernel does not know (`knows`). The
+//! count must never be below the kernel's: it goes up before the answer is sent, and only the
+//! kernel's FORGET takes it down. An inode the kernel knows without a lookup is the root.
 //!
 //! Why: with the writeback cache the kernel owns the size, mtime and ctime of a cached regular
 //! file and ignores what Pickbox reports, even after `inval_inode` (measured on 6.18, see
@@ -17,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::state::Ino;
+use crate::state::{Ino, ROOT_INO};
 
 /// Names kept per inode at most (hard links beyond these are not invalidated by name; their
 /// dentries still expire with the entry TTL).
@@ -40,10 +50,13 @@ struct Known {
     evicted_at: Option<Instant>,
 }
 
-/// The kernel's names of regular files. Off (records nothing) unless enabled: only a node whose
-/// files other nodes change needs it.
+/// The kernel's lookup counts and names of regular files. Off (records nothing) unless enabled:
+/// only a node whose files other nodes change needs them.
 #[derive(Default)]
 pub struct KernelNames {
+    /// Lookup counts of every inode are kept (`knows` answers from them).
+    counting: AtomicBool,
+    /// The names of regular files are kept too (with the writeback cache).
     enabled: AtomicBool,
     table: Mutex<Table>,
 }
@@ -85,7 +98,14 @@ impl Table {
 }
 
 impl KernelNames {
+    /// Keep the lookup count of every inode (before the session starts).
+    pub fn enable_counts(&self) {
+        self.counting.store(true, Ordering::Relaxed);
+    }
+
+    /// Keep the lookup counts and the names of regular files (before the session starts).
     pub fn enable(&self) {
+        self.enable_counts();
         self.enabled.store(true, Ordering::Relaxed);
     }
 
@@ -93,20 +113,33 @@ impl KernelNames {
         self.enabled.load(Ordering::Relaxed)
     }
 
-    /// The kernel got an entry for regular file `ino` under `name` in `parent` (its lookup count
-    /// goes up by one).
-    pub fn looked_up(&self, ino: Ino, parent: Ino, name: &[u8]) {
-        if !self.is_enabled() {
+    fn is_counting(&self) -> bool {
+        self.counting.load(Ordering::Relaxed)
+    }
+
+    /// The kernel got an entry for `ino` under `name` in `parent` (its lookup count goes up by
+    /// one); `file`: `ino` is a regular file, whose name is recorded. Call before the answer goes
+    /// out, so that neither a FORGET nor a notice can overtake it.
+    pub fn looked_up(&self, ino: Ino, parent: Ino, name: &[u8], file: bool) {
+        if !self.is_counting() {
             return;
         }
         let mut t = self.lock();
         t.inodes.entry(ino).or_default().lookups += 1;
-        t.name(ino, parent, name);
+        if file && self.is_enabled() {
+            t.name(ino, parent, name);
+        }
+    }
+
+    /// May the kernel hold `ino` (its attributes, pages, or entries in it if a directory)? Yes
+    /// for the root, for an inode it has lookups of, and for every inode while counts are off.
+    pub fn knows(&self, ino: Ino) -> bool {
+        !self.is_counting() || ino == ROOT_INO || self.lock().inodes.contains_key(&ino)
     }
 
     /// The kernel forgot `n` lookups of `ino`.
     pub fn forget(&self, ino: Ino, n: u64) {
-        if !self.is_enabled() {
+        if !self.is_counting() {
             return;
         }
         let mut t = self.lock();
@@ -148,9 +181,9 @@ impl KernelNames {
         self.lock().inodes.get(&ino).map(|k| k.names.clone()).unwrap_or_default()
     }
 
-    /// Every inode recorded.
+    /// Every inode the kernel knows (by its lookup count).
     pub fn inodes(&self) -> Vec<Ino> {
-        if !self.is_enabled() {
+        if !self.is_counting() {
             return Vec::new();
         }
         self.lock().inodes.keys().copied().collect()
@@ -222,18 +255,44 @@ mod tests {
     #[test]
     fn records_nothing_until_enabled() {
         let k = KernelNames::default();
-        k.looked_up(5, 1, b"a");
+        k.looked_up(5, 1, b"a", true);
         assert!(k.names(5).is_empty());
         assert_eq!(k.len(), 0);
+    }
+
+    #[test]
+    fn knows_every_kind_it_gave_an_entry_for_until_forgotten() {
+        let k = KernelNames::default();
+        assert!(k.knows(7), "counts off: every inode may be known");
+        k.enable_counts();
+        assert!(k.knows(ROOT_INO), "the root needs no lookup");
+        assert!(!k.knows(7));
+        k.looked_up(7, ROOT_INO, b"dir", false);
+        k.looked_up(7, ROOT_INO, b"dir", false);
+        assert!(k.knows(7));
+        assert!(k.names(7).is_empty(), "no names without the writeback cache, nor for other kinds");
+        assert_eq!(k.inodes(), vec![7]);
+        k.forget(7, 1);
+        assert!(k.knows(7), "one lookup left");
+        k.forget(7, 1);
+        assert!(!k.knows(7));
+        assert_eq!(k.len(), 0);
+        // With names on, only regular files get theirs recorded; every kind is counted.
+        k.enable();
+        k.looked_up(8, ROOT_INO, b"link", false);
+        k.looked_up(9, ROOT_INO, b"file", true);
+        assert!(k.knows(8) && k.knows(9));
+        assert!(k.names(8).is_empty());
+        assert_eq!(k.names(9), vec![(ROOT_INO, b"file".to_vec())]);
     }
 
     #[test]
     fn counts_lookups_and_forgets_at_zero() {
         let k = KernelNames::default();
         k.enable();
-        k.looked_up(5, 1, b"a");
-        k.looked_up(5, 1, b"a");
-        k.looked_up(5, 2, b"b");
+        k.looked_up(5, 1, b"a", true);
+        k.looked_up(5, 1, b"a", true);
+        k.looked_up(5, 2, b"b", true);
         assert_eq!(k.names(5), vec![(1, b"a".to_vec()), (2, b"b".to_vec())]);
         k.forget(5, 2);
         assert_eq!(k.names(5).len(), 2, "one lookup left");
@@ -247,8 +306,8 @@ mod tests {
     fn follows_renames_and_exchanges() {
         let k = KernelNames::default();
         k.enable();
-        k.looked_up(5, 1, b"a");
-        k.looked_up(6, 2, b"b");
+        k.looked_up(5, 1, b"a", true);
+        k.looked_up(6, 2, b"b", true);
         k.renamed(1, b"a", 3, b"c", false);
         assert_eq!(k.names(5), vec![(3, b"c".to_vec())]);
         k.renamed(3, b"c", 2, b"b", true);
@@ -270,7 +329,7 @@ mod tests {
         k.enable();
         let before = Instant::now();
         assert!(!k.open_may_be_stale(5, before), "unknown inode");
-        k.looked_up(5, 1, b"a");
+        k.looked_up(5, 1, b"a", true);
         assert!(!k.open_may_be_stale(5, Instant::now()), "never evicted");
         assert_eq!(k.evict(5), vec![(1, b"a".to_vec())]);
         assert!(k.open_may_be_stale(5, before), "evicted after the open arrived");
@@ -287,11 +346,11 @@ mod tests {
         let k = KernelNames::default();
         k.enable();
         let before = Instant::now();
-        k.looked_up(5, 1, b"a");
+        k.looked_up(5, 1, b"a", true);
         k.evict(5);
         assert!(k.open_may_be_stale(5, before));
         k.forget(5, 1);
-        k.looked_up(5, 1, b"a");
+        k.looked_up(5, 1, b"a", true);
         k.evict(5);
         assert!(!k.open_may_be_stale(5, before), "the VFS's retry goes through");
         // A later change races a later open: ESTALE again (the retry was consumed).
@@ -305,7 +364,7 @@ mod tests {
         let k = KernelNames::default();
         k.enable();
         for i in 0..(NAMES_PER_INODE_MAX as u64 + 5) {
-            k.looked_up(5, 1, format!("n{i}").as_bytes());
+            k.looked_up(5, 1, format!("n{i}").as_bytes(), true);
         }
         assert_eq!(k.names(5).len(), NAMES_PER_INODE_MAX);
     }

@@ -578,7 +578,19 @@ impl Replica {
     /// a FUSE request that waits for apply).
     pub fn subscribe_applied(&self) -> tokio::sync::mpsc::UnboundedReceiver<Applied> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        self.applied_tx.subscribe(tx);
+        self.applied_tx.subscribe(tx, None);
+        rx
+    }
+
+    /// `subscribe_applied`, with only the touches `wants` keeps; an apply call whose touches it
+    /// all drops sends no event (and so is nothing to wait for: `last_event_index`). `wants` runs
+    /// on openraft's state-machine task right after each apply: it must be quick and not block.
+    pub fn subscribe_applied_filtered(
+        &self,
+        wants: impl Fn(&Touch) -> bool + Send + Sync + 'static,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<Applied> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.applied_tx.subscribe(tx, Some(Box::new(wants)));
         rx
     }
 

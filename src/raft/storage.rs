@@ -428,16 +428,25 @@ pub type AppliedSlot = Arc<EventSlot>;
 /// woken for nothing; `last_event` tells a waiter that nothing after it needs handling.
 #[derive(Default)]
 pub struct EventSlot {
-    tx: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Applied>>>,
+    tx: Mutex<Option<Subscriber>>,
     /// The index of the last event sent (0: none). Stored before the apply call returns, so
     /// before openraft counts its entries as applied.
     last_event: AtomicU64,
 }
 
+/// Which touches a subscriber wants (`Replica::subscribe_applied_filtered`).
+pub type TouchFilter = Box<dyn Fn(&Touch) -> bool + Send + Sync>;
+
+struct Subscriber {
+    tx: tokio::sync::mpsc::UnboundedSender<Applied>,
+    wants: Option<TouchFilter>,
+}
+
 impl EventSlot {
-    /// Send events to `tx` from now on (replacing any earlier subscriber).
-    pub fn subscribe(&self, tx: tokio::sync::mpsc::UnboundedSender<Applied>) {
-        *self.tx.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    /// Send events to `tx` from now on (replacing any earlier subscriber), with only the touches
+    /// `wants` keeps (all without it); an apply whose touches it all drops sends no event.
+    pub fn subscribe(&self, tx: tokio::sync::mpsc::UnboundedSender<Applied>, wants: Option<TouchFilter>) {
+        *self.tx.lock().unwrap_or_else(|e| e.into_inner()) = Some(Subscriber { tx, wants });
     }
 
     /// The index of the last event sent (0 if none).
@@ -539,13 +548,20 @@ impl StateMachine {
         self
     }
 
-    /// Hand `event` to the subscriber, if any; never blocks (the channel is unbounded).
-    fn send_event(&self, event: Applied) {
+    /// Hand `event` to the subscriber, if any, with the touches it wants (nothing if it wants
+    /// none); never blocks (the channel is unbounded).
+    fn send_event(&self, mut event: Applied) {
         if let Some((_, slot)) = &self.events {
             let mut tx = slot.tx.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(sender) = tx.as_ref() {
+            if let Some(sub) = tx.as_ref() {
+                if let Some(wants) = &sub.wants {
+                    event.touched.retain(|t| wants(t));
+                    if event.touched.is_empty() {
+                        return;
+                    }
+                }
                 let index = event.index;
-                if sender.send(event).is_err() {
+                if sub.tx.send(event).is_err() {
                     *tx = None;
                 }
                 slot.last_event.fetch_max(index, Ordering::AcqRel);
