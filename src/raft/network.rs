@@ -128,9 +128,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        // openraft bounds each AppendEntries by the heartbeat interval (replication/mod.rs:455 in
-        // 0.9.25) and its own limit counts entries, not bytes: refuse a message over the byte
-        // budget with a hint of how many entries fit, and openraft resends fewer at once.
+        // openraft bounds each AppendEntries by a timeout (replication/mod.rs, vendor patch 3) and
+        // its own limit counts entries, not bytes: refuse a message over the byte budget with a
+        // hint of how many entries fit, and openraft resends fewer at once.
         if rpc.entries.len() > 1 {
             let bytes: usize = rpc.entries.iter().map(entry_bytes).sum();
             if bytes > super::APPEND_ENTRIES_BYTES_MAX {

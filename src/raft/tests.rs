@@ -265,6 +265,8 @@ fn corrupt_block_during_apply_stops_the_node() {
 struct MemNet {
     nodes: Mutex<std::collections::HashMap<NodeId, std::sync::Weak<Replica>>>,
     cut: Mutex<std::collections::HashSet<NodeId>>,
+    /// Messages over this many bytes arrive this much later (a slow transfer).
+    slow: Mutex<Option<(usize, Duration)>>,
 }
 
 impl MemNet {
@@ -278,6 +280,11 @@ impl MemNet {
 
     fn heal(&self, id: NodeId) {
         self.cut.lock().unwrap().remove(&id);
+    }
+
+    /// From now on a message of more than `bytes` takes `delay` to arrive.
+    fn slow(&self, bytes: usize, delay: Duration) {
+        *self.slow.lock().unwrap() = Some((bytes, delay));
     }
 }
 
@@ -301,8 +308,13 @@ impl PeerTransport for MemTransport {
         };
         let node = if cut { None } else { self.net.nodes.lock().unwrap().get(&target).and_then(|w| w.upgrade()) };
         let me = self.me;
+        let delay = self.net.slow.lock().unwrap().and_then(|(bytes, d)| (body.len() > bytes).then_some(d));
         Box::pin(async move {
             let Some(r) = node else { return Err(TransportError::Unreachable(target, "cut off or not registered".into())) };
+            if let Some(d) = delay {
+                // Delivered only if the caller still waits then (a dropped call never arrives).
+                tokio::time::sleep(d).await;
+            }
             r.handle_rpc(Some(me), kind, &body).await.map_err(|e| TransportError::Network(target, e.0))
         })
     }
@@ -783,6 +795,37 @@ fn leader_commits_on_follower_copies_while_its_own_log_stalls() {
         }
         propose_until_done(&l, "after", Duration::from_secs(15)).await;
         assert!(has(&l, "after"));
+        shutdown_all(&rs).await;
+    });
+}
+
+/// An AppendEntries that carries entries may take longer than the heartbeat interval to arrive
+/// (MiBs to a busy follower) and is not cut off at that interval: cut off there and sent again,
+/// it never arrived, the write never committed, and the followers, hearing nothing, called an
+/// election (vendor/openraft/PATCHES.md, 3).
+#[test]
+fn entries_slower_than_a_heartbeat_interval_still_reach_the_followers() {
+    let ds = dirs(3);
+    rt().block_on(async {
+        let net = Arc::new(MemNet::default());
+        let rs = cluster(&net, &ds, Duration::from_secs(5)).await;
+        let (l, _) = leader_and_follower(&rs);
+        let term = l.metrics().current_term;
+        let f = make_file(&l, b"slow").await;
+        // Between the heartbeat interval and the election timeout.
+        let delay = Duration::from_millis(HEARTBEAT_MS * 2);
+        assert!(delay.as_millis() < u128::from(ELECTION_TIMEOUT_MIN_MS));
+        net.slow(64 * 1024, delay);
+        let data: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let t = Instant::now();
+        let out = l.propose(Caller::root(), Op::Write { ino: f.ino, offset: 0, data: data.clone(), append: false }).await;
+        assert!(matches!(out, Ok(Outcome::Written { .. })), "{out:?} after {:?}", t.elapsed());
+        let target = l.applied_index().unwrap();
+        for r in &rs {
+            wait_applied_on(r, target).await;
+            assert_eq!(read_file(r, b"slow"), data, "node {}", r.node_id());
+            assert_eq!(r.metrics().current_term, term, "node {}: an election happened", r.node_id());
+        }
         shutdown_all(&rs).await;
     });
 }
