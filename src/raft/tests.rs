@@ -725,6 +725,33 @@ fn applied_events_on_follower_for_remote_changes() {
     });
 }
 
+/// A filtered subscriber gets only the touches it wants, and an apply whose touches it all drops
+/// sends no event and leaves `last_event_index` where it was (an open waits for nothing).
+#[test]
+fn a_filtered_subscriber_gets_only_what_it_wants() {
+    let ds = dirs(2);
+    rt().block_on(async {
+        let net = Arc::new(MemNet::default());
+        let rs = cluster(&net, &ds, Duration::from_secs(5)).await;
+        let (l, f) = leader_and_follower(&rs);
+        let skipped = |t: &Touch| matches!(t, Touch::Entry { name, .. } if name.starts_with(b"skip"));
+        let mut events = f.subscribe_applied_filtered(move |t| !skipped(t) && !matches!(t, Touch::Inode(_)));
+        l.propose(Caller::root(), mk("kept")).await.unwrap();
+        wait_applied_on(&f, l.applied_index().unwrap()).await;
+        let kept_at = f.last_event_index();
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("no event").unwrap();
+        assert_eq!(ev.index, kept_at);
+        assert_eq!(ev.touched, vec![Touch::Entry { parent: ROOT_INO, name: b"kept".to_vec(), old: None }], "only the wanted touch");
+        l.propose(Caller::root(), mk("skip-me")).await.unwrap();
+        let target = l.applied_index().unwrap();
+        wait_applied_on(&f, target).await;
+        assert!(target > kept_at);
+        assert_eq!(f.last_event_index(), kept_at, "an apply with nothing wanted counted as an event");
+        assert!(events.try_recv().is_err(), "an event with nothing wanted in it");
+        shutdown_all(&rs).await;
+    });
+}
+
 /// Without quorum a proposal fails with Unavailable within the timeout; once the quorum is back
 /// proposals work again without a restart, also through a follower.
 #[test]
