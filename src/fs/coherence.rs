@@ -282,8 +282,8 @@ pub fn start(
 ) -> std::io::Result<()> {
     // Only what the kernel may hold needs a notice (fs/names.rs): other touches are dropped
     // before they wake this thread. Orphans and a snapshot install always come.
-    let knows = coherence.clone();
-    let mut rx = replica.subscribe_applied_filtered(move |touch| wanted(touch, |ino| knows.names.knows(ino)));
+    let kernel = coherence.clone();
+    let mut rx = replica.subscribe_applied(move |touch| wanted(touch, |ino| kernel.names.knows(ino)));
     coherence.advance(replica.applied_index().unwrap_or(0));
     let weak: Weak<Replica> = Arc::downgrade(replica);
     std::thread::Builder::new().name("pickbox-inval".into()).spawn(move || {

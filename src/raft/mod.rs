@@ -574,25 +574,19 @@ impl Replica {
         }
     }
 
-    /// Receive an `Applied` event after every apply call that touched something from now on.
-    /// There is one subscriber (the filesystem adapter); a second call replaces the first. The channel is unbounded because
-    /// apply must never wait for the kernel (an invalidation can wait on a directory lock held by
-    /// a FUSE request that waits for apply).
-    pub fn subscribe_applied(&self) -> tokio::sync::mpsc::UnboundedReceiver<Applied> {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        self.applied_tx.subscribe(tx, None);
-        rx
-    }
-
-    /// `subscribe_applied`, with only the touches `wants` keeps; an apply call whose touches it
-    /// all drops sends no event (and so is nothing to wait for: `last_event_index`). `wants` runs
-    /// on openraft's state-machine task right after each apply: it must be quick and not block.
-    pub fn subscribe_applied_filtered(
+    /// Receive an `Applied` event, with the touches `wants` keeps, after every apply call that
+    /// touched something it wants, from now on; an apply call whose touches it all drops sends no
+    /// event (and so is nothing to wait for: `last_event_index`). `wants` runs on openraft's
+    /// state-machine task right after each apply: it must be quick and not block. There is one
+    /// subscriber (the filesystem adapter); a second call replaces the first. The channel is
+    /// unbounded because apply must never wait for the kernel (an invalidation can wait on a
+    /// directory lock held by a FUSE request that waits for apply).
+    pub fn subscribe_applied(
         &self,
         wants: impl Fn(&Touch) -> bool + Send + Sync + 'static,
     ) -> tokio::sync::mpsc::UnboundedReceiver<Applied> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        self.applied_tx.subscribe(tx, Some(Box::new(wants)));
+        self.applied_tx.subscribe(tx, Box::new(wants));
         rx
     }
 

@@ -434,18 +434,18 @@ pub struct EventSlot {
     last_event: AtomicU64,
 }
 
-/// Which touches a subscriber wants (`Replica::subscribe_applied_filtered`).
+/// Which touches a subscriber wants (`Replica::subscribe_applied`).
 pub type TouchFilter = Box<dyn Fn(&Touch) -> bool + Send + Sync>;
 
 struct Subscriber {
     tx: tokio::sync::mpsc::UnboundedSender<Applied>,
-    wants: Option<TouchFilter>,
+    wants: TouchFilter,
 }
 
 impl EventSlot {
     /// Send events to `tx` from now on (replacing any earlier subscriber), with only the touches
-    /// `wants` keeps (all without it); an apply whose touches it all drops sends no event.
-    pub fn subscribe(&self, tx: tokio::sync::mpsc::UnboundedSender<Applied>, wants: Option<TouchFilter>) {
+    /// `wants` keeps; an apply whose touches it all drops sends no event.
+    pub fn subscribe(&self, tx: tokio::sync::mpsc::UnboundedSender<Applied>, wants: TouchFilter) {
         *self.tx.lock().unwrap_or_else(|e| e.into_inner()) = Some(Subscriber { tx, wants });
     }
 
@@ -554,11 +554,9 @@ impl StateMachine {
         if let Some((_, slot)) = &self.events {
             let mut tx = slot.tx.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(sub) = tx.as_ref() {
-                if let Some(wants) = &sub.wants {
-                    event.touched.retain(|t| wants(t));
-                    if event.touched.is_empty() {
-                        return;
-                    }
+                event.touched.retain(|t| (sub.wants)(t));
+                if event.touched.is_empty() {
+                    return;
                 }
                 let index = event.index;
                 if sub.tx.send(event).is_err() {

@@ -669,7 +669,7 @@ fn applied_events_on_follower_for_remote_changes() {
         let net = Arc::new(MemNet::default());
         let rs = cluster(&net, &ds, Duration::from_secs(5)).await;
         let (l, f) = leader_and_follower(&rs);
-        let mut events = f.subscribe_applied();
+        let mut events = f.subscribe_applied(|_| true);
         let Outcome::Inode(a) = l.propose(Caller::root(), mk("a")).await.unwrap() else { panic!() };
         let Outcome::Inode(b) = l.propose(Caller::root(), mk("b")).await.unwrap() else { panic!() };
         l.propose(
@@ -735,7 +735,7 @@ fn a_filtered_subscriber_gets_only_what_it_wants() {
         let rs = cluster(&net, &ds, Duration::from_secs(5)).await;
         let (l, f) = leader_and_follower(&rs);
         let skipped = |t: &Touch| matches!(t, Touch::Entry { name, .. } if name.starts_with(b"skip"));
-        let mut events = f.subscribe_applied_filtered(move |t| !skipped(t) && !matches!(t, Touch::Inode(_)));
+        let mut events = f.subscribe_applied(move |t| !skipped(t) && !matches!(t, Touch::Inode(_)));
         l.propose(Caller::root(), mk("kept")).await.unwrap();
         wait_applied_on(&f, l.applied_index().unwrap()).await;
         let kept_at = f.last_event_index();
