@@ -246,6 +246,28 @@ fn cluster_changes_reach_every_inode_the_kernel_learned_without_a_lookup() {
 }
 
 #[test]
+fn cluster_ctime_of_a_file_is_the_same_on_every_node() {
+    // The kernel of the node that writes a file keeps its own ctime of it (writeback cache) and
+    // sends it with its setattrs; the other nodes show the stored one: they must be equal.
+    let c = Cluster::new(3);
+    let ctime = |k: u64, rel: &str| lstat(&c.path(k, rel)).ok().map(|st| (st.st_ctime, st.st_ctime_nsec));
+    let mut failures = Vec::new();
+    for (rel, change) in [
+        ("written", &(|p: &Path| fs::write(p, b"some data")) as &dyn Fn(&Path) -> io::Result<()>),
+        ("chmodded", &|p: &Path| fs::write(p, b"x").and_then(|_| fs::set_permissions(p, fs::Permissions::from_mode(0o600)))),
+        ("truncated", &|p: &Path| fs::write(p, vec![7u8; 10_000]).and_then(|_| OpenOptions::new().write(true).open(p)?.set_len(100))),
+    ] {
+        change(&c.path(1, rel)).unwrap();
+        let shown = ctime(1, rel);
+        if let Err(e) = try_seen(&c, &[2, 3], rel, |_, k| ctime(k, rel) == shown) {
+            let got: Vec<_> = [2, 3].iter().map(|&k| ctime(k, rel)).collect();
+            failures.push(format!("{e} (node 1 shows {shown:?}, nodes 2 and 3 {got:?})"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
 fn cluster_close_to_open() {
     let c = Cluster::new(3);
     for (a, b) in [(1, 2), (2, 3), (3, 1)] {

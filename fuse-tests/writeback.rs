@@ -131,6 +131,38 @@ fn times_and_size_kept_by_the_kernel_persist() {
     assert!(after.ctime() >= before.mtime());
 }
 
+/// (ctime, ctime_nsec) of `p` as stat shows it now.
+fn ctime_of(p: &std::path::Path) -> (i64, i64) {
+    let m = fs::metadata(p).unwrap();
+    (m.ctime(), m.ctime_nsec())
+}
+
+#[test]
+fn ctime_the_kernel_shows_is_the_one_stored() {
+    // With the writeback cache the kernel keeps its own ctime of a regular file (from its coarse
+    // clock) and sends it with every setattr of the file; the store must keep that ctime, not the
+    // command's own time, or the file's ctime changes once the kernel forgets the inode (and
+    // other nodes show another one meanwhile).
+    let mut node = Node::start();
+    assert_writeback_on(&node);
+    let written = node.path("written");
+    fs::write(&written, b"some data").unwrap();
+    let chmodded = node.path("chmodded");
+    fs::write(&chmodded, b"x").unwrap();
+    fs::set_permissions(&chmodded, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let truncated = node.path("truncated");
+    fs::write(&truncated, pattern(10_000, 2)).unwrap();
+    OpenOptions::new().write(true).open(&truncated).unwrap().set_len(100).unwrap();
+    let touched = node.path("touched");
+    File::create(&touched).unwrap();
+    File::open(&touched).unwrap().set_modified(std::time::SystemTime::now()).unwrap();
+    let files = [&written, &chmodded, &truncated, &touched];
+    let shown: Vec<_> = files.iter().map(|p| ctime_of(p)).collect();
+    node.restart();
+    let stored: Vec<_> = files.iter().map(|p| ctime_of(p)).collect();
+    assert_eq!(stored, shown, "ctime (written, chmodded, truncated, touched) before and after the kernel forgot the files");
+}
+
 #[test]
 fn shared_mmap_writes_reach_the_store() {
     let mut node = Node::start();

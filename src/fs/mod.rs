@@ -249,7 +249,7 @@ impl Filesystem for PickboxFs {
         size: Option<u64>,
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
+        ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
@@ -257,8 +257,10 @@ impl Filesystem for PickboxFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        // ctime is always the command's time; crtime/chgtime/bkuptime/flags are macOS-only.
+        // ctime comes only from the kernel's own (see `Ops::setattr`); crtime/chgtime/bkuptime/
+        // flags are macOS-only.
         let (atime, mtime) = (set_time(atime), set_time(mtime));
+        let ctime = ctime.map(attr::timespec_from_kernel);
         if self.writeback && mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && (atime.is_some() || mtime.is_some()) {
             // The kernel writing back the times the inode has (or will have, once a deferred
             // setattr is stored; see `unchanged_times`): answer locally, no Raft round.
@@ -272,7 +274,7 @@ impl Filesystem for PickboxFs {
         if self.writeback && mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() {
             // The kernel's mtime after writing back this node's write, or explicit times set
             // right after it: answered now, stored with the next proposal (`Ops::defer_times`).
-            if let Some(inode) = self.ops.defer_times(&caller, ino.0, atime.as_ref(), mtime.as_ref()) {
+            if let Some(inode) = self.ops.defer_times(&caller, ino.0, atime.as_ref(), mtime.as_ref(), ctime) {
                 reply.attr(&TTL, &attr::file_attr(&inode));
                 if self.ops.arm_deferred_timer() {
                     let ops = self.ops.clone();
@@ -286,7 +288,7 @@ impl Filesystem for PickboxFs {
         }
         let ops = self.ops.clone();
         self.spawn(async move {
-            match ops.setattr(caller, ino.0, mode, uid, gid, size, atime, mtime).await {
+            match ops.setattr(caller, ino.0, mode, uid, gid, size, atime, mtime, ctime).await {
                 Ok(inode) => reply.attr(&TTL, &attr::file_attr(&inode)),
                 Err(e) => reply.error(ops.errno_of(&e)),
             }

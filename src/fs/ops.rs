@@ -99,6 +99,8 @@ struct Deferred {
     ino: Ino,
     atime: Option<Timespec>,
     mtime: Option<Timespec>,
+    /// The kernel's ctime of the file, if it sent one: the command's time (so the stored ctime).
+    ctime: Option<Timespec>,
 }
 
 /// A removal of a name whose inode this node holds closed (see `Ops::claim_target`): the inode
@@ -480,13 +482,25 @@ impl Ops {
     /// Propose `op`, with any deferred times setattrs queued just before it (same batch; they
     /// come first, so a later change of the same inode wins).
     async fn propose(&self, caller: Caller, op: impl Into<HashedOp>) -> FsResult<Outcome> {
+        self.propose_timed(caller, op, None).await
+    }
+
+    /// `propose`, the command stamped with `time` if given (see `Replica::propose_at`), with
+    /// this node's clock otherwise.
+    async fn propose_timed(&self, caller: Caller, op: impl Into<HashedOp>, time: Option<Timespec>) -> FsResult<Outcome> {
         let op = op.into();
         tracing::debug!(op = op_kind(op.op()), "proposing");
+        let proposal = async {
+            match time {
+                Some(t) => self.replica.propose_at(caller, op, t).await,
+                None => self.replica.propose(caller, op).await,
+            }
+        };
         let taken = std::mem::take(&mut *self.deferred());
         if taken.is_empty() {
-            return Ok(self.replica.propose(caller, op).await?);
+            return Ok(proposal.await?);
         }
-        let ((), outcome) = tokio::join!(self.propose_all(taken), self.replica.propose(caller, op));
+        let ((), outcome) = tokio::join!(self.propose_all(taken), proposal);
         Ok(outcome?)
     }
 
@@ -666,6 +680,7 @@ impl Ops {
         if let Some(d) = deferred.iter().find(|d| d.ino == inode.ino) {
             inode.atime = d.atime.unwrap_or(inode.atime);
             inode.mtime = d.mtime.unwrap_or(inode.mtime);
+            inode.ctime = d.ctime.unwrap_or(inode.ctime);
         }
         inode
     }
@@ -700,9 +715,17 @@ impl Ops {
     /// `DEFERRED_TIMES_MS`, or at fsync or unmount. Only when its outcome is certain: explicit
     /// times (not "now") for a regular file whose last change was this node's own write (so the
     /// kernel holds it cached and shows its own mtime/ctime), set by its owner or root (allowed
-    /// to set times). A crash in that window keeps the write's own mtime. Returns the inode to
-    /// answer with, or `None`: propose now.
-    pub fn defer_times(&self, caller: &Caller, ino: Ino, atime: Option<&SetTime>, mtime: Option<&SetTime>) -> Option<Inode> {
+    /// to set times). A crash in that window keeps the write's own mtime. `ctime`, the kernel's
+    /// own (see `setattr`), becomes the stored ctime. Returns the inode to answer with, or
+    /// `None`: propose now.
+    pub fn defer_times(
+        &self,
+        caller: &Caller,
+        ino: Ino,
+        atime: Option<&SetTime>,
+        mtime: Option<&SetTime>,
+        ctime: Option<Timespec>,
+    ) -> Option<Inode> {
         let explicit = |t: Option<&SetTime>| match t {
             None => Some(None),
             Some(SetTime::At(t)) => Some(Some(*t)),
@@ -726,8 +749,9 @@ impl Ops {
                 e.caller = caller.clone();
                 e.atime = atime.or(e.atime);
                 e.mtime = mtime.or(e.mtime);
+                e.ctime = ctime.max(e.ctime);
             } else if d.len() < DEFERRED_TIMES_MAX {
-                d.push(Deferred { caller: caller.clone(), ino, atime, mtime });
+                d.push(Deferred { caller: caller.clone(), ino, atime, mtime, ctime });
             } else {
                 return None;
             }
@@ -755,7 +779,11 @@ impl Ops {
             let (atime, mtime) = (d.atime.map(SetTime::At), d.mtime.map(SetTime::At));
             let op = Op::SetAttr { ino: d.ino, perm: None, uid: None, gid: None, size: None, atime, mtime };
             tracing::debug!(op = "SetAttr", ino = d.ino, "proposing deferred");
-            if let Err(e) = self.replica.propose(d.caller, op).await {
+            let proposed = match d.ctime {
+                Some(ctime) => self.replica.propose_at(d.caller, op, ctime).await,
+                None => self.replica.propose(d.caller, op).await,
+            };
+            if let Err(e) = proposed {
                 // ENOENT: the file was removed meanwhile; anything else keeps the write's mtime.
                 tracing::debug!(ino = d.ino, error = %e, "deferred times not stored");
             }
@@ -774,14 +802,19 @@ impl Ops {
         size: Option<u64>,
         atime: Option<SetTime>,
         mtime: Option<SetTime>,
+        ctime: Option<Timespec>,
     ) -> FsResult<Inode> {
-        tracing::debug!(ino, ?perm, ?uid, ?gid, ?size, ?atime, ?mtime, "setattr");
+        tracing::debug!(ino, ?perm, ?uid, ?gid, ?size, ?atime, ?mtime, ?ctime, "setattr");
         if perm.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() && mtime.is_none() {
             // Nothing we store changes (for example only ctime was given): report the attributes.
             return self.getattr(ino);
         }
         let op = Op::SetAttr { ino, perm: perm.map(|p| p & 0o7777), uid, gid, size, atime, mtime };
-        let outcome = self.propose(caller, op).await?;
+        // With the writeback cache the kernel sends its own ctime of a regular file with every
+        // setattr of it, keeps showing that ctime whatever the reply says, and the command's time
+        // is what apply stores as ctime: so the node that made the change, the other nodes, and
+        // this node once its kernel forgets the inode all show the same ctime.
+        let outcome = self.propose_timed(caller, op, ctime).await?;
         self.inode_of(outcome, ino)
     }
 
@@ -1086,12 +1119,12 @@ mod tests {
         let (ops, replica, _dir) = ops().await;
         let (f, fh) = ops.create(me(), ROOT_INO, b"f".to_vec(), 0o644, libc::O_RDWR).await.unwrap();
         let t = Timespec { sec: 1_000, nsec: 7 };
-        assert!(ops.defer_times(&me(), f.ino, None, Some(&SetTime::At(t))).is_none(), "no own write yet");
+        assert!(ops.defer_times(&me(), f.ino, None, Some(&SetTime::At(t)), None).is_none(), "no own write yet");
         ops.write(me(), f.ino, 0, b"x".to_vec(), false).await.unwrap();
         let stranger = Caller { uid: 1000, gid: 1000, groups: Vec::new(), pid: 1 };
-        assert!(ops.defer_times(&stranger, f.ino, None, Some(&SetTime::At(t))).is_none(), "only the owner or root");
-        assert!(ops.defer_times(&me(), f.ino, None, Some(&SetTime::Now)).is_none());
-        let shown = ops.defer_times(&me(), f.ino, None, Some(&SetTime::At(t))).expect("deferred");
+        assert!(ops.defer_times(&stranger, f.ino, None, Some(&SetTime::At(t)), None).is_none(), "only the owner or root");
+        assert!(ops.defer_times(&me(), f.ino, None, Some(&SetTime::Now), None).is_none());
+        let shown = ops.defer_times(&me(), f.ino, None, Some(&SetTime::At(t)), None).expect("deferred");
         assert_eq!(shown.mtime, t, "answered with the time it sets");
         assert_ne!(ops.stored_attr(f.ino).unwrap().mtime, t, "not stored yet");
         assert_eq!(ops.getattr(f.ino).unwrap().mtime, t, "but shown");
@@ -1102,17 +1135,26 @@ mod tests {
         assert_eq!(ops.getattr(f.ino).unwrap().mtime, t);
         // The timer path; a later write of the same inode wins over a deferred mtime.
         ops.write(me(), f.ino, 0, b"y".to_vec(), false).await.unwrap();
-        ops.defer_times(&me(), f.ino, None, Some(&SetTime::At(t))).expect("deferred");
+        ops.defer_times(&me(), f.ino, None, Some(&SetTime::At(t)), None).expect("deferred");
         ops.write(me(), f.ino, 1, b"z".to_vec(), false).await.unwrap();
         assert!(ops.getattr(f.ino).unwrap().mtime > t);
-        ops.defer_times(&me(), f.ino, None, Some(&SetTime::At(t))).expect("deferred");
+        ops.defer_times(&me(), f.ino, None, Some(&SetTime::At(t)), None).expect("deferred");
         // Explicit atime too (tar, cp -p), merged with the deferred mtime.
+        // The kernel's ctime, when it sends one, is shown and stored (the later of two merged).
         let a = Timespec { sec: 2_000, nsec: 9 };
-        let shown = ops.defer_times(&me(), f.ino, Some(&SetTime::At(a)), None).expect("deferred");
-        assert_eq!((shown.atime, shown.mtime), (a, t));
+        let (c1, c2) = (Timespec { sec: 3_000, nsec: 1 }, Timespec { sec: 3_000, nsec: 2 });
+        ops.defer_times(&me(), f.ino, Some(&SetTime::At(a)), None, Some(c2)).expect("deferred");
+        let shown = ops.defer_times(&me(), f.ino, Some(&SetTime::At(a)), None, Some(c1)).expect("deferred");
+        assert_eq!((shown.atime, shown.mtime, shown.ctime), (a, t, c2));
         ops.propose_deferred().await;
-        let stored = ops.getattr(f.ino).unwrap();
-        assert_eq!((stored.atime, stored.mtime), (a, t));
+        let stored = ops.stored_attr(f.ino).unwrap();
+        assert_eq!((stored.atime, stored.mtime, stored.ctime), (a, t, c2));
+        // A setattr proposed at once stores the kernel's ctime too; without one, the command's time.
+        let c3 = Timespec { sec: 4_000, nsec: 3 };
+        let got = ops.setattr(me(), f.ino, Some(0o600), None, None, None, None, None, Some(c3)).await.unwrap();
+        assert_eq!((got.ctime, ops.stored_attr(f.ino).unwrap().ctime), (c3, c3));
+        let got = ops.setattr(me(), f.ino, Some(0o644), None, None, None, None, None, None).await.unwrap();
+        assert!(got.ctime > c3, "this node's clock now");
         ops.release(fh).await;
         ops.unlink(me(), ROOT_INO, b"f".to_vec()).await.unwrap();
         assert!(matches!(ops.unchanged_times(f.ino, None, Some(&SetTime::At(t))), Some(Err(FsError::Fs(Errno::NoEnt)))));
