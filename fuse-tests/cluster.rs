@@ -268,6 +268,38 @@ fn cluster_ctime_of_a_file_is_the_same_on_every_node() {
 }
 
 #[test]
+fn cluster_write_drops_capabilities_another_node_set() {
+    // Linux drops a file's capabilities (security.capability) when its content changes. A
+    // node's kernel checks for them only at the first write(2) through an inode it holds (then
+    // marks it S_NOSEC, with FUSE_HANDLE_KILLPRIV_V2), so capabilities another node sets on a
+    // file this node keeps open must be dropped by Pickbox when this node's writes arrive.
+    use crate::meta::{getxattr, setxattr};
+    let c = Cluster::new(3);
+    let rel = "caps";
+    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(c.path(1, rel)).unwrap();
+    f.write_all(b"first").unwrap();
+    f.sync_all().unwrap();
+    seen(&c, &[2], "file", |c, k| read_eq(&c.path(k, rel), b"first"));
+    // VFS_CAP_REVISION_2 with the effective flag; permitted: CAP_NET_BIND_SERVICE.
+    let mut caps = Vec::new();
+    for word in [0x0200_0001u32, 1 << 10, 0, 0, 0] {
+        caps.extend_from_slice(&word.to_le_bytes());
+    }
+    setxattr(&c.path(2, rel), "security.capability", &caps, 0).unwrap();
+    seen(&c, &[1], "the capability", |c, k| getxattr(&c.path(k, rel), "security.capability").is_ok());
+    f.write_all_at(b"second", 0).unwrap();
+    f.sync_all().unwrap();
+    let has_caps = |k: u64| match getxattr(&c.path(k, rel), "security.capability") {
+        Ok(_) => true,
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => false,
+        Err(e) => panic!("getxattr on node {k}: {e}"),
+    };
+    assert!(!has_caps(1), "capabilities kept on node 1 after its write");
+    seen(&c, &[2, 3], "the capability dropped", |_, k| !has_caps(k));
+    close(f).unwrap();
+}
+
+#[test]
 fn cluster_close_to_open() {
     let c = Cluster::new(3);
     for (a, b) in [(1, 2), (2, 3), (3, 1)] {

@@ -105,6 +105,51 @@ fn chown_and_suid_sgid_clearing() {
     assert_eq!(lstat(&w).unwrap().st_mode & 0o4000, 0, "setuid survived a write by another user");
 }
 
+#[test]
+fn setuid_and_setgid_cleared_where_linux_clears_them() {
+    // The kernel leaves this to Pickbox (FUSE_HANDLE_KILLPRIV_V2): a write, truncate, O_TRUNC
+    // open or fallocate by a caller without CAP_FSETID clears setuid, and setgid when the file
+    // is group-executable; root keeps them.
+    let node = Node::start();
+    // The files belong to root and the group of the user who changes them.
+    let other = |rel: &str, mode: u32, change: fn(&Path) -> std::io::Result<()>| -> u32 {
+        let p = node.path(rel);
+        fs::write(&p, b"0123456789").unwrap();
+        chown(&p, 0, NOBODY).unwrap();
+        chmod(&p, mode);
+        let r = as_user(NOBODY, NOBODY, || change(&p));
+        assert_eq!(r, Ok(()), "{rel}");
+        lstat(&p).unwrap().st_mode & 0o7777
+    };
+    let write = |p: &Path| {
+        let mut f = OpenOptions::new().write(true).open(p)?;
+        f.write_all(b"data")?;
+        f.sync_all()
+    };
+    let truncate = |p: &Path| OpenOptions::new().write(true).open(p)?.set_len(3);
+    let open_trunc = |p: &Path| OpenOptions::new().write(true).truncate(true).open(p).map(|_| ());
+    let fallocate = |p: &Path| {
+        let f = OpenOptions::new().write(true).open(p)?;
+        // SAFETY: a valid descriptor.
+        check(unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, 8192) }).map(|_| ())
+    };
+    assert_eq!(other("w", 0o6777, write), 0o0777, "write");
+    assert_eq!(other("t", 0o6777, truncate), 0o0777, "truncate");
+    assert_eq!(other("o", 0o6777, open_trunc), 0o0777, "open O_TRUNC");
+    assert_eq!(other("a", 0o6777, fallocate), 0o0777, "fallocate");
+    // setgid without group execute is not a privilege (mandatory-locking marker): kept.
+    assert_eq!(other("g", 0o6767, truncate), 0o2767, "truncate of a setgid file without group execute");
+    assert_eq!(other("h", 0o6767, write), 0o2767, "write to a setgid file without group execute");
+    // Root (CAP_FSETID) keeps them.
+    let p = node.path("root");
+    fs::write(&p, b"x").unwrap();
+    chmod(&p, 0o6755);
+    write(&p).unwrap();
+    truncate(&p).unwrap();
+    fallocate(&p).unwrap();
+    assert_eq!(lstat(&p).unwrap().st_mode & 0o7777, 0o6755, "root's changes keep setuid/setgid");
+}
+
 fn utimensat(p: &Path, times: [libc::timespec; 2], flags: i32) -> std::io::Result<()> {
     let c = cstr(p);
     // SAFETY: valid path and a 2-element array.
@@ -249,7 +294,7 @@ fn permissions_are_enforced() {
     check(unsafe { libc::access(c.as_ptr(), libc::R_OK | libc::W_OK) }).unwrap();
 }
 
-fn setxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> std::io::Result<()> {
+pub(crate) fn setxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> std::io::Result<()> {
     let c = cstr(p);
     let n = CString::new(name).unwrap();
     // SAFETY: valid pointers and lengths.
@@ -257,7 +302,7 @@ fn setxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> std::io::Result<(
         .map(|_| ())
 }
 
-fn getxattr(p: &Path, name: &str) -> std::io::Result<Vec<u8>> {
+pub(crate) fn getxattr(p: &Path, name: &str) -> std::io::Result<Vec<u8>> {
     let c = cstr(p);
     let n = CString::new(name).unwrap();
     // SAFETY: size query with a NULL buffer, then a read into a buffer of that size.

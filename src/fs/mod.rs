@@ -182,6 +182,14 @@ impl Filesystem for PickboxFs {
                 tracing::info!("kernel does not offer the writeback cache: writes go through");
             }
         }
+        // We clear setuid/setgid and capabilities where the kernel would (apply: writes and
+        // copy_file_range by callers other than root; `Ops`: truncate, fallocate, capabilities
+        // on write). In exchange the kernel marks an inode without them S_NOSEC after its first
+        // write(2) checked it, instead of sending a GETXATTR of security.capability before every
+        // write(2) (tens of µs each, most of a small cached write's cost).
+        if self.writeback && config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2).is_ok() {
+            self.ops.set_killpriv(true);
+        }
         if self.ops.is_clustered() {
             // Only other nodes' changes need notices, so only then are counts of what the kernel
             // knows worth keeping.
@@ -480,9 +488,10 @@ impl Filesystem for PickboxFs {
         // writeback cache the kernel's size is the authority: it placed the data at its end of
         // file in the page cache already, so the offset it sends is final (appending again
         // would move the data). Page-cache writes (FUSE_WRITE_CACHE) carry no caller: uid/pid are
-        // whoever triggered writeback. The kernel has already cleared setuid/setgid with a
-        // setattr at write(2) time (file_remove_privs), so write them as root, which the state
-        // does not treat as a privilege-dropping write.
+        // whoever triggered writeback. They are written as root, which the state does not treat
+        // as a privilege-dropping write: with FUSE_HANDLE_KILLPRIV_V2 the kernel sends a write
+        // to a setuid/setgid file that must drop them straight through, as the writer (apply's
+        // `kill_privs` drops them), and caches only writes that drop nothing.
         // In a cluster an O_APPEND handle is direct I/O (see `open_flags`): its writes carry no
         // FUSE_WRITE_CACHE and append at the replicated end; the kernel's size of the file is then
         // a guess until it evicts the inode, which the last close makes it do.

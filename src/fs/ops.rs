@@ -90,6 +90,9 @@ pub struct Ops {
     deferred: std::sync::Mutex<Vec<Deferred>>,
     /// A task that proposes `deferred` after `DEFERRED_TIMES_MS` is scheduled.
     deferred_timer: std::sync::atomic::AtomicBool,
+    /// The kernel leaves clearing setuid/setgid on truncate and fallocate to us
+    /// (`FUSE_HANDLE_KILLPRIV_V2`, see `PickboxFs::init`).
+    killpriv: std::sync::atomic::AtomicBool,
 }
 
 /// A setattr of times answered before it is proposed (see `Ops::defer_times`).
@@ -157,6 +160,7 @@ impl Ops {
             own_writes: std::sync::Mutex::new(HashMap::new()),
             deferred: std::sync::Mutex::new(Vec::new()),
             deferred_timer: std::sync::atomic::AtomicBool::new(false),
+            killpriv: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -217,6 +221,36 @@ impl Ops {
     /// was answered already.
     pub fn getattr(&self, ino: Ino) -> FsResult<Inode> {
         Ok(self.with_deferred(self.stored_attr(ino)?))
+    }
+
+    /// The mode a regular file keeps when `caller` changes its size or allocation, if that drops
+    /// anything: with `FUSE_HANDLE_KILLPRIV_V2` (see `PickboxFs::init`) the kernel leaves the
+    /// setuid/setgid clearing of truncate and fallocate to the filesystem, and Linux clears
+    /// setuid, and setgid of a group-executable file, unless the caller has CAP_FSETID (root
+    /// here). Writes and copy_file_range clear them in apply (`kill_privs`).
+    pub fn mode_without_privs(&self, caller: &Caller, ino: Ino) -> Option<u32> {
+        if caller.uid == 0 {
+            return None;
+        }
+        let inode = self.stored_attr(ino).ok()?;
+        let mut perm = inode.perm & 0o7777;
+        if inode.kind != FileKind::File {
+            return None;
+        }
+        perm &= !libc::S_ISUID;
+        if perm & libc::S_IXGRP != 0 {
+            perm &= !libc::S_ISGID;
+        }
+        (perm != inode.perm & 0o7777).then_some(perm)
+    }
+
+    /// The kernel negotiated `FUSE_HANDLE_KILLPRIV_V2` (see `killpriv`).
+    pub fn set_killpriv(&self, on: bool) {
+        self.killpriv.store(on, Ordering::Relaxed);
+    }
+
+    fn killpriv(&self) -> bool {
+        self.killpriv.load(Ordering::Relaxed)
     }
 
     /// The inode's attributes as the state holds them.
@@ -809,6 +843,12 @@ impl Ops {
             // Nothing we store changes (for example only ctime was given): report the attributes.
             return self.getattr(ino);
         }
+        // A truncate by a caller without CAP_FSETID clears setuid/setgid (with killpriv the
+        // kernel leaves that to us; see `mode_without_privs`).
+        let perm = match perm {
+            None if size.is_some() && self.killpriv() => self.mode_without_privs(&caller, ino),
+            given => given,
+        };
         let op = Op::SetAttr { ino, perm: perm.map(|p| p & 0o7777), uid, gid, size, atime, mtime };
         // With the writeback cache the kernel sends its own ctime of a regular file with every
         // setattr of it, keeps showing that ctime whatever the reply says, and the command's time
@@ -845,6 +885,12 @@ impl Ops {
         if matches!(mode, FallocMode::Allocate { .. } | FallocMode::ZeroRange { .. }) {
             // Zeros are holes in the block map, so this needs little space; keep the reserve anyway.
             self.check_space(0)?;
+        }
+        if self.killpriv() {
+            if let Some(perm) = self.mode_without_privs(&caller, ino) {
+                let op = Op::SetAttr { ino, perm: Some(perm), uid: None, gid: None, size: None, atime: None, mtime: None };
+                self.propose(caller.clone(), op).await?;
+            }
         }
         self.propose(caller, Op::Fallocate { ino, offset, len, mode }).await?;
         Ok(())
