@@ -130,15 +130,37 @@ fn fs_err(e: Errno) -> fuser::Errno {
     FsError::Fs(e).errno()
 }
 
-/// How a file is opened. With the writeback cache the kernel places an O_APPEND write at its own
+/// How a file is opened. A node that cannot have peers (no `--listen`) keeps the kernel's page
+/// cache of the file across opens (FOPEN_KEEP_CACHE): every change reaches the file through
+/// this kernel, which keeps its cache up to date, so a file opened again is read from memory.
+/// In a cluster the kernel drops it at each open instead (close-to-open: another node may have
+/// changed the file). With the writeback cache the kernel places an O_APPEND write at its own
 /// idea of the end of file, which in a cluster may be stale (another node appended): such a
 /// handle bypasses the page cache (direct I/O), so each append reaches Pickbox and lands at the
 /// replicated end of file, atomically, as without the writeback cache.
 fn open_flags(ops: &Ops, writeback: bool, flags: i32) -> FopenFlags {
-    if writeback && ops.is_clustered() && flags & libc::O_APPEND != 0 {
+    if !ops.is_clustered() {
+        FopenFlags::FOPEN_KEEP_CACHE
+    } else if writeback && flags & libc::O_APPEND != 0 {
         FopenFlags::FOPEN_DIRECT_IO
     } else {
         FopenFlags::empty()
+    }
+}
+
+/// Open `ino` once this node has caught up (see `PickboxFs::open`). With the writeback cache
+/// the kernel keeps the size of an inode it holds: if another node's change evicted this one
+/// while the kernel was resolving the path to it, the kernel may still hold the old inode.
+/// ESTALE makes the VFS look the path up again (the name is gone from its cache, so it gets a
+/// fresh inode) and retry the open once.
+fn answer_open(ops: &Ops, ino: INodeNo, flags: OpenFlags, writeback: bool, arrived: std::time::Instant, reply: ReplyOpen) {
+    if ops.coherence.names.open_may_be_stale(ino.0, arrived) {
+        tracing::debug!(ino = ino.0, "open raced another node's change: ESTALE, the kernel retries");
+        return reply.error(fuser::Errno::ESTALE);
+    }
+    match ops.open(ino.0, flags.0) {
+        Ok(fh) => reply.opened(FileHandle(fh), open_flags(ops, writeback, flags.0)),
+        Err(e) => reply.error(ops.errno_of(&e)),
     }
 }
 
@@ -430,23 +452,18 @@ impl Filesystem for PickboxFs {
         // nodes changed, then open. The kernel holds no directory lock while it waits for OPEN,
         // so waiting for the invalidation thread is safe here. Without FOPEN_KEEP_CACHE the
         // kernel also drops the file's page cache at open, so the content is read afresh.
-        let ops = self.ops.clone();
         let writeback = self.writeback;
         let arrived = std::time::Instant::now();
+        // A single node, or a leader within its lease whose kernel has been told of everything
+        // it applied: nothing to wait for, answer here (a task hand-off costs as much as the
+        // open itself).
+        if self.ops.caught_up_and_told() {
+            return answer_open(&self.ops, ino, flags, writeback, arrived, reply);
+        }
+        let ops = self.ops.clone();
         self.spawn(async move {
             ops.catch_up(true).await;
-            // With the writeback cache the kernel keeps the size of an inode it holds: if another
-            // node's change evicted this one while the kernel was resolving the path to it, the
-            // kernel may still hold the old inode. ESTALE makes the VFS look the path up again
-            // (the name is gone from its cache, so it gets a fresh inode) and retry the open once.
-            if ops.coherence.names.open_may_be_stale(ino.0, arrived) {
-                tracing::debug!(ino = ino.0, "open raced another node's change: ESTALE, the kernel retries");
-                return reply.error(fuser::Errno::ESTALE);
-            }
-            match ops.open(ino.0, flags.0) {
-                Ok(fh) => reply.opened(FileHandle(fh), open_flags(&ops, writeback, flags.0)),
-                Err(e) => reply.error(ops.errno_of(&e)),
-            }
+            answer_open(&ops, ino, flags, writeback, arrived, reply);
         });
     }
 
@@ -560,21 +577,29 @@ impl Filesystem for PickboxFs {
         // close(2) ignores release errors; answer now, tell the cluster (if this was the last
         // handle of an orphan) in the background.
         reply.ok();
-        let ops = self.ops.clone();
-        self.spawn(async move { ops.release(fh.0).await });
+        if let Some(rest) = self.ops.release_handle(fh.0) {
+            self.spawn(rest);
+        }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         // Directory handles are stateless: offsets are stable cookies, not positions. Catch up
-        // first, as `open` does, so a listing shows what other nodes did before it started.
-        let ops = self.ops.clone();
-        self.spawn(async move {
-            ops.catch_up(true).await;
+        // first, as `open` does, so a listing shows what other nodes did before it started
+        // (answered here when there is nothing to wait for, as `open`).
+        fn answer(ops: &Ops, ino: INodeNo, reply: ReplyOpen) {
             match ops.getattr(ino.0) {
                 Ok(inode) if inode.kind == FileKind::Dir => reply.opened(FileHandle(0), FopenFlags::empty()),
                 Ok(_) => reply.error(fuser::Errno::ENOTDIR),
                 Err(e) => reply.error(ops.errno_of(&e)),
             }
+        }
+        if self.ops.caught_up_and_told() {
+            return answer(&self.ops, ino, reply);
+        }
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            ops.catch_up(true).await;
+            answer(&ops, ino, reply);
         });
     }
 

@@ -412,6 +412,15 @@ impl Ops {
         self.replica.read_barrier_ready()
     }
 
+    /// Whether `catch_up(true)` would return at once: `caught_up`, and the invalidation thread
+    /// has handled every event up to what this node applied.
+    pub fn caught_up_and_told(&self) -> bool {
+        self.caught_up() && {
+            let applied = self.replica.applied_index().unwrap_or(0);
+            self.coherence.watermark() >= applied.min(self.replica.last_event_index())
+        }
+    }
+
     pub async fn catch_up(&self, invalidated: bool) {
         if let Err(e) = self.replica.read_barrier().await {
             tracing::debug!(error = %e, "read barrier failed: serving from the local replica");
@@ -473,14 +482,32 @@ impl Ops {
 
     /// The last close on this node of an orphan (open-unlinked) inode tells the cluster.
     pub async fn release(self: &Arc<Self>, fh: u64) {
-        if let Some((ino, true)) = self.handles.release(fh) {
-            if self.handles.take_stale(ino) {
+        if let Some(rest) = self.release_handle(fh) {
+            rest.await;
+        }
+    }
+
+    /// Close handle `fh` now; if that leaves something to do (the last close of an inode another
+    /// node's change marked stale, or of an orphan this node must release), the future that does
+    /// it. A plain close needs no task (most closes).
+    pub fn release_handle(self: &Arc<Self>, fh: u64) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let (ino, last) = self.handles.release(fh)?;
+        if !last {
+            return None;
+        }
+        let stale = self.handles.take_stale(ino);
+        if !stale && !orphan_pending_here(&self.replica, ino) {
+            return None;
+        }
+        let this = self.clone();
+        Some(async move {
+            if stale {
                 // Sending notifications may block (kernel locks): not on a tokio worker.
-                let coherence = self.coherence.clone();
+                let coherence = this.coherence.clone();
                 tokio::task::spawn_blocking(move || coherence.evict(ino));
             }
-            release_unless_open(&self.replica, &self.handles, ino).await;
-        }
+            release_unless_open(&this.replica, &this.handles, ino).await;
+        })
     }
 
     /// After an unlink or a replacing rename (its outcome is the inode that lost a name): if that
@@ -966,15 +993,19 @@ fn op_kind(op: &Op) -> &'static str {
 /// open); reading that before claiming is safe because every caller that can find it pending
 /// (the last close, the releaser after an unlink, the coherence thread) reads after the removal
 /// was applied, or is followed by one that does.
-async fn release_unless_open(replica: &Replica, handles: &Handles, ino: Ino) {
-    let pending = match replica.read().and_then(|r| r.orphan(ino)) {
+/// Whether `ino` is an orphan this node has yet to release.
+fn orphan_pending_here(replica: &Replica, ino: Ino) -> bool {
+    match replica.read().and_then(|r| r.orphan(ino)) {
         Ok(orphan) => orphan.is_some_and(|o| o.pending.contains(&replica.node_id())),
         Err(fault) => {
             tracing::error!(%fault, ino, "cannot read orphan record");
             false
         }
-    };
-    if !pending || !handles.claim_if_closed(ino) {
+    }
+}
+
+async fn release_unless_open(replica: &Replica, handles: &Handles, ino: Ino) {
+    if !orphan_pending_here(replica, ino) || !handles.claim_if_closed(ino) {
         return;
     }
     struct Claim<'a>(&'a Handles, Ino);
