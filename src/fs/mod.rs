@@ -204,11 +204,13 @@ impl Filesystem for PickboxFs {
                 tracing::info!("kernel does not offer the writeback cache: writes go through");
             }
         }
-        // We clear setuid/setgid and capabilities where the kernel would (apply: writes and
-        // copy_file_range by callers other than root; `Ops`: truncate, fallocate, capabilities
-        // on write). In exchange the kernel marks an inode without them S_NOSEC after its first
-        // write(2) checked it, instead of sending a GETXATTR of security.capability before every
-        // write(2) (tens of µs each, most of a small cached write's cost).
+        // We clear setuid/setgid where the kernel would (apply: writes and copy_file_range by
+        // callers other than root; `Ops::mode_without_privs`: truncate, fallocate). In exchange
+        // the kernel marks an inode without them S_NOSEC once its first write(2) checked it,
+        // instead of sending a GETXATTR of security.capability before every write(2) (tens of
+        // µs each, most of a small cached write's cost). The kernel still drops capabilities
+        // itself at that check, and clears S_NOSEC whenever it refreshes the inode's attributes
+        // (as after the invalidation for another node's change).
         if self.writeback && config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2).is_ok() {
             self.ops.set_killpriv(true);
         }

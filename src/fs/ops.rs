@@ -233,10 +233,10 @@ impl Ops {
             return None;
         }
         let inode = self.stored_attr(ino).ok()?;
-        let mut perm = inode.perm & 0o7777;
         if inode.kind != FileKind::File {
             return None;
         }
+        let mut perm = inode.perm & 0o7777;
         perm &= !libc::S_ISUID;
         if perm & libc::S_IXGRP != 0 {
             perm &= !libc::S_ISGID;
