@@ -9,7 +9,7 @@ use std::os::unix::fs::{DirEntryExt, MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
-use crate::harness::{as_user, as_user_groups, check, cstr, errno_of, lstat, Node, NOBODY, OTHER};
+use crate::harness::{as_user, as_user_groups, check, cstr, errno_of, lstat, Node, Permit, NOBODY, OTHER};
 
 fn mknod(p: &Path, mode: u32, dev: u64) -> std::io::Result<()> {
     let c = cstr(p);
@@ -334,4 +334,30 @@ fn setgid_directory_inheritance() {
     assert_eq!(r, Ok(()));
     let st = lstat(&d.join("sgid-by-nonmember")).unwrap();
     assert_eq!(st.st_mode & libc::S_ISGID, 0, "setgid kept on a file created by a non-member");
+}
+
+#[test]
+fn a_single_node_lets_the_kernel_remember_absent_names() {
+    // A node without peers answers a lookup of an absent name with a negative entry, which the
+    // kernel keeps for the entry TTL: asking again for the same absent name (include paths,
+    // PATH) costs no request. Creating the name through the kernel replaces the entry.
+    let mut node = Node::prepare(Vec::new(), Some(Permit::acquire()), None, "pickbox-fuse-test-");
+    node.log_filter = Some("info,fuser::request=debug".into());
+    node.spawn();
+    let p = node.path("absent");
+    let started = std::time::Instant::now();
+    for _ in 0..3 {
+        assert_eq!(errno_of(fs::metadata(&p)), libc::ENOENT);
+    }
+    let asked = node.log().lines().filter(|l| l.contains("LOOKUP name \"absent\"")).count();
+    if started.elapsed() < std::time::Duration::from_millis(900) {
+        // All three within the 1 s entry TTL: only the first reached Pickbox.
+        assert_eq!(asked, 1, "lookups of the absent name that reached the filesystem");
+    }
+    fs::write(&p, b"here now").unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"here now");
+    fs::create_dir(node.path("d")).unwrap();
+    assert_eq!(errno_of(fs::metadata(node.path("d/x"))), libc::ENOENT);
+    std::os::unix::fs::symlink("target", node.path("d/x")).unwrap();
+    assert_eq!(fs::read_link(node.path("d/x")).unwrap(), std::path::Path::new("target"));
 }

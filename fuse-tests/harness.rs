@@ -43,7 +43,7 @@ pub struct Permit {
 }
 
 impl Permit {
-    fn acquire() -> Permit {
+    pub fn acquire() -> Permit {
         Permit::acquire_slots(1)
     }
 
@@ -104,6 +104,8 @@ pub struct Node {
     extra_mounts: Vec<PathBuf>,
     /// None for a node of a `Cluster`, which holds the permit for all its nodes.
     _permit: Option<Permit>,
+    /// The node's RUST_LOG, if not the test process's (set before `spawn`).
+    pub log_filter: Option<String>,
 }
 
 impl Node {
@@ -162,7 +164,19 @@ impl Node {
         }
         let watched = Arc::new(Mutex::new(None));
         start_watchdog(Arc::clone(&watched), mnt.clone(), seconds_max);
-        Node { dir: Some(dir), mnt, data, log, child: None, args, starts: 0, watched, extra_mounts, _permit: permit }
+        Node {
+            dir: Some(dir),
+            mnt,
+            data,
+            log,
+            child: None,
+            args,
+            starts: 0,
+            watched,
+            extra_mounts,
+            _permit: permit,
+            log_filter: None,
+        }
     }
 
     /// The mountpoint joined with `rel`.
@@ -213,7 +227,10 @@ impl Node {
             .arg("--data-dir")
             .arg(&self.data)
             .args(&self.args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                self.log_filter.clone().unwrap_or_else(|| std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())),
+            )
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(log)

@@ -98,6 +98,28 @@ pub fn file_attr(inode: &Inode) -> FileAttr {
     }
 }
 
+/// The attributes of a negative entry: node id 0 tells the kernel the name does not exist, for
+/// as long as the entry's TTL (FUSE_LOOKUP).
+pub fn absent() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: fuser::FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: BLKSIZE_BYTES,
+        flags: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -170,6 +170,12 @@ fn answer_lookup(ops: &Ops, parent: u64, name: &[u8], reply: ReplyEntry) {
             known(ops, parent, name, &inode);
             reply.entry(&TTL, &attr::file_attr(&inode), GENERATION)
         }
+        // On a node that cannot have peers the kernel may remember that the name is absent (a
+        // negative entry, for the entry TTL): whatever creates it goes through this kernel,
+        // which drops that entry. Compilers probing include paths and shells searching PATH ask
+        // for the same absent names again and again. In a cluster another node may create the
+        // name at any time: no negative entries there (a lookup asks the leader first).
+        Err(FsError::Fs(Errno::NoEnt)) if !ops.is_clustered() => reply.entry(&TTL, &attr::absent(), GENERATION),
         Err(e) => reply.error(ops.errno_of(&e)),
     }
 }
