@@ -245,6 +245,15 @@ def visibility(src, dst, pause_s):
     yield "unlink -> gone", unlinked
 
 
+def meminfo_gib(field):
+    """A /proc/meminfo field in GiB (0 if absent)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pickbox", required=True)
@@ -272,6 +281,14 @@ def main():
             print(f"{name:36} {1000 * percentile(xs, 0.5):10.3f} {1000 * percentile(xs, 0.99):10.3f}")
 
     idle_mib = status_kib(args.pid, "VmRSS") / 1024.0
+    # On a VM that gives freed memory back to its host (virtio balloon free page reporting), the
+    # first write into memory the guest has not touched since is several times slower (a
+    # buffered write into fresh pages: ~335 MB/s against ~5 GB/s into reused ones). A run that
+    # starts with little page cache and much free memory (after a drop_caches, like the cold
+    # reads below) is slower for that reason alone, pickbox (which writes each byte several
+    # times) more than bindfs.
+    print(f"{'host memory: free / page cache':36} {meminfo_gib('MemFree'):9.1f} / "
+          f"{meminfo_gib('Cached'):.1f} GiB (little cache, much free: fresh memory, slower run)")
     disk = disk_write_mib_s(args.raw_dir or args.bindfs)
     print(f"{'disk: raw seq write 256M+fdatasync':36} {disk:9.0f} MiB/s (the medium's ceiling, same run)")
     # rows[name][which] = one value per round
