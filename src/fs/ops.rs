@@ -415,10 +415,16 @@ impl Ops {
     /// Whether `catch_up(true)` would return at once: `caught_up`, and the invalidation thread
     /// has handled every event up to what this node applied.
     pub fn caught_up_and_told(&self) -> bool {
-        self.caught_up() && {
-            let applied = self.replica.applied_index().unwrap_or(0);
-            self.coherence.watermark() >= applied.min(self.replica.last_event_index())
-        }
+        self.caught_up() && self.coherence.watermark() >= self.told_target()
+    }
+
+    /// The event index up to which the kernel must have been told of other nodes' changes for
+    /// everything applied here: only applies that touched something send an event, so entries
+    /// after the last event need no invalidation. The applied index is read first: every event
+    /// up to it was sent before openraft counted it as applied.
+    fn told_target(&self) -> u64 {
+        let applied = self.replica.applied_index().unwrap_or(0);
+        applied.min(self.replica.last_event_index())
     }
 
     pub async fn catch_up(&self, invalidated: bool) {
@@ -426,12 +432,7 @@ impl Ops {
             tracing::debug!(error = %e, "read barrier failed: serving from the local replica");
         }
         if invalidated {
-            // Only applies that touched something send an event; the entries after the last
-            // event need no invalidation. The applied index is read first: every event up to it
-            // was sent before openraft counted it as applied.
-            let applied = self.replica.applied_index().unwrap_or(0);
-            let target = applied.min(self.replica.last_event_index());
-            self.coherence.wait_for(target).await;
+            self.coherence.wait_for(self.told_target()).await;
         }
     }
 
@@ -551,12 +552,7 @@ impl Ops {
     async fn propose_timed(&self, caller: Caller, op: impl Into<HashedOp>, time: Option<Timespec>) -> FsResult<Outcome> {
         let op = op.into();
         tracing::debug!(op = op_kind(op.op()), "proposing");
-        let proposal = async {
-            match time {
-                Some(t) => self.replica.propose_at(caller, op, t).await,
-                None => self.replica.propose(caller, op).await,
-            }
-        };
+        let proposal = self.replica.propose_at(caller, op, time);
         let taken = std::mem::take(&mut *self.deferred());
         if taken.is_empty() {
             return Ok(proposal.await?);
@@ -840,11 +836,7 @@ impl Ops {
             let (atime, mtime) = (d.atime.map(SetTime::At), d.mtime.map(SetTime::At));
             let op = Op::SetAttr { ino: d.ino, perm: None, uid: None, gid: None, size: None, atime, mtime };
             tracing::debug!(op = "SetAttr", ino = d.ino, "proposing deferred");
-            let proposed = match d.ctime {
-                Some(ctime) => self.replica.propose_at(d.caller, op, ctime).await,
-                None => self.replica.propose(d.caller, op).await,
-            };
-            if let Err(e) = proposed {
+            if let Err(e) = self.replica.propose_at(d.caller, op, d.ctime).await {
                 // ENOENT: the file was removed meanwhile; anything else keeps the write's mtime.
                 tracing::debug!(ino = d.ino, error = %e, "deferred times not stored");
             }

@@ -546,13 +546,19 @@ impl Replica {
     /// One deadline (`propose_timeout`) covers the queue, forwarding to the leader with retries,
     /// and the local apply; past it the caller gets `Unavailable` (EIO).
     pub async fn propose(&self, caller: Caller, op: impl Into<HashedOp>) -> Result<Outcome, ProposeError> {
-        self.propose_at(caller, op, now()).await
+        self.propose_at(caller, op, None).await
     }
 
     /// `propose` with the command's time given (every timestamp the command sets comes from it)
-    /// instead of this node's clock now: a setattr that carries the kernel's own ctime of a file
-    /// it caches with the writeback cache is stored with that ctime, the one the kernel shows.
-    pub async fn propose_at(&self, caller: Caller, op: impl Into<HashedOp>, time: Timespec) -> Result<Outcome, ProposeError> {
+    /// instead of this node's clock now (`None`): a setattr that carries the kernel's own ctime of
+    /// a file it caches with the writeback cache is stored with that ctime, the one it shows.
+    pub async fn propose_at(
+        &self,
+        caller: Caller,
+        op: impl Into<HashedOp>,
+        time: Option<Timespec>,
+    ) -> Result<Outcome, ProposeError> {
+        let time = time.unwrap_or_else(now);
         let timeout = self.cfg.propose_timeout;
         let deadline = Instant::now() + timeout;
         let (tx, rx) = tokio::sync::oneshot::channel();
