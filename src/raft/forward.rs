@@ -449,7 +449,10 @@ pub(super) async fn track_lease(
         }
         if !leads_others {
             match replica.upgrade() {
-                Some(r) => *r.reads.quorum_acked.lock().unwrap_or_else(|e| e.into_inner()) = None,
+                Some(r) => {
+                    *r.reads.quorum_acked.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    r.log_cache.lock().unwrap_or_else(|e| e.into_inner()).set_followers(None);
+                }
                 None => return,
             }
             if server.changed().await.is_err() {
@@ -464,9 +467,16 @@ pub(super) async fn track_lease(
                     return;
                 }
                 let Some(r) = replica.upgrade() else { return };
-                let ms = data.borrow_and_update().millis_since_quorum_ack;
+                let (ms, matched) = {
+                    let d = data.borrow_and_update();
+                    let matched: Option<Vec<u64>> = d.replication.as_ref().map(|m| {
+                        m.iter().filter(|(id, _)| **id != r.node_id).map(|(_, l)| l.map_or(0, |l| l.index)).collect()
+                    });
+                    (d.millis_since_quorum_ack, matched)
+                };
                 let at = ms.and_then(|ms| std::time::Instant::now().checked_sub(Duration::from_millis(ms)));
                 *r.reads.quorum_acked.lock().unwrap_or_else(|e| e.into_inner()) = at;
+                r.log_cache.lock().unwrap_or_else(|e| e.into_inner()).set_followers(matched);
             }
         }
     }

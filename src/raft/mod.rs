@@ -147,6 +147,9 @@ pub struct ReplicaConfig {
     /// Snapshot after this many log entries since the last snapshot (`SNAPSHOT_ENTRIES_MAX` by
     /// default; tests lower it).
     pub snapshot_entries: u64,
+    /// Snapshot (and purge) when the log on disk holds more than this many bytes, or the size of
+    /// the last snapshot if that is larger (`SNAPSHOT_LOG_BYTES_MAX` by default; tests lower it).
+    pub snapshot_log_bytes: u64,
 }
 
 impl ReplicaConfig {
@@ -158,6 +161,7 @@ impl ReplicaConfig {
             propose_timeout,
             advertise_addr: String::new(),
             snapshot_entries: SNAPSHOT_ENTRIES_MAX,
+            snapshot_log_bytes: SNAPSHOT_LOG_BYTES_MAX,
         }
     }
 }
@@ -224,6 +228,8 @@ pub struct Replica {
     waiters: Arc<storage::Waiters>,
     /// Read-index rounds shared by concurrent `read_barrier` callers.
     reads: forward::ReadRounds,
+    /// The log's entry cache (`track_lease` tells it how far the followers are).
+    log_cache: storage::SharedEntryCache,
     /// Batches submitted while another was in flight (pipelined), for tests and diagnosis.
     pipelined: AtomicU64,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -321,7 +327,7 @@ impl Replica {
         // With existing state the local incarnation counter alone is safe (it was bumped past every
         // incarnation this data dir used); a fresh one must first see the replicated `max_seq`.
         let existed = Self::has_state(&cfg.data_dir);
-        let (replica, bytes_appended) = Self::open(&cfg, transport, existed).await?;
+        let replica = Self::open(&cfg, transport, existed).await?;
         let fresh = !replica.raft.is_initialized().await?;
         if fresh {
             let mut members = BTreeMap::new();
@@ -329,7 +335,7 @@ impl Replica {
             replica.raft.initialize(members).await?;
             tracing::info!(node = cfg.node_id, "initialized a new single-voter cluster");
         }
-        let handle = tokio::spawn(snapshot_monitor(Arc::downgrade(&replica), bytes_appended));
+        let handle = tokio::spawn(snapshot_monitor(Arc::downgrade(&replica)));
         replica.push_task(handle);
         let ready = async {
             replica.wait_ready().await?;
@@ -360,8 +366,8 @@ impl Replica {
     /// it is admitted.
     pub async fn start_joining(cfg: ReplicaConfig, transport: Arc<dyn PeerTransport>) -> anyhow::Result<Arc<Replica>> {
         let existed = Self::has_state(&cfg.data_dir);
-        let (replica, bytes_appended) = Self::open(&cfg, transport, existed).await?;
-        let handle = tokio::spawn(snapshot_monitor(Arc::downgrade(&replica), bytes_appended));
+        let replica = Self::open(&cfg, transport, existed).await?;
+        let handle = tokio::spawn(snapshot_monitor(Arc::downgrade(&replica)));
         replica.push_task(handle);
         Ok(replica)
     }
@@ -376,14 +382,14 @@ impl Replica {
         cfg: &ReplicaConfig,
         transport: Arc<dyn PeerTransport>,
         seqs_ready: bool,
-    ) -> anyhow::Result<(Arc<Replica>, Arc<AtomicU64>)> {
+    ) -> anyhow::Result<Arc<Replica>> {
         let dir = cfg.data_dir.clone();
         let store = blocking(move || Store::open(&dir)).await?;
         let s2 = store.clone();
         let incarnation = blocking(move || s2.next_incarnation()).await?;
         anyhow::ensure!(incarnation < (1 << (64 - SEQ_COUNTER_BITS)), "incarnation counter exhausted");
         let log = LogStore::new(store.clone());
-        let bytes_appended = log.bytes_appended.clone();
+        let log_cache = log.entry_cache();
         let applied_tx: storage::AppliedSlot = Default::default();
         let waiters: Arc<storage::Waiters> = Default::default();
         let sm = StateMachine::with_log(store.clone(), &log)
@@ -404,6 +410,7 @@ impl Replica {
             applied_tx,
             waiters,
             reads: Default::default(),
+            log_cache,
             pipelined: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
         });
@@ -415,7 +422,7 @@ impl Replica {
             replica.raft.data_metrics(),
         ));
         replica.push_task(lease);
-        Ok((replica, bytes_appended))
+        Ok(replica)
     }
 
     /// Leader only: add `node` (reachable at `addr`) as a learner and wait until it has everything
@@ -976,34 +983,51 @@ async fn bootstrap_in_background(replica: Weak<Replica>) {
     }
 }
 
-/// Triggers a snapshot when the log holds more than SNAPSHOT_LOG_BYTES_MAX bytes since the last
-/// one (openraft's own policy covers the entry count).
-async fn snapshot_monitor(replica: std::sync::Weak<Replica>, bytes_appended: Arc<AtomicU64>) {
-    let mut at_last = 0u64;
-    let mut last_snapshot = None;
+/// Keeps the log on disk bounded in bytes (openraft's own policy counts entries, and a few
+/// thousand entries of 4 MiB writes are GiBs): when the live log holds more than
+/// `snapshot_log_bytes`, or than the last snapshot if that is larger, it purges what the last
+/// snapshot covers, or if it covers nothing more, triggers a new snapshot. The measure is the log
+/// on disk, so it survives restarts (counting bytes appended since start never fired on a node
+/// restarted before each 512 MiB: its log grew without bound). Waiting until the log holds as
+/// many bytes as the last snapshot keeps the snapshot work at most about the write volume (a
+/// snapshot copies the whole state), and the log's disk use at most about the state's size.
+async fn snapshot_monitor(replica: std::sync::Weak<Replica>) {
+    // The snapshot that was the last one when this monitor last asked for a new one, and when.
+    let mut asked: Option<(Option<u64>, Instant)> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let Some(r) = replica.upgrade() else { return };
-        let snap = r.raft.metrics().borrow().snapshot;
-        let now = bytes_appended.load(Ordering::Relaxed);
-        if snap != last_snapshot {
-            last_snapshot = snap;
-            at_last = now;
+        let held = r.store.log_bytes();
+        let limit = r.cfg.snapshot_log_bytes.max(r.store.current_snapshot_bytes().unwrap_or(0));
+        if held <= limit {
+            continue;
         }
-        // A snapshot copies the whole state: taking one every SNAPSHOT_LOG_BYTES_MAX would cost
-        // a filesystem of 100 GiB that much per 512 MiB written. Waiting until the log holds as
-        // many bytes as the last snapshot keeps the snapshot work at most about the write
-        // volume, and the log's disk use at most about the state's size.
-        let limit = SNAPSHOT_LOG_BYTES_MAX.max(r.store.current_snapshot_bytes().unwrap_or(0));
-        if now.saturating_sub(at_last) > limit {
-            tracing::info!(bytes = now - at_last, limit, "log bytes since last snapshot over the limit; snapshotting");
+        let (snapshot, purged, applied) = {
+            let m = r.raft.metrics();
+            let m = m.borrow();
+            (m.snapshot.map(|l| l.index), m.purged.map(|l| l.index), m.last_applied.map(|l| l.index))
+        };
+        if snapshot > purged {
+            // openraft keeps `SNAPSHOT_LOG_KEEP_ENTRIES` behind a snapshot, which may be GiBs.
+            tracing::info!(bytes = held, limit, upto = snapshot, "log bytes over the limit; purging what the last snapshot covers");
+            if r.raft.trigger().purge_log(snapshot.unwrap_or(0)).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let pending = asked.is_some_and(|(s, at)| s == snapshot && at.elapsed() < SNAPSHOT_RETRIGGER);
+        if applied > snapshot && !pending {
+            tracing::info!(bytes = held, limit, "log bytes over the limit; snapshotting");
             if r.raft.trigger().snapshot().await.is_err() {
                 return;
             }
-            at_last = now;
+            asked = Some((snapshot, Instant::now()));
         }
     }
 }
+
+/// A snapshot the monitor asked for and that has not appeared after this long is asked for again.
+const SNAPSHOT_RETRIGGER: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests;

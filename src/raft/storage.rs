@@ -120,12 +120,23 @@ pub const RECENT_BYTES_MAX: usize = (super::BATCHES_IN_FLIGHT_MAX + 1) * (super:
 /// Entries in memory: `pending` (appended, not yet durable: the only readable copy) and `recent`
 /// (durable, not yet applied; a copy of what the log holds, dropped when applied or when over
 /// `RECENT_BYTES_MAX`, oldest first).
+/// On a leader of others an applied entry stays in `recent` until every follower that is within
+/// the cache has it (`followers`): their replication streams read it from here, not back from
+/// the log (a 256 MiB write on a 3-node cluster read ~9% of all CPU back from the log for the
+/// follower that answered second).
 #[derive(Default)]
 pub struct EntryCache {
     pending: BTreeMap<u64, (Ent, usize)>,
     recent: BTreeMap<u64, (Ent, usize)>,
     recent_bytes: usize,
+    /// The highest index applied on this node.
+    applied: u64,
+    /// The highest index each follower has (leader of others only; empty elsewhere).
+    followers: Vec<u64>,
 }
+
+/// The entry cache a `LogStore` and its `StateMachine` share.
+pub type SharedEntryCache = Arc<Mutex<EntryCache>>;
 
 impl EntryCache {
     /// Drop every entry with index >= `from` (truncate).
@@ -143,6 +154,26 @@ impl EntryCache {
         let keep = self.recent.split_off(&(upto + 1));
         let gone = std::mem::replace(&mut self.recent, keep);
         self.recent_bytes -= gone.values().map(|(_, n)| n).sum::<usize>();
+    }
+
+    /// Drop the entries that are applied and that no follower within the cache still needs. A
+    /// follower behind the cache's first entry reads from the log anyway and is not waited for.
+    fn release(&mut self) {
+        let Some(&first) = self.recent.keys().next() else { return };
+        let mut upto = self.applied;
+        for &m in &self.followers {
+            if m.saturating_add(1) >= first {
+                upto = upto.min(m);
+            }
+        }
+        self.drop_upto(upto, false);
+    }
+
+    /// This node leads others, which have the log up to `matched` (one per follower), or (None)
+    /// it does not.
+    pub fn set_followers(&mut self, matched: Option<Vec<u64>>) {
+        self.followers = matched.unwrap_or_default();
+        self.release();
     }
 
     /// `id` became durable: move it from pending to recent (if it was not replaced meanwhile).
@@ -185,17 +216,20 @@ fn encoded_size_hint(e: &Ent) -> usize {
 pub struct LogStore {
     store: Store,
     cache: Arc<Mutex<EntryCache>>,
-    /// Entry bytes appended since start (for the byte-based snapshot trigger).
-    pub(super) bytes_appended: Arc<AtomicU64>,
 }
 
 impl LogStore {
     pub fn new(store: Store) -> Self {
-        LogStore { store, cache: Default::default(), bytes_appended: Default::default() }
+        LogStore { store, cache: Default::default() }
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, EntryCache> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The entry cache, shared (the replica tells it where the followers are).
+    pub fn entry_cache(&self) -> SharedEntryCache {
+        self.cache.clone()
     }
 }
 
@@ -313,16 +347,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             encoded.push((e, bytes));
         }
         {
-            let mut bytes_total = 0u64;
             let mut cache = self.cache();
             for (e, bytes) in encoded {
-                bytes_total += bytes.len() as u64;
                 ids.push(e.log_id);
                 rows.push((e.log_id.index, bytes));
                 let n = rows[rows.len() - 1].1.len();
                 cache.pending.insert(e.log_id.index, (e, n));
             }
-            self.bytes_appended.fetch_add(bytes_total, Ordering::Relaxed);
         }
         let cache = self.cache.clone();
         self.store.submit(LogWrite::Append {
@@ -761,7 +792,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Ok(Vec::new());
         };
         if let Some(c) = &self.log_cache {
-            c.lock().unwrap_or_else(|e| e.into_inner()).drop_upto(last_index, false);
+            let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
+            c.applied = c.applied.max(last_index);
+            c.release();
         }
         // Touches are only computed when someone listens.
         let me = match &self.events {

@@ -413,6 +413,11 @@ impl Store {
         self.inner.log.wal.last()
     }
 
+    /// Bytes the live log entries take on disk.
+    pub fn log_bytes(&self) -> u64 {
+        self.inner.log.wal.live_bytes()
+    }
+
     /// The first entry in the log, if any.
     pub fn first_log_index(&self) -> StoreResult<Option<u64>> {
         Ok(self.inner.log.wal.first_index())

@@ -1064,6 +1064,22 @@ impl Wal {
         Ok(out)
     }
 
+    /// Bytes the live entries take in the segments (about what purging them all gives back).
+    pub fn live_bytes(&self) -> u64 {
+        let st = self.read();
+        let Some((lo, _)) = st.live() else { return 0 };
+        st.segments
+            .iter()
+            .map(|s| {
+                let from = match lo.checked_sub(s.first) {
+                    Some(k) if k > 0 => s.records.get(k as usize).map_or(s.end, |r| r.0),
+                    _ => 0,
+                };
+                s.end.saturating_sub(from)
+            })
+            .sum()
+    }
+
     /// The last live entry.
     pub fn last(&self) -> StoreResult<Option<(u64, Vec<u8>)>> {
         let st = self.read();
