@@ -1002,27 +1002,66 @@ async fn snapshot_monitor(replica: std::sync::Weak<Replica>) {
         if held <= limit {
             continue;
         }
-        let (snapshot, purged, applied) = {
+        let (snapshot, purged, applied, behind) = {
             let m = r.raft.metrics();
             let m = m.borrow();
-            (m.snapshot.map(|l| l.index), m.purged.map(|l| l.index), m.last_applied.map(|l| l.index))
+            // The follower furthest behind (leader only), if any.
+            let behind = m.replication.as_ref().and_then(|rep| {
+                rep.iter().filter(|(id, _)| **id != r.node_id).map(|(_, l)| l.map_or(0, |l| l.index)).min()
+            });
+            (m.snapshot.map(|l| l.index), m.purged.map(|l| l.index), m.last_applied.map(|l| l.index), behind)
         };
-        if snapshot > purged {
-            // openraft keeps `SNAPSHOT_LOG_KEEP_ENTRIES` behind a snapshot, which may be GiBs.
-            tracing::info!(bytes = held, limit, upto = snapshot, "log bytes over the limit; purging what the last snapshot covers");
-            if r.raft.trigger().purge_log(snapshot.unwrap_or(0)).await.is_err() {
-                return;
+        match log_plan(held, limit, snapshot, purged, applied, behind) {
+            LogPlan::Purge(upto) => {
+                tracing::debug!(bytes = held, limit, upto, "log bytes over the limit; purging what the last snapshot covers");
+                if r.raft.trigger().purge_log(upto).await.is_err() {
+                    return;
+                }
             }
-            continue;
-        }
-        let pending = asked.is_some_and(|(s, at)| s == snapshot && at.elapsed() < SNAPSHOT_RETRIGGER);
-        if applied > snapshot && !pending {
-            tracing::info!(bytes = held, limit, "log bytes over the limit; snapshotting");
-            if r.raft.trigger().snapshot().await.is_err() {
-                return;
+            LogPlan::Snapshot => {
+                if asked.is_some_and(|(s, at)| s == snapshot && at.elapsed() < SNAPSHOT_RETRIGGER) {
+                    continue;
+                }
+                tracing::info!(bytes = held, limit, "log bytes over the limit; snapshotting");
+                if r.raft.trigger().snapshot().await.is_err() {
+                    return;
+                }
+                asked = Some((snapshot, Instant::now()));
             }
-            asked = Some((snapshot, Instant::now()));
+            LogPlan::Wait => {}
         }
+    }
+}
+
+/// What `snapshot_monitor` does about a log of `held` bytes.
+#[derive(Debug, PartialEq, Eq)]
+enum LogPlan {
+    /// Purge the log up to this index (covered by the last snapshot).
+    Purge(u64),
+    /// Take a snapshot: the last one lets nothing more go.
+    Snapshot,
+    /// Nothing: under the limit, or a follower still needs entries the last snapshot covers (a
+    /// new snapshot would not let more go).
+    Wait,
+}
+
+/// openraft keeps `SNAPSHOT_LOG_KEEP_ENTRIES` behind a snapshot, which may be GiBs: over the
+/// limit, purge what the last snapshot covers, but not what a follower (`behind`: the lowest
+/// index a follower has, leader only) still needs, since it would then need the whole state as
+/// a snapshot; at twice the limit (a follower down) it is not waited for.
+fn log_plan(held: u64, limit: u64, snapshot: Option<u64>, purged: Option<u64>, applied: Option<u64>, behind: Option<u64>) -> LogPlan {
+    if held <= limit {
+        return LogPlan::Wait;
+    }
+    let upto = match (snapshot, behind) {
+        (Some(s), Some(b)) if held <= limit.saturating_mul(2) => Some(s.min(b)),
+        (s, _) => s,
+    };
+    match upto {
+        Some(u) if upto > purged => LogPlan::Purge(u),
+        _ if upto < snapshot => LogPlan::Wait,
+        _ if applied > snapshot => LogPlan::Snapshot,
+        _ => LogPlan::Wait,
     }
 }
 

@@ -170,6 +170,27 @@ fn the_log_is_bounded_in_bytes_across_restarts() {
     });
 }
 
+#[test]
+fn log_plan_purges_what_the_snapshot_covers_and_followers_have() {
+    use LogPlan::*;
+    let mb = 1 << 20;
+    // Under the limit: nothing.
+    assert_eq!(log_plan(mb, 2 * mb, Some(10), None, Some(20), None), Wait);
+    // Over it, no snapshot yet: take one; one that covers everything applied: nothing to gain.
+    assert_eq!(log_plan(3 * mb, 2 * mb, None, None, Some(20), None), Snapshot);
+    assert_eq!(log_plan(3 * mb, 2 * mb, Some(20), Some(20), Some(20), None), Wait);
+    // The snapshot covers more than is purged (openraft keeps entries behind it): purge to it.
+    assert_eq!(log_plan(3 * mb, 2 * mb, Some(600), Some(100), Some(700), None), Purge(600));
+    // Everything it covers is purged and more is applied: a new snapshot.
+    assert_eq!(log_plan(3 * mb, 2 * mb, Some(600), Some(600), Some(700), None), Snapshot);
+    // A leader does not purge what a follower still needs, and then waits rather than snapshot.
+    assert_eq!(log_plan(3 * mb, 2 * mb, Some(600), Some(100), Some(700), Some(650)), Purge(600));
+    assert_eq!(log_plan(3 * mb, 2 * mb, Some(600), Some(100), Some(700), Some(400)), Purge(400));
+    assert_eq!(log_plan(3 * mb, 2 * mb, Some(600), Some(400), Some(700), Some(400)), Wait);
+    // ... unless the log holds twice the limit (that follower is down).
+    assert_eq!(log_plan(5 * mb, 2 * mb, Some(600), Some(400), Some(700), Some(400)), Purge(600));
+}
+
 /// Latency of sequential proposals and batching of concurrent ones (printed; run with --nocapture).
 #[test]
 fn propose_latency_and_batching() {
