@@ -330,8 +330,9 @@ fn corrupt_block_during_apply_stops_the_node() {
 struct MemNet {
     nodes: Mutex<std::collections::HashMap<NodeId, std::sync::Weak<Replica>>>,
     cut: Mutex<std::collections::HashSet<NodeId>>,
-    /// Messages over this many bytes arrive this much later (a slow transfer).
-    slow: Mutex<Option<(usize, Duration)>>,
+    /// Messages over this many bytes (to this node only, if one is given) arrive this much later
+    /// (a slow transfer).
+    slow: Mutex<Option<(usize, Duration, Option<NodeId>)>>,
 }
 
 impl MemNet {
@@ -349,7 +350,12 @@ impl MemNet {
 
     /// From now on a message of more than `bytes` takes `delay` to arrive.
     fn slow(&self, bytes: usize, delay: Duration) {
-        *self.slow.lock().unwrap() = Some((bytes, delay));
+        *self.slow.lock().unwrap() = Some((bytes, delay, None));
+    }
+
+    /// From now on a message of more than `bytes` to `target` takes `delay` to arrive.
+    fn slow_to(&self, target: NodeId, bytes: usize, delay: Duration) {
+        *self.slow.lock().unwrap() = Some((bytes, delay, Some(target)));
     }
 }
 
@@ -373,7 +379,12 @@ impl PeerTransport for MemTransport {
         };
         let node = if cut { None } else { self.net.nodes.lock().unwrap().get(&target).and_then(|w| w.upgrade()) };
         let me = self.me;
-        let delay = self.net.slow.lock().unwrap().and_then(|(bytes, d)| (body.len() > bytes).then_some(d));
+        let delay = self
+            .net
+            .slow
+            .lock()
+            .unwrap()
+            .and_then(|(bytes, d, to)| (body.len() > bytes && to.is_none_or(|to| to == target)).then_some(d));
         Box::pin(async move {
             let Some(r) = node else { return Err(TransportError::Unreachable(target, "cut off or not registered".into())) };
             if let Some(d) = delay {
@@ -918,6 +929,39 @@ fn entries_slower_than_a_heartbeat_interval_still_reach_the_followers() {
             assert_eq!(read_file(r, b"slow"), data, "node {}", r.node_id());
             assert_eq!(r.metrics().current_term, term, "node {}: an election happened", r.node_id());
         }
+        shutdown_all(&rs).await;
+    });
+}
+
+/// A leader whose second follower lags (its entries arrive later) commits with the first and
+/// applies, and still sends the lagging one its entries from memory: none is read back from the
+/// log (before, each entry applied before the lagging follower had it was read and decoded again).
+#[test]
+fn a_lagging_follower_gets_its_entries_from_memory() {
+    let ds = dirs(3);
+    rt().block_on(async {
+        let net = Arc::new(MemNet::default());
+        let rs = cluster(&net, &ds, Duration::from_secs(5)).await;
+        let l = rs.iter().find(|r| r.metrics().current_leader == Some(r.node_id())).unwrap().clone();
+        let slow = rs.iter().find(|r| r.node_id() != l.node_id()).unwrap().node_id();
+        let f = make_file(&l, b"lag").await;
+        net.slow_to(slow, 64 * 1024, Duration::from_millis(30));
+        let reads_before = l.store.stats().log_reads.load(Ordering::Relaxed);
+        let mut data = Vec::new();
+        for k in 0..20u32 {
+            let piece: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(k + 1) % 251) as u8).collect();
+            l.propose(Caller::root(), Op::Write { ino: f.ino, offset: data.len() as u64, data: piece.clone(), append: false })
+                .await
+                .unwrap();
+            data.extend_from_slice(&piece);
+        }
+        let target = l.applied_index().unwrap();
+        for r in &rs {
+            wait_applied_on(r, target).await;
+        }
+        assert_eq!(read_file(rs.iter().find(|r| r.node_id() == slow).unwrap(), b"lag"), data);
+        let reads = l.store.stats().log_reads.load(Ordering::Relaxed) - reads_before;
+        assert_eq!(reads, 0, "entries the leader read back from its log");
         shutdown_all(&rs).await;
     });
 }

@@ -59,6 +59,8 @@ pub struct StoreStats {
     pub apply_txns: AtomicU64,
     /// Durable redb commits (each makes the applied state durable).
     pub state_flushes: AtomicU64,
+    /// Entries read back from the log file (ones the Raft entry cache no longer held).
+    pub log_reads: AtomicU64,
     /// Set once a write failed; the store refuses further writes (fail-stop).
     pub failed: AtomicBool,
 }
@@ -405,7 +407,9 @@ impl Store {
 
     /// Entries in `range` (by index), in order.
     pub fn read_log(&self, range: (Bound<u64>, Bound<u64>)) -> StoreResult<Vec<(u64, Vec<u8>)>> {
-        self.inner.log.wal.read_range(range)
+        let rows = self.inner.log.wal.read_range(range)?;
+        self.inner.stats.log_reads.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        Ok(rows)
     }
 
     /// The last entry in the log, if any.
