@@ -288,7 +288,7 @@ def main():
     # reads below) is slower for that reason alone, pickbox (which writes each byte several
     # times) more than bindfs.
     print(f"{'host memory: free / page cache':36} {meminfo_gib('MemFree'):9.1f} / "
-          f"{meminfo_gib('Cached'):.1f} GiB (little cache, much free: fresh memory, slower run)")
+          f"{meminfo_gib('Cached'):.1f} GiB (much free and little cache means fresh memory: a slower run)")
     disk = disk_write_mib_s(args.raw_dir or args.bindfs)
     print(f"{'disk: raw seq write 256M+fdatasync':36} {disk:9.0f} MiB/s (the medium's ceiling, same run)")
     # rows[name][which] = one value per round
