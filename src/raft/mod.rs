@@ -19,7 +19,7 @@ use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
 use tokio::time::Instant;
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Caller, Command, CommandResult, HashedOp, NodeId, Op, Outcome, StateRead, StoreFault, Timespec, ROOT_INO};
+use crate::state::{Caller, Command, CommandResult, ContentDigest, HashedOp, NodeId, Op, Outcome, StateRead, StoreFault, Timespec, ROOT_INO};
 use crate::store::Store;
 pub use network::{NoPeers, PeerTransport, RpcKind, TransportError};
 use storage::{LogStore, SnapshotFile, StateMachine};
@@ -29,14 +29,37 @@ use storage::{LogStore, SnapshotFile, StateMachine};
 /// openraft clones an entry's payload on its way from `client_write` through the log cache to
 /// apply, and a batch carries up to `BATCH_PAYLOAD_BYTES_MAX` of file data. On the wire and in
 /// the log it is encoded exactly as the list of its commands.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Batch(pub Arc<Vec<Command>>);
+#[derive(Clone, Debug)]
+pub struct Batch(pub Arc<Vec<Command>>, Option<Arc<Vec<ContentDigest>>>);
 
 impl Batch {
     pub fn new(commands: Vec<Command>) -> Self {
-        Batch(Arc::new(commands))
+        Batch(Arc::new(commands), None)
+    }
+
+    /// A batch this node's batcher made, with each command's digest as its proposer computed it
+    /// (`HashedOp`). The digests are never encoded: a batch read from the log or received from a
+    /// peer has none, and its apply hashes every command (`Digested::new`); this node's apply of
+    /// its own in-memory batch uses them (`Digested::trusted`).
+    fn with_digests(commands: Vec<Command>, digests: Vec<ContentDigest>) -> Self {
+        debug_assert_eq!(commands.len(), digests.len());
+        Batch(Arc::new(commands), Some(Arc::new(digests)))
+    }
+
+    /// The proposer's digests, if this batch was made in this process.
+    pub(crate) fn digests(&self) -> Option<&[ContentDigest]> {
+        self.1.as_deref().map(|d| d.as_slice())
     }
 }
+
+/// Two batches are equal when their commands are (the digests are derived from them).
+impl PartialEq for Batch {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for Batch {}
 
 impl Serialize for Batch {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -242,10 +265,10 @@ struct Pending {
     time: Timespec,
     /// The end of the caller's one wait (queue, forwarding, retries, local apply).
     deadline: Instant,
-    /// `op.content_hash()`, computed by whoever made the op (`HashedOp`: a FUSE write on its fuser
+    /// `op.content_digest()`, computed by whoever made the op (`HashedOp`: a FUSE write on its fuser
     /// thread, others in the proposing task), never by the batcher, which is one task and would
     /// hash every batch serially on the write path.
-    content_hash: crate::state::Hash,
+    digest: ContentDigest,
     reply: tokio::sync::oneshot::Sender<Result<CommandResult, ProposeError>>,
 }
 
@@ -569,8 +592,8 @@ impl Replica {
         let timeout = self.cfg.propose_timeout;
         let deadline = Instant::now() + timeout;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let (op, content_hash) = op.into().into_parts();
-        let pending = Pending { caller, op, time, deadline, content_hash, reply: tx };
+        let (op, digest) = op.into().into_parts();
+        let pending = Pending { caller, op, time, deadline, digest, reply: tx };
         let wait = async {
             self.queue
                 .send(pending)
@@ -895,6 +918,7 @@ async fn batcher(replica: Weak<Replica>, mut rx: tokio::sync::mpsc::Receiver<Pen
         // if that did not answer it, when the batch finishes (a snapshot install covered the
         // entry, or the batch failed).
         let mut cmds = Vec::with_capacity(batch.len());
+        let mut digests = Vec::with_capacity(batch.len());
         for (i, p) in batch.into_iter().enumerate() {
             let seq = first_seq + i as u64;
             cmds.push(Command {
@@ -902,13 +926,14 @@ async fn batcher(replica: Weak<Replica>, mut rx: tokio::sync::mpsc::Receiver<Pen
                 seq,
                 time: p.time,
                 caller: p.caller,
-                content_hash: p.content_hash,
+                content_hash: p.digest.hash,
                 op: p.op,
             });
+            digests.push(p.digest);
             r.waiters.insert(seq, p.reply);
         }
         let seqs = first_seq..first_seq + cmds.len() as u64;
-        let batch = Batch::new(cmds);
+        let batch = Batch::with_digests(cmds, digests);
         // The first attempt goes to this node's Raft from here, in numbering order (openraft's
         // API queue is FIFO); a forwarded batch is sent from its own task, with one in flight.
         let in_order = Arc::new(AtomicBool::new(false));

@@ -65,15 +65,27 @@ pub const PARALLEL_HASH_BYTES_MIN: usize = 1024 * 1024;
 /// Done before apply's write transaction opens: the store has one writer at a time, so the log
 /// writer can commit the next entry meanwhile. A large apply is hashed on two threads.
 fn digest_entries(entries: &[Ent]) -> Vec<Vec<Digested<'_>>> {
-    let cmds: Vec<&Command> = entries
-        .iter()
-        .flat_map(|e| match &e.payload {
-            EntryPayload::Normal(batch) => batch.0.as_slice(),
-            _ => &[],
-        })
-        .collect();
+    // This node's own batches, still in memory, carry the digests their proposers computed from
+    // the same bytes (`Batch::digests`): only the others (read from the log, received from a peer)
+    // are hashed here.
+    let mut flat: Vec<Option<Digested<'_>>> = Vec::new();
+    let mut cmds: Vec<&Command> = Vec::new();
+    for e in entries {
+        let EntryPayload::Normal(batch) = &e.payload else { continue };
+        match batch.digests() {
+            Some(digests) if digests.len() == batch.0.len() => {
+                flat.extend(batch.0.iter().zip(digests).map(|(c, d)| Some(Digested::trusted(c, d.clone()))));
+            }
+            _ => {
+                for c in batch.0.iter() {
+                    cmds.push(c);
+                    flat.push(None);
+                }
+            }
+        }
+    }
     let bytes: usize = cmds.iter().map(|c| c.op.payload().len()).sum();
-    let mut flat: Vec<Digested<'_>> = if cmds.len() > 1 && bytes >= PARALLEL_HASH_BYTES_MIN {
+    let hashed: Vec<Digested<'_>> = if cmds.len() > 1 && bytes >= PARALLEL_HASH_BYTES_MIN {
         // Split at half the bytes, so both threads get about the same work.
         let mut acc = 0;
         let mid = cmds.iter().position(|c| {
@@ -95,6 +107,9 @@ fn digest_entries(entries: &[Ent]) -> Vec<Vec<Digested<'_>>> {
     } else {
         cmds.iter().map(|c| Digested::new(c)).collect()
     };
+    // The hashed ones fill the gaps, in order.
+    let mut hashed = hashed.into_iter();
+    let mut flat: Vec<Digested<'_>> = flat.into_iter().filter_map(|d| d.or_else(|| hashed.next())).collect();
     let mut out = Vec::with_capacity(entries.len());
     for e in entries.iter().rev() {
         let n = match &e.payload {

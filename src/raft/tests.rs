@@ -191,6 +191,34 @@ fn log_plan_purges_what_the_snapshot_covers_and_followers_have() {
     assert_eq!(log_plan(5 * mb, 2 * mb, Some(600), Some(400), Some(700), Some(400)), Purge(600));
 }
 
+/// A batch carries its proposer's digests in memory only: encoded (the log, the wire) and
+/// decoded it has none, so every node that gets it from disk or a peer hashes it again in apply.
+#[test]
+fn a_batchs_digests_never_leave_the_process() {
+    let ops = [
+        Op::Write { ino: 5, offset: 100, data: (0..200_000u32).map(|i| (i % 253) as u8).collect(), append: false },
+        Op::MakeNode { parent: ROOT_INO, name: b"n".to_vec(), kind: FileKind::File, perm: 0o644, rdev: 0 },
+    ];
+    let (cmds, digests): (Vec<Command>, Vec<crate::state::ContentDigest>) = ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| {
+            let (op, digest) = crate::state::HashedOp::new(op.clone()).into_parts();
+            let c = Command { origin: 1, seq: i as u64 + 1, time: Timespec { sec: 1, nsec: 0 }, caller: Caller::root(), content_hash: digest.hash, op };
+            (c, digest)
+        })
+        .unzip();
+    assert_eq!(digests[0], ops[0].content_digest());
+    assert!(digests[0].pieces.len() > 1, "a write's digest keeps its piece hashes");
+    let own = Batch::with_digests(cmds, digests.clone());
+    assert_eq!(own.digests(), Some(digests.as_slice()));
+    let bytes = crate::store::codec::encode(&own).unwrap();
+    assert_eq!(bytes, crate::store::codec::encode(&Batch::new(own.0.to_vec())).unwrap(), "digests are not encoded");
+    let back: Batch = crate::store::codec::decode(&bytes).unwrap();
+    assert_eq!(back, own);
+    assert_eq!(back.digests(), None);
+}
+
 /// Latency of sequential proposals and batching of concurrent ones (printed; run with --nocapture).
 #[test]
 fn propose_latency_and_batching() {

@@ -50,6 +50,14 @@ impl<'a> Digested<'a> {
         Digested { cmd, digest: cmd.op.content_digest() }
     }
 
+    /// `cmd` with the digest its proposer computed, in this process, from the very bytes `cmd`
+    /// carries (`HashedOp`): a command that crossed no wire and no disk since it was hashed, so
+    /// hashing it again could catch nothing the design checks for (corruption on the wire or on
+    /// disk). Every command read from the log or received from a peer is hashed (`new`).
+    pub fn trusted(cmd: &'a Command, digest: ContentDigest) -> Self {
+        Digested { cmd, digest }
+    }
+
     pub fn command(&self) -> &'a Command {
         self.cmd
     }

@@ -231,27 +231,29 @@ impl Op {
     }
 }
 
-/// An op with its content hash (`Op::content_hash`), computed where the op is made: a FUSE write
-/// hashes its data on the fuser thread that received it, so the hashing of concurrent writes runs
-/// on those threads instead of queueing on the async runtime's worker.
+/// An op with its content digest (`Op::content_digest`: the content hash and a write's piece
+/// hashes), computed where the op is made: a FUSE write hashes its data on the fuser thread that
+/// received it, so the hashing of concurrent writes runs on those threads instead of queueing on
+/// the async runtime's worker. The digest travels with the command in this process only (see
+/// `raft::Batch`), so this node's apply of its own proposal need not hash the bytes again.
 #[derive(Clone, Debug)]
 pub struct HashedOp {
     op: Op,
-    content_hash: Hash,
+    digest: ContentDigest,
 }
 
 impl HashedOp {
     pub fn new(op: Op) -> HashedOp {
-        let content_hash = op.content_hash();
-        HashedOp { op, content_hash }
+        let digest = op.content_digest();
+        HashedOp { op, digest }
     }
 
     pub fn op(&self) -> &Op {
         &self.op
     }
 
-    pub fn into_parts(self) -> (Op, Hash) {
-        (self.op, self.content_hash)
+    pub fn into_parts(self) -> (Op, ContentDigest) {
+        (self.op, self.digest)
     }
 }
 

@@ -16,7 +16,7 @@ pub mod types;
 #[cfg(test)]
 pub(crate) mod tests;
 
-pub use command::{Command, CommandResult, FallocMode, HashedOp, Op, Outcome, RenameFlags, SetTime, XattrFlags};
+pub use command::{Command, CommandResult, ContentDigest, FallocMode, HashedOp, Op, Outcome, RenameFlags, SetTime, XattrFlags};
 pub use error::{Errno, FsResult};
 pub use txn::{StateRead, StateWrite, StoreFault, StoreResult};
 pub use types::{Caller, DirEntry, FileKind, Hash, Ino, Inode, Meta, NodeId, Orphan, Timespec, ROOT_INO};
