@@ -970,8 +970,8 @@ fn a_lagging_follower_gets_its_entries_from_memory() {
     rt().block_on(async {
         let net = Arc::new(MemNet::default());
         let rs = cluster(&net, &ds, Duration::from_secs(5)).await;
-        let l = rs.iter().find(|r| r.metrics().current_leader == Some(r.node_id())).unwrap().clone();
-        let slow = rs.iter().find(|r| r.node_id() != l.node_id()).unwrap().node_id();
+        let (l, lagging) = leader_and_follower(&rs);
+        let slow = lagging.node_id();
         let f = make_file(&l, b"lag").await;
         net.slow_to(slow, 64 * 1024, Duration::from_millis(30));
         let reads_before = l.store.stats().log_reads.load(Ordering::Relaxed);
@@ -987,7 +987,7 @@ fn a_lagging_follower_gets_its_entries_from_memory() {
         for r in &rs {
             wait_applied_on(r, target).await;
         }
-        assert_eq!(read_file(rs.iter().find(|r| r.node_id() == slow).unwrap(), b"lag"), data);
+        assert_eq!(read_file(&lagging, b"lag"), data);
         let reads = l.store.stats().log_reads.load(Ordering::Relaxed) - reads_before;
         assert_eq!(reads, 0, "entries the leader read back from its log");
         shutdown_all(&rs).await;
