@@ -451,7 +451,7 @@ pub(super) async fn track_lease(
             match replica.upgrade() {
                 Some(r) => {
                     *r.reads.quorum_acked.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                    r.log_cache.lock().unwrap_or_else(|e| e.into_inner()).set_followers(None);
+                    r.log_cache.lock().unwrap_or_else(|e| e.into_inner()).set_followers([]);
                 }
                 None => return,
             }
@@ -467,16 +467,10 @@ pub(super) async fn track_lease(
                     return;
                 }
                 let Some(r) = replica.upgrade() else { return };
-                let (ms, matched) = {
-                    let d = data.borrow_and_update();
-                    let matched: Option<Vec<u64>> = d.replication.as_ref().map(|m| {
-                        m.iter().filter(|(id, _)| **id != r.node_id).map(|(_, l)| l.map_or(0, |l| l.index)).collect()
-                    });
-                    (d.millis_since_quorum_ack, matched)
-                };
-                let at = ms.and_then(|ms| std::time::Instant::now().checked_sub(Duration::from_millis(ms)));
+                let d = data.borrow_and_update();
+                let at = d.millis_since_quorum_ack.and_then(|ms| std::time::Instant::now().checked_sub(Duration::from_millis(ms)));
                 *r.reads.quorum_acked.lock().unwrap_or_else(|e| e.into_inner()) = at;
-                r.log_cache.lock().unwrap_or_else(|e| e.into_inner()).set_followers(matched);
+                r.log_cache.lock().unwrap_or_else(|e| e.into_inner()).set_followers(super::followers_matched(&d.replication, r.node_id));
             }
         }
     }

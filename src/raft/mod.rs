@@ -1031,9 +1031,7 @@ async fn snapshot_monitor(replica: std::sync::Weak<Replica>) {
             let m = r.raft.metrics();
             let m = m.borrow();
             // The follower furthest behind (leader only), if any.
-            let behind = m.replication.as_ref().and_then(|rep| {
-                rep.iter().filter(|(id, _)| **id != r.node_id).map(|(_, l)| l.map_or(0, |l| l.index)).min()
-            });
+            let behind = followers_matched(&m.replication, r.node_id).min();
             (m.snapshot.map(|l| l.index), m.purged.map(|l| l.index), m.last_applied.map(|l| l.index), behind)
         };
         match log_plan(held, limit, snapshot, purged, applied, behind) {
@@ -1056,6 +1054,15 @@ async fn snapshot_monitor(replica: std::sync::Weak<Replica>) {
             LogPlan::Wait => {}
         }
     }
+}
+
+/// The highest log index each follower has (0: none yet), from a leader's replication metrics;
+/// nothing on a node that does not lead.
+fn followers_matched(
+    replication: &Option<std::collections::BTreeMap<NodeId, Option<openraft::LogId<NodeId>>>>,
+    me: NodeId,
+) -> impl Iterator<Item = u64> + '_ {
+    replication.iter().flatten().filter(move |(id, _)| **id != me).map(|(_, l)| l.map_or(0, |l| l.index))
 }
 
 /// What `snapshot_monitor` does about a log of `held` bytes.

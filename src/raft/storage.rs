@@ -74,7 +74,7 @@ fn digest_entries(entries: &[Ent]) -> Vec<Vec<Digested<'_>>> {
         let EntryPayload::Normal(batch) = &e.payload else { continue };
         match batch.digests() {
             Some(digests) if digests.len() == batch.0.len() => {
-                flat.extend(batch.0.iter().zip(digests).map(|(c, d)| Some(Digested::trusted(c, d.clone()))));
+                flat.extend(batch.0.iter().zip(digests).map(|(c, d)| Some(Digested::trusted(c, d))));
             }
             _ => {
                 for c in batch.0.iter() {
@@ -184,10 +184,11 @@ impl EntryCache {
         self.drop_upto(upto, false);
     }
 
-    /// This node leads others, which have the log up to `matched` (one per follower), or (None)
+    /// This node leads others, which have the log up to `matched` (one per follower); none when
     /// it does not.
-    pub fn set_followers(&mut self, matched: Option<Vec<u64>>) {
-        self.followers = matched.unwrap_or_default();
+    pub fn set_followers(&mut self, matched: impl IntoIterator<Item = u64>) {
+        self.followers.clear();
+        self.followers.extend(matched);
         self.release();
     }
 

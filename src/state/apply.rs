@@ -4,6 +4,7 @@
 //! only afterwards writes. So a failed command changes nothing but the recorded result, on every
 //! replica alike. Store faults are not outcomes: they propagate and stop the node.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use crate::config::{
@@ -36,26 +37,27 @@ pub const COPY_BLOCKS_MAX: u64 = 1024;
 /// Every permission bit an inode keeps.
 pub const PERM_MASK: u32 = 0o7777;
 
-/// A command with its content digest recomputed from its own payload (the one hash pass of apply),
-/// so that the pass can run before the store's write transaction opens (outside the store's one
-/// writer, overlapping a log commit) and apply still checks what it stores.
+/// A command with its content digest: recomputed from its own payload (the one hash pass of
+/// apply), so that the pass can run before the store's write transaction opens (outside the
+/// store's one writer, overlapping a log commit) and apply still checks what it stores; or, for a
+/// node's own in-memory batch, borrowed from its proposer (`trusted`).
 pub struct Digested<'a> {
     cmd: &'a Command,
-    digest: ContentDigest,
+    digest: Cow<'a, ContentDigest>,
 }
 
 impl<'a> Digested<'a> {
     /// Hash `cmd`'s payload (for a write, each piece, then the hash of the piece hashes).
     pub fn new(cmd: &'a Command) -> Self {
-        Digested { cmd, digest: cmd.op.content_digest() }
+        Digested { cmd, digest: Cow::Owned(cmd.op.content_digest()) }
     }
 
     /// `cmd` with the digest its proposer computed, in this process, from the very bytes `cmd`
     /// carries (`HashedOp`): a command that crossed no wire and no disk since it was hashed, so
     /// hashing it again could catch nothing the design checks for (corruption on the wire or on
     /// disk). Every command read from the log or received from a peer is hashed (`new`).
-    pub fn trusted(cmd: &'a Command, digest: ContentDigest) -> Self {
-        Digested { cmd, digest }
+    pub fn trusted(cmd: &'a Command, digest: &'a ContentDigest) -> Self {
+        Digested { cmd, digest: Cow::Borrowed(digest) }
     }
 
     pub fn command(&self) -> &'a Command {
