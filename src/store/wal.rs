@@ -76,7 +76,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::state::{StoreFault, StoreResult};
 
@@ -103,6 +103,15 @@ const TMP_SUFFIX: &str = ".seg.tmp";
 const WRITE_BUFFER_BYTES: usize = 1024 * 1024;
 /// A payload at least this long is written straight from the entry instead of being copied.
 const DIRECT_PAYLOAD_BYTES_MIN: usize = 64 * 1024;
+/// A payload whose block-aligned middle is at least this long has that middle written with
+/// `O_DIRECT` (`write_payload`): no page-cache copy, no dirty pages for writeback to find later.
+const UNBUFFERED_BYTES_MIN: usize = 1024 * 1024;
+/// Alignment of an `O_DIRECT` write: its file offset, length and memory (the page size, a multiple
+/// of every common logical block size).
+const DIRECT_ALIGN: usize = 4096;
+/// The aligned staging buffer of `O_DIRECT` writes: one full batch's payload at once; a larger
+/// payload goes through it in pieces of this size.
+const UNBUFFERED_CHUNK_BYTES: usize = 4 * 1024 * 1024;
 /// Bytes read at a time when recovery scans a segment.
 const SCAN_BUFFER_BYTES: usize = 1024 * 1024;
 /// The search for a later batch skips all-zero blocks of this many bytes at once (most of the
@@ -298,6 +307,9 @@ struct Segment {
     written: AtomicU64,
     /// The page cache holds none of the file below this offset that `release_cache` could drop.
     released: AtomicU64,
+    /// A second handle on the file opened with `O_DIRECT`, at the first large payload (None: the
+    /// filesystem refused it).
+    unbuffered: OnceLock<Option<File>>,
 }
 
 impl Segment {
@@ -333,6 +345,7 @@ impl Segment {
             file_len: segment_bytes,
             written: AtomicU64::new(written),
             released: AtomicU64::new(0),
+            unbuffered: OnceLock::new(),
         })
     }
 
@@ -347,6 +360,23 @@ impl Segment {
         self.file_len = segment_bytes.max(end);
         self.written.store(written, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The segment's `O_DIRECT` handle, opened at the first call; None if the filesystem refuses
+    /// `O_DIRECT` (tmpfs, some FUSE filesystems), logged once per segment.
+    fn unbuffered(&self) -> Option<&File> {
+        self.unbuffered
+            .get_or_init(|| {
+                use std::os::unix::fs::OpenOptionsExt;
+                match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(&self.path) {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        tracing::info!(path = %self.path.display(), error = %e, "log segment: O_DIRECT refused; large entries go through the page cache");
+                        None
+                    }
+                }
+            })
+            .as_ref()
     }
 
     /// Read and check the record of `index` (live, in this segment).
@@ -456,6 +486,7 @@ fn scan_segment(path: &Path, first: u64) -> StoreResult<(Segment, ScanEnd)> {
         // never written again.
         written: AtomicU64::new(0),
         released: AtomicU64::new(0),
+        unbuffered: OnceLock::new(),
     };
     let file = seg.file.clone();
     let mut sc = Scanner { file: &file, file_len, buf: Vec::new(), buf_off: 0 };
@@ -627,6 +658,42 @@ pub(super) struct Wal {
     /// While `dirty`: the index of the first record written into the active segment since it
     /// was last synced (the current batch's first; records carry their distance to it).
     batch_first: AtomicU64,
+    /// `O_DIRECT` writes work here (cleared at the first refusal).
+    unbuffered_supported: AtomicBool,
+    /// The aligned staging buffer of `O_DIRECT` writes (only the writer uses it).
+    staging: Mutex<AlignedBuf>,
+    /// Payload bytes written with `O_DIRECT` since open.
+    unbuffered_bytes: AtomicU64,
+}
+
+/// A heap buffer whose start is `DIRECT_ALIGN`-aligned, as `O_DIRECT` needs, allocated at first
+/// use and then reused.
+#[derive(Default)]
+struct AlignedBuf {
+    blocks: Vec<Block>,
+}
+
+#[repr(C, align(4096))]
+#[derive(Clone, Copy)]
+struct Block([u8; DIRECT_ALIGN]);
+
+impl AlignedBuf {
+    /// The first `len` bytes (a multiple of `DIRECT_ALIGN`, at most `UNBUFFERED_CHUNK_BYTES`),
+    /// filled from `src`.
+    fn fill(&mut self, src: &[u8]) -> &[u8] {
+        debug_assert!(src.len() % DIRECT_ALIGN == 0 && src.len() <= UNBUFFERED_CHUNK_BYTES);
+        if self.blocks.is_empty() {
+            self.blocks = vec![Block([0; DIRECT_ALIGN]); UNBUFFERED_CHUNK_BYTES / DIRECT_ALIGN];
+        }
+        let n = src.len() / DIRECT_ALIGN;
+        for (b, s) in self.blocks[..n].iter_mut().zip(src.chunks_exact(DIRECT_ALIGN)) {
+            b.0.copy_from_slice(s);
+        }
+        // SAFETY: `Block` is `repr(C)` of one byte array with no padding (its size equals its
+        // alignment), so `n` contiguous blocks are `n * DIRECT_ALIGN` initialised bytes, borrowed
+        // for as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.blocks.as_ptr().cast::<u8>(), n * DIRECT_ALIGN) }
+    }
 }
 
 impl Wal {
@@ -728,6 +795,9 @@ impl Wal {
             dsync_supported: AtomicBool::new(true),
             last_append_bytes: AtomicU64::new(0),
             batch_first: AtomicU64::new(0),
+            unbuffered_supported: AtomicBool::new(true),
+            staging: Mutex::new(AlignedBuf::default()),
+            unbuffered_bytes: AtomicU64::new(0),
         };
         // Finish a purge a crash interrupted.
         {
@@ -854,7 +924,7 @@ impl Wal {
                 earlier_writes = true;
                 flush(seg, &mut buf, buf_at)?;
                 let at = seg.end + RECORD_HEADER_BYTES;
-                seg.file.write_all_at(payload, at).map_err(|e| io_fault("writing", &seg.path, e))?;
+                self.write_payload(seg, payload, at).map_err(|e| io_fault("writing", &seg.path, e))?;
                 buf_at = at + payload.len() as u64;
             } else {
                 buf.extend_from_slice(payload);
@@ -900,6 +970,58 @@ impl Wal {
             }
             Ok(())
         }
+    }
+
+    /// Write a large payload at `at`. Its block-aligned middle, if at least `UNBUFFERED_BYTES_MIN`,
+    /// goes out with `O_DIRECT` through the aligned staging buffer; the partial blocks at either
+    /// end, and all of it where `O_DIRECT` is refused, through the page cache. A log is written
+    /// once and read back rarely, so copying it into page-cache pages only costs CPU (that copy
+    /// was the largest item of a node's CPU in a sequential write), dirties pages that writeback
+    /// and `release_cache` must deal with, and pushes the state file's pages out. Durable, like
+    /// any other write, only after the next sync: `O_DIRECT` bypasses the page cache, not the
+    /// device's cache, and the fdatasync also commits the extent changes of preallocated blocks.
+    /// The buffered and the direct parts never share a page, and the direct range holds no
+    /// earlier record (it starts after this record's header), so no reader races it; the kernel
+    /// writes back and drops any page of that range still cached (zero-fill) before the write.
+    fn write_payload(&self, seg: &Segment, payload: &[u8], at: u64) -> std::io::Result<()> {
+        let align = DIRECT_ALIGN as u64;
+        let end = at + payload.len() as u64;
+        let (lo, hi) = (at.div_ceil(align) * align, end / align * align);
+        let direct = if hi > lo && (hi - lo) as usize >= UNBUFFERED_BYTES_MIN && self.unbuffered_supported.load(Ordering::Relaxed) {
+            seg.unbuffered()
+        } else {
+            None
+        };
+        let Some(direct) = direct else { return seg.file.write_all_at(payload, at) };
+        let (head, rest) = payload.split_at((lo - at) as usize);
+        let (middle, tail) = rest.split_at((hi - lo) as usize);
+        seg.file.write_all_at(head, at)?;
+        let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        let mut off = lo;
+        for piece in middle.chunks(UNBUFFERED_CHUNK_BYTES) {
+            match direct.write_all_at(staging.fill(piece), off) {
+                Ok(()) => {
+                    self.unbuffered_bytes.fetch_add(piece.len() as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // Refused after the open succeeded (alignment rules of this device): the
+                    // page cache from here on. Nothing of this piece was written.
+                    tracing::info!(path = %seg.path.display(), error = %e, "log: O_DIRECT writes refused; large entries go through the page cache");
+                    self.unbuffered_supported.store(false, Ordering::Relaxed);
+                    seg.file.write_all_at(&middle[(off - lo) as usize..], off)?;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+            off += piece.len() as u64;
+        }
+        drop(staging);
+        seg.file.write_all_at(tail, hi)
+    }
+
+    /// Payload bytes written with `O_DIRECT` since open.
+    pub fn unbuffered_bytes(&self) -> u64 {
+        self.unbuffered_bytes.load(Ordering::Relaxed)
     }
 
     /// Make every append so far durable (one fdatasync; nothing if there is nothing new).
@@ -1849,5 +1971,48 @@ mod tests {
         for (i, b) in back {
             assert_eq!(b, entry(i, payload), "entry {i}");
         }
+    }
+
+    #[test]
+    fn large_payloads_bypass_the_page_cache_and_read_back_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let w = Wal::open_with(d.path(), None, SEGMENT_BYTES).unwrap();
+        // Small records before and between, so the large ones start at unaligned offsets.
+        let big = 3 * 1024 * 1024 + 4321;
+        let sizes = [100, big, 7, UNBUFFERED_CHUNK_BYTES + 3 * 4096 + 5, 300, 64 * 1024];
+        let rows: Vec<(u64, Vec<u8>)> = sizes.iter().enumerate().map(|(k, &n)| (k as u64 + 1, entry(k as u64 + 1, n))).collect();
+        for r in &rows {
+            w.append(std::slice::from_ref(r)).unwrap();
+        }
+        w.sync().unwrap();
+        let path = w.segment_files()[0].0.clone();
+        let direct_ok = {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(&path).is_ok()
+        };
+        if direct_ok {
+            // The aligned middles of the two large payloads went around the page cache.
+            let middles = |n: usize| (n as u64 - 2 * DIRECT_ALIGN as u64) / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
+            assert!(w.unbuffered_bytes() >= middles(sizes[1]) + middles(sizes[3]), "only {} bytes unbuffered", w.unbuffered_bytes());
+            let (off, len) = w.read().segments[0].records[1];
+            let from = (off + RECORD_HEADER_BYTES).div_ceil(PAGE_BYTES) * PAGE_BYTES;
+            let cached = resident_pages(&path, from, 2 * 1024 * 1024);
+            assert!(cached <= 2, "{cached} pages of a {len}-byte payload's middle are in the page cache");
+        } else {
+            assert_eq!(w.unbuffered_bytes(), 0);
+        }
+        assert_eq!(all(&w), rows);
+        drop(w);
+        let w = Wal::open_with(d.path(), None, SEGMENT_BYTES).unwrap();
+        assert_eq!(all(&w), rows);
+        // Appends go on after the reopen (the next record follows the last large one's tail).
+        let more = (7, entry(7, big));
+        w.append(std::slice::from_ref(&more)).unwrap();
+        w.sync().unwrap();
+        drop(w);
+        let w = Wal::open_with(d.path(), None, SEGMENT_BYTES).unwrap();
+        let mut want = rows.clone();
+        want.push(more);
+        assert_eq!(all(&w), want);
     }
 }
