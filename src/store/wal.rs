@@ -1020,7 +1020,8 @@ impl Wal {
     }
 
     /// Payload bytes written with `O_DIRECT` since open.
-    pub fn unbuffered_bytes(&self) -> u64 {
+    #[cfg(test)]
+    fn unbuffered_bytes(&self) -> u64 {
         self.unbuffered_bytes.load(Ordering::Relaxed)
     }
 
