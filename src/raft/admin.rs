@@ -335,7 +335,7 @@ async fn remove_here(replica: &Replica, node: NodeId) -> Result<(), String> {
 }
 
 /// This node's status; the digest and the applied index come from one read transaction.
-async fn status(replica: &Replica) -> Result<NodeStatus, String> {
+pub(super) async fn status(replica: &Replica) -> Result<NodeStatus, String> {
     let m = replica.raft.metrics().borrow().clone();
     let store = replica.store.clone();
     let (applied, state_digest) = tokio::task::spawn_blocking(move || {
