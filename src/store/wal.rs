@@ -1005,7 +1005,8 @@ impl Wal {
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     // Refused after the open succeeded (alignment rules of this device): the
-                    // page cache from here on. Nothing of this piece was written.
+                    // page cache from here on, starting again at this piece (writing again
+                    // what of it may have reached the file does no harm).
                     tracing::info!(path = %seg.path.display(), error = %e, "log: O_DIRECT writes refused; large entries go through the page cache");
                     self.unbuffered_supported.store(false, Ordering::Relaxed);
                     seg.file.write_all_at(&middle[(off - lo) as usize..], off)?;
