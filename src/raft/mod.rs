@@ -131,6 +131,16 @@ pub const SNAPSHOT_LOG_BYTES_MAX: u64 = 512 * 1024 * 1024;
 pub const SNAPSHOT_LOG_KEEP_ENTRIES: u64 = 500;
 /// Snapshot chunk per install_snapshot RPC.
 pub const SNAPSHOT_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
+/// A snapshot chunk other than the last may take this long to reach the follower and be stored
+/// (4 MiB: a link of at least ~400 KiB/s; the QUIC server waits as long for a request's bytes)...
+pub const SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 10_000;
+/// ...and the last one this long, because the follower answers it only once it has installed the
+/// whole snapshot (its state replaced in one transaction: time grows with the state's size).
+/// openraft's default (`install_snapshot_timeout`, 200 ms, for every chunk) cut off each chunk of a
+/// link under 20 MiB/s and every install slower than that, and the leader then started the whole
+/// transfer again, for ever. A dead peer is still noticed at once: the QUIC connection fails after
+/// `IDLE_TIMEOUT_MS` without traffic, and the call with it.
+pub const SNAPSHOT_INSTALL_TIMEOUT_MS: u64 = 600_000;
 /// A read barrier waits at most this long (or the propose timeout, if shorter) for the read
 /// index; then the read is served from the local replica (design decision 10: reads go on without
 /// quorum). An election after a leader failure takes 0.4-0.8 s (the election timeout) plus a vote.
@@ -325,6 +335,8 @@ pub fn raft_config(snapshot_entries: u64) -> anyhow::Result<Config> {
         snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_entries),
         max_in_snapshot_log_to_keep: SNAPSHOT_LOG_KEEP_ENTRIES,
         snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+        // The bound on every chunk's call; network.rs cuts a chunk other than the last sooner.
+        install_snapshot_timeout: SNAPSHOT_INSTALL_TIMEOUT_MS,
         ..Default::default()
     };
     Ok(c.validate()?)

@@ -155,7 +155,20 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         _option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
     {
-        self.call(RpcKind::InstallSnapshot, &rpc).await
+        // openraft bounds every chunk by `install_snapshot_timeout` (SNAPSHOT_INSTALL_TIMEOUT_MS,
+        // long enough for the install the last chunk waits for); the others get a bound of their
+        // own, so a lost one is sent again soon (openraft retries a failed chunk a few times).
+        if rpc.done {
+            return self.call(RpcKind::InstallSnapshot, &rpc).await;
+        }
+        let bound = std::time::Duration::from_millis(super::SNAPSHOT_CHUNK_TIMEOUT_MS);
+        match tokio::time::timeout(bound, self.call(RpcKind::InstallSnapshot, &rpc)).await {
+            Ok(res) => res,
+            Err(_) => {
+                let e = AnyError::error(format!("snapshot chunk at offset {} not stored within {bound:?}", rpc.offset));
+                Err(RPCError::Network(NetworkError::new(&e)))
+            }
+        }
     }
 
     async fn vote(
