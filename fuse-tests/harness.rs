@@ -19,6 +19,12 @@ use std::time::{Duration, Instant};
 pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a node may take to exit after SIGTERM or an external umount.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// A SIGKILLed node not gone after this long is stuck in the kernel on its FUSE connection (a
+/// thread in a cache invalidation that waits for a directory lock a pending request holds); its
+/// next start must clear it (`pickbox mount` aborts the connection of a dying predecessor).
+const KILL_WAIT: Duration = Duration::from_secs(3);
+/// How long a restart may take to clear a stuck predecessor.
+const DYING_WAIT: Duration = Duration::from_secs(15);
 /// A node still running this long after its test started is killed (SIGKILL), so that a hung
 /// FUSE request fails with ENOTCONN and the test fails instead of hanging the whole run.
 const TEST_SECONDS_MAX_DEFAULT: u64 = 240;
@@ -95,6 +101,8 @@ pub struct Node {
     pub data: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// A killed process that could not exit (stuck on its FUSE connection `.1`), until reaped.
+    dying: Option<(Child, Option<u32>)>,
     /// Arguments after `mount MNT --data-dir DATA`, the same at every start.
     args: Vec<OsString>,
     starts: u32,
@@ -170,6 +178,7 @@ impl Node {
             data,
             log,
             child: None,
+            dying: None,
             args,
             starts: 0,
             watched,
@@ -199,7 +208,21 @@ impl Node {
     /// Like `spawn`, but says why the node did not mount (it exited, or not within `timeout`).
     pub fn try_spawn(&mut self, timeout: Duration) -> Result<(), String> {
         self.spawn_process();
-        self.wait_mounted(timeout)
+        self.wait_mounted(timeout)?;
+        self.reap_dying()
+    }
+
+    /// After a start: the killed predecessor stuck on its connection must be gone now.
+    fn reap_dying(&mut self) -> Result<(), String> {
+        let Some((mut child, conn)) = self.dying.take() else { return Ok(()) };
+        let pid = child.id();
+        if wait_until(DYING_WAIT, || child.try_wait().expect("try_wait").is_some()) {
+            eprintln!("node: the restart cleared pid {pid}, which was stuck on FUSE connection {conn:?}");
+            Ok(())
+        } else {
+            self.dying = Some((child, conn));
+            Err(format!("pid {pid}, killed and stuck on FUSE connection {conn:?}, is still there after the restart"))
+        }
     }
 
     /// Starts the process without waiting for the mount.
@@ -305,10 +328,24 @@ impl Node {
     }
 
     /// Crash: SIGKILL and reap; the kernel mount stays behind (stale) on purpose.
+    ///
+    /// A process that cannot exit (a thread stuck in the kernel on its FUSE connection, which only
+    /// an abort of the connection ends) is kept aside: the next start must clear it.
     pub fn kill9(&mut self) {
+        let conn = fuse_connection(&self.mnt);
         self.signal(libc::SIGKILL);
-        let status = self.wait_exit(STOP_TIMEOUT).expect("node did not die after SIGKILL");
-        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        match self.wait_exit(KILL_WAIT) {
+            Some(status) => assert_eq!(status.signal(), Some(libc::SIGKILL)),
+            None => {
+                let child = self.child.take().expect("running");
+                eprintln!(
+                    "node: pid {} not gone {KILL_WAIT:?} after SIGKILL (stuck on FUSE connection {conn:?}); \
+                     the next start must clear it",
+                    child.id()
+                );
+                self.dying = Some((child, conn));
+            }
+        }
     }
 
     /// Restart after a clean stop.
@@ -336,10 +373,26 @@ impl Drop for Node {
         let _ = self.watched.lock().map(|mut w| w.take());
         let panicking = std::thread::panicking();
         if self.child.is_some() {
+            let conn = fuse_connection(&self.mnt);
             self.signal(libc::SIGTERM);
             if self.wait_exit(STOP_TIMEOUT).is_none() {
                 self.signal(libc::SIGKILL);
-                let _ = self.wait_exit(STOP_TIMEOUT);
+                if self.wait_exit(KILL_WAIT).is_none() {
+                    // Stuck on its connection: only an abort lets it finish exiting.
+                    if let Some(c) = conn {
+                        abort_fuse_connection(c);
+                    }
+                    let _ = self.wait_exit(STOP_TIMEOUT);
+                }
+            }
+        }
+        if let Some((mut child, conn)) = self.dying.take() {
+            if child.try_wait().ok().flatten().is_none() {
+                if let Some(c) = conn {
+                    abort_fuse_connection(c);
+                }
+                let _ = child.kill();
+                let _ = child.wait();
             }
         }
         if is_mounted(&self.mnt) {
@@ -393,8 +446,14 @@ fn start_watchdog(watched: Arc<Mutex<Option<u32>>>, mnt: PathBuf, seconds_max: u
             let guard = watched.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(pid) = *guard {
                 eprintln!("watchdog: test ran over {secs} s: SIGKILL pickbox pid {pid} ({})", mnt.display());
+                let conn = fuse_connection(&mnt);
                 // SAFETY: the PID is not yet reaped (the lock keeps wait_exit from reaping it now).
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                // Requests of the test blocked on the mount fail at once, also if the process
+                // cannot finish exiting (a thread stuck on the connection).
+                if let Some(c) = conn {
+                    abort_fuse_connection(c);
+                }
             }
             return;
         }
@@ -413,8 +472,36 @@ pub fn is_mounted(mnt: &Path) -> bool {
     })
 }
 
+/// The FUSE connection number (minor of the device) of the mount at `mnt`, from mountinfo only
+/// (nothing that could wait on the mount).
+pub fn fuse_connection(mnt: &Path) -> Option<u32> {
+    let want = mnt.as_os_str().as_bytes();
+    let text = fs::read("/proc/self/mountinfo").ok()?;
+    text.split(|&b| b == b'\n').rev().find_map(|line| {
+        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        if fields.get(4).map(|f| unescape_mountinfo(f)).as_deref() != Some(want) {
+            return None;
+        }
+        let dev = std::str::from_utf8(fields.get(2)?).ok()?;
+        dev.split_once(':')?.1.parse().ok()
+    })
+}
+
+/// Aborts FUSE connection `conn` through fusectl (mounted first if needed): every request
+/// waiting on it fails with ENOTCONN.
+pub fn abort_fuse_connection(conn: u32) {
+    let dir = Path::new("/sys/fs/fuse/connections");
+    if !dir.join(conn.to_string()).exists() {
+        let _ = Command::new("mount").args(["-t", "fusectl", "none"]).arg(dir).status();
+    }
+    match fs::write(dir.join(conn.to_string()).join("abort"), b"1") {
+        Ok(()) => eprintln!("node: aborted FUSE connection {conn}"),
+        Err(e) => eprintln!("node: cannot abort FUSE connection {conn}: {e}"),
+    }
+}
+
 /// statfs's `f_type` of a FUSE filesystem (`FUSE_SUPER_MAGIC`).
-const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+pub const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 
 /// Whether a live FUSE filesystem answers at `mnt`. statfs always reaches the daemon (the kernel
 /// does not cache it), unlike stat, which a stale mount may still answer from the attribute cache.

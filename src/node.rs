@@ -108,6 +108,10 @@ async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
     // Decided before the data dir (and the store in it) is created.
     let mode = start_mode(&args);
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    // A killed predecessor stuck on its FUSE connection would hang the mountpoint check and hold
+    // the store's lock.
+    let (d, m) = (data_dir.clone(), args.mountpoint.clone());
+    tokio::task::spawn_blocking(move || fs::clear_dying_predecessor(&d, &m)).await.context("start-up check task")?;
     fs::check_mountpoint(&args.mountpoint)
         .with_context(|| format!("preparing mountpoint {}", args.mountpoint.display()))?;
     let mut signals = Signals::install()?;
@@ -378,6 +382,7 @@ async fn serve(
         .context("mount task")?
         .with_context(|| format!("mounting at {}", args.mountpoint.display()))?;
     tracing::info!(mountpoint = %args.mountpoint.display(), "mounted");
+    fs::record_mount(data_dir, mounted.connection());
 
     let mut tick = tokio::time::interval(SESSION_POLL);
     // A store fault on a replicated entry stops Raft without failing any local request.
@@ -403,6 +408,7 @@ async fn serve(
         .await
         .context("unmount task")?
         .context("FUSE session ended with an error")?;
+    fs::clear_mount_record(data_dir);
     match stop {
         Stop::Fatal(why) => Err(anyhow::anyhow!("stopped after a store failure: {why}")),
         Stop::Signal(_) | Stop::Unmounted => Ok(()),

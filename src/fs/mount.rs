@@ -1,6 +1,7 @@
 //! Mounting and unmounting: session options, stale-mount cleanup, ordered unmount.
 
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -107,6 +108,11 @@ fn raise_readahead(mountpoint: &Path) {
 }
 
 impl Mounted {
+    /// The FUSE connection number, if it was found.
+    pub fn connection(&self) -> Option<u32> {
+        self.connection
+    }
+
     /// Has the session ended (for example because someone ran `umount` on the mountpoint)?
     pub fn is_finished(&self) -> bool {
         self.session.guard.is_finished()
@@ -197,16 +203,136 @@ fn unmount(mountpoint: &Path) {
 /// Abort FUSE connection `conn` through fusectl (mounting fusectl first if needed).
 fn abort_connection(conn: u32) {
     let dir = Path::new(FUSECTL_DIR);
-    if !dir.join(conn.to_string()).exists() {
-        let mounted = nix::mount::mount(Some("fusectl"), dir, Some("fusectl"), nix::mount::MsFlags::empty(), None::<&str>);
-        if let Err(e) = mounted {
-            tracing::error!(error = %e, "cannot mount fusectl to abort the FUSE connection");
-        }
+    if !connection_listed(conn) {
+        tracing::error!(conn, "fusectl does not list the FUSE connection: cannot abort it");
     }
     let abort = dir.join(conn.to_string()).join("abort");
     if let Err(e) = std::fs::write(&abort, b"1") {
         tracing::error!(error = %e, path = %abort.display(), "cannot abort the FUSE connection");
     }
+}
+
+/// The file in a node's data directory that names the process serving its mount and the mount's
+/// FUSE connection: `PID CONNECTION`. Written after mounting, removed after a clean unmount.
+const MOUNT_RECORD: &str = "mount.pid";
+/// How long a start waits for a dying predecessor to be gone once its connection is aborted.
+const DYING_WAIT: Duration = Duration::from_secs(10);
+
+/// Record that this process serves the mount on FUSE connection `connection` (see
+/// `clear_dying_predecessor`). A failure is logged: the record only helps a later start.
+pub fn record_mount(data_dir: &Path, connection: Option<u32>) {
+    let Some(conn) = connection else { return };
+    let path = data_dir.join(MOUNT_RECORD);
+    let tmp = data_dir.join(format!("{MOUNT_RECORD}.tmp"));
+    let written = std::fs::write(&tmp, format!("{} {conn}\n", std::process::id())).and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, path = %path.display(), "cannot record the mount's process and connection");
+    }
+}
+
+/// Remove the record after a clean unmount.
+pub fn clear_mount_record(data_dir: &Path) {
+    match std::fs::remove_file(data_dir.join(MOUNT_RECORD)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => tracing::warn!(error = %e, "cannot remove the mount record"),
+        _ => {}
+    }
+}
+
+fn read_mount_record(data_dir: &Path) -> Option<(u32, u32)> {
+    let text = std::fs::read_to_string(data_dir.join(MOUNT_RECORD)).ok()?;
+    let mut fields = text.split_whitespace();
+    let pid = fields.next()?.parse().ok()?;
+    let conn = fields.next()?.parse().ok()?;
+    Some((pid, conn))
+}
+
+/// Before anything touches the mountpoint or the store: if the process that last served this
+/// node's mount was killed but cannot finish exiting, abort its FUSE connection and wait for it to
+/// be gone.
+///
+/// A killed node can stay half-dead: one of its threads blocked in the kernel in a cache
+/// invalidation (`fuse_reverse_inval_entry` waits for the directory's lock), which a lookup in
+/// that directory holds while it waits for an answer the dead node will never send. The process
+/// keeps its /dev/fuse descriptor, so the kernel never ends the connection on its own; every
+/// request on the mount hangs, and the store's lock stays held, so a new start could neither look
+/// at the mountpoint nor open the store. Aborting the connection (fusectl) fails the pending
+/// requests with ENOTCONN; the invalidation then finishes, and the process with it.
+pub fn clear_dying_predecessor(data_dir: &Path, mountpoint: &Path) {
+    let Some((pid, conn)) = read_mount_record(data_dir) else { return };
+    if pid == std::process::id() || !is_dying(pid) {
+        return;
+    }
+    // The connection must still be this node's: mounted at our mountpoint (or detached: listed
+    // by fusectl and mounted nowhere else).
+    let listed = connection_listed(conn);
+    let here = find_mount(mountpoint).is_some_and(|m| m.is_pickbox() && m.minor == conn);
+    let elsewhere = mounts_of_connection(conn).iter().any(|p| std::path::absolute(mountpoint).ok().as_deref() != Some(p.as_path()));
+    if !here && (elsewhere || !listed) {
+        return;
+    }
+    tracing::warn!(
+        pid,
+        conn,
+        "the previous process of this node was killed but is stuck in the kernel on its FUSE connection: aborting the connection"
+    );
+    abort_connection(conn);
+    let deadline = Instant::now() + DYING_WAIT;
+    while is_dying(pid) && Instant::now() < deadline {
+        std::thread::sleep(POLL_INTERVAL);
+    }
+    if is_dying(pid) {
+        tracing::error!(pid, "the previous process is still not gone {DYING_WAIT:?} after its connection was aborted");
+    } else {
+        tracing::info!(pid, "the previous process is gone");
+    }
+}
+
+/// Whether process `pid` is exiting (its main thread gone, or SIGKILL pending) while some of its
+/// threads still run or sleep in the kernel.
+fn is_dying(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return false };
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+    let zombie = field("State:").is_some_and(|s| s.starts_with('Z'));
+    let kill_bit = 1u64 << (libc::SIGKILL - 1);
+    let killed = ["SigPnd:", "ShdPnd:"]
+        .iter()
+        .any(|f| field(f).and_then(|v| u64::from_str_radix(v, 16).ok()).is_some_and(|m| m & kill_bit != 0));
+    (zombie || killed) && live_threads(pid) > 0
+}
+
+/// Threads of `pid` that have not exited (any state but zombie or dead).
+fn live_threads(pid: u32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .filter(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // The state follows the command name, which is in parentheses and may hold anything.
+            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+            state.is_some_and(|c| c != 'Z' && c != 'X')
+        })
+        .count()
+}
+
+/// Where FUSE connection `conn` is mounted (pickbox mounts only).
+fn mounts_of_connection(conn: u32) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo_lines(&text)
+        .filter(|(_, m)| m.is_pickbox() && m.minor == conn)
+        .map(|(point, _)| PathBuf::from(std::ffi::OsStr::from_bytes(&point)))
+        .collect()
+}
+
+/// Whether fusectl lists connection `conn` (mounting fusectl first if it is not).
+fn connection_listed(conn: u32) -> bool {
+    let dir = Path::new(FUSECTL_DIR);
+    if !dir.join(conn.to_string()).exists() && find_mount(dir).is_none() {
+        let mounted = nix::mount::mount(Some("fusectl"), dir, Some("fusectl"), nix::mount::MsFlags::empty(), None::<&str>);
+        if let Err(e) = mounted {
+            tracing::warn!(error = %e, "cannot mount fusectl at {FUSECTL_DIR}");
+        }
+    }
+    dir.join(conn.to_string()).exists()
 }
 
 /// Check `mountpoint` before a node starts: create it if missing; a live mount there (or not a
@@ -281,19 +407,22 @@ fn find_mount(path: &Path) -> Option<MountInfo> {
 
 fn parse_mountinfo(text: &str, path: &[u8]) -> Option<MountInfo> {
     // Later lines are mounted on top of earlier ones at the same point.
-    text.lines().rev().find_map(|line| {
+    let all: Vec<_> = mountinfo_lines(text).collect();
+    all.into_iter().rev().find_map(|(point, m)| (point == path).then_some(m))
+}
+
+/// Every well-formed line of mountinfo `text`: (mountpoint, what is mounted there).
+fn mountinfo_lines(text: &str) -> impl Iterator<Item = (Vec<u8>, MountInfo)> + '_ {
+    text.lines().filter_map(|line| {
         let mut fields = line.split(' ');
         let dev = fields.nth(2)?;
         let point = fields.nth(1)?;
-        if unescape(point) != path {
-            return None;
-        }
         let (_, after) = line.split_once(" - ")?;
         let mut after = after.split(' ');
         let fs_type = after.next()?.to_string();
         let source = after.next()?.to_string();
         let minor = dev.split_once(':')?.1.parse().ok()?;
-        Some(MountInfo { minor, fs_type, source })
+        Some((unescape(point), MountInfo { minor, fs_type, source }))
     })
 }
 
@@ -331,5 +460,70 @@ mod tests {
         assert!(m.is_pickbox());
         assert_eq!(parse_mountinfo(SAMPLE, b"/tmp/other"), None);
         assert_eq!(parse_mountinfo(SAMPLE, b"/").map(|m| m.fs_type), Some("ext4".into()));
+    }
+
+    #[test]
+    fn mount_record_round_trips_and_bad_ones_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_mount_record(dir.path()), None);
+        record_mount(dir.path(), Some(45));
+        assert_eq!(read_mount_record(dir.path()), Some((std::process::id(), 45)));
+        // Our own record never names a dying process (nothing is aborted).
+        clear_dying_predecessor(dir.path(), &dir.path().join("mnt"));
+        clear_mount_record(dir.path());
+        assert_eq!(read_mount_record(dir.path()), None);
+        std::fs::write(dir.path().join(MOUNT_RECORD), "12x 4\n").unwrap();
+        assert_eq!(read_mount_record(dir.path()), None);
+    }
+
+    extern "C" fn sleep_forever(_: *mut libc::c_void) -> *mut libc::c_void {
+        loop {
+            // SAFETY: pause has no preconditions.
+            unsafe { libc::pause() };
+        }
+    }
+
+    /// A process whose main thread has exited while another still runs is dying (what a killed
+    /// node stuck in the kernel looks like); a process that has fully exited, a running one and
+    /// a PID that does not exist are not.
+    #[test]
+    fn a_zombie_with_a_live_thread_is_dying() {
+        assert!(!is_dying(std::process::id()));
+        assert!(!is_dying(u32::MAX));
+        // SAFETY: the child calls only async-signal-safe libc functions (no allocation) before
+        // it ends its main thread; the other thread only pauses.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+        if pid == 0 {
+            unsafe {
+                let mut t: libc::pthread_t = std::mem::zeroed();
+                if libc::pthread_create(&mut t, std::ptr::null(), sleep_forever, std::ptr::null_mut()) != 0 {
+                    libc::_exit(1);
+                }
+                // Ends this thread only (pthread_exit would unwind through Rust frames: abort).
+                libc::syscall(libc::SYS_exit, 0);
+                libc::_exit(2);
+            }
+        }
+        let pid_u = pid as u32;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_dying(pid_u) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let dying = is_dying(pid_u);
+        // SAFETY: our own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let mut status = 0;
+        // Reap only once every thread is gone (waitpid returns then): a zombie without threads
+        // first, checked before the reap.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while live_threads(pid_u) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let after_kill = is_dying(pid_u);
+        // SAFETY: our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(dying, "main thread gone, one thread left: dying");
+        assert!(!after_kill, "every thread gone: not dying");
     }
 }
