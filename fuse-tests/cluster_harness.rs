@@ -57,6 +57,8 @@ pub struct ClusterOptions {
     /// Nodes whose data dir is a tmpfs of its own: node id -> its size in bytes (to fill a
     /// node's disk on purpose). Other nodes keep theirs on the temp dir's filesystem.
     pub data_tmpfs: BTreeMap<u64, u64>,
+    /// Nodes run with their mount guard (`--no-mount-guard` when false).
+    pub mount_guard: bool,
 }
 
 impl Default for ClusterOptions {
@@ -67,6 +69,7 @@ impl Default for ClusterOptions {
             snapshot_entries: None,
             netns: false,
             data_tmpfs: BTreeMap::new(),
+            mount_guard: true,
         }
     }
 }
@@ -260,6 +263,9 @@ impl Cluster {
         if let Some(seed) = join {
             args.extend(["--join".into(), seed.into()]);
         }
+        if !self.opts.mount_guard {
+            args.push("--no-mount-guard".into());
+        }
         args
     }
 
@@ -304,8 +310,9 @@ impl Cluster {
     }
 
     /// kill -9 node `k` (its mount stays behind, stale, until it starts again).
-    pub fn kill9(&mut self, k: u64) {
-        self.node(k).kill9();
+    /// Returns whether the process was left stuck on its FUSE connection (see `Node::kill9`).
+    pub fn kill9(&mut self, k: u64) -> bool {
+        self.node(k).kill9()
     }
 
     /// Clean stop of node `k` (SIGTERM; exit status 0; mount gone).

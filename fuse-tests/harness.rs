@@ -331,11 +331,15 @@ impl Node {
     ///
     /// A process that cannot exit (a thread stuck in the kernel on its FUSE connection, which only
     /// an abort of the connection ends) is kept aside: the next start must clear it.
-    pub fn kill9(&mut self) {
+    /// Returns whether it was left so.
+    pub fn kill9(&mut self) -> bool {
         let conn = fuse_connection(&self.mnt);
         self.signal(libc::SIGKILL);
         match self.wait_exit(KILL_WAIT) {
-            Some(status) => assert_eq!(status.signal(), Some(libc::SIGKILL)),
+            Some(status) => {
+                assert_eq!(status.signal(), Some(libc::SIGKILL));
+                false
+            }
             None => {
                 let child = self.child.take().expect("running");
                 eprintln!(
@@ -344,6 +348,7 @@ impl Node {
                     child.id()
                 );
                 self.dying = Some((child, conn));
+                true
             }
         }
     }

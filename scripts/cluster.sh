@@ -195,17 +195,21 @@ unmount_leftovers() {
     awk -v root="$cluster/node" 'index($5, root) == 1 && substr($5, length(root) + 1) ~ /^[0-9]+\/mnt$/ { print $5 }' \
         /proc/self/mountinfo | while read -r m; do
         log "detaching leftover mount $m"
+        # No node of ours serves it any more: a killed one may still be stuck on it.
+        abort_fuse "$m"
         umount -l "$m" 2>/dev/null || true
     done
 }
 
 cmd_down() {
     local k pid pids=()
+    local -A mnts=()
     for k in $(known_nodes); do
         if pid=$(node_pid "$k"); then
             log "stopping node $k (pid $pid)"
             kill -TERM "$pid" 2>/dev/null || true
             pids+=("$pid")
+            mnts[$pid]=$(node_dir "$k")/mnt
         fi
     done
     local deadline=$((SECONDS + STOP_WAIT_SECS))
@@ -215,8 +219,7 @@ cmd_down() {
     for pid in "${pids[@]}"; do
         if alive "$pid"; then
             log "pid $pid still runs ${STOP_WAIT_SECS}s after SIGTERM: SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-            while alive "$pid"; do sleep 0.05; done
+            kill_node "$pid" "${mnts[$pid]}" "$KILL_WAIT_SECS" || log "pid $pid still runs after SIGKILL"
         fi
     done
     for k in $(known_nodes); do rm -f "$(node_dir "$k")/pid"; done
@@ -228,10 +231,7 @@ cmd_kill() {
     local k=${1:-} pid
     check_node_id "$k"
     pid=$(node_pid "$k") || die "node $k is not running"
-    kill -KILL "$pid"
-    local deadline=$((SECONDS + KILL_WAIT_SECS))
-    while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.05; done
-    alive "$pid" && die "node $k (pid $pid) still runs after SIGKILL"
+    kill_node "$pid" "$(node_dir "$k")/mnt" "$KILL_WAIT_SECS" || die "node $k (pid $pid) still runs after SIGKILL"
     log "killed node $k (pid $pid); its mount $(node_dir "$k")/mnt is dead until: cluster.sh start $k"
 }
 

@@ -81,11 +81,44 @@ wait_mounted() {
     return 1
 }
 
-# Whether PID $1 runs (a zombie, exited but not yet reaped, does not count).
+# Whether PID $1 runs: any of its threads has not exited (a zombie, exited but not yet reaped,
+# does not count; a killed process whose main thread is gone while another is stuck does).
 alive() {
-    local state
-    state=$(sed -E 's/.*\) (.).*/\1/' "/proc/$1/stat" 2>/dev/null) || return 1
-    [ -n "$state" ] && [ "$state" != Z ]
+    local t state
+    for t in /proc/"$1"/task/*/stat; do
+        state=$(sed -E 's/.*\) (.).*/\1/' "$t" 2>/dev/null) || continue
+        [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ] && return 0
+    done
+    return 1
+}
+
+# Aborts the FUSE connection of the mount at $1 (fusectl; mounted first if needed), read from
+# mountinfo only (nothing that could wait on the mount). A killed pickbox can stay stuck in the
+# kernel on its connection (a cache invalidation waiting for a lock a pending request holds);
+# the abort fails the pending requests and lets it exit. Its mount guard normally does this.
+abort_fuse() {
+    local conn
+    conn=$(awk -v m="$1" '$5 == m { split($3, d, ":"); c = d[2] } END { if (c != "") print c }' /proc/self/mountinfo)
+    [ -n "$conn" ] || return 0
+    [ -d "/sys/fs/fuse/connections/$conn" ] || mount -t fusectl none /sys/fs/fuse/connections 2>/dev/null || true
+    log "aborting FUSE connection $conn of $1"
+    echo 1 > "/sys/fs/fuse/connections/$conn/abort" 2>/dev/null || true
+}
+
+# SIGKILLs PID $1 serving mount $2 and waits up to $3 s (default 10) for it to be gone, aborting
+# its FUSE connection if it is still there after 3 s. Fails if it is still there.
+kill_node() {
+    local pid=$1 mnt=$2 secs=${3:-10} deadline
+    kill -KILL "$pid" 2>/dev/null || true
+    deadline=$((SECONDS + 3))
+    while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.05; done
+    if alive "$pid" && [ -n "$mnt" ]; then
+        log "pid $pid is stuck on its FUSE connection after SIGKILL"
+        abort_fuse "$mnt"
+    fi
+    deadline=$((SECONDS + secs))
+    while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.05; done
+    ! alive "$pid"
 }
 
 # Stops PID $1 (SIGTERM, then SIGKILL after $3 s) and detaches mount $2 if it is still there.
@@ -97,7 +130,7 @@ stop_node() {
         while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.05; done
         if alive "$pid"; then
             log "pid $pid ignored SIGTERM for ${secs}s: SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
+            kill_node "$pid" "$mnt" || log "pid $pid still runs after SIGKILL"
         fi
         wait "$pid" 2>/dev/null || true
     fi

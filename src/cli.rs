@@ -47,6 +47,23 @@ pub enum Command {
     /// List or remove cluster members.
     #[command(subcommand)]
     Members(MembersCommand),
+    /// Internal: started by `mount` to end its FUSE connection if the node is killed while stuck
+    /// on it (see fs/mount.rs `Guard`).
+    #[command(hide = true)]
+    GuardMount(GuardArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct GuardArgs {
+    /// The FUSE connection (minor number of the mount's device).
+    #[arg(long)]
+    pub connection: u32,
+    /// The node's mountpoint (the connection is aborted only while it is mounted there).
+    #[arg(long)]
+    pub mountpoint: PathBuf,
+    /// The node's PID.
+    #[arg(long)]
+    pub parent: u32,
 }
 
 impl Command {
@@ -92,6 +109,12 @@ pub struct MountArgs {
     /// start: a node with existing state restarts as the member it is.
     #[arg(long, env = "PICKBOX_JOIN", requires = "listen")]
     pub join: Option<String>,
+
+    /// Do not start the mount guard (a small child process that aborts the FUSE connection if
+    /// this node is killed, so the mount fails with ENOTCONN instead of possibly hanging until
+    /// the next start). For tests of the next start's own recovery.
+    #[arg(long, hide = true)]
+    pub no_mount_guard: bool,
 
     /// Take a snapshot (and compact the log) after this many log entries.
     #[arg(long, env = "PICKBOX_SNAPSHOT_ENTRIES", default_value_t = SNAPSHOT_ENTRIES_MAX,

@@ -70,6 +70,17 @@ fn main() -> ExitCode {
         LogFormat::Json => builder.json().init(),
     }
 
+    // The mount guard is a small process waiting for a signal: no async runtime.
+    if let cli::Command::GuardMount(args) = &cli.command {
+        return match pickbox::fs::run_guard(args.connection, &args.mountpoint, args.parent) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pickbox guard-mount: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+
     let mut rt_builder = tokio::runtime::Builder::new_multi_thread();
     if std::env::var_os(TOKIO_WORKER_THREADS_ENV).is_none() {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);

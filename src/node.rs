@@ -46,6 +46,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Cert(c) => run_cert(c),
         Command::Status(args) => run_status(args).await,
         Command::Members(c) => run_members(c).await,
+        Command::GuardMount(a) => Ok(fs::run_guard(a.connection, &a.mountpoint, a.parent)?),
     }
 }
 
@@ -383,6 +384,14 @@ async fn serve(
         .with_context(|| format!("mounting at {}", args.mountpoint.display()))?;
     tracing::info!(mountpoint = %args.mountpoint.display(), "mounted");
     fs::record_mount(data_dir, mounted.connection());
+    // Spawned from this (the main) thread: its parent-death signal comes when this thread ends.
+    let guard = mounted.connection().filter(|_| !args.no_mount_guard).and_then(|conn| match fs::Guard::spawn(conn, &args.mountpoint) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the mount guard: a kill -9 may leave the mount hanging until the next start");
+            None
+        }
+    });
 
     let mut tick = tokio::time::interval(SESSION_POLL);
     // A store fault on a replicated entry stops Raft without failing any local request.
@@ -404,6 +413,9 @@ async fn serve(
         Stop::Fatal(why) => tracing::error!(%why, "store failure: stopping the node (fail-stop)"),
     }
 
+    if let Some(g) = guard {
+        g.stop();
+    }
     tokio::task::spawn_blocking(move || mounted.unmount_and_join())
         .await
         .context("unmount task")?

@@ -287,6 +287,100 @@ pub fn clear_dying_predecessor(data_dir: &Path, mountpoint: &Path) {
     }
 }
 
+/// A child process that aborts the node's FUSE connection when the node's main thread ends
+/// without stopping it first (a `kill -9`, the OOM killer).
+///
+/// A killed node can stay half-dead, stuck on its own connection (see `clear_dying_predecessor`);
+/// until something aborts the connection, every program touching the mount hangs and the
+/// node's store stays locked. The guard learns of the death from its parent-death signal
+/// (`PR_SET_PDEATHSIG`, sent when the thread that spawned it ends: the node's main thread, which
+/// ends at once on SIGKILL, while the stuck thread cannot). A clean stop kills the guard first.
+/// If the guard dies too (a whole process group killed), the next start clears the connection.
+pub struct Guard {
+    child: std::process::Child,
+}
+
+/// The guard's parent-death signal (blocked in the guard and taken with sigwait).
+const GUARD_SIGNAL: libc::c_int = libc::SIGUSR1;
+
+impl Guard {
+    /// Start `pickbox guard-mount` for `connection` at `mountpoint`. Call from the main thread.
+    pub fn spawn(connection: u32, mountpoint: &Path) -> io::Result<Guard> {
+        use std::os::unix::process::CommandExt;
+        let exe = std::env::current_exe()?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("guard-mount")
+            .arg("--connection")
+            .arg(connection.to_string())
+            .arg("--mountpoint")
+            .arg(std::path::absolute(mountpoint)?)
+            .arg("--parent")
+            .arg(std::process::id().to_string())
+            .stdin(std::process::Stdio::null());
+        // SAFETY: only async-signal-safe calls between fork and exec. The signal is blocked
+        // before it can arrive (the mask survives exec), so the guard takes it with sigwait
+        // instead of dying of it.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, GUARD_SIGNAL);
+                if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0
+                    || libc::prctl(libc::PR_SET_PDEATHSIG, GUARD_SIGNAL as libc::c_ulong) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        tracing::debug!(pid = child.id(), connection, "mount guard started");
+        Ok(Guard { child })
+    }
+
+    /// A clean stop: end the guard before the unmount, so it never aborts anything.
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The guard process (`pickbox guard-mount`): wait for the parent-death signal, then abort
+/// `connection` if it is still the node's mount at `mountpoint`.
+pub fn run_guard(connection: u32, mountpoint: &Path, parent: u32) -> io::Result<()> {
+    // SAFETY: plain libc signal-set calls on a local set.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, GUARD_SIGNAL);
+        if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // The parent may have ended before the signal was armed: then it is no longer our parent.
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } as u32 == parent {
+        let mut sig = 0;
+        // SAFETY: set is initialised; sig is a valid out-parameter.
+        let rc = unsafe { libc::sigwait(&set, &mut sig) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+    }
+    let here = find_mount(mountpoint).is_some_and(|m| m.is_pickbox() && m.minor == connection);
+    if !here {
+        return Ok(());
+    }
+    tracing::warn!(
+        parent,
+        connection,
+        mountpoint = %mountpoint.display(),
+        "the node ended without unmounting (killed?): aborting its FUSE connection, so the mount fails with ENOTCONN instead of hanging"
+    );
+    abort_connection(connection);
+    Ok(())
+}
+
 /// Whether process `pid` is exiting (its main thread gone, or SIGKILL pending) while some of its
 /// threads still run or sleep in the kernel.
 fn is_dying(pid: u32) -> bool {
