@@ -385,7 +385,7 @@ async fn serve(
     tracing::info!(mountpoint = %args.mountpoint.display(), "mounted");
     fs::record_mount(data_dir, mounted.connection());
     // Spawned from this (the main) thread: its parent-death signal comes when this thread ends.
-    let guard = mounted.connection().filter(|_| !args.no_mount_guard).and_then(|conn| match fs::Guard::spawn(conn, &args.mountpoint) {
+    let guard = mounted.connection().filter(|_| !args.no_mount_guard).and_then(|conn| match fs::Guard::spawn(conn, mounted.mountpoint()) {
         Ok(g) => Some(g),
         Err(e) => {
             tracing::warn!(error = %e, "cannot start the mount guard: a kill -9 may leave the mount hanging until the next start");

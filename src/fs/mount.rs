@@ -113,6 +113,11 @@ impl Mounted {
         self.connection
     }
 
+    /// The mountpoint, canonical (as mountinfo lists it).
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
     /// Has the session ended (for example because someone ran `umount` on the mountpoint)?
     pub fn is_finished(&self) -> bool {
         self.session.guard.is_finished()
@@ -266,7 +271,8 @@ pub fn clear_dying_predecessor(data_dir: &Path, mountpoint: &Path) {
     // by fusectl and mounted nowhere else).
     let listed = connection_listed(conn);
     let here = find_mount(mountpoint).is_some_and(|m| m.is_pickbox() && m.minor == conn);
-    let elsewhere = mounts_of_connection(conn).iter().any(|p| std::path::absolute(mountpoint).ok().as_deref() != Some(p.as_path()));
+    let ours = as_mountinfo_path(mountpoint);
+    let elsewhere = mounts_of_connection(conn).iter().any(|p| ours.as_deref() != Some(p.as_path()));
     if !here && (elsewhere || !listed) {
         return;
     }
@@ -304,7 +310,8 @@ pub struct Guard {
 const GUARD_SIGNAL: libc::c_int = libc::SIGUSR1;
 
 impl Guard {
-    /// Start `pickbox guard-mount` for `connection` at `mountpoint`. Call from the main thread.
+    /// Start `pickbox guard-mount` for `connection` at `mountpoint` (as mountinfo lists it:
+    /// `Mounted::mountpoint`). Call from the main thread.
     pub fn spawn(connection: u32, mountpoint: &Path) -> io::Result<Guard> {
         use std::os::unix::process::CommandExt;
         let exe = std::env::current_exe()?;
@@ -313,7 +320,7 @@ impl Guard {
             .arg("--connection")
             .arg(connection.to_string())
             .arg("--mountpoint")
-            .arg(std::path::absolute(mountpoint)?)
+            .arg(mountpoint)
             .arg("--parent")
             .arg(std::process::id().to_string())
             .stdin(std::process::Stdio::null());
@@ -492,11 +499,20 @@ impl MountInfo {
     }
 }
 
-/// The innermost mount at exactly `path` (absolute, as mountinfo spells it), if any.
+/// The innermost mount at exactly `path`, if any.
 fn find_mount(path: &Path) -> Option<MountInfo> {
-    let abs = std::path::absolute(path).ok()?;
+    let abs = as_mountinfo_path(path)?;
     let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     parse_mountinfo(&text, abs.as_os_str().as_encoded_bytes())
+}
+
+/// `path` as mountinfo spells it (absolute, symbolic links resolved), without touching `path`
+/// itself: on a mount whose daemon is dead or stuck, even a stat of it can hang. Its parent is
+/// resolved instead.
+fn as_mountinfo_path(path: &Path) -> Option<PathBuf> {
+    let abs = std::path::absolute(path).ok()?;
+    let resolved = abs.parent().zip(abs.file_name()).and_then(|(parent, name)| parent.canonicalize().ok().map(|p| p.join(name)));
+    Some(resolved.unwrap_or(abs))
 }
 
 fn parse_mountinfo(text: &str, path: &[u8]) -> Option<MountInfo> {

@@ -540,6 +540,23 @@ fn two_nodes_replicate_over_encoded_rpcs() {
 
 #[test]
 fn learner_catches_up_by_snapshot_after_purge() {
+    learner_catches_up_by_snapshot(300_000, None);
+}
+
+/// A snapshot sent over a slow link (every chunk takes longer than openraft's default
+/// `install_snapshot_timeout` of 200 ms: 4 MiB chunks at under 20 MiB/s) still arrives and
+/// installs. Before, each chunk was cut off at 200 ms and the transfer restarted from the
+/// beginning for ever: the learner never caught up.
+#[test]
+fn a_snapshot_over_a_slow_link_still_installs() {
+    // Two snapshot chunks (SNAPSHOT_CHUNK_BYTES); every message over 1 MiB to the learner (the
+    // chunks) takes 500 ms.
+    learner_catches_up_by_snapshot(6 * 1024 * 1024, Some((1 << 20, Duration::from_millis(500))));
+}
+
+/// A leader with a file of `data_len` bytes purges its log behind a snapshot; a new learner
+/// (messages to it over `.0` bytes delayed by `.1`, if `slow`) must catch up by that snapshot.
+fn learner_catches_up_by_snapshot(data_len: u32, slow: Option<(usize, Duration)>) {
     let d1 = tempfile::tempdir().unwrap();
     let d2 = tempfile::tempdir().unwrap();
     rt().block_on(async {
@@ -547,8 +564,12 @@ fn learner_catches_up_by_snapshot_after_purge() {
         let a = Replica::start_with(cfg(d1.path()), MemTransport::on(&net, 1)).await.unwrap();
         net.add(1, &a);
         let f = make_file(&a, b"big").await;
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 239) as u8).collect();
-        a.propose(Caller::root(), Op::Write { ino: f.ino, offset: 0, data: data.clone(), append: false }).await.unwrap();
+        let data: Vec<u8> = (0..data_len).map(|i| (i % 239) as u8).collect();
+        // In pieces a log entry can hold.
+        for (k, piece) in data.chunks(1 << 20).enumerate() {
+            let write = Op::Write { ino: f.ino, offset: (k << 20) as u64, data: piece.to_vec(), append: false };
+            a.propose(Caller::root(), write).await.unwrap();
+        }
         // Sequential proposals: one entry each, enough to purge past SNAPSHOT_LOG_KEEP_ENTRIES.
         for i in 0..(SNAPSHOT_LOG_KEEP_ENTRIES + 100) {
             a.propose(Caller::root(), Op::SetXattr { ino: f.ino, name: b"user.n".to_vec(), value: i.to_le_bytes().to_vec(), flags: crate::state::XattrFlags::Any })
@@ -561,74 +582,27 @@ fn learner_catches_up_by_snapshot_after_purge() {
             assert!(t.elapsed() < Duration::from_secs(20), "no purge: {:?}", a.metrics());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        if let Some((bytes, delay)) = slow {
+            net.slow_to(2, bytes, delay);
+        }
         let mut c2 = cfg(d2.path());
         c2.node_id = 2;
         let b = Replica::start_joining(c2, MemTransport::on(&net, 2)).await.unwrap();
         net.add(2, &b);
-        a.add_learner(2, "mem:2".into()).await.unwrap();
+        let added = a.add_learner(2, "mem:2".into()).await;
         let target = a.applied_index().unwrap();
         let t = Instant::now();
         while b.applied_index().unwrap_or(0) < target {
-            assert!(t.elapsed() < Duration::from_secs(20), "learner stuck: {:?}", b.metrics());
+            assert!(t.elapsed() < Duration::from_secs(30), "learner stuck: {:?} (add_learner: {added:?})", b.metrics());
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        assert!(added.is_ok(), "{added:?}");
         assert!(b.metrics().snapshot_index.is_some(), "caught up by snapshot: {:?}", b.metrics());
         assert_eq!(read_file(&b, b"big"), data);
         let want = (SNAPSHOT_LOG_KEEP_ENTRIES + 99).to_le_bytes().to_vec();
         assert_eq!(b.read().unwrap().xattr(f.ino, b"user.n").unwrap(), Some(want));
         let snaps: Vec<_> = std::fs::read_dir(d2.path().join("snapshots")).unwrap().flatten().collect();
         assert_eq!(snaps.len(), 1, "{snaps:?}");
-        b.shutdown().await.unwrap();
-        a.shutdown().await.unwrap();
-    });
-}
-
-/// A snapshot sent over a slow link (every chunk takes longer than openraft's default
-/// `install_snapshot_timeout` of 200 ms: 4 MiB chunks at under 20 MiB/s) still arrives and
-/// installs. Before, each chunk was cut off at 200 ms and the transfer restarted from the
-/// beginning for ever: the learner never caught up.
-#[test]
-fn a_snapshot_over_a_slow_link_still_installs() {
-    let d1 = tempfile::tempdir().unwrap();
-    let d2 = tempfile::tempdir().unwrap();
-    rt().block_on(async {
-        let net = Arc::new(MemNet::default());
-        let a = Replica::start_with(cfg(d1.path()), MemTransport::on(&net, 1)).await.unwrap();
-        net.add(1, &a);
-        let f = make_file(&a, b"big").await;
-        // Two snapshot chunks (SNAPSHOT_CHUNK_BYTES), written in pieces a log entry can hold.
-        let data: Vec<u8> = (0..6 * 1024 * 1024u32).map(|i| (i % 241) as u8).collect();
-        for (k, piece) in data.chunks(1 << 20).enumerate() {
-            let write = Op::Write { ino: f.ino, offset: (k << 20) as u64, data: piece.to_vec(), append: false };
-            a.propose(Caller::root(), write).await.unwrap();
-        }
-        for i in 0..(SNAPSHOT_LOG_KEEP_ENTRIES + 100) {
-            a.propose(Caller::root(), Op::SetXattr { ino: f.ino, name: b"user.n".to_vec(), value: i.to_le_bytes().to_vec(), flags: crate::state::XattrFlags::Any })
-                .await
-                .unwrap();
-        }
-        a.trigger_snapshot().await.unwrap();
-        let t = Instant::now();
-        while a.metrics().purged_index.is_none() {
-            assert!(t.elapsed() < Duration::from_secs(20), "no purge: {:?}", a.metrics());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // Every message over 1 MiB to node 2 (the snapshot's chunks) takes 500 ms.
-        net.slow_to(2, 1 << 20, Duration::from_millis(500));
-        let mut c2 = cfg(d2.path());
-        c2.node_id = 2;
-        let b = Replica::start_joining(c2, MemTransport::on(&net, 2)).await.unwrap();
-        net.add(2, &b);
-        // (Waits a while for the learner; whether it says it caught up is checked below.)
-        let _ = a.add_learner(2, "mem:2".into()).await;
-        let target = a.applied_index().unwrap();
-        let t = Instant::now();
-        while b.applied_index().unwrap_or(0) < target {
-            assert!(t.elapsed() < Duration::from_secs(30), "learner stuck: {:?}", b.metrics());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(b.metrics().snapshot_index.is_some(), "caught up by snapshot: {:?}", b.metrics());
-        assert_eq!(read_file(&b, b"big"), data);
         b.shutdown().await.unwrap();
         a.shutdown().await.unwrap();
     });
