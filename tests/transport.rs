@@ -393,6 +393,55 @@ async fn dead_peer_is_unreachable_quickly() {
     client.shutdown().await;
 }
 
+/// Answers at once, except a body "hang", never answered (a peer that stopped answering).
+struct Mute;
+
+impl RpcHandler for Mute {
+    fn handle(&self, _peer: Option<NodeId>, _kind: RpcKind, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            if body == b"hang" {
+                std::future::pending::<()>().await;
+            }
+            Ok(body)
+        })
+    }
+}
+
+/// Calls that their callers give up unanswered, `UNANSWERED_CALLS_MAX` in a row, make the next
+/// call dial anew: a peer that crashed and came back at once is reached again within a few
+/// heartbeats (openraft gives one up after 100 ms) instead of after the idle timeout. An answer
+/// in between starts the count again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_given_up_unanswered_make_the_next_call_dial_anew() {
+    use pickbox::transport::quic::UNANSWERED_CALLS_MAX;
+    logs();
+    let root = tempfile::tempdir().unwrap();
+    pki(root.path(), "ca", &[1, 2]);
+    let server = bind(1, identity(root.path(), "ca", 1));
+    server.attach(Arc::new(Mute));
+    let client = bind(2, identity(root.path(), "ca", 2));
+    let addr = server.local_addr().to_string();
+    let call = |body: &'static [u8]| client.call(1, &addr, RpcKind::AppendEntries, body.to_vec());
+    let give_up = |body: &'static [u8]| async move {
+        assert!(tokio::time::timeout(Duration::from_millis(100), call(body)).await.is_err(), "answered");
+    };
+    assert_eq!(call(b"ok").await.unwrap(), b"ok");
+    assert_eq!(client.stats().dials, 1);
+    for _ in 1..UNANSWERED_CALLS_MAX {
+        give_up(b"hang").await;
+    }
+    assert_eq!(call(b"ok").await.unwrap(), b"ok");
+    for _ in 1..UNANSWERED_CALLS_MAX {
+        give_up(b"hang").await;
+    }
+    assert_eq!(client.stats().dials, 1, "an answer between the unanswered calls keeps the connection");
+    give_up(b"hang").await;
+    assert_eq!(call(b"ok").await.unwrap(), b"ok");
+    assert_eq!(client.stats().dials, 2, "the call after {UNANSWERED_CALLS_MAX} unanswered ones dialled anew");
+    server.shutdown().await;
+    client.shutdown().await;
+}
+
 /// A learner that joins after many large writes must catch up through large AppendEntries.
 /// openraft 0.9 bounds every AppendEntries by `heartbeat_interval` (100 ms here); the network
 /// adapter refuses messages over `APPEND_ENTRIES_BYTES_MAX` with a hint, so openraft sends fewer

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once, RwLock};
 use std::time::Duration;
 
@@ -41,6 +41,13 @@ pub const CALL_TIMEOUT_MS: u64 = 10_000;
 pub const KEEP_ALIVE_MS: u64 = 1_000;
 /// A connection with no traffic (not even keep-alives) for this long is dead.
 pub const IDLE_TIMEOUT_MS: u32 = 5_000;
+/// After this many calls in a row on one cached connection were given up by their callers before
+/// any answer came, the next call dials anew (the old connection is left to finish what is in
+/// flight). openraft gives up a heartbeat after 100 ms: a peer that crashed and restarted at once
+/// is reached again within a few heartbeats instead of after `IDLE_TIMEOUT_MS`, during which it
+/// heard from no leader and called elections (seen: a killed follower restarted, waited 5 s for
+/// the leader, and its higher term then unseated the leader).
+pub const UNANSWERED_CALLS_MAX: u32 = 3;
 /// Concurrent RPC streams a peer may open on one connection.
 pub const STREAMS_PER_CONNECTION_MAX: u32 = 128;
 /// Concurrent incoming connections; beyond this new ones are refused.
@@ -186,6 +193,30 @@ impl Drop for Held<'_> {
 struct Cached {
     addr: SocketAddr,
     conn: Connection,
+    /// Calls given up by their callers in a row without an answer (see `UNANSWERED_CALLS_MAX`).
+    unanswered: Arc<AtomicU32>,
+}
+
+/// Counts a call its caller gave up (dropped) before it ended; see `UNANSWERED_CALLS_MAX`.
+struct Unanswered<'a> {
+    inner: &'a Inner,
+    target: NodeId,
+    conn: &'a Connection,
+    count: &'a AtomicU32,
+    ended: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= UNANSWERED_CALLS_MAX {
+            tracing::debug!(node = self.inner.node_id, target = self.target, n, "calls unanswered in a row: the next call dials anew");
+            self.inner.forget(self.target, self.conn);
+        }
+    }
 }
 
 type PeerSlot = Arc<tokio::sync::Mutex<Option<Cached>>>;
@@ -534,9 +565,15 @@ impl Inner {
         kind: Option<RpcKind>,
     ) -> Result<Vec<u8>, TransportError> {
         let sock = resolve(addr).await.map_err(|e| TransportError::Unreachable(target, e))?;
-        let conn = self.connection(target, sock).await?;
+        let (conn, unanswered) = self.connection(target, sock).await?;
         let timeout = call_timeout(kind);
+        let mut pending = Unanswered { inner: self, target, conn: &conn, count: &unanswered, ended: false };
         let call = tokio::time::timeout(timeout, exchange_on(&conn, chunks)).await;
+        pending.ended = true;
+        drop(pending);
+        if matches!(call, Ok(Ok(_)) | Ok(Err(Failure::Stream(_)))) {
+            unanswered.store(0, Ordering::Relaxed);
+        }
         let reply = match call {
             Err(_) => {
                 self.forget(target, &conn);
@@ -559,12 +596,12 @@ impl Inner {
 
     /// The cached connection to `target`, or a new one if there is none, it failed, or the
     /// address changed. Concurrent calls to one peer share one dial.
-    async fn connection(&self, target: NodeId, addr: SocketAddr) -> Result<Connection, TransportError> {
+    async fn connection(&self, target: NodeId, addr: SocketAddr) -> Result<(Connection, Arc<AtomicU32>), TransportError> {
         let slot = self.peers.lock().unwrap_or_else(|e| e.into_inner()).entry(target).or_default().clone();
         let mut cached = slot.lock().await;
         if let Some(c) = cached.as_ref() {
             if c.addr == addr && c.conn.close_reason().is_none() {
-                return Ok(c.conn.clone());
+                return Ok((c.conn.clone(), c.unanswered.clone()));
             }
         }
         *cached = None;
@@ -587,8 +624,9 @@ impl Inner {
             Ok(Ok(c)) => c,
         };
         tracing::info!(node = self.node_id, target, %addr, peer = %peer_name(&conn), "connected to peer");
-        *cached = Some(Cached { addr, conn: conn.clone() });
-        Ok(conn)
+        let unanswered = Arc::new(AtomicU32::new(0));
+        *cached = Some(Cached { addr, conn: conn.clone(), unanswered: unanswered.clone() });
+        Ok((conn, unanswered))
     }
 
     /// Drop `conn` from the cache (if it is still the cached one) so the next call redials.
