@@ -22,7 +22,7 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// A SIGKILLed node not gone after this long is stuck in the kernel on its FUSE connection (a
 /// thread in a cache invalidation that waits for a directory lock a pending request holds); its
 /// next start must clear it (`pickbox mount` aborts the connection of a dying predecessor).
-const KILL_WAIT: Duration = Duration::from_secs(3);
+const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How long a restart may take to clear a stuck predecessor.
 const DYING_WAIT: Duration = Duration::from_secs(15);
 /// A node still running this long after its test started is killed (SIGKILL), so that a hung
@@ -397,7 +397,10 @@ impl Drop for Node {
                     abort_fuse_connection(c);
                 }
                 let _ = child.kill();
-                let _ = child.wait();
+                // Bounded: a process that still cannot exit must not hang the test run.
+                if !wait_until(STOP_TIMEOUT, || child.try_wait().ok().flatten().is_some()) {
+                    eprintln!("node: pid {} still there after its connection was aborted", child.id());
+                }
             }
         }
         if is_mounted(&self.mnt) {
