@@ -314,8 +314,9 @@ impl Guard {
     /// `Mounted::mountpoint`). Call from the main thread.
     pub fn spawn(connection: u32, mountpoint: &Path) -> io::Result<Guard> {
         use std::os::unix::process::CommandExt;
-        let exe = std::env::current_exe()?;
-        let mut cmd = std::process::Command::new(exe);
+        // This very binary, even if its file was replaced or removed since (a rebuild while the
+        // node runs): /proc/self/exe still names the running one.
+        let mut cmd = std::process::Command::new("/proc/self/exe");
         cmd.arg("guard-mount")
             .arg("--connection")
             .arg(connection.to_string())
