@@ -194,8 +194,7 @@ impl<S: StateWrite + ?Sized> Blocks<'_, S> {
     fn drop_ref(&mut self, hash: &Hash) -> StoreResult<()> {
         let refs = self.s.block_refs(hash)?;
         if refs <= 1 {
-            let len = self.s.block_data(hash)?.map_or(0, |d| d.len() as u64);
-            self.s.del_block(hash)?;
+            let len = self.s.del_block(hash)?;
             self.meta.block_count = self.meta.block_count.saturating_sub(1);
             self.meta.block_bytes = self.meta.block_bytes.saturating_sub(len);
             Ok(())

@@ -168,10 +168,9 @@ impl StateWrite for MemState {
         Ok(())
     }
 
-    fn del_block(&mut self, hash: &Hash) -> StoreResult<()> {
-        self.blocks.remove(hash);
+    fn del_block(&mut self, hash: &Hash) -> StoreResult<u64> {
         self.block_refs.remove(hash);
-        Ok(())
+        Ok(self.blocks.remove(hash).map_or(0, |d| d.len() as u64))
     }
 
     fn put_xattr(&mut self, ino: Ino, name: &[u8], value: &[u8]) -> StoreResult<()> {

@@ -73,7 +73,8 @@ pub trait StateWrite: StateRead {
     fn put_block_data(&mut self, hash: &Hash, data: &[u8]) -> StoreResult<()>;
     /// Set the reference count; the caller deletes the data when it reaches 0.
     fn put_block_refs(&mut self, hash: &Hash, refs: u64) -> StoreResult<()>;
-    fn del_block(&mut self, hash: &Hash) -> StoreResult<()>;
+    /// Delete a block's data and count; returns the bytes its data held.
+    fn del_block(&mut self, hash: &Hash) -> StoreResult<u64>;
     fn put_xattr(&mut self, ino: Ino, name: &[u8], value: &[u8]) -> StoreResult<()>;
     fn del_xattr(&mut self, ino: Ino, name: &[u8]) -> StoreResult<()>;
     fn put_orphan(&mut self, ino: Ino, orphan: &Orphan) -> StoreResult<()>;

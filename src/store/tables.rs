@@ -906,16 +906,22 @@ impl StateWrite for StateTxn<'_> {
         self.block_refs.insert(&hash[..], refs).map_err(fault)?;
         Ok(())
     }
-    fn del_block(&mut self, hash: &Hash) -> StoreResult<()> {
+    fn del_block(&mut self, hash: &Hash) -> StoreResult<u64> {
         let id = self.block_ids_table()?.get(&hash[..]).map_err(fault)?.map(|v| v.value());
+        let mut freed = 0;
         if let Some(id) = id {
             self.block_ids.remove(&hash[..]).map_err(fault)?;
             self.block_hashes.remove(id).map_err(fault)?;
-            self.block_data.remove(id).map_err(fault)?;
-            self.block_tails.remove(id).map_err(fault)?;
+            // The removed values tell the block's length: no read (nor check) of its bytes.
+            if let Some(head) = self.block_data.table_mut().map_err(fault)?.remove(id).map_err(fault)? {
+                freed += head.value().len().saturating_sub(BLOCK_CHECK_BYTES) as u64;
+            }
+            if let Some(tail) = self.block_tails.table_mut().map_err(fault)?.remove(id).map_err(fault)? {
+                freed += tail.value().len() as u64;
+            }
         }
         self.block_refs.remove(&hash[..]).map_err(fault)?;
-        Ok(())
+        Ok(freed)
     }
     fn put_xattr(&mut self, ino: Ino, name: &[u8], value: &[u8]) -> StoreResult<()> {
         self.xattrs.insert((ino, name), value).map_err(fault)?;

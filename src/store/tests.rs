@@ -266,10 +266,10 @@ fn a_flipped_bit_or_a_cut_in_a_stored_block_is_an_error_not_data() {
     assert!(store.read().unwrap().block_data(&h).is_err(), "a cut head");
     put(&head[..5], &[]);
     assert!(store.read().unwrap().block_data(&h).is_err(), "a head shorter than its check value");
-    // Freeing the block removes both parts.
+    // Freeing the block removes both parts and tells the bytes freed.
     put(&head, &tail);
     let id = block_id(&store, &h);
-    store.write_state(false, |t| t.del_block(&h)).unwrap();
+    assert_eq!(store.write_state(false, |t| t.del_block(&h)).unwrap(), data.len() as u64);
     let v = store.read().unwrap();
     assert!(v.block_data(&h).unwrap().is_none());
     assert!(v.block_ids_table().unwrap().get(&h[..]).unwrap().is_none());
@@ -290,6 +290,38 @@ fn corrupted_block_is_an_error_not_data() {
     // Sanity: the table really holds the corrupted bytes.
     assert_eq!(v.block_data_table().unwrap().get(block_id(&store, &h)).unwrap().unwrap().value(), b"evil data");
     let _ = BLOCK_DATA;
+}
+
+#[test]
+fn a_file_with_a_corrupt_block_can_still_be_truncated_and_removed() {
+    let (_d, store) = tmp_store();
+    let data: Vec<u8> = (0..3 * 65_536u32).map(|i| (i % 253) as u8).collect();
+    let ops = [
+        Op::Init { perm: 0o755, uid: 0, gid: 0 },
+        Op::MakeNode { parent: ROOT_INO, name: b"f".to_vec(), kind: FileKind::File, perm: 0o644, rdev: 0 },
+        Op::Write { ino: 2, offset: 0, data: data.clone(), append: false },
+    ];
+    for (i, op) in ops.into_iter().enumerate() {
+        store.write_state(false, |t| apply(t, &cmd(i as u64 + 1, op))).unwrap().unwrap();
+    }
+    let block = |i: usize| sha256(&data[i * 65_536..(i + 1) * 65_536]);
+    for i in [0, 2] {
+        let (mut head, tail) = raw_block(&store, &block(i));
+        head[100] ^= 0x40;
+        put_raw_block(&store, &block(i), &head, &tail);
+        assert!(store.read().unwrap().block_data(&block(i)).is_err());
+    }
+    assert_eq!(store.read().unwrap().meta().unwrap().block_bytes, 3 * 65_536);
+    // Freeing a block only drops it: the damaged bytes are neither read nor a fault.
+    let truncate = Op::SetAttr { ino: 2, perm: None, uid: None, gid: None, size: Some(65_536 + 10), atime: None, mtime: None };
+    store.write_state(false, |t| apply(t, &cmd(4, truncate))).unwrap().unwrap();
+    let meta = store.read().unwrap().meta().unwrap();
+    assert_eq!((meta.block_count, meta.block_bytes), (2, 65_536 + 10));
+    let unlink = Op::Unlink { parent: ROOT_INO, name: b"f".to_vec(), expect_closed: Some(2) };
+    store.write_state(false, |t| apply(t, &cmd(5, unlink))).unwrap().unwrap();
+    let meta = store.read().unwrap().meta().unwrap();
+    assert_eq!((meta.block_count, meta.block_bytes), (0, 0));
+    assert!(store.read().unwrap().block_data(&block(0)).unwrap().is_none());
 }
 
 #[test]
