@@ -126,11 +126,15 @@ fn digest_entries(entries: &[Ent]) -> Vec<Vec<Digested<'_>>> {
 
 /// Durable entries kept in memory until applied, at most this many encoded bytes: apply reads the
 /// entries it just committed from here instead of reading (copying) and decoding them from the log.
-/// One full batch (BATCH_PAYLOAD_BYTES_MAX, plus its encoding overhead) more than can be in
-/// flight fits. The payload is shared with the entries openraft holds for those batches anyway
-/// (`Batch` is reference-counted), so this costs little memory of its own; before entries were
-/// shared, 16 MiB pushed the peak RSS of a 256 MiB write of distinct data over 150 MiB.
-pub const RECENT_BYTES_MAX: usize = (super::BATCHES_IN_FLIGHT_MAX + 1) * (super::BATCH_PAYLOAD_BYTES_MAX + 64 * 1024);
+/// Twice the full batches (BATCH_PAYLOAD_BYTES_MAX, plus encoding overhead) that can be in flight
+/// plus one fit: the slower of two followers runs up to about two batches behind the faster one,
+/// which was right at the edge of a bound of one times; once past it, that follower read every
+/// entry back from the log for the rest of the write (1 to 3 of 6 measured 256 MiB writes, 7-20%
+/// of the leader's CPU; none of 8 at twice). The payload is shared with the entries openraft holds
+/// for those batches anyway (`Batch` is reference-counted), so this costs little memory of its
+/// own (leader peak RSS 109-128 MiB in that write); before entries were shared, 16 MiB pushed
+/// the peak RSS of a 256 MiB write of distinct data over 150 MiB.
+pub const RECENT_BYTES_MAX: usize = 2 * (super::BATCHES_IN_FLIGHT_MAX + 1) * (super::BATCH_PAYLOAD_BYTES_MAX + 64 * 1024);
 
 /// Entries in memory: `pending` (appended, not yet durable: the only readable copy) and `recent`
 /// (durable, not yet applied; a copy of what the log holds, dropped when applied or when over
