@@ -134,13 +134,47 @@ pub const SNAPSHOT_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 /// A snapshot chunk other than the last may take this long to reach the follower and be stored
 /// (4 MiB: a link of at least ~400 KiB/s; the QUIC server waits as long for a request's bytes)...
 pub const SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 10_000;
-/// ...and the last one this long, because the follower answers it only once it has installed the
-/// whole snapshot (its state replaced in one transaction: time grows with the state's size).
+/// ...and the last one this long plus `SNAPSHOT_INSTALL_MS_PER_GIB` for every GiB of the snapshot
+/// (`SnapshotInstallBound`), because the follower answers it only once it has installed the whole
+/// snapshot (its state replaced in one transaction: time grows with the state's size).
 /// openraft's default (`install_snapshot_timeout`, 200 ms, for every chunk) cut off each chunk of a
 /// link under 20 MiB/s and every install slower than that, and the leader then started the whole
 /// transfer again, for ever. A dead peer is still noticed at once: the QUIC connection fails after
 /// `IDLE_TIMEOUT_MS` without traffic, and the call with it.
 pub const SNAPSHOT_INSTALL_TIMEOUT_MS: u64 = 600_000;
+/// Installing a snapshot took 11.6 s per GiB of file data here (`cargo bench --bench snapshot`):
+/// with a fixed 10 min bound a state over ~50 GiB could never catch a follower up. Ten times that
+/// rate is allowed, for slower disks.
+pub const SNAPSHOT_INSTALL_MS_PER_GIB: u64 = 120_000;
+/// The outer bound openraft (`install_snapshot_timeout`) and the transport put on every snapshot
+/// call; the network adapter bounds each chunk itself, sooner (see above).
+pub const SNAPSHOT_CALL_TIMEOUT_CEILING_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// How long the leader waits for the answer to a snapshot's last chunk: `base` plus `per_gib` for
+/// every GiB of the snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotInstallBound {
+    pub base: Duration,
+    pub per_gib: Duration,
+}
+
+impl Default for SnapshotInstallBound {
+    fn default() -> Self {
+        SnapshotInstallBound {
+            base: Duration::from_millis(SNAPSHOT_INSTALL_TIMEOUT_MS),
+            per_gib: Duration::from_millis(SNAPSHOT_INSTALL_MS_PER_GIB),
+        }
+    }
+}
+
+impl SnapshotInstallBound {
+    /// The bound for a snapshot of `bytes` (capped at `SNAPSHOT_CALL_TIMEOUT_CEILING_MS`).
+    pub fn for_bytes(&self, bytes: u64) -> Duration {
+        let scaled = self.per_gib.as_secs_f64() * bytes as f64 / (1u64 << 30) as f64;
+        let ceiling = Duration::from_millis(SNAPSHOT_CALL_TIMEOUT_CEILING_MS);
+        (self.base + Duration::from_secs_f64(scaled.min(ceiling.as_secs_f64()))).min(ceiling)
+    }
+}
 /// A read barrier waits at most this long (or the propose timeout, if shorter) for the read
 /// index; then the read is served from the local replica (design decision 10: reads go on without
 /// quorum). An election after a leader failure takes 0.4-0.8 s (the election timeout) plus a vote.
@@ -183,6 +217,8 @@ pub struct ReplicaConfig {
     /// Snapshot (and purge) when the log on disk holds more than this many bytes, or the size of
     /// the last snapshot if that is larger (`SNAPSHOT_LOG_BYTES_MAX` by default; tests lower it).
     pub snapshot_log_bytes: u64,
+    /// How long a snapshot's last chunk may wait for the follower's install (tests lower it).
+    pub snapshot_install: SnapshotInstallBound,
 }
 
 impl ReplicaConfig {
@@ -195,6 +231,7 @@ impl ReplicaConfig {
             advertise_addr: String::new(),
             snapshot_entries: SNAPSHOT_ENTRIES_MAX,
             snapshot_log_bytes: SNAPSHOT_LOG_BYTES_MAX,
+            snapshot_install: SnapshotInstallBound::default(),
         }
     }
 }
@@ -335,8 +372,8 @@ pub fn raft_config(snapshot_entries: u64) -> anyhow::Result<Config> {
         snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_entries),
         max_in_snapshot_log_to_keep: SNAPSHOT_LOG_KEEP_ENTRIES,
         snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
-        // The bound on every chunk's call; network.rs cuts a chunk other than the last sooner.
-        install_snapshot_timeout: SNAPSHOT_INSTALL_TIMEOUT_MS,
+        // The outer bound on every chunk's call; network.rs bounds each chunk itself, sooner.
+        install_snapshot_timeout: SNAPSHOT_CALL_TIMEOUT_CEILING_MS,
         ..Default::default()
     };
     Ok(c.validate()?)
@@ -431,7 +468,7 @@ impl Replica {
             .with_events(cfg.node_id, applied_tx.clone())
             .with_waiters(cfg.node_id, waiters.clone());
         let raft =
-            Raft::new(cfg.node_id, Arc::new(raft_config(cfg.snapshot_entries)?), network::Network::new(transport.clone()), log, sm)
+            Raft::new(cfg.node_id, Arc::new(raft_config(cfg.snapshot_entries)?), network::Network::new(transport.clone()).snapshot_install(cfg.snapshot_install), log, sm)
                 .await?;
         let (queue, rx) = tokio::sync::mpsc::channel(PROPOSE_QUEUE_MAX);
         let replica = Arc::new(Replica {

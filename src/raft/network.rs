@@ -18,7 +18,7 @@ use openraft::{AnyError, BasicNode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::TypeConfig;
+use super::{SnapshotInstallBound, TypeConfig};
 use crate::state::NodeId;
 use crate::store::codec::{decode, encode};
 
@@ -71,11 +71,18 @@ impl PeerTransport for NoPeers {
 #[derive(Clone)]
 pub struct Network {
     transport: Arc<dyn PeerTransport>,
+    snapshot_install: SnapshotInstallBound,
 }
 
 impl Network {
     pub fn new(transport: Arc<dyn PeerTransport>) -> Self {
-        Network { transport }
+        Network { transport, snapshot_install: SnapshotInstallBound::default() }
+    }
+
+    /// How long a snapshot's last chunk may wait for the follower's install.
+    pub fn snapshot_install(mut self, bound: SnapshotInstallBound) -> Self {
+        self.snapshot_install = bound;
+        self
     }
 }
 
@@ -83,7 +90,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
-        PeerClient { target, addr: node.addr.clone(), transport: self.transport.clone() }
+        PeerClient { target, addr: node.addr.clone(), transport: self.transport.clone(), snapshot_install: self.snapshot_install }
     }
 }
 
@@ -92,6 +99,7 @@ pub struct PeerClient {
     target: NodeId,
     addr: String,
     transport: Arc<dyn PeerTransport>,
+    snapshot_install: SnapshotInstallBound,
 }
 
 impl PeerClient {
@@ -155,17 +163,19 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         _option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
     {
-        // openraft bounds every chunk by `install_snapshot_timeout` (SNAPSHOT_INSTALL_TIMEOUT_MS,
-        // long enough for the install the last chunk waits for); the others get a bound of their
-        // own, so a lost one is sent again soon (openraft retries a failed chunk a few times).
-        if rpc.done {
-            return self.call(RpcKind::InstallSnapshot, &rpc).await;
-        }
-        let bound = std::time::Duration::from_millis(super::SNAPSHOT_CHUNK_TIMEOUT_MS);
+        // Every chunk gets a bound of its own (openraft's, `install_snapshot_timeout`, is only a
+        // ceiling): a chunk other than the last is sent again soon if lost (openraft retries a
+        // failed chunk a few times); the last one is answered only after the follower has
+        // installed the whole snapshot, which takes time in proportion to its size.
+        let (bound, what) = if rpc.done {
+            (self.snapshot_install.for_bytes(rpc.offset + rpc.data.len() as u64), "installed")
+        } else {
+            (std::time::Duration::from_millis(super::SNAPSHOT_CHUNK_TIMEOUT_MS), "stored")
+        };
         match tokio::time::timeout(bound, self.call(RpcKind::InstallSnapshot, &rpc)).await {
             Ok(res) => res,
             Err(_) => {
-                let e = AnyError::error(format!("snapshot chunk at offset {} not stored within {bound:?}", rpc.offset));
+                let e = AnyError::error(format!("snapshot chunk at offset {} not {what} within {bound:?}", rpc.offset));
                 Err(RPCError::Network(NetworkError::new(&e)))
             }
         }

@@ -540,7 +540,7 @@ fn two_nodes_replicate_over_encoded_rpcs() {
 
 #[test]
 fn learner_catches_up_by_snapshot_after_purge() {
-    learner_catches_up_by_snapshot(300_000, None);
+    learner_catches_up_by_snapshot(300_000, None, SnapshotInstallBound::default());
 }
 
 /// A snapshot sent over a slow link (every chunk takes longer than openraft's default
@@ -551,17 +551,29 @@ fn learner_catches_up_by_snapshot_after_purge() {
 fn a_snapshot_over_a_slow_link_still_installs() {
     // Two snapshot chunks (SNAPSHOT_CHUNK_BYTES); every message over 1 MiB to the learner (the
     // chunks) takes 500 ms.
-    learner_catches_up_by_snapshot(6 * 1024 * 1024, Some((1 << 20, Duration::from_millis(500))));
+    learner_catches_up_by_snapshot(6 * 1024 * 1024, Some((1 << 20, Duration::from_millis(500))), SnapshotInstallBound::default());
+}
+
+/// The answer to a snapshot's last chunk comes only after the follower installed the whole
+/// snapshot, so the leader waits for it in proportion to the snapshot's size: here the base bound
+/// (300 ms) is shorter than the link's delay (500 ms), and only the allowance per GiB (6 MiB:
+/// 2.3 s) lets the answer arrive. With a fixed bound a state whose install took longer than it
+/// (~50 GiB at 10 min) could never catch a follower up: each transfer was cut off and begun again.
+#[test]
+fn the_last_snapshot_chunk_waits_in_proportion_to_the_snapshot_size() {
+    let bound = SnapshotInstallBound { base: Duration::from_millis(300), per_gib: Duration::from_secs(400) };
+    learner_catches_up_by_snapshot(6 * 1024 * 1024, Some((1 << 20, Duration::from_millis(500))), bound);
 }
 
 /// A leader with a file of `data_len` bytes purges its log behind a snapshot; a new learner
 /// (messages to it over `.0` bytes delayed by `.1`, if `slow`) must catch up by that snapshot.
-fn learner_catches_up_by_snapshot(data_len: u32, slow: Option<(usize, Duration)>) {
+fn learner_catches_up_by_snapshot(data_len: u32, slow: Option<(usize, Duration)>, install: SnapshotInstallBound) {
     let d1 = tempfile::tempdir().unwrap();
     let d2 = tempfile::tempdir().unwrap();
     rt().block_on(async {
         let net = Arc::new(MemNet::default());
-        let a = Replica::start_with(cfg(d1.path()), MemTransport::on(&net, 1)).await.unwrap();
+        let leader_cfg = ReplicaConfig { snapshot_install: install, ..cfg(d1.path()) };
+        let a = Replica::start_with(leader_cfg, MemTransport::on(&net, 1)).await.unwrap();
         net.add(1, &a);
         let f = make_file(&a, b"big").await;
         let data: Vec<u8> = (0..data_len).map(|i| (i % 239) as u8).collect();

@@ -90,9 +90,9 @@ pub const MEMBERSHIP_CALL_TIMEOUT_MS: u64 = 60_000;
 pub fn call_timeout(kind: Option<RpcKind>) -> Duration {
     match kind {
         Some(RpcKind::Join | RpcKind::Remove) => Duration::from_millis(MEMBERSHIP_CALL_TIMEOUT_MS),
-        // The last chunk is answered after the whole snapshot is installed (the other chunks are
-        // bounded sooner by the Raft network adapter).
-        Some(RpcKind::InstallSnapshot) => Duration::from_millis(crate::raft::SNAPSHOT_INSTALL_TIMEOUT_MS),
+        // The last chunk is answered after the whole snapshot is installed; the Raft network
+        // adapter bounds every chunk itself (the last one in proportion to the snapshot's size).
+        Some(RpcKind::InstallSnapshot) => Duration::from_millis(crate::raft::SNAPSHOT_CALL_TIMEOUT_CEILING_MS),
         _ => Duration::from_millis(CALL_TIMEOUT_MS),
     }
 }
