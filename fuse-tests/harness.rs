@@ -470,39 +470,18 @@ fn start_watchdog(watched: Arc<Mutex<Option<u32>>>, mnt: PathBuf, seconds_max: u
 
 /// Whether `/proc/self/mountinfo` lists `mnt` as a mountpoint.
 pub fn is_mounted(mnt: &Path) -> bool {
-    let want = mnt.as_os_str().as_bytes();
-    let text = match fs::read("/proc/self/mountinfo") {
-        Ok(t) => t,
-        Err(_) => return false,
-    };
-    text.split(|&b| b == b'\n').any(|line| {
-        line.split(|&b| b == b' ').nth(4).map(unescape_mountinfo).as_deref() == Some(want)
-    })
+    pickbox::fs::is_mount_point(mnt)
 }
 
-/// The FUSE connection number (minor of the device) of the mount at `mnt`, from mountinfo only
-/// (nothing that could wait on the mount).
+/// The FUSE connection number of the mount at `mnt`, from mountinfo only (nothing that could
+/// wait on the mount).
 pub fn fuse_connection(mnt: &Path) -> Option<u32> {
-    let want = mnt.as_os_str().as_bytes();
-    let text = fs::read("/proc/self/mountinfo").ok()?;
-    text.split(|&b| b == b'\n').rev().find_map(|line| {
-        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
-        if fields.get(4).map(|f| unescape_mountinfo(f)).as_deref() != Some(want) {
-            return None;
-        }
-        let dev = std::str::from_utf8(fields.get(2)?).ok()?;
-        dev.split_once(':')?.1.parse().ok()
-    })
+    pickbox::fs::fuse_connection(mnt)
 }
 
-/// Aborts FUSE connection `conn` through fusectl (mounted first if needed): every request
-/// waiting on it fails with ENOTCONN.
+/// Aborts FUSE connection `conn` through fusectl: every request waiting on it fails with ENOTCONN.
 pub fn abort_fuse_connection(conn: u32) {
-    let dir = Path::new("/sys/fs/fuse/connections");
-    if !dir.join(conn.to_string()).exists() {
-        let _ = Command::new("mount").args(["-t", "fusectl", "none"]).arg(dir).status();
-    }
-    match fs::write(dir.join(conn.to_string()).join("abort"), b"1") {
+    match pickbox::fs::abort_fuse_connection(conn) {
         Ok(()) => eprintln!("node: aborted FUSE connection {conn}"),
         Err(e) => eprintln!("node: cannot abort FUSE connection {conn}: {e}"),
     }
@@ -534,26 +513,6 @@ fn statfs(mnt: &Path) -> Result<libc::statfs, i32> {
         Ok(_) => Ok(st),
         Err(e) => Err(e.raw_os_error().unwrap_or(libc::EIO)),
     }
-}
-
-/// Undoes the octal escapes (`\040` for space) of a mountinfo field.
-fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while i < field.len() {
-        let octal = field.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        // `\ooo` with a value above 0o377 is not an escape the kernel writes: keep it as text
-        // rather than wrap around in a u8.
-        let value = octal.map(|d| d.iter().fold(0u32, |v, &c| v * 8 + u32::from(c - b'0')));
-        if let (b'\\', Some(v)) = (field[i], value.and_then(|v| u8::try_from(v).ok())) {
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(field[i]);
-            i += 1;
-        }
-    }
-    out
 }
 
 /// `umount -l`: detach the mount even if its daemon is gone.
@@ -680,15 +639,3 @@ pub fn coarse_now() -> (i64, i64) {
     (ts.tv_sec, ts.tv_nsec)
 }
 
-#[test]
-fn mountinfo_unescape() {
-    assert_eq!(unescape_mountinfo(br"/tmp/a\040b"), b"/tmp/a b");
-    // An escape at the very end of the field (the old bound missed it).
-    assert_eq!(unescape_mountinfo(br"/tmp/a\134"), b"/tmp/a\\");
-    assert_eq!(unescape_mountinfo(br"\011"), b"\t");
-    // Not escapes: too short, not octal, or above 0o377 (which must not wrap around).
-    assert_eq!(unescape_mountinfo(br"/x\04"), br"/x\04");
-    assert_eq!(unescape_mountinfo(br"/x\09a"), br"/x\09a");
-    assert_eq!(unescape_mountinfo(br"/x\777"), br"/x\777");
-    assert_eq!(unescape_mountinfo(br"\"), br"\");
-}

@@ -33,7 +33,10 @@ use crate::config::WRITE_BYTES_MAX;
 use crate::state::{Caller, Errno, FallocMode, FileKind, HashedOp, Op, RenameFlags, SetTime, XattrFlags};
 
 pub use errno::{FsError, FsResult};
-pub use mount::{check_mountpoint, clear_dying_predecessor, clear_mount_record, mount, record_mount, run_guard, Guard, Mounted};
+pub use mount::{
+    abort_fuse_connection, check_mountpoint, clear_dying_predecessor, clear_mount_record, fuse_connection, is_mount_point, mount, record_mount,
+    run_guard, Guard, Mounted,
+};
 pub use ops::Ops;
 
 /// How long the kernel may cache attributes and entries. All changes on a single node go through

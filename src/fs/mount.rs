@@ -205,16 +205,32 @@ fn unmount(mountpoint: &Path) {
     }
 }
 
-/// Abort FUSE connection `conn` through fusectl (mounting fusectl first if needed).
-fn abort_connection(conn: u32) {
-    let dir = Path::new(FUSECTL_DIR);
+/// Abort FUSE connection `conn` through fusectl (mounting fusectl first if needed): every request
+/// waiting on it fails with ENOTCONN, and so does every later one on its mount.
+pub fn abort_fuse_connection(conn: u32) -> io::Result<()> {
     if !connection_listed(conn) {
-        tracing::error!(conn, "fusectl does not list the FUSE connection: cannot abort it");
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("fusectl does not list FUSE connection {conn}")));
     }
-    let abort = dir.join(conn.to_string()).join("abort");
-    if let Err(e) = std::fs::write(&abort, b"1") {
-        tracing::error!(error = %e, path = %abort.display(), "cannot abort the FUSE connection");
+    let abort = Path::new(FUSECTL_DIR).join(conn.to_string()).join("abort");
+    std::fs::write(&abort, b"1").map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", abort.display())))
+}
+
+/// `abort_fuse_connection`, a failure logged.
+fn abort_connection(conn: u32) {
+    if let Err(e) = abort_fuse_connection(conn) {
+        tracing::error!(conn, error = %e, "cannot abort the FUSE connection");
     }
+}
+
+/// The FUSE connection of the FUSE mount at `mountpoint` (the innermost one there), read from
+/// mountinfo only: nothing that could wait on the mount, whose daemon may be dead or stuck.
+pub fn fuse_connection(mountpoint: &Path) -> Option<u32> {
+    find_mount(mountpoint).filter(|m| m.fs_type.starts_with("fuse")).map(|m| m.minor)
+}
+
+/// Whether anything is mounted at `path` (mountinfo only, as `fuse_connection`).
+pub fn is_mount_point(path: &Path) -> bool {
+    find_mount(path).is_some()
 }
 
 /// The file in a node's data directory that names the process serving its mount and the mount's
@@ -533,26 +549,27 @@ fn mountinfo_lines(text: &str) -> impl Iterator<Item = (Vec<u8>, MountInfo)> + '
         let fs_type = after.next()?.to_string();
         let source = after.next()?.to_string();
         let minor = dev.split_once(':')?.1.parse().ok()?;
-        Some((unescape(point), MountInfo { minor, fs_type, source }))
+        Some((unescape(point.as_bytes()), MountInfo { minor, fs_type, source }))
     })
 }
 
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
+/// Undoes the octal escapes of a mountinfo field (the kernel writes space, tab, newline and
+/// backslash as `\ooo`).
+fn unescape(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
     let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            let oct = &b[i + 1..i + 4];
-            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
-                out.push((oct[0] - b'0') * 64 + (oct[1] - b'0') * 8 + (oct[2] - b'0'));
-                i += 4;
-                continue;
-            }
+    while i < field.len() {
+        let octal = field.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        // `\ooo` with a value above 0o377 is not an escape the kernel writes: keep it as text
+        // rather than wrap around in a u8.
+        let value = octal.map(|d| d.iter().fold(0u32, |v, &c| v * 8 + u32::from(c - b'0')));
+        if let (b'\\', Some(v)) = (field[i], value.and_then(|v| u8::try_from(v).ok())) {
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(field[i]);
+            i += 1;
         }
-        out.push(b[i]);
-        i += 1;
     }
     out
 }
@@ -563,6 +580,19 @@ mod tests {
 
     const SAMPLE: &str = "22 1 252:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n\
         40 22 0:45 / /tmp/pbx\\040mnt rw,nosuid,nodev,relatime shared:20 - fuse.pickbox pickbox rw,user_id=0\n";
+
+    #[test]
+    fn mountinfo_unescape() {
+        assert_eq!(unescape(br"/tmp/a\040b"), b"/tmp/a b");
+        // An escape at the very end of the field.
+        assert_eq!(unescape(br"/tmp/a\134"), b"/tmp/a\\");
+        assert_eq!(unescape(br"\011"), b"\t");
+        // Not escapes: too short, not octal, or above 0o377 (which must not wrap around).
+        assert_eq!(unescape(br"/x\04"), br"/x\04");
+        assert_eq!(unescape(br"/x\09a"), br"/x\09a");
+        assert_eq!(unescape(br"/x\777"), br"/x\777");
+        assert_eq!(unescape(br"\"), br"\");
+    }
 
     #[test]
     fn finds_escaped_mountpoint() {
