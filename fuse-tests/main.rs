@@ -20,4 +20,5 @@ mod netns;
 mod partition;
 mod rename;
 mod stress;
+mod tools;
 mod writeback;

@@ -11,8 +11,9 @@ source scripts/lib.sh
 need_root "the test suite"
 need_dev_fuse
 # fuse3: the umount/fusermount3 tools; attr/acl: getfattr/setfacl; libacl1-dev: pjdfstest's build;
-# iproute2: `ip netns`, veth and bridge for the network-partition tests (fuse-tests/partition.rs).
-ensure_packages fuse3 attr acl libacl1-dev iproute2
+# iproute2: `ip netns`, veth and bridge for the network-partition tests (fuse-tests/partition.rs);
+# git: the everyday-tools test (fuse-tests/tools.rs; it also compiles with the cc Rust needs).
+ensure_packages fuse3 attr acl libacl1-dev iproute2 git
 ensure_pjdfstest
 ensure_test_users
 
