@@ -1,12 +1,12 @@
-//! Everyday tools on a 3-node cluster: git (clone, status, commit, gc, fsck) and a C compiler,
-//! each step on another node than the one before, with no waiting in between: a command that
+//! Everyday tools on a 3-node cluster: git (clone, status, commit, gc, fsck), make, a C compiler
+//! and sed, each step on another node than the one before, with no waiting in between: a command that
 //! returned on one node is complete for every command started afterwards on any other
 //! (close-to-open and the read index), which is what people rely on when they use the same
 //! checkout from several hosts.
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 
 use crate::cluster::write_synced;
 use crate::cluster_harness::{Cluster, CONVERGE_TIMEOUT};
@@ -14,17 +14,7 @@ use crate::cluster_harness::{Cluster, CONVERGE_TIMEOUT};
 /// Runs `program args` in `dir` with a configuration of its own (no user or system git config),
 /// asserts that it succeeded, and returns its standard output.
 fn run(dir: &Path, program: &str, args: &[&dyn AsRef<OsStr>], home: &Path) -> String {
-    let out = Command::new(program)
-        .args(args.iter().map(|a| a.as_ref()))
-        .current_dir(dir)
-        .env("HOME", home)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_AUTHOR_NAME", "pickbox test")
-        .env("GIT_AUTHOR_EMAIL", "test@pickbox.invalid")
-        .env("GIT_COMMITTER_NAME", "pickbox test")
-        .env("GIT_COMMITTER_EMAIL", "test@pickbox.invalid")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (is it installed? scripts/test.sh installs it): {e}"));
+    let out = output(dir, program, args, home);
     let shown: Vec<String> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
     assert!(
         out.status.success(),
@@ -37,8 +27,23 @@ fn run(dir: &Path, program: &str, args: &[&dyn AsRef<OsStr>], home: &Path) -> St
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `program args` in `dir` (as `run`) and returns how it ended, whatever that was.
+fn output(dir: &Path, program: &str, args: &[&dyn AsRef<OsStr>], home: &Path) -> Output {
+    Command::new(program)
+        .args(args.iter().map(|a| a.as_ref()))
+        .current_dir(dir)
+        .env("HOME", home)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_AUTHOR_NAME", "pickbox test")
+        .env("GIT_AUTHOR_EMAIL", "test@pickbox.invalid")
+        .env("GIT_COMMITTER_NAME", "pickbox test")
+        .env("GIT_COMMITTER_EMAIL", "test@pickbox.invalid")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} (is it installed? scripts/test.sh installs it): {e}"))
+}
+
 #[test]
-fn cluster_git_and_a_compiler_work_across_nodes() {
+fn cluster_git_make_and_a_compiler_work_across_nodes() {
     let mut c = Cluster::new(3);
     let home = c.scratch().join("home");
     std::fs::create_dir_all(&home).unwrap();
@@ -74,12 +79,21 @@ fn cluster_git_and_a_compiler_work_across_nodes() {
     assert_eq!(git(1, &[&"rev-list", &"--count", &"HEAD"]), git(3, &[&"rev-list", &"--count", &"HEAD"]));
     assert!(git(1, &[&"count-objects", &"-v"]).contains("count: 0\n"), "loose objects left after gc");
 
-    // A program written on node 1, compiled on node 2 (the compiler reads through node 2 and
-    // writes the executable through it), run from node 3.
+    // A program written on node 1, built with make on node 2 (the compiler reads through node 2
+    // and writes the executable through it), run from node 3. Then edited in place with sed on
+    // node 1 (a new file renamed over the old one): make on node 3 sees the source newer than
+    // the executable (nanosecond mtimes, the same on every node) and rebuilds.
     let source = b"#include <stdio.h>\nint main(void) { puts(\"hello from pickbox\"); return 0; }\n";
     write_synced(&c.path(1, "hello.c"), source).unwrap();
-    run(c.mnt(2), "cc", &[&"-O0", &"-o", &"hello", &"hello.c"], &home);
-    assert_eq!(run(c.mnt(3), &c.path(3, "hello").to_string_lossy(), &[], &home), "hello from pickbox\n");
+    write_synced(&c.path(1, "Makefile"), b"hello: hello.c\n\tcc -O0 -o hello hello.c\n").unwrap();
+    run(c.mnt(2), "make", &[&"-s"], &home);
+    let hello = |k: u64| run(c.mnt(k), &c.path(k, "hello").to_string_lossy(), &[], &home);
+    assert_eq!(hello(3), "hello from pickbox\n");
+    assert_eq!(output(c.mnt(3), "make", &[&"-q"], &home).status.code(), Some(0), "make on node 3: hello not up to date");
+    run(c.mnt(1), "sed", &[&"-i", &"s/hello from pickbox/rebuilt on node 3/", &"hello.c"], &home);
+    assert_eq!(output(c.mnt(3), "make", &[&"-q"], &home).status.code(), Some(1), "make on node 3 missed the edit on node 1");
+    run(c.mnt(3), "make", &[&"-s"], &home);
+    assert_eq!(hello(1), "rebuilt on node 3\n");
 
     c.wait_converged(CONVERGE_TIMEOUT);
 }
