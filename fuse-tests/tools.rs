@@ -1,5 +1,5 @@
-//! Everyday tools on a 3-node cluster: git (clone, status, commit, gc, fsck), make, a C compiler,
-//! sed and SQLite, each step on another node than the one before, with no waiting in between: a command that
+//! Everyday tools on a 3-node cluster: git (clone, status, commit, gc, fsck), tar, make, a C
+//! compiler, sed and SQLite, each step on another node than the one before, with no waiting in between: a command that
 //! returned on one node is complete for every command started afterwards on any other
 //! (close-to-open and the read index), which is what people rely on when they use the same
 //! checkout from several hosts.
@@ -79,12 +79,20 @@ fn cluster_git_make_and_a_compiler_work_across_nodes() {
     assert_eq!(git(1, &[&"rev-list", &"--count", &"HEAD"]), git(3, &[&"rev-list", &"--count", &"HEAD"]));
     assert!(git(1, &[&"count-objects", &"-v"]).contains("count: 0\n"), "loose objects left after gc");
 
+    // An archive extracted through node 1 (modes and nanosecond-free mtimes set by utimensat)
+    // compares equal through node 2: contents, sizes, modes, owners, times, symbolic links.
+    let tarball = c.scratch().join("source.tar");
+    run(source, "git", &[&"archive", &"-o", &tarball, &"HEAD"], &home);
+    std::fs::create_dir(c.path(1, "extracted")).unwrap();
+    run(&c.path(1, "extracted"), "tar", &[&"-xf", &tarball], &home);
+    run(&c.path(2, "extracted"), "tar", &[&"-df", &tarball], &home);
+
     // A program written on node 1, built with make on node 2 (the compiler reads through node 2
     // and writes the executable through it), run from node 3. Then edited in place with sed on
     // node 1 (a new file renamed over the old one): make on node 3 sees the source newer than
     // the executable (nanosecond mtimes, the same on every node) and rebuilds.
-    let source = b"#include <stdio.h>\nint main(void) { puts(\"hello from pickbox\"); return 0; }\n";
-    write_synced(&c.path(1, "hello.c"), source).unwrap();
+    let program = b"#include <stdio.h>\nint main(void) { puts(\"hello from pickbox\"); return 0; }\n";
+    write_synced(&c.path(1, "hello.c"), program).unwrap();
     write_synced(&c.path(1, "Makefile"), b"hello: hello.c\n\tcc -O0 -o hello hello.c\n").unwrap();
     run(c.mnt(2), "make", &[&"-s"], &home);
     let hello = |k: u64| run(c.mnt(k), &c.path(k, "hello").to_string_lossy(), &[], &home);
