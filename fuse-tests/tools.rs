@@ -137,15 +137,9 @@ db.close()
     c.wait_converged(CONVERGE_TIMEOUT);
 }
 
-/// SQLite's crash safety rests on fsync: a transaction whose commit returned must survive a crash
-/// of the storage under it, and the database must open intact. Here the node is killed (-9) while
-/// a program commits one row per transaction without pause; after the restart the database
-/// passes its integrity check and holds every row whose commit returned (and at most the one
-/// that was being committed), with no gap.
-#[test]
-fn sqlite_keeps_every_committed_transaction_across_a_kill9_of_the_node() {
-    use std::io::BufRead;
-    const WRITER: &str = r#"
+/// A program committing one SQLite row per transaction without pause (Python's sqlite3,
+/// rollback journal, `synchronous=FULL`), printing the id of each row whose commit returned.
+const SQLITE_WRITER: &str = r#"
 import sqlite3, sys
 db = sqlite3.connect(sys.argv[1])
 db.execute("PRAGMA synchronous=FULL")
@@ -158,42 +152,103 @@ while True:
     print(i, flush=True)
     i += 1
 "#;
-    const CHECK: &str = r#"
+
+/// Prints the integrity check's verdict and the table's row count, lowest and highest id.
+const SQLITE_CHECK: &str = r#"
 import sqlite3, sys
 db = sqlite3.connect(sys.argv[1])
 print(db.execute("PRAGMA integrity_check").fetchone()[0], *db.execute("SELECT count(*), min(id), max(id) FROM t").fetchone())
 "#;
-    /// Commits seen before the node is killed.
-    const COMMITS_BEFORE_KILL: u64 = 150;
-    let mut node = crate::harness::Node::start();
-    let home = node.mnt.parent().unwrap().to_path_buf();
-    let db = node.path("crash.sqlite");
+
+/// `SQLITE_WRITER` on `db`; its reported commits arrive on the channel (ids in order), which
+/// closes when it ends.
+fn sqlite_writer(db: &Path) -> (std::process::Child, std::sync::mpsc::Receiver<u64>) {
+    use std::io::BufRead;
     let mut writer = Command::new("python3")
-        .args([OsStr::new("-c"), OsStr::new(WRITER), db.as_os_str()])
+        .args([OsStr::new("-c"), OsStr::new(SQLITE_WRITER), db.as_os_str()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("cannot run python3");
-    let mut lines = std::io::BufReader::new(writer.stdout.take().unwrap()).lines();
-    let mut last = None;
-    while last.is_none_or(|n| n < COMMITS_BEFORE_KILL) {
-        let line = lines.next().unwrap_or_else(|| panic!("the writer stopped after commit {last:?}")).unwrap();
-        last = Some(line.trim().parse::<u64>().unwrap());
+    let stdout = writer.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line.trim().parse::<u64>().expect("a row id")).is_err() {
+                return;
+            }
+        }
+    });
+    (writer, rx)
+}
+
+/// Receives commits until the writer has reported `id` (None: it stopped or went silent for
+/// `SQLITE_STALL` before that); returns the last id received.
+fn commits_until(rx: &std::sync::mpsc::Receiver<u64>, id: u64, last: &mut Option<u64>) -> Option<u64> {
+    while last.is_none_or(|n| n < id) {
+        *last = Some(rx.recv_timeout(SQLITE_STALL).ok()?);
     }
+    *last
+}
+
+/// Longest pause of the writer's commits tolerated: a leader election in a debug build on 2 cores.
+const SQLITE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs `SQLITE_CHECK` on `db` through `mnt` and asserts an intact database holding rows
+/// 0..=`last` and at most the one being committed when the writer stopped.
+fn assert_sqlite_intact(mnt: &Path, db: &Path, last: u64, home: &Path) {
+    let out = run(mnt, "python3", &[&"-c", &SQLITE_CHECK, &db], home);
+    let fields: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(fields.first(), Some(&"ok"), "integrity check: {out}");
+    let (count, min, max): (u64, u64, u64) = (fields[1].parse().unwrap(), fields[2].parse().unwrap(), fields[3].parse().unwrap());
+    eprintln!("{count} rows; the writer reported {} commits", last + 1);
+    assert_eq!((min, max), (0, count - 1), "rows missing in the middle: {out}");
+    assert!(count == last + 1 || count == last + 2, "{count} rows, commits reported up to {last}");
+}
+
+/// SQLite's crash safety rests on fsync: a transaction whose commit returned must survive a crash
+/// of the storage under it, and the database must open intact. Here the node is killed (-9) while
+/// a program commits one row per transaction without pause; after the restart the database
+/// passes its integrity check and holds every row whose commit returned (and at most the one
+/// that was being committed), with no gap.
+#[test]
+fn sqlite_keeps_every_committed_transaction_across_a_kill9_of_the_node() {
+    let mut node = crate::harness::Node::start();
+    let home = node.mnt.parent().unwrap().to_path_buf();
+    let db = node.path("crash.sqlite");
+    let (mut writer, rx) = sqlite_writer(&db);
+    let mut last = None;
+    commits_until(&rx, 150, &mut last).unwrap_or_else(|| panic!("the writer stopped after commit {last:?}"));
     node.kill9();
     // The writer fails on the dead mount (the mount guard aborts its connection); every commit
     // it reported before it failed counts.
-    for line in lines.map_while(Result::ok) {
-        last = Some(line.trim().parse::<u64>().unwrap());
+    while let Ok(id) = rx.recv_timeout(SQLITE_STALL) {
+        last = Some(id);
     }
+    let _ = writer.kill();
     let _ = writer.wait();
-    let last = last.unwrap();
     node.spawn();
-    let out = run(&node.mnt, "python3", &[&"-c", &CHECK, &db], &home);
-    let fields: Vec<&str> = out.split_whitespace().collect();
-    assert_eq!(fields.first(), Some(&"ok"), "integrity check after the crash: {out}");
-    let (count, min, max): (u64, u64, u64) = (fields[1].parse().unwrap(), fields[2].parse().unwrap(), fields[3].parse().unwrap());
-    eprintln!("{count} rows after the crash; the writer reported {} commits", last + 1);
-    assert_eq!((min, max), (0, count - 1), "rows missing in the middle: {out}");
-    assert!(count == last + 1 || count == last + 2, "{count} rows after the crash, commits reported up to {last}");
+    assert_sqlite_intact(&node.mnt, &db, last.unwrap(), &home);
+}
+
+/// The same program through a follower while the leader is killed (-9): its commits pause for
+/// the election and go on, and the database, checked through the third node, holds every row
+/// whose commit returned.
+#[test]
+fn cluster_sqlite_commits_go_on_through_a_leader_kill9() {
+    let mut c = Cluster::new(3);
+    let home = c.scratch().to_path_buf();
+    let (mut writer, rx) = sqlite_writer(&c.path(2, "failover.sqlite"));
+    let mut last = None;
+    commits_until(&rx, 100, &mut last).unwrap_or_else(|| panic!("the writer stopped after commit {last:?}"));
+    c.kill9(1);
+    let killed_at = last.unwrap();
+    commits_until(&rx, killed_at + 100, &mut last)
+        .unwrap_or_else(|| panic!("commits stopped at {last:?} after the leader was killed at {killed_at}"));
+    let _ = writer.kill();
+    let _ = writer.wait();
+    while let Ok(id) = rx.recv_timeout(std::time::Duration::from_secs(5)) {
+        last = Some(id);
+    }
+    assert_sqlite_intact(c.mnt(3), &c.path(3, "failover.sqlite"), last.unwrap(), &home);
 }
