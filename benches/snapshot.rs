@@ -88,7 +88,9 @@ fn main() {
     let bytes = std::fs::metadata(&info.path).expect("snapshot file").len();
 
     let follower = Store::open(&dir.path().join("follower")).expect("open follower store");
-    let received = dir.path().join("received.part");
+    // Where a follower receives a snapshot (so the install adopts it by a rename, as for real);
+    // written by a copy with fsync, which is also the baseline.
+    let received = follower.receiving_path();
     let copied = copy_with_fsync(&info.path, &received);
     let t = Instant::now();
     follower.install_snapshot(&received, "bench-1", &[]).expect("install");

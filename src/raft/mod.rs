@@ -142,9 +142,9 @@ pub const SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 10_000;
 /// transfer again, for ever. A dead peer is still noticed at once: the QUIC connection fails after
 /// `IDLE_TIMEOUT_MS` without traffic, and the call with it.
 pub const SNAPSHOT_INSTALL_TIMEOUT_MS: u64 = 600_000;
-/// Installing a snapshot took 11.6 s per GiB of file data here (`cargo bench --bench snapshot`):
-/// with a fixed 10 min bound a state over ~50 GiB could never catch a follower up. Ten times that
-/// rate is allowed, for slower disks.
+/// Installing a snapshot took 5.9-7.0 s per GiB of file data here (`cargo bench --bench
+/// snapshot`): with a fixed 10 min bound a state over ~85-100 GiB could never catch a follower
+/// up. About twenty times that rate is allowed, for slower disks.
 pub const SNAPSHOT_INSTALL_MS_PER_GIB: u64 = 120_000;
 /// The outer bound openraft (`install_snapshot_timeout`) and the transport put on every snapshot
 /// call; the network adapter bounds each chunk itself, sooner (see above).
