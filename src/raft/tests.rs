@@ -558,7 +558,7 @@ fn a_snapshot_over_a_slow_link_still_installs() {
 /// snapshot, so the leader waits for it in proportion to the snapshot's size: here the base bound
 /// (300 ms) is shorter than the link's delay (500 ms), and only the allowance per GiB (6 MiB:
 /// 2.3 s) lets the answer arrive. With a fixed bound a state whose install took longer than it
-/// (~50 GiB at 10 min) could never catch a follower up: each transfer was cut off and begun again.
+/// (~85-100 GiB here at 10 min) could never catch a follower up: each transfer was cut off and begun again.
 #[test]
 fn the_last_snapshot_chunk_waits_in_proportion_to_the_snapshot_size() {
     let bound = SnapshotInstallBound { base: Duration::from_millis(300), per_gib: Duration::from_secs(400) };
