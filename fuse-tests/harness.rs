@@ -468,16 +468,9 @@ fn start_watchdog(watched: Arc<Mutex<Option<u32>>>, mnt: PathBuf, seconds_max: u
     });
 }
 
-/// Whether `/proc/self/mountinfo` lists `mnt` as a mountpoint.
-pub fn is_mounted(mnt: &Path) -> bool {
-    pickbox::fs::is_mount_point(mnt)
-}
-
-/// The FUSE connection number of the mount at `mnt`, from mountinfo only (nothing that could
-/// wait on the mount).
-pub fn fuse_connection(mnt: &Path) -> Option<u32> {
-    pickbox::fs::fuse_connection(mnt)
-}
+/// Mountinfo lookups (nothing that could wait on the mount): whether `mnt` is a mountpoint, and
+/// the FUSE connection number of the mount there.
+pub use pickbox::fs::{fuse_connection, is_mount_point as is_mounted};
 
 /// Aborts FUSE connection `conn` through fusectl: every request waiting on it fails with ENOTCONN.
 pub fn abort_fuse_connection(conn: u32) {

@@ -182,13 +182,25 @@ fn sqlite_writer(db: &Path) -> (std::process::Child, std::sync::mpsc::Receiver<u
     (writer, rx)
 }
 
-/// Receives commits until the writer has reported `id` (None: it stopped or went silent for
-/// `SQLITE_STALL` before that); returns the last id received.
-fn commits_until(rx: &std::sync::mpsc::Receiver<u64>, id: u64, last: &mut Option<u64>) -> Option<u64> {
+/// Receives commits into `last` until the writer has reported `id`; false if it stopped or went
+/// silent for `SQLITE_STALL` before that.
+fn commits_until(rx: &std::sync::mpsc::Receiver<u64>, id: u64, last: &mut Option<u64>) -> bool {
     while last.is_none_or(|n| n < id) {
-        *last = Some(rx.recv_timeout(SQLITE_STALL).ok()?);
+        match rx.recv_timeout(SQLITE_STALL) {
+            Ok(n) => *last = Some(n),
+            Err(_) => return false,
+        }
     }
-    *last
+    true
+}
+
+/// Kills the writer (a commit in flight is cut off, as by a crash) and returns the last commit it
+/// reported, `last` included.
+fn stop_writer(mut writer: std::process::Child, rx: std::sync::mpsc::Receiver<u64>, last: Option<u64>) -> u64 {
+    let _ = writer.kill();
+    let _ = writer.wait();
+    // Its output ends with it: the reported lines still in the pipe, then the channel closes.
+    rx.iter().last().or(last).expect("the writer reported no commit")
 }
 
 /// Longest pause of the writer's commits tolerated: a leader election in a debug build on 2 cores.
@@ -216,19 +228,13 @@ fn sqlite_keeps_every_committed_transaction_across_a_kill9_of_the_node() {
     let mut node = crate::harness::Node::start();
     let home = node.mnt.parent().unwrap().to_path_buf();
     let db = node.path("crash.sqlite");
-    let (mut writer, rx) = sqlite_writer(&db);
+    let (writer, rx) = sqlite_writer(&db);
     let mut last = None;
-    commits_until(&rx, 150, &mut last).unwrap_or_else(|| panic!("the writer stopped after commit {last:?}"));
+    assert!(commits_until(&rx, 150, &mut last), "the writer stopped after commit {last:?}");
     node.kill9();
-    // The writer fails on the dead mount (the mount guard aborts its connection); every commit
-    // it reported before it failed counts.
-    while let Ok(id) = rx.recv_timeout(SQLITE_STALL) {
-        last = Some(id);
-    }
-    let _ = writer.kill();
-    let _ = writer.wait();
+    let last = stop_writer(writer, rx, last);
     node.spawn();
-    assert_sqlite_intact(&node.mnt, &db, last.unwrap(), &home);
+    assert_sqlite_intact(&node.mnt, &db, last, &home);
 }
 
 /// The same program through a follower while the leader is killed (-9): its commits pause for
@@ -238,17 +244,15 @@ fn sqlite_keeps_every_committed_transaction_across_a_kill9_of_the_node() {
 fn cluster_sqlite_commits_go_on_through_a_leader_kill9() {
     let mut c = Cluster::new(3);
     let home = c.scratch().to_path_buf();
-    let (mut writer, rx) = sqlite_writer(&c.path(2, "failover.sqlite"));
+    let (writer, rx) = sqlite_writer(&c.path(2, "failover.sqlite"));
     let mut last = None;
-    commits_until(&rx, 100, &mut last).unwrap_or_else(|| panic!("the writer stopped after commit {last:?}"));
+    assert!(commits_until(&rx, 100, &mut last), "the writer stopped after commit {last:?}");
     c.kill9(1);
-    let killed_at = last.unwrap();
-    commits_until(&rx, killed_at + 100, &mut last)
-        .unwrap_or_else(|| panic!("commits stopped at {last:?} after the leader was killed at {killed_at}"));
-    let _ = writer.kill();
-    let _ = writer.wait();
-    while let Ok(id) = rx.recv_timeout(std::time::Duration::from_secs(5)) {
-        last = Some(id);
-    }
-    assert_sqlite_intact(c.mnt(3), &c.path(3, "failover.sqlite"), last.unwrap(), &home);
+    let killed_at = last.unwrap_or_default();
+    assert!(
+        commits_until(&rx, killed_at + 100, &mut last),
+        "commits stopped at {last:?} after the leader was killed at {killed_at}"
+    );
+    let last = stop_writer(writer, rx, last);
+    assert_sqlite_intact(c.mnt(3), &c.path(3, "failover.sqlite"), last, &home);
 }

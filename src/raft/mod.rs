@@ -170,9 +170,8 @@ impl Default for SnapshotInstallBound {
 impl SnapshotInstallBound {
     /// The bound for a snapshot of `bytes` (capped at `SNAPSHOT_CALL_TIMEOUT_CEILING_MS`).
     pub fn for_bytes(&self, bytes: u64) -> Duration {
-        let scaled = self.per_gib.as_secs_f64() * bytes as f64 / (1u64 << 30) as f64;
-        let ceiling = Duration::from_millis(SNAPSHOT_CALL_TIMEOUT_CEILING_MS);
-        (self.base + Duration::from_secs_f64(scaled.min(ceiling.as_secs_f64()))).min(ceiling)
+        let scaled = self.per_gib.mul_f64(bytes as f64 / (1u64 << 30) as f64);
+        self.base.saturating_add(scaled).min(Duration::from_millis(SNAPSHOT_CALL_TIMEOUT_CEILING_MS))
     }
 }
 /// A read barrier waits at most this long (or the propose timeout, if shorter) for the read

@@ -1643,7 +1643,8 @@ fn corrupt_blocks_read_as_io_errors() {
         },
     );
     assert!(apply(&mut h.s, &cmd).is_err());
-    // Removing the file frees the corrupt block without reading it: the removal goes through.
+    // Removing the file frees the corrupt block: the removal goes through (that the store frees
+    // it without reading it is checked by a store test).
     h.ok(Op::Unlink { parent: ROOT_INO, name: b"f".to_vec(), expect_closed: Some(f) });
     assert!(h.s.blocks.is_empty());
 }
