@@ -13,6 +13,7 @@ mod cluster_disk;
 mod cluster_harness;
 mod data;
 mod dirs;
+mod fsx;
 mod lifecycle;
 mod locks;
 mod meta;

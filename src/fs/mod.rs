@@ -154,12 +154,29 @@ fn open_flags(ops: &Ops, writeback: bool, flags: i32) -> FopenFlags {
 /// Open `ino` once this node has caught up (see `PickboxFs::open`). With the writeback cache
 /// the kernel keeps the size of an inode it holds: if another node's change evicted this one
 /// while the kernel was resolving the path to it, the kernel may still hold the old inode.
-/// ESTALE makes the VFS look the path up again (the name is gone from its cache, so it gets a
-/// fresh inode) and retry the open once.
-fn answer_open(ops: &Ops, ino: INodeNo, flags: OpenFlags, writeback: bool, arrived: std::time::Instant, reply: ReplyOpen) {
+/// ESTALE makes the VFS look the path up again and retry the open once; before it goes out,
+/// every name the kernel now knows the file by is dropped (on a blocking thread: a notification
+/// waits for the kernel), so the retry's lookup finds no name bound to the old inode and gets
+/// a fresh one. The eviction dropped only the names known when it ran: a lookup of another
+/// name of the file (a hard link) answered meanwhile bound that name to the old inode, and the
+/// retry's revalidation of that name would have kept it (found by fuse-tests/fsx.rs).
+fn answer_open(
+    ops: &Arc<Ops>,
+    rt: &tokio::runtime::Handle,
+    ino: INodeNo,
+    flags: OpenFlags,
+    writeback: bool,
+    arrived: std::time::Instant,
+    reply: ReplyOpen,
+) {
     if ops.coherence.names.open_may_be_stale(ino.0, arrived) {
         tracing::debug!(ino = ino.0, "open raced another node's change: ESTALE, the kernel retries");
-        return reply.error(fuser::Errno::ESTALE);
+        let coherence = ops.coherence.clone();
+        rt.spawn_blocking(move || {
+            coherence.evict(ino.0);
+            reply.error(fuser::Errno::ESTALE)
+        });
+        return;
     }
     match ops.open(ino.0, flags.0) {
         Ok(fh) => reply.opened(FileHandle(fh), open_flags(ops, writeback, flags.0)),
@@ -469,12 +486,13 @@ impl Filesystem for PickboxFs {
         // it applied: nothing to wait for, answer here (a task hand-off costs as much as the
         // open itself).
         if self.ops.caught_up_and_told() {
-            return answer_open(&self.ops, ino, flags, writeback, arrived, reply);
+            return answer_open(&self.ops, &self.rt, ino, flags, writeback, arrived, reply);
         }
         let ops = self.ops.clone();
+        let rt = self.rt.clone();
         self.spawn(async move {
             ops.catch_up(true).await;
-            answer_open(&ops, ino, flags, writeback, arrived, reply);
+            answer_open(&ops, &rt, ino, flags, writeback, arrived, reply);
         });
     }
 

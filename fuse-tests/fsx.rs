@@ -1,0 +1,587 @@
+//! fsx-style random file operations checked against a reference directory on the local disk:
+//! the kernel's own filesystem is the oracle. Every operation runs on the reference and on
+//! Pickbox, their results (byte counts, errno) must agree, and then the files it touched are
+//! read back and compared byte for byte (size and link count too).
+//!
+//! - `cluster_random_file_operations_agree_with_a_local_filesystem`: each operation on a random
+//!   node of a 3-node cluster (open, operate, close), each check on another random node (open,
+//!   read, close: close-to-open), with the kernel caches of all three nodes in play.
+//! - `random_file_operations_through_open_descriptors_agree_with_a_local_filesystem`: one node,
+//!   descriptors kept open across operations, renames and unlinks (one kernel: every view is
+//!   coherent at once, open-unlinked files included).
+//!
+//! Operations: pwrite, O_APPEND write, O_TRUNC create, ftruncate and truncate(2), the fallocate
+//! modes, copy_file_range (also within one file), writes through a shared mapping, rename, link,
+//! unlink. Offsets favour 64 KiB block boundaries and the end of file. The seed is random and
+//! printed; `PICKBOX_FSX_SEED=N` replays a run, `PICKBOX_FSX_STEPS=N` sets its length.
+
+use std::collections::BTreeSet;
+use std::ffi::CString;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::cluster_harness::{Cluster, CONVERGE_TIMEOUT};
+use crate::harness::{check, Node};
+
+/// The names operations work on (a small set, so that operations keep meeting each other's files).
+const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+/// Pickbox's block size: offsets near its multiples are favoured.
+const BLOCK: u64 = 64 * 1024;
+/// Files stay around this size (offsets and lengths are drawn below it, appends may pass it).
+const SIZE_MAX: u64 = 9 * BLOCK + 1234;
+/// Longest single write.
+const WRITE_MAX: u64 = 3 * BLOCK;
+/// Descriptors the single-node test keeps open at once.
+const SLOTS: usize = 4;
+/// How many recent steps a failure message lists.
+const HISTORY: usize = 40;
+
+/// Where an operation acts: a name (opened for the operation and closed after it) or a slot's
+/// open descriptor.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    Name(&'static str),
+    Slot(usize),
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// open(O_RDWR) into a slot (closing what the slot held).
+    Open { slot: usize, name: &'static str },
+    Close { slot: usize },
+    /// open(O_WRONLY|O_CREAT|O_TRUNC).
+    Create { name: &'static str },
+    Write { at: Target, off: u64, data: Vec<u8> },
+    Append { name: &'static str, data: Vec<u8> },
+    Truncate { at: Target, len: u64 },
+    Fallocate { at: Target, mode: i32, off: u64, len: u64 },
+    CopyRange { src: &'static str, src_off: u64, dst: Target, dst_off: u64, len: u64 },
+    /// Writes through a shared mapping of [0, off + data.len()), then msync(MS_SYNC).
+    MapWrite { at: Target, off: u64, data: Vec<u8> },
+    Rename { from: &'static str, to: &'static str },
+    Link { from: &'static str, to: &'static str },
+    Unlink { name: &'static str },
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::Write { at, off, data } => write!(f, "write {at:?} off {off} len {}", data.len()),
+            Op::Append { name, data } => write!(f, "append {name} len {}", data.len()),
+            Op::MapWrite { at, off, data } => write!(f, "mmap write {at:?} off {off} len {}", data.len()),
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
+impl Op {
+    /// The names whose content or existence the operation may change.
+    fn touched(&self, slots: &[Option<&'static str>]) -> Vec<&'static str> {
+        let of = |t: &Target| match t {
+            Target::Name(n) => Some(*n),
+            Target::Slot(s) => slots[*s],
+        };
+        match self {
+            Op::Open { .. } | Op::Close { .. } => vec![],
+            Op::Create { name } | Op::Append { name, .. } | Op::Unlink { name } => vec![name],
+            Op::Write { at, .. } | Op::Truncate { at, .. } | Op::Fallocate { at, .. } | Op::MapWrite { at, .. } => {
+                of(at).into_iter().collect()
+            }
+            Op::CopyRange { dst, .. } => of(dst).into_iter().collect(),
+            Op::Rename { from, to } | Op::Link { from, to } => vec![from, to],
+        }
+    }
+}
+
+fn errno(e: io::Error) -> i32 {
+    e.raw_os_error().unwrap_or_else(|| panic!("not an OS error: {e}"))
+}
+
+/// One side of the comparison: a directory and the descriptors held open in it.
+struct Side {
+    dir: PathBuf,
+    slots: Vec<Option<File>>,
+}
+
+impl Side {
+    fn new(dir: PathBuf) -> Side {
+        Side { dir, slots: (0..SLOTS).map(|_| None).collect() }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Runs `f` on the descriptor `at` names: the slot's, or `name` opened with `opts` for the call.
+    fn with_file<T>(&self, at: Target, opts: &OpenOptions, f: impl FnOnce(&File) -> io::Result<T>) -> Result<T, i32> {
+        match at {
+            Target::Slot(s) => f(self.slots[s].as_ref().expect("slot is open")).map_err(errno),
+            Target::Name(n) => {
+                let file = opts.open(self.path(n)).map_err(errno)?;
+                let r = f(&file).map_err(errno);
+                let closed = crate::cluster::close(file).map_err(errno);
+                let v = r?;
+                closed?;
+                Ok(v)
+            }
+        }
+    }
+
+    /// Runs `op`; Ok(bytes moved) or the errno.
+    fn run(&mut self, op: &Op) -> Result<u64, i32> {
+        let rw = || {
+            let mut o = OpenOptions::new();
+            o.read(true).write(true);
+            o
+        };
+        let wo = || {
+            let mut o = OpenOptions::new();
+            o.write(true);
+            o
+        };
+        match op {
+            Op::Open { slot, name } => {
+                self.slots[*slot] = None;
+                self.slots[*slot] = Some(rw().open(self.path(name)).map_err(errno)?);
+                Ok(0)
+            }
+            Op::Close { slot } => {
+                let f = self.slots[*slot].take().expect("slot is open");
+                crate::cluster::close(f).map_err(errno).map(|_| 0)
+            }
+            Op::Create { name } => {
+                let f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(self.path(name));
+                crate::cluster::close(f.map_err(errno)?).map_err(errno).map(|_| 0)
+            }
+            Op::Write { at, off, data } => {
+                self.with_file(*at, &wo(), |f| f.write_all_at(data, *off)).map(|_| data.len() as u64)
+            }
+            Op::Append { name, data } => {
+                let mut o = OpenOptions::new();
+                o.append(true);
+                self.with_file(Target::Name(name), &o, |mut f| io::Write::write_all(&mut f, data))
+                    .map(|_| data.len() as u64)
+            }
+            Op::Truncate { at: Target::Name(name), len } => {
+                // truncate(2) opens nothing: in a cluster a name this node's kernel caches leads
+                // to what it named before another node's latest change until this node has
+                // applied that change (docs/SEMANTICS.md, reads and changes without an open).
+                // Opening the directory catches up first, as an open of a file would.
+                drop(File::open(&self.dir).map_err(errno)?);
+                let p = CString::new(self.path(name).as_os_str().as_bytes()).unwrap();
+                // SAFETY: p is a valid NUL-terminated path.
+                check(unsafe { libc::truncate(p.as_ptr(), *len as libc::off_t) }).map_err(errno).map(|_| 0)
+            }
+            Op::Truncate { at, len } => self.with_file(*at, &wo(), |f| f.set_len(*len)).map(|_| 0),
+            Op::Fallocate { at, mode, off, len } => self
+                .with_file(*at, &wo(), |f| {
+                    // SAFETY: fallocate on a descriptor we own.
+                    check(unsafe { libc::fallocate(f.as_raw_fd(), *mode, *off as libc::off_t, *len as libc::off_t) })
+                })
+                .map(|_| 0),
+            Op::CopyRange { src, src_off, dst, dst_off, len } => {
+                let from = File::open(self.path(src)).map_err(errno)?;
+                let r = self.with_file(*dst, &wo(), |to| copy_range(&from, *src_off, to, *dst_off, *len));
+                drop(from);
+                r
+            }
+            Op::MapWrite { at, off, data } => self.with_file(*at, &rw(), |f| map_write(f, *off, data)),
+            Op::Rename { from, to } => fs::rename(self.path(from), self.path(to)).map_err(errno).map(|_| 0),
+            Op::Link { from, to } => fs::hard_link(self.path(from), self.path(to)).map_err(errno).map(|_| 0),
+            Op::Unlink { name } => fs::remove_file(self.path(name)).map_err(errno).map(|_| 0),
+        }
+    }
+}
+
+/// copy_file_range until `len` bytes are copied or the source (as it ends now) ends; the total copied.
+fn copy_range(from: &File, src_off: u64, to: &File, dst_off: u64, len: u64) -> io::Result<u64> {
+    let (mut off_in, mut off_out) = (src_off as libc::loff_t, dst_off as libc::loff_t);
+    let mut done = 0u64;
+    // Up to the source's end as it is now: a copy to just past the end of the same file (through
+    // another name) grows the source as it goes, and further calls would copy a few bytes each.
+    let len = len.min(from.metadata()?.len().saturating_sub(src_off));
+    while done < len {
+        // SAFETY: both descriptors are open; the offsets are ours.
+        let n = unsafe {
+            libc::copy_file_range(from.as_raw_fd(), &mut off_in, to.as_raw_fd(), &mut off_out, (len - done) as usize, 0)
+        };
+        let n = check(n)? as u64;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(done)
+}
+
+/// Writes `data` at `off` through a shared mapping of the file (which must be long enough: a
+/// store past the end of file would be SIGBUS), then msync(MS_SYNC).
+fn map_write(f: &File, off: u64, data: &[u8]) -> io::Result<u64> {
+    let size = f.metadata()?.len();
+    let end = off + data.len() as u64;
+    if end > size || data.is_empty() {
+        return Err(io::Error::from_raw_os_error(libc::ERANGE));
+    }
+    // SAFETY: a fresh shared mapping of [0, end) of a file at least that long; unmapped below.
+    unsafe {
+        let p = libc::mmap(std::ptr::null_mut(), end as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, f.as_raw_fd(), 0);
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        std::ptr::copy_nonoverlapping(data.as_ptr(), (p as *mut u8).add(off as usize), data.len());
+        let synced = check(libc::msync(p, end as usize, libc::MS_SYNC));
+        libc::munmap(p, end as usize);
+        synced?;
+    }
+    Ok(data.len() as u64)
+}
+
+/// What a file looks like from one side: content, and size and link count from fstat.
+#[derive(PartialEq)]
+struct Seen {
+    size: u64,
+    nlink: u64,
+    data: Vec<u8>,
+}
+
+/// Opens `p`, reads it whole (by read(2), or through a mapping when `mapped`), closes it.
+fn look(p: &Path, mapped: bool) -> Result<Seen, i32> {
+    let mut f = File::open(p).map_err(errno)?;
+    let md = f.metadata().map_err(errno)?;
+    let data = if mapped && md.len() > 0 {
+        // SAFETY: a read-only shared mapping of the file's length, copied out and unmapped at once.
+        unsafe {
+            let len = md.len() as usize;
+            let m = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0);
+            if m == libc::MAP_FAILED {
+                return Err(errno(io::Error::last_os_error()));
+            }
+            let v = std::slice::from_raw_parts(m as *const u8, len).to_vec();
+            libc::munmap(m, len);
+            v
+        }
+    } else {
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).map_err(errno)?;
+        v
+    };
+    crate::cluster::close(f).map_err(errno)?;
+    Ok(Seen { size: md.len(), nlink: md.nlink(), data })
+}
+
+/// Everything visible through a held descriptor: size from fstat, content by pread.
+fn look_fd(f: &File) -> Result<Seen, i32> {
+    let md = f.metadata().map_err(errno)?;
+    let mut data = vec![0u8; md.len() as usize + 100];
+    let mut got = 0;
+    loop {
+        let n = f.read_at(&mut data[got..], got as u64).map_err(errno)?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    data.truncate(got);
+    Ok(Seen { size: md.len(), nlink: md.nlink(), data })
+}
+
+/// Why two views differ, in a line.
+fn differ(want: &Result<Seen, i32>, got: &Result<Seen, i32>) -> Option<String> {
+    match (want, got) {
+        (Ok(w), Ok(g)) if w == g => None,
+        (Err(a), Err(b)) if a == b => None,
+        (Ok(w), Ok(g)) => {
+            let first = w.data.iter().zip(&g.data).position(|(a, b)| a != b);
+            Some(format!(
+                "reference size {} nlink {} ({} bytes read), pickbox size {} nlink {} ({} bytes read); first differing \
+                 byte at {:?}",
+                w.size,
+                w.nlink,
+                w.data.len(),
+                g.size,
+                g.nlink,
+                g.data.len(),
+                first
+            ))
+        }
+        (w, g) => Some(format!(
+            "reference {}, pickbox {}",
+            w.as_ref().map(|s| format!("{} bytes", s.size)).unwrap_or_else(|e| format!("errno {e}")),
+            g.as_ref().map(|s| format!("{} bytes", s.size)).unwrap_or_else(|e| format!("errno {e}"))
+        )),
+    }
+}
+
+fn listing(dir: &Path) -> BTreeSet<String> {
+    fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+}
+
+/// The random generator of operations, drawn against the reference's current state.
+struct Gen {
+    rng: StdRng,
+    seed: u64,
+    history: Vec<String>,
+}
+
+impl Gen {
+    fn new(default_steps: usize) -> (Gen, usize) {
+        let seed = std::env::var("PICKBOX_FSX_SEED").ok().map(|s| s.parse().expect("PICKBOX_FSX_SEED is a u64")).unwrap_or_else(
+            || {
+                let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+                t.as_nanos() as u64 ^ u64::from(std::process::id()) << 32
+            },
+        );
+        let steps = std::env::var("PICKBOX_FSX_STEPS").ok().map(|s| s.parse().expect("PICKBOX_FSX_STEPS is a number"));
+        eprintln!("fsx seed {seed} (replay with PICKBOX_FSX_SEED={seed})");
+        (Gen { rng: StdRng::seed_from_u64(seed), seed, history: Vec::new() }, steps.unwrap_or(default_steps))
+    }
+
+    fn name(&mut self) -> &'static str {
+        NAMES[self.rng.random_range(0..NAMES.len())]
+    }
+
+    /// An offset that often sits at or next to a block boundary or the current size.
+    fn offset(&mut self, size: u64) -> u64 {
+        let r = &mut self.rng;
+        match r.random_range(0..4) {
+            0 => r.random_range(0..=SIZE_MAX),
+            1 => {
+                let b = r.random_range(0..=SIZE_MAX / BLOCK) * BLOCK;
+                (b + r.random_range(0..3)).saturating_sub(r.random_range(0..3))
+            }
+            2 => (size + r.random_range(0..3)).saturating_sub(r.random_range(0..3)),
+            _ => r.random_range(0..=size),
+        }
+    }
+
+    fn length(&mut self, max: u64) -> u64 {
+        let r = &mut self.rng;
+        match r.random_range(0..4) {
+            0 => r.random_range(1..=16),
+            1 => BLOCK + r.random_range(0..3) - 1,
+            _ => r.random_range(1..=max),
+        }
+    }
+
+    fn bytes(&mut self, len: u64) -> Vec<u8> {
+        let mut v = vec![0u8; len as usize];
+        self.rng.fill(&mut v[..]);
+        // Runs of zeros now and then: whole zero blocks are holes in Pickbox.
+        if self.rng.random_bool(0.2) {
+            let a = self.rng.random_range(0..v.len());
+            let b = self.rng.random_range(a..=v.len());
+            v[a..b].fill(0);
+        }
+        v
+    }
+
+    /// Where a data operation acts: a name, or (when `slots` has open ones) sometimes a held descriptor.
+    fn target(&mut self, slots: &[Option<&'static str>]) -> Target {
+        let open: Vec<usize> = (0..slots.len()).filter(|s| slots[*s].is_some()).collect();
+        if !open.is_empty() && self.rng.random_bool(0.5) {
+            Target::Slot(open[self.rng.random_range(0..open.len())])
+        } else {
+            Target::Name(self.name())
+        }
+    }
+
+    /// The next operation. `size_of` gives the reference's size of a target (0 when missing);
+    /// `slots` the names the held descriptors were opened under (empty: no descriptors).
+    fn op(&mut self, slots: &[Option<&'static str>], size_of: impl Fn(Target) -> u64) -> Op {
+        let with_slots = !slots.is_empty();
+        loop {
+            let kind = self.rng.random_range(0..100);
+            let op = match kind {
+                0..=24 => {
+                    let at = self.target(slots);
+                    let off = self.offset(size_of(at));
+                    let len = self.length(WRITE_MAX);
+                    Op::Write { at, off, data: self.bytes(len) }
+                }
+                25..=31 => {
+                    let len = self.length(WRITE_MAX / 2);
+                    Op::Append { name: self.name(), data: self.bytes(len) }
+                }
+                32..=36 => Op::Create { name: self.name() },
+                37..=44 => {
+                    let at = self.target(slots);
+                    let len = self.offset(size_of(at));
+                    Op::Truncate { at, len }
+                }
+                45..=54 => {
+                    let at = self.target(slots);
+                    let modes = [
+                        0,
+                        libc::FALLOC_FL_KEEP_SIZE,
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        libc::FALLOC_FL_ZERO_RANGE,
+                        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                    ];
+                    let mode = modes[self.rng.random_range(0..modes.len())];
+                    let off = self.offset(size_of(at));
+                    let len = self.length(WRITE_MAX);
+                    Op::Fallocate { at, mode, off, len }
+                }
+                55..=64 => {
+                    let src = self.name();
+                    let src_off = self.offset(size_of(Target::Name(src)));
+                    let dst = self.target(slots);
+                    let dst_off = self.offset(size_of(dst));
+                    let len = self.length(WRITE_MAX);
+                    Op::CopyRange { src, src_off, dst, dst_off, len }
+                }
+                65..=71 => {
+                    let at = self.target(slots);
+                    let size = size_of(at);
+                    if size == 0 {
+                        continue;
+                    }
+                    let off = self.rng.random_range(0..size);
+                    let len = self.rng.random_range(1..=(size - off).min(WRITE_MAX));
+                    Op::MapWrite { at, off, data: self.bytes(len) }
+                }
+                72..=76 => Op::Rename { from: self.name(), to: self.name() },
+                77..=80 => Op::Link { from: self.name(), to: self.name() },
+                81..=85 => Op::Unlink { name: self.name() },
+                86..=95 if with_slots => Op::Open { slot: self.rng.random_range(0..slots.len()), name: self.name() },
+                _ if with_slots => {
+                    let open: Vec<usize> = (0..slots.len()).filter(|s| slots[*s].is_some()).collect();
+                    if open.is_empty() {
+                        continue;
+                    }
+                    Op::Close { slot: open[self.rng.random_range(0..open.len())] }
+                }
+                _ => continue,
+            };
+            return op;
+        }
+    }
+
+    fn record(&mut self, line: String) {
+        self.history.push(line);
+        if self.history.len() > HISTORY {
+            self.history.remove(0);
+        }
+    }
+
+    fn fail(&self, step: usize, what: String) -> ! {
+        panic!(
+            "fsx seed {} step {step}: {what}\nlast steps:\n  {}\n(replay with PICKBOX_FSX_SEED={})",
+            self.seed,
+            self.history.join("\n  "),
+            self.seed
+        );
+    }
+}
+
+/// The reference's size of a name (0 when it does not exist).
+fn size_at(dir: &Path, name: &str) -> u64 {
+    fs::metadata(dir.join(name)).map(|m| m.len()).unwrap_or(0)
+}
+
+#[test]
+fn cluster_random_file_operations_agree_with_a_local_filesystem() {
+    let mut c = Cluster::new(3);
+    let (mut g, steps) = Gen::new(1000);
+    let reference = tempfile::Builder::new().prefix("pickbox-fsx-ref-").tempdir().unwrap();
+    let mut want = Side::new(reference.path().to_path_buf());
+    fs::create_dir(c.path(1, "fsx")).unwrap();
+    let ids = c.ids();
+    for step in 0..steps {
+        let op = g.op(&[], |t| match t {
+            Target::Name(n) => size_at(&want.dir, n),
+            Target::Slot(_) => unreachable!(),
+        });
+        let on = ids[g.rng.random_range(0..ids.len())];
+        let mut got_side = Side::new(c.path(on, "fsx"));
+        let w = want.run(&op);
+        let got = got_side.run(&op);
+        g.record(format!("{step}: node {on}: {op} -> {w:?}"));
+        if w != got {
+            g.fail(step, format!("node {on}: {op}: reference {w:?}, pickbox {got:?}"));
+        }
+        // Check what it touched on a random node (often another one): open, read, close.
+        let by = ids[g.rng.random_range(0..ids.len())];
+        let mapped = g.rng.random_bool(0.25);
+        for name in op.touched(&[]) {
+            let diff = differ(&look(&want.path(name), false), &look(&c.path(by, &format!("fsx/{name}")), mapped));
+            if let Some(d) = diff {
+                g.fail(step, format!("{name} read on node {by} (mapped {mapped}) after the step on node {on}: {d}"));
+            }
+        }
+        if step % 50 == 49 || step + 1 == steps {
+            for k in &ids {
+                let (l, r) = (listing(&want.dir), listing(&c.path(*k, "fsx")));
+                if l != r {
+                    g.fail(step, format!("node {k} lists {r:?}, the reference {l:?}"));
+                }
+                for name in NAMES {
+                    if let Some(d) = differ(&look(&want.path(name), false), &look(&c.path(*k, &format!("fsx/{name}")), false)) {
+                        g.fail(step, format!("full check on node {k}: {name}: {d}"));
+                    }
+                }
+            }
+        }
+    }
+    c.wait_converged(CONVERGE_TIMEOUT);
+}
+
+#[test]
+fn random_file_operations_through_open_descriptors_agree_with_a_local_filesystem() {
+    let node = Node::start();
+    let (mut g, steps) = Gen::new(3000);
+    let reference = tempfile::Builder::new().prefix("pickbox-fsx-ref-").tempdir().unwrap();
+    let mut want = Side::new(reference.path().to_path_buf());
+    fs::create_dir(node.path("fsx")).unwrap();
+    let mut got_side = Side::new(node.path("fsx"));
+    // The name each slot was opened under (the file may have been renamed or unlinked since).
+    let mut slot_names: Vec<Option<&'static str>> = vec![None; SLOTS];
+    for step in 0..steps {
+        let op = g.op(&slot_names, |t| match t {
+            Target::Name(n) => size_at(&want.dir, n),
+            Target::Slot(s) => want.slots[s].as_ref().unwrap().metadata().unwrap().len(),
+        });
+        let w = want.run(&op);
+        let got = got_side.run(&op);
+        g.record(format!("{step}: {op} -> {w:?}"));
+        if w != got {
+            g.fail(step, format!("{op}: reference {w:?}, pickbox {got:?}"));
+        }
+        match (&op, &w) {
+            (Op::Open { slot, name }, Ok(_)) => slot_names[*slot] = Some(name),
+            (Op::Open { slot, .. }, Err(_)) | (Op::Close { slot }, _) => slot_names[*slot] = None,
+            _ => {}
+        }
+        for name in op.touched(&slot_names) {
+            let mapped = g.rng.random_bool(0.25);
+            if let Some(d) = differ(&look(&want.path(name), false), &look(&got_side.path(name), mapped)) {
+                g.fail(step, format!("{name} (mapped {mapped}): {d}"));
+            }
+        }
+        // Every held descriptor sees what the reference's sees (open-unlinked files included).
+        for s in 0..SLOTS {
+            if let (Some(wf), Some(gf)) = (&want.slots[s], &got_side.slots[s]) {
+                if let Some(d) = differ(&look_fd(wf), &look_fd(gf)) {
+                    g.fail(step, format!("slot {s} (opened as {:?}): {d}", slot_names[s]));
+                }
+            }
+        }
+    }
+    for s in 0..SLOTS {
+        if slot_names[s].is_some() {
+            want.run(&Op::Close { slot: s }).unwrap();
+            if let Err(e) = got_side.run(&Op::Close { slot: s }) {
+                g.fail(steps, format!("closing slot {s}: errno {e}"));
+            }
+        }
+    }
+    assert_eq!(listing(&want.dir), listing(&got_side.dir));
+}
