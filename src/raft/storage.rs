@@ -346,11 +346,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
+    /// The stored commit index, or the last log id of the current snapshot if that is newer. A
+    /// snapshot is built from applied state, which may be newer than the last durable state
+    /// commit (apply commits become durable about once a second) and than the stored commit
+    /// index (written with a later log commit): after a crash the snapshot file can be ahead of
+    /// both. openraft requires the snapshot to be no newer than the commit index at start (its
+    /// core panicked, and the node could not restart). Everything a snapshot covers was
+    /// committed, and the log still holds what the durable state lacks (a purge makes the state
+    /// durable first), so openraft re-applies it up to there.
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SE> {
-        match self.store.raft_meta(META_COMMITTED).map_err(|e| read_err("reading committed", e))? {
-            Some(b) => Ok(Some(decode(&b).map_err(|e| read_err("decoding committed", e))?)),
-            None => Ok(None),
-        }
+        let stored: Option<LogId<NodeId>> = match self.store.raft_meta(META_COMMITTED).map_err(|e| read_err("reading committed", e))? {
+            Some(b) => Some(decode(&b).map_err(|e| read_err("decoding committed", e))?),
+            None => None,
+        };
+        let snapshot = match self.store.current_snapshot() {
+            Some(info) => {
+                let meta: SnapshotMeta<NodeId, openraft::BasicNode> =
+                    decode(&info.header).map_err(|e| read_err("decoding a snapshot header", e))?;
+                meta.last_log_id
+            }
+            None => None,
+        };
+        Ok(stored.max(snapshot))
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SE>
