@@ -46,8 +46,11 @@ const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 const BLOCK: u64 = 64 * 1024;
 /// Files stay around this size (offsets and lengths are drawn below it, appends may pass it).
 const SIZE_MAX: u64 = 9 * BLOCK + 1234;
-/// Longest single write.
+/// Longest ordinary write.
 const WRITE_MAX: u64 = 3 * BLOCK;
+/// The range of the occasional large write.
+const BIG_WRITE_MIN: u64 = 1024 * 1024;
+const BIG_WRITE_MAX: u64 = 3 * 1024 * 1024 + 4321;
 /// Descriptors the single-node test keeps open at once.
 const SLOTS: usize = 4;
 /// How many recent steps a failure message lists.
@@ -412,7 +415,13 @@ impl Gen {
                 0..=24 => {
                     let at = self.target(slots);
                     let off = self.offset(size_of(at));
-                    let len = self.length(WRITE_MAX);
+                    // Now and then a write of MiBs: the kernel sends it as 1 MiB WRITEs, which
+                    // take the log's direct-I/O path and the apply's blocking-thread path.
+                    let len = if self.rng.random_bool(0.03) {
+                        self.rng.random_range(BIG_WRITE_MIN..=BIG_WRITE_MAX)
+                    } else {
+                        self.length(WRITE_MAX)
+                    };
                     Op::Write { at, off, data: self.bytes(len) }
                 }
                 25..=31 => {
@@ -553,27 +562,43 @@ fn cluster_random_file_operations_agree_with_a_local_filesystem() {
     c.wait_converged(CONVERGE_TIMEOUT);
 }
 
-/// Steps between two restarts in `cluster_random_file_operations_survive_restarts`, and steps
-/// run while the node is down.
+/// A random workload on a cluster, for `with_restarts`.
+trait Workload {
+    /// One operation on a random node of `on`, checked on a random node of `on`.
+    fn step(&mut self, c: &Cluster, g: &mut Gen, step: usize, on: &[u64]);
+    /// Everything, on node `k`.
+    fn check_all(&mut self, c: &Cluster, g: &Gen, step: usize, k: u64);
+}
+
+struct Files {
+    want: Side,
+}
+
+impl Workload for Files {
+    fn step(&mut self, c: &Cluster, g: &mut Gen, step: usize, on: &[u64]) {
+        cluster_file_step(c, g, &mut self.want, step, on);
+    }
+    fn check_all(&mut self, c: &Cluster, g: &Gen, step: usize, k: u64) {
+        cluster_full_check(c, g, &self.want, step, k);
+    }
+}
+
+/// Steps between two restarts in `with_restarts`, and steps run while the node is down.
 const STEPS_BETWEEN_RESTARTS: usize = 60;
 const STEPS_WHILE_DOWN: usize = 25;
+/// `--snapshot-entries` of the restart tests: the log is compacted under a stopped node, which
+/// then catches up by snapshot.
+const RESTART_SNAPSHOT_ENTRIES: u64 = 40;
 
-/// The same operations while nodes are killed (`kill -9`) or stopped and started again, the
-/// leader too, with a snapshot every 40 entries so that the log is compacted under a stopped
-/// node (it catches up by snapshot). Every operation returned before the stop, so all of it must
-/// be on the restarted node once it has caught up.
-#[test]
-fn cluster_random_file_operations_survive_restarts() {
-    let mut c = Cluster::with(ClusterOptions { snapshot_entries: Some(40), ..ClusterOptions::default() });
-    let (mut g, steps) = Gen::new(600);
-    let reference = tempfile::Builder::new().prefix("pickbox-fsx-ref-").tempdir().unwrap();
-    let mut want = Side::new(reference.path().to_path_buf());
-    fs::create_dir(c.path(1, "fsx")).unwrap();
+/// Runs `work` while nodes are killed (`kill -9`) or stopped and started again, the leader too.
+/// Every operation returned before the stop, so all of it must be on the restarted node once it
+/// has caught up.
+fn with_restarts(c: &mut Cluster, g: &mut Gen, steps: usize, work: &mut dyn Workload) {
     let ids = c.ids();
     let mut step = 0;
     while step < steps {
         for _ in 0..STEPS_BETWEEN_RESTARTS {
-            cluster_file_step(&c, &mut g, &mut want, step, &ids);
+            work.step(c, g, step, &ids);
             step += 1;
         }
         let k = ids[g.rng.random_range(0..ids.len())];
@@ -590,7 +615,7 @@ fn cluster_random_file_operations_survive_restarts() {
         c.wait_leader(Duration::from_secs(30), Some(k));
         let up: Vec<u64> = ids.iter().copied().filter(|i| *i != k).collect();
         for _ in 0..STEPS_WHILE_DOWN {
-            cluster_file_step(&c, &mut g, &mut want, step, &up);
+            work.step(c, g, step, &up);
             step += 1;
         }
         c.start(k);
@@ -598,11 +623,21 @@ fn cluster_random_file_operations_survive_restarts() {
         // long (docs/SEMANTICS.md): wait until it has caught up.
         c.wait_converged(CONVERGE_TIMEOUT);
         g.record(format!("{step}: node {k} back"));
-        cluster_full_check(&c, &g, &want, step, k);
+        work.check_all(c, g, step, k);
     }
     for k in &ids {
-        cluster_full_check(&c, &g, &want, step, *k);
+        work.check_all(c, g, step, *k);
     }
+}
+
+#[test]
+fn cluster_random_file_operations_survive_restarts() {
+    let mut c = Cluster::with(ClusterOptions { snapshot_entries: Some(RESTART_SNAPSHOT_ENTRIES), ..ClusterOptions::default() });
+    let (mut g, steps) = Gen::new(600);
+    let reference = tempfile::Builder::new().prefix("pickbox-fsx-ref-").tempdir().unwrap();
+    fs::create_dir(c.path(1, "fsx")).unwrap();
+    let mut work = Files { want: Side::new(reference.path().to_path_buf()) };
+    with_restarts(&mut c, &mut g, steps, &mut work);
 }
 
 #[test]
@@ -853,37 +888,69 @@ impl Gen {
     }
 }
 
-#[test]
-fn cluster_random_namespace_operations_agree_with_a_local_filesystem() {
-    let mut c = Cluster::new(3);
-    let (mut g, steps) = Gen::new(400);
-    let reference = tempfile::Builder::new().prefix("pickbox-fsx-ref-").tempdir().unwrap();
-    // One level down on both sides, so that a symlink to "../p" leads to the same (absent) place.
-    let want_root = reference.path().join("tree");
-    fs::create_dir(&want_root).unwrap();
-    fs::create_dir(c.path(1, "tree")).unwrap();
-    let ids = c.ids();
-    for step in 0..steps {
-        let existing: Vec<String> = tree(&want_root).into_keys().collect();
+struct Tree {
+    want_root: PathBuf,
+}
+
+impl Tree {
+    /// Under a scratch directory of its own, one level down on both sides, so that a symlink to
+    /// "../p" leads to the same (absent) place.
+    fn new(scratch: &Path) -> Tree {
+        let want_root = scratch.join("tree");
+        fs::create_dir(&want_root).unwrap();
+        Tree { want_root }
+    }
+}
+
+impl Workload for Tree {
+    fn step(&mut self, c: &Cluster, g: &mut Gen, step: usize, on_nodes: &[u64]) {
+        let existing: Vec<String> = tree(&self.want_root).into_keys().collect();
         let op = g.tree_op(&existing);
-        let on = ids[g.rng.random_range(0..ids.len())];
+        let on = on_nodes[g.rng.random_range(0..on_nodes.len())];
         let root = c.path(on, "tree");
         // A name the kernel caches may lead to what it named before another node's latest change
         // until this node has applied it (docs/SEMANTICS.md): an opendir catches up first, as
         // a program on this node that had just heard of that change would.
         drop(File::open(&root).unwrap());
-        let w = run_tree(&want_root, &op);
+        let w = run_tree(&self.want_root, &op);
         let got = run_tree(&root, &op);
         g.record(format!("{step}: node {on}: {op} -> {w:?}"));
         if w != got {
             g.fail(step, format!("node {on}: {op}: reference {w:?}, pickbox {got:?}"));
         }
-        let by = ids[g.rng.random_range(0..ids.len())];
-        if let Some(d) = tree_differs(&tree(&want_root), &tree(&c.path(by, "tree"))) {
-            g.fail(step, format!("the tree on node {by} after the step on node {on}: {d}"));
+        let by = on_nodes[g.rng.random_range(0..on_nodes.len())];
+        self.check_all(c, g, step, by);
+    }
+
+    fn check_all(&mut self, c: &Cluster, g: &Gen, step: usize, k: u64) {
+        if let Some(d) = tree_differs(&tree(&self.want_root), &tree(&c.path(k, "tree"))) {
+            g.fail(step, format!("the tree on node {k}: {d}"));
         }
     }
+}
+
+#[test]
+fn cluster_random_namespace_operations_agree_with_a_local_filesystem() {
+    let mut c = Cluster::new(3);
+    let (mut g, steps) = Gen::new(400);
+    let reference = tempfile::Builder::new().prefix("pickbox-fsx-ref-").tempdir().unwrap();
+    let mut work = Tree::new(reference.path());
+    fs::create_dir(c.path(1, "tree")).unwrap();
+    let ids = c.ids();
+    for step in 0..steps {
+        work.step(&c, &mut g, step, &ids);
+    }
     c.wait_converged(CONVERGE_TIMEOUT);
+}
+
+#[test]
+fn cluster_random_namespace_operations_survive_restarts() {
+    let mut c = Cluster::with(ClusterOptions { snapshot_entries: Some(RESTART_SNAPSHOT_ENTRIES), ..ClusterOptions::default() });
+    let (mut g, steps) = Gen::new(300);
+    let reference = tempfile::Builder::new().prefix("pickbox-fsx-ref-").tempdir().unwrap();
+    let mut work = Tree::new(reference.path());
+    fs::create_dir(c.path(1, "tree")).unwrap();
+    with_restarts(&mut c, &mut g, steps, &mut work);
 }
 
 #[test]
@@ -891,9 +958,7 @@ fn random_namespace_operations_agree_with_a_local_filesystem() {
     let node = Node::start();
     let (mut g, steps) = Gen::new(1000);
     let reference = tempfile::Builder::new().prefix("pickbox-fsx-ref-").tempdir().unwrap();
-    // One level down on both sides, so that a symlink to "../p" leads to the same (absent) place.
-    let want_root = reference.path().join("tree");
-    fs::create_dir(&want_root).unwrap();
+    let want_root = Tree::new(reference.path()).want_root;
     fs::create_dir(node.path("tree")).unwrap();
     let root = node.path("tree");
     for step in 0..steps {
