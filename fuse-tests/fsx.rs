@@ -353,7 +353,11 @@ impl Gen {
         );
         let steps = std::env::var("PICKBOX_FSX_STEPS").ok().map(|s| s.parse().expect("PICKBOX_FSX_STEPS is a number"));
         eprintln!("fsx seed {seed} (replay with PICKBOX_FSX_SEED={seed})");
-        (Gen { rng: StdRng::seed_from_u64(seed), seed, history: Vec::new() }, steps.unwrap_or(default_steps))
+        (Gen::with_seed(seed), steps.unwrap_or(default_steps))
+    }
+
+    fn with_seed(seed: u64) -> Gen {
+        Gen { rng: StdRng::seed_from_u64(seed), seed, history: Vec::new() }
     }
 
     fn name(&mut self) -> &'static str {
@@ -507,13 +511,13 @@ fn size_at(dir: &Path, name: &str) -> u64 {
 
 /// One operation on a random node of `on_nodes`, then a check of what it touched on another
 /// random one (open, read, close).
-fn cluster_file_step(c: &Cluster, g: &mut Gen, want: &mut Side, step: usize, on_nodes: &[u64]) {
+fn cluster_file_step(c: &Cluster, g: &mut Gen, want: &mut Side, dir: &str, step: usize, on_nodes: &[u64]) {
     let op = g.op(&[], |t| match t {
         Target::Name(n) => size_at(&want.dir, n),
         Target::Slot(_) => unreachable!(),
     });
     let on = on_nodes[g.rng.random_range(0..on_nodes.len())];
-    let mut got_side = Side::new(c.path(on, "fsx"));
+    let mut got_side = Side::new(c.path(on, dir));
     let w = want.run(&op);
     let got = got_side.run(&op);
     g.record(format!("{step}: node {on}: {op} -> {w:?}"));
@@ -523,7 +527,7 @@ fn cluster_file_step(c: &Cluster, g: &mut Gen, want: &mut Side, step: usize, on_
     let by = on_nodes[g.rng.random_range(0..on_nodes.len())];
     let mapped = g.rng.random_bool(0.25);
     for name in op.touched(&[]) {
-        let diff = differ(&look(&want.path(name), false), &look(&c.path(by, &format!("fsx/{name}")), mapped));
+        let diff = differ(&look(&want.path(name), false), &look(&c.path(by, &format!("{dir}/{name}")), mapped));
         if let Some(d) = diff {
             g.fail(step, format!("{name} read on node {by} (mapped {mapped}) after the step on node {on}: {d}"));
         }
@@ -531,13 +535,13 @@ fn cluster_file_step(c: &Cluster, g: &mut Gen, want: &mut Side, step: usize, on_
 }
 
 /// Every name on node `k`: the listing and each file's content, size and link count.
-fn cluster_full_check(c: &Cluster, g: &Gen, want: &Side, step: usize, k: u64) {
-    let (l, r) = (listing(&want.dir), listing(&c.path(k, "fsx")));
+fn cluster_full_check(c: &Cluster, g: &Gen, want: &Side, dir: &str, step: usize, k: u64) {
+    let (l, r) = (listing(&want.dir), listing(&c.path(k, dir)));
     if l != r {
         g.fail(step, format!("node {k} lists {r:?}, the reference {l:?}"));
     }
     for name in NAMES {
-        if let Some(d) = differ(&look(&want.path(name), false), &look(&c.path(k, &format!("fsx/{name}")), false)) {
+        if let Some(d) = differ(&look(&want.path(name), false), &look(&c.path(k, &format!("{dir}/{name}")), false)) {
             g.fail(step, format!("full check on node {k}: {name}: {d}"));
         }
     }
@@ -552,14 +556,59 @@ fn cluster_random_file_operations_agree_with_a_local_filesystem() {
     fs::create_dir(c.path(1, "fsx")).unwrap();
     let ids = c.ids();
     for step in 0..steps {
-        cluster_file_step(&c, &mut g, &mut want, step, &ids);
+        cluster_file_step(&c, &mut g, &mut want, "fsx", step, &ids);
         if step % 50 == 49 || step + 1 == steps {
             for k in &ids {
-                cluster_full_check(&c, &g, &want, step, *k);
+                cluster_full_check(&c, &g, &want, "fsx", step, *k);
             }
         }
     }
     c.wait_converged(CONVERGE_TIMEOUT);
+}
+
+/// Writers at once in `cluster_concurrent_random_file_operations_agree_with_a_local_filesystem`.
+const CONCURRENT_WRITERS: u64 = 4;
+
+/// Several writers at once, each with files of its own (so each one's operations stay in order
+/// and its reference stays exact), each operation on a random node: their commands share Raft
+/// entries (the batcher), interleave in the log and in every node's invalidations. Writer i's
+/// seed is the printed seed plus i.
+#[test]
+fn cluster_concurrent_random_file_operations_agree_with_a_local_filesystem() {
+    let mut c = Cluster::new(3);
+    let (g, steps) = Gen::new(300);
+    let reference = tempfile::Builder::new().prefix("pickbox-fsx-ref-").tempdir().unwrap();
+    let ids = c.ids();
+    let writers: Vec<(String, Side, Gen)> = (0..CONCURRENT_WRITERS)
+        .map(|i| {
+            let dir = format!("fsx{i}");
+            fs::create_dir(c.path(1, &dir)).unwrap();
+            let want = reference.path().join(&dir);
+            fs::create_dir(&want).unwrap();
+            (dir, Side::new(want), Gen::with_seed(g.seed.wrapping_add(i)))
+        })
+        .collect();
+    let done: Vec<(String, Side, Gen)> = std::thread::scope(|scope| {
+        let running: Vec<_> = writers
+            .into_iter()
+            .map(|(dir, mut want, mut g)| {
+                let (c, ids) = (&c, &ids);
+                scope.spawn(move || {
+                    for step in 0..steps {
+                        cluster_file_step(c, &mut g, &mut want, &dir, step, ids);
+                    }
+                    (dir, want, g)
+                })
+            })
+            .collect();
+        running.into_iter().map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+    });
+    c.wait_converged(CONVERGE_TIMEOUT);
+    for (dir, want, g) in &done {
+        for k in &ids {
+            cluster_full_check(&c, g, want, dir, steps, *k);
+        }
+    }
 }
 
 /// A random workload on a cluster, for `with_restarts`.
@@ -576,10 +625,10 @@ struct Files {
 
 impl Workload for Files {
     fn step(&mut self, c: &Cluster, g: &mut Gen, step: usize, on: &[u64]) {
-        cluster_file_step(c, g, &mut self.want, step, on);
+        cluster_file_step(c, g, &mut self.want, "fsx", step, on);
     }
     fn check_all(&mut self, c: &Cluster, g: &Gen, step: usize, k: u64) {
-        cluster_full_check(c, g, &self.want, step, k);
+        cluster_full_check(c, g, &self.want, "fsx", step, k);
     }
 }
 
