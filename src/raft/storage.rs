@@ -346,28 +346,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
-    /// The stored commit index, or the last log id of the current snapshot if that is newer. A
-    /// snapshot is built from applied state, which may be newer than the last durable state
-    /// commit (apply commits become durable about once a second) and than the stored commit
-    /// index (written with a later log commit): after a crash the snapshot file can be ahead of
-    /// both. openraft requires the snapshot to be no newer than the commit index at start (its
-    /// core panicked, and the node could not restart). Everything a snapshot covers was
-    /// committed, and the log still holds what the durable state lacks (a purge makes the state
-    /// durable first), so openraft re-applies it up to there.
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SE> {
-        let stored: Option<LogId<NodeId>> = match self.store.raft_meta(META_COMMITTED).map_err(|e| read_err("reading committed", e))? {
-            Some(b) => Some(decode(&b).map_err(|e| read_err("decoding committed", e))?),
-            None => None,
-        };
-        let snapshot = match self.store.current_snapshot() {
-            Some(info) => {
-                let meta: SnapshotMeta<NodeId, openraft::BasicNode> =
-                    decode(&info.header).map_err(|e| read_err("decoding a snapshot header", e))?;
-                meta.last_log_id
-            }
-            None => None,
-        };
-        Ok(stored.max(snapshot))
+        match self.store.raft_meta(META_COMMITTED).map_err(|e| read_err("reading committed", e))? {
+            Some(b) => Ok(Some(decode(&b).map_err(|e| read_err("decoding committed", e))?)),
+            None => Ok(None),
+        }
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SE>
@@ -758,7 +741,7 @@ fn apply_entries(store: &Store, entries: &[Ent], me: Option<NodeId>) -> StoreRes
 /// The last applied log id and the last applied membership.
 type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>);
 
-fn read_applied(view: &crate::store::ReadView) -> StoreResult<AppliedState> {
+pub(super) fn read_applied(view: &crate::store::ReadView) -> StoreResult<AppliedState> {
     let applied = match view.sm_meta(SM_APPLIED)? {
         Some(b) => decode(&b)?,
         None => None,
@@ -768,6 +751,31 @@ fn read_applied(view: &crate::store::ReadView) -> StoreResult<AppliedState> {
         None => StoredMembership::default(),
     };
     Ok((applied, membership))
+}
+
+/// At start, before openraft reads the state: if the current snapshot is newer than the state,
+/// an install was interrupted (the received file is adopted, then loaded into the state in one
+/// transaction: a crash or a stop during the load, minutes for a large state, left the new file
+/// and the old state). openraft requires the snapshot to be no newer than what is applied (its
+/// core panicked, and the node could not restart), and the log lacks what lies between (that is
+/// why a snapshot was sent), so the snapshot is loaded again (installing is idempotent).
+/// Returns whether it did. Blocking.
+pub fn resume_snapshot_install(store: &Store) -> StoreResult<bool> {
+    let Some(info) = store.current_snapshot() else { return Ok(false) };
+    let meta: SnapshotMeta<NodeId, openraft::BasicNode> = decode(&info.header)?;
+    let (applied, _) = read_applied(&store.read()?)?;
+    if meta.last_log_id <= applied {
+        return Ok(false);
+    }
+    tracing::warn!(
+        id = %meta.snapshot_id,
+        snapshot_last = ?meta.last_log_id,
+        applied = ?applied,
+        "the current snapshot is newer than the state (an install was interrupted): installing it again"
+    );
+    let sm_meta = vec![(SM_APPLIED, encode(&meta.last_log_id)?), (SM_MEMBERSHIP, encode(&meta.last_membership)?)];
+    store.install_snapshot(&info.path, &info.id, &sm_meta)?;
+    Ok(true)
 }
 
 fn snapshot_id(last: &Option<LogId<NodeId>>) -> String {

@@ -519,12 +519,16 @@ impl Store {
 
     /// Write every state table from one read transaction into `<snapshots>/<id>.snap` (temp file,
     /// fsync, rename) with the header `make_header` returns, then make it the only snapshot.
+    /// The read transaction may see apply commits that are not durable yet: a durable commit
+    /// right after it was opened covers them, so a crash never leaves the snapshot newer than the
+    /// state (raft/ would take that for an interrupted install and load the snapshot again).
     /// Blocking.
     pub fn build_snapshot(
         &self,
         make_header: impl FnOnce(&ReadView) -> StoreResult<(String, Vec<u8>)>,
     ) -> StoreResult<SnapshotInfo> {
         let view = ReadView::open(self.inner.db.begin_read().map_err(fault)?);
+        self.write_state(true, |_| Ok(()))?;
         let (id, header) = make_header(&view)?;
         let info = snapshot::write(&self.inner.snap_dir, &id, &header, &view)?;
         self.set_current(info.clone());
