@@ -79,6 +79,45 @@ fn large_file_and_sparse_reads() {
     assert_eq!(f.read_at(&mut one, far + 4).unwrap(), 0);
 }
 
+/// Files may grow to the kernel's largest file size (2^63 - 1), sparse, and the kernel refuses
+/// what goes beyond at the call. Pickbox's own limit used to be 2^50: a write past it
+/// went into the kernel's page cache, failed at writeback (EIO at close), and the file kept its
+/// new size in this node's kernel.
+#[test]
+fn sparse_files_reach_the_kernels_largest_file_size() {
+    let node = Node::start();
+    let largest: u64 = i64::MAX as u64;
+    for (i, off) in [1u64 << 50, 1 << 62, largest - 5].into_iter().enumerate() {
+        let p = node.path(&format!("sparse{i}"));
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
+        f.write_all_at(b"tail!", off).unwrap();
+        crate::cluster::close(f).unwrap_or_else(|e| panic!("close after a write at {off}: {e}"));
+        let f = File::open(&p).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), off + 5);
+        let mut got = [0u8; 5];
+        f.read_exact_at(&mut got, off).unwrap();
+        assert_eq!(&got, b"tail!");
+        let mut hole = [1u8; 8];
+        f.read_exact_at(&mut hole, off / 2).unwrap();
+        assert_eq!(hole, [0u8; 8], "the hole below {off} reads as zeros");
+    }
+    // Past the largest size the kernel refuses at the call (a write whose end overflows an
+    // offset: EINVAL; fallocate: EFBIG), and nothing changes.
+    let p = node.path("sparse2");
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    assert_eq!(errno_of(f.write_at(b"x", largest)), libc::EINVAL);
+    // SAFETY: fallocate on a descriptor we own.
+    let r = check(unsafe { libc::fallocate(f.as_raw_fd(), 0, (largest - 2) as libc::off_t, 10) });
+    assert_eq!(errno_of(r), libc::EFBIG);
+    crate::cluster::close(f).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().len(), largest);
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(1 << 62).unwrap();
+    crate::cluster::close(f).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().len(), 1 << 62);
+    fs::remove_file(&p).unwrap();
+}
+
 #[test]
 fn identical_content_in_many_files() {
     // Deduplicated blocks must still read back correctly per file, and survive the removal of others.

@@ -10,8 +10,13 @@ pub const SYMLINK_BYTES_MAX: usize = PATH_BYTES_MAX - 1;
 pub const BLOCK_BYTES: u64 = 64 * 1024;
 /// Largest data payload of one write command (the kernel's FUSE max_write here is 1 MiB).
 pub const WRITE_BYTES_MAX: usize = 1024 * 1024;
-/// Largest file size we accept (keeps block indices and offsets far from overflow).
-pub const FILE_BYTES_MAX: u64 = 1 << 50;
+/// Largest file size we accept: the kernel's own limit for a FUSE file (MAX_LFS_FILESIZE,
+/// 2^63 - 1), which it enforces with EFBIG before a write, truncate, fallocate or
+/// copy_file_range reaches us. A lower limit here let the kernel take a write into its page
+/// cache that the state then refused at writeback: the caller got EIO at close, and this node's
+/// kernel kept the size the write gave it. Offsets and block indices (at most 2^47) stay far
+/// from u64 overflow; every sum of offset and length is checked.
+pub const FILE_BYTES_MAX: u64 = i64::MAX as u64;
 /// Longest extended attribute name in bytes (Linux XATTR_NAME_MAX).
 pub const XATTR_NAME_BYTES_MAX: usize = 255;
 /// Largest extended attribute value in bytes (Linux XATTR_SIZE_MAX).

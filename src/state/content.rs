@@ -102,17 +102,10 @@ pub fn seek_data<R: StateRead + ?Sized>(
         return Ok(Err(Errno::NoSuchOffset));
     }
     let end_index = inode.size.div_ceil(BLOCK_BYTES);
-    let mut from = offset / BLOCK_BYTES;
-    let mut window = 64u64;
-    while from < end_index {
-        let to = end_index.min(from.saturating_add(window));
-        if let Some((index, _)) = r.block_hashes(inode.ino, from, to)?.first() {
-            return Ok(Ok(offset.max(index * BLOCK_BYTES)));
-        }
-        from = to;
-        window = (window * 2).min(SEEK_PROBE_BLOCKS_MAX);
-    }
-    Ok(Err(Errno::NoSuchOffset))
+    Ok(match r.next_block(inode.ino, offset / BLOCK_BYTES, end_index)? {
+        Some(index) => Ok(offset.max(index * BLOCK_BYTES)),
+        None => Err(Errno::NoSuchOffset),
+    })
 }
 
 /// SEEK_HOLE: the first offset `>= offset` in a hole, or the size (the implicit hole at the end).

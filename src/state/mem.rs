@@ -85,6 +85,13 @@ impl StateRead for MemState {
             .collect())
     }
 
+    fn next_block(&self, ino: Ino, from: u64, to: u64) -> StoreResult<Option<u64>> {
+        if from >= to {
+            return Ok(None);
+        }
+        Ok(self.block_map.range((ino, from)..(ino, to)).next().map(|((_, i), _)| *i))
+    }
+
     fn block_data(&self, hash: &Hash) -> StoreResult<Option<Vec<u8>>> {
         Ok(self.blocks.get(hash).cloned())
     }

@@ -26,6 +26,9 @@ pub trait StateRead {
     fn block_hash(&self, ino: Ino, index: u64) -> StoreResult<Option<Hash>>;
     /// Stored blocks of `ino` with index in `[from, to)`, in index order.
     fn block_hashes(&self, ino: Ino, from: u64, to: u64) -> StoreResult<Vec<(u64, Hash)>>;
+    /// The index of the first stored block of `ino` in `[from, to)`: one lookup, whatever lies
+    /// between (a sparse file may have a hole of 2^47 blocks).
+    fn next_block(&self, ino: Ino, from: u64, to: u64) -> StoreResult<Option<u64>>;
     /// The content of a stored block (its length may be less than BLOCK_BYTES: the rest is zeros).
     fn block_data(&self, hash: &Hash) -> StoreResult<Option<Vec<u8>>>;
     /// The read path's block access: append bytes `[from, from + max)` of the stored block (cut at

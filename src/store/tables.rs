@@ -321,6 +321,15 @@ macro_rules! impl_state_read {
                 }
                 Ok(out)
             }
+            fn next_block(&self, ino: Ino, from: u64, to: u64) -> StoreResult<Option<u64>> {
+                if from >= to {
+                    return Ok(None);
+                }
+                match self.block_map_table()?.range((ino, from)..(ino, to)).map_err(fault)?.next() {
+                    Some(item) => Ok(Some(item.map_err(fault)?.0.value().1)),
+                    None => Ok(None),
+                }
+            }
             fn block_data(&self, hash: &Hash) -> StoreResult<Option<Vec<u8>>> {
                 with_block(self.block_ids_table()?, self.block_data_table()?, || self.block_tails_table(), hash, |head, tail| check_block(hash, head, tail))?
                     .transpose()
