@@ -512,18 +512,9 @@ fn size_at(dir: &Path, name: &str) -> u64 {
 /// One operation on a random node of `on_nodes`, then a check of what it touched on another
 /// random one (open, read, close).
 fn cluster_file_step(c: &Cluster, g: &mut Gen, want: &mut Side, dir: &str, step: usize, on_nodes: &[u64]) {
-    let op = g.op(&[], |t| match t {
-        Target::Name(n) => size_at(&want.dir, n),
-        Target::Slot(_) => unreachable!(),
-    });
+    let op = name_op(g, want);
     let on = on_nodes[g.rng.random_range(0..on_nodes.len())];
-    let mut got_side = Side::new(c.path(on, dir));
-    let w = want.run(&op);
-    let got = got_side.run(&op);
-    g.record(format!("{step}: node {on}: {op} -> {w:?}"));
-    if w != got {
-        g.fail(step, format!("node {on}: {op}: reference {w:?}, pickbox {got:?}"));
-    }
+    run_both(g, want, c.path(on, dir), &op, step, &format!("node {on}: "));
     let by = on_nodes[g.rng.random_range(0..on_nodes.len())];
     let mapped = g.rng.random_bool(0.25);
     for name in op.touched(&[]) {
@@ -534,17 +525,42 @@ fn cluster_file_step(c: &Cluster, g: &mut Gen, want: &mut Side, dir: &str, step:
     }
 }
 
-/// Every name on node `k`: the listing and each file's content, size and link count.
-fn cluster_full_check(c: &Cluster, g: &Gen, want: &Side, dir: &str, step: usize, k: u64) {
-    let (l, r) = (listing(&want.dir), listing(&c.path(k, dir)));
+/// A name-only operation (no held descriptors), drawn against the reference.
+fn name_op(g: &mut Gen, want: &Side) -> Op {
+    g.op(&[], |t| match t {
+        Target::Name(n) => size_at(&want.dir, n),
+        Target::Slot(_) => unreachable!(),
+    })
+}
+
+/// Runs `op` on the reference and in `dir` (`who` says where, for the history); both must give
+/// the same result.
+fn run_both(g: &mut Gen, want: &mut Side, dir: PathBuf, op: &Op, step: usize, who: &str) {
+    let w = want.run(op);
+    let got = Side::new(dir).run(op);
+    g.record(format!("{step}: {who}{op} -> {w:?}"));
+    if w != got {
+        g.fail(step, format!("{who}{op}: reference {w:?}, pickbox {got:?}"));
+    }
+}
+
+/// Every name in `dir` against the reference: the listing and each file's content, size and
+/// link count.
+fn full_check(g: &Gen, want: &Side, dir: &Path, step: usize, who: &str) {
+    let (l, r) = (listing(&want.dir), listing(dir));
     if l != r {
-        g.fail(step, format!("node {k} lists {r:?}, the reference {l:?}"));
+        g.fail(step, format!("{who}: lists {r:?}, the reference {l:?}"));
     }
     for name in NAMES {
-        if let Some(d) = differ(&look(&want.path(name), false), &look(&c.path(k, &format!("{dir}/{name}")), false)) {
-            g.fail(step, format!("full check on node {k}: {name}: {d}"));
+        if let Some(d) = differ(&look(&want.path(name), false), &look(&dir.join(name), false)) {
+            g.fail(step, format!("{who}: {name}: {d}"));
         }
     }
+}
+
+/// `full_check` of node `k`.
+fn cluster_full_check(c: &Cluster, g: &Gen, want: &Side, dir: &str, step: usize, k: u64) {
+    full_check(g, want, &c.path(k, dir), step, &format!("full check on node {k}"));
 }
 
 #[test]
@@ -704,16 +720,8 @@ fn random_file_operations_survive_restarts_of_a_single_node() {
     let mut step = 0;
     while step < steps {
         for _ in 0..STEPS_BETWEEN_RESTARTS {
-            let op = g.op(&[], |t| match t {
-                Target::Name(n) => size_at(&want.dir, n),
-                Target::Slot(_) => unreachable!(),
-            });
-            let w = want.run(&op);
-            let got = Side::new(node.path("fsx")).run(&op);
-            g.record(format!("{step}: {op} -> {w:?}"));
-            if w != got {
-                g.fail(step, format!("{op}: reference {w:?}, pickbox {got:?}"));
-            }
+            let op = name_op(&mut g, &want);
+            run_both(&mut g, &mut want, node.path("fsx"), &op, step, "");
             step += 1;
         }
         let kill = g.rng.random_bool(0.5);
@@ -725,14 +733,7 @@ fn random_file_operations_survive_restarts_of_a_single_node() {
             node.stop();
         }
         node.spawn();
-        if listing(&want.dir) != listing(&node.path("fsx")) {
-            g.fail(step, format!("after the restart: {:?}, the reference {:?}", listing(&node.path("fsx")), listing(&want.dir)));
-        }
-        for name in NAMES {
-            if let Some(d) = differ(&look(&want.path(name), false), &look(&node.path(&format!("fsx/{name}")), false)) {
-                g.fail(step, format!("after the restart: {name}: {d}"));
-            }
-        }
+        full_check(&g, &want, &node.path("fsx"), step, "after the restart");
     }
 }
 

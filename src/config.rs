@@ -11,8 +11,8 @@ pub const BLOCK_BYTES: u64 = 64 * 1024;
 /// Largest data payload of one write command (the kernel's FUSE max_write here is 1 MiB).
 pub const WRITE_BYTES_MAX: usize = 1024 * 1024;
 /// Largest file size we accept: the kernel's own limit for a FUSE file (MAX_LFS_FILESIZE,
-/// 2^63 - 1), which it enforces with EFBIG before a write, truncate, fallocate or
-/// copy_file_range reaches us. A lower limit here let the kernel take a write into its page
+/// 2^63 - 1), which it enforces (EFBIG, or EINVAL where an end would overflow an offset) before
+/// a write, truncate, fallocate or copy_file_range reaches us. A lower limit here let the kernel take a write into its page
 /// cache that the state then refused at writeback: the caller got EIO at close, and this node's
 /// kernel kept the size the write gave it. Offsets and block indices (at most 2^47) stay far
 /// from u64 overflow; every sum of offset and length is checked.
