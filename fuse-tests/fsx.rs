@@ -657,7 +657,7 @@ const RESTART_SNAPSHOT_ENTRIES: u64 = 40;
 
 /// Runs `work` while nodes are killed (`kill -9`) or stopped and started again, the leader too.
 /// Every operation returned before the stop, so all of it must be on the restarted node once it
-/// has caught up.
+/// has caught up. At the end a fourth node joins and must have everything.
 fn with_restarts(c: &mut Cluster, g: &mut Gen, steps: usize, work: &mut dyn Workload) {
     let ids = c.ids();
     let mut step = 0;
@@ -693,6 +693,11 @@ fn with_restarts(c: &mut Cluster, g: &mut Gen, steps: usize, work: &mut dyn Work
     for k in &ids {
         work.check_all(c, g, step, *k);
     }
+    // A node that joins now starts from a snapshot (the log was compacted long ago).
+    let new = c.add_node();
+    c.wait_converged(CONVERGE_TIMEOUT);
+    g.record(format!("{step}: node {new} joined"));
+    work.check_all(c, g, step, new);
 }
 
 #[test]
