@@ -147,6 +147,15 @@ impl Side {
         }
     }
 
+    /// Before an operation that opens no file (truncate(2), rename, link, unlink): in a cluster a
+    /// name this node's kernel caches leads to what it named before another node's latest
+    /// change until this node has applied that change, and the kernel answers some of these from
+    /// its cached names (docs/SEMANTICS.md, changes by path without an open). Opening the
+    /// directory catches up first, as an open of a file does.
+    fn catch_up(&self) -> Result<(), i32> {
+        File::open(&self.dir).map(drop).map_err(errno)
+    }
+
     /// Runs `op`; Ok(bytes moved) or the errno.
     fn run(&mut self, op: &Op) -> Result<u64, i32> {
         let rw = || {
@@ -183,11 +192,7 @@ impl Side {
                     .map(|_| data.len() as u64)
             }
             Op::Truncate { at: Target::Name(name), len } => {
-                // truncate(2) opens nothing: in a cluster a name this node's kernel caches leads
-                // to what it named before another node's latest change until this node has
-                // applied that change (docs/SEMANTICS.md, reads and changes without an open).
-                // Opening the directory catches up first, as an open of a file would.
-                drop(File::open(&self.dir).map_err(errno)?);
+                self.catch_up()?;
                 let p = CString::new(self.path(name).as_os_str().as_bytes()).unwrap();
                 // SAFETY: p is a valid NUL-terminated path.
                 check(unsafe { libc::truncate(p.as_ptr(), *len as libc::off_t) }).map_err(errno).map(|_| 0)
@@ -206,9 +211,18 @@ impl Side {
                 r
             }
             Op::MapWrite { at, off, data } => self.with_file(*at, &rw(), |f| map_write(f, *off, data)),
-            Op::Rename { from, to } => fs::rename(self.path(from), self.path(to)).map_err(errno).map(|_| 0),
-            Op::Link { from, to } => fs::hard_link(self.path(from), self.path(to)).map_err(errno).map(|_| 0),
-            Op::Unlink { name } => fs::remove_file(self.path(name)).map_err(errno).map(|_| 0),
+            Op::Rename { from, to } => {
+                self.catch_up()?;
+                fs::rename(self.path(from), self.path(to)).map_err(errno).map(|_| 0)
+            }
+            Op::Link { from, to } => {
+                self.catch_up()?;
+                fs::hard_link(self.path(from), self.path(to)).map_err(errno).map(|_| 0)
+            }
+            Op::Unlink { name } => {
+                self.catch_up()?;
+                fs::remove_file(self.path(name)).map_err(errno).map(|_| 0)
+            }
         }
     }
 }
