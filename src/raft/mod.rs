@@ -457,9 +457,11 @@ impl Replica {
         let dir = cfg.data_dir.clone();
         let store = blocking(move || Store::open(&dir)).await?;
         let s2 = store.clone();
-        blocking(move || storage::resume_snapshot_install(&s2)).await?;
-        let s2 = store.clone();
-        let incarnation = blocking(move || s2.next_incarnation()).await?;
+        let incarnation = blocking(move || {
+            storage::resume_snapshot_install(&s2)?;
+            s2.next_incarnation()
+        })
+        .await?;
         anyhow::ensure!(incarnation < (1 << (64 - SEQ_COUNTER_BITS)), "incarnation counter exhausted");
         let log = LogStore::new(store.clone());
         let log_cache = log.entry_cache();

@@ -113,13 +113,20 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
-/// Waits until `r` has a snapshot covering at least `index`.
-async fn wait_snapshot(r: &Replica, index: u64) {
+/// Creates `n` files named `prefix0..`, then has `r` build a snapshot and waits until it covers
+/// them; returns the applied index it covers.
+async fn files_then_snapshot(r: &Replica, prefix: &str, n: u32) -> u64 {
+    for i in 0..n {
+        make_file(r, format!("{prefix}{i}").as_bytes()).await;
+    }
+    let applied = r.applied_index().unwrap();
+    r.trigger_snapshot().await.unwrap();
     let t = Instant::now();
-    while r.metrics().snapshot_index.is_none_or(|s| s < index) {
+    while r.metrics().snapshot_index.is_none_or(|s| s < applied) {
         assert!(t.elapsed() < Duration::from_secs(10), "no snapshot: {:?}", r.metrics());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    applied
 }
 
 /// A snapshot is built from applied state, which may be newer than the last durable state commit
@@ -135,12 +142,7 @@ fn a_crash_right_after_a_snapshot_leaves_the_state_as_new_as_the_snapshot() {
     let applied = rt().block_on(async {
         let r = Replica::start(cfg(dir.path())).await.unwrap();
         // Apply commits are not durable for about a second from here.
-        for i in 0..30u32 {
-            make_file(&r, format!("c{i}").as_bytes()).await;
-        }
-        let applied = r.applied_index().unwrap();
-        r.trigger_snapshot().await.unwrap();
-        wait_snapshot(&r, applied).await;
+        let applied = files_then_snapshot(&r, "c", 30).await;
         copy_dir(dir.path(), crashed.path());
         r.shutdown().await.unwrap();
         applied
@@ -170,19 +172,10 @@ fn an_interrupted_snapshot_install_is_finished_at_start() {
     let older = tempfile::tempdir().unwrap();
     let snapshot = rt().block_on(async {
         let r = Replica::start(cfg(dir.path())).await.unwrap();
-        for i in 0..10u32 {
-            make_file(&r, format!("early{i}").as_bytes()).await;
-        }
         // The data dir as it was: state and log up to here (a durable copy).
-        r.trigger_snapshot().await.unwrap();
-        wait_snapshot(&r, r.applied_index().unwrap()).await;
+        files_then_snapshot(&r, "early", 10).await;
         copy_dir(dir.path(), older.path());
-        for i in 0..20u32 {
-            make_file(&r, format!("late{i}").as_bytes()).await;
-        }
-        let applied = r.applied_index().unwrap();
-        r.trigger_snapshot().await.unwrap();
-        wait_snapshot(&r, applied).await;
+        files_then_snapshot(&r, "late", 20).await;
         r.shutdown().await.unwrap();
         std::fs::read_dir(dir.path().join("snapshots")).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "snap")).unwrap()
     });
