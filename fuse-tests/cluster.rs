@@ -369,6 +369,59 @@ fn cluster_unlinked_file_stays_usable_where_open() {
     }
 }
 
+/// Inodes in use as node `k` reports them: its statfs counts Pickbox's inodes plus the host's free
+/// inodes (`f_files`) and gives the host's free inodes (`f_ffree`), so the difference is exact.
+fn inodes_in_use(c: &Cluster, k: u64) -> u64 {
+    // Catch up first (opendir waits for the read index): the count is then as new as the cluster.
+    fs::read_dir(c.mnt(k)).unwrap();
+    let st = nix::sys::statvfs::statvfs(c.mnt(k)).unwrap();
+    u64::from(st.files()) - u64::from(st.files_free())
+}
+
+/// A removed file is freed once every node has released it. The others owe a release each (the
+/// remover, not holding it open, does not); a node that makes a change of its own takes its
+/// pending releases along in that change's log entry, and one that makes none releases them
+/// within `RELEASE_GATHER_MS` (1 s). The inode count shows when they are freed.
+#[test]
+fn cluster_removed_files_are_released_with_the_next_change_or_soon() {
+    const FILES: u64 = 20;
+    let c = Cluster::new(3);
+    let make = |prefix: &str| {
+        let names: Vec<String> = (0..FILES).map(|i| format!("{prefix}{i}")).collect();
+        for n in &names {
+            write_synced(&c.path(1, n), b"x").unwrap();
+        }
+        names
+    };
+    let (first, second) = (make("a"), make("b"));
+    let all = inodes_in_use(&c, 1);
+
+    // Nodes 2 and 3 have applied the removals (and queued their releases) once a listing there
+    // returns; each then makes a directory, whose entry carries its releases: right after that
+    // the files are freed, long before the window ends.
+    for n in &first {
+        fs::remove_file(c.path(1, n)).unwrap();
+    }
+    for k in [2, 3] {
+        assert!(fs::read_dir(c.mnt(k)).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with('a')));
+    }
+    let removed_at = Instant::now();
+    for k in [2, 3] {
+        fs::create_dir(c.path(k, &format!("dir{k}"))).unwrap();
+    }
+    let after_changes = inodes_in_use(&c, 1);
+    let elapsed = removed_at.elapsed();
+    assert_eq!(after_changes, all - FILES + 2, "freed with the next change of each node ({elapsed:?} after the removals)");
+
+    // Nobody changes anything now: each node releases within its window.
+    for n in &second {
+        fs::remove_file(c.path(1, n)).unwrap();
+    }
+    let want = all - 2 * FILES + 2;
+    let freed = poll(CONVERGE_TIMEOUT, || inodes_in_use(&c, 1) == want);
+    assert!(freed.is_some(), "still {} inodes in use after {CONVERGE_TIMEOUT:?}, want {want}", inodes_in_use(&c, 1));
+}
+
 #[test]
 fn cluster_concurrent_writers_converge() {
     let mut c = Cluster::new(3);

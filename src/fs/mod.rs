@@ -252,17 +252,19 @@ impl Filesystem for PickboxFs {
         Ok(())
     }
 
-    /// The session ends (unmount): store deferred times setattrs while the replica still runs.
-    /// Runs on the session thread, not on the runtime, so it may block (bounded).
+    /// The session ends (unmount): store deferred times setattrs and release the other nodes'
+    /// orphans gathered for later while the replica still runs (an orphan not released now is
+    /// released at the next start). Runs on the session thread, not on the runtime, so it may
+    /// block (bounded).
     fn destroy(&mut self) {
         let ops = self.ops.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         self.rt.spawn(async move {
-            ops.propose_deferred().await;
+            tokio::join!(ops.propose_deferred(), ops.release_gathered());
             let _ = tx.send(());
         });
         if rx.recv_timeout(Duration::from_millis(DESTROY_DEFERRED_WAIT_MS)).is_err() {
-            tracing::warn!("deferred times setattrs not stored before unmount");
+            tracing::warn!("deferred times setattrs and gathered releases not stored before unmount");
         }
     }
 
