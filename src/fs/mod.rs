@@ -338,10 +338,7 @@ impl Filesystem for PickboxFs {
                 reply.attr(&TTL, &attr::file_attr(&inode));
                 if self.ops.arm_deferred_timer() {
                     let ops = self.ops.clone();
-                    self.spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(ops::DEFERRED_TIMES_MS)).await;
-                        ops.propose_deferred().await;
-                    });
+                    self.spawn(async move { ops.deferred_timer().await });
                 }
                 return;
             }

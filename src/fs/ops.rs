@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::config::{NAME_BYTES_MAX, READDIR_BATCH_MAX, SYMLINK_BYTES_MAX, XATTR_NAME_BYTES_MAX, XATTR_VALUE_BYTES_MAX};
 use crate::raft::{ProposeError, Replica};
@@ -106,6 +107,8 @@ struct Deferred {
     mtime: Option<Timespec>,
     /// The kernel's ctime of the file, if it sent one: the command's time (so the stored ctime).
     ctime: Option<Timespec>,
+    /// When the first setattr merged into this one was answered (the timer counts from it).
+    at: Instant,
 }
 
 /// A removal of a name whose inode this node holds closed (see `Ops::claim_target`): the inode
@@ -818,7 +821,7 @@ impl Ops {
                 e.mtime = mtime.or(e.mtime);
                 e.ctime = ctime.max(e.ctime);
             } else if d.len() < DEFERRED_TIMES_MAX {
-                d.push(Deferred { caller: caller.clone(), ino, atime, mtime, ctime });
+                d.push(Deferred { caller: caller.clone(), ino, atime, mtime, ctime, at: Instant::now() });
             } else {
                 return None;
             }
@@ -826,15 +829,22 @@ impl Ops {
         Some(self.with_deferred(inode))
     }
 
-    /// True if the caller should schedule `propose_deferred` after `DEFERRED_TIMES_MS` (no such
-    /// task is scheduled yet).
+    /// True if the caller should run `deferred_timer` (no such task runs yet).
     pub fn arm_deferred_timer(&self) -> bool {
         !self.deferred_timer.swap(true, Ordering::AcqRel)
     }
 
+    /// Proposes the deferred times setattrs once the oldest has waited `DEFERRED_TIMES_MS`
+    /// (counted from it, not from when the timer started: a proposal may have taken the older
+    /// ones along meanwhile), for as long as any are waiting.
+    pub async fn deferred_timer(&self) {
+        let oldest = || self.deferred().iter().map(|d| d.at).min();
+        let window = || Duration::from_millis(DEFERRED_TIMES_MS);
+        when_due(&self.deferred_timer, oldest, window, || self.propose_deferred()).await;
+    }
+
     /// Propose every deferred times setattr now (the timer, fsync, unmount).
     pub async fn propose_deferred(&self) {
-        self.deferred_timer.store(false, Ordering::Release);
         let taken = std::mem::take(&mut *self.deferred());
         self.propose_all(taken).await;
     }
@@ -1047,14 +1057,52 @@ pub const RELEASE_PROMPT_FREE_BYTES: u64 = 1024 * 1024 * 1024;
 /// Other nodes' orphans waiting for this node's release (see `RELEASE_GATHER_MS`).
 #[derive(Default)]
 struct GatheredReleases {
-    inos: std::sync::Mutex<Vec<Ino>>,
-    /// A task that releases `inos` at the end of the window is scheduled.
+    /// Each with when this node learnt of it, oldest first.
+    inos: std::sync::Mutex<Vec<(Instant, Ino)>>,
+    /// A task that releases `inos` once the oldest is due runs.
     timer: std::sync::atomic::AtomicBool,
 }
 
 impl GatheredReleases {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Instant, Ino)>> {
+        self.inos.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn take(&self) -> Vec<Ino> {
-        std::mem::take(&mut *self.inos.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+        std::mem::take(&mut *self.lock()).into_iter().map(|(_, ino)| ino).collect()
+    }
+}
+
+/// The timer of things gathered to be proposed later (deferred times setattrs, releases): waits
+/// until the oldest gathered (`oldest`) is `window` old, runs `flush` (which takes them all),
+/// and goes on while anything is gathered. With nothing left it disarms `armed`, unless
+/// something arrived meanwhile that found it still armed (and so started no timer of its own).
+async fn when_due<F, Fut>(
+    armed: &std::sync::atomic::AtomicBool,
+    oldest: impl Fn() -> Option<Instant>,
+    window: impl Fn() -> Duration,
+    flush: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        match oldest() {
+            Some(at) => {
+                let due = at + window();
+                if Instant::now() < due {
+                    tokio::time::sleep_until(due.into()).await;
+                } else {
+                    flush().await;
+                }
+            }
+            None => {
+                armed.store(false, Ordering::Release);
+                if oldest().is_none() || armed.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -1064,13 +1112,13 @@ async fn release_all(replica: &Replica, handles: &Handles, inos: Vec<Ino>) {
     futures::future::join_all(inos.into_iter().map(|ino| release_unless_open(replica, handles, ino))).await;
 }
 
-/// How long orphans that arrive now may wait for their release (see `RELEASE_GATHER_MS`).
-fn release_gather(data_dir: &std::path::Path) -> std::time::Duration {
+/// How long orphans may wait for their release (see `RELEASE_GATHER_MS`).
+fn release_gather(data_dir: &std::path::Path) -> Duration {
     let free = nix::sys::statvfs::statvfs(data_dir)
         .map(|v| u64::from(v.blocks_available()).saturating_mul(u64::from(v.fragment_size())))
         .unwrap_or(0);
     let ms = if free < RELEASE_PROMPT_FREE_BYTES { RELEASE_GATHER_LOW_SPACE_MS } else { RELEASE_GATHER_MS };
-    std::time::Duration::from_millis(ms)
+    Duration::from_millis(ms)
 }
 
 /// What the coherence thread does with an orphan another node created: release it on the
@@ -1088,18 +1136,20 @@ fn orphan_hook(
     let rt = tokio::runtime::Handle::try_current().ok();
     Arc::new(move |ino| {
         let Some(rt) = rt.as_ref() else { return };
-        releases.inos.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(ino);
+        releases.lock().push((Instant::now(), ino));
         if releases.timer.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (weak, handles, releases) = (weak.clone(), handles.clone(), releases.clone());
-        let gather = release_gather(&data_dir);
+        let (weak, handles, releases, data_dir) = (weak.clone(), handles.clone(), releases.clone(), data_dir.clone());
         rt.spawn(async move {
-            tokio::time::sleep(gather).await;
-            releases.timer.store(false, Ordering::Release);
-            let inos = releases.take();
-            let Some(replica) = weak.upgrade() else { return };
-            release_all(&replica, &handles, inos).await;
+            let oldest = || releases.lock().first().map(|(at, _)| *at);
+            let flush = || async {
+                let inos = releases.take();
+                if let Some(replica) = weak.upgrade() {
+                    release_all(&replica, &handles, inos).await;
+                }
+            };
+            when_due(&releases.timer, oldest, || release_gather(&data_dir), flush).await;
         });
     })
 }
