@@ -16,9 +16,12 @@
 //!
 //! The namespace tests (`*_random_namespace_operations_*`) do the same for a small tree:
 //! mkdir, rmdir, create, symlink (some through others, some dangling), link, unlink, renameat2
-//! (plain, NOREPLACE, EXCHANGE), chmod (setuid, setgid, sticky), setxattr and removexattr,
-//! comparing the whole tree (kinds, modes, link counts, contents, symlink targets, xattrs) after
-//! each step, in a cluster on a random node.
+//! (plain, NOREPLACE, EXCHANGE), chmod (setuid, setgid, sticky), chown and utimensat (both also
+//! of a symlink itself), setxattr and removexattr, comparing the whole tree (kinds, modes,
+//! owners, link counts, contents, symlink targets, xattrs) after each step, in a cluster on a
+//! random node; the times a utimensat set are checked on its node at once, and on the checking
+//! node too unless they are a regular file's (those may follow up to 20 ms later, see
+//! docs/SEMANTICS.md).
 //!
 //! The seed is random and printed; `PICKBOX_FSX_SEED=N` replays a run, `PICKBOX_FSX_STEPS=N`
 //! sets its length.
@@ -818,6 +821,10 @@ const TARGETS: [&str; 5] = ["p", "q/r", "../p", "nowhere", "r"];
 const MODES: [u32; 6] = [0o644, 0o600, 0o755, 0o4755, 0o2755, 0o1777];
 /// xattr names (user namespace: allowed on files and directories on ext4 too).
 const XATTRS: [&str; 2] = ["user.k1", "user.k2"];
+/// Owners chown gives (root, a regular user id, nobody), and groups.
+const OWNERS: [u32; 3] = [0, 1000, 65534];
+/// Times utimensat sets (seconds, nanoseconds): before the epoch, odd nanoseconds, far ahead.
+const TIMES: [(i64, i64); 4] = [(1, 0), (-1_000_000, 999_999_999), (1_700_000_000, 123_456_789), (4_000_000_000, 1)];
 
 #[derive(Clone, Debug)]
 enum TreeOp {
@@ -831,6 +838,10 @@ enum TreeOp {
     /// renameat2 with flags 0, RENAME_NOREPLACE or RENAME_EXCHANGE.
     Rename(String, String, u32),
     Chmod(String, u32),
+    /// fchownat(uid, gid), of a symlink itself if the flag says so (AT_SYMLINK_NOFOLLOW).
+    Chown(String, u32, u32, bool),
+    /// utimensat(atime, mtime) with explicit times, of a symlink itself if the flag says so.
+    Utimens(String, (i64, i64), (i64, i64), bool),
     SetXattr(String, &'static str, Vec<u8>),
     RemoveXattr(String, &'static str),
 }
@@ -876,6 +887,20 @@ fn run_tree(root: &Path, op: &TreeOp) -> Result<(), i32> {
             // SAFETY: valid path.
             check(unsafe { libc::chmod(c.as_ptr(), *mode) }).map(|_| ())
         }
+        TreeOp::Chown(p, uid, gid, nofollow) => {
+            let c = c_path(&at(p));
+            let flags = if *nofollow { libc::AT_SYMLINK_NOFOLLOW } else { 0 };
+            // SAFETY: valid path.
+            check(unsafe { libc::fchownat(libc::AT_FDCWD, c.as_ptr(), *uid, *gid, flags) }).map(|_| ())
+        }
+        TreeOp::Utimens(p, atime, mtime, nofollow) => {
+            let c = c_path(&at(p));
+            let ts = |(sec, nsec): (i64, i64)| libc::timespec { tv_sec: sec as libc::time_t, tv_nsec: nsec as libc::c_long };
+            let times = [ts(*atime), ts(*mtime)];
+            let flags = if *nofollow { libc::AT_SYMLINK_NOFOLLOW } else { 0 };
+            // SAFETY: valid path and a two-element times array.
+            check(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), flags) }).map(|_| ())
+        }
         TreeOp::SetXattr(p, name, value) => {
             let (c, n) = (c_path(&at(p)), CString::new(*name).unwrap());
             // SAFETY: valid pointers and lengths.
@@ -890,12 +915,41 @@ fn run_tree(root: &Path, op: &TreeOp) -> Result<(), i32> {
     r.map_err(errno)
 }
 
-/// What the tree shows of one entry: kind, permission bits, link count, and the content of a
-/// file, the target of a symlink, the user xattrs of a file or directory.
+/// After a utimensat that succeeded: how the times `root` shows for its target differ from those
+/// it set, if they do. The mtime always; the atime where `atime_kept` (Pickbox changes atime only
+/// when asked to; the reference's relatime may change it on a read). Times are not part of the
+/// tree comparison: each side stamps its own changes with its own clock.
+fn times_differ(root: &Path, op: &TreeOp, atime_kept: bool) -> Option<String> {
+    let TreeOp::Utimens(p, atime, mtime, nofollow) = op else { return None };
+    let path = root.join(p);
+    let md = if *nofollow { fs::symlink_metadata(&path) } else { fs::metadata(&path) };
+    match md {
+        Err(e) => Some(format!("{p}: stat after utimensat: {e}")),
+        Ok(md) => {
+            let (a, m) = ((md.atime(), md.atime_nsec()), (md.mtime(), md.mtime_nsec()));
+            (m != *mtime || (atime_kept && a != *atime)).then(|| format!("{p}: atime {a:?} mtime {m:?}, set {atime:?} {mtime:?}"))
+        }
+    }
+}
+
+/// Whether a utimensat's target (under `root`) is a regular file: its times set by the owner
+/// right after this node's own write may reach other nodes up to `DEFERRED_TIMES_MS` later
+/// (docs/SEMANTICS.md), so only the node that set them checks them at once.
+fn targets_a_file(root: &Path, op: &TreeOp) -> bool {
+    let TreeOp::Utimens(p, _, _, nofollow) = op else { return false };
+    let path = root.join(p);
+    let md = if *nofollow { fs::symlink_metadata(&path) } else { fs::metadata(&path) };
+    md.is_ok_and(|md| md.file_type().is_file())
+}
+
+/// What the tree shows of one entry: kind, permission bits, owner, link count, and the content
+/// of a file, the target of a symlink, the user xattrs of a file or directory.
 #[derive(Debug, PartialEq)]
 struct Entry {
     kind: &'static str,
     mode: u32,
+    uid: u32,
+    gid: u32,
     nlink: u64,
     content: Vec<u8>,
     xattrs: Vec<(String, Vec<u8>)>,
@@ -928,7 +982,7 @@ fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, En
         } else {
             ("file", fs::read(&p).unwrap_or_else(|e| panic!("read {rel}: {e}")), user_xattrs(&p))
         };
-        out.insert(rel, Entry { kind, mode: md.mode() & 0o7777, nlink: md.nlink(), content, xattrs });
+        out.insert(rel, Entry { kind, mode: md.mode() & 0o7777, uid: md.uid(), gid: md.gid(), nlink: md.nlink(), content, xattrs });
         if ft.is_dir() {
             walk(root, &p, out);
         }
@@ -948,14 +1002,18 @@ fn tree_differs(want: &std::collections::BTreeMap<String, Entry>, got: &std::col
             None => return Some(format!("{p} missing (reference: {} mode {:o})", w.kind, w.mode)),
             Some(g) if g != w => {
                 return Some(format!(
-                    "{p}: reference {} mode {:o} nlink {} {} bytes xattrs {:?}, pickbox {} mode {:o} nlink {} {} bytes xattrs {:?}",
+                    "{p}: reference {} mode {:o} owner {}:{} nlink {} {} bytes xattrs {:?}, pickbox {} mode {:o} owner {}:{} nlink {} {} bytes xattrs {:?}",
                     w.kind,
                     w.mode,
+                    w.uid,
+                    w.gid,
                     w.nlink,
                     w.content.len(),
                     w.xattrs.iter().map(|x| &x.0).collect::<Vec<_>>(),
                     g.kind,
                     g.mode,
+                    g.uid,
+                    g.gid,
                     g.nlink,
                     g.content.len(),
                     g.xattrs.iter().map(|x| &x.0).collect::<Vec<_>>()
@@ -994,8 +1052,16 @@ impl Gen {
                 let flags = [0, 0, libc::RENAME_NOREPLACE, libc::RENAME_EXCHANGE][self.rng.random_range(0..4)];
                 TreeOp::Rename(p, self.tree_path(existing), flags)
             }
-            80..=87 => TreeOp::Chmod(p, MODES[self.rng.random_range(0..MODES.len())]),
-            88..=95 => {
+            80..=84 => TreeOp::Chmod(p, MODES[self.rng.random_range(0..MODES.len())]),
+            85..=87 => {
+                let (uid, gid) = (OWNERS[self.rng.random_range(0..OWNERS.len())], OWNERS[self.rng.random_range(0..OWNERS.len())]);
+                TreeOp::Chown(p, uid, gid, self.rng.random_bool(0.3))
+            }
+            88..=90 => {
+                let (a, m) = (TIMES[self.rng.random_range(0..TIMES.len())], TIMES[self.rng.random_range(0..TIMES.len())]);
+                TreeOp::Utimens(p, a, m, self.rng.random_bool(0.3))
+            }
+            91..=95 => {
                 let len = self.rng.random_range(0..100);
                 TreeOp::SetXattr(p, XATTRS[self.rng.random_range(0..XATTRS.len())], self.bytes(len.max(1)))
             }
@@ -1034,8 +1100,18 @@ impl Workload for Tree {
         if w != got {
             g.fail(step, format!("node {on}: {op}: reference {w:?}, pickbox {got:?}"));
         }
+        if got.is_ok() {
+            if let Some(d) = times_differ(&root, &op, true) {
+                g.fail(step, format!("node {on}, right after {op}: {d}"));
+            }
+        }
         let by = on_nodes[g.rng.random_range(0..on_nodes.len())];
         self.check_all(c, g, step, by);
+        if got.is_ok() && !targets_a_file(&self.want_root, &op) {
+            if let Some(d) = times_differ(&c.path(by, "tree"), &op, true) {
+                g.fail(step, format!("node {by}, after {op} on node {on}: {d}"));
+            }
+        }
     }
 
     fn check_all(&mut self, c: &Cluster, g: &Gen, step: usize, k: u64) {
@@ -1085,6 +1161,9 @@ fn random_namespace_operations_agree_with_a_local_filesystem() {
         g.record(format!("{step}: {op} -> {w:?}"));
         if w != got {
             g.fail(step, format!("{op}: reference {w:?}, pickbox {got:?}"));
+        }
+        if let (Ok(()), Some(d)) = (&got, times_differ(&root, &op, true)) {
+            g.fail(step, format!("right after {op}: {d}"));
         }
         if let Some(d) = tree_differs(&tree(&want_root), &tree(&root)) {
             g.fail(step, format!("the tree after the step: {d}"));
