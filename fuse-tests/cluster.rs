@@ -375,7 +375,7 @@ fn inodes_in_use(c: &Cluster, k: u64) -> u64 {
     // Catch up first (opendir waits for the read index): the count is then as new as the cluster.
     fs::read_dir(c.mnt(k)).unwrap();
     let st = nix::sys::statvfs::statvfs(c.mnt(k)).unwrap();
-    u64::from(st.files()) - u64::from(st.files_free())
+    st.files() - st.files_free()
 }
 
 /// A removed file is freed once every node has released it. The others owe a release each (the

@@ -1044,9 +1044,10 @@ async fn release_unless_open(replica: &Replica, handles: &Handles, ino: Ino) {
 /// the releases stay off the path of other changes. Each entry is one more round that every
 /// node must receive and apply, and a read index taken meanwhile waits for it: at 20 ms, the
 /// releases of a cross-node visibility loop with removals landed in 17% of the samples and made
-/// up its slowest tenth (create visible on the other node: p90 1.4-1.7 ms, p99 2.3-3.1 ms; at
-/// 1 s p90 0.92-1.0 ms, p99 1.5-2.7 ms). Holding an orphan longer is safe (its blocks are freed
-/// later); where space is short it is not kind, see `RELEASE_GATHER_LOW_SPACE_MS`.
+/// up its slowest tenth (a create seen on the other node, 4 runs of 200: p90 1.3-1.7 ms, p99
+/// 2.5-2.9 ms; with this window and `when_due` p90 0.97-1.09 ms, p99 1.2-1.6 ms in 3 runs, 2.9
+/// in one). Holding an orphan longer is safe (its blocks are freed later); where space is short
+/// it is not kind, see `RELEASE_GATHER_LOW_SPACE_MS`.
 pub const RELEASE_GATHER_MS: u64 = 1000;
 /// The gather window while the data directory has less than `RELEASE_PROMPT_FREE_BYTES` free:
 /// someone removing files to make room gets the space back at once.
@@ -1115,7 +1116,7 @@ async fn release_all(replica: &Replica, handles: &Handles, inos: Vec<Ino>) {
 /// How long orphans may wait for their release (see `RELEASE_GATHER_MS`).
 fn release_gather(data_dir: &std::path::Path) -> Duration {
     let free = nix::sys::statvfs::statvfs(data_dir)
-        .map(|v| u64::from(v.blocks_available()).saturating_mul(u64::from(v.fragment_size())))
+        .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
         .unwrap_or(0);
     let ms = if free < RELEASE_PROMPT_FREE_BYTES { RELEASE_GATHER_LOW_SPACE_MS } else { RELEASE_GATHER_MS };
     Duration::from_millis(ms)
