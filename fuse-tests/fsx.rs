@@ -920,10 +920,8 @@ fn run_tree(root: &Path, op: &TreeOp) -> Result<(), i32> {
 /// when asked to; the reference's relatime may change it on a read). Times are not part of the
 /// tree comparison: each side stamps its own changes with its own clock.
 fn times_differ(root: &Path, op: &TreeOp, atime_kept: bool) -> Option<String> {
-    let TreeOp::Utimens(p, atime, mtime, nofollow) = op else { return None };
-    let path = root.join(p);
-    let md = if *nofollow { fs::symlink_metadata(&path) } else { fs::metadata(&path) };
-    match md {
+    let TreeOp::Utimens(p, atime, mtime, _) = op else { return None };
+    match utimens_target(root, op)? {
         Err(e) => Some(format!("{p}: stat after utimensat: {e}")),
         Ok(md) => {
             let (a, m) = ((md.atime(), md.atime_nsec()), (md.mtime(), md.mtime_nsec()));
@@ -936,10 +934,15 @@ fn times_differ(root: &Path, op: &TreeOp, atime_kept: bool) -> Option<String> {
 /// right after this node's own write may reach other nodes up to `DEFERRED_TIMES_MS` later
 /// (docs/SEMANTICS.md), so only the node that set them checks them at once.
 fn targets_a_file(root: &Path, op: &TreeOp) -> bool {
-    let TreeOp::Utimens(p, _, _, nofollow) = op else { return false };
+    utimens_target(root, op).is_some_and(|md| md.is_ok_and(|md| md.file_type().is_file()))
+}
+
+/// The metadata of what a utimensat under `root` acts on (the symlink itself or what it leads
+/// to, as its flag says); `None` for another op.
+fn utimens_target(root: &Path, op: &TreeOp) -> Option<io::Result<fs::Metadata>> {
+    let TreeOp::Utimens(p, _, _, nofollow) = op else { return None };
     let path = root.join(p);
-    let md = if *nofollow { fs::symlink_metadata(&path) } else { fs::metadata(&path) };
-    md.is_ok_and(|md| md.file_type().is_file())
+    Some(if *nofollow { fs::symlink_metadata(&path) } else { fs::metadata(&path) })
 }
 
 /// What the tree shows of one entry: kind, permission bits, owner, link count, and the content

@@ -199,16 +199,7 @@ fn snapshot_and_restart_from_it() {
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
         let r = Replica::start(cfg(dir.path())).await.unwrap();
-        for i in 0..30u32 {
-            make_file(&r, format!("s{i}").as_bytes()).await;
-        }
-        let applied = r.applied_index().unwrap();
-        r.trigger_snapshot().await.unwrap();
-        let t = Instant::now();
-        while r.metrics().snapshot_index.is_none_or(|s| s < applied) {
-            assert!(t.elapsed() < Duration::from_secs(10), "no snapshot: {:?}", r.metrics());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let applied = files_then_snapshot(&r, "s", 30).await;
         assert!(r.metrics().snapshot_index.unwrap() >= applied);
         r.shutdown().await.unwrap();
     });
