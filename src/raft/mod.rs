@@ -213,9 +213,13 @@ pub struct ReplicaConfig {
     /// Snapshot after this many log entries since the last snapshot (`SNAPSHOT_ENTRIES_MAX` by
     /// default; tests lower it).
     pub snapshot_entries: u64,
-    /// Snapshot (and purge) when the log on disk holds more than this many bytes, or the size of
-    /// the last snapshot if that is larger (`SNAPSHOT_LOG_BYTES_MAX` by default; tests lower it).
+    /// Snapshot (and purge) when the log on disk holds more than this many bytes
+    /// (`SNAPSHOT_LOG_BYTES_MAX` by default; tests lower it).
     pub snapshot_log_bytes: u64,
+    /// Below this much free space in the data directory, snapshot every
+    /// `SNAPSHOT_LOW_SPACE_INTERVAL_MS` while anything is applied (`SNAPSHOT_LOW_SPACE_FREE_BYTES`
+    /// by default; tests raise it).
+    pub snapshot_low_space_bytes: u64,
     /// How long a snapshot's last chunk may wait for the follower's install (tests lower it).
     pub snapshot_install: SnapshotInstallBound,
 }
@@ -230,6 +234,7 @@ impl ReplicaConfig {
             advertise_addr: String::new(),
             snapshot_entries: SNAPSHOT_ENTRIES_MAX,
             snapshot_log_bytes: SNAPSHOT_LOG_BYTES_MAX,
+            snapshot_low_space_bytes: SNAPSHOT_LOW_SPACE_FREE_BYTES,
             snapshot_install: SnapshotInstallBound::default(),
         }
     }
@@ -1071,11 +1076,31 @@ async fn bootstrap_in_background(replica: Weak<Replica>) {
 async fn snapshot_monitor(replica: std::sync::Weak<Replica>) {
     // The snapshot that was the last one when this monitor last asked for a new one, and when.
     let mut asked: Option<(Option<u64>, Instant)> = None;
+    // When the monitor last asked for a snapshot because space was short.
+    let mut low_space_asked: Option<Instant> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let Some(r) = replica.upgrade() else { return };
+        if low_space(&r.cfg.data_dir, r.cfg.snapshot_low_space_bytes) {
+            // The current snapshot keeps the pages of the state it covers; while the disk is short,
+            // a newer one lets what removals and overwrites freed since be used again (and openraft
+            // then purges the log behind it).
+            let (snapshot, applied) = {
+                let m = r.raft.metrics();
+                let m = m.borrow();
+                (m.snapshot.map(|l| l.index), m.last_applied.map(|l| l.index))
+            };
+            let recently = low_space_asked.is_some_and(|at: Instant| at.elapsed() < Duration::from_millis(SNAPSHOT_LOW_SPACE_INTERVAL_MS));
+            if applied > snapshot && !recently {
+                tracing::info!(free_below = r.cfg.snapshot_low_space_bytes, "data directory short of space; snapshotting");
+                if r.raft.trigger().snapshot().await.is_err() {
+                    return;
+                }
+                low_space_asked = Some(Instant::now());
+            }
+        }
         let held = r.store.log_bytes();
-        let limit = r.cfg.snapshot_log_bytes.max(r.store.current_snapshot_bytes().unwrap_or(0));
+        let limit = r.cfg.snapshot_log_bytes;
         if held <= limit {
             continue;
         }
@@ -1147,6 +1172,20 @@ fn log_plan(held: u64, limit: u64, snapshot: Option<u64>, purged: Option<u64>, a
         _ if applied > snapshot => LogPlan::Snapshot,
         _ => LogPlan::Wait,
     }
+}
+
+/// Below this much free space in the data directory, `snapshot_monitor` takes a snapshot at most
+/// every `SNAPSHOT_LOW_SPACE_INTERVAL_MS` when anything was applied since the last one: a snapshot
+/// pins the pages of the state it covers (see `Store::pin_snapshot`), so what was freed since is
+/// not reused until the next one.
+pub const SNAPSHOT_LOW_SPACE_FREE_BYTES: u64 = 1024 * 1024 * 1024;
+pub const SNAPSHOT_LOW_SPACE_INTERVAL_MS: u64 = 2_000;
+
+/// Whether the file system of `dir` has less than `bytes` available.
+fn low_space(dir: &std::path::Path, bytes: u64) -> bool {
+    nix::sys::statvfs::statvfs(dir)
+        .map(|v| (v.blocks_available() as u64).saturating_mul(v.fragment_size() as u64) < bytes)
+        .unwrap_or(false)
 }
 
 /// A snapshot the monitor asked for and that has not appeared after this long is asked for again.

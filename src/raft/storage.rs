@@ -22,7 +22,7 @@ use super::{Applied, Response, Touch, TypeConfig};
 use crate::state::{Command, CommandResult, Digested, Ino, NodeId, Op, StateRead, StoreFault, StoreResult};
 
 use crate::store::codec::{decode, encode, encode_sized};
-use crate::store::{LogWrite, StateTxn, Store};
+use crate::store::{LogWrite, PinnedSnapshot, StateTxn, Store};
 
 type SE = StorageError<NodeId>;
 type Ent = Entry<TypeConfig>;
@@ -413,13 +413,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
 // ------------------------------------------------------------------------------- snapshot file
 
-/// Snapshot data: an open file in the store's snapshot directory (never the whole state in RAM).
+/// Snapshot data: a file in the store's snapshot directory (never the whole state in RAM). A
+/// snapshot this node took (`Store::pin_snapshot`) is only a pinned read transaction until its
+/// data is read: the first read or seek writes it out (`Store::write_out`, on a blocking thread,
+/// in the task that reads it: openraft's transfer to a follower, so applies go on meanwhile).
 pub struct SnapshotFile {
-    file: tokio::fs::File,
+    file: Lazy,
     path: PathBuf,
     /// A snapshot being received and not handed to `install_snapshot`: openraft drops it when
     /// a transfer is aborted (leader change, timeout), and its file goes with it.
     discard_on_drop: bool,
+    /// Keeps the snapshot (and its file) alive while this reads it.
+    _pin: Option<Arc<PinnedSnapshot>>,
+}
+
+type Opening = Pin<Box<dyn std::future::Future<Output = io::Result<(tokio::fs::File, PathBuf)>> + Send>>;
+
+enum Lazy {
+    Open(tokio::fs::File),
+    /// Being written out and opened; a seek asked for meanwhile is started once it is open.
+    Opening(Opening, Option<io::SeekFrom>),
 }
 
 impl Drop for SnapshotFile {
@@ -439,32 +452,93 @@ impl SnapshotFile {
     pub fn path(&self) -> &std::path::Path {
         &self.path
     }
+
+    /// The data of `pin`, written out at the first read or seek.
+    fn of(store: &Store, pin: Arc<PinnedSnapshot>) -> SnapshotFile {
+        let (store, p) = (store.clone(), pin.clone());
+        let opening: Opening = Box::pin(async move {
+            let info = blocking(move || store.write_out(&p)).await.map_err(|e| io::Error::other(e.0))?;
+            Ok((tokio::fs::File::open(&info.path).await?, info.path))
+        });
+        SnapshotFile { file: Lazy::Opening(opening, None), path: PathBuf::new(), discard_on_drop: false, _pin: Some(pin) }
+    }
+
+    /// Drive a pending write-out to the open file.
+    fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&mut tokio::fs::File>> {
+        if let Lazy::Opening(fut, seek) = &mut self.file {
+            let (mut file, path) = match fut.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(f)) => f,
+            };
+            if let Some(pos) = seek.take() {
+                Pin::new(&mut file).start_seek(pos)?;
+            }
+            self.path = path;
+            self.file = Lazy::Open(file);
+        }
+        match &mut self.file {
+            Lazy::Open(f) => Poll::Ready(Ok(f)),
+            Lazy::Opening(..) => unreachable!("opened above"),
+        }
+    }
+
+    fn open_file(&mut self) -> io::Result<&mut tokio::fs::File> {
+        match &mut self.file {
+            Lazy::Open(f) => Ok(f),
+            Lazy::Opening(..) => Err(io::Error::other("snapshot data not written out yet")),
+        }
+    }
 }
 
 impl AsyncRead for SnapshotFile {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.file).poll_read(cx, buf)
+        match self.poll_open(cx) {
+            Poll::Ready(Ok(f)) => Pin::new(f).poll_read(cx, buf),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
+// Only a received snapshot (always open) is written.
 impl AsyncWrite for SnapshotFile {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.file).poll_write(cx, buf)
+    fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.open_file() {
+            Ok(f) => Pin::new(f).poll_write(_cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.file).poll_flush(cx)
+        match self.open_file() {
+            Ok(f) => Pin::new(f).poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.file).poll_shutdown(cx)
+        match self.open_file() {
+            Ok(f) => Pin::new(f).poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 }
 
 impl AsyncSeek for SnapshotFile {
     fn start_seek(mut self: Pin<&mut Self>, position: io::SeekFrom) -> io::Result<()> {
-        Pin::new(&mut self.file).start_seek(position)
+        match &mut self.file {
+            Lazy::Open(f) => Pin::new(f).start_seek(position),
+            Lazy::Opening(_, seek) => {
+                *seek = Some(position);
+                Ok(())
+            }
+        }
     }
     fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
-        Pin::new(&mut self.file).poll_complete(cx)
+        match self.poll_open(cx) {
+            Poll::Ready(Ok(f)) => Pin::new(f).poll_complete(cx),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -761,10 +835,12 @@ pub(super) fn read_applied(view: &crate::store::ReadView) -> StoreResult<Applied
 /// why a snapshot was sent), so the snapshot is loaded again (installing is idempotent).
 /// Returns whether it did. Blocking.
 pub fn resume_snapshot_install(store: &Store) -> StoreResult<bool> {
-    let Some(info) = store.current_snapshot() else { return Ok(false) };
+    let Some(info) = store.take_found_snapshot() else { return Ok(false) };
     let meta: SnapshotMeta<NodeId, openraft::BasicNode> = decode(&info.header)?;
     let (applied, _) = read_applied(&store.read()?)?;
     if meta.last_log_id <= applied {
+        // A snapshot written out for a follower in an earlier run: the state covers it.
+        store.discard_found_snapshot(&info);
         return Ok(false);
     }
     tracing::warn!(
@@ -774,7 +850,7 @@ pub fn resume_snapshot_install(store: &Store) -> StoreResult<bool> {
         "the current snapshot is newer than the state (an install was interrupted): installing it again"
     );
     let sm_meta = vec![(SM_APPLIED, encode(&meta.last_log_id)?), (SM_MEMBERSHIP, encode(&meta.last_membership)?)];
-    store.install_snapshot(&info.path, &info.id, &sm_meta)?;
+    store.install_snapshot(&info.path, &meta.snapshot_id, &sm_meta)?;
     Ok(true)
 }
 
@@ -789,14 +865,23 @@ fn snapshot_id(last: &Option<LogId<NodeId>>) -> String {
     }
 }
 
-async fn open_snapshot(info: crate::store::SnapshotInfo) -> Result<Snapshot<TypeConfig>, SE> {
+fn open_snapshot(store: &Store, pin: Arc<PinnedSnapshot>) -> Result<Snapshot<TypeConfig>, SE> {
     let meta: SnapshotMeta<NodeId, openraft::BasicNode> =
-        decode(&info.header).map_err(|e| sm_err("decoding a snapshot header", e))?;
-    let file = tokio::fs::File::open(&info.path).await.map_err(|e| sm_err("opening a snapshot", e))?;
-    Ok(Snapshot { meta, snapshot: Box::new(SnapshotFile { file, path: info.path, discard_on_drop: false }) })
+        decode(&pin.header).map_err(|e| sm_err("decoding a snapshot header", e))?;
+    Ok(Snapshot { meta, snapshot: Box::new(SnapshotFile::of(store, pin)) })
 }
 
-/// Builds a snapshot file from one read transaction.
+/// Pin the state as it is as the current snapshot (see `Store::pin_snapshot`). Blocking.
+fn pin_snapshot(store: &Store) -> StoreResult<Arc<PinnedSnapshot>> {
+    store.pin_snapshot(|view| {
+        let (last_log_id, last_membership) = read_applied(view)?;
+        let snapshot_id = snapshot_id(&last_log_id);
+        let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id: snapshot_id.clone() };
+        Ok((snapshot_id, encode(&meta)?))
+    })
+}
+
+/// Takes a snapshot: pins a read transaction (nothing is copied until a follower needs it).
 pub struct SnapshotBuilder {
     store: Store,
 }
@@ -804,18 +889,9 @@ pub struct SnapshotBuilder {
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SE> {
         let store = self.store.clone();
-        let info = blocking(move || {
-            store.build_snapshot(|view| {
-                let (last_log_id, last_membership) = read_applied(view)?;
-                let snapshot_id = snapshot_id(&last_log_id);
-                let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id: snapshot_id.clone() };
-                Ok((snapshot_id, encode(&meta)?))
-            })
-        })
-        .await
-        .map_err(|e| sm_err("building a snapshot", e))?;
-        tracing::info!(id = %info.id, "snapshot built");
-        open_snapshot(info).await
+        let pin = blocking(move || pin_snapshot(&store)).await.map_err(|e| sm_err("building a snapshot", e))?;
+        tracing::info!(id = %pin.id, "snapshot taken");
+        open_snapshot(&self.store, pin)
     }
 }
 
@@ -886,7 +962,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .open(&path)
             .await
             .map_err(|e| sm_err("creating a snapshot file", e))?;
-        Ok(Box::new(SnapshotFile { file, path, discard_on_drop: true }))
+        Ok(Box::new(SnapshotFile { file: Lazy::Open(file), path, discard_on_drop: true, _pin: None }))
     }
 
     async fn install_snapshot(
@@ -895,8 +971,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         mut snapshot: Box<SnapshotFile>,
     ) -> Result<(), SE> {
         use tokio::io::AsyncWriteExt;
-        snapshot.file.flush().await.map_err(|e| sm_err("flushing a received snapshot", e))?;
-        snapshot.file.sync_all().await.map_err(|e| sm_err("syncing a received snapshot", e))?;
+        let file = snapshot.open_file().map_err(|e| sm_err("installing a snapshot", e))?;
+        file.flush().await.map_err(|e| sm_err("flushing a received snapshot", e))?;
+        file.sync_all().await.map_err(|e| sm_err("syncing a received snapshot", e))?;
         let src = snapshot.path.clone();
         snapshot.discard_on_drop = false;
         drop(snapshot);
@@ -932,9 +1009,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SE> {
-        match self.store.current_snapshot() {
-            Some(info) => Ok(Some(open_snapshot(info).await?)),
-            None => Ok(None),
+        if let Some(pin) = self.store.current_snapshot() {
+            return Ok(Some(open_snapshot(&self.store, pin)?));
         }
+        // None taken since this start: the state as it is serves (durable, and no newer than what
+        // is applied), once something was applied.
+        let store = self.store.clone();
+        let applied = blocking(move || read_applied(&store.read()?)).await.map_err(|e| sm_err("reading the state", e))?;
+        if applied.0.is_none() {
+            return Ok(None);
+        }
+        let store = self.store.clone();
+        let pin = blocking(move || pin_snapshot(&store)).await.map_err(|e| sm_err("taking a snapshot", e))?;
+        Ok(Some(open_snapshot(&self.store, pin)?))
     }
 }

@@ -176,20 +176,47 @@ fn an_interrupted_snapshot_install_is_finished_at_start() {
         files_then_snapshot(&r, "early", 10).await;
         copy_dir(dir.path(), older.path());
         files_then_snapshot(&r, "late", 20).await;
+        // The snapshot as a follower receives it (written out; removed when the node stops).
+        let pin = r.store.current_snapshot().unwrap();
+        let info = r.store.write_out(&pin).unwrap();
+        let bytes = std::fs::read(&info.path).unwrap();
         r.shutdown().await.unwrap();
-        std::fs::read_dir(dir.path().join("snapshots")).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "snap")).unwrap()
+        (pin.id.clone(), bytes)
     });
     // Adopted but not loaded: the newer file beside the older state (newest by mtime: `scan`).
     for e in std::fs::read_dir(older.path().join("snapshots")).unwrap().flatten() {
         std::fs::remove_file(e.path()).unwrap();
     }
-    std::fs::copy(&snapshot, older.path().join("snapshots").join(snapshot.file_name().unwrap())).unwrap();
+    std::fs::write(older.path().join("snapshots").join(format!("{}.snap", snapshot.0)), &snapshot.1).unwrap();
     rt().block_on(async {
         let r = Replica::start(cfg(older.path())).await.unwrap();
         for name in (0..10).map(|i| format!("early{i}")).chain((0..20).map(|i| format!("late{i}"))) {
             assert!(r.read().unwrap().entry(ROOT_INO, name.as_bytes()).unwrap().is_some(), "{name} missing");
         }
         make_file(&r, b"after").await;
+        r.shutdown().await.unwrap();
+    });
+}
+
+/// A snapshot keeps the pages of the state it covers (it is a pinned read transaction): while
+/// the data directory is short of space, the node takes a newer one every couple of seconds once
+/// something was applied, so that what removals freed is used again.
+#[test]
+fn a_node_short_of_space_snapshots_what_it_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let mut c = cfg(dir.path());
+        c.snapshot_low_space_bytes = u64::MAX;
+        let r = Replica::start(c).await.unwrap();
+        for round in 0..2 {
+            make_file(&r, format!("f{round}").as_bytes()).await;
+            let applied = r.applied_index().unwrap();
+            let t = Instant::now();
+            while r.metrics().snapshot_index.is_none_or(|s| s < applied) {
+                assert!(t.elapsed() < Duration::from_secs(10), "round {round}: no snapshot of {applied}: {:?}", r.metrics());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         r.shutdown().await.unwrap();
     });
 }
@@ -203,8 +230,9 @@ fn snapshot_and_restart_from_it() {
         assert!(r.metrics().snapshot_index.unwrap() >= applied);
         r.shutdown().await.unwrap();
     });
+    // Taking a snapshot copied nothing (no follower needed it).
     let snaps: Vec<_> = std::fs::read_dir(dir.path().join("snapshots")).unwrap().flatten().collect();
-    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert!(snaps.is_empty(), "{snaps:?}");
     rt().block_on(async {
         let r = Replica::start(cfg(dir.path())).await.unwrap();
         assert!(r.metrics().snapshot_index.is_some());
@@ -1330,7 +1358,7 @@ fn pipelined_large_writes_in_a_cluster() {
 #[test]
 fn an_aborted_snapshot_transfer_leaves_no_file() {
     use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
         let store = crate::store::Store::open(dir.path()).unwrap();
@@ -1342,12 +1370,21 @@ fn an_aborted_snapshot_transfer_leaves_no_file() {
         assert!(path.exists(), "the transfer writes into {}", path.display());
         drop(receiving);
         assert!(!path.exists(), "{} left behind", path.display());
-        // A built snapshot (what is sent to followers) stays when its handle is dropped.
-        let built = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        // A snapshot taken (what is sent to followers) is written out when first read, and its
+        // file stays when a handle is dropped: the next reader gets the same bytes.
+        let mut built = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 0, "taking a snapshot writes nothing");
+        let mut first = Vec::new();
+        built.snapshot.read_to_end(&mut first).await.unwrap();
         let kept = built.snapshot.path().to_path_buf();
+        assert!(first.starts_with(b"PBSNAP02"), "{} bytes", first.len());
         drop(built);
         assert!(kept.exists(), "{} was removed", kept.display());
-        let current = sm.get_current_snapshot().await.unwrap().expect("the built snapshot");
+        let mut current = sm.get_current_snapshot().await.unwrap().expect("the built snapshot");
+        let mut again = Vec::new();
+        current.snapshot.read_to_end(&mut again).await.unwrap();
+        assert_eq!(again, first);
+        assert_eq!(current.snapshot.path(), kept);
         drop(current);
         assert!(kept.exists(), "{} was removed", kept.display());
     });
@@ -1359,7 +1396,7 @@ fn an_aborted_snapshot_transfer_leaves_no_file() {
 fn a_snapshot_whose_header_mismatches_the_meta_is_refused() {
     use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
     use openraft::{CommittedLeaderId, LogId};
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     rt().block_on(async {
         let r = Replica::start(cfg(d1.path())).await.unwrap();
@@ -1367,8 +1404,9 @@ fn a_snapshot_whose_header_mismatches_the_meta_is_refused() {
         r.shutdown().await.unwrap();
         drop(r);
         let mut source = storage::StateMachine::new(crate::store::Store::open(d1.path()).unwrap());
-        let built = source.get_snapshot_builder().await.build_snapshot().await.unwrap();
-        let bytes = std::fs::read(built.snapshot.path()).unwrap();
+        let mut built = source.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let mut bytes = Vec::new();
+        built.snapshot.read_to_end(&mut bytes).await.unwrap();
         let good = built.meta.clone();
         assert!(good.last_log_id.is_some());
 

@@ -83,7 +83,10 @@ struct Inner {
     writer: Mutex<Option<mpsc::Sender<LogWrite>>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     stats: Arc<StoreStats>,
-    current_snapshot: Mutex<Option<SnapshotInfo>>,
+    /// The current snapshot: a pinned read transaction, written out only when asked for.
+    pinned: Mutex<Option<Arc<PinnedSnapshot>>>,
+    /// The newest snapshot file found at open (see `found_snapshot`).
+    found_snapshot: Mutex<Option<SnapshotInfo>>,
     snapshot_seq: AtomicU64,
     /// Wakes the writeback thread (`writeback_loop`); dropped with the store, which ends it.
     writeback: mpsc::SyncSender<()>,
@@ -312,7 +315,8 @@ impl Store {
                 writer: Mutex::new(Some(tx)),
                 writer_thread: Mutex::new(Some(thread)),
                 stats,
-                current_snapshot: Mutex::new(current),
+                pinned: Mutex::new(None),
+                found_snapshot: Mutex::new(current),
                 snapshot_seq: AtomicU64::new(0),
                 writeback,
             }),
@@ -501,14 +505,24 @@ impl Store {
 
     // ---------------------------------------------------------------- snapshots
 
-    /// The newest snapshot file, if any.
-    pub fn current_snapshot(&self) -> Option<SnapshotInfo> {
-        self.inner.current_snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The current snapshot, if one was pinned since open (`pin_snapshot`, `install_snapshot`).
+    pub fn current_snapshot(&self) -> Option<Arc<PinnedSnapshot>> {
+        self.inner.pinned.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The size in bytes of the newest snapshot file (about the size of the whole state).
-    pub fn current_snapshot_bytes(&self) -> Option<u64> {
-        std::fs::metadata(self.current_snapshot()?.path).ok().map(|m| m.len())
+    /// The newest snapshot file found in the snapshot directory at open, taken (the next call
+    /// returns None). Only a received snapshot whose load into the state was interrupted is newer
+    /// than the state (raft/ loads it again); any other is a written-out pinned snapshot of an
+    /// earlier run, which `discard_found_snapshot` removes.
+    pub fn take_found_snapshot(&self) -> Option<SnapshotInfo> {
+        self.inner.found_snapshot.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Remove a snapshot file `take_found_snapshot` returned that is not needed.
+    pub fn discard_found_snapshot(&self, info: &SnapshotInfo) {
+        if let Err(e) = std::fs::remove_file(&info.path) {
+            tracing::warn!(path = %info.path.display(), error = %e, "could not remove an old snapshot file");
+        }
     }
 
     /// A fresh path in the snapshot directory to receive a snapshot into.
@@ -517,21 +531,54 @@ impl Store {
         self.inner.snap_dir.join(format!("recv-{}-{n}.part", std::process::id()))
     }
 
-    /// Write every state table from one read transaction into `<snapshots>/<id>.snap` (temp file,
-    /// fsync, rename) with the header `make_header` returns, then make it the only snapshot.
+    /// Take a snapshot: pin a read transaction of the state as it is (O(1): nothing is copied)
+    /// and make it the current snapshot, with the header `make_header` returns. Its file is written
+    /// only when a follower needs it (`write_out`); until then redb keeps the pages it sees (the
+    /// state file grows by what changes meanwhile; the next snapshot releases them). Copying the
+    /// whole state at every snapshot (as this did before) cost as much as the state's size each
+    /// time the log reached the snapshot policy's bound, however little had been written.
     /// The read transaction may see apply commits that are not durable yet: a durable commit
-    /// right after it was opened covers them, so a crash never leaves the snapshot newer than the
-    /// state (raft/ would take that for an interrupted install and load the snapshot again).
-    /// Blocking.
-    pub fn build_snapshot(
+    /// right after it was opened covers them, so a crash never leaves a snapshot openraft was told
+    /// about newer than the state (it panics at start otherwise). Blocking.
+    pub fn pin_snapshot(
         &self,
         make_header: impl FnOnce(&ReadView) -> StoreResult<(String, Vec<u8>)>,
-    ) -> StoreResult<SnapshotInfo> {
+    ) -> StoreResult<Arc<PinnedSnapshot>> {
         let view = ReadView::open(self.inner.db.begin_read().map_err(fault)?);
         self.write_state(true, |_| Ok(()))?;
         let (id, header) = make_header(&view)?;
-        let info = snapshot::write(&self.inner.snap_dir, &id, &header, &view)?;
-        self.set_current(info.clone());
+        let pin = Arc::new(PinnedSnapshot {
+            id,
+            header,
+            view: Mutex::new(Some(view)),
+            file: Mutex::new(None),
+            dir: self.inner.snap_dir.clone(),
+            seq: self.inner.snapshot_seq.fetch_add(1, Ordering::Relaxed),
+        });
+        self.set_current(pin.clone());
+        Ok(pin)
+    }
+
+    /// The file of `pin`: written from its read transaction at the first call (every state table
+    /// streamed as records, temp file, fsync, rename), the same file afterwards. Callers wait for
+    /// one another. Blocking: proportional to the state's size.
+    pub fn write_out(&self, pin: &PinnedSnapshot) -> StoreResult<SnapshotInfo> {
+        let mut file = pin.file.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(info) = &*file {
+            return Ok(info.clone());
+        }
+        let view = pin.view.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(view) = view else {
+            return Err(StoreFault(format!("snapshot {} was replaced before it was written out", pin.id)));
+        };
+        let started = std::time::Instant::now();
+        let name = format!("{}_{}", pin.id, pin.seq);
+        let info = snapshot::write(&pin.dir, &name, &pin.header, &view)?;
+        // The file holds the snapshot now: the pages the view kept can go.
+        drop(view);
+        tracing::info!(id = %pin.id, bytes = std::fs::metadata(&info.path).map(|m| m.len()).unwrap_or(0),
+            ms = started.elapsed().as_millis() as u64, "snapshot written out (a follower needs it)");
+        *file = Some(info.clone());
         Ok(info)
     }
 
@@ -562,7 +609,16 @@ impl Store {
         }
         txn.commit().map_err(fault)?;
         self.inner.log.state_made_durable();
-        self.set_current(info.clone());
+        // The state is the snapshot now, and the received file is its written-out form.
+        let pin = Arc::new(PinnedSnapshot {
+            id: id.to_string(),
+            header: info.header.clone(),
+            view: Mutex::new(None),
+            file: Mutex::new(Some(info.clone())),
+            dir: self.inner.snap_dir.clone(),
+            seq: self.inner.snapshot_seq.fetch_add(1, Ordering::Relaxed),
+        });
+        self.set_current(pin);
         Ok(info)
     }
 
@@ -584,10 +640,51 @@ impl Store {
         txn.commit().unwrap();
     }
 
-    fn set_current(&self, info: SnapshotInfo) {
-        let mut cur = self.inner.current_snapshot.lock().unwrap_or_else(|e| e.into_inner());
-        snapshot::remove_others(&self.inner.snap_dir, &info.path);
-        *cur = Some(info);
+    fn set_current(&self, pin: Arc<PinnedSnapshot>) {
+        let old = std::mem::replace(&mut *self.inner.pinned.lock().unwrap_or_else(|e| e.into_inner()), Some(pin.clone()));
+        if let Some(old) = old {
+            // The same file may be both (a snapshot installed again from its own file): the new
+            // one keeps it.
+            let keep = pin.file.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|i| i.path.clone());
+            let mut f = old.file.lock().unwrap_or_else(|e| e.into_inner());
+            if f.as_ref().is_some_and(|i| Some(&i.path) == keep.as_ref()) {
+                f.take();
+            }
+        }
+    }
+}
+
+/// A snapshot: the header raft/ gave it and a read transaction of the state it covers, or, once
+/// written out (or received), its file. Its file is removed when the last holder drops it (the
+/// store when a newer snapshot replaces it, a transfer reading it).
+pub struct PinnedSnapshot {
+    pub id: String,
+    /// raft/'s snapshot metadata.
+    pub header: Vec<u8>,
+    view: Mutex<Option<ReadView>>,
+    file: Mutex<Option<SnapshotInfo>>,
+    dir: PathBuf,
+    /// Makes the written-out file's name unique (two snapshots may cover the same entry).
+    seq: u64,
+}
+
+impl PinnedSnapshot {
+    /// Its file, if written out or received already.
+    pub fn file(&self) -> Option<SnapshotInfo> {
+        self.file.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for PinnedSnapshot {
+    fn drop(&mut self) {
+        let file = self.file.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(info) = file {
+            match std::fs::remove_file(&info.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(path = %info.path.display(), error = %e, "could not remove an old snapshot file"),
+            }
+        }
     }
 }
 

@@ -1099,7 +1099,8 @@ mod tests {
         })
         .unwrap()
         .unwrap();
-        let info = a.build_snapshot(|_| Ok(("1-1-1-1".to_string(), b"header".to_vec()))).unwrap();
+        let pin = a.pin_snapshot(|_| Ok(("1-1-1-1".to_string(), b"header".to_vec()))).unwrap();
+        let info = a.write_out(&pin).unwrap();
 
         let db = tempfile::tempdir().unwrap();
         let b = Store::open(db.path()).unwrap();

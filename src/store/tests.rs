@@ -355,8 +355,8 @@ fn snapshot_build_install_reproduces_state() {
             })
             .unwrap();
     }
-    let info = a.build_snapshot(|_| Ok(("1-1-17-1".to_string(), b"header".to_vec()))).unwrap();
-    assert_eq!(a.current_snapshot().unwrap().path, info.path);
+    let info = built(&a, |_| Ok(("1-1-17-1".to_string(), b"header".to_vec()))).unwrap();
+    assert_eq!(a.current_snapshot().unwrap().file().unwrap().path, info.path);
     assert_eq!(info.header, b"header");
 
     let (_d2, b) = tmp_store();
@@ -367,7 +367,7 @@ fn snapshot_build_install_reproduces_state() {
     assert_eq!(dump(&a), dump(&b));
     assert_eq!(b.read().unwrap().sm_meta("applied").unwrap(), Some(17u64.to_le_bytes().to_vec()));
     // Installing the same snapshot again (also from its own current file) is harmless.
-    let cur = b.current_snapshot().unwrap();
+    let cur = b.current_snapshot().unwrap().file().unwrap();
     b.install_snapshot(&cur.path, &cur.id, &meta).unwrap();
     b.install_snapshot(&info.path, &info.id, &meta).unwrap();
     assert_eq!(dump(&a), dump(&b));
@@ -394,13 +394,19 @@ fn snapshot_build_install_reproduces_state() {
     assert_eq!(dump(&a), dump(&b));
 }
 
-/// A store whose state came from `workload`, with one snapshot of it installed.
+/// Take a snapshot of `s` and write it out.
+fn built(s: &Store, make_header: impl FnOnce(&ReadView) -> StoreResult<(String, Vec<u8>)>) -> StoreResult<SnapshotInfo> {
+    let pin = s.pin_snapshot(make_header)?;
+    s.write_out(&pin)
+}
+
+/// A store whose state came from `workload`, with one snapshot of it taken and written out.
 fn store_with_snapshot() -> (tempfile::TempDir, Store, SnapshotInfo) {
     let (d, a) = tmp_store();
     for c in workload() {
         let _ = a.write_state(false, |t| apply(t, &c)).unwrap();
     }
-    let info = a.build_snapshot(|_| Ok(("1-1-17-1".to_string(), b"header".to_vec()))).unwrap();
+    let info = built(&a, |_| Ok(("1-1-17-1".to_string(), b"header".to_vec()))).unwrap();
     (d, a, info)
 }
 
@@ -408,6 +414,38 @@ fn snapshot_files(store: &Store) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(&store.inner.snap_dir).unwrap().flatten().map(|e| e.path()).collect();
     v.sort();
     v
+}
+
+/// A snapshot is the state when it was taken, however much changed before a follower needed it
+/// and it was written out; taking one writes no file; a newer one replaces it, and the older
+/// one's file goes once nothing reads it any more.
+#[test]
+fn a_snapshot_is_the_state_when_taken_and_is_written_out_only_when_needed() {
+    let (_d, a) = tmp_store();
+    let cmds = workload();
+    let (first, rest) = cmds.split_at(cmds.len() / 2);
+    feed(&a, first);
+    let at_pin = to_mem(&a.read().unwrap());
+    let pin = a.pin_snapshot(|_| Ok(("1-1-10-1".to_string(), b"h1".to_vec()))).unwrap();
+    assert!(snapshot_files(&a).is_empty(), "taking a snapshot writes no file");
+    feed(&a, rest);
+    // Overwrite and free what the snapshot sees (its pages must survive the later commits).
+    feed(&a, &[cmd(500, Op::SetAttr { ino: 2, perm: None, uid: None, gid: None, size: Some(0), atime: None, mtime: None })]);
+    a.write_state(true, |_| Ok(())).unwrap();
+    assert_ne!(to_mem(&a.read().unwrap()), at_pin, "the test needs changes after the snapshot");
+    let info = a.write_out(&pin).unwrap();
+    assert_eq!(snapshot_files(&a), vec![info.path.clone()]);
+    assert_eq!(a.write_out(&pin).unwrap().path, info.path, "written out once");
+    let (_d2, b) = tmp_store();
+    b.install_snapshot(&info.path, &info.id, &[("applied", 10u64.to_le_bytes().to_vec())]).unwrap();
+    assert_eq!(to_mem(&b.read().unwrap()), at_pin);
+    // A newer snapshot replaces it; the file stays while the caller still holds the older one.
+    let newer = a.pin_snapshot(|_| Ok(("1-1-20-1".to_string(), b"h2".to_vec()))).unwrap();
+    assert_eq!(a.current_snapshot().unwrap().id, newer.id);
+    assert!(info.path.exists(), "still held");
+    drop(pin);
+    assert!(!info.path.exists(), "removed with the last holder");
+    assert!(snapshot_files(&a).is_empty());
 }
 
 #[test]
@@ -418,7 +456,7 @@ fn corrupt_received_snapshot_is_refused_before_it_replaces_anything() {
     b.install_snapshot(&good.path, &good.id, &meta).unwrap();
     let state = dump(&b);
     assert_eq!(state, dump(&a));
-    let current = b.current_snapshot().unwrap();
+    let current = b.current_snapshot().unwrap().file().unwrap();
     let current_bytes = std::fs::read(&current.path).unwrap();
 
     let n = current_bytes.len();
@@ -445,7 +483,7 @@ fn corrupt_received_snapshot_is_refused_before_it_replaces_anything() {
             assert!(err.0.contains("refused"), "{what}: {}", err.0);
             assert!(!recv.exists(), "{what}: the refused received file is deleted");
             assert_eq!(dump(&b), state, "{what}: state unchanged");
-            assert_eq!(b.current_snapshot().unwrap().path, current.path, "{what}");
+            assert_eq!(b.current_snapshot().unwrap().file().unwrap().path, current.path, "{what}");
             assert_eq!(std::fs::read(&current.path).unwrap(), current_bytes, "{what}: current file unchanged");
             assert_eq!(snapshot_files(&b), vec![current.path.clone()], "{what}");
         }
@@ -457,10 +495,11 @@ fn corrupt_received_snapshot_is_refused_before_it_replaces_anything() {
     assert!(outside.exists(), "a file that is not ours is left alone");
     assert_eq!(snapshot_files(&b), vec![current.path.clone()]);
 
-    // After a restart the good snapshot is still the current one.
+    // After a restart the state is still the good snapshot's; its file went with the clean close
+    // (the state covers it).
     drop(b);
     let b = Store::open(db.path()).unwrap();
-    assert_eq!(b.current_snapshot().unwrap().id, current.id);
+    assert!(b.take_found_snapshot().is_none());
     assert_eq!(dump(&b), state);
     // And a good received snapshot is still adopted after all that.
     let recv = b.receiving_path();
@@ -473,15 +512,21 @@ fn corrupt_received_snapshot_is_refused_before_it_replaces_anything() {
 #[test]
 fn leftover_partial_snapshot_files_are_removed_at_open() {
     let (d, a, good) = store_with_snapshot();
+    let bytes = std::fs::read(&good.path).unwrap();
     let part = a.receiving_path();
-    std::fs::write(&part, b"PBSNAP02 half a snapshot").unwrap();
     let tmp = a.inner.snap_dir.join("9-9-9-9.tmp");
-    std::fs::write(&tmp, b"half written").unwrap();
     drop(a);
+    assert!(!good.path.exists(), "a written-out snapshot is removed at a clean close");
+    // What a crash may leave: a complete snapshot file (adopted, its load interrupted), a partial
+    // transfer, a partial write-out.
+    std::fs::write(&good.path, &bytes).unwrap();
+    std::fs::write(&part, b"PBSNAP02 half a snapshot").unwrap();
+    std::fs::write(&tmp, b"half written").unwrap();
     let a = Store::open(d.path()).unwrap();
     assert!(!part.exists() && !tmp.exists());
     assert_eq!(snapshot_files(&a), vec![good.path.clone()]);
-    assert_eq!(a.current_snapshot().unwrap().id, good.id);
+    assert_eq!(a.take_found_snapshot().unwrap().id, good.id);
+    assert!(a.current_snapshot().is_none());
 }
 
 #[test]
@@ -904,7 +949,7 @@ fn state_digest_is_equal_for_equal_histories_and_changes_with_any_command() {
     assert_ne!(b.state_digest(applied_seq).unwrap().1, db2.1);
 
     // A store that installed a snapshot of a has a's digest.
-    let info = a.build_snapshot(|_| Ok(("1-1-100-1".to_string(), b"header".to_vec()))).unwrap();
+    let info = built(&a, |_| Ok(("1-1-100-1".to_string(), b"header".to_vec()))).unwrap();
     let (_d3, c) = tmp_store();
     c.write_state(false, |t| t.put_inode(&inode(999))).unwrap();
     c.install_snapshot(&info.path, &info.id, &[("applied", 100u64.to_le_bytes().to_vec())]).unwrap();
@@ -1465,7 +1510,7 @@ fn a_snapshot_keeps_the_stored_order_of_blocks() {
     let mut sorted = hashes_in_id_order.clone();
     sorted.sort();
     assert_ne!(hashes_in_id_order, sorted, "the test needs an id order that differs from hash order");
-    let info = a.build_snapshot(|_| Ok(("1-1-3000-1".to_string(), b"header".to_vec()))).unwrap();
+    let info = built(&a, |_| Ok(("1-1-3000-1".to_string(), b"header".to_vec()))).unwrap();
     let (_d2, b) = tmp_store();
     b.install_snapshot(&info.path, &info.id, &[("applied", 2000u64.to_le_bytes().to_vec())]).unwrap();
     let installed: Vec<Vec<u8>> = blocks_by_id(&b).into_iter().map(|(_, h)| h).collect();
