@@ -971,6 +971,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         mut snapshot: Box<SnapshotFile>,
     ) -> Result<(), SE> {
         use tokio::io::AsyncWriteExt;
+        // A snapshot taken here rather than received (openraft's storage suite installs those)
+        // is written out first.
+        std::future::poll_fn(|cx| snapshot.poll_open(cx).map_ok(|_| ()))
+            .await
+            .map_err(|e| sm_err("writing out a snapshot to install", e))?;
         let file = snapshot.open_file().map_err(|e| sm_err("installing a snapshot", e))?;
         file.flush().await.map_err(|e| sm_err("flushing a received snapshot", e))?;
         file.sync_all().await.map_err(|e| sm_err("syncing a received snapshot", e))?;
