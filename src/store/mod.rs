@@ -582,16 +582,16 @@ impl Store {
         Ok(info)
     }
 
-    /// Replace the whole state with the snapshot file at `src` (one Immediate transaction that also
-    /// writes `sm_meta`), keep it as the current snapshot under `id`. Installing the same snapshot
-    /// twice gives the same state. Blocking.
     /// The header (raft/'s snapshot metadata) of a received snapshot file, read before it is
     /// installed (size-bounded; the rest of the file is verified by `install_snapshot`).
     pub fn snapshot_header(&self, src: &Path) -> StoreResult<Vec<u8>> {
         snapshot::read_header(src)
     }
 
-    pub fn install_snapshot(&self, src: &Path, id: &str, sm_meta: &[(&str, Vec<u8>)]) -> StoreResult<SnapshotInfo> {
+    /// Replace the whole state with the snapshot file at `src` (verified first; one Immediate
+    /// transaction that also writes `sm_meta`), make it the current snapshot under `id`, remove
+    /// the file. Installing the same snapshot twice gives the same state. Blocking.
+    pub fn install_snapshot(&self, src: &Path, id: &str, sm_meta: &[(&str, Vec<u8>)]) -> StoreResult<()> {
         // Verified before it is adopted (see snapshot::adopt).
         let info = snapshot::adopt(&self.inner.snap_dir, src, id)?;
         if self.inner.stats.failed.load(Ordering::SeqCst) {
@@ -609,17 +609,23 @@ impl Store {
         }
         txn.commit().map_err(fault)?;
         self.inner.log.state_made_durable();
-        // The state is the snapshot now, and the received file is its written-out form.
+        // The state is the snapshot now (durable): it is pinned as such, like a snapshot taken
+        // here, and the received file goes (a copy of the whole state on disk until the next
+        // snapshot otherwise; written out again only if this node has to send it).
+        let view = ReadView::open(self.inner.db.begin_read().map_err(fault)?);
         let pin = Arc::new(PinnedSnapshot {
             id: id.to_string(),
             header: info.header.clone(),
-            view: Mutex::new(None),
-            file: Mutex::new(Some(info.clone())),
+            view: Mutex::new(Some(view)),
+            file: Mutex::new(None),
             dir: self.inner.snap_dir.clone(),
             seq: self.inner.snapshot_seq.fetch_add(1, Ordering::Relaxed),
         });
         self.set_current(pin);
-        Ok(info)
+        if let Err(e) = std::fs::remove_file(&info.path) {
+            tracing::warn!(path = %info.path.display(), error = %e, "could not remove an installed snapshot file");
+        }
+        Ok(())
     }
 
     /// Test hook: `(path, end of the last record)` of every log segment.
@@ -641,16 +647,8 @@ impl Store {
     }
 
     fn set_current(&self, pin: Arc<PinnedSnapshot>) {
-        let old = std::mem::replace(&mut *self.inner.pinned.lock().unwrap_or_else(|e| e.into_inner()), Some(pin.clone()));
-        if let Some(old) = old {
-            // The same file may be both (a snapshot installed again from its own file): the new
-            // one keeps it.
-            let keep = pin.file.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|i| i.path.clone());
-            let mut f = old.file.lock().unwrap_or_else(|e| e.into_inner());
-            if f.as_ref().is_some_and(|i| Some(&i.path) == keep.as_ref()) {
-                f.take();
-            }
-        }
+        // The one it replaces goes when nothing holds it any more (a transfer may still read it).
+        *self.inner.pinned.lock().unwrap_or_else(|e| e.into_inner()) = Some(pin);
     }
 }
 

@@ -366,15 +366,16 @@ fn snapshot_build_install_reproduces_state() {
     b.install_snapshot(&info.path, &info.id, &meta).unwrap();
     assert_eq!(dump(&a), dump(&b));
     assert_eq!(b.read().unwrap().sm_meta("applied").unwrap(), Some(17u64.to_le_bytes().to_vec()));
-    // Installing the same snapshot again (also from its own current file) is harmless.
-    let cur = b.current_snapshot().unwrap().file().unwrap();
+    // The installed file is not kept: the installed state is the current snapshot.
+    assert!(snapshot_files(&b).is_empty());
+    assert_eq!(b.current_snapshot().unwrap().id, info.id);
+    // Installing the same snapshot again (also from the current one written out) is harmless.
+    let cur = b.write_out(&b.current_snapshot().unwrap()).unwrap();
     b.install_snapshot(&cur.path, &cur.id, &meta).unwrap();
     b.install_snapshot(&info.path, &info.id, &meta).unwrap();
     assert_eq!(dump(&a), dump(&b));
     assert_eq!(to_mem(&a.read().unwrap()), to_mem(&b.read().unwrap()));
-    // Only one snapshot file is kept.
-    let files: Vec<_> = std::fs::read_dir(b.inner.snap_dir.clone()).unwrap().flatten().collect();
-    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(snapshot_files(&b).is_empty(), "{:?}", snapshot_files(&b));
 
     // A snapshot received into our own receiving file is adopted by rename.
     let recv = b.receiving_path();
@@ -456,8 +457,8 @@ fn corrupt_received_snapshot_is_refused_before_it_replaces_anything() {
     b.install_snapshot(&good.path, &good.id, &meta).unwrap();
     let state = dump(&b);
     assert_eq!(state, dump(&a));
-    let current = b.current_snapshot().unwrap().file().unwrap();
-    let current_bytes = std::fs::read(&current.path).unwrap();
+    let current = b.current_snapshot().unwrap().id.clone();
+    let current_bytes = std::fs::read(&good.path).unwrap();
 
     let n = current_bytes.len();
     let mut flipped = current_bytes.clone();
@@ -475,7 +476,7 @@ fn corrupt_received_snapshot_is_refused_before_it_replaces_anything() {
     ];
     // Under a new id and under the current snapshot's own id (whose good file a rename would
     // have replaced).
-    for id in ["2-1-18-1", current.id.as_str()] {
+    for id in ["2-1-18-1", current.as_str()] {
         for (what, bytes) in &corruptions {
             let recv = b.receiving_path();
             std::fs::write(&recv, bytes).unwrap();
@@ -483,9 +484,8 @@ fn corrupt_received_snapshot_is_refused_before_it_replaces_anything() {
             assert!(err.0.contains("refused"), "{what}: {}", err.0);
             assert!(!recv.exists(), "{what}: the refused received file is deleted");
             assert_eq!(dump(&b), state, "{what}: state unchanged");
-            assert_eq!(b.current_snapshot().unwrap().file().unwrap().path, current.path, "{what}");
-            assert_eq!(std::fs::read(&current.path).unwrap(), current_bytes, "{what}: current file unchanged");
-            assert_eq!(snapshot_files(&b), vec![current.path.clone()], "{what}");
+            assert_eq!(b.current_snapshot().unwrap().id, current, "{what}");
+            assert!(snapshot_files(&b).is_empty(), "{what}: {:?}", snapshot_files(&b));
         }
     }
     // A corrupt file from elsewhere (copied, not renamed) is refused too and leaves no copy.
@@ -493,7 +493,7 @@ fn corrupt_received_snapshot_is_refused_before_it_replaces_anything() {
     std::fs::write(&outside, &corruptions[0].1).unwrap();
     assert!(b.install_snapshot(&outside, "3-1-19-1", &meta).is_err());
     assert!(outside.exists(), "a file that is not ours is left alone");
-    assert_eq!(snapshot_files(&b), vec![current.path.clone()]);
+    assert!(snapshot_files(&b).is_empty());
 
     // After a restart the state is still the good snapshot's; its file went with the clean close
     // (the state covers it).
