@@ -503,9 +503,9 @@ impl AsyncRead for SnapshotFile {
 
 // Only a received snapshot (always open) is written.
 impl AsyncWrite for SnapshotFile {
-    fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.open_file() {
-            Ok(f) => Pin::new(f).poll_write(_cx, buf),
+            Ok(f) => Pin::new(f).poll_write(cx, buf),
             Err(e) => Poll::Ready(Err(e)),
         }
     }

@@ -85,7 +85,7 @@ struct Inner {
     stats: Arc<StoreStats>,
     /// The current snapshot: a pinned read transaction, written out only when asked for.
     pinned: Mutex<Option<Arc<PinnedSnapshot>>>,
-    /// The newest snapshot file found at open (see `found_snapshot`).
+    /// The newest snapshot file found at open (see `take_found_snapshot`).
     found_snapshot: Mutex<Option<SnapshotInfo>>,
     snapshot_seq: AtomicU64,
     /// Wakes the writeback thread (`writeback_loop`); dropped with the store, which ends it.
@@ -573,7 +573,16 @@ impl Store {
         };
         let started = std::time::Instant::now();
         let name = format!("{}_{}", pin.id, pin.seq);
-        let info = snapshot::write(&pin.dir, &name, &pin.header, &view)?;
+        let info = match snapshot::write(&pin.dir, &name, &pin.header, &view) {
+            Ok(info) => info,
+            Err(e) => {
+                // The partial file goes; the view is kept for the next attempt (a full disk may
+                // have room again by then).
+                let _ = std::fs::remove_file(pin.dir.join(format!("{name}.tmp")));
+                *pin.view.lock().unwrap_or_else(|e| e.into_inner()) = Some(view);
+                return Err(e);
+            }
+        };
         // The file holds the snapshot now: the pages the view kept can go.
         drop(view);
         tracing::info!(id = %pin.id, bytes = std::fs::metadata(&info.path).map(|m| m.len()).unwrap_or(0),

@@ -449,6 +449,24 @@ fn a_snapshot_is_the_state_when_taken_and_is_written_out_only_when_needed() {
     assert!(snapshot_files(&a).is_empty());
 }
 
+/// A write-out that fails (no room on the disk, here a missing directory) leaves no partial file
+/// and can be tried again later.
+#[test]
+fn a_failed_write_out_can_be_tried_again() {
+    let (_d, a) = tmp_store();
+    feed(&a, &workload());
+    let pin = a.pin_snapshot(|_| Ok(("1-1-5-1".to_string(), b"h".to_vec()))).unwrap();
+    let dir = a.inner.snap_dir.clone();
+    std::fs::remove_dir(&dir).unwrap();
+    assert!(a.write_out(&pin).is_err());
+    std::fs::create_dir(&dir).unwrap();
+    let info = a.write_out(&pin).unwrap();
+    assert_eq!(snapshot_files(&a), vec![info.path.clone()]);
+    let (_d2, b) = tmp_store();
+    b.install_snapshot(&info.path, &info.id, &[]).unwrap();
+    assert_eq!(to_mem(&b.read().unwrap()), to_mem(&a.read().unwrap()));
+}
+
 #[test]
 fn corrupt_received_snapshot_is_refused_before_it_replaces_anything() {
     let (_da, a, good) = store_with_snapshot();
