@@ -110,7 +110,7 @@ fn main() {
     println!("  install {:6.2} s = {:6.1} s per GiB of data", installed.as_secs_f64(), per_gib(installed));
     println!("  copy+fsync of the snapshot file (baseline) {:6.2} s", copied.as_secs_f64());
     println!(
-        "  ratios to the baseline: build {:.2}x, install {:.2}x; the leader allows {} s per GiB ({:.1}x this rate)",
+        "  ratios to the baseline: write out {:.2}x, install {:.2}x; the leader allows {} s per GiB ({:.1}x this rate)",
         built.as_secs_f64() / copied.as_secs_f64(),
         installed.as_secs_f64() / copied.as_secs_f64(),
         pickbox::raft::SNAPSHOT_INSTALL_MS_PER_GIB / 1000,
