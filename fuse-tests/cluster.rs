@@ -718,6 +718,14 @@ fn cluster_node_rejoins_through_a_snapshot() {
         leader_snapshot > stopped_at + SNAPSHOT_ENTRIES,
         "the leader did not snapshot (snapshot_index {leader_snapshot}, node 3 stopped at {stopped_at})"
     );
+    // Taking a snapshot copies nothing: no file until a node needs one sent.
+    let snapshot_files = |c: &mut Cluster, k: u64| -> Vec<PathBuf> {
+        let dir = c.node(k).data.join("snapshots");
+        let mut v: Vec<PathBuf> = fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(snapshot_files(&mut c, leader), Vec::<PathBuf>::new(), "node {leader} wrote a snapshot no one needed");
 
     let started = Instant::now();
     c.start(3);
@@ -726,6 +734,11 @@ fn cluster_node_rejoins_through_a_snapshot() {
     eprintln!("node 3 caught up in {:?}: index {index}, digest {digest}, {s3:?}", started.elapsed());
     let snap3 = s3.snapshot_index.unwrap_or(0);
     assert!(snap3 > stopped_at, "node 3 has no snapshot past where it stopped ({snap3} <= {stopped_at})");
+    // The leader wrote its snapshot out to send it; node 3 removed the file it received once
+    // installed.
+    let sent = snapshot_files(&mut c, leader);
+    assert_eq!(sent.len(), 1, "node {leader}: {sent:?}");
+    assert_eq!(snapshot_files(&mut c, 3), Vec::<PathBuf>::new(), "node 3 kept the received snapshot");
     assert_eq!(fs::read(c.path(3, "before")).unwrap(), big);
     assert_eq!(fs::read(c.path(3, &format!("during-{ops}"))).unwrap(), format!("after {ops} ops").as_bytes());
 }

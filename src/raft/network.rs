@@ -56,6 +56,12 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// Delivers one encoded RPC to `target` (at `addr`) and returns the encoded reply.
 pub trait PeerTransport: Send + Sync + 'static {
     fn call(&self, target: NodeId, addr: &str, kind: RpcKind, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, TransportError>>;
+
+    /// Whether `target` can be reached now (a connection to it exists or can be made), without
+    /// a request. Before a snapshot is sent: its data is written out at the first read.
+    fn reachable(&self, _target: NodeId, _addr: &str) -> BoxFuture<Result<(), TransportError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// A transport with no peers: a single-node cluster.
@@ -179,6 +185,24 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 Err(RPCError::Network(NetworkError::new(&e)))
             }
         }
+    }
+
+    /// openraft's chunked transfer, after checking that the peer can be reached: the first read
+    /// of a snapshot writes it out (the whole state), which is wasted on a peer that is down (its
+    /// replication stream retries every backoff, with each newer snapshot).
+    async fn full_snapshot(
+        &mut self,
+        vote: openraft::Vote<NodeId>,
+        snapshot: openraft::storage::Snapshot<TypeConfig>,
+        cancel: impl Future<Output = openraft::error::ReplicationClosed> + openraft::OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<openraft::raft::SnapshotResponse<NodeId>, openraft::error::StreamingError<TypeConfig, openraft::error::Fatal<NodeId>>>
+    {
+        use openraft::network::snapshot_transport::{Chunked, SnapshotTransport};
+        if let Err(e) = self.transport.reachable(self.target, &self.addr).await {
+            return Err(openraft::error::StreamingError::Unreachable(Unreachable::new(&e)));
+        }
+        Chunked::send_snapshot(self, vote, snapshot, cancel, option).await
     }
 
     async fn vote(

@@ -520,6 +520,15 @@ impl PeerTransport for QuicTransport {
             inner.exchange(target, &addr, chunks, Some(kind)).await
         })
     }
+
+    fn reachable(&self, target: NodeId, addr: &str) -> BoxFuture<Result<(), TransportError>> {
+        let inner = self.inner.clone();
+        let addr = addr.to_string();
+        Box::pin(async move {
+            let sock = resolve(&addr).await.map_err(|e| TransportError::Unreachable(target, e))?;
+            inner.connection(target, sock).await.map(|_| ())
+        })
+    }
 }
 
 /// How one exchange failed: the connection (redial next time) or only this stream.
