@@ -972,6 +972,14 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         inode.mtime = self.now();
         inode.ctime = self.now();
         self.kill_privs(&mut inode);
+        // A write drops the file's capabilities, whoever writes (as Linux does). The writing
+        // node's kernel drops them itself only if it checks at this write(2): it skips the check
+        // on an inode it marked S_NOSEC until it refreshes the inode's attributes, which, after
+        // another node set them, waits for that node's invalidation (a race the cluster test
+        // `cluster_write_drops_capabilities_another_node_set` lost under load).
+        if self.s.xattr(inode.ino, CAPABILITY_XATTR)?.is_some() {
+            self.s.del_xattr(inode.ino, CAPABILITY_XATTR)?;
+        }
         self.put(inode.clone());
         Ok(Outcome::Written { len, attr: inode })
     }
@@ -1103,3 +1111,6 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         Ok(Outcome::Done)
     }
 }
+
+/// The extended attribute holding a file's capabilities, which a write removes.
+const CAPABILITY_XATTR: &[u8] = b"security.capability";

@@ -1395,6 +1395,24 @@ fn writes_by_others_clear_setuid() {
     assert_eq!(h.attr(f).perm, 0o777);
 }
 
+/// A write drops the file's capabilities (`security.capability`), whoever writes, root too
+/// (a page-cache write reaches the state as root); other extended attributes stay.
+#[test]
+fn writes_drop_capabilities() {
+    let mut h = H::new();
+    let f = h.file(ROOT_INO, "f");
+    let caps = vec![1u8, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    for (name, value) in [(&b"security.capability"[..], caps.clone()), (&b"user.keep"[..], b"1".to_vec())] {
+        h.ok(Op::SetXattr { ino: f, name: name.to_vec(), value, flags: XattrFlags::Any });
+    }
+    h.write(f, 0, b"as root");
+    assert!(!h.s.xattrs.contains_key(&(f, b"security.capability".to_vec())));
+    assert_eq!(h.s.xattrs[&(f, b"user.keep".to_vec())], b"1");
+    // A write to a file without them changes nothing else.
+    h.write(f, 0, b"again");
+    assert_eq!(h.s.xattrs[&(f, b"user.keep".to_vec())], b"1");
+}
+
 #[test]
 fn fallocate_modes() {
     let mut h = H::new();
