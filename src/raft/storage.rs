@@ -466,11 +466,7 @@ impl SnapshotFile {
     /// Drive a pending write-out to the open file.
     fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&mut tokio::fs::File>> {
         if let Lazy::Opening(fut, seek) = &mut self.file {
-            let (mut file, path) = match fut.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(f)) => f,
-            };
+            let (mut file, path) = std::task::ready!(fut.as_mut().poll(cx))?;
             if let Some(pos) = seek.take() {
                 Pin::new(&mut file).start_seek(pos)?;
             }
@@ -493,11 +489,8 @@ impl SnapshotFile {
 
 impl AsyncRead for SnapshotFile {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.poll_open(cx) {
-            Poll::Ready(Ok(f)) => Pin::new(f).poll_read(cx, buf),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        let f = std::task::ready!(self.poll_open(cx))?;
+        Pin::new(f).poll_read(cx, buf)
     }
 }
 
@@ -534,11 +527,8 @@ impl AsyncSeek for SnapshotFile {
         }
     }
     fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
-        match self.poll_open(cx) {
-            Poll::Ready(Ok(f)) => Pin::new(f).poll_complete(cx),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        let f = std::task::ready!(self.poll_open(cx))?;
+        Pin::new(f).poll_complete(cx)
     }
 }
 
@@ -1020,12 +1010,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // None taken since this start: the state as it is serves (durable, and no newer than what
         // is applied), once something was applied.
         let store = self.store.clone();
-        let applied = blocking(move || read_applied(&store.read()?)).await.map_err(|e| sm_err("reading the state", e))?;
-        if applied.0.is_none() {
-            return Ok(None);
-        }
-        let store = self.store.clone();
-        let pin = blocking(move || pin_snapshot(&store)).await.map_err(|e| sm_err("taking a snapshot", e))?;
-        Ok(Some(open_snapshot(&self.store, pin)?))
+        let pin = blocking(move || match read_applied(&store.read()?)?.0 {
+            None => Ok(None),
+            Some(_) => pin_snapshot(&store).map(Some),
+        })
+        .await
+        .map_err(|e| sm_err("taking a snapshot", e))?;
+        pin.map(|pin| open_snapshot(&self.store, pin)).transpose()
     }
 }

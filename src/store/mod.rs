@@ -547,16 +547,7 @@ impl Store {
         let view = ReadView::open(self.inner.db.begin_read().map_err(fault)?);
         self.write_state(true, |_| Ok(()))?;
         let (id, header) = make_header(&view)?;
-        let pin = Arc::new(PinnedSnapshot {
-            id,
-            header,
-            view: Mutex::new(Some(view)),
-            file: Mutex::new(None),
-            dir: self.inner.snap_dir.clone(),
-            seq: self.inner.snapshot_seq.fetch_add(1, Ordering::Relaxed),
-        });
-        self.set_current(pin.clone());
-        Ok(pin)
+        Ok(self.set_current(id, header, view))
     }
 
     /// The file of `pin`: written from its read transaction at the first call (every state table
@@ -573,12 +564,12 @@ impl Store {
         };
         let started = std::time::Instant::now();
         let name = format!("{}_{}", pin.id, pin.seq);
-        let info = match snapshot::write(&pin.dir, &name, &pin.header, &view) {
+        let info = match snapshot::write(&self.inner.snap_dir, &name, &pin.header, &view) {
             Ok(info) => info,
             Err(e) => {
                 // The partial file goes; the view is kept for the next attempt (a full disk may
                 // have room again by then).
-                let _ = std::fs::remove_file(pin.dir.join(format!("{name}.tmp")));
+                let _ = std::fs::remove_file(self.inner.snap_dir.join(format!("{name}.tmp")));
                 *pin.view.lock().unwrap_or_else(|e| e.into_inner()) = Some(view);
                 return Err(e);
             }
@@ -622,15 +613,7 @@ impl Store {
         // here, and the received file goes (a copy of the whole state on disk until the next
         // snapshot otherwise; written out again only if this node has to send it).
         let view = ReadView::open(self.inner.db.begin_read().map_err(fault)?);
-        let pin = Arc::new(PinnedSnapshot {
-            id: id.to_string(),
-            header: info.header.clone(),
-            view: Mutex::new(Some(view)),
-            file: Mutex::new(None),
-            dir: self.inner.snap_dir.clone(),
-            seq: self.inner.snapshot_seq.fetch_add(1, Ordering::Relaxed),
-        });
-        self.set_current(pin);
+        self.set_current(id.to_string(), info.header.clone(), view);
         if let Err(e) = std::fs::remove_file(&info.path) {
             tracing::warn!(path = %info.path.display(), error = %e, "could not remove an installed snapshot file");
         }
@@ -655,9 +638,18 @@ impl Store {
         txn.commit().unwrap();
     }
 
-    fn set_current(&self, pin: Arc<PinnedSnapshot>) {
-        // The one it replaces goes when nothing holds it any more (a transfer may still read it).
-        *self.inner.pinned.lock().unwrap_or_else(|e| e.into_inner()) = Some(pin);
+    /// Make `view` the current snapshot. The one it replaces goes when nothing holds it any more
+    /// (a transfer may still read it).
+    fn set_current(&self, id: String, header: Vec<u8>, view: ReadView) -> Arc<PinnedSnapshot> {
+        let pin = Arc::new(PinnedSnapshot {
+            id,
+            header,
+            view: Mutex::new(Some(view)),
+            file: Mutex::new(None),
+            seq: self.inner.snapshot_seq.fetch_add(1, Ordering::Relaxed),
+        });
+        *self.inner.pinned.lock().unwrap_or_else(|e| e.into_inner()) = Some(pin.clone());
+        pin
     }
 }
 
@@ -670,14 +662,14 @@ pub struct PinnedSnapshot {
     pub header: Vec<u8>,
     view: Mutex<Option<ReadView>>,
     file: Mutex<Option<SnapshotInfo>>,
-    dir: PathBuf,
     /// Makes the written-out file's name unique (two snapshots may cover the same entry).
     seq: u64,
 }
 
 impl PinnedSnapshot {
-    /// Its file, if written out or received already.
-    pub fn file(&self) -> Option<SnapshotInfo> {
+    /// Its file, if written out already (test hook).
+    #[cfg(test)]
+    pub(crate) fn file(&self) -> Option<SnapshotInfo> {
         self.file.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
