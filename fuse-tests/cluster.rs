@@ -299,6 +299,29 @@ fn cluster_write_drops_capabilities_another_node_set() {
     close(f).unwrap();
 }
 
+/// An ACL set on one node governs access on the others at once: their kernels check access
+/// against ACLs they cache, which the invalidation for the change drops.
+#[test]
+fn cluster_acl_set_on_one_node_governs_access_on_the_others() {
+    use crate::harness::{as_user, NOBODY};
+    use crate::meta::facl;
+    let c = Cluster::new(3);
+    let rel = "acl";
+    write_synced(&c.path(1, rel), b"shared").unwrap();
+    fs::set_permissions(c.path(1, rel), fs::Permissions::from_mode(0o640)).unwrap();
+    let reads = |c: &Cluster, k: u64| as_user(NOBODY, NOBODY, || fs::read(c.path(k, rel)).map(|_| ())).is_ok();
+    // Every node's kernel has checked (and cached) the file without an ACL.
+    seen(&c, &[1, 2, 3], "the mode", |c, k| lstat(&c.path(k, rel)).is_ok_and(|st| st.st_mode & 0o777 == 0o640));
+    for k in 1..=3 {
+        assert!(!reads(&c, k), "nobody reads on node {k} before the ACL");
+    }
+    facl("setfacl", &[&"-m", &format!("u:{NOBODY}:r"), &c.path(1, rel)]);
+    seen(&c, &[2, 3], "access granted by the ACL", reads);
+    facl("setfacl", &[&"-x", &format!("u:{NOBODY}"), &c.path(3, rel)]);
+    seen(&c, &[1, 2], "access taken back", |c, k| !reads(c, k));
+    assert_eq!(facl("getfacl", &[&c.path(2, rel)]), ["user::rw-", "group::r--", "mask::r--", "other::---"]);
+}
+
 #[test]
 fn cluster_close_to_open() {
     let c = Cluster::new(3);

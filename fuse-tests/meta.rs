@@ -7,7 +7,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use crate::harness::{as_user, check, cstr, errno_of, lstat, Node, NOBODY};
+use crate::harness::{as_user, check, cstr, errno_of, lstat, Node, NOBODY, OTHER};
 
 fn chmod(p: &Path, mode: u32) {
     fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
@@ -378,4 +378,94 @@ fn xattrs_set_get_list_remove() {
     chmod(&p, 0o644);
     let r = as_user(NOBODY, NOBODY, || setxattr(&p, "user.x", b"x", 0));
     assert_eq!(r, Err(libc::EACCES));
+}
+
+/// Runs `setfacl` (or `getfacl` with `-n --omit-header`, returning its lines), panicking on failure.
+pub(crate) fn facl(program: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<String> {
+    let mut cmd = std::process::Command::new(program);
+    if program == "getfacl" {
+        cmd.args(["-n", "--omit-header"]);
+    }
+    let out = cmd.args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(out.status.success(), "{program} {:?}: {}", args.iter().map(|a| a.as_ref().to_owned()).collect::<Vec<_>>(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()
+}
+
+/// An ACL xattr value as the kernel takes it: version 2, then `{tag, perm, id}` entries.
+fn acl_xattr(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for &(tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+/// Runs `script` with `sh` as root (a child process: the umask is per process, and the tests
+/// run in parallel threads of one).
+fn sh(script: &str) {
+    let st = std::process::Command::new("sh").arg("-c").arg(script).status().unwrap();
+    assert!(st.success(), "sh -c {script:?}: {st}");
+}
+
+#[test]
+fn posix_acls_grant_access_and_follow_chmod() {
+    let node = Node::start();
+    let p = node.path("f");
+    fs::write(&p, b"secret").unwrap();
+    chmod(&p, 0o600);
+    let read = |uid: u32| as_user(uid, uid, || fs::read(&p).map(|_| ()));
+    assert_eq!(read(NOBODY), Err(libc::EACCES));
+    // A named user entry grants what the mode does not; the mask becomes the group bits.
+    facl("setfacl", &[&"-m", &format!("u:{NOBODY}:r"), &p]);
+    assert_eq!(read(NOBODY), Ok(()), "nobody reads through its ACL entry");
+    assert_eq!(read(OTHER), Err(libc::EACCES), "others still may not");
+    assert_eq!(lstat(&p).unwrap().st_mode & 0o777, 0o640);
+    assert_eq!(facl("getfacl", &[&p]), ["user::rw-", &format!("user:{NOBODY}:r--"), "group::---", "mask::r--", "other::---"]);
+    assert_eq!(as_user(NOBODY, NOBODY, || fs::write(&p, b"x")), Err(libc::EACCES), "the entry grants reading only");
+    // chmod sets the mask: the named entry is cut by it.
+    chmod(&p, 0o600);
+    assert_eq!(facl("getfacl", &[&p]), ["user::rw-", &format!("user:{NOBODY}:r--\t#effective:---"), "group::---", "mask::---", "other::---"]);
+    assert_eq!(read(NOBODY), Err(libc::EACCES));
+    chmod(&p, 0o640);
+    assert_eq!(read(NOBODY), Ok(()));
+    // Removing the ACL leaves the mode.
+    facl("setfacl", &[&"-b", &p]);
+    assert_eq!(facl("getfacl", &[&p]), ["user::rw-", "group::---", "other::---"], "the owning group entry was ---");
+    assert_eq!(read(NOBODY), Err(libc::EACCES));
+    assert_eq!(errno_of(getxattr(&p, "system.posix_acl_access")), libc::ENODATA);
+}
+
+#[test]
+fn posix_default_acls_are_inherited_instead_of_the_umask() {
+    let node = Node::start();
+    let d = node.path("d");
+    fs::create_dir(&d).unwrap();
+    chmod(&d, 0o755);
+    facl("setfacl", &[&"-d", &"-m", &format!("u:{NOBODY}:rwx"), &d]);
+    sh(&format!("umask 077 && touch {0}/f && mkdir {0}/sub && touch {1}", d.display(), node.path("g").display()));
+    // touch asks for 0666: cut by the default ACL (other r-x), not by the umask.
+    let f = d.join("f");
+    assert_eq!(lstat(&f).unwrap().st_mode & 0o777, 0o664);
+    assert_eq!(facl("getfacl", &[&f]), ["user::rw-", &format!("user:{NOBODY}:rwx\t#effective:rw-"), "group::r-x\t#effective:r--", "mask::rw-", "other::r--"]);
+    assert_eq!(as_user(NOBODY, NOBODY, || fs::write(&f, b"by nobody")), Ok(()));
+    assert_eq!(as_user(OTHER, OTHER, || fs::write(&f, b"by other")), Err(libc::EACCES));
+    // A subdirectory inherits the default ACL as its own default and access ACL.
+    let sub = d.join("sub");
+    assert_eq!(lstat(&sub).unwrap().st_mode & 0o777, 0o775);
+    let sub_acl = facl("getfacl", &[&sub]);
+    assert!(sub_acl.contains(&format!("default:user:{NOBODY}:rwx")), "{sub_acl:?}");
+    assert!(sub_acl.contains(&format!("user:{NOBODY}:rwx")), "{sub_acl:?}");
+    // Elsewhere the umask applies.
+    assert_eq!(lstat(&node.path("g")).unwrap().st_mode & 0o777, 0o600);
+    assert_eq!(errno_of(getxattr(&node.path("g"), "system.posix_acl_access")), libc::ENODATA);
+    // A default ACL only on directories; an invalid ACL is refused.
+    let base = acl_xattr(&[(0x01, 7, u32::MAX), (0x04, 5, u32::MAX), (0x20, 5, u32::MAX)]);
+    // (Linux refuses it before it reaches the filesystem here: EOPNOTSUPP; apply says EACCES.)
+    let e = errno_of(setxattr(&node.path("g"), "system.posix_acl_default", &base, 0));
+    assert!(e == libc::EACCES || e == libc::EOPNOTSUPP, "errno {e}");
+    assert_eq!(errno_of(getxattr(&node.path("g"), "system.posix_acl_default")), libc::ENODATA);
+    let no_mask = acl_xattr(&[(0x01, 7, u32::MAX), (0x02, 7, NOBODY), (0x04, 5, u32::MAX), (0x20, 5, u32::MAX)]);
+    assert_eq!(errno_of(setxattr(&node.path("g"), "system.posix_acl_access", &no_mask, 0)), libc::EINVAL);
 }

@@ -237,6 +237,14 @@ impl Filesystem for PickboxFs {
         // µs each, most of a small cached write's cost). The kernel still drops capabilities
         // itself at that check, and clears S_NOSEC whenever it refreshes the inode's attributes
         // (as after the invalidation for another node's change).
+        // POSIX ACLs: the kernel checks access against them (they are the system.posix_acl_*
+        // xattrs, cached by the kernel, dropped at an invalidation of the inode) and leaves to us
+        // what apply does: keep mode and access ACL in step, and give what is created in a
+        // directory with a default ACL that ACL instead of masking its mode with the umask. So
+        // the kernel must pass the umask instead of applying it (DONT_MASK), and apply masks.
+        if config.add_capabilities(InitFlags::FUSE_DONT_MASK).is_ok() && config.add_capabilities(InitFlags::FUSE_POSIX_ACL).is_err() {
+            tracing::info!("kernel does not offer POSIX ACLs");
+        }
         if self.writeback && config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2).is_ok() {
             self.ops.set_killpriv(true);
         }
@@ -366,7 +374,7 @@ impl Filesystem for PickboxFs {
         let (caller, name) = (who(req, true), bytes(name));
         let ops = self.ops.clone();
         self.spawn(async move {
-            match ops.make_node(caller, parent.0, name.clone(), kind, mode & !umask, rdev).await {
+            match ops.make_node(caller, parent.0, name.clone(), kind, mode, rdev, umask).await {
                 Ok(inode) => {
                     known(&ops, parent.0, &name, &inode);
                     reply.entry(&TTL, &attr::file_attr(&inode), GENERATION)
@@ -380,7 +388,7 @@ impl Filesystem for PickboxFs {
         let (caller, name) = (who(req, true), bytes(name));
         let ops = self.ops.clone();
         self.spawn(async move {
-            match ops.make_node(caller, parent.0, name.clone(), FileKind::Dir, mode & !umask, 0).await {
+            match ops.make_node(caller, parent.0, name.clone(), FileKind::Dir, mode, 0, umask).await {
                 Ok(inode) => {
                     known(&ops, parent.0, &name, &inode);
                     reply.entry(&TTL, &attr::file_attr(&inode), GENERATION)
@@ -741,7 +749,7 @@ impl Filesystem for PickboxFs {
         let ops = self.ops.clone();
         let writeback = self.writeback;
         self.spawn(async move {
-            match ops.create(caller, parent.0, name.clone(), mode & !umask, flags).await {
+            match ops.create(caller, parent.0, name.clone(), mode, umask, flags).await {
                 Ok((inode, fh)) => {
                     known(&ops, parent.0, &name, &inode);
                     reply.created(&TTL, &attr::file_attr(&inode), GENERATION, FileHandle(fh), open_flags(&ops, writeback, flags))

@@ -590,9 +590,11 @@ impl Ops {
         kind: FileKind,
         perm: u32,
         rdev: u32,
+        umask: u32,
     ) -> FsResult<Inode> {
         check_name(&name)?;
-        let op = Op::MakeNode { parent, name: name.clone(), kind, perm: perm & 0o7777, rdev };
+        // Unmasked: apply masks it with the umask unless the parent has a default ACL.
+        let op = Op::MakeNodeUnmasked { parent, name: name.clone(), kind, perm: perm & 0o7777, umask, rdev };
         match self.propose(caller, op).await? {
             Outcome::Inode(inode) => Ok(inode),
             Outcome::Done | Outcome::Written { .. } => self.lookup(parent, &name),
@@ -601,8 +603,8 @@ impl Ops {
 
     /// create(2): make a regular file and open it. Without O_EXCL an existing file (created by a
     /// racing command) is opened instead, as open(O_CREAT) would.
-    pub async fn create(&self, caller: Caller, parent: Ino, name: Vec<u8>, perm: u32, flags: i32) -> FsResult<(Inode, u64)> {
-        let made = self.make_node(caller, parent, name.clone(), FileKind::File, perm, 0).await;
+    pub async fn create(&self, caller: Caller, parent: Ino, name: Vec<u8>, perm: u32, umask: u32, flags: i32) -> FsResult<(Inode, u64)> {
+        let made = self.make_node(caller, parent, name.clone(), FileKind::File, perm, 0, umask).await;
         let inode = match made {
             Err(FsError::Fs(Errno::Exist)) if flags & libc::O_EXCL == 0 => self.lookup(parent, &name)?,
             other => other?,
@@ -989,6 +991,7 @@ fn op_kind(op: &Op) -> &'static str {
         Op::RegisterNode { .. } => "RegisterNode",
         Op::UnregisterNode { .. } => "UnregisterNode",
         Op::MakeNode { .. } => "MakeNode",
+        Op::MakeNodeUnmasked { .. } => "MakeNodeUnmasked",
         Op::Symlink { .. } => "Symlink",
         Op::Link { .. } => "Link",
         Op::Unlink { .. } => "Unlink",
@@ -1191,11 +1194,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn create_write_read_list_and_cookies() {
         let (ops, replica, _dir) = ops().await;
-        let (file, fh) = ops.create(me(), ROOT_INO, b"a".to_vec(), 0o644, libc::O_RDWR).await.unwrap();
+        let (file, fh) = ops.create(me(), ROOT_INO, b"a".to_vec(), 0o644, 0, libc::O_RDWR).await.unwrap();
         assert_eq!(ops.write(me(), file.ino, 0, b"hello".to_vec(), false).await.unwrap(), 5);
         assert_eq!(ops.write(me(), file.ino, 0, b"!".to_vec(), true).await.unwrap(), 1);
         assert_eq!(ops.read(file.ino, 0, 100).unwrap(), b"hello!");
-        ops.make_node(me(), ROOT_INO, b"d".to_vec(), FileKind::Dir, 0o755, 0).await.unwrap();
+        ops.make_node(me(), ROOT_INO, b"d".to_vec(), FileKind::Dir, 0o755, 0, 0).await.unwrap();
         assert!(matches!(ops.lookup(ROOT_INO, &[b'x'; 256]), Err(FsError::Fs(Errno::NameTooLong))));
 
         let all = names(&ops, ROOT_INO, 0, usize::MAX);
@@ -1212,7 +1215,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn open_unlinked_file_lives_until_last_release() {
         let (ops, replica, _dir) = ops().await;
-        let (file, fh) = ops.create(me(), ROOT_INO, b"f".to_vec(), 0o600, libc::O_RDWR).await.unwrap();
+        let (file, fh) = ops.create(me(), ROOT_INO, b"f".to_vec(), 0o600, 0, libc::O_RDWR).await.unwrap();
         ops.write(me(), file.ino, 0, b"data".to_vec(), false).await.unwrap();
         let fh2 = ops.open(file.ino, libc::O_RDONLY).unwrap();
         ops.unlink(me(), ROOT_INO, b"f".to_vec()).await.unwrap();
@@ -1240,14 +1243,14 @@ mod tests {
         let (ops, replica, _dir) = ops().await;
         // Unlink of a closed file on the only node frees it in the same command (it carries the
         // inode as expect_closed), otherwise the release follows at once when nothing is open.
-        let (a, fh) = ops.create(me(), ROOT_INO, b"a".to_vec(), 0o600, libc::O_RDWR).await.unwrap();
+        let (a, fh) = ops.create(me(), ROOT_INO, b"a".to_vec(), 0o600, 0, libc::O_RDWR).await.unwrap();
         ops.release(fh).await;
         ops.unlink(me(), ROOT_INO, b"a".to_vec()).await.unwrap();
         until_freed(&ops, a.ino).await;
         // A rename over a closed file frees the replaced file.
-        let (b, fh) = ops.create(me(), ROOT_INO, b"b".to_vec(), 0o600, libc::O_RDWR).await.unwrap();
+        let (b, fh) = ops.create(me(), ROOT_INO, b"b".to_vec(), 0o600, 0, libc::O_RDWR).await.unwrap();
         ops.release(fh).await;
-        let (c, fh) = ops.create(me(), ROOT_INO, b"c".to_vec(), 0o600, libc::O_RDWR).await.unwrap();
+        let (c, fh) = ops.create(me(), ROOT_INO, b"c".to_vec(), 0o600, 0, libc::O_RDWR).await.unwrap();
         ops.release(fh).await;
         ops.rename(me(), ROOT_INO, b"c".to_vec(), ROOT_INO, b"b".to_vec(), RenameFlags::default()).await.unwrap();
         until_freed(&ops, b.ino).await;
@@ -1265,15 +1268,15 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn removal_of_a_closed_file_on_the_only_node_frees_it_at_once() {
         let (ops, replica, _dir) = ops().await;
-        let (a, fh) = ops.create(me(), ROOT_INO, b"a".to_vec(), 0o600, libc::O_RDWR).await.unwrap();
+        let (a, fh) = ops.create(me(), ROOT_INO, b"a".to_vec(), 0o600, 0, libc::O_RDWR).await.unwrap();
         ops.release(fh).await;
         ops.unlink(me(), ROOT_INO, b"a".to_vec()).await.unwrap();
         // No poll: the Unlink itself freed it (no orphan record, no Release round).
         assert!(matches!(ops.getattr(a.ino), Err(FsError::Fs(Errno::NoEnt))));
         assert!(ops.open(a.ino, libc::O_RDONLY).is_err(), "claim ended, inode gone");
-        let (b, fh) = ops.create(me(), ROOT_INO, b"b".to_vec(), 0o600, libc::O_RDWR).await.unwrap();
+        let (b, fh) = ops.create(me(), ROOT_INO, b"b".to_vec(), 0o600, 0, libc::O_RDWR).await.unwrap();
         ops.release(fh).await;
-        let (c, fh) = ops.create(me(), ROOT_INO, b"c".to_vec(), 0o600, libc::O_RDWR).await.unwrap();
+        let (c, fh) = ops.create(me(), ROOT_INO, b"c".to_vec(), 0o600, 0, libc::O_RDWR).await.unwrap();
         ops.release(fh).await;
         ops.rename(me(), ROOT_INO, b"c".to_vec(), ROOT_INO, b"b".to_vec(), RenameFlags::default()).await.unwrap();
         assert!(matches!(ops.getattr(b.ino), Err(FsError::Fs(Errno::NoEnt))), "replaced file freed by the rename");
@@ -1292,7 +1295,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn deferred_mtime_is_stored_with_the_next_proposal() {
         let (ops, replica, _dir) = ops().await;
-        let (f, fh) = ops.create(me(), ROOT_INO, b"f".to_vec(), 0o644, libc::O_RDWR).await.unwrap();
+        let (f, fh) = ops.create(me(), ROOT_INO, b"f".to_vec(), 0o644, 0, libc::O_RDWR).await.unwrap();
         let t = Timespec { sec: 1_000, nsec: 7 };
         assert!(ops.defer_times(&me(), f.ino, None, Some(&SetTime::At(t)), None).is_none(), "no own write yet");
         ops.write(me(), f.ino, 0, b"x".to_vec(), false).await.unwrap();
@@ -1306,7 +1309,7 @@ mod tests {
         assert!(matches!(ops.unchanged_times(f.ino, None, Some(&SetTime::At(t))), Some(Ok(_))), "the repeat is local");
         assert!(ops.unchanged_times(f.ino, None, Some(&SetTime::At(Timespec { sec: 5, nsec: 0 }))).is_none());
         // The next proposal carries it, before its own command.
-        ops.make_node(me(), ROOT_INO, b"g".to_vec(), FileKind::File, 0o644, 0).await.unwrap();
+        ops.make_node(me(), ROOT_INO, b"g".to_vec(), FileKind::File, 0o644, 0, 0).await.unwrap();
         assert_eq!(ops.getattr(f.ino).unwrap().mtime, t);
         // The timer path; a later write of the same inode wins over a deferred mtime.
         ops.write(me(), f.ino, 0, b"y".to_vec(), false).await.unwrap();
@@ -1339,7 +1342,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_open_of_an_inode_being_released() {
         let (ops, replica, _dir) = ops().await;
-        let (f, fh) = ops.create(me(), ROOT_INO, b"f".to_vec(), 0o600, libc::O_RDWR).await.unwrap();
+        let (f, fh) = ops.create(me(), ROOT_INO, b"f".to_vec(), 0o600, 0, libc::O_RDWR).await.unwrap();
         // A release in progress (claimed) keeps new opens out.
         ops.release(fh).await;
         assert!(ops.handles.claim_if_closed(f.ino));

@@ -697,7 +697,7 @@ fn touches_before(t: &StateTxn<'_>, cmd: &Command) -> StoreResult<(Vec<Touch>, V
     let mut out = Vec::new();
     let mut victims = Vec::new();
     match &cmd.op {
-        Op::MakeNode { parent, name, .. } | Op::Symlink { parent, name, .. } => {
+        Op::MakeNode { parent, name, .. } | Op::MakeNodeUnmasked { parent, name, .. } | Op::Symlink { parent, name, .. } => {
             out.push(Touch::Entry { parent: *parent, name: name.clone(), old: None });
             out.push(Touch::Inode(*parent));
         }

@@ -17,6 +17,7 @@ use super::command::{
     Command, CommandResult, ContentDigest, FallocMode, Op, Outcome, RenameFlags, SetTime,
     XattrFlags,
 };
+use super::acl::{Acl, ACL_ACCESS_XATTR, ACL_DEFAULT_XATTR};
 use super::content::{sha256, Blocks};
 use super::error::Errno;
 use super::txn::{StateWrite, StoreFault, StoreResult};
@@ -284,7 +285,15 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
                 kind,
                 perm,
                 rdev,
-            } => self.make_node(*parent, name, *kind, *perm, *rdev),
+            } => self.make_node(*parent, name, *kind, *perm, *rdev, None),
+            Op::MakeNodeUnmasked {
+                parent,
+                name,
+                kind,
+                perm,
+                umask,
+                rdev,
+            } => self.make_node(*parent, name, *kind, *perm, *rdev, Some(*umask)),
             Op::Symlink {
                 parent,
                 name,
@@ -489,6 +498,8 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         Ok(Outcome::Inode(inode))
     }
 
+    /// `umask`: `None` for `MakeNode` (`perm` masked already, no ACL inherited), otherwise the
+    /// caller's umask, applied unless the parent has a default ACL, which is inherited instead.
     fn make_node(
         &mut self,
         parent: Ino,
@@ -496,6 +507,7 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         kind: FileKind,
         perm: u32,
         rdev: u32,
+        umask: Option<u32>,
     ) -> Step<Outcome> {
         let dir = self.check_create(parent, name)?;
         if kind == FileKind::Symlink {
@@ -514,6 +526,22 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         let mut inode = self.new_inode(kind, perm, &dir);
         if matches!(kind, FileKind::CharDev | FileKind::BlockDev) {
             inode.rdev = rdev;
+        }
+        let Some(umask) = umask else { return self.enter_new(parent, name, inode) };
+        // A default ACL that does not decode (none is stored that way: set_xattr validates)
+        // counts as none.
+        let default = self.s.xattr(parent, ACL_DEFAULT_XATTR)?.and_then(|v| Acl::parse(&v).ok().map(|a| (a, v)));
+        let Some((default, default_value)) = default else {
+            inode.perm &= !(umask & 0o777);
+            return self.enter_new(parent, name, inode);
+        };
+        let (bits, access) = default.inherit(inode.perm);
+        inode.perm = (inode.perm & !0o777) | bits;
+        if let Some(access) = access {
+            self.s.put_xattr(inode.ino, ACL_ACCESS_XATTR, &access.encode())?;
+        }
+        if kind == FileKind::Dir {
+            self.s.put_xattr(inode.ino, ACL_DEFAULT_XATTR, &default_value)?;
         }
         self.enter_new(parent, name, inode)
     }
@@ -893,6 +921,11 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
                 perm &= !S_ISGID;
             }
             inode.perm = perm;
+            // The access ACL follows a chmod (`posix_acl_chmod`).
+            if let Some(mut acl) = self.s.xattr(ino, ACL_ACCESS_XATTR)?.and_then(|v| Acl::parse(&v).ok()) {
+                acl.chmod(perm);
+                self.s.put_xattr(ino, ACL_ACCESS_XATTR, &acl.encode())?;
+            }
         }
         if let Some(size) = size {
             if size < inode.size {
@@ -1091,8 +1124,34 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
                 return Err(Errno::NoSpace.into());
             }
         }
+        // An ACL must be valid; an access ACL sets the mode's rwx bits and is kept only if it
+        // says more than they do (`posix_acl_update_mode`); a default ACL is for directories.
+        let acl = if name == ACL_ACCESS_XATTR || name == ACL_DEFAULT_XATTR {
+            let acl = Acl::parse(value)?;
+            if name == ACL_DEFAULT_XATTR && inode.kind != FileKind::Dir {
+                return Err(Errno::Access.into());
+            }
+            Some(acl)
+        } else {
+            None
+        };
         self.begin();
-        self.s.put_xattr(ino, name, value)?;
+        match acl {
+            Some(acl) if name == ACL_ACCESS_XATTR => {
+                inode.perm = (inode.perm & !0o777) | acl.mode_bits();
+                let caller = &self.cmd.caller;
+                if caller.uid != 0 && !caller.in_group(inode.gid) {
+                    inode.perm &= !S_ISGID;
+                }
+                if !acl.is_mode_only() {
+                    self.s.put_xattr(ino, name, &acl.encode())?;
+                } else if exists {
+                    self.s.del_xattr(ino, name)?;
+                }
+            }
+            Some(acl) => self.s.put_xattr(ino, name, &acl.encode())?,
+            None => self.s.put_xattr(ino, name, value)?,
+        }
         inode.ctime = self.now();
         self.put(inode);
         Ok(Outcome::Done)

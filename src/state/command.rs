@@ -130,6 +130,19 @@ pub enum Op {
     RemoveXattr { ino: Ino, #[serde(with = "serde_bytes")] name: Vec<u8> },
     /// The origin node no longer holds the orphan `ino` open.
     Release { ino: Ino },
+    /// Create a regular file, directory, fifo, socket or device with `perm` as the caller asked
+    /// (not masked): if the parent has a default ACL, the new inode inherits it (its mode cut by
+    /// it, as Linux's `posix_acl_create`), otherwise `perm` is masked by `umask`. Owner and group
+    /// as for `MakeNode` (which older logs hold: its `perm` was masked by the kernel).
+    MakeNodeUnmasked {
+        parent: Ino,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        kind: FileKind,
+        perm: u32,
+        umask: u32,
+        rdev: u32,
+    },
 }
 
 /// How `expect_closed` is encoded, so that log entries written before it existed still decode
@@ -180,6 +193,7 @@ impl Op {
             | Op::RegisterNode { .. }
             | Op::UnregisterNode { .. }
             | Op::MakeNode { .. }
+            | Op::MakeNodeUnmasked { .. }
             | Op::Link { .. }
             | Op::Unlink { .. }
             | Op::Rmdir { .. }

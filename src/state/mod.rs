@@ -3,6 +3,7 @@
 //! Architecture invariant: nothing here does I/O, reads a clock, or knows of FUSE, Raft or redb.
 //! Storage is reached only through the `StateRead`/`StateWrite` traits.
 
+pub mod acl;
 pub mod apply;
 pub mod check;
 pub mod command;

@@ -1413,6 +1413,82 @@ fn writes_drop_capabilities() {
     assert_eq!(h.s.xattrs[&(f, b"user.keep".to_vec())], b"1");
 }
 
+/// An ACL xattr value (version 2, then `{tag, perm, id}` entries); `u32::MAX` for no id.
+fn acl_value(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for &(tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+const NO_ID: u32 = u32::MAX;
+const ACCESS: &[u8] = b"system.posix_acl_access";
+const DEFAULT: &[u8] = b"system.posix_acl_default";
+
+fn set_acl(h: &mut H, ino: Ino, name: &[u8], entries: &[(u16, u16, u32)]) -> CommandResult {
+    h.run(Op::SetXattr { ino, name: name.to_vec(), value: acl_value(entries), flags: XattrFlags::Any })
+}
+
+/// Setting an access ACL sets the mode's rwx bits from it (the mask for the group bits) and is
+/// kept only if it says more than the mode; a chmod then changes the ACL's owner, mask and
+/// other entries. Invalid ACLs and a default ACL on a file are refused.
+#[test]
+fn an_access_acl_and_the_mode_follow_each_other() {
+    let mut h = H::new();
+    let f = h.file(ROOT_INO, "f");
+    h.ok(Op::SetAttr { ino: f, perm: Some(0o2640), uid: None, gid: None, size: None, atime: None, mtime: None });
+    let named = [(0x01, 6, NO_ID), (0x02, 7, 1000), (0x04, 4, NO_ID), (0x10, 7, NO_ID), (0x20, 5, NO_ID)];
+    set_acl(&mut h, f, ACCESS, &named).unwrap();
+    assert_eq!(h.attr(f).perm, 0o2675, "rwx bits from owner, mask, other; setgid kept for root");
+    assert_eq!(h.s.xattrs[&(f, ACCESS.to_vec())], acl_value(&named));
+    h.ok(Op::SetAttr { ino: f, perm: Some(0o640), uid: None, gid: None, size: None, atime: None, mtime: None });
+    let chmodded = [(0x01, 6, NO_ID), (0x02, 7, 1000), (0x04, 4, NO_ID), (0x10, 4, NO_ID), (0x20, 0, NO_ID)];
+    assert_eq!(h.s.xattrs[&(f, ACCESS.to_vec())], acl_value(&chmodded));
+    // An ACL of the three base entries is the mode alone: it replaces the stored ACL.
+    set_acl(&mut h, f, ACCESS, &[(0x01, 7, NO_ID), (0x04, 5, NO_ID), (0x20, 1, NO_ID)]).unwrap();
+    assert_eq!(h.attr(f).perm, 0o751);
+    assert!(!h.s.xattrs.contains_key(&(f, ACCESS.to_vec())));
+    // A caller outside the file's group loses setgid, as with chmod.
+    h.ok(Op::SetAttr { ino: f, perm: Some(0o2750), uid: Some(1000), gid: Some(50), size: None, atime: None, mtime: None });
+    let r = h.run_as(user(1000, 1000), Op::SetXattr { ino: f, name: ACCESS.to_vec(), value: acl_value(&named), flags: XattrFlags::Any });
+    assert_eq!(r.map(|_| ()), Ok(()));
+    assert_eq!(h.attr(f).perm, 0o675);
+    // Refused: an invalid ACL (a named entry without a mask), a default ACL on a file.
+    let before = h.s.clone();
+    assert_eq!(set_acl(&mut h, f, ACCESS, &[(0x01, 7, NO_ID), (0x02, 7, 5), (0x04, 5, NO_ID), (0x20, 1, NO_ID)]).map(|_| ()), Err(Errno::Inval));
+    assert_eq!(set_acl(&mut h, f, DEFAULT, &[(0x01, 7, NO_ID), (0x04, 5, NO_ID), (0x20, 1, NO_ID)]).map(|_| ()), Err(Errno::Access));
+    assert!(h.s.same_namespace(&before));
+}
+
+/// What is created in a directory with a default ACL gets that ACL (its mode cut by it, the
+/// umask ignored), a directory the default ACL too; elsewhere the umask masks the mode.
+#[test]
+fn new_inodes_inherit_the_default_acl_or_take_the_umask() {
+    let mut h = H::new();
+    let d = h.mk(ROOT_INO, "d", FileKind::Dir, 0o755);
+    let default = [(0x01, 7, NO_ID), (0x02, 7, 1000), (0x04, 5, NO_ID), (0x10, 7, NO_ID), (0x20, 5, NO_ID)];
+    set_acl(&mut h, d, DEFAULT, &default).unwrap();
+    let make = |parent, name: &str, kind, perm| Op::MakeNodeUnmasked { parent, name: name.as_bytes().to_vec(), kind, perm, umask: 0o077, rdev: 0 };
+    let Outcome::Inode(f) = h.ok(make(d, "f", FileKind::File, 0o640)) else { panic!("inode") };
+    assert_eq!(f.perm, 0o640, "umask ignored, mode cut by the default ACL");
+    assert_eq!(h.s.xattrs[&(f.ino, ACCESS.to_vec())], acl_value(&[(0x01, 6, NO_ID), (0x02, 7, 1000), (0x04, 5, NO_ID), (0x10, 4, NO_ID), (0x20, 0, NO_ID)]));
+    assert!(!h.s.xattrs.contains_key(&(f.ino, DEFAULT.to_vec())));
+    let Outcome::Inode(sub) = h.ok(make(d, "sub", FileKind::Dir, 0o777)) else { panic!("inode") };
+    assert_eq!(sub.perm, 0o775);
+    assert_eq!(h.s.xattrs[&(sub.ino, DEFAULT.to_vec())], acl_value(&default));
+    assert_eq!(h.s.xattrs[&(sub.ino, ACCESS.to_vec())], acl_value(&default));
+    let Outcome::Inode(g) = h.ok(make(ROOT_INO, "g", FileKind::File, 0o666)) else { panic!("inode") };
+    assert_eq!(g.perm, 0o600);
+    assert!(!h.s.xattrs.keys().any(|(ino, _)| *ino == g.ino));
+    // MakeNode (older logs): the mode as given, nothing inherited.
+    let Outcome::Inode(old) = h.ok(Op::MakeNode { parent: d, name: b"old".to_vec(), kind: FileKind::File, perm: 0o666, rdev: 0 }) else { panic!("inode") };
+    assert_eq!(old.perm, 0o666);
+    assert!(!h.s.xattrs.keys().any(|(ino, _)| *ino == old.ino));
+}
+
 #[test]
 fn fallocate_modes() {
     let mut h = H::new();
@@ -1886,7 +1962,7 @@ fn arb_a() -> impl Strategy<Value = A> {
         1 => (i(), 0..OFFSETS.len(), 0..LENS.len(), 0u8..5).prop_map(|(file, off, len, mode)| A::Falloc { file, off, len, mode }),
         1 => (i(), i(), 0..OFFSETS.len(), 0..OFFSETS.len(), 0..LENS.len())
             .prop_map(|(f1, f2, off1, off2, len)| A::Copy { f1, f2, off1, off2, len }),
-        1 => (i(), 0usize..2, any::<bool>()).prop_map(|(any, name, remove)| A::Xattr { any, name, remove }),
+        2 => (i(), 0usize..4, any::<bool>()).prop_map(|(any, name, remove)| A::Xattr { any, name, remove }),
         1 => (i(), prop_oneof![Just(0o755u32), Just(0o6755), Just(0o2644)], prop_oneof![Just(None), Just(Some(7u32))])
             .prop_map(|(any, perm, uid)| A::Chmod { any, perm, uid }),
         2 => i().prop_map(|any| A::Release { any }),
@@ -1959,18 +2035,20 @@ fn to_op(s: &MemState, a: A) -> Option<Op> {
             let parent = pick(&dirs, dir).unwrap_or(ROOT_INO);
             let name = NAMES[name].into();
             match kind {
-                0 => Op::MakeNode {
+                0 => Op::MakeNodeUnmasked {
                     parent,
                     name,
                     kind: FileKind::File,
-                    perm: 0o644,
+                    perm: 0o666,
+                    umask: 0o022,
                     rdev: 0,
                 },
-                1 => Op::MakeNode {
+                1 => Op::MakeNodeUnmasked {
                     parent,
                     name,
                     kind: FileKind::Dir,
-                    perm: 0o755,
+                    perm: 0o777,
+                    umask: 0o022,
                     rdev: 0,
                 },
                 2 => Op::Symlink {
@@ -2082,14 +2160,20 @@ fn to_op(s: &MemState, a: A) -> Option<Op> {
         },
         A::Xattr { any, name, remove } => {
             let ino = pick(&all, any).unwrap();
-            let name = [b"user.x".to_vec(), b"user.y".to_vec()][name].clone();
+            let name = [b"user.x".to_vec(), b"user.y".to_vec(), ACCESS.to_vec(), DEFAULT.to_vec()][name].clone();
+            // ACLs: one with a named user and a mask (kept, inherited), inode 999 aside.
+            let value = if name.starts_with(b"system.") {
+                acl_value(&[(0x01, 7, NO_ID), (0x02, 6, 1000), (0x04, 5, NO_ID), (0x10, 7, NO_ID), (0x20, 1, NO_ID)])
+            } else {
+                b"v".to_vec()
+            };
             if remove {
                 Op::RemoveXattr { ino, name }
             } else {
                 Op::SetXattr {
                     ino,
                     name,
-                    value: b"v".to_vec(),
+                    value,
                     flags: XattrFlags::Any,
                 }
             }
@@ -2190,6 +2274,10 @@ fn run_sequence(actions: Vec<A>) -> Result<(), TestCaseError> {
             match (&cmd.op, &r) {
                 (
                     Op::MakeNode {
+                        kind: FileKind::File,
+                        ..
+                    }
+                    | Op::MakeNodeUnmasked {
                         kind: FileKind::File,
                         ..
                     },
