@@ -255,7 +255,14 @@ where
                     }
                 }
                 Err(err) => {
-                    tracing::warn!(error=%err, "error replication to target={}", self.target);
+                    // PICKBOX PATCH (4): a PayloadTooLarge is the network's flow control (fewer
+                    // entries per AppendEntries), not an error: debug, not warn and error.
+                    let flow_control = matches!(&err, ReplicationError::RPCError(RPCError::PayloadTooLarge(_)));
+                    if flow_control {
+                        tracing::debug!(error=%err, "replication to target={}: resending fewer entries", self.target);
+                    } else {
+                        tracing::warn!(error=%err, "error replication to target={}", self.target);
+                    }
 
                     match err {
                         ReplicationError::Closed(closed) => {
@@ -281,7 +288,9 @@ where
                             return Ok(());
                         }
                         ReplicationError::RPCError(err) => {
-                            tracing::error!(err = display(&err), "RPCError");
+                            if !flow_control {
+                                tracing::error!(err = display(&err), "RPCError");
+                            }
 
                             let retry = match &err {
                                 RPCError::Timeout(_) => false,
