@@ -178,7 +178,53 @@ impl Acl {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        /// Any bytes: decoding never panics, and what decodes encodes to bytes that decode to
+        /// the same ACL (the ids of unnamed entries are normalised, nothing else changes).
+        #[test]
+        fn any_bytes_decode_or_are_refused(header in any::<bool>(), tail in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut raw = if header { VERSION.to_le_bytes().to_vec() } else { Vec::new() };
+            raw.extend_from_slice(&tail);
+            if let Ok(a) = Acl::parse(&raw) {
+                let again = Acl::parse(&a.encode()).expect("an encoded ACL decodes");
+                prop_assert_eq!(&again, &a);
+                prop_assert_eq!(a.encode().len(), raw.len());
+            }
+        }
+
+        /// Well-formed entry lists (any tags, perms and ids): decoding agrees with the rules, and
+        /// inheriting never grants more than the mode asked or the default ACL allowed.
+        #[test]
+        fn valid_acls_round_trip_and_inherit_within_bounds(
+            named in proptest::collection::btree_map(any::<u32>(), (0u16..8, any::<bool>()), 0..5),
+            base in (0u16..8, 0u16..8, 0u16..8, 0u16..8),
+            mode in 0u32..0o1000,
+        ) {
+            let (uo, go, mask, other) = base;
+            let mut entries = vec![Entry { tag: USER_OBJ, perm: uo, id: UNDEFINED_ID }];
+            entries.extend(named.iter().filter(|(_, (_, g))| !g).map(|(&id, &(perm, _))| Entry { tag: USER, perm, id }));
+            entries.push(Entry { tag: GROUP_OBJ, perm: go, id: UNDEFINED_ID });
+            entries.extend(named.iter().filter(|(_, (_, g))| *g).map(|(&id, &(perm, _))| Entry { tag: GROUP, perm, id }));
+            if !named.is_empty() {
+                entries.push(Entry { tag: MASK, perm: mask, id: UNDEFINED_ID });
+            }
+            entries.push(Entry { tag: OTHER, perm: other, id: UNDEFINED_ID });
+            let acl = Acl { entries };
+            let parsed = Acl::parse(&acl.encode()).expect("valid");
+            prop_assert_eq!(&parsed, &acl);
+            let (bits, access) = acl.inherit(mode);
+            prop_assert_eq!(bits & !mode, 0, "more than the mode asked");
+            prop_assert_eq!(bits & !acl.mode_bits(), 0, "more than the ACL allows");
+            prop_assert_eq!(access.is_some(), !named.is_empty());
+            if let Some(access) = access {
+                prop_assert_eq!(access.mode_bits(), bits);
+            }
+        }
+    }
 
     fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
         Acl { entries: entries.iter().map(|&(tag, perm, id)| Entry { tag, perm, id }).collect() }.encode()
