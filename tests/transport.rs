@@ -148,9 +148,10 @@ async fn three_replicas_replicate_over_quic() {
     let addr = |i: usize| ts[i].local_addr().to_string();
     let cfg = |id: NodeId| ReplicaConfig::new(id, root.path().join(format!("data{id}")), Duration::from_secs(5));
 
-    // Before a handler is attached, requests are refused (not hung).
+    // Before a handler is attached, requests are refused (not hung), as from a peer that cannot
+    // be reached yet (callers back off).
     let early = ts[1].call(1, &addr(0), RpcKind::Vote, vec![1]).await.unwrap_err();
-    assert!(matches!(&early, TransportError::Network(1, m) if m.contains("not ready")), "{early}");
+    assert!(matches!(&early, TransportError::Unreachable(1, m) if m.contains("not ready")), "{early}");
 
     let a = Replica::start_with(cfg(1), ts[0].clone()).await.unwrap();
     ts[0].attach_replica(&a);

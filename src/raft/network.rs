@@ -96,7 +96,13 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
-        PeerClient { target, addr: node.addr.clone(), transport: self.transport.clone(), snapshot_install: self.snapshot_install }
+        PeerClient {
+            target,
+            addr: node.addr.clone(),
+            transport: self.transport.clone(),
+            snapshot_install: self.snapshot_install,
+            failures: 0,
+        }
     }
 }
 
@@ -106,19 +112,55 @@ pub struct PeerClient {
     addr: String,
     transport: Arc<dyn PeerTransport>,
     snapshot_install: SnapshotInstallBound,
+    /// Calls that failed in a row (transport errors): only the first is logged as a warning,
+    /// and the first answer after them (openraft logs these errors at debug, vendor patch 4).
+    failures: u64,
+}
+
+/// A replication stream whose peer cannot be reached (down, or still opening its store) waits
+/// this long before its next call, doubling up to `RPC_BACKOFF_MAX_MS`, until a call succeeds.
+pub const RPC_BACKOFF_MIN_MS: u64 = 20;
+/// The longest wait between two calls to a peer that cannot be reached (openraft's default is a
+/// constant 500 ms). It bounds how long after a restarted peer starts serving it is caught up:
+/// measured with 500, a peer that took 0.85 s to open its store was reached 467 ms after it
+/// served.
+pub const RPC_BACKOFF_MAX_MS: u64 = 200;
+
+/// The waits between calls to an unreachable peer: `RPC_BACKOFF_MIN_MS`, doubling, at most
+/// `RPC_BACKOFF_MAX_MS`.
+fn backoff_schedule() -> impl Iterator<Item = std::time::Duration> {
+    let max = std::time::Duration::from_millis(RPC_BACKOFF_MAX_MS);
+    std::iter::successors(Some(std::time::Duration::from_millis(RPC_BACKOFF_MIN_MS)), move |d| Some((*d * 2).min(max)))
 }
 
 impl PeerClient {
     async fn call<Req: Serialize, Resp: DeserializeOwned, E: std::error::Error + DeserializeOwned>(
-        &self,
+        &mut self,
         kind: RpcKind,
         req: &Req,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, E>> {
         let body = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(e.0))))?;
-        let reply = self.transport.call(self.target, &self.addr, kind, body).await.map_err(|e| match e {
-            TransportError::Unreachable(..) => RPCError::Unreachable(Unreachable::new(&e)),
-            TransportError::Network(..) => RPCError::Network(NetworkError::new(&e)),
-        })?;
+        let reply = match self.transport.call(self.target, &self.addr, kind, body).await {
+            Ok(reply) => {
+                if self.failures > 0 {
+                    tracing::info!(target = self.target, failed_calls = self.failures, "peer answers again");
+                    self.failures = 0;
+                }
+                reply
+            }
+            Err(e) => {
+                if self.failures == 0 {
+                    tracing::warn!(target = self.target, error = %e, "calls to peer failing (retried with backoff; logged again when it answers)");
+                } else {
+                    tracing::debug!(target = self.target, error = %e, failed_calls = self.failures + 1, "call to peer failed");
+                }
+                self.failures += 1;
+                return Err(match e {
+                    TransportError::Unreachable(..) => RPCError::Unreachable(Unreachable::new(&e)),
+                    TransportError::Network(..) => RPCError::Network(NetworkError::new(&e)),
+                });
+            }
+        };
         let res: Result<Resp, E> =
             decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(e.0))))?;
         res.map_err(|e| RPCError::RemoteError(openraft::error::RemoteError::new(self.target, e)))
@@ -211,5 +253,22 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         _option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.call(RpcKind::Vote, &rpc).await
+    }
+
+    /// After an Unreachable error (a peer down, or still opening its store): a short first wait,
+    /// so a restarted peer is caught up soon after it serves, growing to `RPC_BACKOFF_MAX_MS`.
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(backoff_schedule())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backoff_doubles_from_the_minimum_to_the_maximum() {
+        let ms: Vec<u64> = backoff_schedule().take(8).map(|d| d.as_millis() as u64).collect();
+        assert_eq!(ms, [20, 40, 80, 160, 200, 200, 200, 200]);
     }
 }

@@ -256,10 +256,18 @@ where
                 }
                 Err(err) => {
                     // PICKBOX PATCH (4): a PayloadTooLarge is the network's flow control (fewer
-                    // entries per AppendEntries), not an error: debug, not warn and error.
-                    let flow_control = matches!(&err, ReplicationError::RPCError(RPCError::PayloadTooLarge(_)));
+                    // entries per AppendEntries), not an error; an unreachable peer or a failed
+                    // transport call is logged by Pickbox's network client when it starts
+                    // failing and when it answers again: debug here, not warn and error at each
+                    // retry.
+                    let flow_control = matches!(
+                        &err,
+                        ReplicationError::RPCError(
+                            RPCError::PayloadTooLarge(_) | RPCError::Unreachable(_) | RPCError::Network(_)
+                        )
+                    );
                     if flow_control {
-                        tracing::debug!(error=%err, "replication to target={}: resending fewer entries", self.target);
+                        tracing::debug!(error=%err, "replication to target={}: retrying", self.target);
                     } else {
                         tracing::warn!(error=%err, "error replication to target={}", self.target);
                     }
@@ -611,7 +619,8 @@ where
     #[tracing::instrument(level = "debug", skip(self))]
     pub async fn backoff_drain_events(&mut self, until: InstantOf<C>) -> Result<(), ReplicationClosed> {
         let d = until - C::now();
-        tracing::warn!(
+        // PICKBOX PATCH (4): once per backoff period of an unreachable peer: debug, not warn.
+        tracing::debug!(
             interval = debug(d),
             "{} backoff mode: drain events without processing them",
             func_name!()
