@@ -476,7 +476,7 @@ impl Replica {
             .with_events(cfg.node_id, applied_tx.clone())
             .with_waiters(cfg.node_id, waiters.clone());
         let raft =
-            Raft::new(cfg.node_id, Arc::new(raft_config(cfg.snapshot_entries)?), network::Network::new(transport.clone()).snapshot_install(cfg.snapshot_install), log, sm)
+            Raft::new(cfg.node_id, Arc::new(raft_config(cfg.snapshot_entries)?), network::Network::new(cfg.node_id, transport.clone()).snapshot_install(cfg.snapshot_install), log, sm)
                 .await?;
         let (queue, rx) = tokio::sync::mpsc::channel(PROPOSE_QUEUE_MAX);
         let replica = Arc::new(Replica {

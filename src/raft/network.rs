@@ -76,13 +76,14 @@ impl PeerTransport for NoPeers {
 /// openraft's network factory over a `PeerTransport`.
 #[derive(Clone)]
 pub struct Network {
+    me: NodeId,
     transport: Arc<dyn PeerTransport>,
     snapshot_install: SnapshotInstallBound,
 }
 
 impl Network {
-    pub fn new(transport: Arc<dyn PeerTransport>) -> Self {
-        Network { transport, snapshot_install: SnapshotInstallBound::default() }
+    pub fn new(me: NodeId, transport: Arc<dyn PeerTransport>) -> Self {
+        Network { me, transport, snapshot_install: SnapshotInstallBound::default() }
     }
 
     /// How long a snapshot's last chunk may wait for the follower's install.
@@ -97,6 +98,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         PeerClient {
+            me: self.me,
             target,
             addr: node.addr.clone(),
             transport: self.transport.clone(),
@@ -108,12 +110,14 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
 /// One peer, as seen by a replication stream.
 pub struct PeerClient {
+    me: NodeId,
     target: NodeId,
     addr: String,
     transport: Arc<dyn PeerTransport>,
     snapshot_install: SnapshotInstallBound,
-    /// Calls that failed in a row (transport errors): only the first is logged as a warning,
-    /// and the first answer after them (openraft logs these errors at debug, vendor patch 4).
+    /// Calls that failed in a row (transport errors, no answer in time): only the first is
+    /// logged as a warning, and the first answer after them (openraft logs these errors at
+    /// debug, vendor patch 4).
     failures: u64,
 }
 
@@ -125,6 +129,10 @@ pub const RPC_BACKOFF_MIN_MS: u64 = 20;
 /// measured with 500, a peer that took 0.85 s to open its store was reached 467 ms after it
 /// served.
 pub const RPC_BACKOFF_MAX_MS: u64 = 200;
+
+/// A Raft call is given up this much before openraft's own deadline for it (`RPCOption`), so
+/// that the client sees (and counts) a call that got no answer: openraft cancels one silently.
+const CALL_DEADLINE_MARGIN_MS: u64 = 2;
 
 /// The waits between calls to an unreachable peer: `RPC_BACKOFF_MIN_MS`, doubling, at most
 /// `RPC_BACKOFF_MAX_MS`.
@@ -149,12 +157,7 @@ impl PeerClient {
                 reply
             }
             Err(e) => {
-                if self.failures == 0 {
-                    tracing::warn!(target = self.target, error = %e, "calls to peer failing (retried with backoff; logged again when it answers)");
-                } else {
-                    tracing::debug!(target = self.target, error = %e, failed_calls = self.failures + 1, "call to peer failed");
-                }
-                self.failures += 1;
+                self.failed(&e);
                 return Err(match e {
                     TransportError::Unreachable(..) => RPCError::Unreachable(Unreachable::new(&e)),
                     TransportError::Network(..) => RPCError::Network(NetworkError::new(&e)),
@@ -164,6 +167,34 @@ impl PeerClient {
         let res: Result<Resp, E> =
             decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(e.0))))?;
         res.map_err(|e| RPCError::RemoteError(openraft::error::RemoteError::new(self.target, e)))
+    }
+
+    /// `call`, given up just before openraft's deadline in `option` (a Timeout, as openraft's).
+    async fn call_within<Req: Serialize, Resp: DeserializeOwned, E: std::error::Error + DeserializeOwned>(
+        &mut self,
+        kind: RpcKind,
+        action: openraft::network::RPCTypes,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, E>> {
+        let ttl = option.hard_ttl().saturating_sub(std::time::Duration::from_millis(CALL_DEADLINE_MARGIN_MS));
+        match tokio::time::timeout(ttl, self.call(kind, req)).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.failed(&format_args!("no answer within {ttl:?}"));
+                Err(RPCError::Timeout(openraft::error::Timeout { action, id: self.me, target: self.target, timeout: ttl }))
+            }
+        }
+    }
+
+    /// A call that failed: a warning for the first of a run, debug for the others.
+    fn failed(&mut self, e: &dyn std::fmt::Display) {
+        if self.failures == 0 {
+            tracing::warn!(target = self.target, error = %e, "calls to peer failing (retried; logged again when it answers)");
+        } else {
+            tracing::debug!(target = self.target, error = %e, failed_calls = self.failures + 1, "call to peer failed");
+        }
+        self.failures += 1;
     }
 }
 
@@ -182,7 +213,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         // openraft bounds each AppendEntries by a timeout (replication/mod.rs, vendor patch 3) and
         // its own limit counts entries, not bytes: refuse a message over the byte budget with a
@@ -202,7 +233,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit.max(1) as u64)));
             }
         }
-        self.call(RpcKind::AppendEntries, &rpc).await
+        self.call_within(RpcKind::AppendEntries, openraft::network::RPCTypes::AppendEntries, &rpc, &option).await
     }
 
     async fn install_snapshot(
@@ -250,9 +281,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     async fn vote(
         &mut self,
         rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(RpcKind::Vote, &rpc).await
+        self.call_within(RpcKind::Vote, openraft::network::RPCTypes::Vote, &rpc, &option).await
     }
 
     /// After an Unreachable error (a peer down, or still opening its store): a short first wait,
@@ -265,6 +296,46 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Never answers until `answer` is set; then answers every vote with a grant.
+    struct Silent {
+        answer: std::sync::atomic::AtomicBool,
+    }
+
+    impl PeerTransport for Silent {
+        fn call(&self, _target: NodeId, _addr: &str, _kind: RpcKind, _body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, TransportError>> {
+            if !self.answer.load(std::sync::atomic::Ordering::SeqCst) {
+                return Box::pin(std::future::pending());
+            }
+            let vote = openraft::Vote::new(1, 2);
+            let granted: Result<VoteResponse<NodeId>, RaftError<NodeId>> = Ok(VoteResponse::new(vote, None, true));
+            let reply = encode(&granted).expect("encodes");
+            Box::pin(async move { Ok(reply) })
+        }
+    }
+
+    /// A call that gets no answer ends as a Timeout just before openraft's deadline, so the
+    /// client counts it (openraft would cancel it unseen); an answer ends the run of failures.
+    #[tokio::test]
+    async fn a_call_without_an_answer_times_out_in_the_client_and_is_counted() {
+        let transport = Arc::new(Silent { answer: std::sync::atomic::AtomicBool::new(false) });
+        let mut client = Network::new(1, transport.clone()).new_client(2, &BasicNode { addr: "peer:2".into() }).await;
+        let rpc = VoteRequest::new(openraft::Vote::new(1, 1), None);
+        let deadline = std::time::Duration::from_millis(50);
+        for n in 1..=2 {
+            let started = std::time::Instant::now();
+            let r = tokio::time::timeout(deadline * 10, client.vote(rpc.clone(), RPCOption::new(deadline)))
+                .await
+                .expect("the client gave the call up itself");
+            assert!(matches!(r, Err(RPCError::Timeout(_))), "{r:?}");
+            assert!(started.elapsed() < deadline, "given up before openraft's deadline: {:?}", started.elapsed());
+            assert_eq!(client.failures, n);
+        }
+        transport.answer.store(true, std::sync::atomic::Ordering::SeqCst);
+        let r = client.vote(rpc, RPCOption::new(deadline)).await.expect("granted");
+        assert!(r.vote_granted);
+        assert_eq!(client.failures, 0);
+    }
 
     #[test]
     fn the_backoff_doubles_from_the_minimum_to_the_maximum() {

@@ -256,14 +256,17 @@ where
                 }
                 Err(err) => {
                     // PICKBOX PATCH (4): a PayloadTooLarge is the network's flow control (fewer
-                    // entries per AppendEntries), not an error; an unreachable peer or a failed
-                    // transport call is logged by Pickbox's network client when it starts
-                    // failing and when it answers again: debug here, not warn and error at each
-                    // retry.
+                    // entries per AppendEntries), not an error; an unreachable peer, a failed
+                    // transport call or one without an answer in time is logged by Pickbox's
+                    // network client when calls start failing and when it answers again: debug
+                    // here, not warn and error at each retry.
                     let flow_control = matches!(
                         &err,
                         ReplicationError::RPCError(
-                            RPCError::PayloadTooLarge(_) | RPCError::Unreachable(_) | RPCError::Network(_)
+                            RPCError::PayloadTooLarge(_)
+                                | RPCError::Unreachable(_)
+                                | RPCError::Network(_)
+                                | RPCError::Timeout(_)
                         )
                     );
                     if flow_control {
