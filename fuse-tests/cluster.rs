@@ -304,7 +304,7 @@ fn cluster_write_drops_capabilities_another_node_set() {
 #[test]
 fn cluster_acl_set_on_one_node_governs_access_on_the_others() {
     use crate::harness::{as_user, NOBODY};
-    use crate::meta::facl;
+    use crate::meta::{getfacl, setfacl};
     let c = Cluster::new(3);
     let rel = "acl";
     write_synced(&c.path(1, rel), b"shared").unwrap();
@@ -315,18 +315,18 @@ fn cluster_acl_set_on_one_node_governs_access_on_the_others() {
     for k in 1..=3 {
         assert!(!reads(&c, k), "nobody reads on node {k} before the ACL");
     }
-    facl("setfacl", &[&"-m", &format!("u:{NOBODY}:r"), &c.path(1, rel)]);
+    setfacl(&[&"-m", &format!("u:{NOBODY}:r"), &c.path(1, rel)]);
     seen(&c, &[2, 3], "access granted by the ACL", reads);
-    facl("setfacl", &[&"-x", &format!("u:{NOBODY}"), &c.path(3, rel)]);
+    setfacl(&[&"-x", &format!("u:{NOBODY}"), &c.path(3, rel)]);
     seen(&c, &[1, 2], "access taken back", |c, k| !reads(c, k));
-    assert_eq!(facl("getfacl", &[&c.path(2, rel)]), ["user::rw-", "group::r--", "mask::r--", "other::---"]);
+    assert_eq!(getfacl(&c.path(2, rel)), ["user::rw-", "group::r--", "mask::r--", "other::---"]);
     // A default ACL set on one node is inherited by what another node creates.
     fs::create_dir(c.path(1, "acl-dir")).unwrap();
-    facl("setfacl", &[&"-d", &"-m", &format!("u:{NOBODY}:rw"), &c.path(1, "acl-dir")]);
+    setfacl(&[&"-d", &"-m", &format!("u:{NOBODY}:rw"), &c.path(1, "acl-dir")]);
     seen(&c, &[2], "the default ACL", |c, k| crate::meta::getxattr(&c.path(k, "acl-dir"), "system.posix_acl_default").is_ok());
     write_synced(&c.path(2, "acl-dir/f"), b"inherits").unwrap();
     seen(&c, &[3], "the inheriting file", |c, k| fs::metadata(c.path(k, "acl-dir/f")).is_ok());
-    assert!(facl("getfacl", &[&c.path(3, "acl-dir/f")]).contains(&format!("user:{NOBODY}:rw-")));
+    assert!(getfacl(&c.path(3, "acl-dir/f")).contains(&format!("user:{NOBODY}:rw-")));
     seen(&c, &[1, 3], "access granted by the inherited ACL", |c, k| {
         as_user(NOBODY, NOBODY, || fs::read(c.path(k, "acl-dir/f")).map(|_| ())).is_ok()
     });

@@ -380,13 +380,18 @@ fn xattrs_set_get_list_remove() {
     assert_eq!(r, Err(libc::EACCES));
 }
 
-/// Runs `setfacl` (or `getfacl` with `-n --omit-header`, returning its lines), panicking on failure.
-pub(crate) fn facl(program: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<String> {
-    let mut cmd = std::process::Command::new(program);
-    if program == "getfacl" {
-        cmd.args(["-n", "--omit-header"]);
-    }
-    let out = cmd.args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+/// Runs `setfacl` with `args`, panicking on failure.
+pub(crate) fn setfacl(args: &[&dyn AsRef<std::ffi::OsStr>]) {
+    acl_tool("setfacl", args);
+}
+
+/// The ACL of `p` as `getfacl -n --omit-header` prints it, one entry per line.
+pub(crate) fn getfacl(p: &Path) -> Vec<String> {
+    acl_tool("getfacl", &[&"-n", &"--omit-header", &p])
+}
+
+fn acl_tool(program: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<String> {
+    let out = std::process::Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
     assert!(out.status.success(), "{program} {:?}: {}", args.iter().map(|a| a.as_ref().to_owned()).collect::<Vec<_>>(), String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()
 }
@@ -418,21 +423,21 @@ fn posix_acls_grant_access_and_follow_chmod() {
     let read = |uid: u32| as_user(uid, uid, || fs::read(&p).map(|_| ()));
     assert_eq!(read(NOBODY), Err(libc::EACCES));
     // A named user entry grants what the mode does not; the mask becomes the group bits.
-    facl("setfacl", &[&"-m", &format!("u:{NOBODY}:r"), &p]);
+    setfacl(&[&"-m", &format!("u:{NOBODY}:r"), &p]);
     assert_eq!(read(NOBODY), Ok(()), "nobody reads through its ACL entry");
     assert_eq!(read(OTHER), Err(libc::EACCES), "others still may not");
     assert_eq!(lstat(&p).unwrap().st_mode & 0o777, 0o640);
-    assert_eq!(facl("getfacl", &[&p]), ["user::rw-", &format!("user:{NOBODY}:r--"), "group::---", "mask::r--", "other::---"]);
+    assert_eq!(getfacl(&p), ["user::rw-", &format!("user:{NOBODY}:r--"), "group::---", "mask::r--", "other::---"]);
     assert_eq!(as_user(NOBODY, NOBODY, || fs::write(&p, b"x")), Err(libc::EACCES), "the entry grants reading only");
     // chmod sets the mask: the named entry is cut by it.
     chmod(&p, 0o600);
-    assert_eq!(facl("getfacl", &[&p]), ["user::rw-", &format!("user:{NOBODY}:r--\t#effective:---"), "group::---", "mask::---", "other::---"]);
+    assert_eq!(getfacl(&p), ["user::rw-", &format!("user:{NOBODY}:r--\t#effective:---"), "group::---", "mask::---", "other::---"]);
     assert_eq!(read(NOBODY), Err(libc::EACCES));
     chmod(&p, 0o640);
     assert_eq!(read(NOBODY), Ok(()));
     // Removing the ACL leaves the mode.
-    facl("setfacl", &[&"-b", &p]);
-    assert_eq!(facl("getfacl", &[&p]), ["user::rw-", "group::---", "other::---"], "the owning group entry was ---");
+    setfacl(&[&"-b", &p]);
+    assert_eq!(getfacl(&p), ["user::rw-", "group::---", "other::---"], "the owning group entry was ---");
     assert_eq!(read(NOBODY), Err(libc::EACCES));
     assert_eq!(errno_of(getxattr(&p, "system.posix_acl_access")), libc::ENODATA);
 }
@@ -443,18 +448,18 @@ fn posix_default_acls_are_inherited_instead_of_the_umask() {
     let d = node.path("d");
     fs::create_dir(&d).unwrap();
     chmod(&d, 0o755);
-    facl("setfacl", &[&"-d", &"-m", &format!("u:{NOBODY}:rwx"), &d]);
+    setfacl(&[&"-d", &"-m", &format!("u:{NOBODY}:rwx"), &d]);
     sh(&format!("umask 077 && touch {0}/f && mkdir {0}/sub && touch {1}", d.display(), node.path("g").display()));
     // touch asks for 0666: cut by the default ACL (other r-x), not by the umask.
     let f = d.join("f");
     assert_eq!(lstat(&f).unwrap().st_mode & 0o777, 0o664);
-    assert_eq!(facl("getfacl", &[&f]), ["user::rw-", &format!("user:{NOBODY}:rwx\t#effective:rw-"), "group::r-x\t#effective:r--", "mask::rw-", "other::r--"]);
+    assert_eq!(getfacl(&f), ["user::rw-", &format!("user:{NOBODY}:rwx\t#effective:rw-"), "group::r-x\t#effective:r--", "mask::rw-", "other::r--"]);
     assert_eq!(as_user(NOBODY, NOBODY, || fs::write(&f, b"by nobody")), Ok(()));
     assert_eq!(as_user(OTHER, OTHER, || fs::write(&f, b"by other")), Err(libc::EACCES));
     // A subdirectory inherits the default ACL as its own default and access ACL.
     let sub = d.join("sub");
     assert_eq!(lstat(&sub).unwrap().st_mode & 0o777, 0o775);
-    let sub_acl = facl("getfacl", &[&sub]);
+    let sub_acl = getfacl(&sub);
     assert!(sub_acl.contains(&format!("default:user:{NOBODY}:rwx")), "{sub_acl:?}");
     assert!(sub_acl.contains(&format!("user:{NOBODY}:rwx")), "{sub_acl:?}");
     // Elsewhere the umask applies.

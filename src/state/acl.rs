@@ -176,6 +176,12 @@ impl Acl {
     }
 }
 
+/// The xattr value of `{tag, perm, id}` entries, valid or not (tests build ACLs from it).
+#[cfg(test)]
+pub(crate) fn encode_entries(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    Acl { entries: entries.iter().map(|&(tag, perm, id)| Entry { tag, perm, id }).collect() }.encode()
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -227,7 +233,7 @@ mod tests {
     }
 
     fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
-        Acl { entries: entries.iter().map(|&(tag, perm, id)| Entry { tag, perm, id }).collect() }.encode()
+        encode_entries(entries)
     }
 
     const U: u32 = UNDEFINED_ID;

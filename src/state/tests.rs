@@ -8,6 +8,7 @@ use crate::config::{
     BLOCK_BYTES, FILE_BYTES_MAX, LINK_COUNT_MAX, NAME_BYTES_MAX, RESULTS_RETAINED_PER_ORIGIN,
 };
 
+use super::acl::encode_entries as acl_value;
 use super::apply::S_ISGID;
 use super::*;
 
@@ -1411,17 +1412,6 @@ fn writes_drop_capabilities() {
     // A write to a file without them changes nothing else.
     h.write(f, 0, b"again");
     assert_eq!(h.s.xattrs[&(f, b"user.keep".to_vec())], b"1");
-}
-
-/// An ACL xattr value (version 2, then `{tag, perm, id}` entries); `u32::MAX` for no id.
-fn acl_value(entries: &[(u16, u16, u32)]) -> Vec<u8> {
-    let mut v = 2u32.to_le_bytes().to_vec();
-    for &(tag, perm, id) in entries {
-        v.extend_from_slice(&tag.to_le_bytes());
-        v.extend_from_slice(&perm.to_le_bytes());
-        v.extend_from_slice(&id.to_le_bytes());
-    }
-    v
 }
 
 const NO_ID: u32 = u32::MAX;
