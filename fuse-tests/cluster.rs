@@ -911,3 +911,55 @@ fn cluster_refuses_node_from_another_ca() {
     seen(&c, &[2, 3], "write after the refused join", |c, k| read_eq(&c.path(k, "still"), b"fine"));
     c.wait_converged(CONVERGE_TIMEOUT);
 }
+
+/// Advisory locks hold across nodes: a flock or fcntl lock taken through one node's mount meets
+/// the requests made through the others; a waiter blocked on another node gets the lock when the
+/// holder unlocks, and its close frees it; the locks of a node killed while holding them go
+/// when it restarts.
+#[test]
+fn cluster_locks_hold_across_nodes() {
+    use crate::locks::{blocked_flock, fcntl_lock as record_lock, flock};
+    let mut c = Cluster::new(3);
+    let rel = "locked";
+    write_synced(&c.path(1, rel), &[7u8; 100]).unwrap();
+    seen(&c, &[2, 3], "the file", |c, k| fs::metadata(c.path(k, rel)).is_ok_and(|m| m.len() == 100));
+    let a = File::open(c.path(1, rel)).unwrap();
+    flock(&a, libc::LOCK_EX).unwrap();
+    let b = File::open(c.path(2, rel)).unwrap();
+    assert_eq!(errno_of(flock(&b, libc::LOCK_EX | libc::LOCK_NB)), libc::EWOULDBLOCK, "node 2 sees node 1's flock");
+    assert_eq!(errno_of(flock(&b, libc::LOCK_SH | libc::LOCK_NB)), libc::EWOULDBLOCK);
+    // fcntl locks do not meet flocks; they meet each other across nodes.
+    let w2 = OpenOptions::new().read(true).write(true).open(c.path(2, rel)).unwrap();
+    record_lock(&w2, libc::F_SETLK, libc::F_WRLCK, 0, 50).unwrap();
+    let w3 = OpenOptions::new().read(true).write(true).open(c.path(3, rel)).unwrap();
+    let e = errno_of(record_lock(&w3, libc::F_SETLK, libc::F_WRLCK, 40, 10));
+    assert!(e == libc::EAGAIN || e == libc::EACCES, "node 3 sees node 2's record lock (got {e})");
+    record_lock(&w3, libc::F_SETLK, libc::F_WRLCK, 50, 10).unwrap();
+    let fl = record_lock(&w3, libc::F_GETLK, libc::F_RDLCK, 0, 0).unwrap();
+    assert_eq!((fl.l_type, fl.l_start, fl.l_len, fl.l_pid), (libc::F_WRLCK as i16, 0, 50, 0), "another node's lock, no pid");
+    // A blocking flock on node 3 waits for node 1's lock, and gets it when node 1 unlocks.
+    let waiter = blocked_flock(&c.path(3, rel));
+    flock(&a, libc::LOCK_UN).unwrap();
+    let held3 = waiter.join().unwrap().expect("node 3's waiter gets the lock");
+    assert_eq!(errno_of(flock(&a, libc::LOCK_EX | libc::LOCK_NB)), libc::EWOULDBLOCK, "node 3 holds it now");
+    // Node 3's last close of its file drops its flock (RELEASE comes after close returned).
+    drop(held3);
+    assert!(poll(VISIBLE_TIMEOUT, || flock(&a, libc::LOCK_EX | libc::LOCK_NB).is_ok()).is_some(), "node 3's close freed the lock");
+    // Node 2 dies holding its record lock: still held while it is down, gone once it restarts.
+    // (Closing `b` first would drop it: a process's POSIX locks go at any close of the file. A
+    // node stuck on its FUSE connection after the kill is cleared by its next start.)
+    let _stuck = c.kill9(2);
+    drop(b);
+    drop(w2);
+    let e = errno_of(record_lock(&w3, libc::F_SETLK, libc::F_WRLCK, 0, 10));
+    assert!(e == libc::EAGAIN || e == libc::EACCES, "a dead node's lock is kept until it restarts (got {e})");
+    c.start(2);
+    assert!(
+        poll(CONVERGE_TIMEOUT, || record_lock(&w3, libc::F_SETLK, libc::F_WRLCK, 0, 10).is_ok()).is_some(),
+        "node 2's locks of its earlier run went at its restart"
+    );
+    let fl = record_lock(&OpenOptions::new().read(true).write(true).open(c.path(2, rel)).unwrap(), libc::F_GETLK, libc::F_WRLCK, 0, 0).unwrap();
+    assert_eq!((fl.l_type, fl.l_start, fl.l_len), (libc::F_WRLCK as i16, 0, 10), "node 2 sees node 3's lock after its restart");
+    drop(a);
+    drop(w3);
+}

@@ -1,13 +1,44 @@
-//! flock and fcntl record locks (node-local).
+//! flock and fcntl record locks on one node (they are cluster-wide: Pickbox holds them in its
+//! replicated state, so these go through the daemon; cluster.rs checks them across nodes).
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::io::AsRawFd;
+use std::time::Duration;
 
 use crate::harness::{check, errno_of, wait_until, Node};
 
-fn flock(f: &File, op: i32) -> std::io::Result<()> {
+pub fn flock(f: &File, op: i32) -> std::io::Result<()> {
     // SAFETY: f is open.
     check(unsafe { libc::flock(f.as_raw_fd(), op) }).map(|_| ())
+}
+
+/// This thread's id.
+pub fn gettid() -> i32 {
+    // SAFETY: no arguments, cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// Whether thread `tid` of process `pid` is inside system call `nr` (blocked in it: its
+/// /proc syscall file names the call while it sleeps there).
+pub fn in_syscall(pid: u32, tid: i32, nr: libc::c_long) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall"))
+        .is_ok_and(|s| s.split_whitespace().next() == Some(nr.to_string().as_str()))
+}
+
+/// Start a blocking `flock(LOCK_EX)` of `p` on a thread; returns the thread and its id once it
+/// is inside the call.
+pub fn blocked_flock(p: &std::path::Path) -> std::thread::JoinHandle<std::io::Result<File>> {
+    let c = File::open(p).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        tx.send(gettid()).unwrap();
+        flock(&c, libc::LOCK_EX).map(|_| c)
+    });
+    let tid = rx.recv().unwrap();
+    let blocked = wait_until(Duration::from_secs(10), || waiter.is_finished() || in_syscall(std::process::id(), tid, libc::SYS_flock));
+    assert!(blocked, "the blocking flock never showed up inside the call");
+    assert!(!waiter.is_finished(), "the flock returned while another open file holds the lock");
+    waiter
 }
 
 #[test]
@@ -28,14 +59,7 @@ fn flock_conflicts_between_open_files() {
     drop(b);
     flock(&a, libc::LOCK_EX | libc::LOCK_NB).unwrap();
     // A blocking waiter is woken when the holder unlocks.
-    let c = File::open(&p).unwrap();
-    let waiter = std::thread::spawn(move || flock(&c, libc::LOCK_EX).map(|_| c));
-    // Wait until the kernel lists the waiter as blocked ("->" in /proc/locks), so the unlock
-    // below really wakes a sleeping waiter rather than racing its first attempt.
-    let blocked = wait_until(std::time::Duration::from_secs(10), || {
-        fs::read_to_string("/proc/locks").map(|l| l.lines().any(|x| x.contains("-> FLOCK"))).unwrap_or(false)
-    });
-    assert!(blocked, "the blocking flock never showed up as a waiter in /proc/locks");
+    let waiter = blocked_flock(&p);
     flock(&a, libc::LOCK_UN).unwrap();
     let c = waiter.join().unwrap().unwrap();
     assert_eq!(errno_of(flock(&a, libc::LOCK_EX | libc::LOCK_NB)), libc::EWOULDBLOCK);
@@ -52,7 +76,7 @@ fn lock_struct(kind: i32, start: i64, len: i64) -> libc::flock {
     fl
 }
 
-fn fcntl_lock(f: &File, cmd: i32, kind: i32, start: i64, len: i64) -> std::io::Result<libc::flock> {
+pub fn fcntl_lock(f: &File, cmd: i32, kind: i32, start: i64, len: i64) -> std::io::Result<libc::flock> {
     let mut fl = lock_struct(kind, start, len);
     // SAFETY: f is open; fl is a valid flock.
     check(unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut fl) })?;
@@ -124,4 +148,58 @@ fn ofd_locks_between_descriptions() {
     let fl = fcntl_lock(&a, libc::F_OFD_GETLK, libc::F_RDLCK, 0, 0).unwrap();
     assert_eq!(fl.l_type, libc::F_WRLCK as i16);
     assert_eq!((fl.l_start, fl.l_len), (10, 5));
+}
+
+/// A process blocked waiting for a lock can be killed (the kernel interrupts the request it waits
+/// in, which the daemon answers EINTR); it takes nothing with it, and leaves no lock behind.
+#[test]
+fn a_process_waiting_for_a_lock_can_be_killed() {
+    let node = Node::start();
+    let p = node.path("held");
+    fs::write(&p, b"").unwrap();
+    let holder = File::open(&p).unwrap();
+    flock(&holder, libc::LOCK_EX).unwrap();
+    let mut child = std::process::Command::new("flock").arg(&p).arg("true").spawn().expect("run flock(1)");
+    let pid = child.id();
+    let blocked = wait_until(Duration::from_secs(10), || in_syscall(pid, pid as i32, libc::SYS_flock));
+    assert!(blocked, "flock(1) never blocked in flock(2)");
+    // SAFETY: our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let exited = wait_until(Duration::from_secs(10), || child.try_wait().unwrap().is_some());
+    assert!(exited, "the killed waiter never exited (stuck in its lock request)");
+    // flock(1) -w: its timer's signal (a handler without SA_RESTART) interrupts the wait, the
+    // call fails with EINTR, and flock(1) gives up with status 1 instead of waiting on.
+    let st = std::process::Command::new("flock").args(["-w", "0.2"]).arg(&p).arg("true").status().expect("run flock(1)");
+    assert_eq!(st.code(), Some(1), "flock -w did not time out: {st}");
+    // The killed waiter took nothing: once the holder unlocks, the lock is free for others.
+    flock(&holder, libc::LOCK_UN).unwrap();
+    let other = File::open(&p).unwrap();
+    flock(&other, libc::LOCK_EX | libc::LOCK_NB).unwrap();
+}
+
+/// fcntl locks through the daemon keep POSIX's rules: a process's locks go when it closes any
+/// descriptor of the file, and ranges split and merge.
+#[test]
+fn posix_locks_go_at_any_close_and_split() {
+    let node = Node::start();
+    let p = node.path("split");
+    fs::write(&p, vec![0u8; 100]).unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    fcntl_lock(&f, libc::F_SETLK, libc::F_WRLCK, 0, 100).unwrap();
+    fcntl_lock(&f, libc::F_SETLK, libc::F_UNLCK, 40, 20).unwrap();
+    // An OFD lock is another owner: it meets the process's lock on both sides of the hole.
+    let g = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    fcntl_lock(&g, libc::F_OFD_SETLK, libc::F_WRLCK, 40, 20).unwrap();
+    for (start, len) in [(39, 2), (59, 2)] {
+        let e = errno_of(fcntl_lock(&g, libc::F_OFD_SETLK, libc::F_WRLCK, start, len));
+        assert!(e == libc::EAGAIN || e == libc::EACCES, "{start}+{len}: got {e}");
+    }
+    // (An OFD query reports no pid: the kernel shows -1.)
+    let fl = fcntl_lock(&g, libc::F_OFD_GETLK, libc::F_WRLCK, 0, 0).unwrap();
+    assert_eq!((fl.l_type, fl.l_start, fl.l_len), (libc::F_WRLCK as i16, 0, 40));
+    // Closing another descriptor of the file drops all of this process's locks on it.
+    drop(File::open(&p).unwrap());
+    fcntl_lock(&g, libc::F_OFD_SETLK, libc::F_WRLCK, 0, 100).unwrap();
+    fcntl_lock(&g, libc::F_OFD_SETLK, libc::F_UNLCK, 0, 0).unwrap();
+    drop(f);
 }

@@ -84,6 +84,7 @@ pub fn errno_of(e: Errno) -> Sys {
         Errno::Overflow => Sys::EOVERFLOW,
         Errno::TooBig => Sys::E2BIG,
         Errno::NoSuchOffset => Sys::ENXIO,
+        Errno::Again => Sys::EAGAIN,
         Errno::Stale => {
             // A retry whose first result was forgotten: we cannot say whether it applied.
             tracing::warn!("a retried command was too old to deduplicate; answering EIO");

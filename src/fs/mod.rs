@@ -12,6 +12,7 @@ mod coherence;
 mod errno;
 mod handles;
 mod inflight;
+mod locks;
 mod mount;
 mod names;
 mod ops;
@@ -25,12 +26,12 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, RequestId, TimeOrNow, WriteFlags,
 };
 
 use crate::config::WRITE_BYTES_MAX;
-use crate::state::{Caller, Errno, FallocMode, FileKind, HashedOp, Op, RenameFlags, SetTime, XattrFlags};
+use crate::state::{Caller, Errno, FallocMode, FileKind, HashedOp, LockKind, LockType, Op, RenameFlags, SetTime, XattrFlags};
 
 pub use errno::{FsError, FsResult};
 pub use mount::{
@@ -38,6 +39,7 @@ pub use mount::{
     run_guard, Guard, Mounted,
 };
 pub use ops::Ops;
+use ops::LockRequest;
 
 /// How long the kernel may cache attributes and entries. All changes on a single node go through
 /// this mount, so the kernel's cache stays coherent; other nodes' changes will be invalidated
@@ -110,6 +112,16 @@ impl PickboxFs {
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         self.rt.spawn(fut);
+    }
+}
+
+/// A lock type from the kernel: `Some(None)` for F_UNLCK, `None` if it is none of the three.
+fn lock_type(typ: i32) -> Option<Option<LockType>> {
+    match typ {
+        libc::F_RDLCK => Some(Some(LockType::Read)),
+        libc::F_WRLCK => Some(Some(LockType::Write)),
+        libc::F_UNLCK => Some(None),
+        _ => None,
     }
 }
 
@@ -213,9 +225,16 @@ impl Filesystem for PickboxFs {
             let _ = config.set_max_write(nearest);
         }
         // Optional capabilities: readdirplus saves a lookup per listed name; parallel dirops
-        // lets lookups and readdirs of one directory run concurrently. Not POSIX/flock locks
-        // (the kernel then keeps locks node-local).
-        for cap in [InitFlags::FUSE_DO_READDIRPLUS, InitFlags::FUSE_READDIRPLUS_AUTO, InitFlags::FUSE_PARALLEL_DIROPS] {
+        // lets lookups and readdirs of one directory run concurrently; POSIX and flock locks
+        // come to us (GETLK/SETLK/SETLKW, flock flagged), so they hold across nodes (without
+        // them the kernel would keep locks node-local).
+        for cap in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_POSIX_LOCKS,
+            InitFlags::FUSE_FLOCK_LOCKS,
+        ] {
             if config.add_capabilities(cap).is_err() {
                 tracing::debug!(?cap, "kernel does not offer capability");
             }
@@ -578,8 +597,23 @@ impl Filesystem for PickboxFs {
     // answer before a write that arrived earlier. Directory changes are answered only once
     // applied, so fsyncdir is always satisfied.
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        self.barrier(ino, reply);
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        // Every close of a descriptor: the closing process's POSIX locks on the file go (after
+        // the writes before it, as a close on a local filesystem).
+        if !self.ops.may_hold_posix_locks(ino.0, lock_owner.0) {
+            return self.barrier(ino, reply);
+        }
+        let wait = self.ops.writes.barrier(ino.0);
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            if let Some(wait) = wait {
+                wait.await;
+            }
+            match ops.release_posix_locks(ino.0, lock_owner.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(ops.errno_of(&e)),
+            }
+        });
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
@@ -616,6 +650,109 @@ impl Filesystem for PickboxFs {
         if let Some(rest) = self.ops.release_handle(fh.0) {
             self.spawn(rest);
         }
+        // Its flock and OFD locks go with the open file (asynchronously, as the kernel sends
+        // RELEASE after close(2) returned).
+        if let Some((ino, owners)) = self.ops.lock_waits.closed(fh.0) {
+            let ops = self.ops.clone();
+            self.spawn(async move { ops.release_handle_locks(ino, owners).await });
+        }
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        _pid: u32,
+        flock: bool,
+        reply: ReplyLock,
+    ) {
+        let Some(Some(typ)) = lock_type(typ) else {
+            return reply.error(fuser::Errno::EINVAL);
+        };
+        let kind = if flock { LockKind::Flock } else { LockKind::Posix };
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            match ops.get_lock(ino.0, lock_owner.0, kind, typ, start, end).await {
+                Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+                Ok(Some(l)) => {
+                    // Another node's process id means nothing here: shown as 0.
+                    let pid = if l.owner.node == ops.node_id() { l.pid } else { 0 };
+                    let typ = match l.typ {
+                        LockType::Read => libc::F_RDLCK,
+                        LockType::Write => libc::F_WRLCK,
+                    };
+                    // The kernel takes no end beyond OFFSET_MAX (a lock to the end of file).
+                    reply.locked(l.start, l.end.min(i64::MAX as u64), typ, pid)
+                }
+                Err(e) => reply.error(ops.errno_of(&e)),
+            }
+        });
+    }
+
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        flock: bool,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some(typ) = lock_type(typ) else {
+            return reply.error(fuser::Errno::EINVAL);
+        };
+        let unique = req.unique().0;
+        // A blocking request registers before it is proposed, so an interrupt that arrives at any
+        // point after this finds it (or, if it came first, is found here).
+        let wait = sleep && typ.is_some();
+        let interrupted = match wait {
+            false => None,
+            true => match self.ops.lock_waits.wait(unique) {
+                Some(rx) => Some(rx),
+                None => return reply.error(fuser::Errno::EINTR),
+            },
+        };
+        let request = LockRequest {
+            ino: ino.0,
+            fh: fh.0,
+            owner: lock_owner.0,
+            kind: if flock { LockKind::Flock } else { LockKind::Posix },
+            typ,
+            start,
+            end,
+            pid,
+        };
+        let caller = who(req, false);
+        let ops = self.ops.clone();
+        self.spawn(async move {
+            let result = ops.set_lock(caller, request, interrupted).await;
+            if wait {
+                ops.lock_waits.done(unique);
+            }
+            match result {
+                Ok(true) => reply.ok(),
+                // The kernel restarts the call after the signal's handler if it may.
+                Ok(false) => reply.error(fuser::Errno::EINTR),
+                Err(e) => reply.error(ops.errno_of(&e)),
+            }
+        });
+    }
+
+    fn interrupt(&self, _req: &Request, unique: RequestId) -> Result<(), fuser::Errno> {
+        // Only lock waits can be interrupted; anything else finishes on its own (the kernel
+        // waits for its answer), so the interrupt needs no reply.
+        self.ops.lock_waits.interrupt(unique.0);
+        Ok(())
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use crate::config::{NAME_BYTES_MAX, READDIR_BATCH_MAX, SYMLINK_BYTES_MAX, XATTR_NAME_BYTES_MAX, XATTR_VALUE_BYTES_MAX};
 use crate::raft::{ProposeError, Replica};
 use crate::state::{
-    Caller, Errno, FallocMode, FileKind, HashedOp, Ino, Inode, Op, Outcome, RenameFlags, SetTime, StateRead,
-    Timespec, XattrFlags,
+    Caller, Errno, FallocMode, FileKind, HashedOp, Ino, Inode, Lock, LockKind, LockOwner, LockType, Op, Outcome,
+    RenameFlags, SetTime, StateRead, Timespec, XattrFlags,
 };
 
 use crate::state::content;
@@ -21,6 +21,7 @@ use super::coherence::{self, Coherence};
 use super::errno::{FsError, FsResult};
 use super::handles::Handles;
 use super::inflight::InFlight;
+use super::locks::LockWaits;
 
 /// Free space the data directory must keep beyond a write's own bytes; below it a growing write
 /// fails with ENOSPC before it is proposed, so a full disk never fails an apply half-way.
@@ -96,7 +97,30 @@ pub struct Ops {
     killpriv: std::sync::atomic::AtomicBool,
     /// Other nodes' orphans this node has yet to release (see `RELEASE_GATHER_MS`).
     releases: Arc<GatheredReleases>,
+    /// Waiting lock requests and the lock owners of open handles (see fs/locks.rs).
+    pub lock_waits: LockWaits,
 }
+
+/// A SETLK/SETLKW as the kernel sent it (see `Ops::set_lock`).
+#[derive(Clone, Debug)]
+pub struct LockRequest {
+    pub ino: Ino,
+    /// The open handle it came through.
+    pub fh: u64,
+    /// The kernel's lock owner: a process (classic POSIX locks), an open file (OFD locks, flock).
+    pub owner: u64,
+    pub kind: LockKind,
+    /// `None`: unlock.
+    pub typ: Option<LockType>,
+    pub start: u64,
+    pub end: u64,
+    pub pid: u32,
+}
+
+/// A blocking lock request whose lock conflicts asks again after every applied command that may
+/// have released a lock (`Replica::lock_changes`), and at the latest after this long (a guard:
+/// no release goes unannounced).
+const LOCK_RETRY_MS: u64 = 1_000;
 
 /// A setattr of times answered before it is proposed (see `Ops::defer_times`).
 #[derive(Clone, Debug)]
@@ -168,6 +192,7 @@ impl Ops {
             deferred_timer: std::sync::atomic::AtomicBool::new(false),
             killpriv: std::sync::atomic::AtomicBool::new(false),
             releases,
+            lock_waits: LockWaits::default(),
         }
     }
 
@@ -177,6 +202,11 @@ impl Ops {
     pub fn clustered(mut self, clustered: bool) -> Self {
         self.clustered = clustered;
         self
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> crate::state::NodeId {
+        self.replica.node_id()
     }
 
     pub fn is_clustered(&self) -> bool {
@@ -984,6 +1014,125 @@ impl Ops {
     }
 }
 
+impl Ops {
+    /// The lock owner `owner` of this node's current run.
+    fn lock_owner(&self, owner: u64) -> LockOwner {
+        LockOwner { node: self.replica.node_id(), incarnation: self.replica.incarnation(), id: owner }
+    }
+
+    /// SETLK/SETLKW: take, change or drop a lock, cluster-wide (`Op::Lock`). A request whose lock
+    /// conflicts gets EAGAIN, or, if it may wait (`interrupted` is given), waits until a lock may
+    /// have been released anywhere and asks again, until it gets the lock or `interrupted` fires
+    /// (`Ok(false)`: answer EINTR).
+    pub async fn set_lock(
+        &self,
+        caller: Caller,
+        req: LockRequest,
+        mut interrupted: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> FsResult<bool> {
+        let op = Op::Lock {
+            ino: req.ino,
+            incarnation: self.replica.incarnation(),
+            owner: req.owner,
+            kind: req.kind,
+            typ: req.typ,
+            start: req.start,
+            end: req.end,
+            pid: req.pid,
+        };
+        let mut changes = self.replica.lock_changes();
+        let mut settled = false;
+        loop {
+            changes.borrow_and_update();
+            match self.propose(caller.clone(), op.clone()).await {
+                Ok(_) => {
+                    if req.typ.is_some() {
+                        self.lock_waits.took(req.fh, req.ino, req.owner);
+                    }
+                    return Ok(true);
+                }
+                Err(FsError::Fs(Errno::Again)) => {
+                    let Some(interrupted) = interrupted.as_mut() else {
+                        // The conflict may be a lock of a file closed here just before, whose
+                        // release is still under way: ask once more when it is done.
+                        if !settled && self.lock_waits.settle(req.ino, self.replica.propose_timeout()).await {
+                            settled = true;
+                            continue;
+                        }
+                        return Err(Errno::Again.into());
+                    };
+                    tracing::debug!(ino = req.ino, owner = req.owner, "lock request waits for a conflicting lock");
+                    tokio::select! {
+                        changed = changes.changed() => {
+                            if changed.is_err() {
+                                return Err(FsError::Unavailable("the node is stopping".into()));
+                            }
+                        }
+                        _ = interrupted => return Ok(false),
+                        _ = tokio::time::sleep(Duration::from_millis(LOCK_RETRY_MS)) => {}
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// GETLK: the first lock of another owner that would conflict with the one described, as the
+    /// cluster had it when the request arrived (read index first, as an open).
+    pub async fn get_lock(&self, ino: Ino, owner: u64, kind: LockKind, typ: LockType, start: u64, end: u64) -> FsResult<Option<Lock>> {
+        self.catch_up(false).await;
+        let owner = self.lock_owner(owner);
+        Ok(self.view()?.locks(ino)?.conflict(&owner, kind, typ, start, end).cloned())
+    }
+
+    /// Whether the process `owner` (a FLUSH's lock owner) may hold POSIX locks on `ino` through
+    /// this node: false without a look at the state when this run has taken no lock at all.
+    pub fn may_hold_posix_locks(&self, ino: Ino, owner: u64) -> bool {
+        if !self.lock_waits.ever_locked() {
+            return false;
+        }
+        let (node, incarnation) = (self.replica.node_id(), self.replica.incarnation());
+        match self.view().and_then(|v| Ok(v.locks(ino)?)) {
+            Ok(table) => table.holds(node, incarnation, owner, Some(LockKind::Posix)),
+            Err(_) => true,
+        }
+    }
+
+    /// FLUSH (every close of a descriptor): the closing process's POSIX locks on `ino` go, as
+    /// POSIX says (the kernel sends no unlock for them).
+    pub async fn release_posix_locks(&self, ino: Ino, owner: u64) -> FsResult<()> {
+        let op = Op::ReleaseLocks { ino, incarnation: self.replica.incarnation(), owners: vec![owner], kind: Some(LockKind::Posix) };
+        self.propose(Caller::root(), op).await?;
+        Ok(())
+    }
+
+    /// RELEASE (the last close of an open file): the flock and OFD locks that `owners` took through
+    /// it on `ino` go (the kernel sends no unlock for them). Failures are logged: the locks then
+    /// stay until this node restarts (it drops its earlier runs' locks at start) or is removed.
+    pub async fn release_handle_locks(&self, ino: Ino, owners: Vec<u64>) {
+        self.drop_handle_locks(ino, owners).await;
+        self.lock_waits.release_done(ino);
+    }
+
+    async fn drop_handle_locks(&self, ino: Ino, owners: Vec<u64>) {
+        let incarnation = self.replica.incarnation();
+        let node = self.replica.node_id();
+        let held = match self.view().and_then(|v| Ok(v.locks(ino)?)) {
+            Ok(table) => owners.into_iter().filter(|o| table.holds(node, incarnation, *o, None)).collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::warn!(ino, error = %e, "reading locks at a close");
+                owners
+            }
+        };
+        if held.is_empty() {
+            return;
+        }
+        if let Err(e) = self.propose(Caller::root(), Op::ReleaseLocks { ino, incarnation, owners: held, kind: None }).await {
+            tracing::warn!(ino, error = %e, "the locks of a closed file could not be released; they go when this node restarts");
+        }
+    }
+}
+
 /// The name of an op's variant, for logs (without its data).
 fn op_kind(op: &Op) -> &'static str {
     match op {
@@ -1004,6 +1153,9 @@ fn op_kind(op: &Op) -> &'static str {
         Op::SetXattr { .. } => "SetXattr",
         Op::RemoveXattr { .. } => "RemoveXattr",
         Op::Release { .. } => "Release",
+        Op::Lock { .. } => "Lock",
+        Op::ReleaseLocks { .. } => "ReleaseLocks",
+        Op::DropStaleLocks { .. } => "DropStaleLocks",
     }
 }
 

@@ -306,6 +306,8 @@ pub struct Replica {
     log_cache: storage::SharedEntryCache,
     /// Batches submitted while another was in flight (pipelined), for tests and diagnosis.
     pipelined: AtomicU64,
+    /// Bumped by apply whenever an advisory lock may have been released (`lock_changes`).
+    lock_changes: Arc<tokio::sync::watch::Sender<u64>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -472,9 +474,11 @@ impl Replica {
         let log_cache = log.entry_cache();
         let applied_tx: storage::AppliedSlot = Default::default();
         let waiters: Arc<storage::Waiters> = Default::default();
+        let lock_changes = Arc::new(tokio::sync::watch::Sender::new(0));
         let sm = StateMachine::with_log(store.clone(), &log)
             .with_events(cfg.node_id, applied_tx.clone())
-            .with_waiters(cfg.node_id, waiters.clone());
+            .with_waiters(cfg.node_id, waiters.clone())
+            .with_lock_changes(lock_changes.clone());
         let raft =
             Raft::new(cfg.node_id, Arc::new(raft_config(cfg.snapshot_entries)?), network::Network::new(cfg.node_id, transport.clone()).snapshot_install(cfg.snapshot_install), log, sm)
                 .await?;
@@ -492,6 +496,7 @@ impl Replica {
             reads: Default::default(),
             log_cache,
             pipelined: AtomicU64::new(0),
+            lock_changes,
             tasks: Mutex::new(Vec::new()),
         });
         let batcher = tokio::spawn(batcher(Arc::downgrade(&replica), rx));
@@ -583,14 +588,26 @@ impl Replica {
     }
 
     /// First start: create the root and register this node. Restart: release every orphan this node
-    /// held open (nothing is open after a restart).
+    /// held open and drop the advisory locks of its earlier runs (nothing is open or locked after a
+    /// restart).
     async fn bootstrap_state(&self) -> anyhow::Result<()> {
         let view = self.store.read()?;
         let has_root = view.inode(ROOT_INO)?.is_some();
         let registered = view.meta()?.nodes.contains(&self.node_id);
         let held: Vec<_> =
             view.orphans()?.into_iter().filter(|(_, o)| o.pending.contains(&self.node_id)).map(|(i, _)| i).collect();
+        let incarnation = self.incarnation();
+        let mut stale_locks = false;
+        for ino in view.locked_inodes()? {
+            if view.locks(ino)?.iter().any(|l| l.owner.node == self.node_id && l.owner.incarnation != incarnation) {
+                stale_locks = true;
+                break;
+            }
+        }
         drop(view);
+        if stale_locks {
+            self.propose(Caller::root(), Op::DropStaleLocks { incarnation }).await?;
+        }
         if !has_root {
             self.propose(Caller::root(), Op::Init { perm: 0o755, uid: 0, gid: 0 }).await?;
         }
@@ -620,6 +637,22 @@ impl Replica {
 
     pub fn node_id(&self) -> NodeId {
         self.node_id
+    }
+
+    /// How long a mutation waits for quorum before it fails.
+    pub fn propose_timeout(&self) -> Duration {
+        self.cfg.propose_timeout
+    }
+
+    /// This run of the node (raised at every start): part of its advisory locks' owner, so that
+    /// locks of an earlier run can be told apart and dropped.
+    pub fn incarnation(&self) -> u64 {
+        self.seqs.incarnation()
+    }
+
+    /// Changes whenever an applied command (from any node) may have released an advisory lock.
+    pub fn lock_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.lock_changes.subscribe()
     }
 
     /// Whether this node leads (as far as its Raft metrics tell).

@@ -645,22 +645,37 @@ pub struct StateMachine {
     events: Option<(NodeId, AppliedSlot)>,
     /// This node and its proposers waiting for their commands.
     waiters: Option<(NodeId, Arc<Waiters>)>,
+    /// Bumped after every apply call that may have released an advisory lock, from any node
+    /// (lock waiters ask again then).
+    lock_changes: Option<Arc<tokio::sync::watch::Sender<u64>>>,
 }
 
 impl StateMachine {
     pub fn new(store: Store) -> Self {
-        StateMachine { store, log_cache: None, events: None, waiters: None }
+        StateMachine { store, log_cache: None, events: None, waiters: None, lock_changes: None }
     }
 
     /// A state machine that drops what it applied from `log`'s in-memory entry cache.
     pub fn with_log(store: Store, log: &LogStore) -> Self {
-        StateMachine { store, log_cache: Some(log.cache.clone()), events: None, waiters: None }
+        StateMachine { store, log_cache: Some(log.cache.clone()), events: None, waiters: None, lock_changes: None }
     }
 
     /// Also answer the commands of `node` waiting in `waiters` as soon as they are applied.
     pub fn with_waiters(mut self, node: NodeId, waiters: Arc<Waiters>) -> Self {
         self.waiters = Some((node, waiters));
         self
+    }
+
+    /// Bump `changes` after each apply call that may have released an advisory lock.
+    pub fn with_lock_changes(mut self, changes: Arc<tokio::sync::watch::Sender<u64>>) -> Self {
+        self.lock_changes = Some(changes);
+        self
+    }
+
+    fn locks_changed(&self) {
+        if let Some(tx) = &self.lock_changes {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 
     /// Hand `event` to the subscriber, if any, with the touches it wants (nothing if it wants
@@ -737,7 +752,15 @@ fn touches_before(t: &StateTxn<'_>, cmd: &Command) -> StoreResult<(Vec<Touch>, V
         | Op::SetXattr { ino, .. }
         | Op::RemoveXattr { ino, .. } => out.push(Touch::Inode(*ino)),
         Op::CopyRange { ino_out, .. } => out.push(Touch::Inode(*ino_out)),
-        Op::Init { .. } | Op::RegisterNode { .. } | Op::UnregisterNode { .. } | Op::Release { .. } => {}
+        // Locks change no attributes the kernel caches (waiters hear of them through
+        // `StateMachine::with_lock_changes`).
+        Op::Init { .. }
+        | Op::RegisterNode { .. }
+        | Op::UnregisterNode { .. }
+        | Op::Release { .. }
+        | Op::Lock { .. }
+        | Op::ReleaseLocks { .. }
+        | Op::DropStaleLocks { .. } => {}
     }
     Ok((out, victims))
 }
@@ -745,6 +768,17 @@ fn touches_before(t: &StateTxn<'_>, cmd: &Command) -> StoreResult<(Vec<Touch>, V
 /// Payload bytes of one apply call below which it runs inline on openraft's state-machine task
 /// instead of on a blocking thread (see `apply`); at this size its hashing takes about 0.5 ms.
 pub const INLINE_APPLY_BYTES_MAX: usize = 256 * 1024;
+
+/// Whether `e` holds a command that may release an advisory lock (any lock command: a change
+/// may be a downgrade or a split; a node's removal drops its locks).
+fn may_release_locks(e: &Ent) -> bool {
+    match &e.payload {
+        EntryPayload::Normal(batch) => batch.0.iter().any(|c| {
+            matches!(c.op, Op::Lock { .. } | Op::ReleaseLocks { .. } | Op::DropStaleLocks { .. } | Op::UnregisterNode { .. })
+        }),
+        _ => false,
+    }
+}
 
 /// The payload bytes of the commands in `e`.
 fn payload_bytes(e: &Ent) -> usize {
@@ -929,6 +963,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if !touched.is_empty() {
             self.send_event(Applied { index: last_index, touched });
         }
+        if self.lock_changes.is_some() && entries.iter().any(may_release_locks) {
+            self.locks_changed();
+        }
         if let Some((node, waiters)) = &self.waiters {
             // After the event (a waiter for the coherence watermark reads the applied index
             // first, then the last event's index) and before any proposer hears of its result
@@ -1000,6 +1037,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(last) = meta.last_log_id {
             self.send_event(Applied { index: last.index, touched: vec![Touch::Everything] });
         }
+        self.locks_changed();
         Ok(())
     }
 

@@ -20,6 +20,7 @@ use super::command::{
 use super::acl::{Acl, ACL_ACCESS_XATTR, ACL_DEFAULT_XATTR};
 use super::content::{sha256, Blocks};
 use super::error::Errno;
+use super::locks::{self, LockKind, LockOwner, LockTable, LockType};
 use super::txn::{StateWrite, StoreFault, StoreResult};
 use super::types::{
     DirEntry, FileKind, Hash, Ino, Inode, Meta, NodeId, Orphan, Timespec, ROOT_INO,
@@ -354,7 +355,76 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
             } => self.set_xattr(*ino, name, value, *flags),
             Op::RemoveXattr { ino, name } => self.remove_xattr(*ino, name),
             Op::Release { ino } => self.release(*ino),
+            Op::Lock { ino, incarnation, owner, kind, typ, start, end, pid } => {
+                let owner = LockOwner { node: cmd.origin, incarnation: *incarnation, id: *owner };
+                self.lock(*ino, owner, *kind, *typ, *start, *end, *pid)
+            }
+            Op::ReleaseLocks { ino, incarnation, owners, kind } => self.release_locks(*ino, *incarnation, owners, *kind),
+            Op::DropStaleLocks { incarnation } => self.drop_node_locks(cmd.origin, Some(*incarnation)),
         }
+    }
+
+    /// Take, change or drop (`typ: None`) a lock: EAGAIN on a conflict with another owner.
+    #[allow(clippy::too_many_arguments)]
+    fn lock(
+        &mut self,
+        ino: Ino,
+        owner: LockOwner,
+        kind: LockKind,
+        typ: Option<LockType>,
+        start: u64,
+        end: u64,
+        pid: u32,
+    ) -> Step<Outcome> {
+        self.need(ino)?;
+        let (start, end) = match kind {
+            LockKind::Flock => (0, u64::MAX),
+            LockKind::Posix => locks::range(start, end).ok_or(Fail::Errno(Errno::Inval))?,
+        };
+        let mut table = self.s.locks(ino)?;
+        match typ {
+            None => table.unlock(&owner, kind, start, end),
+            Some(typ) => {
+                if table.set(owner, kind, typ, start, end, pid).is_err() {
+                    return Err(Errno::Again.into());
+                }
+            }
+        }
+        self.begin();
+        self.s.put_locks(ino, &table)?;
+        Ok(Outcome::Done)
+    }
+
+    /// Drop the locks of some owners of the origin on `ino` (a close). Nothing to drop is no error,
+    /// nor is an inode that is gone (its locks went with it).
+    fn release_locks(&mut self, ino: Ino, incarnation: u64, owners: &[u64], kind: Option<LockKind>) -> Step<Outcome> {
+        let mut table = self.s.locks(ino)?;
+        let before = table.clone();
+        match kind {
+            None => table.release_ids(self.cmd.origin, incarnation, owners),
+            Some(kind) => {
+                for id in owners {
+                    table.release_owner(&LockOwner { node: self.cmd.origin, incarnation, id: *id }, Some(kind));
+                }
+            }
+        }
+        if table != before {
+            self.begin();
+            self.s.put_locks(ino, &table)?;
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// Drop the locks `node` holds under any incarnation but `keep` (all of them for `None`).
+    fn drop_node_locks(&mut self, node: NodeId, keep: Option<u64>) -> Step<Outcome> {
+        for ino in self.s.locked_inodes()? {
+            let mut table = self.s.locks(ino)?;
+            if table.drop_node(node, keep) {
+                self.begin();
+                self.s.put_locks(ino, &table)?;
+            }
+        }
+        Ok(Outcome::Done)
     }
 
     fn init(&mut self, perm: u32, uid: u32, gid: u32) -> Step<Outcome> {
@@ -399,6 +469,8 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
     fn unregister(&mut self, node: NodeId) -> Step<Outcome> {
         self.begin();
         self.meta.nodes.retain(|n| *n != node);
+        // A removed node's lock holders are gone with it.
+        self.drop_node_locks(node, None)?;
         for (ino, mut orphan) in self.s.orphans()? {
             if !orphan.pending.contains(&node) {
                 continue;
@@ -638,6 +710,9 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         }
         if self.s.orphan(ino)?.is_some() {
             self.s.del_orphan(ino)?;
+        }
+        if !self.s.locks(ino)?.is_empty() {
+            self.s.put_locks(ino, &LockTable::default())?;
         }
         self.dirty.insert(ino, None);
         self.meta.inode_count = self.meta.inode_count.saturating_sub(1);

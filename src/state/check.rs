@@ -181,6 +181,17 @@ pub fn check_invariants(m: &MemState) -> Result<(), String> {
         }
     }
 
+    // Locks: only on live inodes, no empty tables, each table canonical.
+    for (ino, table) in &m.locks {
+        if !m.inodes.contains_key(ino) {
+            return Err(format!("locks on inode {ino}, which is not live"));
+        }
+        if table.is_empty() {
+            return Err(format!("empty lock table stored for inode {ino}"));
+        }
+        table.check().map_err(|e| format!("locks of inode {ino}: {e}"))?;
+    }
+
     // Blocks: refcounts equal references; data hashes to its key; stored canonically within size.
     let mut refs: BTreeMap<Hash, u64> = BTreeMap::new();
     for ((ino, index), hash) in &m.block_map {

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::content::{hash_of_hashes, piece_hashes, sha256};
 use super::error::Errno;
+use super::locks::{LockKind, LockType};
 use super::types::{Caller, FileKind, Hash, Ino, Inode, NodeId, Timespec};
 
 /// One mutation, decided completely by the proposing node so that apply is pure.
@@ -143,6 +144,29 @@ pub enum Op {
         umask: u32,
         rdev: u32,
     },
+    /// Take, change or (`typ: None`) drop an advisory lock on `ino` (`[start, end]`, inclusive;
+    /// a flock covers the whole file) for the lock owner `(origin, incarnation, owner)`: `owner`
+    /// is the kernel's lock-owner id on the origin (a process for classic POSIX locks, an open
+    /// file for OFD locks and flock), `incarnation` the origin's run (raised at each start).
+    /// EAGAIN if a lock of another owner conflicts; ENOENT if `ino` is not live; EINVAL if
+    /// `start > end`. `pid` is what F_GETLK reports.
+    Lock {
+        ino: Ino,
+        incarnation: u64,
+        owner: u64,
+        kind: LockKind,
+        typ: Option<LockType>,
+        start: u64,
+        end: u64,
+        pid: u32,
+    },
+    /// Drop the locks (of `kind`, or of every kind) that the owners `owners` of `(origin,
+    /// incarnation)` hold on `ino`: a close (FLUSH drops a process's POSIX locks, the last
+    /// close of an open file its flock and OFD locks).
+    ReleaseLocks { ino: Ino, incarnation: u64, owners: Vec<u64>, kind: Option<LockKind> },
+    /// Drop every lock the origin holds under an incarnation other than `incarnation`: its
+    /// earlier runs' locks, whose holders are gone (proposed at start).
+    DropStaleLocks { incarnation: u64 },
 }
 
 /// How `expect_closed` is encoded, so that log entries written before it existed still decode
@@ -202,7 +226,10 @@ impl Op {
             | Op::Fallocate { .. }
             | Op::CopyRange { .. }
             | Op::RemoveXattr { .. }
-            | Op::Release { .. } => &[],
+            | Op::Release { .. }
+            | Op::Lock { .. }
+            | Op::ReleaseLocks { .. }
+            | Op::DropStaleLocks { .. } => &[],
         }
     }
 }

@@ -72,6 +72,10 @@ pub enum Errno {
     /// superseded by a later sequence number of its origin (it arrived late, out of order).
     #[error("stale command")]
     Stale,
+    /// A lock request conflicts with a lock another owner holds (EAGAIN; a blocking request
+    /// waits and asks again).
+    #[error("resource temporarily unavailable")]
+    Again,
 }
 
 pub type FsResult<T> = Result<T, Errno>;

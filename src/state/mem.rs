@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::command::CommandResult;
+use super::locks::LockTable;
 use super::txn::{StateRead, StateWrite, StoreResult};
 use super::types::{DirEntry, Hash, Ino, Inode, Meta, NodeId, Orphan};
 
@@ -19,6 +20,8 @@ pub struct MemState {
     pub block_refs: BTreeMap<Hash, u64>,
     pub xattrs: BTreeMap<(Ino, Vec<u8>), Vec<u8>>,
     pub orphans: BTreeMap<Ino, Orphan>,
+    /// Advisory locks per inode; no empty tables.
+    pub locks: BTreeMap<Ino, LockTable>,
     pub results: BTreeMap<(NodeId, u64), CommandResult>,
     pub max_seqs: BTreeMap<NodeId, u64>,
     pub meta: Meta,
@@ -39,6 +42,7 @@ impl MemState {
             && self.block_refs == other.block_refs
             && self.xattrs == other.xattrs
             && self.orphans == other.orphans
+            && self.locks == other.locks
             && self.meta == other.meta
     }
 }
@@ -121,6 +125,14 @@ impl StateRead for MemState {
         Ok(self.orphans.iter().map(|(i, o)| (*i, o.clone())).collect())
     }
 
+    fn locks(&self, ino: Ino) -> StoreResult<LockTable> {
+        Ok(self.locks.get(&ino).cloned().unwrap_or_default())
+    }
+
+    fn locked_inodes(&self) -> StoreResult<Vec<Ino>> {
+        Ok(self.locks.keys().copied().collect())
+    }
+
     fn result(&self, origin: NodeId, seq: u64) -> StoreResult<Option<CommandResult>> {
         Ok(self.results.get(&(origin, seq)).cloned())
     }
@@ -192,6 +204,15 @@ impl StateWrite for MemState {
 
     fn put_orphan(&mut self, ino: Ino, orphan: &Orphan) -> StoreResult<()> {
         self.orphans.insert(ino, orphan.clone());
+        Ok(())
+    }
+
+    fn put_locks(&mut self, ino: Ino, locks: &LockTable) -> StoreResult<()> {
+        if locks.is_empty() {
+            self.locks.remove(&ino);
+        } else {
+            self.locks.insert(ino, locks.clone());
+        }
         Ok(())
     }
 

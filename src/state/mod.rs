@@ -9,6 +9,7 @@ pub mod check;
 pub mod command;
 pub mod content;
 pub mod error;
+pub mod locks;
 pub mod mem;
 pub mod txn;
 pub mod types;
@@ -24,4 +25,5 @@ pub use types::{Caller, DirEntry, FileKind, Hash, Ino, Inode, Meta, NodeId, Orph
 pub use apply::{apply, apply_digested, Digested};
 pub use check::check_invariants;
 pub use content::{read_range, seek_data, seek_hole, sha256};
+pub use locks::{Lock, LockKind, LockOwner, LockTable, LockType};
 pub use mem::MemState;

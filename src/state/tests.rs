@@ -1934,6 +1934,35 @@ enum A {
     Retry {
         back: usize,
     },
+    /// A lock change (`typ` 0: unlock, 1: read, 2: write) by one of a few owners (incarnations 1
+    /// and 2), or a close that drops an owner's locks, or a node's restart.
+    Lock {
+        any: usize,
+        owner: u64,
+        inc: u64,
+        flock: bool,
+        typ: u8,
+        off: usize,
+        len: usize,
+    },
+    Unlock {
+        any: usize,
+        owner: u64,
+        posix_only: bool,
+    },
+    DropStale {
+        inc: u64,
+    },
+}
+
+/// Lock actions, for both generators.
+fn arb_lock() -> impl Strategy<Value = A> {
+    prop_oneof![
+        4 => (0usize..16, 0u64..3, 1u64..3, any::<bool>(), 0u8..3, 0..OFFSETS.len(), 0..LENS.len())
+            .prop_map(|(any, owner, inc, flock, typ, off, len)| A::Lock { any, owner, inc, flock, typ, off, len }),
+        1 => (0usize..16, 0u64..3, any::<bool>()).prop_map(|(any, owner, posix_only)| A::Unlock { any, owner, posix_only }),
+        1 => (1u64..3).prop_map(|inc| A::DropStale { inc }),
+    ]
 }
 
 fn arb_a() -> impl Strategy<Value = A> {
@@ -1958,6 +1987,7 @@ fn arb_a() -> impl Strategy<Value = A> {
         2 => i().prop_map(|any| A::Release { any }),
         1 => (1u64..4, any::<bool>()).prop_map(|(node, on)| A::Register { node, on }),
         2 => (0usize..64).prop_map(|back| A::Retry { back }),
+        2 => arb_lock(),
     ]
 }
 
@@ -2190,6 +2220,28 @@ fn to_op(s: &MemState, a: A) -> Option<Op> {
                 Op::UnregisterNode { node }
             }
         }
+        A::Lock { any, owner, inc, flock, typ, off, len } => {
+            let start = OFFSETS[off];
+            // Some locks run to the end of the file, some ranges are inverted (EINVAL).
+            let end = if len == 0 { u64::MAX } else { start.wrapping_add(LENS[len]).wrapping_sub(1) };
+            Op::Lock {
+                ino: pick(&all, any).unwrap(),
+                incarnation: inc,
+                owner,
+                kind: if flock { LockKind::Flock } else { LockKind::Posix },
+                typ: [None, Some(LockType::Read), Some(LockType::Write)][typ as usize],
+                start,
+                end,
+                pid: 40 + owner as u32,
+            }
+        }
+        A::Unlock { any, owner, posix_only } => Op::ReleaseLocks {
+            ino: pick(&all, any).unwrap(),
+            incarnation: 1 + owner % 2,
+            owners: vec![owner, owner + 1],
+            kind: posix_only.then_some(LockKind::Posix),
+        },
+        A::DropStale { inc } => Op::DropStaleLocks { incarnation: inc },
         A::Retry { .. } => return None,
     })
 }
@@ -2469,12 +2521,15 @@ fn workload_is_deterministic_and_valid() {
     assert_eq!(w, workload(7, 300));
     let mut s = MemState::new();
     let mut ok = 0;
+    let mut locked = 0;
     for c in &w {
         ok += usize::from(apply(&mut s, c).unwrap().is_ok());
         check_invariants(&s).unwrap();
+        locked = locked.max(s.locks.values().map(|t| t.len()).sum::<usize>());
     }
     assert!(ok > 100, "most commands should apply ({ok})");
     assert!(s.inodes.len() > 3);
+    assert!(locked >= 2, "the twin stores meet lock tables too ({locked} locks at most)");
 }
 
 /// Micro-benchmark of the write path's CPU without I/O: the proposer's content hash plus `apply`
@@ -2531,4 +2586,51 @@ fn bench_write_hashing() {
             mib / total.as_secs_f64()
         );
     }
+}
+
+/// `Op::Lock` from node `origin` for lock owner `owner` of its incarnation `inc`.
+fn lock_op(ino: Ino, inc: u64, owner: u64, kind: LockKind, typ: Option<LockType>, start: u64, end: u64) -> Op {
+    Op::Lock { ino, incarnation: inc, owner, kind, typ, start, end, pid: 100 + owner as u32 }
+}
+
+/// Advisory locks are state: a lock from one node conflicts with another node's request (EAGAIN,
+/// nothing changed), goes with a close (`ReleaseLocks`), with its node's earlier runs
+/// (`DropStaleLocks`), with its node's removal, and with the inode.
+#[test]
+fn locks_conflict_across_nodes_and_go_with_their_holders() {
+    use LockKind::{Flock, Posix};
+    use LockType::{Read, Write};
+    let mut h = H::new();
+    let f = h.file(ROOT_INO, "f");
+    let root = Caller::root();
+    h.run_from(2, root.clone(), Op::RegisterNode { node: 2 }).unwrap();
+    // Node 1 (incarnation 1), process 7: a write lock on bytes 0..=99.
+    h.run_from(1, root.clone(), lock_op(f, 1, 7, Posix, Some(Write), 0, 99)).unwrap();
+    let before = h.s.clone();
+    let r = h.run_from(2, root.clone(), lock_op(f, 1, 7, Posix, Some(Read), 50, 60));
+    assert_eq!(r, Err(Errno::Again), "same owner id on another node is another owner");
+    assert!(h.s.same_namespace(&before), "a refused lock changes nothing");
+    h.run_from(2, root.clone(), lock_op(f, 1, 7, Posix, Some(Read), 100, 200)).unwrap();
+    // flock and POSIX locks do not meet.
+    h.run_from(2, root.clone(), lock_op(f, 1, 8, Flock, Some(Write), 0, 0)).unwrap();
+    assert_eq!(h.run_from(1, root.clone(), lock_op(f, 1, 9, Flock, Some(Read), 0, 0)), Err(Errno::Again));
+    // An invalid range, a missing inode.
+    assert_eq!(h.run_from(1, root.clone(), lock_op(f, 1, 7, Posix, Some(Read), 9, 3)), Err(Errno::Inval));
+    assert_eq!(h.run_from(1, root.clone(), lock_op(999, 1, 7, Posix, Some(Read), 0, 3)), Err(Errno::NoEnt));
+    // Node 1's process closes the file: its POSIX locks go, node 2's stay.
+    h.run_from(1, root.clone(), Op::ReleaseLocks { ino: f, incarnation: 1, owners: vec![7], kind: Some(Posix) }).unwrap();
+    h.run_from(2, root.clone(), lock_op(f, 1, 7, Posix, Some(Write), 0, 99)).unwrap();
+    let holders: Vec<_> = h.s.locks[&f].iter().map(|l| (l.owner.node, l.kind, l.start, l.end)).collect();
+    assert_eq!(holders.len(), 3, "{holders:?}");
+    assert!(holders.iter().all(|(node, ..)| *node == 2));
+    // Node 2 restarts (incarnation 2): its earlier run's locks go.
+    h.run_from(2, root.clone(), Op::DropStaleLocks { incarnation: 2 }).unwrap();
+    assert!(!h.s.locks.contains_key(&f), "no empty table is stored");
+    // Locks go with a removed node and with a freed inode.
+    h.run_from(2, root.clone(), lock_op(f, 2, 1, Flock, Some(Read), 0, 0)).unwrap();
+    h.run_from(1, root.clone(), Op::UnregisterNode { node: 2 }).unwrap();
+    assert!(h.s.locks.is_empty());
+    h.run_from(1, root.clone(), lock_op(f, 1, 3, Posix, Some(Write), 0, u64::MAX)).unwrap();
+    h.unlink(ROOT_INO, "f").unwrap();
+    assert!(h.s.locks.is_empty(), "the freed inode's locks went with it");
 }

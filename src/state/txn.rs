@@ -5,6 +5,7 @@
 //! stop the node (fail-stop); deterministic failures are `Errno` values returned by apply.
 
 use super::command::CommandResult;
+use super::locks::LockTable;
 use super::types::{DirEntry, Hash, Ino, Inode, Meta, NodeId, Orphan};
 
 /// A storage fault: the store could not read or write. Never a deterministic outcome.
@@ -56,6 +57,10 @@ pub trait StateRead {
     fn orphan(&self, ino: Ino) -> StoreResult<Option<Orphan>>;
     /// All orphans.
     fn orphans(&self) -> StoreResult<Vec<(Ino, Orphan)>>;
+    /// The advisory locks held on `ino` (empty if none).
+    fn locks(&self, ino: Ino) -> StoreResult<LockTable>;
+    /// Every inode with a lock held on it, ascending.
+    fn locked_inodes(&self) -> StoreResult<Vec<Ino>>;
     /// The recorded result of `(origin, seq)`, if it is still retained.
     fn result(&self, origin: NodeId, seq: u64) -> StoreResult<Option<CommandResult>>;
     /// The highest sequence applied for `origin` (0 if none).
@@ -82,6 +87,8 @@ pub trait StateWrite: StateRead {
     fn del_xattr(&mut self, ino: Ino, name: &[u8]) -> StoreResult<()>;
     fn put_orphan(&mut self, ino: Ino, orphan: &Orphan) -> StoreResult<()>;
     fn del_orphan(&mut self, ino: Ino) -> StoreResult<()>;
+    /// Store the locks of `ino` (an empty table removes its record).
+    fn put_locks(&mut self, ino: Ino, locks: &LockTable) -> StoreResult<()>;
     /// Record the result of `(origin, seq)` and raise `max_seq(origin)` if `seq` is higher.
     fn put_result(&mut self, origin: NodeId, seq: u64, result: &CommandResult) -> StoreResult<()>;
     /// Forget the results of `origin` with sequence below `seq`.

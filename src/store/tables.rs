@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use super::codec::{decode, encode};
 use super::fault;
 use crate::state::{
-    CommandResult, DirEntry, Hash, Ino, Inode, Meta, NodeId, Orphan, StateRead, StateWrite, StoreFault, StoreResult,
+    CommandResult, DirEntry, Hash, Ino, Inode, LockTable, Meta, NodeId, Orphan, StateRead, StateWrite, StoreFault, StoreResult,
 };
 
 // --- Raft log side (written by the log writer thread only; the log itself is in `wal`).
@@ -76,6 +76,8 @@ pub(super) const ORPHANS: TableDefinition<u64, &[u8]> = TableDefinition::new("or
 pub(super) const RESULTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("results");
 /// origin -> highest applied seq.
 pub(super) const MAX_SEQ: TableDefinition<u64, u64> = TableDefinition::new("max_seq");
+/// ino -> bincode LockTable (advisory locks held on the inode; no record when none).
+pub(super) const LOCKS: TableDefinition<u64, &[u8]> = TableDefinition::new("locks");
 /// "meta" -> bincode Meta.
 pub(super) const FS_META: TableDefinition<&str, &[u8]> = TableDefinition::new("fs_meta");
 
@@ -87,7 +89,7 @@ macro_rules! state_tables {
     ($($id:literal $field:ident => $table:ident : $def:ident <$k:ty, $v:ty>),* $(,)?) => {
         /// A consistent read-only view of the state (one redb read transaction). Tables are
         /// opened on first use (each open is a lookup in redb's table tree): a lookup or getattr
-        /// needs one or two of the fifteen, a READ five.
+        /// needs one or two of the sixteen, a READ five.
         pub struct ReadView {
             txn: ReadTransaction,
             sm_meta: OnceLock<ReadOnlyTable<&'static str, &'static [u8]>>,
@@ -118,7 +120,7 @@ macro_rules! state_tables {
 
         /// The state tables of one write transaction; apply writes through this. Tables are
         /// opened on first use, as in `ReadView`: a create or a small write touches four to six of
-        /// the fifteen, and every table opened is also written back to redb's table tree at
+        /// the sixteen, and every table opened is also written back to redb's table tree at
         /// commit. A table never opened is unchanged by this transaction.
         pub struct StateTxn<'txn> {
             sm_meta: LazyTable<'txn, &'static str, &'static [u8]>,
@@ -371,6 +373,16 @@ macro_rules! impl_state_read {
                 }
                 Ok(out)
             }
+            fn locks(&self, ino: Ino) -> StoreResult<LockTable> {
+                Ok(get_decoded(self.locks_table()?, ino)?.unwrap_or_default())
+            }
+            fn locked_inodes(&self) -> StoreResult<Vec<Ino>> {
+                let mut out = Vec::new();
+                for item in self.locks_table()?.iter().map_err(fault)? {
+                    out.push(item.map_err(fault)?.0.value());
+                }
+                Ok(out)
+            }
             fn result(&self, origin: NodeId, seq: u64) -> StoreResult<Option<CommandResult>> {
                 match self.results_table()?.get((origin, seq)).map_err(fault)? {
                     Some(v) => Ok(Some(decode(v.value())?)),
@@ -412,6 +424,7 @@ state_tables! {
     12 block_tails => block_tails_table: BLOCK_TAILS<u64, &'static [u8]>, // BLOCK_TAILS_ID
     13 block_ids => block_ids_table: BLOCK_IDS<&'static [u8], u64>, // BLOCK_IDS_ID
     14 block_hashes => block_hashes_table: BLOCK_HASHES<u64, &'static [u8]>, // BLOCK_HASHES_ID
+    15 locks => locks_table: LOCKS<u64, &'static [u8]>,
 }
 
 /// Table ids of the block tables in `state_tables!`. Snapshots and the state digest carry blocks
@@ -946,6 +959,14 @@ impl StateWrite for StateTxn<'_> {
     }
     fn del_orphan(&mut self, ino: Ino) -> StoreResult<()> {
         self.orphans.remove(ino).map_err(fault)?;
+        Ok(())
+    }
+    fn put_locks(&mut self, ino: Ino, locks: &LockTable) -> StoreResult<()> {
+        if locks.is_empty() {
+            self.locks.remove(ino).map_err(fault)?;
+        } else {
+            self.locks.insert(ino, encode(locks)?.as_slice()).map_err(fault)?;
+        }
         Ok(())
     }
     fn put_result(&mut self, origin: NodeId, seq: u64, result: &CommandResult) -> StoreResult<()> {
