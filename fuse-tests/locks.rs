@@ -203,3 +203,33 @@ fn posix_locks_go_at_any_close_and_split() {
     fcntl_lock(&g, libc::F_OFD_SETLK, libc::F_UNLCK, 0, 0).unwrap();
     drop(f);
 }
+
+/// A node killed while its processes hold locks drops them when it starts again (their holders
+/// are gone): a lock of its earlier run does not block the processes of its new one.
+#[test]
+fn locks_of_a_killed_node_go_at_its_restart() {
+    let mut node = Node::start();
+    let p = node.path("crash-held");
+    fs::write(&p, vec![0u8; 10]).unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    flock(&f, libc::LOCK_EX).unwrap();
+    fcntl_lock(&f, libc::F_SETLK, libc::F_WRLCK, 0, 5).unwrap();
+    node.kill9();
+    drop(f);
+    node.spawn();
+    let g = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    flock(&g, libc::LOCK_EX | libc::LOCK_NB).expect("the flock of the killed run is gone");
+    // Another process (a child) takes the byte range: the dead run's record lock is gone too.
+    // SAFETY: the child only makes syscalls and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let ok = fcntl_lock(&g, libc::F_SETLK, libc::F_WRLCK, 0, 5).is_ok();
+        // SAFETY: leave the child at once.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // SAFETY: our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert_eq!(libc::WEXITSTATUS(status), 0, "the record lock of the killed run is still held");
+}

@@ -7,6 +7,7 @@ time), so 100% means as fast as bindfs and more is faster.
 """
 
 import argparse
+import fcntl
 import os
 import random
 import subprocess
@@ -119,6 +120,19 @@ def workloads(root, tarball, pid=None, round_no=0):
             os.mkdir(os.path.join(base, f"d{i:05}"))
 
     yield "mkdir x2000", timed(mkdir)
+
+    lockfile = os.path.join(base, "lockfile")
+
+    def lock_unlock():
+        # Each lock change is a Raft round in Pickbox (locks hold across nodes); bindfs leaves
+        # them to the kernel.
+        fd = os.open(lockfile, os.O_CREAT | os.O_RDWR, 0o644)
+        for _ in range(FILES):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    yield "flock+unlock x2000", timed(lock_unlock)
 
     big = os.path.join(base, "seq")
     # Distinct data in every chunk (made before timing): a repeated chunk would deduplicate to a
@@ -243,6 +257,47 @@ def visibility(src, dst, pause_s):
     yield "create+write+close -> open+read", created
     yield "rename -> seen", renamed
     yield "unlink -> gone", unlinked
+    yield "flock handoff (unlock -> waiter)", lock_handoffs(src, dst, base)
+
+
+def in_flock(tid):
+    """Whether thread tid of this process is blocked inside flock(2) (x86_64: call 73)."""
+    try:
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            return f.read().split()[0] == "73"
+    except (OSError, IndexError):
+        return False
+
+
+def lock_handoffs(src, dst, base):
+    """Seconds from an unlock on mount src until a flock(LOCK_EX) blocked on mount dst returns."""
+    import threading
+    name = os.path.join(base, "lock")
+    open(os.path.join(src, name), "wb").close()
+    poll(lambda: os.path.exists(os.path.join(dst, name)))
+    holder = os.open(os.path.join(src, name), os.O_RDONLY)
+    waiter = os.open(os.path.join(dst, name), os.O_RDONLY)
+    out = []
+    for _ in range(VISIBILITY_REPS // 2):
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        got = {}
+
+        def wait():
+            got["tid"] = threading.get_native_id()
+            fcntl.flock(waiter, fcntl.LOCK_EX)
+            got["at"] = time.perf_counter()
+
+        t = threading.Thread(target=wait)
+        t.start()
+        poll(lambda: "tid" in got and in_flock(got["tid"]), 0.0005)
+        start = time.perf_counter()
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        t.join()
+        out.append(got["at"] - start)
+        fcntl.flock(waiter, fcntl.LOCK_UN)
+    os.close(holder)
+    os.close(waiter)
+    return out
 
 
 def meminfo_gib(field):

@@ -23,6 +23,10 @@ pub const XATTR_NAME_BYTES_MAX: usize = 255;
 pub const XATTR_VALUE_BYTES_MAX: usize = 64 * 1024;
 /// Largest total size of the names of one inode's xattrs (what listxattr can return).
 pub const XATTR_LIST_BYTES_MAX: usize = 64 * 1024;
+/// Most advisory locks (distinct ranges of all owners) held on one inode: the inode's lock table
+/// is one stored value, rewritten at every lock change. A request that would hold more gets
+/// ENOLCK.
+pub const LOCKS_PER_INODE_MAX: usize = 4_096;
 /// Most hard links to one inode.
 pub const LINK_COUNT_MAX: u32 = 65_000;
 /// How many results of recent commands each origin node keeps for deduplicating retries.

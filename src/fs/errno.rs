@@ -85,6 +85,7 @@ pub fn errno_of(e: Errno) -> Sys {
         Errno::TooBig => Sys::E2BIG,
         Errno::NoSuchOffset => Sys::ENXIO,
         Errno::Again => Sys::EAGAIN,
+        Errno::NoLocks => Sys::ENOLCK,
         Errno::Stale => {
             // A retry whose first result was forgotten: we cannot say whether it applied.
             tracing::warn!("a retried command was too old to deduplicate; answering EIO");

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use crate::config::{
-    BLOCK_BYTES, FILE_BYTES_MAX, LINK_COUNT_MAX, NAME_BYTES_MAX, RESULTS_RETAINED_PER_ORIGIN,
+    BLOCK_BYTES, FILE_BYTES_MAX, LINK_COUNT_MAX, LOCKS_PER_INODE_MAX, NAME_BYTES_MAX, RESULTS_RETAINED_PER_ORIGIN,
     SYMLINK_BYTES_MAX, WRITE_BYTES_MAX, XATTR_LIST_BYTES_MAX, XATTR_NAME_BYTES_MAX,
     XATTR_VALUE_BYTES_MAX,
 };
@@ -389,6 +389,10 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
                     return Err(Errno::Again.into());
                 }
             }
+        }
+        // (An unlock may split a lock too.)
+        if table.len() > LOCKS_PER_INODE_MAX {
+            return Err(Errno::NoLocks.into());
         }
         self.begin();
         self.s.put_locks(ino, &table)?;

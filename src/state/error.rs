@@ -76,6 +76,9 @@ pub enum Errno {
     /// waits and asks again).
     #[error("resource temporarily unavailable")]
     Again,
+    /// An inode holds `LOCKS_PER_INODE_MAX` locks already (ENOLCK).
+    #[error("no locks available")]
+    NoLocks,
 }
 
 pub type FsResult<T> = Result<T, Errno>;

@@ -2633,4 +2633,16 @@ fn locks_conflict_across_nodes_and_go_with_their_holders() {
     h.run_from(1, root.clone(), lock_op(f, 1, 3, Posix, Some(Write), 0, u64::MAX)).unwrap();
     h.unlink(ROOT_INO, "f").unwrap();
     assert!(h.s.locks.is_empty(), "the freed inode's locks went with it");
+    // An inode holds at most LOCKS_PER_INODE_MAX locks: then ENOLCK, also for an unlock that
+    // would split one.
+    let g = h.file(ROOT_INO, "g");
+    for i in 0..crate::config::LOCKS_PER_INODE_MAX as u64 {
+        h.run_from(1, root.clone(), lock_op(g, 1, 3, Posix, Some(Write), 4 * i, 4 * i + 2)).unwrap();
+    }
+    let before = h.s.clone();
+    assert_eq!(h.run_from(1, root.clone(), lock_op(g, 1, 3, Posix, Some(Write), 1 << 40, 1 << 41)), Err(Errno::NoLocks));
+    assert_eq!(h.run_from(1, root.clone(), lock_op(g, 1, 3, Posix, None, 1, 1)), Err(Errno::NoLocks));
+    assert!(h.s.same_namespace(&before));
+    h.run_from(1, root.clone(), lock_op(g, 1, 3, Posix, None, 0, 2)).unwrap();
+    assert_eq!(h.s.locks[&g].len(), crate::config::LOCKS_PER_INODE_MAX - 1);
 }
