@@ -734,7 +734,27 @@ impl Filesystem for PickboxFs {
         };
         let caller = who(req, false);
         let ops = self.ops.clone();
+        // An unlock in a cluster first makes the kernel write back this file's dirty pages (by
+        // invalidating its page cache, which launders them with WRITEs our other workers serve),
+        // so what was written under the lock is committed before another node can take it (as
+        // NFS flushes at unlock). From a blocking task, never on this worker (crate-notes pitfall
+        // 1), and only where this node holds the file open for writing.
+        let write_back = match typ {
+            None if self.writeback && self.ops.is_clustered() && self.ops.handles.is_open_for_write(ino.0) => {
+                self.notifier.get().cloned()
+            }
+            _ => None,
+        };
         self.spawn(async move {
+            if let Some(notifier) = write_back {
+                let laundered = tokio::task::spawn_blocking(move || notifier.inval_inode(ino, 0, 0)).await;
+                if !matches!(laundered, Ok(Ok(()))) {
+                    tracing::warn!(ino = ino.0, "cannot write back dirty pages before an unlock");
+                }
+                if let Some(wait) = ops.writes.barrier(ino.0) {
+                    wait.await;
+                }
+            }
             let result = ops.set_lock(caller, request, interrupted).await;
             if wait {
                 ops.lock_waits.done(unique);

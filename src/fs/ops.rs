@@ -1048,6 +1048,13 @@ impl Ops {
                 Ok(_) => {
                     if req.typ.is_some() {
                         self.lock_waits.took(req.fh, req.ino, req.owner);
+                        if self.clustered {
+                            // What the previous holder wrote under the lock (on another node,
+                            // committed before its unlock, so applied here before this lock)
+                            // is not read from a stale page cache: the invalidations for
+                            // everything applied so far are sent before the lock is granted.
+                            self.coherence.wait_for(self.told_target()).await;
+                        }
                     }
                     return Ok(true);
                 }
