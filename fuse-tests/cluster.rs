@@ -1005,3 +1005,54 @@ fn cluster_lock_protected_counter_loses_no_increment() {
         assert_eq!(fs::read(c.path(k, rel)).unwrap(), format!("{:010}", 3 * ROUNDS).as_bytes(), "node {k}");
     }
 }
+
+/// A file held open on one node sees another node's appends: its size grows there too (the
+/// kernel keeps its own size of a cached file, which Pickbox raises), so `tail -f` on node 2
+/// follows a log written on node 1.
+#[test]
+fn cluster_file_held_open_sees_another_nodes_appends() {
+    let c = Cluster::new(3);
+    let rel = "log";
+    write_synced(&c.path(1, rel), b"first line\n").unwrap();
+    seen(&c, &[2], "the log", |c, k| fs::metadata(c.path(k, rel)).is_ok_and(|m| m.len() == 11));
+    let reader = File::open(c.path(2, rel)).unwrap();
+    let mut buf = vec![0u8; 64];
+    assert_eq!(reader.read_at(&mut buf, 0).unwrap(), 11);
+    let mut appender = OpenOptions::new().append(true).open(c.path(1, rel)).unwrap();
+    appender.write_all(b"second line\n").unwrap();
+    appender.sync_all().unwrap();
+    let grew = poll(VISIBLE_TIMEOUT, || reader.metadata().is_ok_and(|m| m.len() == 23));
+    assert!(grew.is_some(), "the open descriptor's size on node 2 stayed {:?}", reader.metadata().map(|m| m.len()));
+    let n = reader.read_at(&mut buf, 11).unwrap();
+    assert_eq!(&buf[..n], b"second line\n");
+    // `tail -f` (a process of its own, following by descriptor) prints a line appended later.
+    let mut tail = std::process::Command::new("tail")
+        .args(["-n", "0", "-f", "-s", "0.05"])
+        .arg(c.path(2, rel))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run tail");
+    let out = tail.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    // Wait until tail has the file open before appending (its /proc fd list names it).
+    let open_by_tail = poll(VISIBLE_TIMEOUT, || {
+        fs::read_dir(format!("/proc/{}/fd", tail.id()))
+            .map(|d| d.flatten().any(|e| fs::read_link(e.path()).is_ok_and(|t| t == c.path(2, rel))))
+            .unwrap_or(false)
+    });
+    assert!(open_by_tail.is_some(), "tail never opened the log");
+    appender.write_all(b"third line\n").unwrap();
+    appender.sync_all().unwrap();
+    let line = rx.recv_timeout(VISIBLE_TIMEOUT);
+    let _ = tail.kill();
+    let _ = tail.wait();
+    assert_eq!(line.as_deref(), Ok("third line"), "tail -f on node 2 did not follow node 1's append");
+}

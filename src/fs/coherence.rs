@@ -29,6 +29,9 @@ use super::names::KernelNames;
 use crate::raft::{Applied, Replica, Touch};
 use crate::state::Ino;
 
+/// The page size of the kernel's page cache: a store of a file's last page starts here.
+const STORE_PAGE_BYTES: u64 = 4096;
+
 /// The watermark once nothing is tracked any more (the replica closed the event channel, or
 /// never delivers events): waits pass at once rather than hang.
 pub const WATERMARK_UNTRACKED: u64 = u64::MAX;
@@ -342,9 +345,53 @@ fn handle(replica: &Weak<Replica>, coherence: &Coherence, handles: &Handles, on_
         notices
     };
     let notices = for_kernel(notices, |ino| coherence.names.knows(ino));
+    // A regular file held open here keeps the kernel's size under the writeback cache (it
+    // ignores the size we report; the inode cannot be evicted while open). Where another node
+    // made it longer, store the file's last page (up to its end) into the kernel's cache with
+    // FUSE_NOTIFY_STORE, which raises the kernel's size to that end (never lowers it: a store
+    // that writes nothing changes no size), so a reader that keeps the file open (`tail -f`, a
+    // lock holder) sees what was appended. Not for a file open for writing here: the kernel may
+    // hold dirty bytes of that page, which the store would overwrite.
+    let grown: Vec<(Ino, u64, Vec<u8>)> = if coherence.names.is_enabled() {
+        let mut open: Vec<Ino> = applied
+            .touched
+            .iter()
+            .filter_map(|t| if let Touch::Inode(ino) = t { Some(*ino) } else { None })
+            .filter(|i| handles.is_open(*i) && !handles.is_open_for_write(*i))
+            .collect();
+        open.sort_unstable();
+        open.dedup();
+        match (open.is_empty(), replica.read()) {
+            (false, Ok(view)) => open
+                .into_iter()
+                .filter_map(|ino| match view.inode(ino) {
+                    Ok(Some(inode)) if inode.kind == crate::state::FileKind::File && inode.size > 0 => {
+                        let start = (inode.size - 1) / STORE_PAGE_BYTES * STORE_PAGE_BYTES;
+                        match crate::state::read_range(&*view, &inode, start, inode.size - start) {
+                            Ok(Ok(tail)) => Some((ino, start, tail)),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    } else {
+        Vec::new()
+    };
     if let Some(notifier) = coherence.notifier.get() {
         for notice in &notices {
             coherence.send(notifier, notice);
+        }
+        for (ino, start, tail) in grown {
+            coherence.sent.fetch_add(1, Ordering::Relaxed);
+            let end = start + tail.len() as u64;
+            tracing::debug!(ino, end, "storing the last page of a file open here (its size)");
+            if let Err(e) = notifier.store(INodeNo(ino), start, &tail) {
+                coherence.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(ino, end, error = %e, "telling the kernel the new size of an open file failed");
+            }
         }
     }
     for ino in plan.orphans {

@@ -42,7 +42,8 @@ const WRITEBACK_ENV: &str = "PICKBOX_WRITEBACK_CACHE";
 /// even after `inval_inode` (measured on 6.18), so after another node's change the coherence
 /// thread drops every name the kernel knows the file by (fs/names.rs) and the kernel evicts the
 /// inode once unused; a file held open here while another node changes it is evicted at its
-/// last close (close-to-open), and O_APPEND handles use direct I/O (see `open_flags` in mod.rs).
+/// last close (close-to-open; its size grows meanwhile if another node made it longer, see
+/// coherence.rs), and O_APPEND handles use direct I/O (see `open_flags` in mod.rs).
 fn want_writeback() -> bool {
     !matches!(std::env::var(WRITEBACK_ENV).as_deref(), Ok("0" | "false" | "off" | "no"))
 }
