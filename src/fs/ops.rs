@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{NAME_BYTES_MAX, READDIR_BATCH_MAX, SYMLINK_BYTES_MAX, XATTR_NAME_BYTES_MAX, XATTR_VALUE_BYTES_MAX};
-use crate::raft::{ProposeError, Replica};
+use crate::raft::{LockChange, ProposeError, Replica};
+use tokio::sync::broadcast::error::RecvError;
 use crate::state::{
     Caller, Errno, FallocMode, FileKind, HashedOp, Ino, Inode, Lock, LockKind, LockOwner, LockType, Op, Outcome,
     RenameFlags, SetTime, StateRead, Timespec, XattrFlags,
@@ -118,8 +119,8 @@ pub struct LockRequest {
 }
 
 /// A blocking lock request whose lock conflicts asks again after every applied command that may
-/// have released a lock (`Replica::lock_changes`), and at the latest after this long (a guard:
-/// no release goes unannounced).
+/// have released a lock of its inode (`Replica::lock_changes`), and at the latest after this
+/// long (a guard: no release goes unannounced).
 const LOCK_RETRY_MS: u64 = 1_000;
 
 /// A setattr of times answered before it is proposed (see `Ops::defer_times`).
@@ -1043,7 +1044,8 @@ impl Ops {
         let mut changes = self.replica.lock_changes();
         let mut settled = false;
         loop {
-            changes.borrow_and_update();
+            // Only releases applied from now on count (a fresh receiver starts at the tail).
+            changes = changes.resubscribe();
             match self.propose(caller.clone(), op.clone()).await {
                 Ok(_) => {
                     if req.typ.is_some() {
@@ -1069,9 +1071,19 @@ impl Ops {
                         return Err(Errno::Again.into());
                     };
                     tracing::debug!(ino = req.ino, owner = req.owner, "lock request waits for a conflicting lock");
+                    let released = async {
+                        loop {
+                            match changes.recv().await {
+                                Ok(LockChange::Inode(ino)) if ino != req.ino => continue,
+                                // This inode, any inode, or missed changes (lagged): ask again.
+                                Ok(_) | Err(RecvError::Lagged(_)) => return true,
+                                Err(RecvError::Closed) => return false,
+                            }
+                        }
+                    };
                     tokio::select! {
-                        changed = changes.changed() => {
-                            if changed.is_err() {
+                        open = released => {
+                            if !open {
                                 return Err(FsError::Unavailable("the node is stopping".into()));
                             }
                         }

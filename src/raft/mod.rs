@@ -268,6 +268,23 @@ pub enum Touch {
     Everything,
 }
 
+/// What an apply call may have released advisory locks of (`Replica::lock_changes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockChange {
+    /// The locks of this inode.
+    Inode(crate::state::Ino),
+    /// Locks of any inode (a node's earlier runs or a removed node's locks dropped, a snapshot
+    /// installed).
+    Any,
+}
+
+/// Where apply tells lock waiters what may have been released.
+pub type LockChanges = tokio::sync::broadcast::Sender<LockChange>;
+
+/// How many lock changes a waiter may fall behind before it just asks again (a lagging
+/// receiver treats the gap as a change of its inode).
+const LOCK_CHANGES_QUEUE: usize = 1_024;
+
 /// A short summary of the replica's Raft state.
 #[derive(Clone, Debug, Serialize)]
 pub struct ReplicaMetrics {
@@ -306,8 +323,8 @@ pub struct Replica {
     log_cache: storage::SharedEntryCache,
     /// Batches submitted while another was in flight (pipelined), for tests and diagnosis.
     pipelined: AtomicU64,
-    /// Bumped by apply whenever an advisory lock may have been released (`lock_changes`).
-    lock_changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Told by apply whenever an advisory lock may have been released (`lock_changes`).
+    lock_changes: LockChanges,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -474,7 +491,7 @@ impl Replica {
         let log_cache = log.entry_cache();
         let applied_tx: storage::AppliedSlot = Default::default();
         let waiters: Arc<storage::Waiters> = Default::default();
-        let lock_changes = Arc::new(tokio::sync::watch::Sender::new(0));
+        let lock_changes = tokio::sync::broadcast::Sender::new(LOCK_CHANGES_QUEUE);
         let sm = StateMachine::with_log(store.clone(), &log)
             .with_events(cfg.node_id, applied_tx.clone())
             .with_waiters(cfg.node_id, waiters.clone())
@@ -650,8 +667,9 @@ impl Replica {
         self.seqs.incarnation()
     }
 
-    /// Changes whenever an applied command (from any node) may have released an advisory lock.
-    pub fn lock_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+    /// Hears of every applied command (from any node) that may have released an advisory lock,
+    /// from now on.
+    pub fn lock_changes(&self) -> tokio::sync::broadcast::Receiver<LockChange> {
         self.lock_changes.subscribe()
     }
 
@@ -756,6 +774,12 @@ impl Replica {
     /// RPCs only to members.
     pub fn is_member(&self, node: NodeId) -> bool {
         self.raft.metrics().borrow().membership_config.membership().get_node(&node).is_some()
+    }
+
+    /// Whether `node` is the leader this node follows (its committed vote): a catching-up node
+    /// accepts it even when the membership in the log it has so far does not name it yet.
+    pub fn follows(&self, node: NodeId) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(node)
     }
 
     /// Whether this node has any membership yet (a node waiting to be added as a learner has none,

@@ -645,9 +645,9 @@ pub struct StateMachine {
     events: Option<(NodeId, AppliedSlot)>,
     /// This node and its proposers waiting for their commands.
     waiters: Option<(NodeId, Arc<Waiters>)>,
-    /// Bumped after every apply call that may have released an advisory lock, from any node
-    /// (lock waiters ask again then).
-    lock_changes: Option<Arc<tokio::sync::watch::Sender<u64>>>,
+    /// Told after every apply call that may have released an advisory lock, from any node
+    /// (waiting lock requests of that inode ask again then).
+    lock_changes: Option<super::LockChanges>,
 }
 
 impl StateMachine {
@@ -666,15 +666,16 @@ impl StateMachine {
         self
     }
 
-    /// Bump `changes` after each apply call that may have released an advisory lock.
-    pub fn with_lock_changes(mut self, changes: Arc<tokio::sync::watch::Sender<u64>>) -> Self {
+    /// Tell `changes` of every inode whose locks an apply call may have released.
+    pub fn with_lock_changes(mut self, changes: super::LockChanges) -> Self {
         self.lock_changes = Some(changes);
         self
     }
 
-    fn locks_changed(&self) {
+    fn locks_changed(&self, what: super::LockChange) {
         if let Some(tx) = &self.lock_changes {
-            tx.send_modify(|n| *n = n.wrapping_add(1));
+            // No receiver (nobody waits) is no error.
+            let _ = tx.send(what);
         }
     }
 
@@ -769,15 +770,26 @@ fn touches_before(t: &StateTxn<'_>, cmd: &Command) -> StoreResult<(Vec<Touch>, V
 /// instead of on a blocking thread (see `apply`); at this size its hashing takes about 0.5 ms.
 pub const INLINE_APPLY_BYTES_MAX: usize = 256 * 1024;
 
-/// Whether `e` holds a command that may release an advisory lock (any lock command: a change
-/// may be a downgrade or a split; a node's removal drops its locks).
-fn may_release_locks(e: &Ent) -> bool {
-    match &e.payload {
-        EntryPayload::Normal(batch) => batch.0.iter().any(|c| {
-            matches!(c.op, Op::Lock { .. } | Op::ReleaseLocks { .. } | Op::DropStaleLocks { .. } | Op::UnregisterNode { .. })
-        }),
-        _ => false,
+/// The inodes whose locks the commands of `entries` may have released (any lock command: a
+/// change may be a downgrade or a split), or `Any` for a node's earlier runs or its removal;
+/// each inode once.
+fn lock_changes(entries: &[Ent]) -> Vec<super::LockChange> {
+    let mut out = Vec::new();
+    for e in entries {
+        if let EntryPayload::Normal(batch) = &e.payload {
+            for c in batch.0.iter() {
+                let what = match c.op {
+                    Op::Lock { ino, .. } | Op::ReleaseLocks { ino, .. } => super::LockChange::Inode(ino),
+                    Op::DropStaleLocks { .. } | Op::UnregisterNode { .. } => super::LockChange::Any,
+                    _ => continue,
+                };
+                if !out.contains(&what) {
+                    out.push(what);
+                }
+            }
+        }
     }
+    out
 }
 
 /// The payload bytes of the commands in `e`.
@@ -963,8 +975,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if !touched.is_empty() {
             self.send_event(Applied { index: last_index, touched });
         }
-        if self.lock_changes.is_some() && entries.iter().any(may_release_locks) {
-            self.locks_changed();
+        if self.lock_changes.is_some() {
+            for what in lock_changes(&entries) {
+                self.locks_changed(what);
+            }
         }
         if let Some((node, waiters)) = &self.waiters {
             // After the event (a waiter for the coherence watermark reads the applied index
@@ -1037,7 +1051,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(last) = meta.last_log_id {
             self.send_event(Applied { index: last.index, touched: vec![Touch::Everything] });
         }
-        self.locks_changed();
+        self.locks_changed(super::LockChange::Any);
         Ok(())
     }
 
@@ -1055,5 +1069,50 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await
         .map_err(|e| sm_err("taking a snapshot", e))?;
         pin.map(|pin| open_snapshot(&self.store, pin)).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, LogId};
+
+    use super::*;
+    use crate::raft::{Batch, LockChange};
+    use crate::state::{Caller, LockKind, Timespec};
+
+    fn ent(index: u64, ops: Vec<Op>) -> Ent {
+        let commands = ops
+            .into_iter()
+            .enumerate()
+            .map(|(i, op)| Command {
+                origin: 1,
+                seq: index * 10 + i as u64,
+                time: Timespec::default(),
+                caller: Caller::root(),
+                content_hash: op.content_hash(),
+                op,
+            })
+            .collect();
+        Ent { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(Batch::new(commands)) }
+    }
+
+    /// Lock waiters hear of the inodes whose locks an apply may have released, each once, and of
+    /// "any" for a node's earlier runs or its removal; other commands tell them nothing.
+    #[test]
+    fn lock_changes_name_the_inodes_whose_locks_may_have_gone() {
+        let lock = |ino| Op::Lock { ino, incarnation: 1, owner: 2, kind: LockKind::Flock, typ: None, start: 0, end: 0, pid: 0 };
+        let release = |ino| Op::ReleaseLocks { ino, incarnation: 1, owners: vec![2], kind: None };
+        let entries = vec![
+            ent(1, vec![lock(5), Op::Release { ino: 6 }, release(7)]),
+            ent(2, vec![lock(5), lock(8)]),
+            Ent { log_id: LogId::new(CommittedLeaderId::new(1, 1), 3), payload: EntryPayload::Blank },
+        ];
+        assert_eq!(
+            lock_changes(&entries),
+            vec![LockChange::Inode(5), LockChange::Inode(7), LockChange::Inode(8)]
+        );
+        assert_eq!(lock_changes(&[ent(4, vec![Op::DropStaleLocks { incarnation: 3 }, lock(5)])]), vec![LockChange::Any, LockChange::Inode(5)]);
+        assert_eq!(lock_changes(&[ent(5, vec![Op::UnregisterNode { node: 2 }])]), vec![LockChange::Any]);
+        assert!(lock_changes(&[ent(6, vec![Op::RegisterNode { node: 2 }])]).is_empty());
     }
 }

@@ -70,7 +70,10 @@ impl RpcHandler for ReplicaHandler {
 ///
 /// - `AppendEntries`, `Vote`, `InstallSnapshot`, `Forward`, `ReadIndex`: `node<N>` with N a member
 ///   (voter or learner). While this node has no membership yet (a fresh joiner, which the leader
-///   must reach before the membership reaches it), any `node<N>`.
+///   must reach before the membership reaches it), any `node<N>`; and always the leader this node
+///   follows (its committed vote): a joiner catching up from the start of the log holds an early
+///   membership (node 1 alone, say) for a while, which need not name the current leader (it
+///   refused the leader there, and the join never finished).
 /// - `Join`: any `node<N>` (a node asking to join is not a member yet).
 /// - `Status`, `Remove`: any CA-signed certificate, operators' included.
 ///
@@ -91,7 +94,9 @@ impl PeerAuthorizer for MembershipAuthorizer {
             | RpcKind::Vote
             | RpcKind::InstallSnapshot
             | RpcKind::Forward
-            | RpcKind::ReadIndex => peer.is_some_and(|n| !replica.has_membership() || replica.is_member(n)),
+            | RpcKind::ReadIndex => {
+                peer.is_some_and(|n| !replica.has_membership() || replica.is_member(n) || replica.follows(n))
+            }
         }
     }
 }
