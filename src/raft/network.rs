@@ -158,8 +158,13 @@ impl PeerClient {
             }
             Err(e) => {
                 self.failed(&e);
-                return Err(match e {
+                return Err(match &e {
                     TransportError::Unreachable(..) => RPCError::Unreachable(Unreachable::new(&e)),
+                    // A peer that does not accept this node (not a member to it, yet) or is too
+                    // busy will not answer otherwise in a moment: back off as from an unreachable
+                    // one (openraft retries a Network error at once: ~450 calls a second went to
+                    // a joiner that refused the leader).
+                    TransportError::Network(_, m) if is_lasting_refusal(m) => RPCError::Unreachable(Unreachable::new(&e)),
                     TransportError::Network(..) => RPCError::Network(NetworkError::new(&e)),
                 });
             }
@@ -293,9 +298,46 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     }
 }
 
+/// How a transport words its refusal of a request from a peer it does not accept.
+pub const REFUSAL_NOT_AUTHORIZED: &str = "not authorized";
+/// How a transport words its refusal of a request while it has too much in flight.
+pub const REFUSAL_BUSY: &str = "node busy: too many request bytes in flight";
+
+/// Whether a Network error's message is a refusal that a retry at once would meet again.
+fn is_lasting_refusal(message: &str) -> bool {
+    message.ends_with(REFUSAL_NOT_AUTHORIZED) || message.ends_with(REFUSAL_BUSY)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Refuses every call as `reason`.
+    struct Refusing(&'static str);
+
+    impl PeerTransport for Refusing {
+        fn call(&self, target: NodeId, _addr: &str, _kind: RpcKind, _body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, TransportError>> {
+            let reason = self.0;
+            Box::pin(async move { Err(TransportError::Network(target, format!("refused by peer: {reason}"))) })
+        }
+    }
+
+    /// A peer that refuses this node (or is busy) is backed off from like an unreachable one;
+    /// other refusals stay Network errors.
+    #[tokio::test]
+    async fn a_lasting_refusal_is_backed_off_from() {
+        let rpc = VoteRequest::new(openraft::Vote::new(1, 1), None);
+        let option = RPCOption::new(std::time::Duration::from_secs(5));
+        for (reason, unreachable) in [(REFUSAL_NOT_AUTHORIZED, true), (REFUSAL_BUSY, true), ("garbled message: x", false)] {
+            let mut client = Network::new(1, Arc::new(Refusing(reason))).new_client(2, &BasicNode { addr: "peer:2".into() }).await;
+            let r = client.vote(rpc.clone(), option.clone()).await;
+            match r {
+                Err(RPCError::Unreachable(_)) => assert!(unreachable, "{reason}: backed off"),
+                Err(RPCError::Network(_)) => assert!(!unreachable, "{reason}: retried at once"),
+                other => panic!("{reason}: {other:?}"),
+            }
+        }
+    }
 
     /// Never answers until `answer` is set; then answers every vote with a grant.
     struct Silent {

@@ -84,6 +84,12 @@ pub const UDP_PAYLOAD_BYTES_MAX: u16 = 65_000;
 pub const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 /// The refusal of a request that arrives before the node serves it (its store still opening).
 pub const NOT_READY: &str = "node not ready: no handler attached";
+/// The refusal of a request from a peer the node does not accept (not a member, for one); the
+/// Raft client backs off from it (`raft::network::REFUSAL_NOT_AUTHORIZED`).
+pub const NOT_AUTHORIZED: &str = crate::raft::network::REFUSAL_NOT_AUTHORIZED;
+/// The refusal of a request while the node has too many request bytes in flight (backed off
+/// from too).
+pub const BUSY: &str = crate::raft::network::REFUSAL_BUSY;
 /// Upper bound on a `Join` or `Remove` call: the leader waits for a learner to catch up and for
 /// membership changes to commit, which can take longer than an ordinary call.
 pub const MEMBERSHIP_CALL_TIMEOUT_MS: u64 = 60_000;
@@ -737,7 +743,7 @@ impl Inner {
                 bump(&self.counters.requests_unauthorized);
                 tracing::warn!(node, %remote, %peer, ?peer_id, ?kind, "refused a request: peer not authorized");
                 let _ = recv.stop(VarInt::from_u32(CODE_REFUSED));
-                reply(&mut send, frame::encode_refused("not authorized")).await;
+                reply(&mut send, frame::encode_refused(NOT_AUTHORIZED)).await;
                 return;
             }
         }
@@ -752,7 +758,7 @@ impl Inner {
             Err(_) => {
                 tracing::warn!(node, %remote, %peer, ?kind, bytes = len, budget = IN_FLIGHT_BYTES_MAX, "request bytes in flight over the budget for too long; refused");
                 let _ = recv.stop(VarInt::from_u32(CODE_REFUSED));
-                reply(&mut send, frame::encode_refused("node busy: too many request bytes in flight")).await;
+                reply(&mut send, frame::encode_refused(BUSY)).await;
                 return;
             }
             Ok(Err(_)) => return, // the semaphore is never closed
