@@ -160,12 +160,6 @@ impl LockTable {
         self.locks.iter()
     }
 
-    /// Associated form of the module's `range`, for callers that only import `LockTable`:
-    /// `None` when `start > end` (EINVAL).
-    pub fn range(start: u64, end: u64) -> Option<(u64, u64)> {
-        range(start, end)
-    }
-
     /// The index range of `owner`'s locks of `kind` (contiguous by the canonical order).
     fn group(&self, kind: LockKind, owner: &LockOwner) -> std::ops::Range<usize> {
         let lo = self.locks.partition_point(|l| (l.kind, l.owner) < (kind, *owner));
@@ -518,7 +512,7 @@ mod tests {
     fn inverted_range_is_rejected_and_a_no_op() {
         assert_eq!(range(5, 4), None);
         assert_eq!(range(4, 4), Some((4, 4)));
-        assert_eq!(LockTable::range(0, MAX), Some((0, MAX)));
+        assert_eq!(range(0, MAX), Some((0, MAX)));
         let mut t = LockTable::default();
         t.set(A, Posix, Write, 0, 9, 1).unwrap();
         let before = t.clone();
