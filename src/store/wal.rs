@@ -1966,10 +1966,12 @@ mod tests {
         assert!(released >= end - CACHE_KEEP_BYTES - CACHE_RELEASE_BYTES && released <= end - CACHE_KEEP_BYTES, "released {released} of {end}");
         let dropped = resident_pages(&path, 0, released);
         assert!(dropped <= 16, "{dropped} of {} pages released still cached", released / PAGE_BYTES);
-        // The kept range behind the tail stays cached (written through the page cache).
+        // The kept range behind the tail stays cached (written through the page cache). The
+        // kernel may still reclaim a few of its pages itself (2,042 of 2,048 were left once, in
+        // a CI run with the whole test suite alongside); dropping the range would leave none.
         let kept_from = end.div_ceil(PAGE_BYTES) * PAGE_BYTES - CACHE_KEEP_BYTES;
         let kept = resident_pages(&path, kept_from, CACHE_KEEP_BYTES);
-        assert!(kept as u64 >= CACHE_KEEP_BYTES / PAGE_BYTES - 2, "only {kept} pages of the last 8 MiB cached");
+        assert!(kept as u64 >= CACHE_KEEP_BYTES / PAGE_BYTES * 9 / 10, "only {kept} pages of the last 8 MiB cached");
         // Unsynced records are never dropped: nothing is released while the log is dirty.
         w.append(&[(n + 1, entry(n + 1, payload))]).unwrap();
         let before = w.read().segments.back().unwrap().released.load(Ordering::Relaxed);
