@@ -69,15 +69,22 @@ pub const ACK_ELICITING_THRESHOLD_PACKETS: u32 = 8;
 /// The longest a peer may hold back an ACK below the threshold (quinn's default is 25 ms). Short,
 /// so that a lost packet is still detected promptly (the probe timeout includes this delay).
 pub const ACK_DELAY_MAX_US: u64 = 5_000;
-/// Largest UDP payload this endpoint accepts and MTU discovery searches up to (quinn's defaults
-/// are 1472 and 1452, Ethernet sizes). On loopback or jumbo-frame links an AppendEntries with a
-/// 4 KiB write then travels as one datagram instead of four (one encryption, one receive, no
-/// immediate ACK for a burst), and a large one in fewer, larger datagrams: most of QUIC's cost
-/// here is per packet (`cargo bench --bench transport`: 256 MiB in 4 MiB calls took 0.54-0.63 s
-/// of CPU at 65,000 against 0.56-0.68 s at 16 KiB, three runs each, alternating). On a 1500-byte
-/// path the discovery probes above it are lost and the endpoint keeps the size it found, so
-/// raising the bound is safe.
+/// Largest UDP payload this endpoint accepts, and what MTU discovery searches up to on a loopback
+/// endpoint (quinn's defaults are 1472 and 1452, Ethernet sizes): an AppendEntries with a 4 KiB
+/// write then travels as one datagram instead of four, and a large one in few datagrams, since
+/// most of QUIC's cost is per packet. Such an endpoint sends without segmentation offload (see
+/// `GSO_UDP_PAYLOAD_BYTES_MAX`).
 pub const UDP_PAYLOAD_BYTES_MAX: u16 = 65_000;
+/// What MTU discovery searches up to on an endpoint that is not on loopback, which sends with
+/// segmentation offload (GSO: quinn hands the kernel up to 10 datagrams in one system call).
+/// Ten of them must fit the 65,535 bytes the kernel takes in one UDP send: a larger send fails
+/// with EMSGSIZE, which quinn-udp treats as sent (it expects that only of MTU probes), so the
+/// whole batch is lost. With 65,000-byte datagrams and GSO every batch of two or more was lost,
+/// the congestion window collapsed, and bulk data went out as 1,200-byte loss probes: nearly all
+/// of a 3-node sequential write (tcpdump: 22,912 sends of 10 x 1,200 bytes to each follower for
+/// 256 MiB). On a
+/// 1,500-byte path discovery settles at that path's size either way.
+pub const GSO_UDP_PAYLOAD_BYTES_MAX: u16 = 6_500;
 /// Receive and send buffer asked for on the endpoint's UDP socket. The kernel's default (208 KiB)
 /// overflowed under a 3-node sequential write (1,033 datagrams dropped of 76,130 sent for 256 MiB,
 /// each loss halving the sender's congestion window).
@@ -159,6 +166,11 @@ pub struct TransportStats {
     pub dials: u64,
     /// The most request body bytes reserved at once (never above `IN_FLIGHT_BYTES_MAX`).
     pub request_bytes_peak: u64,
+    /// UDP datagrams sent, bytes in them, and packets found lost, over the connections this
+    /// endpoint dialled that are open now (where its requests go).
+    pub datagrams_sent: u64,
+    pub datagram_bytes_sent: u64,
+    pub packets_lost: u64,
 }
 
 #[derive(Default)]
@@ -314,9 +326,11 @@ impl rustls::client::danger::ServerCertVerifier for AnyNodeVerifier {
 }
 
 /// The server configuration, the client configuration, and the client configuration for
-/// `ANY_NODE` targets of a node.
+/// `ANY_NODE` targets of a node; `loopback`: the node listens on a loopback address (so every
+/// peer is on this host).
 fn configs(
     identity: &NodeIdentity,
+    loopback: bool,
 ) -> Result<(quinn::ServerConfig, quinn::ClientConfig, quinn::ClientConfig), SetupError> {
     install_crypto_provider();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -365,7 +379,15 @@ fn configs(
         .max_ack_delay(Some(Duration::from_micros(ACK_DELAY_MAX_US)));
     transport.ack_frequency_config(Some(ack_frequency));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(UDP_PAYLOAD_BYTES_MAX);
+    // On loopback one datagram per system call is the cheaper choice: a 3-node sequential write
+    // took 5.0-6.3 s of CPU per node for 1.5 GiB that way, 6.0-7.4 s with GSO and 6,500-byte
+    // datagrams (and 10.0-12.5 s with GSO and 65,000, the bug described there).
+    if loopback {
+        mtu.upper_bound(UDP_PAYLOAD_BYTES_MAX);
+        transport.enable_segmentation_offload(false);
+    } else {
+        mtu.upper_bound(GSO_UDP_PAYLOAD_BYTES_MAX);
+    }
     transport.mtu_discovery_config(Some(mtu));
     let transport = Arc::new(transport);
 
@@ -387,12 +409,19 @@ fn peer_name(conn: &Connection) -> String {
         .unwrap_or_else(|| "<no certificate>".into())
 }
 
-/// Ask for `SOCKET_BUFFER_BYTES` of receive and send buffer on the endpoint's socket (the kernel
-/// caps it at net.core.rmem_max / wmem_max); say so when the kernel grants less.
+/// Ask for `SOCKET_BUFFER_BYTES` of receive and send buffer on the endpoint's socket: beyond
+/// net.core.rmem_max / wmem_max where the node may (CAP_NET_ADMIN, as a root node has:
+/// SO_RCVBUFFORCE), else capped by them; say so when the kernel grants less.
 fn size_socket_buffers(socket: &std::net::UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let bytes = SOCKET_BUFFER_BYTES;
     let sock = socket2::SockRef::from(socket);
-    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
-    let _ = sock.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+    if setsockopt(socket, sockopt::RcvBufForce, &bytes).is_err() {
+        let _ = sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    }
+    if setsockopt(socket, sockopt::SndBufForce, &bytes).is_err() {
+        let _ = sock.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+    }
     let (recv, send) = (sock.recv_buffer_size().unwrap_or(0), sock.send_buffer_size().unwrap_or(0));
     // Linux reports twice the size it granted (it counts its own bookkeeping).
     let wanted = 2 * SOCKET_BUFFER_BYTES;
@@ -412,7 +441,7 @@ impl QuicTransport {
     /// Bind the endpoint and start accepting. Must be called inside a tokio runtime. Incoming
     /// requests are refused until a handler is attached.
     pub fn bind(cfg: QuicConfig) -> Result<Arc<QuicTransport>, SetupError> {
-        let (server, client, any_node_client) = configs(&cfg.identity)?;
+        let (server, client, any_node_client) = configs(&cfg.identity, cfg.listen.ip().is_loopback())?;
         let mut endpoint_config = quinn::EndpointConfig::default();
         endpoint_config
             .max_udp_payload_size(UDP_PAYLOAD_BYTES_MAX)
@@ -476,6 +505,7 @@ impl QuicTransport {
             requests_unauthorized: g(&c.requests_unauthorized),
             dials: g(&c.dials),
             request_bytes_peak: g(&c.request_bytes_peak),
+            ..self.inner.connection_stats()
         }
     }
 
@@ -570,6 +600,24 @@ fn code_reason(code: VarInt) -> String {
 impl Inner {
     fn local_addr(&self) -> SocketAddr {
         self.endpoint.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The datagram and loss counts of the dialled connections open now (a slot busy with a dial
+    /// is skipped).
+    fn connection_stats(&self) -> TransportStats {
+        let slots: Vec<PeerSlot> = self.peers.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut out = TransportStats::default();
+        for slot in slots {
+            if let Ok(guard) = slot.try_lock() {
+                if let Some(cached) = guard.as_ref() {
+                    let st = cached.conn.stats();
+                    out.datagrams_sent += st.udp_tx.datagrams;
+                    out.datagram_bytes_sent += st.udp_tx.bytes;
+                    out.packets_lost += st.path.lost_packets;
+                }
+            }
+        }
+        out
     }
 
     /// One request/reply exchange with `target` at `addr` (the request frame in `chunks`), bounded
