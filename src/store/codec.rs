@@ -14,8 +14,14 @@ fn cfg() -> impl bincode::config::Config {
 }
 
 /// Encode `v`; fails if it is larger than `MESSAGE_BYTES_MAX`.
+/// `v` encoded, in a buffer of exactly its size: a first pass counts the bytes (no copying), so a
+/// large message (an AppendEntries with 1 MiB writes) is not copied again at every doubling of
+/// a growing buffer (1.7% of a leader's CPU in a 3-node sequential write, and fresh pages to
+/// fault in each time).
 pub fn encode<T: Serialize + ?Sized>(v: &T) -> StoreResult<Vec<u8>> {
-    bincode::serde::encode_to_vec(v, cfg()).map_err(|e| StoreFault(format!("encode: {e}")))
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(v, &mut size, cfg()).map_err(|e| StoreFault(format!("encode: {e}")))?;
+    encode_sized(v, size.bytes_written)
 }
 
 /// `encode` into a buffer of `capacity` bytes first: a large value (a Raft entry carrying MiBs of
