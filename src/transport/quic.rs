@@ -82,9 +82,14 @@ pub const UDP_PAYLOAD_BYTES_MAX: u16 = 65_000;
 /// whole batch is lost. With 65,000-byte datagrams and GSO every batch of two or more was lost,
 /// the congestion window collapsed, and bulk data went out as 1,200-byte loss probes: nearly all
 /// of a 3-node sequential write (tcpdump: 22,912 sends of 10 x 1,200 bytes to each follower for
-/// 256 MiB). On a
-/// 1,500-byte path discovery settles at that path's size either way.
+/// 256 MiB). On a 1,500-byte path discovery settles at that path's size either way.
 pub const GSO_UDP_PAYLOAD_BYTES_MAX: u16 = 6_500;
+/// How long an endpoint keeps the minimum datagram size (1,200 bytes) after quinn detected a
+/// black hole (losses of large packets) before it searches again (quinn's default is a minute).
+/// Congestion losses can trigger that detection too (quinn's docs say so), and a minute of
+/// 1,200-byte datagrams is a minute of several times the CPU per byte. (Not seen since the GSO
+/// fix: six 3-node runs of six 256 MiB writes each lost no packet.)
+pub const BLACK_HOLE_COOLDOWN_SECS: u64 = 1;
 /// Receive and send buffer asked for on the endpoint's UDP socket. The kernel's default (208 KiB)
 /// overflowed under a 3-node sequential write (1,033 datagrams dropped of 76,130 sent for 256 MiB,
 /// each loss halving the sender's congestion window).
@@ -388,6 +393,7 @@ fn configs(
     } else {
         mtu.upper_bound(GSO_UDP_PAYLOAD_BYTES_MAX);
     }
+    mtu.black_hole_cooldown(Duration::from_secs(BLACK_HOLE_COOLDOWN_SECS));
     transport.mtu_discovery_config(Some(mtu));
     let transport = Arc::new(transport);
 
