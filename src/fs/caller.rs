@@ -14,6 +14,8 @@ const GROUPS_MAX: usize = 65_536;
 /// (fs)uid or gid is seen with its old groups for at most this long; a privilege drop that also
 /// changes uid or gid (setgroups + setgid + setuid, the usual order) is a different key at once.
 const GROUPS_CACHE_TTL_MS: u64 = 100;
+/// Buffer for one read of /proc/PID/status (about 1.4 KB; a longer one is read on).
+const STATUS_READ_BYTES: usize = 4096;
 /// Most (pid, uid, gid) keys kept; when full, expired ones are dropped, then everything.
 const GROUPS_CACHE_ENTRIES_MAX: usize = 1024;
 
@@ -60,8 +62,12 @@ fn cached_groups(pid: u32, uid: u32, gid: u32) -> Vec<u32> {
 
 /// The supplementary groups of process `pid` (empty if it is gone or unreadable).
 fn groups_of(pid: u32) -> Vec<u32> {
-    match std::fs::read_to_string(format!("/proc/{pid}/status")) {
-        Ok(status) => parse_groups(&status),
+    use std::io::Read;
+    // A /proc file reports size 0, so `read_to_string` would probe with growing reads (32, 32,
+    // 64, ... bytes: 8 system calls for a 1.4 KB status); one 4 KiB buffer takes it in one.
+    let mut status = Vec::with_capacity(STATUS_READ_BYTES);
+    match std::fs::File::open(format!("/proc/{pid}/status")).and_then(|mut f| f.read_to_end(&mut status)) {
+        Ok(_) => parse_groups(&String::from_utf8_lossy(&status)),
         Err(_) => Vec::new(),
     }
 }
