@@ -533,8 +533,8 @@ impl RpcHandler for Length {
 /// (f2) Bulk requests between loopback endpoints go out in large datagrams and lose none: 64 MiB
 /// of 2 MiB calls, four in flight. With segmentation offload and 65,000-byte datagrams every
 /// batch the kernel refused (EMSGSIZE, swallowed by quinn-udp) was lost, the congestion window
-/// collapsed and the data went out as 1,200-byte loss probes (mean datagram ~1.2 KB, thousands
-/// of packets lost).
+/// collapsed and the data went out as 1,200-byte loss probes (without the fix: 57,265 datagrams
+/// of 1,248 bytes on average, 28 packets lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_requests_travel_in_large_datagrams_and_lose_none() {
     logs();

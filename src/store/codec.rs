@@ -13,8 +13,8 @@ fn cfg() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<{ MESSAGE_BYTES_MAX }>()
 }
 
-/// Encode `v`; fails if it is larger than `MESSAGE_BYTES_MAX`.
-/// `v` encoded, in a buffer of exactly its size: a first pass counts the bytes (no copying), so a
+/// Encode `v`; fails if it is larger than `MESSAGE_BYTES_MAX`. The buffer has exactly the
+/// encoded size: a first pass counts the bytes (no copying), so a
 /// large message (an AppendEntries with 1 MiB writes) is not copied again at every doubling of
 /// a growing buffer (1.7% of a leader's CPU in a 3-node sequential write, and fresh pages to
 /// fault in each time).

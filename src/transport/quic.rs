@@ -384,9 +384,10 @@ fn configs(
         .max_ack_delay(Some(Duration::from_micros(ACK_DELAY_MAX_US)));
     transport.ack_frequency_config(Some(ack_frequency));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    // On loopback one datagram per system call is the cheaper choice: a 3-node sequential write
-    // took 5.0-6.3 s of CPU per node for 1.5 GiB that way, 6.0-7.4 s with GSO and 6,500-byte
-    // datagrams (and 10.0-12.5 s with GSO and 65,000, the bug described there).
+    // On loopback one datagram per system call is the cheaper choice. Six 256 MiB files written
+    // in a row on a 3-node cluster, CPU of the leader / of each follower: 6.3-7.4 s / 4.9-5.6 s
+    // that way, 7.4 s / 6.0-6.1 s with offload and 6,500-byte datagrams, 12.4-12.5 s /
+    // 10.0-10.2 s with offload and 65,000 (the bug described at `GSO_UDP_PAYLOAD_BYTES_MAX`).
     if loopback {
         mtu.upper_bound(UDP_PAYLOAD_BYTES_MAX);
         transport.enable_segmentation_offload(false);
