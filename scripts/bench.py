@@ -41,6 +41,22 @@ def status_kib(pid, field):
     return 0
 
 
+def cpu_seconds(pids):
+    """CPU time (user + system) the processes have used so far, summed."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                # Fields after the command name (which may hold spaces): utime and stime are the
+                # 12th and 13th of them.
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / ticks
+
+
 def reset_peak_rss(pid):
     # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
     try:
@@ -346,9 +362,10 @@ def main():
           f"{meminfo_gib('Cached'):.1f} GiB (much free and little cache means fresh memory: a slower run)")
     disk = disk_write_mib_s(args.raw_dir or args.bindfs)
     print(f"{'disk: raw seq write 256M+fdatasync':36} {disk:9.0f} MiB/s (the medium's ceiling, same run)")
-    # rows[name][which] = one value per round
+    # rows[name][which] = one value per round ("cpu": the nodes' CPU seconds in pickbox's run)
     rows = {}
     order = []
+    node_pids = [int(p) for p in args.pids.split(",") if p] or [args.pid]
     for round_no in range(args.rounds):
         # Interleaved: each workload runs on bindfs, then at once on pickbox, so both meet the disk
         # in the same state (its speed drifts by 2-3x over minutes on this kind of machine).
@@ -356,19 +373,22 @@ def main():
                 ("pickbox", workloads(args.pickbox, args.tarball, args.pid, round_no))]
         while runs:
             for which, gen in list(runs):
+                cpu_before = cpu_seconds(node_pids)
                 try:
                     name, seconds = next(gen)
                 except StopIteration:
                     runs.remove((which, gen))
                     continue
                 rows.setdefault(name, {}).setdefault(which, []).append(seconds)
+                if which == "pickbox":
+                    rows[name].setdefault("cpu", []).append(cpu_seconds(node_pids) - cpu_before)
                 if name not in order:
                     order.append(name)
 
     many = args.rounds > 1
     what = f"median of {args.rounds} rounds" if many else "one round"
     spread = f" {'ratio range':>13}" if many else ""
-    print(f"{'op (' + what + ')':36} {'pickbox':>10} {'bindfs':>10} {'ratio':>8}{spread}")
+    print(f"{'op (' + what + ')':36} {'pickbox':>10} {'bindfs':>10} {'ratio':>8}{spread} {'node CPU':>9}")
     for name in order:
         r = rows[name]
         ps, bs = r.get("pickbox", []), r.get("bindfs", [])
@@ -381,13 +401,16 @@ def main():
         ratios = sorted(100.0 * bi / pi for pi, bi in zip(ps, bs) if pi and bi)
         ratio = f"{percentile(ratios, 0.5):7.0f}%" if ratios else "-"
         rng = f" {ratios[0]:5.0f}-{ratios[-1]:.0f}%" if many and ratios else ""
-        print(f"{name:36} {p:9.3f}s {b:9.3f}s {ratio:>8}{rng:>14}")
+        cpu = r.get("cpu", [])
+        cpu_col = f" {percentile(cpu, 0.5):8.3f}s" if cpu else ""
+        print(f"{name:36} {p:9.3f}s {b:9.3f}s {ratio:>8}{rng:>14}{cpu_col}")
         if name.startswith("create+write"):
             print(f"{'  (pickbox creates/s)':36} {FILES / p:10.0f}")
         if name.startswith("seq write") or name.startswith("seq read"):
             print(f"{'  (pickbox MiB/s)':36} {SEQ_BYTES / 2**20 / p:10.0f}")
     print(f"{'RSS idle (MiB)':36} {idle_mib:10.1f} {'-':>10} {'-':>8}")
-    print("ratio = bindfs time / pickbox time (pickbox speed as a share of bindfs speed)")
+    print("ratio = bindfs time / pickbox time (pickbox speed as a share of bindfs speed); node CPU = "
+          "user + system time of the pickbox node(s) during pickbox's run (all nodes of a cluster)")
 
 
 if __name__ == "__main__":
