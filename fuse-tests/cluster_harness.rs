@@ -213,6 +213,21 @@ impl Cluster {
         eprintln!("cluster: nodes {cut:?} connected again");
     }
 
+    /// Netns mode: every node drops `percent`% of the UDP datagrams it sends (0: none).
+    pub fn set_loss(&mut self, percent: u32) {
+        let net = self.net.as_mut().expect("set_loss needs ClusterOptions::netns");
+        for &k in self.nodes.keys() {
+            net.set_loss(k, percent);
+        }
+        eprintln!("cluster: every node drops {percent}% of the datagrams it sends");
+    }
+
+    /// Netns mode: the datagrams each node's loss rule dropped so far.
+    pub fn dropped(&self) -> BTreeMap<u64, u64> {
+        let net = self.net.as_ref().expect("dropped needs ClusterOptions::netns");
+        self.nodes.keys().map(|&k| (k, net.dropped(k))).collect()
+    }
+
     /// The nodes cut off from the others right now.
     pub fn isolated(&self) -> BTreeSet<u64> {
         match &self.net {

@@ -111,6 +111,64 @@ impl Net {
     pub fn is_connected(&self, k: u64) -> bool {
         self.hosts.get(&k).copied().unwrap_or(false)
     }
+
+    /// Makes host `k` drop `percent`% of the UDP datagrams it sends, at random (an nftables rule
+    /// in its namespace, with a counter); 0 takes the rule away.
+    pub fn set_loss(&mut self, k: u64, percent: u32) {
+        assert!(self.hosts.contains_key(&k), "no host {k}");
+        assert!(percent < 100, "a loss of {percent}%");
+        require_nft();
+        let ns = self.host_ns(k);
+        // Deleting a table that is not there fails; nothing else can.
+        let _ = nft(&ns, &format!("delete table inet {LOSS_TABLE}"));
+        if percent > 0 {
+            for command in [
+                format!("add table inet {LOSS_TABLE}"),
+                format!("add chain inet {LOSS_TABLE} out {{ type filter hook output priority 0; policy accept; }}"),
+                format!("add rule inet {LOSS_TABLE} out meta l4proto udp numgen random mod 100 < {percent} counter drop"),
+            ] {
+                nft(&ns, &command).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+
+    /// How many datagrams host `k`'s loss rule has dropped so far.
+    pub fn dropped(&self, k: u64) -> u64 {
+        let out = nft(&self.host_ns(k), &format!("list table inet {LOSS_TABLE}")).unwrap_or_else(|e| panic!("{e}"));
+        // "... counter packets N bytes M drop"
+        let words: Vec<&str> = out.split_whitespace().collect();
+        words
+            .windows(2)
+            .find(|w| w[0] == "packets")
+            .and_then(|w| w[1].parse().ok())
+            .unwrap_or_else(|| panic!("no packet counter in the loss table of host {k}: {out}"))
+    }
+}
+
+/// The nftables table a host's loss rule lives in (in the host's own namespace).
+const LOSS_TABLE: &str = "pbxloss";
+
+/// Runs `nft` with `command` (one line of nft syntax) in namespace `ns`; its output.
+fn nft(ns: &str, command: &str) -> Result<String, String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", command])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("nft {command}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("nft {command} in {ns}: {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// Fails the test with a clear message when nftables is missing.
+fn require_nft() {
+    let ok = Command::new("nft").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status();
+    assert!(
+        ok.is_ok_and(|s| s.success()),
+        "lossy-link tests need `nft` (apt-get install nftables; scripts/test.sh installs it)"
+    );
 }
 
 impl Drop for Net {

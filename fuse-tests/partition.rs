@@ -245,3 +245,35 @@ fn cluster_partition_leader_cut_off() {
     // The new leader's log has entries of a newer term where the old one's uncommitted ones were.
     same_tree_without(&mut c, &["lost".into()]);
 }
+
+/// The share of its UDP datagrams every node drops in `cluster_writes_survive_lossy_links`.
+const LOSS_PERCENT: u32 = 5;
+
+/// Lossy links: every node drops 5% of the datagrams it sends, at random (nftables in its
+/// namespace). Writes through the leader and through each follower (forwarded), large and small,
+/// still succeed, every node ends with all of them and the same state digest, and the rules did
+/// drop datagrams meanwhile. (At 5% a 3-node sequential write ran at 62-72 MB/s against 122
+/// without loss, by hand; at 20% elections follow each other and writes fail with EIO.)
+#[test]
+fn cluster_writes_survive_lossy_links() {
+    let mut c = Cluster::with(ClusterOptions { netns: true, ..ClusterOptions::default() });
+    c.set_loss(LOSS_PERCENT);
+    let big: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    write_synced(&c.path(1, "big1"), &big).unwrap();
+    write_synced(&c.path(2, "big2"), &big[..2 << 20]).unwrap();
+    let mut small = Vec::new();
+    for i in 0..30u64 {
+        let k = 1 + i % 3;
+        let rel = format!("small{i}");
+        let data = format!("small file {i}, written on node {k}").into_bytes();
+        write_synced(&c.path(k, &rel), &data).unwrap();
+        small.push((rel, data));
+    }
+    seen(&c, &[1, 2, 3], "big1", |c, k| read_eq(&c.path(k, "big1"), &big));
+    seen(&c, &[1, 2, 3], "big2", |c, k| read_eq(&c.path(k, "big2"), &big[..2 << 20]));
+    seen(&c, &[1, 2, 3], "the small files", |c, k| small.iter().all(|(rel, data)| read_eq(&c.path(k, rel), data)));
+    let (index, digest) = c.wait_converged(CONVERGE_TIMEOUT);
+    let dropped = c.dropped();
+    eprintln!("converged at index {index}, digest {digest}; datagrams dropped per node: {dropped:?}");
+    assert!(dropped.values().sum::<u64>() > 0, "the loss rules dropped nothing: {dropped:?}");
+}

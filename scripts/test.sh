@@ -12,8 +12,9 @@ need_root "the test suite"
 need_dev_fuse
 # fuse3: the umount/fusermount3 tools; attr/acl: getfattr/setfacl; libacl1-dev: pjdfstest's build;
 # iproute2: `ip netns`, veth and bridge for the network-partition tests (fuse-tests/partition.rs);
+# nftables: `nft`, the random datagram loss of the lossy-link test there;
 # git, make: the everyday-tools test (fuse-tests/tools.rs; it compiles with the cc Rust needs).
-ensure_packages fuse3 attr acl libacl1-dev iproute2 git make
+ensure_packages fuse3 attr acl libacl1-dev iproute2 nftables git make
 ensure_pjdfstest
 ensure_test_users
 
