@@ -6,7 +6,9 @@
 # exercises. Writes BENCH_FILES (default 2) files of 256 MiB in a row on node 1 (dd + fsync) and
 # prints MB/s per file, the CPU each node spent, and, measured in the same run, a raw 256 MiB
 # write + fdatasync to the same disk as the baseline.
-# BENCH_MTU: the links' MTU (default 1500; 9000 for jumbo frames). PICKBOX_BIN: a prebuilt
+# BENCH_MTU: the links' MTU (default 1500; 9000 for jumbo frames). BENCH_LOSS: the share (in %)
+# of the UDP datagrams every node drops, at random (an nftables rule in its namespace; default 0,
+# needs `nft`). PICKBOX_BIN: a prebuilt
 # binary (default: the release build, built if needed). BENCH_DIR: where data goes.
 # Nothing is added to the root namespace; every namespace, node and mount goes at exit.
 set -euo pipefail
@@ -19,6 +21,9 @@ need_dev_fuse
 ensure_packages fuse3 iproute2 util-linux
 
 mtu=${BENCH_MTU:-1500}
+loss=${BENCH_LOSS:-0}
+[[ "$loss" =~ ^[0-9]+$ ]] && [ "$loss" -lt 100 ] || die "BENCH_LOSS=$loss is not a percentage below 100"
+[ "$loss" -eq 0 ] || ensure_packages nftables
 files=${BENCH_FILES:-2}
 bin=${PICKBOX_BIN:-}
 if [ -z "$bin" ]; then
@@ -60,6 +65,11 @@ for k in 1 2 3; do
     ip -n "$tag-br" link set "p$k" master br0 up
     ip -n "$tag-$k" addr add "$subnet.$k/24" dev eth0
     ip -n "$tag-$k" link set eth0 up
+    if [ "$loss" -gt 0 ]; then
+        ip netns exec "$tag-$k" nft "add table inet loss"
+        ip netns exec "$tag-$k" nft "add chain inet loss out { type filter hook output priority 0; policy accept; }"
+        ip netns exec "$tag-$k" nft "add rule inet loss out meta l4proto udp numgen random mod 100 < $loss drop"
+    fi
 done
 
 for k in 1 2 3; do
@@ -72,7 +82,7 @@ for k in 1 2 3; do
     pids+=($!)
     wait_mounted "${pids[$((k - 1))]}" "$d/mnt" 60 || { tail -n 20 "$d/log" >&2; die "node $k did not mount"; }
 done
-log "3 nodes in network namespaces, links of MTU $mtu, data under $work ($(df --output=source "$work" | tail -n 1))"
+log "3 nodes in network namespaces, links of MTU $mtu, $loss% of the datagrams dropped, data under $work ($(df --output=source "$work" | tail -n 1))"
 
 src=$work/src
 head -c $((256 << 20)) /dev/urandom >"$src"
