@@ -150,25 +150,12 @@ const LOSS_TABLE: &str = "pbxloss";
 
 /// Runs `nft` with `command` (one line of nft syntax) in namespace `ns`; its output.
 fn nft(ns: &str, command: &str) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", command])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("nft {command}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!("nft {command} in {ns}: {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
-    }
+    ip_output(&["netns", "exec", ns, "nft", command])
 }
 
 /// Fails the test with a clear message when nftables is missing.
 fn require_nft() {
-    let ok = Command::new("nft").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status();
-    assert!(
-        ok.is_ok_and(|s| s.success()),
-        "lossy-link tests need `nft` (apt-get install nftables; scripts/test.sh installs it)"
-    );
+    require_tool("nft", "--version", "lossy-link tests need `nft` (apt-get install nftables; scripts/test.sh installs it)");
 }
 
 impl Drop for Net {
@@ -215,11 +202,17 @@ fn setns_net(ns: &File, what: &std::path::Path) {
 
 /// Fails the test with a clear message when iproute2 is missing (these tests never pass silently).
 fn require_ip() {
-    let ok = Command::new("ip").arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status();
-    assert!(
-        ok.is_ok_and(|s| s.success()),
-        "network-namespace tests need `ip` from iproute2 (apt-get install iproute2; scripts/test.sh installs it)"
+    require_tool(
+        "ip",
+        "-V",
+        "network-namespace tests need `ip` from iproute2 (apt-get install iproute2; scripts/test.sh installs it)",
     );
+}
+
+/// Fails the test with `message` unless `program arg` runs and succeeds.
+fn require_tool(program: &str, arg: &str, message: &str) {
+    let ok = Command::new(program).arg(arg).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    assert!(ok.is_ok_and(|s| s.success()), "{message}");
 }
 
 /// Deletes `pbx-<pid>-...` namespaces whose PID no longer runs (left by a run that crashed).
@@ -245,13 +238,18 @@ fn ip(args: &[&str]) {
 }
 
 fn try_ip(args: &[&str]) -> Result<(), String> {
+    ip_output(args).map(|_| ())
+}
+
+/// Runs `ip` with `args`; its output, or why it failed.
+fn ip_output(args: &[&str]) -> Result<String, String> {
     let out = Command::new("ip")
         .args(args)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(format!("ip {}: {}: {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim()))
     }
