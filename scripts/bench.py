@@ -19,6 +19,8 @@ FILES = 2000
 FILE_BYTES = 4096
 SEQ_BYTES = 256 * 1024 * 1024
 SEQ_CHUNK = 1024 * 1024
+# The row of bytes written to the disk per byte of the sequential write (not seconds).
+DISK_PER_BYTE = "disk writes per byte (seq write)"
 # Durable 4 KiB writes timed for the medium's sync latency.
 SYNC_SAMPLES = 1000
 RANDOM_WRITES = 2000
@@ -69,18 +71,19 @@ def reset_peak_rss(pid):
         pass
 
 
-def disk_reads():
-    """(read requests completed, MiB read) summed over the whole disks (not partitions, loop or ram
-    devices) in /proc/diskstats."""
+def disk_counters():
+    """(read requests completed, MiB read, MiB written) summed over the whole disks (not
+    partitions, loop or ram devices) in /proc/diskstats."""
     disks = {d for d in os.listdir("/sys/block") if not d.startswith(("loop", "ram", "zram"))}
-    ios = sectors = 0
+    ios = read_sectors = written_sectors = 0
     with open("/proc/diskstats") as f:
         for line in f:
             fields = line.split()
-            if len(fields) > 5 and fields[2] in disks:
+            if len(fields) > 9 and fields[2] in disks:
                 ios += int(fields[3])
-                sectors += int(fields[5])
-    return ios, sectors * 512 / 2**20
+                read_sectors += int(fields[5])
+                written_sectors += int(fields[9])
+    return ios, read_sectors * 512 / 2**20, written_sectors * 512 / 2**20
 
 
 def disk_write_mib_s(root):
@@ -191,13 +194,20 @@ def workloads(root, tarball, pid=None, round_no=0):
         os.fsync(fd)
         os.close(fd)
 
+    who = "pickbox" if pid else "bindfs"
     if pid:
         reset_peak_rss(pid)
+    written = disk_counters()[2]
     t = timed(seq_write)
+    # What reached the disk while the write ran (until its fsync returned): a cluster on one
+    # disk writes each byte once per node into its log and once into its state.
+    per_byte = (disk_counters()[2] - written) / (SEQ_BYTES / 2**20)
     if pid:
         peak["kib"] = status_kib(pid, "VmHWM")
         print(f"  (round {round_no}: RSS peak during seq write {peak['kib'] / 1024.0:.1f} MiB)", flush=True)
+    print(f"  (round {round_no}: {who} seq write: {per_byte:.1f} bytes written to the disk per byte)", flush=True)
     yield "seq write 256M+fsync", t
+    yield DISK_PER_BYTE, per_byte
 
     def seq_read():
         fd = os.open(big, os.O_RDONLY)
@@ -211,10 +221,9 @@ def workloads(root, tarball, pid=None, round_no=0):
         assert n == SEQ_BYTES, n
 
     drop_caches()
-    before = disk_reads()
+    before = disk_counters()
     t = timed(seq_read)
-    after = disk_reads()
-    who = "pickbox" if pid else "bindfs"
+    after = disk_counters()
     print(f"  (round {round_no}: {who} cold seq read: {after[0] - before[0]} disk reads, "
           f"{after[1] - before[1]:.0f} MiB)", flush=True)
     yield "seq read 256M (cold)", t
@@ -425,6 +434,11 @@ def main():
         r = rows[name]
         ps, bs = r.get("pickbox", []), r.get("bindfs", [])
         p, b = (percentile(ps, 0.5) if ps else None), (percentile(bs, 0.5) if bs else None)
+        if name == DISK_PER_BYTE:
+            # The medium's raw speed shared by that many writes of each byte: what it allows.
+            print(f"{name:36} {p:9.1f}x {b:9.1f}x {'-':>8}")
+            print(f"{'  (disk ceiling for pickbox MiB/s)':36} {disk / p if p else float('inf'):10.0f}")
+            continue
         if name.startswith("RSS"):
             most = f" {'max ' + format(max(ps), '.1f'):>13}" if many else ""
             print(f"{name:36} {p:10.1f} {'-':>10} {'-':>8}{most}")
