@@ -87,7 +87,19 @@ log "3 nodes in network namespaces, links of MTU $mtu, $loss% of the datagrams d
 src=$work/src
 head -c $((256 << 20)) /dev/urandom >"$src"
 # MB/s of a 256 MiB copy + fsync to $1 (from dd's byte count and seconds: its own rate has units).
-mbps() { dd if="$src" of="$1" bs=1M conv=fsync 2>&1 | tail -n 1 | awk '{printf "%.0f", $1 / $(NF-3) / 1e6}'; }
+# A failed copy ends the run with dd's error and the end of every node's log.
+mbps() {
+    local out k
+    if ! out=$(dd if="$src" of="$1" bs=1M conv=fsync 2>&1); then
+        printf '%s\n' "$out" >&2
+        for k in 1 2 3; do
+            printf '==> the end of node %s log:\n' "$k" >&2
+            tail -n 5 "$work/node$k/log" >&2
+        done
+        die "writing $1 failed"
+    fi
+    tail -n 1 <<<"$out" | awk '{printf "%.0f", $1 / $(NF-3) / 1e6}'
+}
 cpu() { local p; for p in "${pids[@]}"; do awk '{printf "%d ", $14 + $15}' "/proc/$p/stat"; done; }
 
 raw=$(mbps "$work/raw/file")
