@@ -238,7 +238,40 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit.max(1) as u64)));
             }
         }
-        self.call_within(RpcKind::AppendEntries, openraft::network::RPCTypes::AppendEntries, &rpc, &option).await
+        if rpc.entries.is_empty() {
+            return self.call_within(RpcKind::AppendEntries, openraft::network::RPCTypes::AppendEntries, &rpc, &option).await;
+        }
+        // openraft 0.9 sends heartbeats through the same one-call-at-a-time stream as entries, and
+        // a follower's election timer restarts only when a call arrives whole: a large entry on a
+        // slow or lossy link (20% loss: ~1.3 MB/s) took longer than the election timeout, so
+        // followers called elections in the middle of every transfer. While this call is out, a
+        // heartbeat of its own (same vote, same previous entry, no entries) goes every
+        // `HEARTBEAT_MS`; Raft lets a follower take it at any time (no entries: nothing to
+        // truncate; its commit index is bounded by the previous entry). Its answer is not needed.
+        let keepalive = AppendEntriesRequest::<TypeConfig> {
+            vote: rpc.vote.clone(),
+            prev_log_id: rpc.prev_log_id.clone(),
+            leader_commit: rpc.leader_commit.clone(),
+            entries: Vec::new(),
+        };
+        let (transport, target, addr) = (self.transport.clone(), self.target, self.addr.clone());
+        let call = self.call_within(RpcKind::AppendEntries, openraft::network::RPCTypes::AppendEntries, &rpc, &option);
+        tokio::pin!(call);
+        let every = std::time::Duration::from_millis(super::HEARTBEAT_MS);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                res = &mut call => return res,
+                _ = tick.tick() => {
+                    let Ok(body) = encode(&keepalive) else { continue };
+                    let (transport, addr) = (transport.clone(), addr.clone());
+                    tracing::debug!(target, "entries still on their way: heartbeat beside them");
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(every, transport.call(target, &addr, RpcKind::AppendEntries, body)).await;
+                    });
+                }
+            }
+        }
     }
 
     async fn install_snapshot(
@@ -377,6 +410,60 @@ mod tests {
         let r = client.vote(rpc, RPCOption::new(deadline)).await.expect("granted");
         assert!(r.vote_granted);
         assert_eq!(client.failures, 0);
+    }
+
+    /// Records every AppendEntries it carries; answers one with entries after `entries_take`,
+    /// one without at once.
+    struct Recording {
+        entries_take: std::time::Duration,
+        seen: std::sync::Mutex<Vec<AppendEntriesRequest<TypeConfig>>>,
+    }
+
+    impl PeerTransport for Recording {
+        fn call(&self, _target: NodeId, _addr: &str, kind: RpcKind, body: Vec<u8>) -> BoxFuture<Result<Vec<u8>, TransportError>> {
+            assert!(matches!(kind, RpcKind::AppendEntries), "{kind:?}");
+            let req: AppendEntriesRequest<TypeConfig> = decode(&body).expect("an AppendEntries");
+            let wait = if req.entries.is_empty() { std::time::Duration::ZERO } else { self.entries_take };
+            self.seen.lock().unwrap().push(req);
+            let ok: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = Ok(AppendEntriesResponse::Success);
+            let reply = encode(&ok).expect("encodes");
+            Box::pin(async move {
+                tokio::time::sleep(wait).await;
+                Ok(reply)
+            })
+        }
+    }
+
+    /// While entries are on their way for longer than a heartbeat interval, heartbeats of the
+    /// same leader and previous entry go beside them (a follower would otherwise hear nothing
+    /// for as long as the transfer takes, and call an election); a quick call sends none.
+    #[tokio::test]
+    async fn slow_entries_are_accompanied_by_heartbeats() {
+        let heartbeat = std::time::Duration::from_millis(super::super::HEARTBEAT_MS);
+        let leader = openraft::CommittedLeaderId::new(3, 1);
+        let rpc = AppendEntriesRequest::<TypeConfig> {
+            vote: openraft::Vote::new_committed(3, 1),
+            prev_log_id: Some(openraft::LogId::new(leader, 7)),
+            leader_commit: Some(openraft::LogId::new(leader, 6)),
+            entries: (8..10)
+                .map(|i| openraft::Entry { log_id: openraft::LogId::new(leader, i), payload: openraft::EntryPayload::Blank })
+                .collect(),
+        };
+        for (takes, least, most) in [(heartbeat * 7 / 2, 2, 3), (std::time::Duration::ZERO, 0, 0)] {
+            let transport = Arc::new(Recording { entries_take: takes, seen: Default::default() });
+            let mut client = Network::new(1, transport.clone()).new_client(2, &BasicNode { addr: "peer:2".into() }).await;
+            let r = client.append_entries(rpc.clone(), RPCOption::new(std::time::Duration::from_secs(5))).await;
+            assert!(matches!(r, Ok(AppendEntriesResponse::Success)), "{r:?}");
+            let seen = transport.seen.lock().unwrap();
+            let first = &seen[0];
+            assert_eq!(first.entries.len(), rpc.entries.len(), "the call itself goes first");
+            let beats = &seen[1..];
+            assert!((least..=most).contains(&beats.len()), "{} heartbeats while the entries took {takes:?}", beats.len());
+            for b in beats {
+                assert!(b.entries.is_empty(), "a heartbeat carries no entries");
+                assert_eq!((&b.vote, &b.prev_log_id, &b.leader_commit), (&rpc.vote, &rpc.prev_log_id, &rpc.leader_commit));
+            }
+        }
     }
 
     #[test]
