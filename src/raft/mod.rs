@@ -102,8 +102,8 @@ pub const ELECTION_TIMEOUT_MAX_MS: u64 = 800;
 pub const PAYLOAD_ENTRIES_MAX: u64 = 64;
 /// ...and about this many payload bytes (the network adapter refuses a larger message with a hint
 /// to send fewer entries), because openraft 0.9 times an AppendEntries out (unpatched after
-/// `heartbeat_interval`, 100 ms; with vendor/openraft patch 3, one with entries after
-/// `election_timeout_min`, 400 ms), and a timed-out message is sent again whole: 8 entries of
+/// `heartbeat_interval`, 100 ms; with vendor/openraft patch 3, one with entries after twice
+/// `election_timeout_max`, 1.6 s), and a timed-out message is sent again whole: 8 entries of
 /// 1 MiB missed 100 ms over and over. Measured (debug, QUIC loopback, 40 x 1 MiB to a new learner,
 /// before patch 3): 8 entries/message 2.2 s, 4 MiB/message 0.86-1.17 s, 2 MiB/message 0.94-1.18 s
 /// (~50 ms a message). A single larger entry still goes alone (entries are at most

@@ -473,14 +473,15 @@ where
         );
 
         // PICKBOX PATCH (PATCHES.md, 3): a heartbeat (no entries) keeps the heartbeat interval as
-        // its timeout; one that carries entries gets the minimum election timeout. MiBs of entries
-        // to a busy follower can take longer than a heartbeat interval: cut off there, the same
-        // entries were sent again and cut off again, so the follower heard nothing until its
-        // election timer ran out and it called an election in the middle of a write stream.
+        // its timeout; one that carries entries gets twice the maximum election timeout. MiBs of
+        // entries to a busy follower or over a lossy link can take longer than a heartbeat
+        // interval: cut off there, the same entries were sent again and cut off again. (Pickbox's
+        // network adapter sends heartbeats beside such a call, so the follower's election timer
+        // keeps going meanwhile.)
         let the_timeout = if payload.entries.is_empty() {
             Duration::from_millis(self.config.heartbeat_interval)
         } else {
-            Duration::from_millis(self.config.heartbeat_interval.max(self.config.election_timeout_min))
+            Duration::from_millis(self.config.heartbeat_interval.max(self.config.election_timeout_max * 2))
         };
         let option = RPCOption::new(the_timeout);
         let res = C::timeout(the_timeout, self.network.append_entries(payload, option)).await;
