@@ -21,7 +21,8 @@ use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 use super::{Applied, Response, Touch, TypeConfig};
 use crate::state::{Command, CommandResult, Digested, Ino, NodeId, Op, StateRead, StoreFault, StoreResult};
 
-use crate::store::codec::{decode, encode, encode_sized};
+use crate::store::codec::{blob_positions, decode, encode, encode_sized};
+use crate::store::{Located, LOCATE_BYTES_MIN};
 use crate::store::{LogWrite, PinnedSnapshot, StateTxn, Store};
 
 type SE = StorageError<NodeId>;
@@ -800,6 +801,33 @@ fn payload_bytes(e: &Ent) -> usize {
     }
 }
 
+/// Where the log holds the data of `e`'s large writes, if its record is durable here: the store
+/// then keeps those blocks where the log wrote them instead of writing them again
+/// (store/blobs.rs). The offsets come from encoding `e` again (no copy), as `append` encoded it;
+/// a length that does not match the record's means another encoding, and nothing is located.
+fn located(store: &Store, e: &Ent) -> Vec<Located> {
+    let EntryPayload::Normal(batch) = &e.payload else { return Vec::new() };
+    let large = |c: &Command| matches!(&c.op, Op::Write { data, .. } if data.len() >= LOCATE_BYTES_MIN);
+    if !batch.0.iter().any(large) {
+        return Vec::new();
+    }
+    let Some((seg, off, len)) = store.durable_record(e.log_id.index) else { return Vec::new() };
+    match blob_positions(e, LOCATE_BYTES_MIN) {
+        Ok((total, found)) if total == len as usize => found
+            .into_iter()
+            .map(|(ptr, len, at)| Located { ptr, len, seg, off: off + at as u64 })
+            .collect(),
+        Ok((total, _)) => {
+            tracing::warn!(index = e.log_id.index, encoded = total, record = len, "log record length differs from the entry's encoding; its blocks go to the state file");
+            Vec::new()
+        }
+        Err(err) => {
+            tracing::warn!(index = e.log_id.index, error = %err, "encoding an entry to locate its data failed; its blocks go to the state file");
+            Vec::new()
+        }
+    }
+}
+
 /// Apply `entries` in one state transaction (touches listed for node `me`, if it listens):
 /// their responses, and what commands from other nodes touched. Blocking (redb).
 fn apply_entries(store: &Store, entries: &[Ent], me: Option<NodeId>) -> StoreResult<(Vec<Response>, Vec<Touch>)> {
@@ -812,6 +840,7 @@ fn apply_entries(store: &Store, entries: &[Ent], me: Option<NodeId>) -> StoreRes
             match &e.payload {
                 EntryPayload::Blank => out.push(Response(Vec::new())),
                 EntryPayload::Normal(batch) => {
+                    t.set_located(located(store, e));
                     let mut results = Vec::with_capacity(batch.0.len());
                     for d in digested {
                         let cmd = d.command();
@@ -833,6 +862,7 @@ fn apply_entries(store: &Store, entries: &[Ent], me: Option<NodeId>) -> StoreRes
                         }
                         results.push(res);
                     }
+                    t.set_located(Vec::new());
                     out.push(Response(results));
                 }
                 EntryPayload::Membership(m) => {

@@ -1619,3 +1619,112 @@ fn random_faults_lose_no_acknowledged_write_and_replicas_converge() {
         shutdown_all(&rs).await;
     });
 }
+
+/// Distinct bytes for test data: no two 64 KiB blocks alike (no deduplication), no zero byte (a
+/// block is stored without its trailing zeros).
+fn distinct(seed: u32, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 24) as u8 | 1
+        })
+        .collect()
+}
+
+/// Snapshot everything applied, then purge the whole log (its segments leave the log).
+async fn snapshot_and_purge_all(r: &Replica) {
+    let applied = r.applied_index().unwrap();
+    r.trigger_snapshot().await.unwrap();
+    let t = Instant::now();
+    while r.metrics().snapshot_index.is_none_or(|s| s < applied) {
+        assert!(t.elapsed() < Duration::from_secs(10), "no snapshot: {:?}", r.metrics());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    r.raft.trigger().purge_log(applied).await.unwrap();
+    let t = Instant::now();
+    while r.store.first_log_index().unwrap().is_some_and(|f| f <= applied) {
+        assert!(t.elapsed() < Duration::from_secs(10), "log not purged: first {:?}", r.store.first_log_index());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Wait until the store's located blocks and packs satisfy `ok` (they change with durable
+/// commits, which come at least every STATE_FLUSH_MS).
+async fn await_located(r: &Replica, what: &str, ok: impl Fn(&(u64, u64, Vec<u64>, Vec<u64>)) -> bool) -> (u64, u64, Vec<u64>, Vec<u64>) {
+    let t = Instant::now();
+    loop {
+        let s = r.store.located_stats();
+        if ok(&s) {
+            return s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "{what}: located blocks, bytes, segments, packs = {s:?}");
+        // Any proposal gives the store a state commit (where sweeps and compactions run).
+        r.propose(Caller::root(), Op::RegisterNode { node: 1 }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whole blocks of a large write are kept where the log wrote them (no second copy in the state
+/// file): they read back, survive a restart, outlive the log as a pack once their entries are
+/// purged, and the pack goes once no block refers to it.
+#[test]
+fn large_writes_stay_in_the_log_and_their_packs_go_with_their_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = distinct(1, 1 << 20);
+    let b = distinct(2, 1 << 20);
+    rt().block_on(async {
+        let r = Replica::start(cfg(dir.path())).await.unwrap();
+        let fa = make_file(&r, b"a").await;
+        let fb = make_file(&r, b"b").await;
+        r.propose(Caller::root(), Op::Write { ino: fa.ino, offset: 0, data: a.clone(), append: false }).await.unwrap();
+        r.propose(Caller::root(), Op::Write { ino: fb.ino, offset: 0, data: b.clone(), append: false }).await.unwrap();
+        // A small write stays in the state file.
+        let fc = make_file(&r, b"c").await;
+        r.propose(Caller::root(), Op::Write { ino: fc.ino, offset: 0, data: vec![7u8; 1000], append: false }).await.unwrap();
+        let (blocks, bytes, segs, packs) = r.store.located_stats();
+        assert_eq!((blocks, bytes), (32, 2 << 20), "the 64 KiB blocks of both 1 MiB writes are located");
+        assert_eq!(segs.len(), 1, "{segs:?}");
+        assert!(packs.is_empty(), "{packs:?}");
+        assert_eq!(read_file(&r, b"a"), a);
+        assert_eq!(read_file(&r, b"b"), b);
+        assert_eq!(read_file(&r, b"c"), vec![7u8; 1000]);
+        r.shutdown().await.unwrap();
+    });
+    rt().block_on(async {
+        let r = Replica::start(cfg(dir.path())).await.unwrap();
+        assert_eq!(read_file(&r, b"a"), a);
+        snapshot_and_purge_all(&r).await;
+        let (_, _, segs, packs) = r.store.located_stats();
+        assert_eq!(packs, segs, "the purged segment the state refers to became a pack");
+        assert!(std::fs::read_dir(dir.path().join("log")).unwrap().flatten().all(|e| !e.file_name().to_string_lossy().starts_with(&format!("{:020}", segs[0]))));
+        assert_eq!(read_file(&r, b"a"), a, "read from the pack");
+        assert_eq!(read_file(&r, b"b"), b);
+        r.shutdown().await.unwrap();
+    });
+    rt().block_on(async {
+        let r = Replica::start(cfg(dir.path())).await.unwrap();
+        assert_eq!(read_file(&r, b"b"), b, "read from the pack after a restart");
+        // Deleting a: the pack is mostly dead (1 MiB of a 64 MiB segment): b's blocks are copied
+        // into the state file and the pack goes.
+        r.propose(Caller::root(), Op::Unlink { parent: ROOT_INO, name: b"a".to_vec(), expect_closed: None }).await.unwrap();
+        let s = await_located(&r, "pack compacted", |s| s.0 == 0).await;
+        assert_eq!((s.1, s.2.len()), (0, 0), "nothing located any more: {s:?}");
+        // The current snapshot (pinned at start) may still need the pack; it goes once a newer
+        // snapshot replaced that one.
+        assert_eq!(s.3.len(), 1, "{s:?}");
+        r.trigger_snapshot().await.unwrap();
+        await_located(&r, "pack deleted", |s| s.3.is_empty()).await;
+        assert_eq!(read_file(&r, b"b"), b, "read from the state file");
+        assert!(r.read().unwrap().entry(ROOT_INO, b"a").unwrap().is_none());
+        r.shutdown().await.unwrap();
+    });
+    rt().block_on(async {
+        let r = Replica::start(cfg(dir.path())).await.unwrap();
+        assert_eq!(read_file(&r, b"b"), b);
+        assert!(std::fs::read_dir(dir.path().join("packs")).unwrap().next().is_none(), "no pack left");
+        r.shutdown().await.unwrap();
+    });
+}

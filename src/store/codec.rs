@@ -32,6 +32,31 @@ pub fn encode_sized<T: Serialize + ?Sized>(v: &T, capacity: usize) -> StoreResul
     Ok(out)
 }
 
+/// Where `encode(v)` puts the byte strings of at least `min` bytes that it copies whole from `v`'s
+/// memory (bincode writes a byte string, such as a write's data, with one call, straight from its
+/// buffer): `(address in memory, length, offset in the encoding)` of each, and the encoding's total
+/// length. Nothing is copied. Encoding is deterministic, so these are the offsets in the bytes
+/// `encode` (or `encode_sized`) produced from the same value.
+pub fn blob_positions<T: Serialize + ?Sized>(v: &T, min: usize) -> StoreResult<(usize, Vec<(usize, usize, usize)>)> {
+    struct Positions {
+        at: usize,
+        min: usize,
+        found: Vec<(usize, usize, usize)>,
+    }
+    impl bincode::enc::write::Writer for Positions {
+        fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+            if bytes.len() >= self.min {
+                self.found.push((bytes.as_ptr() as usize, bytes.len(), self.at));
+            }
+            self.at += bytes.len();
+            Ok(())
+        }
+    }
+    let mut w = Positions { at: 0, min, found: Vec::new() };
+    bincode::serde::encode_into_writer(v, &mut w, cfg()).map_err(|e| StoreFault(format!("encode: {e}")))?;
+    Ok((w.at, w.found))
+}
+
 /// Decode exactly `bytes` as one `T`; a malformed or over-long input is a `StoreFault`.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
     let (v, used) = bincode::serde::decode_from_slice::<T, _>(bytes, cfg())
@@ -49,6 +74,20 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blob_positions_are_where_encode_puts_the_bytes() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let v = (7u64, "name".to_string(), serde_bytes::ByteBuf::from(data.clone()), 3u8);
+        let bytes = encode(&v).unwrap();
+        let (total, found) = blob_positions(&v, 1000).unwrap();
+        assert_eq!(total, bytes.len());
+        assert_eq!(found.len(), 1, "one long byte string");
+        let (ptr, len, at) = found[0];
+        assert_eq!(ptr, v.2.as_ptr() as usize, "the address of the value's own buffer");
+        assert_eq!(len, data.len());
+        assert_eq!(&bytes[at..at + len], &data[..]);
+    }
 
     #[test]
     fn trailing_bytes_and_hostile_lengths_are_faults() {

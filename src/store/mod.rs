@@ -13,6 +13,7 @@
 //! crash then only loses state that the durable log replays, and `last_applied` is in the same
 //! transaction as the state.
 
+mod blobs;
 pub mod codec;
 mod digest;
 mod log;
@@ -30,6 +31,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 
 pub use log::{Done, LogWrite, STATE_FLUSH_BYTES, STATE_FLUSH_MS};
 pub use wal::SEGMENT_BYTES;
+pub(crate) use blobs::{Located, LOCATE_BYTES_MIN};
 pub use snapshot::SnapshotInfo;
 pub use tables::{ReadView, StateTxn};
 
@@ -90,6 +92,8 @@ struct Inner {
     snapshot_seq: AtomicU64,
     /// Wakes the writeback thread (`writeback_loop`); dropped with the store, which ends it.
     writeback: mpsc::SyncSender<()>,
+    /// Located blocks' files (log segments and packs).
+    blobs: Arc<blobs::Blobs>,
 }
 
 impl Drop for Inner {
@@ -271,7 +275,8 @@ impl Store {
             tables::create_all_tables(&txn)?;
             txn.commit().map_err(fault)?;
         }
-        let wal = open_log(data_dir, &db)?;
+        let blobs = blobs::Blobs::new(data_dir);
+        let wal = open_log(data_dir, &db, &blobs)?;
         let started = std::time::Instant::now();
         let moved = tables::migrate_hash_keyed_blocks(&db)?;
         if moved > 0 {
@@ -289,6 +294,11 @@ impl Store {
         let db = Arc::new(db);
         let stats = Arc::new(StoreStats::default());
         let shared = Arc::new(log::Shared::new(db.clone(), wal, stats.clone()));
+        blobs.set_log(&shared);
+        {
+            let (b, d) = (blobs.clone(), db.clone());
+            shared.wal.set_keep(wal::Keep { refers: Box::new(move |seg| b.refers(&d, seg)), packs_dir: blobs.packs_dir().to_path_buf() });
+        }
         let (tx, rx) = mpsc::channel();
         let thread = {
             let shared = shared.clone();
@@ -319,6 +329,7 @@ impl Store {
                 found_snapshot: Mutex::new(current),
                 snapshot_seq: AtomicU64::new(0),
                 writeback,
+                blobs,
             }),
         })
     }
@@ -416,6 +427,12 @@ impl Store {
         Ok(rows)
     }
 
+    /// Where entry `index`'s payload lies in the log, if the record is live and durable: (segment,
+    /// offset of the payload in the segment file, payload length). See store/blobs.rs.
+    pub fn durable_record(&self, index: u64) -> Option<(u64, u64, u32)> {
+        self.inner.log.wal.durable_record(index)
+    }
+
     /// The last entry in the log, if any.
     pub fn last_log(&self) -> StoreResult<Option<(u64, Vec<u8>)>> {
         self.inner.log.wal.last()
@@ -442,14 +459,20 @@ impl Store {
 
     /// A consistent read-only view of the state.
     pub fn read(&self) -> StoreResult<ReadView> {
-        Ok(ReadView::open(self.inner.db.begin_read().map_err(fault)?))
+        self.view()
+    }
+
+    /// A read view, registered so that the packs it may read stay (store/blobs.rs).
+    fn view(&self) -> StoreResult<ReadView> {
+        let guard = self.inner.blobs.reader();
+        Ok(ReadView::open(self.inner.db.begin_read().map_err(fault)?, Some((self.inner.blobs.clone(), guard))))
     }
 
     /// The state digest (hex SHA-256 of every replicated table, see `digest`) together with what
     /// `applied` reads from the same read transaction (raft/ decodes its last applied index), so
     /// the two always describe the same state. Blocking: reads every record.
     pub fn state_digest<T>(&self, applied: impl FnOnce(&ReadView) -> StoreResult<T>) -> StoreResult<(T, String)> {
-        let view = ReadView::open(self.inner.db.begin_read().map_err(fault)?);
+        let view = self.view()?;
         let a = applied(&view)?;
         Ok((a, digest::digest(&view)?))
     }
@@ -465,16 +488,25 @@ impl Store {
         let durable = durable || self.inner.log.state_flush_due();
         let mut txn = self.inner.db.begin_write().map_err(fault)?;
         txn.set_durability(if durable { Durability::Immediate } else { Durability::None }).map_err(fault)?;
-        let out = {
-            let mut tables = StateTxn::open(&txn);
-            f(&mut tables)?
+        let blobs = &self.inner.blobs;
+        let (out, unreferenced) = {
+            let mut tables = StateTxn::open(&txn, Some(blobs.clone()));
+            let out = f(&mut tables)?;
+            if let Some(seg) = blobs.take_compact() {
+                let bytes = tables.compact_segment(seg)?;
+                tracing::info!(pack = seg, bytes, "store: mostly dead pack compacted (its live blocks copied into the state file)");
+            }
+            let unreferenced = if durable && blobs.sweep_due() { Some(tables.unreferenced_packs()?) } else { None };
+            (out, unreferenced)
         };
         if durable {
             self.inner.log.write_ready_meta(&txn)?;
         }
         txn.commit().map_err(fault)?;
+        blobs.after_commit();
         self.inner.stats.apply_txns.fetch_add(1, Ordering::Relaxed);
         if durable {
+            blobs.after_durable(unreferenced);
             self.inner.log.state_made_durable();
         } else if self.inner.log.writeback_due() {
             // Full: a writeback is under way already, which covers these pages too.
@@ -544,7 +576,7 @@ impl Store {
         &self,
         make_header: impl FnOnce(&ReadView) -> StoreResult<(String, Vec<u8>)>,
     ) -> StoreResult<Arc<PinnedSnapshot>> {
-        let view = ReadView::open(self.inner.db.begin_read().map_err(fault)?);
+        let view = self.view()?;
         self.write_state(true, |_| Ok(()))?;
         let (id, header) = make_header(&view)?;
         Ok(self.set_current(id, header, view))
@@ -599,25 +631,45 @@ impl Store {
         }
         let mut txn = self.inner.db.begin_write().map_err(fault)?;
         txn.set_durability(Durability::Immediate).map_err(fault)?;
-        tables::clear_state_tables(&txn)?;
         {
-            let mut t = StateTxn::open(&txn);
+            // Every located block goes with the old state.
+            let t = StateTxn::open(&txn, Some(self.inner.blobs.clone()));
+            for seg in t.located_segments()? {
+                self.inner.blobs.note_freed(seg);
+            }
+        }
+        self.inner.blobs.note_replaced();
+        tables::clear_state_tables(&txn)?;
+        let unreferenced = {
+            let mut t = StateTxn::open(&txn, Some(self.inner.blobs.clone()));
             snapshot::load(&info.path, &mut t)?;
             for (k, v) in sm_meta {
                 t.put_sm_meta(k, v)?;
             }
-        }
+            t.unreferenced_packs()?
+        };
         txn.commit().map_err(fault)?;
+        self.inner.blobs.after_commit();
+        self.inner.blobs.after_durable(Some(unreferenced));
         self.inner.log.state_made_durable();
         // The state is the snapshot now (durable): it is pinned as such, like a snapshot taken
         // here, and the received file goes (a copy of the whole state on disk until the next
         // snapshot otherwise; written out again only if this node has to send it).
-        let view = ReadView::open(self.inner.db.begin_read().map_err(fault)?);
+        let view = self.view()?;
         self.set_current(id.to_string(), info.header.clone(), view);
         if let Err(e) = std::fs::remove_file(&info.path) {
             tracing::warn!(path = %info.path.display(), error = %e, "could not remove an installed snapshot file");
         }
         Ok(())
+    }
+
+    /// Test hook: (located blocks, their bytes, segments holding them, packs on disk).
+    #[cfg(test)]
+    pub(crate) fn located_stats(&self) -> (u64, u64, Vec<u64>, Vec<u64>) {
+        let txn = self.inner.db.begin_write().unwrap();
+        let (blocks, bytes, segs) = StateTxn::open(&txn, None).located_stats().unwrap();
+        txn.abort().unwrap();
+        (blocks, bytes, segs, self.inner.blobs.packs_on_disk().unwrap())
     }
 
     /// Test hook: `(path, end of the last record)` of every log segment.
@@ -691,7 +743,7 @@ impl Drop for PinnedSnapshot {
 /// redb's LOG table: it is moved into a new segment log first (built aside, synced, renamed into
 /// place, then one durable commit empties the table and sets `LOCAL_LOG_FORMAT`; a crash before
 /// that commit redoes the move, so either the old or the new log is complete at any point).
-fn open_log(data_dir: &Path, db: &Database) -> StoreResult<wal::Wal> {
+fn open_log(data_dir: &Path, db: &Database, blobs: &blobs::Blobs) -> StoreResult<wal::Wal> {
     let dir = data_dir.join(LOG_DIR);
     let aside = data_dir.join(LOG_MIGRATING_DIR);
     if aside.exists() {
@@ -738,7 +790,18 @@ fn open_log(data_dir: &Path, db: &Database) -> StoreResult<wal::Wal> {
             tracing::info!("log moved from the redb LOG table into {}", dir.display());
         }
     }
-    wal::Wal::open(&dir, purged_upto)
+    // At open the last committed state is the durable one: what it refers to is what to keep.
+    let packs_dir = blobs.packs_dir().to_path_buf();
+    let referred: std::collections::HashSet<u64> = {
+        let txn = db.begin_read().map_err(fault)?;
+        let t = txn.open_table(tables::SEG_LIVE).map_err(fault)?;
+        let mut set = std::collections::HashSet::new();
+        for item in t.iter().map_err(fault)? {
+            set.insert(item.map_err(fault)?.0.value());
+        }
+        set
+    };
+    wal::Wal::open_kept(&dir, purged_upto, wal::Keep { refers: Box::new(move |seg| referred.contains(&seg)), packs_dir })
 }
 
 /// Copy every entry of the LOG table into a new segment log in `aside`, durably.

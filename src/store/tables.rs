@@ -2,7 +2,7 @@
 
 use std::borrow::Borrow;
 use std::cell::OnceCell;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use redb::{
     ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition, TableHandle,
@@ -10,6 +10,7 @@ use redb::{
 };
 use sha2::{Digest, Sha256};
 
+use super::blobs::{locate, Blobs, Loc, Located, ReaderGuard, LOCATE_BYTES_MIN};
 use super::codec::{decode, encode};
 use super::fault;
 use crate::state::{
@@ -66,6 +67,14 @@ pub(super) const BLOCK_HASHES: TableDefinition<u64, &[u8]> = TableDefinition::ne
 /// records into the id-keyed tables (`migrate_hash_keyed_blocks`) and deletes them.
 pub(super) const OLD_BLOCK_DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("block_data");
 pub(super) const OLD_BLOCK_TAILS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("block_tails");
+/// Block id -> where a located block's bytes are (`blobs::Loc`: log segment, offset, length, check
+/// value), for a block kept where the log wrote it instead of in BLOCK_DATA/BLOCK_TAILS (see
+/// store/blobs.rs). Node-local, like the ids: never in a snapshot or the digest.
+pub(super) const BLOCK_LOCS: TableDefinition<u64, &[u8]> = TableDefinition::new("block_locations");
+/// (segment, block id) -> length: the located blocks of each log segment or pack.
+pub(super) const SEG_BLOCKS: TableDefinition<(u64, u64), u64> = TableDefinition::new("segment_blocks");
+/// Segment -> bytes of its located blocks (absent: none).
+pub(super) const SEG_LIVE: TableDefinition<u64, u64> = TableDefinition::new("segment_live_bytes");
 /// SHA-256 -> reference count.
 pub(super) const BLOCK_REFS: TableDefinition<&[u8], u64> = TableDefinition::new("block_refs");
 /// (ino, name) -> value.
@@ -94,11 +103,19 @@ macro_rules! state_tables {
             txn: ReadTransaction,
             sm_meta: OnceLock<ReadOnlyTable<&'static str, &'static [u8]>>,
             $( $field: OnceLock<ReadOnlyTable<$k, $v>>, )*
+            /// Reads located blocks (None: a view of a store without any, in tests).
+            blobs: Option<Arc<Blobs>>,
+            /// Keeps the packs this view may read (dropped last, after the transaction).
+            _reader: Option<ReaderGuard>,
         }
 
         impl ReadView {
-            pub(super) fn open(txn: ReadTransaction) -> Self {
-                ReadView { txn, sm_meta: OnceLock::new(), $( $field: OnceLock::new(), )* }
+            pub(super) fn open(txn: ReadTransaction, blobs: Option<(Arc<Blobs>, ReaderGuard)>) -> Self {
+                let (blobs, reader) = match blobs {
+                    Some((b, g)) => (Some(b), Some(g)),
+                    None => (None, None),
+                };
+                ReadView { txn, sm_meta: OnceLock::new(), $( $field: OnceLock::new(), )* blobs, _reader: reader }
             }
 
             fn sm_meta_table(&self) -> StoreResult<&ReadOnlyTable<&'static str, &'static [u8]>> {
@@ -125,11 +142,15 @@ macro_rules! state_tables {
         pub struct StateTxn<'txn> {
             sm_meta: LazyTable<'txn, &'static str, &'static [u8]>,
             $( pub(super) $field: LazyTable<'txn, $k, $v>, )*
+            /// Reads and keeps located blocks (None: every block goes to the state file).
+            blobs: Option<Arc<Blobs>>,
+            /// Memory of the entry being applied that the log holds durably (`set_located`).
+            located: Vec<Located>,
         }
 
         impl<'txn> StateTxn<'txn> {
-            pub(super) fn open(txn: &'txn WriteTransaction) -> Self {
-                StateTxn { sm_meta: LazyTable::new(txn, SM_META), $( $field: LazyTable::new(txn, $def), )* }
+            pub(super) fn open(txn: &'txn WriteTransaction, blobs: Option<Arc<Blobs>>) -> Self {
+                StateTxn { sm_meta: LazyTable::new(txn, SM_META), $( $field: LazyTable::new(txn, $def), )* blobs, located: Vec::new() }
             }
 
             // The same accessors as `ReadView`'s, so `impl_state_read!` serves both.
@@ -165,8 +186,8 @@ macro_rules! state_tables {
                         };
                         self.block_tails.insert(id, value).map_err(fault)?;
                     }
-                    BLOCK_IDS_ID | BLOCK_HASHES_ID => {
-                        return Err(StoreFault("snapshot: a record of a node-local block id table".into()))
+                    BLOCK_IDS_ID | BLOCK_HASHES_ID | BLOCK_LOCS_ID | SEG_BLOCKS_ID | SEG_LIVE_ID => {
+                        return Err(StoreFault("snapshot: a record of a node-local block table".into()))
                     }
                     $( $id => {
                         check_len::<$k>(key)?;
@@ -214,7 +235,7 @@ macro_rules! state_tables {
                 match $id {
                     BLOCK_HEADS_ID => dump_blocks(view, BLOCK_HEADS_ID, order, emit)?,
                     BLOCK_TAILS_ID => dump_blocks(view, BLOCK_TAILS_ID, order, emit)?,
-                    BLOCK_IDS_ID | BLOCK_HASHES_ID => {}
+                    BLOCK_IDS_ID | BLOCK_HASHES_ID | BLOCK_LOCS_ID | SEG_BLOCKS_ID | SEG_LIVE_ID => {}
                     _ => for item in view.$table()?.iter().map_err(fault)? {
                         let (k, v) = item.map_err(fault)?;
                         let kv = k.value();
@@ -233,7 +254,9 @@ macro_rules! state_tables {
             #[allow(unreachable_patterns)] // the block tables' ids come first
             match id {
                 BLOCK_HEADS_ID | BLOCK_TAILS_ID => check_block_key(key),
-                BLOCK_IDS_ID | BLOCK_HASHES_ID => Err(StoreFault("snapshot: a record of a node-local block id table".into())),
+                BLOCK_IDS_ID | BLOCK_HASHES_ID | BLOCK_LOCS_ID | SEG_BLOCKS_ID | SEG_LIVE_ID => {
+                    Err(StoreFault("snapshot: a record of a node-local block table".into()))
+                }
                 $( $id => { check_len::<$k>(key)?; check_len::<$v>(value) } )*
                 other => Err(StoreFault(format!("snapshot: unknown table id {other}"))),
             }
@@ -277,6 +300,18 @@ fn check_tuple_u64_bytes(bytes: &[u8]) -> StoreResult<()> {
 
 macro_rules! impl_state_read {
     ($ty:ty) => {
+        impl $ty {
+            /// The bytes of located block `id` (see store/blobs.rs), checked.
+            fn located_block(&self, hash: &Hash, id: u64) -> StoreResult<Vec<u8>> {
+                let Some(loc) = self.block_locs_table()?.get(id).map_err(fault)? else {
+                    return Err(StoreFault(format!("block {} has id {id} but no stored bytes", hex::encode(hash))));
+                };
+                let loc = Loc::decode(loc.value())?;
+                let blobs = self.blobs.as_ref().ok_or_else(|| StoreFault("a located block, but no log to read it from".into()))?;
+                blobs.read(hash, &loc)
+            }
+        }
+
         impl StateRead for $ty {
             fn inode(&self, ino: Ino) -> StoreResult<Option<Inode>> {
                 get_decoded(self.inodes_table()?, ino)
@@ -333,14 +368,33 @@ macro_rules! impl_state_read {
                 }
             }
             fn block_data(&self, hash: &Hash) -> StoreResult<Option<Vec<u8>>> {
-                with_block(self.block_ids_table()?, self.block_data_table()?, || self.block_tails_table(), hash, |head, tail| check_block(hash, head, tail))?
-                    .transpose()
+                match with_block(self.block_ids_table()?, self.block_data_table()?, || self.block_tails_table(), hash, |head, tail| check_block(hash, head, tail))? {
+                    Found::Stored(r) => r.map(Some),
+                    Found::Missing => Ok(None),
+                    Found::Elsewhere(id) => self.located_block(hash, id).map(Some),
+                }
             }
             fn read_block_into(&self, hash: &Hash, from: usize, max: usize, out: &mut Vec<u8>) -> StoreResult<Option<usize>> {
-                let copied = with_block(self.block_ids_table()?, self.block_data_table()?, || self.block_tails_table(), hash, |head, tail| {
+                match with_block(self.block_ids_table()?, self.block_data_table()?, || self.block_tails_table(), hash, |head, tail| {
                     copy_block(hash, head, tail, from, max, out)
-                })?;
-                Ok(copied.flatten())
+                })? {
+                    Found::Stored(copied) => Ok(copied),
+                    Found::Missing => Ok(None),
+                    Found::Elsewhere(id) => {
+                        let data = match self.located_block(hash, id) {
+                            Ok(d) => d,
+                            Err(e) => {
+                                // Corrupt or unreadable: the reader gets EIO, the node goes on.
+                                tracing::error!(block = %hex::encode(hash), error = %e, "reading a located block failed");
+                                super::CORRUPT_BLOCK_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                return Ok(None);
+                            }
+                        };
+                        let end = data.len().min(from.saturating_add(max));
+                        out.extend_from_slice(&data[from.min(end)..end]);
+                        Ok(Some(data.len()))
+                    }
+                }
             }
             fn block_refs(&self, hash: &Hash) -> StoreResult<u64> {
                 Ok(self.block_refs_table()?.get(&hash[..]).map_err(fault)?.map(|v| v.value()).unwrap_or(0))
@@ -425,6 +479,9 @@ state_tables! {
     13 block_ids => block_ids_table: BLOCK_IDS<&'static [u8], u64>, // BLOCK_IDS_ID
     14 block_hashes => block_hashes_table: BLOCK_HASHES<u64, &'static [u8]>, // BLOCK_HASHES_ID
     15 locks => locks_table: LOCKS<u64, &'static [u8]>,
+    16 block_locs => block_locs_table: BLOCK_LOCS<u64, &'static [u8]>, // BLOCK_LOCS_ID
+    17 seg_blocks => seg_blocks_table: SEG_BLOCKS<(u64, u64), u64>, // SEG_BLOCKS_ID
+    18 seg_live => seg_live_table: SEG_LIVE<u64, u64>, // SEG_LIVE_ID
 }
 
 /// Table ids of the block tables in `state_tables!`. Snapshots and the state digest carry blocks
@@ -434,6 +491,10 @@ pub(super) const BLOCK_HEADS_ID: u8 = 5;
 pub(super) const BLOCK_TAILS_ID: u8 = 12;
 pub(super) const BLOCK_IDS_ID: u8 = 13;
 pub(super) const BLOCK_HASHES_ID: u8 = 14;
+/// Table ids of the located-block tables (store/blobs.rs): node-local, never carried.
+pub(super) const BLOCK_LOCS_ID: u8 = 16;
+pub(super) const SEG_BLOCKS_ID: u8 = 17;
+pub(super) const SEG_LIVE_ID: u8 = 18;
 
 /// The order in which `dump_state` lists blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -458,6 +519,16 @@ fn check_block_key(key: &[u8]) -> StoreResult<()> {
 fn dump_blocks(view: &ReadView, which: u8, order: BlockOrder, emit: &mut TableSink<'_>) -> StoreResult<()> {
     let heads = view.block_data_table()?;
     let mut one = |hash: &[u8], id: u64| -> StoreResult<()> {
+        if heads.get(id).map_err(fault)?.is_none() {
+            // A located block: carried in the stored form, as if it were in the state file.
+            let data = view.located_block(&to_hash(hash)?, id)?;
+            let (head, tail) = seal_block(&data);
+            return match which {
+                BLOCK_HEADS_ID => emit(which, hash, &head),
+                _ if !tail.is_empty() => emit(which, hash, tail),
+                _ => Ok(()),
+            };
+        }
         if which == BLOCK_HEADS_ID {
             let Some(head) = heads.get(id).map_err(fault)? else {
                 return Err(StoreFault(format!("block {} has id {id} but no stored bytes", hex::encode(hash))));
@@ -516,7 +587,7 @@ pub(super) fn migrate_hash_keyed_blocks(db: &redb::Database) -> StoreResult<u64>
         let done = {
             let mut old_heads = txn.open_table(OLD_BLOCK_DATA).map_err(fault)?;
             let mut old_tails = txn.open_table(OLD_BLOCK_TAILS).map_err(fault)?;
-            let mut t = StateTxn::open(&txn);
+            let mut t = StateTxn::open(&txn, None);
             let mut batch: Vec<Vec<u8>> = Vec::with_capacity(MIGRATE_BATCH_BLOCKS);
             let mut chosen = std::collections::HashSet::with_capacity(MIGRATE_BATCH_BLOCKS);
             if !map_done {
@@ -584,6 +655,120 @@ pub(super) fn migrate_hash_keyed_blocks(db: &redb::Database) -> StoreResult<u64>
 }
 
 impl StateTxn<'_> {
+    /// From now on (until the next call), blocks stored from memory inside one of `located` are
+    /// kept where the log holds them (store/blobs.rs).
+    pub(crate) fn set_located(&mut self, located: Vec<Located>) {
+        self.located = located;
+    }
+
+    /// Store block `hash` (bytes `data`) as a location: `data` lies at `off` of log segment `seg`.
+    fn put_block_located(&mut self, hash: &Hash, data: &[u8], seg: u64, off: u64) -> StoreResult<()> {
+        let existing = self.block_ids_table()?.get(&hash[..]).map_err(fault)?.map(|v| v.value());
+        let id = match existing {
+            Some(id) => {
+                // Normally absent (see put_block_data): drop any earlier form of it.
+                self.block_data.remove(id).map_err(fault)?;
+                self.block_tails.remove(id).map_err(fault)?;
+                self.unlocate(id)?;
+                id
+            }
+            None => {
+                let id = self.next_block_id()?;
+                self.block_ids.insert(&hash[..], id).map_err(fault)?;
+                self.block_hashes.insert(id, &hash[..]).map_err(fault)?;
+                id
+            }
+        };
+        let len = data.len() as u32;
+        let loc = Loc { seg, off, len, check: block_check(&[data]) };
+        self.block_locs.insert(id, &loc.encode()[..]).map_err(fault)?;
+        self.seg_blocks.insert((seg, id), u64::from(len)).map_err(fault)?;
+        let live = self.seg_live_table()?.get(seg).map_err(fault)?.map_or(0, |v| v.value());
+        self.seg_live.insert(seg, live + u64::from(len)).map_err(fault)?;
+        Ok(())
+    }
+
+    /// Forget block `id`'s location, if it has one; its length (0 if none).
+    fn unlocate(&mut self, id: u64) -> StoreResult<u64> {
+        let Some(loc) = self.block_locs.table_mut().map_err(fault)?.remove(id).map_err(fault)?.map(|v| v.value().to_vec()) else {
+            return Ok(0);
+        };
+        let loc = Loc::decode(&loc)?;
+        self.seg_blocks.remove((loc.seg, id)).map_err(fault)?;
+        let live = self.seg_live_table()?.get(loc.seg).map_err(fault)?.map_or(0, |v| v.value()).saturating_sub(u64::from(loc.len));
+        let blobs = self.blobs.clone();
+        if live == 0 {
+            self.seg_live.remove(loc.seg).map_err(fault)?;
+            if let Some(b) = &blobs {
+                b.note_freed(loc.seg);
+            }
+        } else {
+            self.seg_live.insert(loc.seg, live).map_err(fault)?;
+            if let Some(b) = &blobs {
+                b.note_live(loc.seg, live);
+            }
+        }
+        Ok(u64::from(loc.len))
+    }
+
+    /// Copy every located block of segment `seg` into the state file (compaction of a mostly dead
+    /// pack; the pack is deleted once a durable commit no longer refers to it). Bytes copied.
+    pub(super) fn compact_segment(&mut self, seg: u64) -> StoreResult<u64> {
+        let mut ids = Vec::new();
+        for item in self.seg_blocks_table()?.range((seg, 0)..=(seg, u64::MAX)).map_err(fault)? {
+            ids.push(item.map_err(fault)?.0.value().1);
+        }
+        let mut copied = 0u64;
+        for id in ids {
+            let Some(hash) = self.block_hashes_table()?.get(id).map_err(fault)?.map(|v| v.value().to_vec()) else {
+                return Err(StoreFault(format!("located block id {id} has no hash")));
+            };
+            let data = self.located_block(&to_hash(&hash)?, id)?;
+            self.unlocate(id)?;
+            let (head, tail) = seal_block(&data);
+            self.block_data.insert(id, &head[..]).map_err(fault)?;
+            if !tail.is_empty() {
+                self.block_tails.insert(id, tail).map_err(fault)?;
+            }
+            copied += data.len() as u64;
+        }
+        Ok(copied)
+    }
+
+    /// Test hook: (located blocks, their bytes, segments holding them).
+    #[cfg(test)]
+    pub(super) fn located_stats(&self) -> StoreResult<(u64, u64, Vec<u64>)> {
+        let blocks = self.block_locs_table()?.len().map_err(fault)?;
+        let mut bytes = 0;
+        for item in self.seg_live_table()?.iter().map_err(fault)? {
+            bytes += item.map_err(fault)?.1.value();
+        }
+        Ok((blocks, bytes, self.located_segments()?))
+    }
+
+    /// The segments this transaction's state keeps located blocks in.
+    pub(super) fn located_segments(&self) -> StoreResult<Vec<u64>> {
+        let mut out = Vec::new();
+        for item in self.seg_live_table()?.iter().map_err(fault)? {
+            out.push(item.map_err(fault)?.0.value());
+        }
+        Ok(out)
+    }
+
+    /// The packs on disk this transaction's state refers to no more; the mostly dead ones it
+    /// refers to are queued for compaction (`Blobs::note_live`).
+    pub(super) fn unreferenced_packs(&self) -> StoreResult<Vec<u64>> {
+        let Some(blobs) = self.blobs.clone() else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for seg in blobs.packs_on_disk()? {
+            match self.seg_live_table()?.get(seg).map_err(fault)? {
+                None => out.push(seg),
+                Some(live) => blobs.note_live(seg, live.value()),
+            }
+        }
+        Ok(out)
+    }
+
     /// Store `head` as the head value of block `hash`, under the block's id if it has one, else
     /// under a new id (the one place a block is numbered: apply, snapshot install and the move of
     /// a previous version's blocks all come here). An id lookup is cheap (the id table is small
@@ -592,7 +777,10 @@ impl StateTxn<'_> {
     fn put_block_head(&mut self, hash: &[u8], head: &[u8]) -> StoreResult<u64> {
         let existing = self.block_ids_table()?.get(hash).map_err(fault)?.map(|v| v.value());
         let id = match existing {
-            Some(id) => id,
+            Some(id) => {
+                self.unlocate(id)?;
+                id
+            }
             None => {
                 let id = self.next_block_id()?;
                 self.block_ids.insert(hash, id).map_err(fault)?;
@@ -690,24 +878,34 @@ fn get_decoded<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// What `with_block` found.
+enum Found<T> {
+    /// In the state file: `f`'s result.
+    Stored(T),
+    /// Not stored at all.
+    Missing,
+    /// A located block (no bytes in the state file): its id.
+    Elsewhere(u64),
+}
+
 /// Calls `f` with a stored block's head value and tail value (empty if it has none), borrowed
-/// from redb's pages; `None` if the block is not stored.
+/// from redb's pages.
 fn with_block<'t, T, Tails: ReadableTable<u64, &'static [u8]> + 't>(
     ids: &impl ReadableTable<&'static [u8], u64>,
     heads: &impl ReadableTable<u64, &'static [u8]>,
     tails: impl FnOnce() -> StoreResult<&'t Tails>,
     hash: &Hash,
     f: impl FnOnce(&[u8], &[u8]) -> T,
-) -> StoreResult<Option<T>> {
-    let Some(id) = ids.get(&hash[..]).map_err(fault)? else { return Ok(None) };
+) -> StoreResult<Found<T>> {
+    let Some(id) = ids.get(&hash[..]).map_err(fault)? else { return Ok(Found::Missing) };
     let id = id.value();
     let Some(head) = heads.get(id).map_err(fault)? else {
-        return Err(StoreFault(format!("block {} has id {id} but no stored bytes", hex::encode(hash))));
+        return Ok(Found::Elsewhere(id));
     };
     let head = head.value();
     // Only a head of full length has a tail (see `seal_block`).
     let tail = if head.len() == BLOCK_HEAD_BYTES + BLOCK_CHECK_BYTES { tails()?.get(id).map_err(fault)? } else { None };
-    Ok(Some(f(head, tail.as_ref().map_or(&[], |t| t.value()))))
+    Ok(Found::Stored(f(head, tail.as_ref().map_or(&[], |t| t.value()))))
 }
 
 fn to_hash(bytes: &[u8]) -> StoreResult<Hash> {
@@ -917,6 +1115,11 @@ impl StateWrite for StateTxn<'_> {
         if cfg!(debug_assertions) {
             check_address(hash, data)?;
         }
+        if data.len() >= LOCATE_BYTES_MIN && self.blobs.is_some() {
+            if let Some((seg, off)) = locate(&self.located, data) {
+                return self.put_block_located(hash, data, seg, off);
+            }
+        }
         let (head, tail) = seal_block(data);
         let id = self.put_block_head(&hash[..], &head)?;
         if !tail.is_empty() {
@@ -941,6 +1144,7 @@ impl StateWrite for StateTxn<'_> {
             if let Some(tail) = self.block_tails.table_mut().map_err(fault)?.remove(id).map_err(fault)? {
                 freed += tail.value().len() as u64;
             }
+            freed += self.unlocate(id)?;
         }
         self.block_refs.remove(&hash[..]).map_err(fault)?;
         Ok(freed)

@@ -664,6 +664,20 @@ pub(super) struct Wal {
     staging: Mutex<AlignedBuf>,
     /// Payload bytes written with `O_DIRECT` since open.
     unbuffered_bytes: AtomicU64,
+    /// Every record with a lower index is durable (synced), as far as this process knows: the
+    /// state may refer to a record's bytes (`durable_record`) only below it.
+    durable_next: AtomicU64,
+    /// Whether the state refers to bytes of the segment starting at this index (store/blobs.rs):
+    /// such a segment is not deleted once its entries are purged but moved to `packs` (see
+    /// `retire`). Set by the store; nothing is kept without it (tests, the log's migration).
+    keep: RwLock<Option<Keep>>,
+}
+
+/// The store's answer to "does the state refer to this segment's bytes", and where such a
+/// segment goes once its entries are purged.
+pub(super) struct Keep {
+    pub refers: Box<dyn Fn(u64) -> bool + Send + Sync>,
+    pub packs_dir: PathBuf,
 }
 
 /// A heap buffer whose start is `DIRECT_ALIGN`-aligned, as `O_DIRECT` needs, allocated at first
@@ -706,6 +720,15 @@ impl Wal {
     }
 
     fn open_with(dir: &Path, purged_upto: Option<u64>, segment_bytes: u64) -> StoreResult<Wal> {
+        Wal::open_keeping(dir, purged_upto, segment_bytes, None)
+    }
+
+    /// `open`, keeping the purged segments `keep` names (the store's, see `Keep`).
+    pub(super) fn open_kept(dir: &Path, purged_upto: Option<u64>, keep: Keep) -> StoreResult<Wal> {
+        Wal::open_keeping(dir, purged_upto, SEGMENT_BYTES, Some(keep))
+    }
+
+    fn open_keeping(dir: &Path, purged_upto: Option<u64>, segment_bytes: u64, keep: Option<Keep>) -> StoreResult<Wal> {
         std::fs::create_dir_all(dir).map_err(|e| io_fault("creating", dir, e))?;
         let mut names = Vec::new();
         for ent in std::fs::read_dir(dir).map_err(|e| io_fault("listing", dir, e))? {
@@ -798,13 +821,67 @@ impl Wal {
             unbuffered_supported: AtomicBool::new(true),
             staging: Mutex::new(AlignedBuf::default()),
             unbuffered_bytes: AtomicU64::new(0),
+            durable_next: AtomicU64::new(0),
+            keep: RwLock::new(keep),
         };
         // Finish a purge a crash interrupted.
         {
             let mut st = wal.write();
             wal.drop_purged(&mut st)?;
+            // Every segment but the last was synced before the next was created, and the last
+            // one's cut above synced it: all that is left is durable.
+            wal.durable_next.store(st.next_index().unwrap_or(0), Ordering::Release);
         }
         Ok(wal)
+    }
+
+    /// Set how to tell segments the state refers to (see `Keep`).
+    pub(super) fn set_keep(&self, keep: Keep) {
+        *self.keep.write().unwrap_or_else(|e| e.into_inner()) = Some(keep);
+    }
+
+    /// Where the payload of entry `index` lies, if that record is live and durable: (the first
+    /// index of its segment, the payload's offset in the segment file, its length). Bytes there
+    /// stay as they are until the segment is deleted (records are never rewritten in place; only
+    /// records not yet durable are ever cut).
+    pub fn durable_record(&self, index: u64) -> Option<(u64, u64, u32)> {
+        let st = self.read();
+        if index >= self.durable_next.load(Ordering::Acquire) {
+            return None;
+        }
+        let (lo, hi) = st.live()?;
+        if index < lo || index >= hi {
+            return None;
+        }
+        let seg = st.segment_of(index);
+        let (off, len) = *seg.records.get((index - seg.first) as usize)?;
+        Some((seg.first, off + RECORD_HEADER_BYTES, len))
+    }
+
+    /// The open file of the live segment starting at index `first`.
+    pub fn segment_file(&self, first: u64) -> Option<Arc<File>> {
+        let st = self.read();
+        let i = st.segments.partition_point(|s| s.first < first);
+        st.segments.get(i).filter(|s| s.first == first).map(|s| s.file.clone())
+    }
+
+    /// Remove a segment that leaves the log: moved to the packs directory if the state refers to
+    /// its bytes, deleted otherwise. Whether the log directory changed. Called with the state
+    /// lock held, so a reader finds the file either in the log or among the packs.
+    fn retire(&self, seg: &Segment) -> StoreResult<()> {
+        let keep = self.keep.read().unwrap_or_else(|e| e.into_inner());
+        match keep.as_ref() {
+            Some(k) if (k.refers)(seg.first) => {
+                std::fs::create_dir_all(&k.packs_dir).map_err(|e| io_fault("creating", &k.packs_dir, e))?;
+                let to = k.packs_dir.join(super::blobs::pack_name(seg.first));
+                seg.file.sync_data().map_err(|e| io_fault("syncing", &seg.path, e))?;
+                std::fs::rename(&seg.path, &to).map_err(|e| io_fault("moving to the packs", &seg.path, e))?;
+                sync_dir(&k.packs_dir)?;
+                tracing::debug!(segment = seg.first, "log: purged segment kept as a pack (the state refers to its blocks)");
+            }
+            _ => std::fs::remove_file(&seg.path).map_err(|e| io_fault("removing", &seg.path, e))?,
+        }
+        Ok(())
     }
 
     fn read(&self) -> RwLockReadGuard<'_, State> {
@@ -859,8 +936,9 @@ impl Wal {
         if (st.live().is_none() && st.next_index() != Some(first_index)) || first_index < st.start {
             // Only purged entries (or none) are left: start afresh at this index.
             while let Some(seg) = st.segments.pop_front() {
-                std::fs::remove_file(&seg.path).map_err(|e| io_fault("removing", &seg.path, e))?;
+                self.retire(&seg)?;
             }
+            self.durable_next.store(first_index, Ordering::Release);
             st.segments.push_back(Segment::create(&self.dir, first_index, self.segment_bytes)?);
             st.start = first_index;
             batch_first = None;
@@ -946,6 +1024,7 @@ impl Wal {
                 Ok(n) if n == buf.len() => {
                     // Durable: the next record starts a batch.
                     self.dirty.store(false, Ordering::Release);
+                    self.durable_next.store(seg.next_index(), Ordering::Release);
                     return Ok(true);
                 }
                 Ok(n) => {
@@ -1032,12 +1111,14 @@ impl Wal {
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(false);
         }
-        let active = self.read().segments.back().map(|s| (s.file.clone(), s.path.clone()));
-        if let Some((file, path)) = active {
+        let active = self.read().segments.back().map(|s| (s.file.clone(), s.path.clone(), s.next_index()));
+        if let Some((file, path, next)) = active {
             if let Err(e) = file.sync_data() {
                 self.dirty.store(true, Ordering::Release);
                 return Err(io_fault("syncing", &path, e));
             }
+            // Only the writer appends, and it is here: nothing was appended since `next` was read.
+            self.durable_next.store(next, Ordering::Release);
         }
         Ok(true)
     }
@@ -1114,9 +1195,16 @@ impl Wal {
         if from >= next {
             return Ok(());
         }
+        self.durable_next.fetch_min(from, Ordering::AcqRel);
         // Newest first, so a crash leaves a contiguous prefix.
         let mut removed = false;
         while st.segments.back().is_some_and(|s| s.first >= from) {
+            let refers = self.keep.read().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|k| (k.refers)(st.segments[st.segments.len() - 1].first));
+            if refers {
+                // Only entries never committed are truncated, and the state refers only to
+                // applied (committed) ones: this would be a bug, and cutting would lose data.
+                return Err(StoreFault(format!("log truncate from {from}: the state refers to blocks in the segment to be removed; refusing")));
+            }
             if let Some(seg) = st.segments.pop_back() {
                 std::fs::remove_file(&seg.path).map_err(|e| io_fault("removing", &seg.path, e))?;
                 removed = true;
@@ -1152,7 +1240,7 @@ impl Wal {
         let mut removed = false;
         while st.segments.front().is_some_and(|s| s.next_index() <= st.start) {
             if let Some(seg) = st.segments.pop_front() {
-                std::fs::remove_file(&seg.path).map_err(|e| io_fault("removing", &seg.path, e))?;
+                self.retire(&seg)?;
                 removed = true;
             }
         }
