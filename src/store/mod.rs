@@ -492,10 +492,6 @@ impl Store {
         let (out, unreferenced) = {
             let mut tables = StateTxn::open(&txn, Some(blobs.clone()));
             let out = f(&mut tables)?;
-            if let Some(seg) = blobs.take_compact() {
-                let bytes = tables.compact_segment(seg)?;
-                tracing::info!(pack = seg, bytes, "store: mostly dead pack compacted (its live blocks copied into the state file)");
-            }
             let unreferenced = if durable && blobs.sweep_due() { Some(tables.unreferenced_packs()?) } else { None };
             (out, unreferenced)
         };
@@ -512,7 +508,29 @@ impl Store {
             // Full: a writeback is under way already, which covers these pages too.
             let _ = self.inner.writeback.try_send(());
         }
+        if let Some(seg) = blobs.take_compact() {
+            self.compact_pack(seg);
+        }
         Ok(out)
+    }
+
+    /// Copy the live blocks of mostly dead pack `seg` into the state file (store/blobs.rs), in a
+    /// transaction of its own: a failure (an unreadable pack, a full disk) is logged and leaves
+    /// the pack as it is, it never fails an apply. The next sweep queues the pack again.
+    fn compact_pack(&self, seg: u64) {
+        let blobs = &self.inner.blobs;
+        let run = || -> StoreResult<u64> {
+            let mut txn = self.inner.db.begin_write().map_err(fault)?;
+            txn.set_durability(Durability::None).map_err(fault)?;
+            let bytes = StateTxn::open(&txn, Some(blobs.clone())).compact_segment(seg)?;
+            txn.commit().map_err(fault)?;
+            Ok(bytes)
+        };
+        match run() {
+            Ok(bytes) => tracing::info!(pack = seg, bytes, "store: mostly dead pack compacted (its live blocks copied into the state file)"),
+            Err(e) => tracing::warn!(pack = seg, error = %e, "store: compacting a pack failed; it stays as it is"),
+        }
+        blobs.after_commit();
     }
 
     /// Whether the next `write_state` commit will be durable (`STATE_FLUSH_MS`/`STATE_FLUSH_BYTES`

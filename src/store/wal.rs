@@ -874,6 +874,10 @@ impl Wal {
             Some(k) if (k.refers)(seg.first) => {
                 std::fs::create_dir_all(&k.packs_dir).map_err(|e| io_fault("creating", &k.packs_dir, e))?;
                 let to = k.packs_dir.join(super::blobs::pack_name(seg.first));
+                if to.exists() {
+                    // Indexes only grow past a purge, so this is a bug; replacing would lose blocks.
+                    return Err(StoreFault(format!("log: a pack {} exists already; refusing to replace it", to.display())));
+                }
                 seg.file.sync_data().map_err(|e| io_fault("syncing", &seg.path, e))?;
                 std::fs::rename(&seg.path, &to).map_err(|e| io_fault("moving to the packs", &seg.path, e))?;
                 sync_dir(&k.packs_dir)?;
