@@ -249,12 +249,15 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         // heartbeat of its own (same vote, same previous entry, no entries) goes every
         // `HEARTBEAT_MS`; Raft lets a follower take it at any time (no entries: nothing to
         // truncate; its commit index is bounded by the previous entry). Its answer is not needed.
-        let keepalive = AppendEntriesRequest::<TypeConfig> {
+        // Encoded once (the same bytes every interval); None only if encoding failed, then no
+        // heartbeat goes (the call itself goes on as before).
+        let keepalive = encode(&AppendEntriesRequest::<TypeConfig> {
             vote: rpc.vote.clone(),
             prev_log_id: rpc.prev_log_id.clone(),
             leader_commit: rpc.leader_commit.clone(),
             entries: Vec::new(),
-        };
+        })
+        .ok();
         let (transport, target, addr) = (self.transport.clone(), self.target, self.addr.clone());
         let call = self.call_within(RpcKind::AppendEntries, openraft::network::RPCTypes::AppendEntries, &rpc, &option);
         tokio::pin!(call);
@@ -264,7 +267,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             tokio::select! {
                 res = &mut call => return res,
                 _ = tick.tick() => {
-                    let Ok(body) = encode(&keepalive) else { continue };
+                    let Some(body) = keepalive.clone() else { continue };
                     let (transport, addr) = (transport.clone(), addr.clone());
                     tracing::debug!(target, "entries still on their way: heartbeat beside them");
                     tokio::spawn(async move {

@@ -119,6 +119,11 @@ async fn files_then_snapshot(r: &Replica, prefix: &str, n: u32) -> u64 {
     for i in 0..n {
         make_file(r, format!("{prefix}{i}").as_bytes()).await;
     }
+    snapshot_all(r).await
+}
+
+/// Has `r` build a snapshot and waits until it covers what was applied; returns that index.
+async fn snapshot_all(r: &Replica) -> u64 {
     let applied = r.applied_index().unwrap();
     r.trigger_snapshot().await.unwrap();
     let t = Instant::now();
@@ -1636,13 +1641,7 @@ fn distinct(seed: u32, len: usize) -> Vec<u8> {
 
 /// Snapshot everything applied, then purge the whole log (its segments leave the log).
 async fn snapshot_and_purge_all(r: &Replica) {
-    let applied = r.applied_index().unwrap();
-    r.trigger_snapshot().await.unwrap();
-    let t = Instant::now();
-    while r.metrics().snapshot_index.is_none_or(|s| s < applied) {
-        assert!(t.elapsed() < Duration::from_secs(10), "no snapshot: {:?}", r.metrics());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let applied = snapshot_all(r).await;
     r.raft.trigger().purge_log(applied).await.unwrap();
     let t = Instant::now();
     while r.store.first_log_index().unwrap().is_some_and(|f| f <= applied) {

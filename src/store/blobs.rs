@@ -333,13 +333,6 @@ impl Blobs {
         self.delete_doomed(&mut r);
     }
 
-    /// Test hook: the open read views by generation, the doomed packs, the current generation.
-    #[cfg(test)]
-    pub fn readers_debug(&self) -> String {
-        let r = self.readers.lock().unwrap_or_else(|e| e.into_inner());
-        format!("generation {} open {:?} doomed {:?} settling {:?} sweep_due {}", r.generation, r.open, r.doomed, r.settling, self.sweep_due())
-    }
-
     /// Delete the doomed packs no open read view can still need.
     fn delete_doomed(&self, r: &mut Readers) {
         let oldest = r.open.keys().next().copied().unwrap_or(u64::MAX);
