@@ -1076,3 +1076,54 @@ fn cluster_file_held_open_sees_another_nodes_appends() {
     let _ = tail.wait();
     assert_eq!(line.as_deref(), Ok("third line"), "tail -f on node 2 did not follow node 1's append");
 }
+
+/// The blocks of a large file stay where each node's log wrote them (src/store/blobs.rs): once
+/// the log is purged behind a snapshot, the segment they are in is kept as a pack. The file
+/// still reads on every node, also after each node was killed and restarted, the replicas stay
+/// identical, and the packs go once the file is removed and a newer snapshot is taken.
+#[test]
+fn cluster_large_file_outlives_its_log_segment() {
+    const SNAPSHOT_ENTRIES: u64 = 200;
+    let mut c = Cluster::with(ClusterOptions { snapshot_entries: Some(SNAPSHOT_ENTRIES), ..ClusterOptions::default() });
+    // More than one 64 MiB log segment of distinct blocks.
+    let big = crate::data::pattern(80 << 20, 11);
+    write_synced(&c.path(1, "big"), &big).unwrap();
+    let packs = |c: &mut Cluster, k: u64| -> usize {
+        fs::read_dir(c.node(k).data.join("packs")).map(|d| d.flatten().count()).unwrap_or(0)
+    };
+    // One entry per chmod: snapshots every SNAPSHOT_ENTRIES entries let each node purge its log
+    // (all but the last 500 entries), and with it the first segment.
+    let target = c.path(1, "big");
+    let mut ops = 0u64;
+    while !c.ids().into_iter().all(|k| packs(&mut c, k) > 0) {
+        for _ in 0..100 {
+            let mode = if ops.is_multiple_of(2) { 0o600 } else { 0o644 };
+            fs::set_permissions(&target, fs::Permissions::from_mode(mode)).unwrap();
+            ops += 1;
+        }
+        assert!(ops < 20 * SNAPSHOT_ENTRIES, "{ops} ops and still no pack on every node: {:?}", c.ids().into_iter().map(|k| packs(&mut c, k)).collect::<Vec<_>>());
+    }
+    eprintln!("every node keeps a pack after {ops} ops");
+    for k in c.ids() {
+        c.kill9(k);
+        c.start(k);
+        c.wait_converged(CONVERGE_TIMEOUT);
+    }
+    for k in c.ids() {
+        assert!(fs::read(c.path(k, "big")).unwrap() == big, "node {k} reads other content");
+        assert!(packs(&mut c, k) > 0, "node {k} lost its pack");
+    }
+    // Removed: nothing refers to the packs; each goes at its node's next snapshot.
+    fs::remove_file(c.path(2, "big")).unwrap();
+    let probe = c.path(1, "probe");
+    let mut ops = 0u64;
+    let gone = poll(CONVERGE_TIMEOUT, || {
+        for _ in 0..50 {
+            write_synced(&probe, format!("{ops}").as_bytes()).unwrap();
+            ops += 1;
+        }
+        c.ids().into_iter().all(|k| packs(&mut c, k) == 0)
+    });
+    assert!(gone.is_some(), "packs left after {ops} writes: {:?}", c.ids().into_iter().map(|k| packs(&mut c, k)).collect::<Vec<_>>());
+    c.wait_converged(CONVERGE_TIMEOUT);
+}

@@ -9,7 +9,7 @@ use std::os::unix::io::AsRawFd;
 use crate::harness::{check, errno_of, Node};
 
 /// A deterministic pattern that differs at every offset within a block (catches misplaced blocks).
-fn pattern(len: usize, seed: u32) -> Vec<u8> {
+pub(crate) fn pattern(len: usize, seed: u32) -> Vec<u8> {
     let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
     (0..len)
         .map(|_| {
