@@ -220,14 +220,23 @@ impl Blobs {
     /// The bytes of a located block, checked against its check value (a mismatch is a fault,
     /// logged: never returned as data).
     pub fn read(&self, hash: &[u8], loc: &Loc) -> StoreResult<Vec<u8>> {
-        let f = self.file(loc.seg)?;
-        let mut data = vec![0u8; loc.len as usize];
-        f.read_exact_at(&mut data, loc.off)
-            .map_err(|e| StoreFault(format!("reading block {} at {} of segment {}: {e}", hex::encode(hash), loc.off, loc.seg)))?;
+        let data = self.read_bytes(hash, loc, 0)?;
         if tables::block_check(&[&data]) != loc.check {
             tracing::error!(block = %hex::encode(hash), segment = loc.seg, offset = loc.off, len = loc.len, "located block is corrupt (check value mismatch)");
             return Err(StoreFault(format!("block {} is corrupt (check value mismatch)", hex::encode(hash))));
         }
+        Ok(data)
+    }
+
+    /// Bytes `[from, len)` of a located block, unchecked (the check value covers the whole block):
+    /// for a caller that checked the whole block already (a snapshot's tail record, see
+    /// `tables::dump_blocks`).
+    pub fn read_bytes(&self, hash: &[u8], loc: &Loc, from: u32) -> StoreResult<Vec<u8>> {
+        let f = self.file(loc.seg)?;
+        let mut data = vec![0u8; loc.len.saturating_sub(from) as usize];
+        let at = loc.off + u64::from(from);
+        f.read_exact_at(&mut data, at)
+            .map_err(|e| StoreFault(format!("reading block {} at {at} of segment {}: {e}", hex::encode(hash), loc.seg)))?;
         Ok(data)
     }
 

@@ -866,8 +866,8 @@ impl Wal {
     }
 
     /// Remove a segment that leaves the log: moved to the packs directory if the state refers to
-    /// its bytes, deleted otherwise. Whether the log directory changed. Called with the state
-    /// lock held, so a reader finds the file either in the log or among the packs.
+    /// its bytes, deleted otherwise. Called with the state lock held, so a reader finds the file
+    /// either in the log or among the packs.
     fn retire(&self, seg: &Segment) -> StoreResult<()> {
         let keep = self.keep.read().unwrap_or_else(|e| e.into_inner());
         match keep.as_ref() {
@@ -1121,7 +1121,8 @@ impl Wal {
                 self.dirty.store(true, Ordering::Release);
                 return Err(io_fault("syncing", &path, e));
             }
-            // Only the writer appends, and it is here: nothing was appended since `next` was read.
+            // A record is listed (and so counted in `next`) only once its write returned, so
+            // every record below `next` was written before this sync began.
             self.durable_next.store(next, Ordering::Release);
         }
         Ok(true)
