@@ -984,6 +984,57 @@ fn cluster_locks_hold_across_nodes() {
     drop(w3);
 }
 
+/// The locks of a node the leader stops hearing from expire after the lock lease
+/// (`--lock-lease-ms`): a waiter on another node gets them without the dead node's restart, not
+/// before the lease ran out; a live node's lock, held all the while, stays; the dead node's next
+/// run starts as usual and sees the locks taken meanwhile.
+#[test]
+fn cluster_locks_of_a_node_down_past_the_lease_expire() {
+    use crate::locks::{blocked_flock, fcntl_lock as record_lock, flock};
+    const LEASE: Duration = Duration::from_millis(3_000);
+    let mut c = Cluster::with(ClusterOptions { lock_lease_ms: Some(LEASE.as_millis() as u64), ..ClusterOptions::default() });
+    let holder = c.wait_leader(ELECTION_TIMEOUT, None);
+    let others: Vec<u64> = c.ids().into_iter().filter(|k| *k != holder).collect();
+    let (dead, waiter) = (others[0], others[1]);
+    let rel = "leased";
+    write_synced(&c.path(holder, rel), &[7u8; 100]).unwrap();
+    seen(&c, &others, "the file", |c, k| fs::metadata(c.path(k, rel)).is_ok_and(|m| m.len() == 100));
+    let rw = |c: &Cluster, k: u64| OpenOptions::new().read(true).write(true).open(c.path(k, rel)).unwrap();
+    let d = rw(&c, dead);
+    flock(&d, libc::LOCK_EX).unwrap();
+    record_lock(&d, libc::F_SETLK, libc::F_WRLCK, 0, 10).unwrap();
+    let h = rw(&c, holder);
+    record_lock(&h, libc::F_SETLK, libc::F_WRLCK, 20, 10).unwrap();
+    let w = rw(&c, waiter);
+    let conflict = |r: io::Result<libc::flock>| {
+        let e = errno_of(r);
+        e == libc::EAGAIN || e == libc::EACCES
+    };
+    let _stuck = c.kill9(dead);
+    let killed_at = Instant::now();
+    drop(d);
+    assert_eq!(errno_of(flock(&w, libc::LOCK_EX | libc::LOCK_NB)), libc::EWOULDBLOCK, "the dead node's flock holds within the lease");
+    let blocked = blocked_flock(&c.path(waiter, rel));
+    let got = poll(LEASE + CONVERGE_TIMEOUT, || blocked.is_finished());
+    assert!(got.is_some(), "the dead node's flock never expired ({:?} after the kill)", killed_at.elapsed());
+    let waited = killed_at.elapsed();
+    let held = blocked.join().unwrap().expect("the waiter gets the lock once the lease ran out");
+    // The leader last heard from the dead node at most a heartbeat (100 ms) before the kill.
+    assert!(waited >= LEASE - Duration::from_millis(200), "the lock went {waited:?} after the kill, before the lease ({LEASE:?})");
+    assert!(record_lock(&w, libc::F_SETLK, libc::F_WRLCK, 0, 10).is_ok(), "the dead node's record lock expired too");
+    assert!(
+        conflict(record_lock(&w, libc::F_SETLK, libc::F_WRLCK, 20, 10)),
+        "a live node's record lock, held for longer than the lease, stays"
+    );
+    c.start(dead);
+    let d = rw(&c, dead);
+    assert_eq!(errno_of(flock(&d, libc::LOCK_EX | libc::LOCK_NB)), libc::EWOULDBLOCK, "the restarted node sees the waiter's flock");
+    assert!(conflict(record_lock(&d, libc::F_SETLK, libc::F_WRLCK, 0, 30)), "and both record locks");
+    record_lock(&d, libc::F_SETLK, libc::F_WRLCK, 40, 10).expect("the restarted node takes a lock of its own");
+    drop(held);
+    drop((d, h, w));
+}
+
 /// Locks make a read-modify-write safe across nodes, NFS-style: processes on all three nodes
 /// increment one counter in a file each holds open, under flock, without fsync or close; every
 /// increment survives (the unlock writes back what was written under the lock, the lock's grant

@@ -59,6 +59,8 @@ pub struct ClusterOptions {
     pub data_tmpfs: BTreeMap<u64, u64>,
     /// Nodes run with their mount guard (`--no-mount-guard` when false).
     pub mount_guard: bool,
+    /// `--lock-lease-ms`; None keeps the node's default.
+    pub lock_lease_ms: Option<u64>,
 }
 
 impl Default for ClusterOptions {
@@ -70,6 +72,7 @@ impl Default for ClusterOptions {
             netns: false,
             data_tmpfs: BTreeMap::new(),
             mount_guard: true,
+            lock_lease_ms: None,
         }
     }
 }
@@ -274,6 +277,9 @@ impl Cluster {
         ];
         if let Some(n) = self.opts.snapshot_entries {
             args.extend(["--snapshot-entries".into(), n.to_string().into()]);
+        }
+        if let Some(ms) = self.opts.lock_lease_ms {
+            args.extend(["--lock-lease-ms".into(), ms.to_string().into()]);
         }
         if let Some(seed) = join {
             args.extend(["--join".into(), seed.into()]);

@@ -92,6 +92,12 @@ pub struct MountArgs {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub propose_timeout_ms: u64,
 
+    /// The advisory locks (flock, fcntl) held through a node that the leader has not heard from
+    /// for this long, in milliseconds, expire, so that a node that died holding locks does not
+    /// block the others until it restarts; 0: they stay until it restarts or is removed.
+    #[arg(long, env = "PICKBOX_LOCK_LEASE_MS", default_value_t = crate::config::LOCK_LEASE_MS_DEFAULT)]
+    pub lock_lease_ms: u64,
+
     /// Listen for peers (QUIC with mutual TLS) at this address, e.g. 127.0.0.1:8001. Without it
     /// the node runs alone, without peers.
     #[arg(long, env = "PICKBOX_LISTEN", requires = "certs")]

@@ -27,6 +27,10 @@ pub const XATTR_LIST_BYTES_MAX: usize = 64 * 1024;
 /// is one stored value, rewritten at every lock change. A request that would hold more gets
 /// ENOLCK.
 pub const LOCKS_PER_INODE_MAX: usize = 4_096;
+/// How long the leader goes without an answer from a member before that member's advisory
+/// locks expire, unless configured (`--lock-lease-ms`; see `raft::leases`). Far above any
+/// election or restart (seconds), so only a node that stays down or cut off loses its locks.
+pub const LOCK_LEASE_MS_DEFAULT: u64 = 30_000;
 /// Most hard links to one inode.
 pub const LINK_COUNT_MAX: u32 = 65_000;
 /// How many results of recent commands each origin node keeps for deduplicating retries.

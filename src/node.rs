@@ -124,6 +124,7 @@ async fn run_mount(args: MountArgs) -> anyhow::Result<()> {
     let mut cfg = ReplicaConfig::new(args.node_id, data_dir.clone(), Duration::from_millis(args.propose_timeout_ms));
     cfg.advertise_addr = args.advertise_addr();
     cfg.snapshot_entries = args.snapshot_entries;
+    cfg.lock_lease = (args.lock_lease_ms > 0).then(|| Duration::from_millis(args.lock_lease_ms));
     if mode == StartMode::Restart && args.join.is_some() {
         tracing::info!(data_dir = %data_dir.display(), "existing state: restarting as a member; --join is ignored unless it never joined");
     }

@@ -1175,6 +1175,7 @@ fn op_kind(op: &Op) -> &'static str {
         Op::Lock { .. } => "Lock",
         Op::ReleaseLocks { .. } => "ReleaseLocks",
         Op::DropStaleLocks { .. } => "DropStaleLocks",
+        Op::ExpireLocks { .. } => "ExpireLocks",
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod forward;
+mod leases;
 pub mod network;
 pub mod storage;
 
@@ -222,6 +223,9 @@ pub struct ReplicaConfig {
     pub snapshot_low_space_bytes: u64,
     /// How long a snapshot's last chunk may wait for the follower's install (tests lower it).
     pub snapshot_install: SnapshotInstallBound,
+    /// The advisory locks of a member the leader has not heard from for this long expire
+    /// (`leases`); None: they stay until it restarts or is removed.
+    pub lock_lease: Option<Duration>,
 }
 
 impl ReplicaConfig {
@@ -236,6 +240,7 @@ impl ReplicaConfig {
             snapshot_log_bytes: SNAPSHOT_LOG_BYTES_MAX,
             snapshot_low_space_bytes: SNAPSHOT_LOW_SPACE_FREE_BYTES,
             snapshot_install: SnapshotInstallBound::default(),
+            lock_lease: Some(Duration::from_millis(crate::config::LOCK_LEASE_MS_DEFAULT)),
         }
     }
 }
@@ -273,8 +278,8 @@ pub enum Touch {
 pub enum LockChange {
     /// The locks of this inode.
     Inode(crate::state::Ino),
-    /// Locks of any inode (a node's earlier runs or a removed node's locks dropped, a snapshot
-    /// installed).
+    /// Locks of any inode (a node's earlier runs', a removed node's or an expired lease's locks
+    /// dropped, a snapshot installed).
     Any,
 }
 
@@ -325,6 +330,8 @@ pub struct Replica {
     pipelined: AtomicU64,
     /// Told by apply whenever an advisory lock may have been released (`lock_changes`).
     lock_changes: LockChanges,
+    /// When each peer last answered this node's Raft calls (the lock leases read it).
+    contacts: Arc<network::Contacts>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -496,9 +503,11 @@ impl Replica {
             .with_events(cfg.node_id, applied_tx.clone())
             .with_waiters(cfg.node_id, waiters.clone())
             .with_lock_changes(lock_changes.clone());
-        let raft =
-            Raft::new(cfg.node_id, Arc::new(raft_config(cfg.snapshot_entries)?), network::Network::new(cfg.node_id, transport.clone()).snapshot_install(cfg.snapshot_install), log, sm)
-                .await?;
+        let contacts: Arc<network::Contacts> = Default::default();
+        let network = network::Network::new(cfg.node_id, transport.clone())
+            .snapshot_install(cfg.snapshot_install)
+            .contacts(contacts.clone());
+        let raft = Raft::new(cfg.node_id, Arc::new(raft_config(cfg.snapshot_entries)?), network, log, sm).await?;
         let (queue, rx) = tokio::sync::mpsc::channel(PROPOSE_QUEUE_MAX);
         let replica = Arc::new(Replica {
             node_id: cfg.node_id,
@@ -514,6 +523,7 @@ impl Replica {
             log_cache,
             pipelined: AtomicU64::new(0),
             lock_changes,
+            contacts,
             tasks: Mutex::new(Vec::new()),
         });
         let batcher = tokio::spawn(batcher(Arc::downgrade(&replica), rx));
@@ -524,6 +534,10 @@ impl Replica {
             replica.raft.data_metrics(),
         ));
         replica.push_task(lease);
+        if let Some(lease) = replica.cfg.lock_lease {
+            let expiry = tokio::spawn(leases::expire_locks(Arc::downgrade(&replica), replica.raft.server_metrics(), lease));
+            replica.push_task(expiry);
+        }
         Ok(replica)
     }
 
@@ -868,6 +882,11 @@ impl Replica {
                 if let Some(c) = batch.0.iter().find(|c| Some(c.origin) != peer) {
                     tracing::warn!(?peer, origin = c.origin, "refused a forwarded batch carrying another node's commands");
                     return Err(StoreFault(format!("forwarded commands of origin {} from peer {peer:?}", c.origin)));
+                }
+                // Only a leader expires leases, and it proposes that itself.
+                if batch.0.iter().any(|c| matches!(c.op, Op::ExpireLocks { .. })) {
+                    tracing::warn!(?peer, "refused a forwarded batch expiring locks");
+                    return Err(StoreFault("forwarded lock expiry".into()));
                 }
                 encode(&self.serve_forward(batch).await)
             }

@@ -73,17 +73,40 @@ impl PeerTransport for NoPeers {
     }
 }
 
+/// When each peer last answered a Raft call of this node (any answer, errors included: the peer
+/// process is alive and reachable). The leader's lock leases read it (`super::leases`).
+#[derive(Default)]
+pub struct Contacts(std::sync::Mutex<std::collections::HashMap<NodeId, std::time::Instant>>);
+
+impl Contacts {
+    fn heard(&self, peer: NodeId) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(peer, std::time::Instant::now());
+    }
+
+    /// When `peer` last answered, if it ever did.
+    pub fn last(&self, peer: NodeId) -> Option<std::time::Instant> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&peer).copied()
+    }
+}
+
 /// openraft's network factory over a `PeerTransport`.
 #[derive(Clone)]
 pub struct Network {
     me: NodeId,
     transport: Arc<dyn PeerTransport>,
     snapshot_install: SnapshotInstallBound,
+    contacts: Arc<Contacts>,
 }
 
 impl Network {
     pub fn new(me: NodeId, transport: Arc<dyn PeerTransport>) -> Self {
-        Network { me, transport, snapshot_install: SnapshotInstallBound::default() }
+        Network { me, transport, snapshot_install: SnapshotInstallBound::default(), contacts: Arc::default() }
+    }
+
+    /// Record the peers' answers in `contacts`.
+    pub fn contacts(mut self, contacts: Arc<Contacts>) -> Self {
+        self.contacts = contacts;
+        self
     }
 
     /// How long a snapshot's last chunk may wait for the follower's install.
@@ -104,6 +127,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             transport: self.transport.clone(),
             snapshot_install: self.snapshot_install,
             failures: 0,
+            contacts: self.contacts.clone(),
         }
     }
 }
@@ -119,6 +143,7 @@ pub struct PeerClient {
     /// logged as a warning, and the first answer after them (openraft logs these errors at
     /// debug, vendor patch 4).
     failures: u64,
+    contacts: Arc<Contacts>,
 }
 
 /// A replication stream whose peer cannot be reached (down, or still opening its store) waits
@@ -150,6 +175,7 @@ impl PeerClient {
         let body = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(e.0))))?;
         let reply = match self.transport.call(self.target, &self.addr, kind, body).await {
             Ok(reply) => {
+                self.contacts.heard(self.target);
                 if self.failures > 0 {
                     tracing::info!(target = self.target, failed_calls = self.failures, "peer answers again");
                     self.failures = 0;

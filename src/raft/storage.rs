@@ -762,7 +762,8 @@ fn touches_before(t: &StateTxn<'_>, cmd: &Command) -> StoreResult<(Vec<Touch>, V
         | Op::Release { .. }
         | Op::Lock { .. }
         | Op::ReleaseLocks { .. }
-        | Op::DropStaleLocks { .. } => {}
+        | Op::DropStaleLocks { .. }
+        | Op::ExpireLocks { .. } => {}
     }
     Ok((out, victims))
 }
@@ -772,7 +773,8 @@ fn touches_before(t: &StateTxn<'_>, cmd: &Command) -> StoreResult<(Vec<Touch>, V
 pub const INLINE_APPLY_BYTES_MAX: usize = 256 * 1024;
 
 /// The inodes whose locks the commands of `entries` may have released (any lock command: a
-/// change may be a downgrade or a split), or `Any` for a node's earlier runs or its removal;
+/// change may be a downgrade or a split), or `Any` for a node's earlier runs, its removal or its
+/// expired lease;
 /// each inode once.
 fn lock_changes(entries: &[Ent]) -> Vec<super::LockChange> {
     let mut out = Vec::new();
@@ -781,7 +783,7 @@ fn lock_changes(entries: &[Ent]) -> Vec<super::LockChange> {
             for c in batch.0.iter() {
                 let what = match c.op {
                     Op::Lock { ino, .. } | Op::ReleaseLocks { ino, .. } => super::LockChange::Inode(ino),
-                    Op::DropStaleLocks { .. } | Op::UnregisterNode { .. } => super::LockChange::Any,
+                    Op::DropStaleLocks { .. } | Op::UnregisterNode { .. } | Op::ExpireLocks { .. } => super::LockChange::Any,
                     _ => continue,
                 };
                 if !out.contains(&what) {
@@ -791,6 +793,26 @@ fn lock_changes(entries: &[Ent]) -> Vec<super::LockChange> {
         }
     }
     out
+}
+
+/// Log it when `entries` expire locks of `node` (this node): its processes that held them are
+/// not told (see `super::leases`).
+fn expired_here(node: NodeId, entries: &[Ent]) {
+    for e in entries {
+        if let EntryPayload::Normal(batch) = &e.payload {
+            for c in batch.0.iter() {
+                if let Op::ExpireLocks { node: n, incarnation } = c.op {
+                    if n == node {
+                        tracing::warn!(
+                            incarnation,
+                            leader = c.origin,
+                            "the leader did not hear from this node for the lock lease: its locks up to this incarnation expired, their holders here are not told"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The payload bytes of the commands in `e`.
@@ -1005,6 +1027,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if !touched.is_empty() {
             self.send_event(Applied { index: last_index, touched });
         }
+        if let Some((node, _)) = &self.waiters {
+            expired_here(*node, &entries);
+        }
         if self.lock_changes.is_some() {
             for what in lock_changes(&entries) {
                 self.locks_changed(what);
@@ -1127,7 +1152,8 @@ mod tests {
     }
 
     /// Lock waiters hear of the inodes whose locks an apply may have released, each once, and of
-    /// "any" for a node's earlier runs or its removal; other commands tell them nothing.
+    /// "any" for a node's earlier runs, its removal or its expired lease; other commands tell them
+    /// nothing.
     #[test]
     fn lock_changes_name_the_inodes_whose_locks_may_have_gone() {
         let lock = |ino| Op::Lock { ino, incarnation: 1, owner: 2, kind: LockKind::Flock, typ: None, start: 0, end: 0, pid: 0 };
@@ -1143,6 +1169,7 @@ mod tests {
         );
         assert_eq!(lock_changes(&[ent(4, vec![Op::DropStaleLocks { incarnation: 3 }, lock(5)])]), vec![LockChange::Any, LockChange::Inode(5)]);
         assert_eq!(lock_changes(&[ent(5, vec![Op::UnregisterNode { node: 2 }])]), vec![LockChange::Any]);
+        assert_eq!(lock_changes(&[ent(7, vec![Op::ExpireLocks { node: 2, incarnation: 4 }])]), vec![LockChange::Any]);
         assert!(lock_changes(&[ent(6, vec![Op::RegisterNode { node: 2 }])]).is_empty());
     }
 }

@@ -361,6 +361,7 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
             }
             Op::ReleaseLocks { ino, incarnation, owners, kind } => self.release_locks(*ino, *incarnation, owners, *kind),
             Op::DropStaleLocks { incarnation } => self.drop_node_locks(cmd.origin, Some(*incarnation)),
+            Op::ExpireLocks { node, incarnation } => self.expire_node_locks(*node, *incarnation),
         }
     }
 
@@ -424,6 +425,17 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         for ino in self.s.locked_inodes()? {
             let mut table = self.s.locks(ino)?;
             if table.drop_node(node, keep) {
+                self.begin();
+                self.s.put_locks(ino, &table)?;
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    fn expire_node_locks(&mut self, node: NodeId, incarnation: u64) -> Step<Outcome> {
+        for ino in self.s.locked_inodes()? {
+            let mut table = self.s.locks(ino)?;
+            if table.expire_node(node, incarnation) {
                 self.begin();
                 self.s.put_locks(ino, &table)?;
             }

@@ -167,6 +167,11 @@ pub enum Op {
     /// Drop every lock the origin holds under an incarnation other than `incarnation`: its
     /// earlier runs' locks, whose holders are gone (proposed at start).
     DropStaleLocks { incarnation: u64 },
+    /// Drop every lock `node` holds under an incarnation up to `incarnation`: the leader has not
+    /// heard from that node for the lock lease (`--lock-lease-ms`), so its holders are taken
+    /// for gone (proposed by the leader, see `raft::leases`). A later run of the node, with a
+    /// higher incarnation, keeps its locks.
+    ExpireLocks { node: NodeId, incarnation: u64 },
 }
 
 /// How `expect_closed` is encoded, so that log entries written before it existed still decode
@@ -229,7 +234,8 @@ impl Op {
             | Op::Release { .. }
             | Op::Lock { .. }
             | Op::ReleaseLocks { .. }
-            | Op::DropStaleLocks { .. } => &[],
+            | Op::DropStaleLocks { .. }
+            | Op::ExpireLocks { .. } => &[],
         }
     }
 }

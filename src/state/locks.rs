@@ -288,6 +288,14 @@ impl LockTable {
         self.locks.len() != before
     }
 
+    /// Drop `node`'s locks taken under an incarnation up to `incarnation` (an expired lease);
+    /// returns whether anything was dropped.
+    pub fn expire_node(&mut self, node: NodeId, incarnation: u64) -> bool {
+        let before = self.locks.len();
+        self.locks.retain(|l| l.owner.node != node || l.owner.incarnation > incarnation);
+        self.locks.len() != before
+    }
+
     /// Whether the owner `(node, incarnation, id)` holds any lock (of `kind`, or of any kind when
     /// `None`), e.g. to know whether a close must propose a release at all.
     pub fn holds(&self, node: NodeId, incarnation: u64, id: u64, kind: Option<LockKind>) -> bool {
@@ -608,6 +616,26 @@ mod tests {
         t.release_ids(1, 1, &[]);
         assert_eq!(t, before);
         t.check().unwrap();
+    }
+
+    #[test]
+    fn expire_node_drops_up_to_the_incarnation() {
+        let mut t = LockTable::default();
+        let a_old = LockOwner { incarnation: 0, ..A };
+        let a_new = LockOwner { incarnation: 2, ..A };
+        t.set(A, Posix, Read, 0, 9, 1).unwrap();
+        t.set(a_old, Flock, Read, 0, MAX, 1).unwrap();
+        t.set(a_new, Posix, Read, 20, 29, 1).unwrap();
+        t.set(C, Posix, Read, 0, 9, 1).unwrap();
+        assert!(t.expire_node(A.node, A.incarnation));
+        assert!(!t.holds(A.node, A.incarnation, A.id, None));
+        assert!(!t.holds(a_old.node, a_old.incarnation, a_old.id, None));
+        assert!(t.holds(a_new.node, a_new.incarnation, a_new.id, Some(Posix)), "a later run keeps its lock");
+        assert!(t.holds(C.node, C.incarnation, C.id, Some(Posix)), "another node keeps its lock");
+        assert!(!t.expire_node(A.node, A.incarnation), "nothing left to drop");
+        t.check().unwrap();
+        assert!(t.expire_node(A.node, 2));
+        assert!(!t.holds(a_new.node, a_new.incarnation, a_new.id, None));
     }
 
     #[test]
