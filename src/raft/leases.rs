@@ -58,11 +58,7 @@ pub(super) async fn expire_locks(
 
 /// One pass: expire the locks of the members in `members` silent for `lease`.
 async fn expire_silent(r: &Replica, members: &[NodeId], since: Instant, lease: Duration) -> anyhow::Result<()> {
-    let silent = |node: NodeId| {
-        let heard = r.contacts.last(node).map_or(since, |t| t.max(since));
-        heard.elapsed() >= lease
-    };
-    let silent: Vec<NodeId> = members.iter().copied().filter(|n| silent(*n)).collect();
+    let silent: Vec<NodeId> = members.iter().copied().filter(|n| silent_for(r, *n, since) >= lease).collect();
     if silent.is_empty() {
         return Ok(());
     }
@@ -82,7 +78,7 @@ async fn expire_silent(r: &Replica, members: &[NodeId], since: Instant, lease: D
     }
     for (node, (incarnation, locks)) in held {
         // Heard from since the scan began? Then it keeps them.
-        if !silent_still(r, node, since, lease) {
+        if silent_for(r, node, since) < lease {
             continue;
         }
         tracing::warn!(
@@ -97,6 +93,7 @@ async fn expire_silent(r: &Replica, members: &[NodeId], since: Instant, lease: D
     Ok(())
 }
 
-fn silent_still(r: &Replica, node: NodeId, since: Instant, lease: Duration) -> bool {
-    r.contacts.last(node).map_or(since, |t| t.max(since)).elapsed() >= lease
+/// How long this node, leading since `since`, has not heard from `node`.
+fn silent_for(r: &Replica, node: NodeId, since: Instant) -> Duration {
+    r.contacts.last(node).map_or(since, |t| t.max(since)).elapsed()
 }
