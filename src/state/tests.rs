@@ -1953,6 +1953,10 @@ enum A {
     DropStale {
         inc: u64,
     },
+    Expire {
+        node: NodeId,
+        inc: u64,
+    },
 }
 
 /// Lock actions, for both generators.
@@ -1962,6 +1966,7 @@ fn arb_lock() -> impl Strategy<Value = A> {
             .prop_map(|(any, owner, inc, flock, typ, off, len)| A::Lock { any, owner, inc, flock, typ, off, len }),
         1 => (0usize..16, 0u64..3, any::<bool>()).prop_map(|(any, owner, posix_only)| A::Unlock { any, owner, posix_only }),
         1 => (1u64..3).prop_map(|inc| A::DropStale { inc }),
+        1 => (1u64..4, 1u64..3).prop_map(|(node, inc)| A::Expire { node, inc }),
     ]
 }
 
@@ -2242,6 +2247,7 @@ fn to_op(s: &MemState, a: A) -> Option<Op> {
             kind: posix_only.then_some(LockKind::Posix),
         },
         A::DropStale { inc } => Op::DropStaleLocks { incarnation: inc },
+        A::Expire { node, inc } => Op::ExpireLocks { node, incarnation: inc },
         A::Retry { .. } => return None,
     })
 }
@@ -2595,7 +2601,8 @@ fn lock_op(ino: Ino, inc: u64, owner: u64, kind: LockKind, typ: Option<LockType>
 
 /// Advisory locks are state: a lock from one node conflicts with another node's request (EAGAIN,
 /// nothing changed), goes with a close (`ReleaseLocks`), with its node's earlier runs
-/// (`DropStaleLocks`), with its node's removal, and with the inode.
+/// (`DropStaleLocks`), with an expired lease up to an incarnation (`ExpireLocks`), with its
+/// node's removal, and with the inode.
 #[test]
 fn locks_conflict_across_nodes_and_go_with_their_holders() {
     use LockKind::{Flock, Posix};
@@ -2626,6 +2633,17 @@ fn locks_conflict_across_nodes_and_go_with_their_holders() {
     // Node 2 restarts (incarnation 2): its earlier run's locks go.
     h.run_from(2, root.clone(), Op::DropStaleLocks { incarnation: 2 }).unwrap();
     assert!(!h.s.locks.contains_key(&f), "no empty table is stored");
+    // The leader expires node 2's lease up to incarnation 1: its run 2 keeps its lock; up to 2,
+    // it goes. Node 1's lock is not touched.
+    h.run_from(2, root.clone(), lock_op(f, 2, 5, Flock, Some(Read), 0, 0)).unwrap();
+    h.run_from(1, root.clone(), lock_op(f, 1, 6, Posix, Some(Read), 0, 9)).unwrap();
+    h.run_from(1, root.clone(), Op::ExpireLocks { node: 2, incarnation: 1 }).unwrap();
+    assert_eq!(h.s.locks[&f].iter().filter(|l| l.owner.node == 2).count(), 1, "a later run's lock stays");
+    h.run_from(1, root.clone(), Op::ExpireLocks { node: 2, incarnation: 2 }).unwrap();
+    let holders: Vec<_> = h.s.locks[&f].iter().map(|l| l.owner.node).collect();
+    assert_eq!(holders, vec![1], "node 2's lock expired, node 1's stays");
+    h.run_from(1, root.clone(), Op::ReleaseLocks { ino: f, incarnation: 1, owners: vec![6], kind: None }).unwrap();
+    assert!(!h.s.locks.contains_key(&f));
     // Locks go with a removed node and with a freed inode.
     h.run_from(2, root.clone(), lock_op(f, 2, 1, Flock, Some(Read), 0, 0)).unwrap();
     h.run_from(1, root.clone(), Op::UnregisterNode { node: 2 }).unwrap();
