@@ -96,6 +96,11 @@ impl InFlight {
         })
     }
 
+    /// Whether any write is in flight.
+    pub fn any(&self) -> bool {
+        !self.lock().inodes.is_empty()
+    }
+
     /// How many writes to `ino` are in flight (for tests).
     #[cfg(test)]
     pub fn count(&self, ino: Ino) -> usize {

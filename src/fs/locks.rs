@@ -18,6 +18,22 @@ use crate::state::Ino;
 /// wait (any other request may be interrupted too) are forgotten oldest first.
 const EARLY_INTERRUPTS_MAX: usize = 256;
 
+/// How long after a FLUSH of a handle that took locks a conflicting non-blocking request on this
+/// node waits for that handle's RELEASE. A FLUSH comes with every close(2) of a descriptor,
+/// before it returns; when it was the last descriptor of the open file, the kernel queues the
+/// RELEASE (which drops the file's flock and OFD locks) in the background, behind the
+/// writeback in flight, so it can arrive after the process's next lock request. Without the
+/// wait such a request met the lock the process had just closed (2-5 of 1,500 close-and-relock
+/// rounds under a concurrent write). The wait goes on while writes are in flight here (the
+/// RELEASE may be queued behind them), this long after the last one was seen, and at most
+/// `RELEASE_AFTER_FLUSH_WAIT_MAX_MS` after the flush. When the close was not the last (a dup is
+/// still open), the request gets its EWOULDBLOCK that much later.
+pub const RELEASE_AFTER_FLUSH_WAIT_MS: u64 = 100;
+/// See `RELEASE_AFTER_FLUSH_WAIT_MS`.
+pub const RELEASE_AFTER_FLUSH_WAIT_MAX_MS: u64 = 2_000;
+/// How often that wait looks whether writes are still in flight.
+const RELEASE_WAIT_POLL_MS: u64 = 5;
+
 /// See the module comment.
 #[derive(Default)]
 pub struct LockWaits {
@@ -29,6 +45,9 @@ pub struct LockWaits {
     ever_locked: AtomicBool,
     /// Inodes whose handle's locks are being dropped after a RELEASE (how many such handles).
     closing: Mutex<HashMap<Ino, usize>>,
+    /// Handles that took locks and were flushed (a descriptor closed), with their inode and
+    /// when, until their RELEASE: it may be on its way (`RELEASE_AFTER_FLUSH_WAIT_MS`).
+    flushed: Mutex<HashMap<u64, (Ino, std::time::Instant)>>,
     /// Notified whenever one of those drops is done.
     closed: tokio::sync::Notify,
 }
@@ -83,9 +102,23 @@ impl LockWaits {
         m.entry(fh).or_insert_with(|| (ino, BTreeSet::new())).1.insert(owner);
     }
 
+    /// A descriptor of handle `fh` was closed (FLUSH): if locks were taken through it, its
+    /// RELEASE may follow (see `settle`).
+    pub fn flushed(&self, fh: u64) {
+        if !self.ever_locked() {
+            return;
+        }
+        let ino = match self.by_handle.lock().unwrap_or_else(|e| e.into_inner()).get(&fh) {
+            Some((ino, _)) => *ino,
+            None => return,
+        };
+        self.flushed.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, (ino, std::time::Instant::now()));
+    }
+
     /// Handle `fh` is closed for good: the inode and the owners that took locks through it, if
     /// any; then the caller drops their locks and calls `release_done`.
     pub fn closed(&self, fh: u64) -> Option<(Ino, Vec<u64>)> {
+        self.flushed.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh);
         let (ino, owners) = self.by_handle.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh)?;
         *self.closing.lock().unwrap_or_else(|e| e.into_inner()).entry(ino).or_insert(0) += 1;
         Some((ino, owners.into_iter().collect()))
@@ -104,13 +137,47 @@ impl LockWaits {
         self.closed.notify_waiters();
     }
 
-    /// If locks of closed handles of `ino` are being dropped, wait until they are (at most
-    /// `bound`) and return true. The kernel sends RELEASE after close(2) returned, so a process
-    /// that closes a locked file and locks it again through another would otherwise meet its
-    /// own lock for the length of a Raft round.
-    pub async fn settle(&self, ino: Ino, bound: std::time::Duration) -> bool {
-        let busy = || self.closing.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&ino);
-        if !busy() {
+    /// If locks of closed handles of `ino` are being dropped, or a handle of `ino` that took
+    /// locks was flushed and its RELEASE may still come (`RELEASE_AFTER_FLUSH_WAIT_MS`;
+    /// `writing`: whether writes are in flight on this node now), wait until the drops are done
+    /// and those RELEASEs came or are no longer expected (at most `bound`), and return true. The
+    /// kernel sends RELEASE after close(2) returned, so a process that closes a locked file and
+    /// locks it again through another would otherwise meet its own lock.
+    pub async fn settle(&self, ino: Ino, bound: std::time::Duration, writing: impl Fn() -> bool) -> bool {
+        use std::time::{Duration, Instant};
+        let grace = Duration::from_millis(RELEASE_AFTER_FLUSH_WAIT_MS);
+        let cap = Duration::from_millis(RELEASE_AFTER_FLUSH_WAIT_MAX_MS);
+        let poll = Duration::from_millis(RELEASE_WAIT_POLL_MS);
+        let mut writes_seen: Option<Instant> = None;
+        // Busy: dropping (no deadline), or a RELEASE expected until the deadline.
+        let mut busy = || -> Option<Option<Instant>> {
+            if self.closing.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&ino) {
+                return Some(None);
+            }
+            let now = Instant::now();
+            let flushed: Vec<Instant> = self
+                .flushed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .filter(|(i, at)| *i == ino && now < *at + cap)
+                .map(|(_, at)| *at)
+                .collect();
+            if flushed.is_empty() {
+                return None;
+            }
+            if writing() {
+                writes_seen = Some(now);
+            }
+            let until = flushed
+                .into_iter()
+                .map(|at| (writes_seen.map_or(at, |w| w.max(at)) + grace).min(at + cap))
+                .max()
+                .filter(|until| *until > now)?;
+            // While writes are in flight the deadline moves on: look again soon.
+            Some(Some(if writes_seen == Some(now) { until.min(now + poll) } else { until }))
+        };
+        if busy().is_none() {
             return false;
         }
         let _ = tokio::time::timeout(bound, async {
@@ -118,10 +185,13 @@ impl LockWaits {
                 let done = self.closed.notified();
                 tokio::pin!(done);
                 done.as_mut().enable();
-                if !busy() {
-                    return;
+                match busy() {
+                    None => return,
+                    Some(None) => done.await,
+                    Some(Some(until)) => {
+                        let _ = tokio::time::timeout_at(until.into(), done).await;
+                    }
                 }
-                done.await;
             }
         })
         .await;
@@ -181,19 +251,56 @@ mod tests {
     async fn a_lock_request_waits_for_the_releases_of_closed_handles() {
         let w = std::sync::Arc::new(LockWaits::default());
         let bound = std::time::Duration::from_secs(10);
-        assert!(!w.settle(10, bound).await, "nothing closing");
+        assert!(!w.settle(10, bound, || false).await, "nothing closing");
         w.took(1, 10, 5);
         w.took(2, 10, 6);
         assert!(w.closed(1).is_some() && w.closed(2).is_some());
         let waiter = tokio::spawn({
             let w = w.clone();
-            async move { w.settle(10, bound).await }
+            async move { w.settle(10, bound, || false).await }
         });
         w.release_done(10);
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished(), "one release still runs");
         w.release_done(10);
         assert!(tokio::time::timeout(bound, waiter).await.unwrap().unwrap());
-        assert!(!w.settle(10, bound).await);
+        assert!(!w.settle(10, bound, || false).await);
+    }
+
+    /// A flushed handle that took locks may have its RELEASE on the way: a request waits for it
+    /// (ending as soon as it is handled), or for `RELEASE_AFTER_FLUSH_WAIT_MS` if none comes.
+    #[tokio::test]
+    async fn a_lock_request_waits_for_the_release_a_flush_announces() {
+        let w = std::sync::Arc::new(LockWaits::default());
+        let bound = std::time::Duration::from_secs(10);
+        w.flushed(1);
+        assert!(!w.settle(10, bound, || true).await, "a handle that took no lock announces nothing");
+        w.took(1, 10, 5);
+        w.flushed(1);
+        assert!(!w.settle(11, bound, || true).await, "another inode does not wait");
+        let waiter = tokio::spawn({
+            let w = w.clone();
+            async move { w.settle(10, bound, || true).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "waits for the RELEASE");
+        let (ino, _) = w.closed(1).unwrap();
+        w.release_done(ino);
+        let waited = tokio::time::timeout(bound, waiter).await.expect("ends once the release is done").unwrap();
+        assert!(waited);
+        // A flush with no RELEASE after it (a dup still open): the wait ends at the grace, or
+        // while writes stay in flight, at the cap.
+        w.took(2, 10, 6);
+        w.flushed(2);
+        let t = std::time::Instant::now();
+        assert!(w.settle(10, bound, || false).await);
+        let took = t.elapsed();
+        assert!(took >= std::time::Duration::from_millis(RELEASE_AFTER_FLUSH_WAIT_MS - 5) && took < bound, "{took:?}");
+        assert!(!w.settle(10, bound, || false).await, "the flush is old news now");
+        w.flushed(2);
+        let t = std::time::Instant::now();
+        assert!(w.settle(10, bound, || true).await);
+        let took = t.elapsed();
+        assert!(took >= std::time::Duration::from_millis(RELEASE_AFTER_FLUSH_WAIT_MAX_MS - 5) && took < bound, "{took:?}");
     }
 }

@@ -573,10 +573,12 @@ impl Filesystem for PickboxFs {
             self.ops.handles.mark_stale_if_open(ino.0);
         }
         let caller = if cached { Caller::root() } else { who(req, false) };
+        // In flight from here (also while it is hashed: a lock request waiting for a RELEASE
+        // queued behind writes looks at this, see `LockWaits::settle`).
+        let ticket = self.ops.writes.start(ino.0);
         // Hashed here, on the fuser thread: concurrent writes hash on the fuser threads in
         // parallel instead of one after the other on the runtime's worker.
         let op = HashedOp::new(Op::Write { ino: ino.0, offset, data: data.to_vec(), append });
-        let ticket = self.ops.writes.start(ino.0);
         let ops = self.ops.clone();
         self.spawn(async move {
             match ops.write_hashed(caller, op).await {
@@ -597,7 +599,9 @@ impl Filesystem for PickboxFs {
     // answer before a write that arrived earlier. Directory changes are answered only once
     // applied, so fsyncdir is always satisfied.
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        // A RELEASE of the handle (dropping its flock and OFD locks) may follow in the background.
+        self.ops.lock_waits.flushed(fh.0);
         // Every close of a descriptor: the closing process's POSIX locks on the file go (after
         // the writes before it, as a close on a local filesystem).
         if !self.ops.may_hold_posix_locks(ino.0, lock_owner.0) {

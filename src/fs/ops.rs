@@ -1064,7 +1064,7 @@ impl Ops {
                     let Some(interrupted) = interrupted.as_mut() else {
                         // The conflict may be a lock of a file closed here just before, whose
                         // release is still under way: ask once more when it is done.
-                        if !settled && self.lock_waits.settle(req.ino, self.replica.propose_timeout()).await {
+                        if !settled && self.lock_waits.settle(req.ino, self.replica.propose_timeout(), || self.writes.any()).await {
                             settled = true;
                             continue;
                         }
