@@ -360,8 +360,8 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
                 self.lock(*ino, owner, *kind, *typ, *start, *end, *pid)
             }
             Op::ReleaseLocks { ino, incarnation, owners, kind } => self.release_locks(*ino, *incarnation, owners, *kind),
-            Op::DropStaleLocks { incarnation } => self.drop_node_locks(cmd.origin, Some(*incarnation)),
-            Op::ExpireLocks { node, incarnation } => self.expire_node_locks(*node, *incarnation),
+            Op::DropStaleLocks { incarnation } => self.drop_locks(|t| t.drop_node(cmd.origin, Some(*incarnation))),
+            Op::ExpireLocks { node, incarnation } => self.drop_locks(|t| t.expire_node(*node, *incarnation)),
         }
     }
 
@@ -421,21 +421,11 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
     }
 
     /// Drop the locks `node` holds under any incarnation but `keep` (all of them for `None`).
-    fn drop_node_locks(&mut self, node: NodeId, keep: Option<u64>) -> Step<Outcome> {
+    /// Apply `drop` (true when it dropped something) to every inode's lock table.
+    fn drop_locks(&mut self, mut drop: impl FnMut(&mut LockTable) -> bool) -> Step<Outcome> {
         for ino in self.s.locked_inodes()? {
             let mut table = self.s.locks(ino)?;
-            if table.drop_node(node, keep) {
-                self.begin();
-                self.s.put_locks(ino, &table)?;
-            }
-        }
-        Ok(Outcome::Done)
-    }
-
-    fn expire_node_locks(&mut self, node: NodeId, incarnation: u64) -> Step<Outcome> {
-        for ino in self.s.locked_inodes()? {
-            let mut table = self.s.locks(ino)?;
-            if table.expire_node(node, incarnation) {
+            if drop(&mut table) {
                 self.begin();
                 self.s.put_locks(ino, &table)?;
             }
@@ -486,7 +476,7 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         self.begin();
         self.meta.nodes.retain(|n| *n != node);
         // A removed node's lock holders are gone with it.
-        self.drop_node_locks(node, None)?;
+        self.drop_locks(|t| t.drop_node(node, None))?;
         for (ino, mut orphan) in self.s.orphans()? {
             if !orphan.pending.contains(&node) {
                 continue;
