@@ -883,11 +883,6 @@ impl Replica {
                     tracing::warn!(?peer, origin = c.origin, "refused a forwarded batch carrying another node's commands");
                     return Err(StoreFault(format!("forwarded commands of origin {} from peer {peer:?}", c.origin)));
                 }
-                // Only a leader expires leases, and it proposes that itself.
-                if batch.0.iter().any(|c| matches!(c.op, Op::ExpireLocks { .. })) {
-                    tracing::warn!(?peer, "refused a forwarded batch expiring locks");
-                    return Err(StoreFault("forwarded lock expiry".into()));
-                }
                 encode(&self.serve_forward(batch).await)
             }
             RpcKind::AppendEntries => encode(&self.raft.append_entries(decode(body)?).await),
