@@ -150,11 +150,17 @@ impl LockWaits {
         let grace = Duration::from_millis(RELEASE_AFTER_FLUSH_WAIT_MS);
         let cap = Duration::from_millis(RELEASE_AFTER_FLUSH_WAIT_MAX_MS);
         let poll = Duration::from_millis(RELEASE_WAIT_POLL_MS);
+        /// What a request still waits for.
+        enum Pending {
+            /// The locks of a closed handle being dropped (until done).
+            Drops,
+            /// A RELEASE that may come until then.
+            ReleaseUntil(Instant),
+        }
         let mut writes_seen: Option<Instant> = None;
-        // Busy: dropping (no deadline), or a RELEASE expected until the deadline.
-        let mut busy = || -> Option<Option<Instant>> {
+        let mut busy = || -> Option<Pending> {
             if self.closing.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&ino) {
-                return Some(None);
+                return Some(Pending::Drops);
             }
             let now = Instant::now();
             let flushed: Vec<Instant> = self
@@ -177,7 +183,7 @@ impl LockWaits {
                 .max()
                 .filter(|until| *until > now)?;
             // While writes are in flight the deadline moves on: look again soon.
-            Some(Some(if writes_seen == Some(now) { until.min(now + poll) } else { until }))
+            Some(Pending::ReleaseUntil(if writes_seen == Some(now) { until.min(now + poll) } else { until }))
         };
         if busy().is_none() {
             return false;
@@ -189,8 +195,8 @@ impl LockWaits {
                 done.as_mut().enable();
                 match busy() {
                     None => return,
-                    Some(None) => done.await,
-                    Some(Some(until)) => {
+                    Some(Pending::Drops) => done.await,
+                    Some(Pending::ReleaseUntil(until)) => {
                         let _ = tokio::time::timeout_at(until.into(), done).await;
                     }
                 }

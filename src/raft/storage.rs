@@ -774,16 +774,26 @@ pub const INLINE_APPLY_BYTES_MAX: usize = 256 * 1024;
 
 /// The inodes whose locks the commands of `entries` may have released (any lock command: a
 /// change may be a downgrade or a split), or `Any` for a node's earlier runs, its removal or its
-/// expired lease;
-/// each inode once.
-fn lock_changes(entries: &[Ent]) -> Vec<super::LockChange> {
+/// expired lease; each inode once. An expiry of `me`'s locks (this node) is logged here: its
+/// processes that held them are not told (see `super::leases`).
+fn lock_changes(entries: &[Ent], me: Option<NodeId>) -> Vec<super::LockChange> {
     let mut out = Vec::new();
     for e in entries {
         if let EntryPayload::Normal(batch) = &e.payload {
             for c in batch.0.iter() {
                 let what = match c.op {
                     Op::Lock { ino, .. } | Op::ReleaseLocks { ino, .. } => super::LockChange::Inode(ino),
-                    Op::DropStaleLocks { .. } | Op::UnregisterNode { .. } | Op::ExpireLocks { .. } => super::LockChange::Any,
+                    Op::ExpireLocks { node, incarnation } => {
+                        if Some(node) == me {
+                            tracing::warn!(
+                                incarnation,
+                                leader = c.origin,
+                                "the leader did not hear from this node for the lock lease: its locks up to this incarnation expired, their holders here are not told"
+                            );
+                        }
+                        super::LockChange::Any
+                    }
+                    Op::DropStaleLocks { .. } | Op::UnregisterNode { .. } => super::LockChange::Any,
                     _ => continue,
                 };
                 if !out.contains(&what) {
@@ -793,26 +803,6 @@ fn lock_changes(entries: &[Ent]) -> Vec<super::LockChange> {
         }
     }
     out
-}
-
-/// Log it when `entries` expire locks of `node` (this node): its processes that held them are
-/// not told (see `super::leases`).
-fn expired_here(node: NodeId, entries: &[Ent]) {
-    for e in entries {
-        if let EntryPayload::Normal(batch) = &e.payload {
-            for c in batch.0.iter() {
-                if let Op::ExpireLocks { node: n, incarnation } = c.op {
-                    if n == node {
-                        tracing::warn!(
-                            incarnation,
-                            leader = c.origin,
-                            "the leader did not hear from this node for the lock lease: its locks up to this incarnation expired, their holders here are not told"
-                        );
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// The payload bytes of the commands in `e`.
@@ -1027,11 +1017,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if !touched.is_empty() {
             self.send_event(Applied { index: last_index, touched });
         }
-        if let Some((node, _)) = &self.waiters {
-            expired_here(*node, &entries);
-        }
         if self.lock_changes.is_some() {
-            for what in lock_changes(&entries) {
+            for what in lock_changes(&entries, self.waiters.as_ref().map(|(node, _)| *node)) {
                 self.locks_changed(what);
             }
         }
@@ -1164,12 +1151,12 @@ mod tests {
             Ent { log_id: LogId::new(CommittedLeaderId::new(1, 1), 3), payload: EntryPayload::Blank },
         ];
         assert_eq!(
-            lock_changes(&entries),
+            lock_changes(&entries, None),
             vec![LockChange::Inode(5), LockChange::Inode(7), LockChange::Inode(8)]
         );
-        assert_eq!(lock_changes(&[ent(4, vec![Op::DropStaleLocks { incarnation: 3 }, lock(5)])]), vec![LockChange::Any, LockChange::Inode(5)]);
-        assert_eq!(lock_changes(&[ent(5, vec![Op::UnregisterNode { node: 2 }])]), vec![LockChange::Any]);
-        assert_eq!(lock_changes(&[ent(7, vec![Op::ExpireLocks { node: 2, incarnation: 4 }])]), vec![LockChange::Any]);
-        assert!(lock_changes(&[ent(6, vec![Op::RegisterNode { node: 2 }])]).is_empty());
+        assert_eq!(lock_changes(&[ent(4, vec![Op::DropStaleLocks { incarnation: 3 }, lock(5)])], None), vec![LockChange::Any, LockChange::Inode(5)]);
+        assert_eq!(lock_changes(&[ent(5, vec![Op::UnregisterNode { node: 2 }])], None), vec![LockChange::Any]);
+        assert_eq!(lock_changes(&[ent(7, vec![Op::ExpireLocks { node: 2, incarnation: 4 }])], None), vec![LockChange::Any]);
+        assert!(lock_changes(&[ent(6, vec![Op::RegisterNode { node: 2 }])], None).is_empty());
     }
 }
