@@ -20,16 +20,18 @@ const EARLY_INTERRUPTS_MAX: usize = 256;
 
 /// How long after a FLUSH of a handle that took locks a conflicting non-blocking request on this
 /// node waits for that handle's RELEASE. A FLUSH comes with every close(2) of a descriptor,
-/// before it returns; when it was the last descriptor of the open file, the kernel queues the
-/// RELEASE (which drops the file's flock and OFD locks) in the background, behind the
-/// writeback in flight, so it can arrive after the process's next lock request. Without the
-/// wait such a request met the lock the process had just closed (2-5 of 1,500 close-and-relock
-/// rounds under a concurrent write). The wait goes on while writes are in flight here (the
-/// RELEASE may be queued behind them), this long after the last one was seen, and at most
-/// `RELEASE_AFTER_FLUSH_WAIT_MAX_MS` after the flush. Long, because a RELEASE the kernel has
-/// queued can still wait for a fuser thread to get the CPU: with 100 ms, 1 of 600 rounds failed
-/// under a full CI run's load. When the close was not the last (a dup is still open), the
-/// request gets its EWOULDBLOCK that much later.
+/// before it returns; when it was the last descriptor of the open file, the kernel sends the
+/// RELEASE (which drops the file's flock and OFD locks) in the background, so it can arrive
+/// after the process's next lock request: behind the writes queued before it, or read by
+/// another worker thread. With fuser's default of 16 background requests the RELEASE waited in
+/// the kernel's queue until the writeback ahead of it was committed, and without this wait 2-5
+/// of 1,500 close-and-relock rounds under a concurrent write met the lock the process had just
+/// closed; `FUSE_MAX_BACKGROUND` (fs/mod.rs) keeps that queue empty now, and this wait covers
+/// what is left. It goes on while writes are in flight here (the RELEASE may be queued behind
+/// them), this long after the last one was seen, and at most `RELEASE_AFTER_FLUSH_WAIT_MAX_MS`
+/// after the flush. Long, because a RELEASE can still wait for a fuser thread to get the CPU:
+/// with 100 ms, 1 of 600 rounds failed under a full CI run's load. When the close was not the
+/// last (a dup is still open), the request gets its EWOULDBLOCK that much later.
 pub const RELEASE_AFTER_FLUSH_WAIT_MS: u64 = 1_000;
 /// See `RELEASE_AFTER_FLUSH_WAIT_MS`.
 pub const RELEASE_AFTER_FLUSH_WAIT_MAX_MS: u64 = 3_000;
