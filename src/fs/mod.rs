@@ -228,6 +228,22 @@ fn answer_lookup(ops: &Ops, parent: u64, name: &[u8], reply: ReplyEntry) {
     }
 }
 
+/// The owner a lock request is recorded under. A flock lock belongs to the open file: the kernel
+/// names its owner after the address of its `struct file`, which is free again once the file is
+/// closed, and the next open file often gets the same address (seen in most rounds of a
+/// close-and-reopen loop). The flock of the closed file is dropped only when its RELEASE comes,
+/// after close(2) returned, so under that owner the new file's flock was taken as a change of the
+/// old one and then dropped with it, silently. Our handle number names the open file as well
+/// (dup and fork share it) and is never reused in this run. fcntl locks keep the kernel's owner
+/// (a process, or for OFD locks the file: see SEMANTICS, Limits of locks).
+fn lock_owner_of(flock: bool, fh: u64, kernel_owner: u64) -> u64 {
+    if flock {
+        fh
+    } else {
+        kernel_owner
+    }
+}
+
 /// The kernel gets an entry for `inode` under `name` in `parent`: count it (and record the name
 /// of a regular file; see fs/names.rs). Every answer that gives the kernel an entry calls this
 /// before it is sent, so neither a FORGET nor a skipped notice can overtake it.
@@ -688,7 +704,7 @@ impl Filesystem for PickboxFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock_owner: LockOwner,
         start: u64,
         end: u64,
@@ -701,9 +717,10 @@ impl Filesystem for PickboxFs {
             return reply.error(fuser::Errno::EINVAL);
         };
         let kind = if flock { LockKind::Flock } else { LockKind::Posix };
+        let owner = lock_owner_of(flock, fh.0, lock_owner.0);
         let ops = self.ops.clone();
         self.spawn(async move {
-            match ops.get_lock(ino.0, lock_owner.0, kind, typ, start, end).await {
+            match ops.get_lock(ino.0, owner, kind, typ, start, end).await {
                 Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
                 Ok(Some(l)) => {
                     // Another node's process id means nothing here: shown as 0.
@@ -751,7 +768,7 @@ impl Filesystem for PickboxFs {
         let request = LockRequest {
             ino: ino.0,
             fh: fh.0,
-            owner: lock_owner.0,
+            owner: lock_owner_of(flock, fh.0, lock_owner.0),
             kind: if flock { LockKind::Flock } else { LockKind::Posix },
             typ,
             start,

@@ -1046,10 +1046,16 @@ impl Ops {
         loop {
             // Only releases applied from now on count (a fresh receiver starts at the tail).
             changes = changes.resubscribe();
-            match self.propose(caller.clone(), op.clone()).await {
+            let drops_before = self.lock_waits.drops_done();
+            let requesting = self.lock_waits.request(req.ino, req.owner).await;
+            let proposed = self.propose(caller.clone(), op.clone()).await;
+            if proposed.is_ok() && req.typ.is_some() {
+                self.lock_waits.took(req.fh, req.ino, req.owner);
+            }
+            drop(requesting);
+            match proposed {
                 Ok(_) => {
                     if req.typ.is_some() {
-                        self.lock_waits.took(req.fh, req.ino, req.owner);
                         if self.clustered {
                             // What the previous holder wrote under the lock (on another node,
                             // committed before its unlock, so applied here before this lock)
@@ -1063,8 +1069,12 @@ impl Ops {
                 Err(FsError::Fs(Errno::Again)) => {
                     let Some(interrupted) = interrupted.as_mut() else {
                         // The conflict may be a lock of a file closed here just before, whose
-                        // release is still under way: ask once more when it is done.
-                        if !settled && self.lock_waits.settle(req.ino, self.replica.propose_timeout(), || self.writes.any()).await {
+                        // release is still under way (or was applied just after this request):
+                        // ask once more when it is done.
+                        if !settled
+                            && (self.lock_waits.drops_done() != drops_before
+                                || self.lock_waits.settle(req.ino, self.replica.propose_timeout(), || self.writes.any()).await)
+                        {
                             settled = true;
                             continue;
                         }
@@ -1129,8 +1139,8 @@ impl Ops {
     /// it on `ino` go (the kernel sends no unlock for them). Failures are logged: the locks then
     /// stay until this node restarts (it drops its earlier runs' locks at start) or is removed.
     pub async fn release_handle_locks(&self, ino: Ino, owners: Vec<u64>) {
-        self.drop_handle_locks(ino, owners).await;
-        self.lock_waits.release_done(ino);
+        self.drop_handle_locks(ino, owners.clone()).await;
+        self.lock_waits.release_done(ino, &owners);
     }
 
     async fn drop_handle_locks(&self, ino: Ino, owners: Vec<u64>) {
