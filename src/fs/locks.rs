@@ -155,6 +155,7 @@ impl LockWaits {
 
     /// Handle `fh` is closed for good: the inode and the owners that took locks through it, if
     /// any; then the caller drops their locks and calls `release_done`.
+    ///
     /// Owners that another open handle of the inode also took locks under, or that a lock request
     /// in flight uses, are left out: their locks are that handle's or request's now (the same
     /// owner names one lock; see `OwnersInUse`). Those returned are marked as being dropped until
@@ -180,7 +181,7 @@ impl LockWaits {
         Some((ino, owners))
     }
 
-    /// A lock request under `owner` on `ino` is about to be proposed: wait while a drop of that
+    /// A request for a lock under `owner` on `ino` is about to be proposed: wait while a drop of that
     /// owner's locks after a RELEASE is in flight (it must be applied first, or it would drop
     /// what this request takes), then count it as in flight until the returned guard is dropped.
     pub async fn request(&self, ino: Ino, owner: u64) -> Requesting<'_> {

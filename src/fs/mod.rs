@@ -59,11 +59,13 @@ const GENERATION: Generation = Generation(0);
 /// stays empty and the RELEASE reaches us before any later request. Measured with `settle`'s
 /// wait turned off, rounds of open, flock, close, open, flock LOCK_NB on one file while `dd`
 /// writes another, the rounds that met the closed lock (two runs each): debug build 6 and 12 of
-/// 1,000 -> 0 and 0; release build 5 and 6 of 1,500 -> 1 and 1 (with 256). What stays outstanding is bounded by the kernel's dirty-page limit
-/// for a FUSE mount (1% of the dirty limit; max_bytes 49 MB on the test host; at most 39
-/// requests outstanding seen under `dd`), not by this number, which only has to exceed it: the
-/// leader's peak RSS over a 256 MiB write went 87-88 -> 95-116 MiB, the throughput unchanged
-/// (188, 195 -> 199, 185 MiB/s). Root only: for others the kernel caps it (fs.fuse.max_user_bgreq).
+/// 1,000 -> 0 and 0; release build 5 and 6 of 1,500 -> 1 and 1 (with 256; what is left is the
+/// RELEASE's drop being applied after the request, see `LockWaits::drops_done`). What stays
+/// outstanding is bounded by the kernel's dirty-page limit for a FUSE mount (1% of the dirty
+/// limit; max_bytes 49 MB on the test host; at most 39 requests outstanding seen under `dd`),
+/// not by this number, which only has to exceed it: the leader's peak RSS over a 256 MiB write
+/// went 87-88 -> 95-116 MiB, the throughput unchanged (188, 195 -> 199, 185 MiB/s). Root only:
+/// for others the kernel caps it (fs.fuse.max_user_bgreq).
 const FUSE_MAX_BACKGROUND: u16 = 1024;
 
 /// The FUSE filesystem of one node.

@@ -1047,7 +1047,11 @@ impl Ops {
             // Only releases applied from now on count (a fresh receiver starts at the tail).
             changes = changes.resubscribe();
             let drops_before = self.lock_waits.drops_done();
-            let requesting = self.lock_waits.request(req.ino, req.owner).await;
+            // Only requests that take a lock: an unlock may run beside a drop of its owner.
+            let requesting = match req.typ {
+                Some(_) => Some(self.lock_waits.request(req.ino, req.owner).await),
+                None => None,
+            };
             let proposed = self.propose(caller.clone(), op.clone()).await;
             if proposed.is_ok() && req.typ.is_some() {
                 self.lock_waits.took(req.fh, req.ino, req.owner);
