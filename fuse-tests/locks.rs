@@ -79,26 +79,32 @@ fn flock_conflicts_between_open_files() {
 /// (`LockWaits::drops_done`). And the new lock holds: it is not dropped with the closed one's.
 #[test]
 fn flock_relock_right_after_close_under_writeback() {
+    // Without the wait 5-9 of 1,000 rounds failed in a debug build: 600 rounds keep the load
+    // on the machine short and still fail without it nearly always.
+    let node = Node::start();
+    relock_rounds(&node.path("relock"), &node.path("big"), 64, 600);
+}
+
+/// Rounds of: open file a, lock it (flock, then fcntl OFD locks for half as many rounds), close
+/// it, open b and lock it without waiting (must succeed), open c and try (must fail: b holds
+/// it), while another thread rewrites a `big_mib` MiB file `big` so that writeback keeps
+/// background requests outstanding. Panics with the rounds that failed.
+pub fn relock_rounds(p: &std::path::Path, big: &std::path::Path, big_mib: usize, rounds: usize) {
     use std::io::Write;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    // Without the wait 5-9 of 1,000 rounds failed in a debug build: 600 rounds keep the load
-    // on the machine short and still fail without it nearly always.
-    const ROUNDS: usize = 600;
-    let node = Node::start();
-    let p = node.path("relock");
-    fs::write(&p, b"").unwrap();
+    fs::write(p, b"").unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let writer = std::thread::spawn({
-        let (stop, big) = (stop.clone(), node.path("big"));
+        let (stop, big) = (stop.clone(), big.to_path_buf());
         move || -> u64 {
-            // Rewrites a 64 MiB file until told to stop (or the mount goes): its dirty pages keep
+            // Rewrites the file until told to stop (or the mount goes): its dirty pages keep
             // writeback busy.
             let chunk = vec![7u8; 1 << 20];
             let mut written = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let Ok(mut f) = File::create(&big) else { break };
-                for _ in 0..64 {
+                for _ in 0..big_mib {
                     if stop.load(Ordering::Relaxed) || f.write_all(&chunk).is_err() {
                         break;
                     }
@@ -115,14 +121,15 @@ fn flock_relock_right_after_close_under_writeback() {
         fcntl_lock(f, cmd, libc::F_WRLCK, 0, 0).map(drop)
     };
     let kinds: [(&str, &dyn Fn(&File, bool) -> std::io::Result<()>, usize); 2] =
-        [("flock", &flock_ex, ROUNDS), ("OFD", &ofd_ex, ROUNDS / 2)];
+        [("flock", &flock_ex, rounds), ("OFD", &ofd_ex, rounds / 2)];
     let (mut failed, mut lost) = (Vec::new(), Vec::new());
+    let open = || OpenOptions::new().read(true).write(true).open(p).unwrap();
     for (name, lock_ex, rounds) in kinds {
         for round in 0..rounds {
-            let a = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+            let a = open();
             lock_ex(&a, true).unwrap();
             drop(a);
-            let b = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+            let b = open();
             if let Err(e) = lock_ex(&b, false) {
                 failed.push((name, round, e.to_string()));
                 continue;
@@ -130,7 +137,7 @@ fn flock_relock_right_after_close_under_writeback() {
             // b holds the lock: another open file may not get it (the kernel often gives b the
             // closed a's address, which named the owner of both locks, and a's release dropped
             // b's lock with its own).
-            let c = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+            let c = open();
             if lock_ex(&c, false).is_ok() {
                 lost.push((name, round));
             }
