@@ -80,12 +80,16 @@ pub struct Requesting<'a> {
 
 impl Drop for Requesting<'_> {
     fn drop(&mut self) {
-        let mut owners = self.waits.owners.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = owners.requesting.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                owners.requesting.remove(&self.key);
-            }
+        count_down(&mut self.waits.owners.lock().unwrap_or_else(|e| e.into_inner()).requesting, &self.key);
+    }
+}
+
+/// Take one off `key`'s count in `counts`, forgetting the key at zero.
+fn count_down<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = counts.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(key);
         }
     }
 }
@@ -207,22 +211,10 @@ impl LockWaits {
         {
             let mut in_use = self.owners.lock().unwrap_or_else(|e| e.into_inner());
             for o in owners {
-                if let Some(n) = in_use.dropping.get_mut(&(ino, *o)) {
-                    *n -= 1;
-                    if *n == 0 {
-                        in_use.dropping.remove(&(ino, *o));
-                    }
-                }
+                count_down(&mut in_use.dropping, &(ino, *o));
             }
         }
-        let mut closing = self.closing.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = closing.get_mut(&ino) {
-            *n -= 1;
-            if *n == 0 {
-                closing.remove(&ino);
-            }
-        }
-        drop(closing);
+        count_down(&mut self.closing.lock().unwrap_or_else(|e| e.into_inner()), &ino);
         self.drops_done.fetch_add(1, Ordering::AcqRel);
         self.closed.notify_waiters();
     }

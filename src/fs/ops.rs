@@ -1143,18 +1143,18 @@ impl Ops {
     /// it on `ino` go (the kernel sends no unlock for them). Failures are logged: the locks then
     /// stay until this node restarts (it drops its earlier runs' locks at start) or is removed.
     pub async fn release_handle_locks(&self, ino: Ino, owners: Vec<u64>) {
-        self.drop_handle_locks(ino, owners.clone()).await;
+        self.drop_handle_locks(ino, &owners).await;
         self.lock_waits.release_done(ino, &owners);
     }
 
-    async fn drop_handle_locks(&self, ino: Ino, owners: Vec<u64>) {
+    async fn drop_handle_locks(&self, ino: Ino, owners: &[u64]) {
         let incarnation = self.replica.incarnation();
         let node = self.replica.node_id();
         let held = match self.view().and_then(|v| Ok(v.locks(ino)?)) {
-            Ok(table) => owners.into_iter().filter(|o| table.holds(node, incarnation, *o, None)).collect::<Vec<_>>(),
+            Ok(table) => owners.iter().copied().filter(|o| table.holds(node, incarnation, *o, None)).collect::<Vec<_>>(),
             Err(e) => {
                 tracing::warn!(ino, error = %e, "reading locks at a close");
-                owners
+                owners.to_vec()
             }
         };
         if held.is_empty() {
