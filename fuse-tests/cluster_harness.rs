@@ -61,6 +61,8 @@ pub struct ClusterOptions {
     pub mount_guard: bool,
     /// `--lock-lease-ms`; None keeps the node's default.
     pub lock_lease_ms: Option<u64>,
+    /// Every node's FAILPOINTS (needs a build with `--features failpoints`).
+    pub failpoints: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -73,6 +75,7 @@ impl Default for ClusterOptions {
             data_tmpfs: BTreeMap::new(),
             mount_guard: true,
             lock_lease_ms: None,
+            failpoints: None,
         }
     }
 }
@@ -303,13 +306,14 @@ impl Cluster {
         }
         let seed = self.running().first().map(|&s| self.addr(s));
         let args = self.node_args(k, &self.certs.clone(), seed.as_deref());
-        let node = Node::prepare_with_limit(
+        let mut node = Node::prepare_with_limit(
             args,
             None,
             self.opts.data_tmpfs.get(&k).copied(),
             &format!("pickbox-cluster-node{k}-"),
             CLUSTER_TEST_SECONDS_MAX,
         );
+        node.failpoints = self.opts.failpoints.clone();
         self.nodes.insert(k, node);
         let started = Instant::now();
         if let Err(e) = self.spawn_node(k, JOIN_TIMEOUT) {

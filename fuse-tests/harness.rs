@@ -114,6 +114,9 @@ pub struct Node {
     _permit: Option<Permit>,
     /// The node's RUST_LOG, if not the test process's (set before `spawn`).
     pub log_filter: Option<String>,
+    /// The node's FAILPOINTS, if not the test process's (a build with `--features failpoints`;
+    /// set before `spawn`).
+    pub failpoints: Option<String>,
 }
 
 impl Node {
@@ -185,6 +188,7 @@ impl Node {
             extra_mounts,
             _permit: permit,
             log_filter: None,
+            failpoints: None,
         }
     }
 
@@ -255,6 +259,7 @@ impl Node {
                 self.log_filter.clone().unwrap_or_else(|| std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())),
             )
             .env("RUST_BACKTRACE", "1")
+            .envs(self.failpoints.iter().map(|f| ("FAILPOINTS", f)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)

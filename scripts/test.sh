@@ -23,10 +23,10 @@ cargo_log=$repo/target/cargo-test.log
 rm -f "$repo/target/pjdfstest.log" "$repo"/target/pjdfstest-cluster*.log
 failed=0
 
-log "cargo test --all-targets --no-fail-fast"
+log "cargo test --all-targets --features failpoints --no-fail-fast"
 started=$SECONDS
 set +e
-timeout "${CARGO_TEST_TIMEOUT_S:-2700}" cargo test --all-targets --no-fail-fast 2>&1 | tee "$cargo_log"
+timeout "${CARGO_TEST_TIMEOUT_S:-2700}" cargo test --all-targets --features failpoints --no-fail-fast 2>&1 | tee "$cargo_log"
 cargo_status=${PIPESTATUS[0]}
 set -e
 [ "$cargo_status" -eq 0 ] || { echo "cargo test failed (exit status $cargo_status)"; failed=1; }

@@ -77,6 +77,9 @@ fn main() -> ExitCode {
     #[cfg(target_env = "gnu")]
     fix_malloc_thresholds();
     let cli = cli::parse();
+    // Test builds only: fail points named in FAILPOINTS (e.g. `fuse-release=sleep(50)`).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     // A node logs its lifecycle; the one-shot tools (cert, status, members) print their answer on
     // stdout and only warnings on stderr, unless RUST_LOG says otherwise.
     let is_node = cli.command.is_node();

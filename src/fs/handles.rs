@@ -5,9 +5,14 @@
 //! after the claim is refused (the inode is going away), one that came before it makes the
 //! claim fail (the last close releases instead). Claim and open take the same lock, so exactly
 //! one of them wins and an orphan is never released under an open handle.
+//!
+//! It also knows which handles were flushed (a descriptor closed): the kernel sends their
+//! RELEASE after close(2) returned, and until it is answered the kernel holds the inode (see
+//! `wait_for_closing`).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::state::Ino;
 
@@ -31,6 +36,8 @@ struct Table {
     /// Open inodes whose kernel attributes went stale while open (another node changed them, or
     /// an append here went past the kernel's idea of the size): evict them at their last close.
     stale: HashSet<Ino>,
+    /// Handles flushed (a descriptor closed) and not released yet, with their inode and when.
+    flushed: HashMap<u64, (Ino, Instant)>,
 }
 
 impl Table {
@@ -53,6 +60,8 @@ fn writes(flags: i32) -> bool {
 #[derive(Default)]
 pub struct Handles {
     table: Mutex<Table>,
+    /// Notified when a flushed handle is released.
+    released: Condvar,
 }
 
 impl Handles {
@@ -95,6 +104,9 @@ impl Handles {
     pub fn release(&self, fh: u64) -> Option<(Ino, bool)> {
         let mut t = self.lock();
         let handle = t.handles.remove(&fh)?;
+        if t.flushed.remove(&fh).is_some() {
+            self.released.notify_all();
+        }
         if writes(handle.flags) {
             match t.writers.get_mut(&handle.ino) {
                 Some(n) if *n > 1 => *n -= 1,
@@ -114,6 +126,33 @@ impl Handles {
             }
         };
         Some((handle.ino, last))
+    }
+
+    /// A descriptor of `fh` was closed (FLUSH): if it was the last, its RELEASE follows.
+    pub fn flushed(&self, fh: u64) {
+        let mut t = self.lock();
+        if let Some(ino) = t.handles.get(&fh).map(|h| h.ino) {
+            t.flushed.insert(fh, (ino, Instant::now()));
+        }
+    }
+
+    /// Block until every handle of `ino` flushed less than `after_flush` ago has been released,
+    /// or is that old (a descriptor of it is still open: a dup, a forked child's copy, a
+    /// mapping). Returns whether it waited. The kernel sends a RELEASE after close(2) returned
+    /// and holds the inode until it is answered: meanwhile a lookup of the file's name binds to
+    /// that inode, whose size the kernel keeps under the writeback cache, even when another
+    /// node has changed the file since (see `answer_open` in fs/mod.rs).
+    pub fn wait_for_closing(&self, ino: Ino, after_flush: Duration) -> bool {
+        let mut t = self.lock();
+        let mut waited = false;
+        loop {
+            let now = Instant::now();
+            let flushed = t.flushed.values().filter(|(i, _)| *i == ino);
+            let until = flushed.map(|(_, at)| *at + after_flush).filter(|u| *u > now).max();
+            let Some(until) = until else { return waited };
+            waited = true;
+            t = self.released.wait_timeout(t, until - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
     }
 
     /// Mark `ino` for eviction at its last close if it is open here; returns whether it is.
@@ -194,5 +233,35 @@ mod tests {
         assert_eq!(h.open_unless_claimed(3, libc::O_RDONLY), None, "one claim left");
         h.unclaim(3);
         assert!(h.open_unless_claimed(3, libc::O_RDONLY).is_some());
+    }
+
+    #[test]
+    fn waits_for_the_release_of_flushed_handles_only() {
+        let h = std::sync::Arc::new(Handles::default());
+        let long = Duration::from_secs(30);
+        let kept = h.open(5, libc::O_RDONLY);
+        assert!(!h.wait_for_closing(5, long), "open, not flushed: nothing to wait for");
+        let other = h.open(6, libc::O_RDONLY);
+        h.flushed(other);
+        assert!(!h.wait_for_closing(5, long), "another inode's flush");
+        let closing = h.open(5, libc::O_WRONLY);
+        h.flushed(closing);
+        // Released from another thread, most often while the waiter waits (if first, there is
+        // nothing to wait for): the waiter returns at the release, long before its bound.
+        let releaser = {
+            let h = h.clone();
+            std::thread::spawn(move || h.release(closing))
+        };
+        let start = Instant::now();
+        h.wait_for_closing(5, long);
+        assert!(start.elapsed() < long, "woken by the release, not by the bound");
+        assert_eq!(releaser.join().unwrap(), Some((5, false)));
+        assert!(!h.wait_for_closing(5, long), "released: nothing left to wait for");
+        // A flush older than the bound (a dup closed while the file stays open) is not waited for.
+        h.flushed(kept);
+        let start = Instant::now();
+        assert!(h.wait_for_closing(5, Duration::from_millis(50)));
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        assert!(!h.wait_for_closing(5, Duration::from_millis(50)));
     }
 }

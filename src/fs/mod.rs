@@ -201,9 +201,15 @@ fn answer_open(
 ) {
     if ops.coherence.names.open_may_be_stale(ino.0, arrived) {
         tracing::debug!(ino = ino.0, "open raced another node's change: ESTALE, the kernel retries");
-        let coherence = ops.coherence.clone();
+        let (coherence, handles) = (ops.coherence.clone(), ops.handles.clone());
         rt.spawn_blocking(move || {
+            // A file closed here just before (its RELEASE not answered yet) is still held by the
+            // kernel: the retry's lookup would bind to that inode again, with its old size.
+            if handles.wait_for_closing(ino.0, Duration::from_millis(locks::RELEASE_AFTER_FLUSH_WAIT_MS)) {
+                tracing::debug!(ino = ino.0, "open waited for the RELEASE of a closed handle");
+            }
             coherence.evict(ino.0);
+            coherence.names.estale_sent(ino.0);
             reply.error(fuser::Errno::ESTALE)
         });
         return;
@@ -642,6 +648,10 @@ impl Filesystem for PickboxFs {
     fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         // A RELEASE of the handle (dropping its flock and OFD locks) may follow in the background.
         self.ops.lock_waits.flushed(fh.0);
+        // Its RELEASE may follow in the background: a raced open waits for it (`answer_open`).
+        if self.ops.coherence.names.is_enabled() {
+            self.ops.handles.flushed(fh.0);
+        }
         // Every close of a descriptor: the closing process's POSIX locks on the file go (after
         // the writes before it, as a close on a local filesystem).
         if !self.ops.may_hold_posix_locks(ino.0, lock_owner.0) {
@@ -688,6 +698,9 @@ impl Filesystem for PickboxFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // Tests: a RELEASE that reaches us late (a busy node), see fs::handles::wait_for_closing.
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("fuse-release");
         // close(2) ignores release errors; answer now, tell the cluster (if this was the last
         // handle of an orphan) in the background.
         reply.ok();

@@ -201,6 +201,13 @@ impl KernelNames {
         known.names.clone()
     }
 
+    /// The ESTALE that `open_may_be_stale` asked for goes out now (it may have waited for a
+    /// RELEASE first): its retry is owed from now on.
+    pub fn estale_sent(&self, ino: Ino) {
+        let now = Instant::now();
+        self.lock().estale.entry(ino).or_insert((1, now)).1 = now;
+    }
+
     /// Should an open of `ino` that arrived at `arrived` be answered ESTALE, so that the VFS
     /// looks the path up again and gets a fresh inode? Yes if the inode was evicted shortly
     /// before the open arrived or while it waited (the kernel may have resolved the path to the
