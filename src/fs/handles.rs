@@ -258,8 +258,8 @@ mod tests {
         assert_eq!(releaser.join().unwrap(), Some((5, false)));
         assert!(!h.wait_for_closing(5, long), "released: nothing left to wait for");
         // A flush older than the bound (a dup closed while the file stays open) is not waited for.
-        h.flushed(kept);
         let start = Instant::now();
+        h.flushed(kept);
         assert!(h.wait_for_closing(5, Duration::from_millis(50)));
         assert!(start.elapsed() >= Duration::from_millis(50));
         assert!(!h.wait_for_closing(5, Duration::from_millis(50)));
