@@ -85,6 +85,19 @@ fn flock_relock_right_after_close_under_writeback() {
     relock_rounds(&node.path("relock"), &node.path("big"), 64, 600);
 }
 
+/// The same with every RELEASE answered 20 ms late (a busy node): the request that meets the
+/// closed file's lock waits for that RELEASE, also when a drop of another closed file's lock
+/// (the previous round's) finished while it was proposed (that used to use up its one wait:
+/// 10 of 750 rounds failed).
+#[cfg(feature = "failpoints")]
+#[test]
+fn flock_relock_right_after_close_whose_release_is_late() {
+    let mut node = Node::prepare(Vec::new(), Some(crate::harness::Permit::acquire()), None, "pickbox-fuse-test-");
+    node.failpoints = Some("fuse-release=sleep(20)".into());
+    node.spawn();
+    relock_rounds(&node.path("relock"), &node.path("big"), 16, 200);
+}
+
 /// Rounds of: open file a, lock it (flock, then fcntl OFD locks for half as many rounds), close
 /// it, open b and lock it without waiting (must succeed), open c and try (must fail: b holds
 /// it), while another thread rewrites a `big_mib` MiB file `big` so that writeback keeps

@@ -165,9 +165,12 @@ impl LockWaits {
     /// owner names one lock; see `OwnersInUse`). Those returned are marked as being dropped until
     /// `release_done`, and a new request under one of them waits for that (`request`).
     pub fn closed(&self, fh: u64) -> Option<(Ino, Vec<u64>)> {
-        self.flushed.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh);
         let mut by_handle = self.by_handle.lock().unwrap_or_else(|e| e.into_inner());
-        let (ino, owners) = by_handle.remove(&fh)?;
+        let Some((ino, owners)) = by_handle.remove(&fh) else {
+            drop(by_handle);
+            self.flushed.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh);
+            return None;
+        };
         let mut in_use = self.owners.lock().unwrap_or_else(|e| e.into_inner());
         let owners: Vec<u64> = owners
             .into_iter()
@@ -181,7 +184,10 @@ impl LockWaits {
         }
         drop(in_use);
         drop(by_handle);
+        // Closing before no longer flushed: `settle` looks at both, and in between it would see
+        // neither and let a request meet this handle's lock.
         *self.closing.lock().unwrap_or_else(|e| e.into_inner()).entry(ino).or_insert(0) += 1;
+        self.flushed.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh);
         Some((ino, owners))
     }
 
