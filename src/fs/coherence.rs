@@ -294,6 +294,9 @@ pub fn start(
             coherence.idle.store(true, Ordering::Release);
             let Some(applied) = rx.blocking_recv() else { break };
             coherence.idle.store(false, Ordering::Release);
+            // Tests: the kernel told of other nodes' changes late (a busy node).
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("coherence-event");
             handle(&weak, &coherence, &handles, &on_orphan, &applied);
             coherence.advance(applied.index);
         }

@@ -986,6 +986,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Ent> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        // Tests: a slow state machine (applies late behind the commit), see fuse-tests.
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("raft-apply");
         let entries: Vec<Ent> = entries.into_iter().collect();
         let Some(last_index) = entries.last().map(|e| e.log_id.index) else {
             return Ok(Vec::new());
