@@ -54,7 +54,8 @@ fn cluster_remote_size_changes_reach_a_cached_inode() {
 #[test]
 fn cluster_open_right_after_a_close_whose_release_is_late_sees_the_other_nodes_change() {
     use std::os::unix::fs::FileExt;
-    let c = Cluster::with(ClusterOptions { failpoints: Some("fuse-release=sleep(50)".into()), ..ClusterOptions::default() });
+    let late = Some("fuse-release=sleep(50)".to_string());
+    let c = Cluster::with(ClusterOptions { failpoints: late, ..ClusterOptions::default() });
     fs::write(c.path(1, "late"), vec![b'a'; 300_000]).unwrap();
     for round in 0..20u64 {
         // Up and down: a kept size shows either way.

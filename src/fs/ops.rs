@@ -1082,7 +1082,8 @@ impl Ops {
                         // ask again when it is done. A drop finished meanwhile does not use up
                         // the wait for a RELEASE still to come: the drop may have been another
                         // file's (seen with RELEASEs 20 ms late: 10 of 750 relocks failed).
-                        if self.lock_waits.drops_done() != drops_before && retries_after_drops < RETRIES_AFTER_DROPS_MAX {
+                        let dropped = self.lock_waits.drops_done() != drops_before;
+                        if dropped && retries_after_drops < RETRIES_AFTER_DROPS_MAX {
                             retries_after_drops += 1;
                             continue;
                         }
