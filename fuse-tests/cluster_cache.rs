@@ -7,8 +7,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 
-#[cfg(feature = "failpoints")]
-use crate::cluster_harness::ClusterOptions;
 use crate::cluster_harness::{poll, Cluster, VISIBLE_TIMEOUT};
 
 /// The size node `k` reports for `rel` equals `want`, within the visibility timeout.
@@ -53,6 +51,7 @@ fn cluster_remote_size_changes_reach_a_cached_inode() {
 #[cfg(feature = "failpoints")]
 #[test]
 fn cluster_open_right_after_a_close_whose_release_is_late_sees_the_other_nodes_change() {
+    use crate::cluster_harness::ClusterOptions;
     use std::os::unix::fs::FileExt;
     let late = Some("fuse-release=sleep(50)".to_string());
     let c = Cluster::with(ClusterOptions { failpoints: late, ..ClusterOptions::default() });

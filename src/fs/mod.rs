@@ -646,9 +646,10 @@ impl Filesystem for PickboxFs {
     // applied, so fsyncdir is always satisfied.
 
     fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
-        // A RELEASE of the handle (dropping its flock and OFD locks) may follow in the background.
+        // A RELEASE of the handle may follow in the background: a lock request that meets its
+        // flock or OFD locks waits for it (`LockWaits::settle`), and so does an open that raced
+        // another node's change (`answer_open`; only where the kernel keeps sizes itself).
         self.ops.lock_waits.flushed(fh.0);
-        // Its RELEASE may follow in the background: a raced open waits for it (`answer_open`).
         if self.ops.coherence.names.is_enabled() {
             self.ops.handles.flushed(fh.0);
         }
