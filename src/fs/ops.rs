@@ -1201,6 +1201,7 @@ fn op_kind(op: &Op) -> &'static str {
         Op::ReleaseLocks { .. } => "ReleaseLocks",
         Op::DropStaleLocks { .. } => "DropStaleLocks",
         Op::ExpireLocks { .. } => "ExpireLocks",
+        Op::AckLockExpiry { .. } => "AckLockExpiry",
     }
 }
 

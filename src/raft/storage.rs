@@ -763,7 +763,8 @@ fn touches_before(t: &StateTxn<'_>, cmd: &Command) -> StoreResult<(Vec<Touch>, V
         | Op::Lock { .. }
         | Op::ReleaseLocks { .. }
         | Op::DropStaleLocks { .. }
-        | Op::ExpireLocks { .. } => {}
+        | Op::ExpireLocks { .. }
+        | Op::AckLockExpiry { .. } => {}
     }
     Ok((out, victims))
 }

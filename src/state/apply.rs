@@ -20,7 +20,7 @@ use super::command::{
 use super::acl::{Acl, ACL_ACCESS_XATTR, ACL_DEFAULT_XATTR};
 use super::content::{sha256, Blocks};
 use super::error::Errno;
-use super::locks::{self, LockKind, LockOwner, LockTable, LockType};
+use super::locks::{self, LockKind, LockOwner, LockTable, LockType, FENCE_INODES_MAX};
 use super::txn::{StateWrite, StoreFault, StoreResult};
 use super::types::{
     DirEntry, FileKind, Hash, Ino, Inode, Meta, NodeId, Orphan, Timespec, ROOT_INO,
@@ -143,6 +143,11 @@ fn run<S: StateWrite + ?Sized>(
     cmd: &Command,
     pieces: &[Hash],
 ) -> StoreResult<CommandResult> {
+    if cmd.op.fenced() && s.lock_fences()?.active(cmd.origin) {
+        // Proposed by a node whose locks expired before it knew (see `LockFences`).
+        tracing::debug!(origin = cmd.origin, seq = cmd.seq, "change of a node whose locks expired, not yet acknowledged: refused");
+        return Ok(Err(Errno::Io));
+    }
     let meta = s.meta()?;
     let mut tx = Tx {
         s,
@@ -360,9 +365,65 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
                 self.lock(*ino, owner, *kind, *typ, *start, *end, *pid)
             }
             Op::ReleaseLocks { ino, incarnation, owners, kind } => self.release_locks(*ino, *incarnation, owners, *kind),
-            Op::DropStaleLocks { incarnation } => self.drop_locks(|t| t.drop_node(cmd.origin, Some(*incarnation))),
-            Op::ExpireLocks { node, incarnation } => self.drop_locks(|t| t.expire_node(*node, *incarnation)),
+            Op::DropStaleLocks { incarnation } => {
+                self.drop_locks(|t| t.drop_node(cmd.origin, Some(*incarnation)))?;
+                // A new run holds nothing open from the run whose locks expired.
+                self.lift_fence(cmd.origin, None)
+            }
+            Op::ExpireLocks { node, incarnation } => self.expire_locks(*node, *incarnation),
+            Op::AckLockExpiry { epoch } => self.lift_fence(cmd.origin, Some(*epoch)),
         }
+    }
+
+    /// Drop `node`'s locks up to `incarnation` (a lease that ran out) and fence the node: its
+    /// changes are refused until it acknowledges (see `LockFences`). An expiry that drops
+    /// nothing fences nothing; one that comes before the node acknowledged an earlier one adds
+    /// its inodes to the earlier one's.
+    fn expire_locks(&mut self, node: NodeId, incarnation: u64) -> Step<Outcome> {
+        let mut inodes = Vec::new();
+        for ino in self.s.locked_inodes()? {
+            let mut table = self.s.locks(ino)?;
+            if table.expire_node(node, incarnation) {
+                self.begin();
+                self.s.put_locks(ino, &table)?;
+                inodes.push(ino);
+            }
+        }
+        if inodes.is_empty() {
+            return Ok(Outcome::Done);
+        }
+        let mut fences = self.s.lock_fences()?;
+        let fence = fences.0.entry(node).or_default();
+        if fence.active {
+            inodes.extend_from_slice(&fence.inodes);
+            inodes.sort_unstable();
+            inodes.dedup();
+        } else {
+            fence.all = false;
+        }
+        fence.epoch += 1;
+        fence.active = true;
+        fence.all |= inodes.len() > FENCE_INODES_MAX;
+        inodes.truncate(FENCE_INODES_MAX);
+        fence.inodes = inodes;
+        self.s.put_lock_fences(&fences)?;
+        Ok(Outcome::Done)
+    }
+
+    /// Lift `node`'s fence: for an acknowledgement only if it names the current epoch; for a new
+    /// run of the node (`epoch: None`) whatever it is.
+    fn lift_fence(&mut self, node: NodeId, epoch: Option<u64>) -> Step<Outcome> {
+        let mut fences = self.s.lock_fences()?;
+        let Some(fence) = fences.0.get_mut(&node) else { return Ok(Outcome::Done) };
+        if !fence.active || epoch.is_some_and(|e| e != fence.epoch) {
+            return Ok(Outcome::Done);
+        }
+        self.begin();
+        fence.active = false;
+        fence.inodes = Vec::new();
+        fence.all = false;
+        self.s.put_lock_fences(&fences)?;
+        Ok(Outcome::Done)
     }
 
     /// Take, change or drop (`typ: None`) a lock: EAGAIN on a conflict with another owner.
@@ -477,6 +538,10 @@ impl<S: StateWrite + ?Sized> Tx<'_, S> {
         self.meta.nodes.retain(|n| *n != node);
         // A removed node's lock holders are gone with it.
         self.drop_locks(|t| t.drop_node(node, None))?;
+        let mut fences = self.s.lock_fences()?;
+        if fences.0.remove(&node).is_some() {
+            self.s.put_lock_fences(&fences)?;
+        }
         for (ino, mut orphan) in self.s.orphans()? {
             if !orphan.pending.contains(&node) {
                 continue;

@@ -172,6 +172,10 @@ pub enum Op {
     /// for gone (proposed by the leader, see `raft::leases`). A later run of the node, with a
     /// higher incarnation, keeps its locks.
     ExpireLocks { node: NodeId, incarnation: u64 },
+    /// The origin has learnt that its locks expired (`LockFences`, epoch `epoch`) and fenced
+    /// the open files of those inodes itself: its changes are accepted again. An acknowledgement
+    /// of an earlier epoch lifts nothing.
+    AckLockExpiry { epoch: u64 },
 }
 
 /// How `expect_closed` is encoded, so that log entries written before it existed still decode
@@ -235,7 +239,54 @@ impl Op {
             | Op::Lock { .. }
             | Op::ReleaseLocks { .. }
             | Op::DropStaleLocks { .. }
-            | Op::ExpireLocks { .. } => &[],
+            | Op::ExpireLocks { .. }
+            | Op::AckLockExpiry { .. } => &[],
+        }
+    }
+
+    /// Whether apply refuses this op from a node whose locks expired without its knowing
+    /// (`LockFences`): every change of the namespace, of a file or of its attributes, and every
+    /// lock taken. Not fenced: releasing what the node held (an unlock, `ReleaseLocks`,
+    /// `Release`), the lifting of the fence, and the cluster's own bookkeeping.
+    pub fn fenced(&self) -> bool {
+        match self {
+            Op::MakeNode { .. }
+            | Op::MakeNodeUnmasked { .. }
+            | Op::Symlink { .. }
+            | Op::Link { .. }
+            | Op::Unlink { .. }
+            | Op::Rmdir { .. }
+            | Op::Rename { .. }
+            | Op::SetAttr { .. }
+            | Op::Write { .. }
+            | Op::Fallocate { .. }
+            | Op::CopyRange { .. }
+            | Op::SetXattr { .. }
+            | Op::RemoveXattr { .. } => true,
+            Op::Lock { typ, .. } => typ.is_some(),
+            Op::Init { .. }
+            | Op::RegisterNode { .. }
+            | Op::UnregisterNode { .. }
+            | Op::Release { .. }
+            | Op::ReleaseLocks { .. }
+            | Op::DropStaleLocks { .. }
+            | Op::ExpireLocks { .. }
+            | Op::AckLockExpiry { .. } => false,
+        }
+    }
+
+    /// The file whose content, attributes or locks this op changes, for a node-local fence
+    /// (`fs::fences`); `None` for namespace changes and bookkeeping.
+    pub fn fenced_inode(&self) -> Option<Ino> {
+        match self {
+            Op::SetAttr { ino, .. }
+            | Op::Write { ino, .. }
+            | Op::Fallocate { ino, .. }
+            | Op::SetXattr { ino, .. }
+            | Op::RemoveXattr { ino, .. } => Some(*ino),
+            Op::CopyRange { ino_out, .. } => Some(*ino_out),
+            Op::Lock { ino, typ: Some(_), .. } => Some(*ino),
+            _ => None,
         }
     }
 }

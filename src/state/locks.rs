@@ -13,9 +13,11 @@
 //! namespace of their own. OFD locks are POSIX locks whose owner id names an open file rather
 //! than a process, so they need no kind of their own: the owner id carries the difference.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
-use super::types::NodeId;
+use super::types::{Ino, NodeId};
 
 /// Who holds a lock: the node, the node's incarnation (raised at every start of that node), and
 /// the kernel's lock-owner id on that node (per process for classic POSIX locks, per open file
@@ -330,6 +332,42 @@ impl LockTable {
             }
         }
         Ok(())
+    }
+}
+
+/// At most this many inodes are named in a `LockFence`; a node that held locks on more fences
+/// every inode it has open (`LockFence::all`).
+pub const FENCE_INODES_MAX: usize = 4096;
+
+/// Lost locks, per node: the nodes whose locks the leader expired (`Op::ExpireLocks`, a lease
+/// that ran out while the node was silent) and whether each has learnt of it yet. While a node's
+/// fence is active, the changes that node proposes are refused with EIO at apply
+/// (`Op::fenced`): they were made by a node that may still have believed it held the lock, and
+/// would otherwise overwrite what the lock's next holder wrote. The node lifts its fence with
+/// `Op::AckLockExpiry` once it has fenced the open files of those inodes itself (`fs::fences`),
+/// and a new run of the node (`Op::DropStaleLocks`) lifts it too.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct LockFences(pub BTreeMap<NodeId, LockFence>);
+
+/// One node's lost locks (see `LockFences`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct LockFence {
+    /// Raised at each expiry that dropped a lock of the node; an acknowledgement names it, so a
+    /// late one for an earlier expiry lifts nothing.
+    pub epoch: u64,
+    /// The node has not acknowledged this expiry yet.
+    pub active: bool,
+    /// The inodes the node held locks on when they expired (ascending, at most
+    /// `FENCE_INODES_MAX`).
+    pub inodes: Vec<Ino>,
+    /// It held locks on more inodes than `inodes` names.
+    pub all: bool,
+}
+
+impl LockFences {
+    /// Whether `node`'s changes are refused (an expiry it has not acknowledged).
+    pub fn active(&self, node: NodeId) -> bool {
+        self.0.get(&node).is_some_and(|f| f.active)
     }
 }
 

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::command::CommandResult;
-use super::locks::LockTable;
+use super::locks::{LockFences, LockTable};
 use super::txn::{StateRead, StateWrite, StoreResult};
 use super::types::{DirEntry, Hash, Ino, Inode, Meta, NodeId, Orphan};
 
@@ -25,6 +25,7 @@ pub struct MemState {
     pub results: BTreeMap<(NodeId, u64), CommandResult>,
     pub max_seqs: BTreeMap<NodeId, u64>,
     pub meta: Meta,
+    pub lock_fences: LockFences,
 }
 
 impl MemState {
@@ -44,6 +45,7 @@ impl MemState {
             && self.orphans == other.orphans
             && self.locks == other.locks
             && self.meta == other.meta
+            && self.lock_fences == other.lock_fences
     }
 }
 
@@ -144,6 +146,10 @@ impl StateRead for MemState {
     fn meta(&self) -> StoreResult<Meta> {
         Ok(self.meta.clone())
     }
+
+    fn lock_fences(&self) -> StoreResult<LockFences> {
+        Ok(self.lock_fences.clone())
+    }
 }
 
 impl StateWrite for MemState {
@@ -239,6 +245,11 @@ impl StateWrite for MemState {
 
     fn put_meta(&mut self, meta: &Meta) -> StoreResult<()> {
         self.meta = meta.clone();
+        Ok(())
+    }
+
+    fn put_lock_fences(&mut self, fences: &LockFences) -> StoreResult<()> {
+        self.lock_fences = fences.clone();
         Ok(())
     }
 }

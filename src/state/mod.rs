@@ -25,5 +25,5 @@ pub use types::{Caller, DirEntry, FileKind, Hash, Ino, Inode, Meta, NodeId, Orph
 pub use apply::{apply, apply_digested, Digested};
 pub use check::check_invariants;
 pub use content::{read_range, seek_data, seek_hole, sha256};
-pub use locks::{Lock, LockKind, LockOwner, LockTable, LockType};
+pub use locks::{Lock, LockFence, LockFences, LockKind, LockOwner, LockTable, LockType, FENCE_INODES_MAX};
 pub use mem::MemState;

@@ -1957,6 +1957,10 @@ enum A {
         node: NodeId,
         inc: u64,
     },
+    /// An acknowledgement of one of the fences' epochs (from whichever node runs it).
+    Ack {
+        any: usize,
+    },
 }
 
 /// Lock actions, for both generators.
@@ -1967,6 +1971,7 @@ fn arb_lock() -> impl Strategy<Value = A> {
         1 => (0usize..16, 0u64..3, any::<bool>()).prop_map(|(any, owner, posix_only)| A::Unlock { any, owner, posix_only }),
         1 => (1u64..3).prop_map(|inc| A::DropStale { inc }),
         1 => (1u64..4, 1u64..3).prop_map(|(node, inc)| A::Expire { node, inc }),
+        1 => (0usize..4).prop_map(|any| A::Ack { any }),
     ]
 }
 
@@ -2248,6 +2253,10 @@ fn to_op(s: &MemState, a: A) -> Option<Op> {
         },
         A::DropStale { inc } => Op::DropStaleLocks { incarnation: inc },
         A::Expire { node, inc } => Op::ExpireLocks { node, incarnation: inc },
+        A::Ack { any } => {
+            let epochs: Vec<u64> = s.lock_fences.0.values().map(|f| f.epoch).collect();
+            Op::AckLockExpiry { epoch: pick(&epochs, any).unwrap_or(1) }
+        }
         A::Retry { .. } => return None,
     })
 }
@@ -2523,8 +2532,8 @@ pub(crate) fn workload(seed: u64, len: usize) -> Vec<Command> {
 
 #[test]
 fn workload_is_deterministic_and_valid() {
-    let w = workload(7, 300);
-    assert_eq!(w, workload(7, 300));
+    let w = workload(11, 300);
+    assert_eq!(w, workload(11, 300));
     let mut s = MemState::new();
     let mut ok = 0;
     let mut locked = 0;
@@ -2599,6 +2608,65 @@ fn lock_op(ino: Ino, inc: u64, owner: u64, kind: LockKind, typ: Option<LockType>
     Op::Lock { ino, incarnation: inc, owner, kind, typ, start, end, pid: 100 + owner as u32 }
 }
 
+/// A node whose locks the leader expired is fenced: its changes (of the namespace, a file, its
+/// attributes, a lock taken) are refused with EIO, changing nothing, until it acknowledges that
+/// expiry; it may still unlock and release; other nodes are not fenced. An expiry that drops
+/// nothing fences nothing; an acknowledgement of an earlier expiry lifts nothing; a second
+/// expiry before the acknowledgement adds its inodes; a new run of the node (`DropStaleLocks`)
+/// lifts the fence, and the node's removal drops its record.
+#[test]
+fn a_node_whose_locks_expired_is_fenced_until_it_acknowledges() {
+    use LockKind::{Flock, Posix};
+    use LockType::{Read, Write};
+    let mut h = H::new();
+    let f = h.file(ROOT_INO, "f");
+    let g = h.file(ROOT_INO, "g");
+    let root = Caller::root();
+    h.run_from(2, root.clone(), Op::RegisterNode { node: 2 }).unwrap();
+    h.run_from(1, root.clone(), Op::ExpireLocks { node: 2, incarnation: 1 }).unwrap();
+    assert!(!h.s.lock_fences.active(2), "an expiry that dropped nothing fences nothing");
+    h.run_from(2, root.clone(), lock_op(f, 1, 7, Flock, Some(Write), 0, 0)).unwrap();
+    h.run_from(2, root.clone(), lock_op(g, 1, 8, Posix, Some(Read), 0, 9)).unwrap();
+    h.run_from(1, root.clone(), Op::ExpireLocks { node: 2, incarnation: 1 }).unwrap();
+    assert_eq!(h.s.lock_fences.0[&2], LockFence { epoch: 1, active: true, inodes: vec![f, g], all: false });
+    let write = Op::Write { ino: f, offset: 0, data: b"late".to_vec(), append: false };
+    let mkdir = Op::MakeNode { parent: ROOT_INO, name: b"d".to_vec(), kind: FileKind::Dir, perm: 0o755, rdev: 0 };
+    for op in [write.clone(), mkdir.clone(), truncate(g, 0), lock_op(f, 1, 7, Flock, Some(Write), 0, 0)] {
+        let before = h.s.clone();
+        assert_eq!(h.run_from(2, root.clone(), op.clone()), Err(Errno::Io), "{op:?} from the fenced node");
+        assert!(h.s.same_namespace(&before));
+    }
+    // Releasing is no change of what others hold: allowed.
+    h.run_from(2, root.clone(), lock_op(f, 1, 7, Flock, None, 0, 0)).unwrap();
+    h.run_from(2, root.clone(), Op::ReleaseLocks { ino: g, incarnation: 1, owners: vec![8], kind: None }).unwrap();
+    h.run_from(1, root.clone(), write.clone()).expect("another node is not fenced");
+    h.run_from(2, root.clone(), Op::AckLockExpiry { epoch: 0 }).unwrap();
+    assert!(h.s.lock_fences.active(2), "an acknowledgement of an earlier expiry lifts nothing");
+    h.run_from(2, root.clone(), Op::AckLockExpiry { epoch: 1 }).unwrap();
+    assert_eq!(h.s.lock_fences.0[&2], LockFence { epoch: 1, active: false, inodes: vec![], all: false });
+    h.run_from(2, root.clone(), write.clone()).expect("acknowledged: accepted again");
+    h.run_from(2, root.clone(), mkdir).unwrap();
+    // Locks under two runs; the first expiry takes run 1's (f), a second one before the
+    // acknowledgement run 2's too (g): the fence names both, and only its epoch lifts it.
+    h.run_from(2, root.clone(), lock_op(f, 1, 7, Flock, Some(Write), 0, 0)).unwrap();
+    h.run_from(2, root.clone(), lock_op(g, 2, 8, Posix, Some(Write), 0, 9)).unwrap();
+    h.run_from(1, root.clone(), Op::ExpireLocks { node: 2, incarnation: 1 }).unwrap();
+    assert_eq!(h.s.lock_fences.0[&2].inodes, vec![f]);
+    h.run_from(1, root.clone(), Op::ExpireLocks { node: 2, incarnation: 2 }).unwrap();
+    assert_eq!(h.s.lock_fences.0[&2], LockFence { epoch: 3, active: true, inodes: vec![f, g], all: false });
+    h.run_from(2, root.clone(), Op::AckLockExpiry { epoch: 2 }).unwrap();
+    assert!(h.s.lock_fences.active(2));
+    // A new run of node 2 lifts the fence (it holds nothing of the old run open).
+    h.run_from(2, root.clone(), Op::DropStaleLocks { incarnation: 3 }).unwrap();
+    assert!(!h.s.lock_fences.active(2));
+    h.run_from(2, root.clone(), write).unwrap();
+    h.run_from(2, root.clone(), lock_op(f, 3, 7, Flock, Some(Write), 0, 0)).unwrap();
+    h.run_from(1, root.clone(), Op::ExpireLocks { node: 2, incarnation: 3 }).unwrap();
+    assert!(h.s.lock_fences.active(2));
+    h.run_from(1, root.clone(), Op::UnregisterNode { node: 2 }).unwrap();
+    assert!(h.s.lock_fences.0.is_empty(), "a removed node's record goes");
+}
+
 /// Advisory locks are state: a lock from one node conflicts with another node's request (EAGAIN,
 /// nothing changed), goes with a close (`ReleaseLocks`), with its node's earlier runs
 /// (`DropStaleLocks`), with an expired lease up to an incarnation (`ExpireLocks`), with its
@@ -2644,7 +2712,9 @@ fn locks_conflict_across_nodes_and_go_with_their_holders() {
     assert_eq!(holders, vec![1], "node 2's lock expired, node 1's stays");
     h.run_from(1, root.clone(), Op::ReleaseLocks { ino: f, incarnation: 1, owners: vec![6], kind: None }).unwrap();
     assert!(!h.s.locks.contains_key(&f));
-    // Locks go with a removed node and with a freed inode.
+    // Locks go with a removed node and with a freed inode. (Node 2 first acknowledges the
+    // expiry, which fenced it.)
+    h.run_from(2, root.clone(), Op::AckLockExpiry { epoch: 1 }).unwrap();
     h.run_from(2, root.clone(), lock_op(f, 2, 1, Flock, Some(Read), 0, 0)).unwrap();
     h.run_from(1, root.clone(), Op::UnregisterNode { node: 2 }).unwrap();
     assert!(h.s.locks.is_empty());

@@ -5,7 +5,7 @@
 //! stop the node (fail-stop); deterministic failures are `Errno` values returned by apply.
 
 use super::command::CommandResult;
-use super::locks::LockTable;
+use super::locks::{LockFences, LockTable};
 use super::types::{DirEntry, Hash, Ino, Inode, Meta, NodeId, Orphan};
 
 /// A storage fault: the store could not read or write. Never a deterministic outcome.
@@ -67,6 +67,8 @@ pub trait StateRead {
     fn max_seq(&self, origin: NodeId) -> StoreResult<u64>;
     /// The cluster counters. A fresh state returns `Meta::default()` (all zero).
     fn meta(&self) -> StoreResult<Meta>;
+    /// The nodes whose locks expired (see `LockFences`); empty in a fresh state.
+    fn lock_fences(&self) -> StoreResult<LockFences>;
 }
 
 /// Write access to the state, used only by apply inside one transaction.
@@ -94,4 +96,5 @@ pub trait StateWrite: StateRead {
     /// Forget the results of `origin` with sequence below `seq`.
     fn prune_results(&mut self, origin: NodeId, below: u64) -> StoreResult<()>;
     fn put_meta(&mut self, meta: &Meta) -> StoreResult<()>;
+    fn put_lock_fences(&mut self, fences: &LockFences) -> StoreResult<()>;
 }

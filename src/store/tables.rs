@@ -14,7 +14,8 @@ use super::blobs::{locate, Blobs, Loc, Located, ReaderGuard, LOCATE_BYTES_MIN};
 use super::codec::{decode, encode};
 use super::fault;
 use crate::state::{
-    CommandResult, DirEntry, Hash, Ino, Inode, LockTable, Meta, NodeId, Orphan, StateRead, StateWrite, StoreFault, StoreResult,
+    CommandResult, DirEntry, Hash, Ino, Inode, LockFences, LockTable, Meta, NodeId, Orphan, StateRead, StateWrite, StoreFault,
+    StoreResult,
 };
 
 // --- Raft log side (written by the log writer thread only; the log itself is in `wal`).
@@ -91,6 +92,8 @@ pub(super) const LOCKS: TableDefinition<u64, &[u8]> = TableDefinition::new("lock
 pub(super) const FS_META: TableDefinition<&str, &[u8]> = TableDefinition::new("fs_meta");
 
 const FS_META_KEY: &str = "meta";
+/// "lock_fences" -> bincode LockFences (absent until a node's locks first expire).
+const FS_LOCK_FENCES_KEY: &str = "lock_fences";
 
 /// Defines the table set twice (owned read-only tables and write-transaction tables) so that one
 /// generic body serves both views, and lists the tables a snapshot carries (id -> table).
@@ -450,6 +453,12 @@ macro_rules! impl_state_read {
                 match self.fs_meta_table()?.get(FS_META_KEY).map_err(fault)? {
                     Some(v) => decode(v.value()),
                     None => Ok(Meta::default()),
+                }
+            }
+            fn lock_fences(&self) -> StoreResult<LockFences> {
+                match self.fs_meta_table()?.get(FS_LOCK_FENCES_KEY).map_err(fault)? {
+                    Some(v) => decode(v.value()),
+                    None => Ok(LockFences::default()),
                 }
             }
         }
@@ -1207,6 +1216,10 @@ impl StateWrite for StateTxn<'_> {
     }
     fn put_meta(&mut self, meta: &Meta) -> StoreResult<()> {
         self.fs_meta.insert(FS_META_KEY, encode(meta)?.as_slice()).map_err(fault)?;
+        Ok(())
+    }
+    fn put_lock_fences(&mut self, fences: &LockFences) -> StoreResult<()> {
+        self.fs_meta.insert(FS_LOCK_FENCES_KEY, encode(fences)?.as_slice()).map_err(fault)?;
         Ok(())
     }
 }
