@@ -1049,6 +1049,63 @@ fn cluster_locks_of_a_node_down_past_the_lease_expire() {
     drop((d, h, w));
 }
 
+/// A node stalled past the lock lease (SIGSTOP: alive, silent) loses its locks, and its
+/// processes cannot go on as if they held them: the write its lock holder makes after the stall
+/// (queued in the kernel while the node was stopped, proposed before or after the node learns of
+/// the expiry) fails with EIO and never reaches any replica, though the lock's next holder on
+/// another node has written meanwhile; the lost file refuses further lock requests; once it is
+/// closed, the stalled node reads the other node's data (not the refused write from its page
+/// cache) and locks and writes the file as usual.
+#[test]
+fn cluster_lost_locks_fence_the_stalled_holders_writes() {
+    use crate::locks::flock;
+    const LEASE: Duration = Duration::from_millis(2_000);
+    let mut c = Cluster::with(ClusterOptions { lock_lease_ms: Some(LEASE.as_millis() as u64), ..ClusterOptions::default() });
+    let leader = c.wait_leader(ELECTION_TIMEOUT, None);
+    let others: Vec<u64> = c.ids().into_iter().filter(|k| *k != leader).collect();
+    let (stalled, waiter) = (others[0], others[1]);
+    let rel = "fenced";
+    write_synced(&c.path(leader, rel), b"0000").unwrap();
+    seen(&c, &others, "the file", |c, k| fs::read(c.path(k, rel)).is_ok_and(|d| d == b"0000"));
+    let rw = |c: &Cluster, k: u64| OpenOptions::new().read(true).write(true).open(c.path(k, rel)).unwrap();
+    let d = rw(&c, stalled);
+    flock(&d, libc::LOCK_EX).unwrap();
+    d.write_all_at(b"AAAA", 0).unwrap();
+    d.sync_all().unwrap();
+    let paused = c.pause(stalled);
+    let w = rw(&c, waiter);
+    assert_eq!(errno_of(flock(&w, libc::LOCK_EX | libc::LOCK_NB)), libc::EWOULDBLOCK, "the stalled node's flock holds");
+    let blocked = std::thread::spawn(move || flock(&w, libc::LOCK_EX).map(|()| w));
+    let got = poll(LEASE + CONVERGE_TIMEOUT, || blocked.is_finished());
+    assert!(got.is_some(), "the stalled node's flock never expired");
+    let held = blocked.join().unwrap().expect("the waiter gets the lock once the lease ran out");
+    held.write_all_at(b"BBBB", 0).unwrap();
+    held.sync_all().unwrap();
+    // The stalled holder writes on (into its page cache) and syncs: the sync waits in the kernel
+    // until its node runs again.
+    let late = std::thread::spawn(move || {
+        let r = d.write_all_at(b"CCCC", 0).and_then(|()| d.sync_all());
+        (d, r)
+    });
+    drop(paused);
+    let (d, r) = late.join().unwrap();
+    assert_eq!(errno_of(r), libc::EIO, "the write of a holder whose lock expired is refused");
+    assert_eq!(errno_of(flock(&d, libc::LOCK_EX | libc::LOCK_NB)), libc::EIO, "the lost file refuses lock requests");
+    seen(&c, &c.ids(), "the lock's next holder's data", |c, k| fs::read(c.path(k, rel)).is_ok_and(|d| d == b"BBBB"));
+    drop(d);
+    let e = rw(&c, stalled);
+    let mut now = [0u8; 4];
+    e.read_exact_at(&mut now, 0).unwrap();
+    assert_eq!(&now, b"BBBB", "the stalled node shows the cluster's data, not its refused write");
+    assert_eq!(errno_of(flock(&e, libc::LOCK_EX | libc::LOCK_NB)), libc::EWOULDBLOCK, "the waiter holds the lock");
+    drop(held);
+    let relocked = poll(CONVERGE_TIMEOUT, || flock(&e, libc::LOCK_EX | libc::LOCK_NB).is_ok());
+    assert!(relocked.is_some(), "the stalled node locks the file again once the other holder let go");
+    e.write_all_at(b"DDDD", 0).unwrap();
+    e.sync_all().expect("a file opened after the expiry writes as usual");
+    seen(&c, &c.ids(), "the stalled node's new write", |c, k| fs::read(c.path(k, rel)).is_ok_and(|d| d == b"DDDD"));
+}
+
 /// Locks make a read-modify-write safe across nodes, NFS-style: processes on all three nodes
 /// increment one counter in a file each holds open, under flock, without fsync or close; every
 /// increment survives (the unlock writes back what was written under the lock, the lock's grant

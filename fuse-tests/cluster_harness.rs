@@ -340,6 +340,17 @@ impl Cluster {
         self.node(k).kill9()
     }
 
+    /// Stall node `k` (SIGSTOP): alive, silent, its mount's requests queued until the returned
+    /// guard is dropped (SIGCONT), which a panicking test does too, before it closes files of
+    /// that mount (declare the guard after them).
+    #[must_use = "the node runs again when the guard is dropped"]
+    pub fn pause(&mut self, k: u64) -> Paused {
+        let node = self.node(k);
+        let pid = node.pid().expect("node running") as libc::pid_t;
+        node.signal(libc::SIGSTOP);
+        Paused(pid)
+    }
+
     /// Clean stop of node `k` (SIGTERM; exit status 0; mount gone).
     pub fn stop(&mut self, k: u64) {
         self.node(k).stop();
@@ -532,6 +543,16 @@ pub fn cli(args: &[OsString]) -> Result<String, String> {
 }
 
 /// Polls `cond` until it holds; returns how long that took, or None after `timeout`.
+/// A node stalled by `Cluster::pause`; dropping this lets it run again.
+pub struct Paused(libc::pid_t);
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory preconditions; the pid is the cluster's own running child.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
 pub fn poll(timeout: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
     let start = Instant::now();
     loop {

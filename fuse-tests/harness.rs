@@ -384,6 +384,8 @@ impl Drop for Node {
         let panicking = std::thread::panicking();
         if self.child.is_some() {
             let conn = fuse_connection(&self.mnt);
+            // A stalled node (a test's SIGSTOP) would not act on SIGTERM.
+            self.signal(libc::SIGCONT);
             self.signal(libc::SIGTERM);
             if self.wait_exit(STOP_TIMEOUT).is_none() {
                 self.signal(libc::SIGKILL);

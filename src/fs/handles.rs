@@ -38,6 +38,9 @@ struct Table {
     stale: HashSet<Ino>,
     /// Handles flushed (a descriptor closed) and not released yet, with their inode and when.
     flushed: HashMap<u64, (Ino, Instant)>,
+    /// Fenced inodes (this node's locks on them expired, see `fs::fences`): the handles that
+    /// were open when this node learnt of it and are not released yet.
+    lost: HashMap<Ino, HashSet<u64>>,
 }
 
 impl Table {
@@ -107,6 +110,12 @@ impl Handles {
         if t.flushed.remove(&fh).is_some() {
             self.released.notify_all();
         }
+        if let Some(lost) = t.lost.get_mut(&handle.ino) {
+            lost.remove(&fh);
+            if lost.is_empty() {
+                t.lost.remove(&handle.ino);
+            }
+        }
         if writes(handle.flags) {
             match t.writers.get_mut(&handle.ino) {
                 Some(n) if *n > 1 => *n -= 1,
@@ -168,6 +177,36 @@ impl Handles {
     /// At the last close of `ino`: was it marked stale (and the mark is now taken)?
     pub fn take_stale(&self, ino: Ino) -> bool {
         self.lock().stale.remove(&ino)
+    }
+
+    /// Fence the inodes in `inodes` (every open inode if `None`): each handle open on one of
+    /// them now is lost, and the inode stays fenced (`is_fenced`) until all of them are released;
+    /// at its last close the kernel is made to forget it (`mark_stale_if_open`), so that no page
+    /// the cluster refused stays cached. Returns the inodes and handles fenced.
+    pub fn fence(&self, inodes: Option<&[Ino]>) -> (usize, usize) {
+        let mut t = self.lock();
+        let t = &mut *t;
+        let mut fenced = (0, 0);
+        for (fh, h) in &t.handles {
+            if inodes.is_some_and(|inos| inos.binary_search(&h.ino).is_err()) {
+                continue;
+            }
+            let lost = t.lost.entry(h.ino).or_default();
+            if lost.is_empty() {
+                fenced.0 += 1;
+            }
+            if lost.insert(*fh) {
+                fenced.1 += 1;
+            }
+            t.stale.insert(h.ino);
+        }
+        fenced
+    }
+
+    /// Is `ino` fenced (see `fence`)?
+    pub fn is_fenced(&self, ino: Ino) -> bool {
+        let t = self.lock();
+        !t.lost.is_empty() && t.lost.contains_key(&ino)
     }
 
     /// Does this node hold `ino` open?

@@ -10,6 +10,7 @@ mod attr;
 mod caller;
 mod coherence;
 mod errno;
+mod fences;
 mod handles;
 mod inflight;
 mod locks;

@@ -77,6 +77,7 @@ pub fn mount(ops: Arc<Ops>, rt: tokio::runtime::Handle, mountpoint: &Path) -> io
     cleanup_stale_mount(mountpoint)?;
     // /proc/self/mountinfo lists the canonical path; resolve it before the mount exists.
     let mountpoint = mountpoint.canonicalize()?;
+    rt.spawn(super::fences::follow_lock_expiries(Arc::downgrade(&ops), ops.replica.own_lock_fence()));
     let fs = PickboxFs::new(ops.clone(), rt, want_writeback());
     let notifier_slot = fs.notifier_slot();
     let session = Session::new(fs, &mountpoint, &config)?;

@@ -20,6 +20,7 @@ use crate::state::{
 use crate::state::content;
 use super::coherence::{self, Coherence};
 use super::errno::{FsError, FsResult};
+use super::fences::Gate;
 use super::handles::Handles;
 use super::inflight::InFlight;
 use super::locks::LockWaits;
@@ -74,7 +75,7 @@ pub enum Seek {
 
 /// The node's filesystem: the replica, the data directory (for free space) and the open handles.
 pub struct Ops {
-    replica: Arc<Replica>,
+    pub(super) replica: Arc<Replica>,
     data_dir: PathBuf,
     pub handles: Arc<Handles>,
     /// Kernel cache invalidation for other nodes' changes, and its watermark.
@@ -100,6 +101,8 @@ pub struct Ops {
     releases: Arc<GatheredReleases>,
     /// Waiting lock requests and the lock owners of open handles (see fs/locks.rs).
     pub lock_waits: LockWaits,
+    /// Changes of files in flight, for fencing them after lost locks (see fs/fences.rs).
+    pub gate: Gate,
 }
 
 /// A SETLK/SETLKW as the kernel sent it (see `Ops::set_lock`).
@@ -198,6 +201,7 @@ impl Ops {
             killpriv: std::sync::atomic::AtomicBool::new(false),
             releases,
             lock_waits: LockWaits::default(),
+            gate: Gate::default(),
         }
     }
 
@@ -594,6 +598,9 @@ impl Ops {
     async fn propose_timed(&self, caller: Caller, op: impl Into<HashedOp>, time: Option<Timespec>) -> FsResult<Outcome> {
         let op = op.into();
         tracing::debug!(op = op_kind(op.op()), "proposing");
+        // A change of a file whose locks this node lost fails here (fs/fences.rs); one that
+        // passes is waited for before the expiry is acknowledged.
+        let _pass = self.gate.pass(op.op(), |ino| self.handles.is_fenced(ino))?;
         let proposal = self.replica.propose_at(caller, op, time);
         let taken = std::mem::take(&mut *self.deferred());
         let releases = self.releases.take();

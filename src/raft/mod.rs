@@ -20,7 +20,7 @@ use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
 use tokio::time::Instant;
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Caller, Command, CommandResult, ContentDigest, HashedOp, NodeId, Op, Outcome, StateRead, StoreFault, Timespec, ROOT_INO};
+use crate::state::{Caller, Command, CommandResult, ContentDigest, HashedOp, LockFence, NodeId, Op, Outcome, StateRead, StoreFault, Timespec, ROOT_INO};
 use crate::store::Store;
 pub use network::{NoPeers, PeerTransport, RpcKind, TransportError};
 use storage::{LogStore, SnapshotFile, StateMachine};
@@ -332,6 +332,8 @@ pub struct Replica {
     lock_changes: LockChanges,
     /// When each peer last answered this node's Raft calls (the lock leases read it).
     contacts: Arc<network::Contacts>,
+    /// This node's lock fence as the state records it (kept up to date by apply).
+    own_fence: tokio::sync::watch::Sender<LockFence>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -499,10 +501,12 @@ impl Replica {
         let applied_tx: storage::AppliedSlot = Default::default();
         let waiters: Arc<storage::Waiters> = Default::default();
         let lock_changes = tokio::sync::broadcast::Sender::new(LOCK_CHANGES_QUEUE);
+        let own_fence = tokio::sync::watch::Sender::new(LockFence::default());
         let sm = StateMachine::with_log(store.clone(), &log)
             .with_events(cfg.node_id, applied_tx.clone())
             .with_waiters(cfg.node_id, waiters.clone())
-            .with_lock_changes(lock_changes.clone());
+            .with_lock_changes(lock_changes.clone())
+            .with_own_fence(cfg.node_id, own_fence.clone());
         let contacts: Arc<network::Contacts> = Default::default();
         let network = network::Network::new(cfg.node_id, transport.clone())
             .snapshot_install(cfg.snapshot_install)
@@ -524,6 +528,7 @@ impl Replica {
             pipelined: AtomicU64::new(0),
             lock_changes,
             contacts,
+            own_fence,
             tasks: Mutex::new(Vec::new()),
         });
         let batcher = tokio::spawn(batcher(Arc::downgrade(&replica), rx));
@@ -685,6 +690,12 @@ impl Replica {
     /// from now on.
     pub fn lock_changes(&self) -> tokio::sync::broadcast::Receiver<LockChange> {
         self.lock_changes.subscribe()
+    }
+
+    /// This node's lock fence as the state records it (`state::LockFences`): active from the
+    /// apply of an expiry of its locks until the apply of its acknowledgement (see fs/fences.rs).
+    pub fn own_lock_fence(&self) -> tokio::sync::watch::Receiver<LockFence> {
+        self.own_fence.subscribe()
     }
 
     /// Whether this node leads (as far as its Raft metrics tell).

@@ -19,7 +19,7 @@ use openraft::{
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
 use super::{Applied, Response, Touch, TypeConfig};
-use crate::state::{Command, CommandResult, Digested, Ino, NodeId, Op, StateRead, StoreFault, StoreResult};
+use crate::state::{Command, CommandResult, Digested, Ino, LockFence, NodeId, Op, StateRead, StoreFault, StoreResult};
 
 use crate::store::codec::{blob_positions, decode, encode, encode_sized};
 use crate::store::{Located, LOCATE_BYTES_MIN};
@@ -649,16 +649,19 @@ pub struct StateMachine {
     /// Told after every apply call that may have released an advisory lock, from any node
     /// (waiting lock requests of that inode ask again then).
     lock_changes: Option<super::LockChanges>,
+    /// This node and its lock fence as the state records it (`LockFences`), republished after
+    /// every apply call that may change it and after a snapshot install.
+    own_fence: Option<(NodeId, tokio::sync::watch::Sender<LockFence>)>,
 }
 
 impl StateMachine {
     pub fn new(store: Store) -> Self {
-        StateMachine { store, log_cache: None, events: None, waiters: None, lock_changes: None }
+        StateMachine { store, log_cache: None, events: None, waiters: None, lock_changes: None, own_fence: None }
     }
 
     /// A state machine that drops what it applied from `log`'s in-memory entry cache.
     pub fn with_log(store: Store, log: &LogStore) -> Self {
-        StateMachine { store, log_cache: Some(log.cache.clone()), events: None, waiters: None, lock_changes: None }
+        StateMachine { store, log_cache: Some(log.cache.clone()), events: None, waiters: None, lock_changes: None, own_fence: None }
     }
 
     /// Also answer the commands of `node` waiting in `waiters` as soon as they are applied.
@@ -671,6 +674,31 @@ impl StateMachine {
     pub fn with_lock_changes(mut self, changes: super::LockChanges) -> Self {
         self.lock_changes = Some(changes);
         self
+    }
+
+    /// Publish `node`'s lock fence to `tx` (now, and whenever apply may change it).
+    pub fn with_own_fence(mut self, node: NodeId, tx: tokio::sync::watch::Sender<LockFence>) -> Self {
+        self.own_fence = Some((node, tx));
+        self.publish_own_fence();
+        self
+    }
+
+    /// Read this node's lock fence from the state and publish it if it changed. A read error is
+    /// logged and the old value kept (the next change of it publishes again).
+    fn publish_own_fence(&self) {
+        let Some((node, tx)) = &self.own_fence else { return };
+        let fence = match self.store.read().and_then(|v| v.lock_fences()) {
+            Ok(f) => f.0.get(node).cloned().unwrap_or_default(),
+            Err(e) => {
+                tracing::error!(error = %e, "reading this node's lock fence");
+                return;
+            }
+        };
+        tx.send_if_modified(|old| {
+            let changed = *old != fence;
+            *old = fence;
+            changed
+        });
     }
 
     fn locks_changed(&self, what: super::LockChange) {
@@ -789,7 +817,7 @@ fn lock_changes(entries: &[Ent], me: Option<NodeId>) -> Vec<super::LockChange> {
                             tracing::warn!(
                                 incarnation,
                                 leader = c.origin,
-                                "the leader did not hear from this node for the lock lease: its locks up to this incarnation expired, their holders here are not told"
+                                "the leader did not hear from this node for the lock lease: its locks up to this incarnation expired (their files are fenced here)"
                             );
                         }
                         super::LockChange::Any
@@ -804,6 +832,19 @@ fn lock_changes(entries: &[Ent], me: Option<NodeId>) -> Vec<super::LockChange> {
         }
     }
     out
+}
+
+/// Whether `entries` hold a command that may change a node's lock fence (`LockFences`).
+fn changes_fences(entries: &[Ent]) -> bool {
+    entries.iter().any(|e| match &e.payload {
+        EntryPayload::Normal(batch) => batch.0.iter().any(|c| {
+            matches!(
+                c.op,
+                Op::ExpireLocks { .. } | Op::AckLockExpiry { .. } | Op::DropStaleLocks { .. } | Op::UnregisterNode { .. }
+            )
+        }),
+        _ => false,
+    })
 }
 
 /// The payload bytes of the commands in `e`.
@@ -1026,6 +1067,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 self.locks_changed(what);
             }
         }
+        if self.own_fence.is_some() && changes_fences(&entries) {
+            self.publish_own_fence();
+        }
         if let Some((node, waiters)) = &self.waiters {
             // After the event (a waiter for the coherence watermark reads the applied index
             // first, then the last event's index) and before any proposer hears of its result
@@ -1098,6 +1142,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.send_event(Applied { index: last.index, touched: vec![Touch::Everything] });
         }
         self.locks_changed(super::LockChange::Any);
+        self.publish_own_fence();
         Ok(())
     }
 
