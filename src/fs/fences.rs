@@ -84,7 +84,7 @@ impl Gate {
             let notified = self.drained.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.lock().passes.range(..=upto).next().is_none() {
+            if self.lock().passes.range(..=upto).all(|(_, n)| *n == 0) {
                 return;
             }
             notified.await;
@@ -99,10 +99,15 @@ impl Gate {
 impl Drop for Pass<'_> {
     fn drop(&mut self) {
         let mut t = self.gate.lock();
+        let current = t.generation;
         if let Some(n) = t.passes.get_mut(&self.generation) {
             *n -= 1;
             if *n == 0 {
-                t.passes.remove(&self.generation);
+                // The current generation's count stays (no allocation per change); only an
+                // earlier one can be waited for.
+                if self.generation < current {
+                    t.passes.remove(&self.generation);
+                }
                 drop(t);
                 self.gate.drained.notify_waiters();
             }

@@ -11,6 +11,7 @@
 //! `wait_for_closing`).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -63,6 +64,9 @@ fn writes(flags: i32) -> bool {
 #[derive(Default)]
 pub struct Handles {
     table: Mutex<Table>,
+    /// Whether any inode is fenced (`Table::lost` is not empty), read without the lock by every
+    /// change of a file (see `is_fenced`).
+    any_lost: AtomicBool,
     /// Notified when a flushed handle is released.
     released: Condvar,
 }
@@ -114,6 +118,7 @@ impl Handles {
             lost.remove(&fh);
             if lost.is_empty() {
                 t.lost.remove(&handle.ino);
+                self.any_lost.store(!t.lost.is_empty(), Ordering::Release);
             }
         }
         if writes(handle.flags) {
@@ -200,13 +205,15 @@ impl Handles {
             }
             t.stale.insert(h.ino);
         }
+        self.any_lost.store(!t.lost.is_empty(), Ordering::Release);
         fenced
     }
 
-    /// Is `ino` fenced (see `fence`)?
+    /// Is `ino` fenced (see `fence`)? Without the lock while nothing is: a caller that must see
+    /// a fence made before some event orders itself after that event by other means (the
+    /// `fences::Gate` mutex, taken after `fence` returns and before this is asked).
     pub fn is_fenced(&self, ino: Ino) -> bool {
-        let t = self.lock();
-        !t.lost.is_empty() && t.lost.contains_key(&ino)
+        self.any_lost.load(Ordering::Acquire) && self.lock().lost.contains_key(&ino)
     }
 
     /// Does this node hold `ino` open?
@@ -229,6 +236,28 @@ impl Handles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fenced_inode_stays_fenced_until_its_handles_of_then_are_released() {
+        let h = Handles::default();
+        let a = h.open(7, libc::O_RDWR);
+        let b = h.open(7, libc::O_RDONLY);
+        let other = h.open(8, libc::O_RDWR);
+        assert!(!h.is_fenced(7));
+        assert_eq!(h.fence(Some(&[7, 9])), (1, 2), "inode 9 is not open here: nothing to fence");
+        assert!(h.is_fenced(7) && !h.is_fenced(8) && !h.is_fenced(9));
+        let later = h.open(7, libc::O_RDWR);
+        h.release(a);
+        assert!(h.is_fenced(7), "a handle of then is still open");
+        h.release(b);
+        assert!(!h.is_fenced(7), "only handles open at the fence count");
+        assert!(h.take_stale(7), "the kernel forgets the inode at its last close");
+        h.release(later);
+        assert_eq!(h.fence(None), (1, 1), "every open inode");
+        assert!(h.is_fenced(8));
+        h.release(other);
+        assert!(!h.is_fenced(8));
+    }
 
     #[test]
     fn counts_opens_per_inode() {
