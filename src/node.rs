@@ -497,6 +497,9 @@ struct StatusRow {
     state_digest: Option<String>,
     /// Reads that met a corrupt stored block on that node since it started (JSON only).
     corrupt_block_reads: Option<u64>,
+    /// The node lost its locks and the cluster refuses its changes until it acknowledges
+    /// (JSON only; see SEMANTICS, Locks).
+    lock_fenced: Option<bool>,
     /// Why the member did not answer.
     error: Option<String>,
 }
@@ -516,6 +519,7 @@ impl StatusRow {
             snapshot_index: None,
             state_digest: None,
             corrupt_block_reads: None,
+            lock_fenced: None,
             error: None,
         };
         match s {
@@ -529,6 +533,7 @@ impl StatusRow {
                 row.snapshot_index = s.snapshot_index;
                 row.state_digest = Some(s.state_digest);
                 row.corrupt_block_reads = Some(s.corrupt_block_reads);
+                row.lock_fenced = Some(s.lock_fenced);
             }
             Err(e) => row.error = Some(e),
         }
@@ -635,6 +640,7 @@ mod tests {
             members: vec![],
             state_digest: "ab".repeat(32),
             corrupt_block_reads: 2,
+            lock_fenced: false,
         }
     }
 
@@ -667,6 +673,8 @@ mod tests {
         assert_eq!(arr[0]["state_digest"], "ab".repeat(32));
         assert_eq!(arr[0]["corrupt_block_reads"], 2);
         assert_eq!(arr[1]["corrupt_block_reads"], serde_json::Value::Null);
+        assert_eq!(arr[0]["lock_fenced"], false);
+        assert_eq!(arr[1]["lock_fenced"], serde_json::Value::Null);
         assert_eq!(arr[0]["error"], serde_json::Value::Null);
         assert_eq!(arr[1]["error"], "unreachable: dial timed out");
         // Every row has the same keys, answered or not.

@@ -90,6 +90,9 @@ pub struct NodeStatus {
     pub state_digest: String,
     /// Reads on this node that met a corrupt stored block (and answered EIO) since it started.
     pub corrupt_block_reads: u64,
+    /// This node's locks expired and it has not acknowledged that yet: the cluster refuses its
+    /// changes (see `state::LockFences`).
+    pub lock_fenced: bool,
 }
 
 /// Why an admin call failed.
@@ -370,6 +373,7 @@ pub(super) async fn status(replica: &Replica) -> Result<NodeStatus, String> {
         members,
         state_digest,
         corrupt_block_reads: crate::store::CORRUPT_BLOCK_READS.load(std::sync::atomic::Ordering::Relaxed),
+        lock_fenced: replica.own_fence.borrow().active,
     })
 }
 
