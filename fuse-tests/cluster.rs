@@ -998,6 +998,23 @@ fn cluster_relock_right_after_close_on_a_follower() {
     crate::locks::relock_rounds(&c.path(k, "relock"), &c.path(k, "big"), 16, 100);
 }
 
+/// A 3-node cluster whose leader expires silent nodes' locks after `lease`, with the file `rel`
+/// holding `data` (written through the leader, seen on the others); returns the cluster, the
+/// leader and the two other nodes.
+fn leased_cluster_with_file(lease: Duration, rel: &str, data: &[u8]) -> (Cluster, u64, [u64; 2]) {
+    let mut c = Cluster::with(ClusterOptions { lock_lease_ms: Some(lease.as_millis() as u64), ..ClusterOptions::default() });
+    let leader = c.wait_leader(ELECTION_TIMEOUT, None);
+    let others: Vec<u64> = c.ids().into_iter().filter(|k| *k != leader).collect();
+    write_synced(&c.path(leader, rel), data).unwrap();
+    seen(&c, &others, "the file", |c, k| fs::read(c.path(k, rel)).is_ok_and(|d| d == data));
+    (c, leader, [others[0], others[1]])
+}
+
+/// `rel` opened for reading and writing through node `k`.
+fn open_rw(c: &Cluster, k: u64, rel: &str) -> File {
+    OpenOptions::new().read(true).write(true).open(c.path(k, rel)).unwrap()
+}
+
 /// The locks of a node the leader stops hearing from expire after the lock lease
 /// (`--lock-lease-ms`): a waiter on another node gets them without the dead node's restart, not
 /// before the lease ran out; a live node's lock, held all the while, stays; the dead node's next
@@ -1006,14 +1023,9 @@ fn cluster_relock_right_after_close_on_a_follower() {
 fn cluster_locks_of_a_node_down_past_the_lease_expire() {
     use crate::locks::{blocked_flock, fcntl_lock as record_lock, flock};
     const LEASE: Duration = Duration::from_millis(3_000);
-    let mut c = Cluster::with(ClusterOptions { lock_lease_ms: Some(LEASE.as_millis() as u64), ..ClusterOptions::default() });
-    let holder = c.wait_leader(ELECTION_TIMEOUT, None);
-    let others: Vec<u64> = c.ids().into_iter().filter(|k| *k != holder).collect();
-    let (dead, waiter) = (others[0], others[1]);
     let rel = "leased";
-    write_synced(&c.path(holder, rel), &[7u8; 100]).unwrap();
-    seen(&c, &others, "the file", |c, k| fs::metadata(c.path(k, rel)).is_ok_and(|m| m.len() == 100));
-    let rw = |c: &Cluster, k: u64| OpenOptions::new().read(true).write(true).open(c.path(k, rel)).unwrap();
+    let (mut c, holder, [dead, waiter]) = leased_cluster_with_file(LEASE, rel, &[7u8; 100]);
+    let rw = |c: &Cluster, k: u64| open_rw(c, k, rel);
     let d = rw(&c, dead);
     flock(&d, libc::LOCK_EX).unwrap();
     record_lock(&d, libc::F_SETLK, libc::F_WRLCK, 0, 10).unwrap();
@@ -1060,14 +1072,9 @@ fn cluster_locks_of_a_node_down_past_the_lease_expire() {
 fn cluster_lost_locks_fence_the_stalled_holders_writes() {
     use crate::locks::flock;
     const LEASE: Duration = Duration::from_millis(2_000);
-    let mut c = Cluster::with(ClusterOptions { lock_lease_ms: Some(LEASE.as_millis() as u64), ..ClusterOptions::default() });
-    let leader = c.wait_leader(ELECTION_TIMEOUT, None);
-    let others: Vec<u64> = c.ids().into_iter().filter(|k| *k != leader).collect();
-    let (stalled, waiter) = (others[0], others[1]);
     let rel = "fenced";
-    write_synced(&c.path(leader, rel), b"0000").unwrap();
-    seen(&c, &others, "the file", |c, k| fs::read(c.path(k, rel)).is_ok_and(|d| d == b"0000"));
-    let rw = |c: &Cluster, k: u64| OpenOptions::new().read(true).write(true).open(c.path(k, rel)).unwrap();
+    let (mut c, _leader, [stalled, waiter]) = leased_cluster_with_file(LEASE, rel, b"0000");
+    let rw = |c: &Cluster, k: u64| open_rw(c, k, rel);
     let d = rw(&c, stalled);
     flock(&d, libc::LOCK_EX).unwrap();
     d.write_all_at(b"AAAA", 0).unwrap();

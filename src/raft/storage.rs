@@ -803,13 +803,19 @@ pub const INLINE_APPLY_BYTES_MAX: usize = 256 * 1024;
 
 /// The inodes whose locks the commands of `entries` may have released (any lock command: a
 /// change may be a downgrade or a split), or `Any` for a node's earlier runs, its removal or its
-/// expired lease; each inode once. An expiry of `me`'s locks (this node) is logged here: its
-/// processes that held them are not told (see `super::leases`).
-fn lock_changes(entries: &[Ent], me: Option<NodeId>) -> Vec<super::LockChange> {
+/// expired lease; each inode once. And whether they may have changed a node's lock fence
+/// (`LockFences`: an expiry, an acknowledgement, a new run, a removal). An expiry of `me`'s
+/// locks (this node) is logged here (its files are fenced by fs/fences.rs).
+fn lock_changes(entries: &[Ent], me: Option<NodeId>) -> (Vec<super::LockChange>, bool) {
     let mut out = Vec::new();
+    let mut fences = false;
     for e in entries {
         if let EntryPayload::Normal(batch) = &e.payload {
             for c in batch.0.iter() {
+                fences |= matches!(
+                    c.op,
+                    Op::ExpireLocks { .. } | Op::AckLockExpiry { .. } | Op::DropStaleLocks { .. } | Op::UnregisterNode { .. }
+                );
                 let what = match c.op {
                     Op::Lock { ino, .. } | Op::ReleaseLocks { ino, .. } => super::LockChange::Inode(ino),
                     Op::ExpireLocks { node, incarnation } => {
@@ -831,20 +837,7 @@ fn lock_changes(entries: &[Ent], me: Option<NodeId>) -> Vec<super::LockChange> {
             }
         }
     }
-    out
-}
-
-/// Whether `entries` hold a command that may change a node's lock fence (`LockFences`).
-fn changes_fences(entries: &[Ent]) -> bool {
-    entries.iter().any(|e| match &e.payload {
-        EntryPayload::Normal(batch) => batch.0.iter().any(|c| {
-            matches!(
-                c.op,
-                Op::ExpireLocks { .. } | Op::AckLockExpiry { .. } | Op::DropStaleLocks { .. } | Op::UnregisterNode { .. }
-            )
-        }),
-        _ => false,
-    })
+    (out, fences)
 }
 
 /// The payload bytes of the commands in `e`.
@@ -1062,13 +1055,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if !touched.is_empty() {
             self.send_event(Applied { index: last_index, touched });
         }
-        if self.lock_changes.is_some() {
-            for what in lock_changes(&entries, self.waiters.as_ref().map(|(node, _)| *node)) {
+        if self.lock_changes.is_some() || self.own_fence.is_some() {
+            let (changes, fences) = lock_changes(&entries, self.waiters.as_ref().map(|(node, _)| *node));
+            for what in changes {
                 self.locks_changed(what);
             }
-        }
-        if self.own_fence.is_some() && changes_fences(&entries) {
-            self.publish_own_fence();
+            if fences {
+                self.publish_own_fence();
+            }
         }
         if let Some((node, waiters)) = &self.waiters {
             // After the event (a waiter for the coherence watermark reads the applied index
@@ -1200,12 +1194,14 @@ mod tests {
             Ent { log_id: LogId::new(CommittedLeaderId::new(1, 1), 3), payload: EntryPayload::Blank },
         ];
         assert_eq!(
-            lock_changes(&entries, None),
+            lock_changes(&entries, None).0,
             vec![LockChange::Inode(5), LockChange::Inode(7), LockChange::Inode(8)]
         );
-        assert_eq!(lock_changes(&[ent(4, vec![Op::DropStaleLocks { incarnation: 3 }, lock(5)])], None), vec![LockChange::Any, LockChange::Inode(5)]);
-        assert_eq!(lock_changes(&[ent(5, vec![Op::UnregisterNode { node: 2 }])], None), vec![LockChange::Any]);
-        assert_eq!(lock_changes(&[ent(7, vec![Op::ExpireLocks { node: 2, incarnation: 4 }])], None), vec![LockChange::Any]);
-        assert!(lock_changes(&[ent(6, vec![Op::RegisterNode { node: 2 }])], None).is_empty());
+        let stale = ent(4, vec![Op::DropStaleLocks { incarnation: 3 }, lock(5)]);
+        assert_eq!(lock_changes(&[stale], None), (vec![LockChange::Any, LockChange::Inode(5)], true));
+        assert_eq!(lock_changes(&[ent(5, vec![Op::UnregisterNode { node: 2 }])], None), (vec![LockChange::Any], true));
+        assert_eq!(lock_changes(&[ent(7, vec![Op::ExpireLocks { node: 2, incarnation: 4 }])], None), (vec![LockChange::Any], true));
+        assert_eq!(lock_changes(&[ent(8, vec![Op::AckLockExpiry { epoch: 1 }])], None), (vec![], true), "fences change, no lock");
+        assert_eq!(lock_changes(&[ent(6, vec![Op::RegisterNode { node: 2 }])], None), (vec![], false));
     }
 }
