@@ -776,6 +776,55 @@ fn cluster_node_rejoins_through_a_snapshot() {
     assert_eq!(fs::read(c.path(3, &format!("during-{ops}"))).unwrap(), format!("after {ops} ops").as_bytes());
 }
 
+/// A node that was away while the log was compacted catches up by snapshot, which says nothing
+/// of what changed: the names its kernel still caches must not outlive the install. With a
+/// kernel cache TTL of a minute, node 3 caches a directory, a name inside it and a symlink, is
+/// stopped (SIGSTOP: its kernel keeps the cache) while node 1 renames the directory, removes the
+/// symlink and writes until the leader's log no longer holds node 3's place; once node 3 has
+/// installed the snapshot, the old names are gone at once on node 3 and the new one is there.
+#[test]
+fn cluster_names_cached_before_a_snapshot_install_do_not_outlive_it() {
+    const SNAPSHOT_ENTRIES: u64 = 100;
+    // Behind a snapshot the leader keeps `SNAPSHOT_LOG_KEEP_ENTRIES` (500) entries: well past.
+    const ENTRIES_WHILE_AWAY: u64 = 1_500;
+    let mut c = Cluster::with(ClusterOptions {
+        snapshot_entries: Some(SNAPSHOT_ENTRIES),
+        cache_ttl_ms: Some(60_000),
+        ..ClusterOptions::default()
+    });
+    fs::create_dir(c.path(1, "dir-a")).unwrap();
+    write_synced(&c.path(1, "dir-a/inner"), b"inner").unwrap();
+    std::os::unix::fs::symlink("dir-a/inner", c.path(1, "link")).unwrap();
+    write_synced(&c.path(1, "chmods"), b"x").unwrap();
+    seen(&c, &[3], "the link", |c, k| fs::read(c.path(k, "link")).is_ok_and(|d| d == b"inner"));
+    assert!(fs::metadata(c.path(3, "dir-a")).unwrap().is_dir());
+    assert!(lstat(&c.path(3, "link")).is_ok());
+    let row = |c: &mut Cluster, k: u64| c.status().into_iter().find(|s| s.node_id == k).expect("member row");
+    c.wait_converged(CONVERGE_TIMEOUT);
+    let stopped_at = row(&mut c, 1).last_log_index.unwrap_or(0);
+    {
+        let _paused = c.pause(3);
+        fs::rename(c.path(1, "dir-a"), c.path(1, "dir-b")).unwrap();
+        fs::remove_file(c.path(1, "link")).unwrap();
+        // One Raft entry per chmod (a single writer never has two commands in one batch).
+        let target = c.path(1, "chmods");
+        for i in 0..ENTRIES_WHILE_AWAY {
+            fs::set_permissions(&target, fs::Permissions::from_mode(if i % 2 == 0 { 0o600 } else { 0o644 })).unwrap();
+        }
+    }
+    let (index, _) = c.wait_converged(CONVERGE_TIMEOUT);
+    let leader = c.wait_leader(ELECTION_TIMEOUT, None);
+    // Caught up by snapshot: the leader wrote one out to send it.
+    let sent: Vec<PathBuf> = fs::read_dir(c.node(leader).data.join("snapshots")).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(sent.len(), 1, "node 3 did not catch up by snapshot (stopped at {stopped_at}, now {index}): {sent:?}");
+    // At once, not after a TTL: no poll.
+    let gone = |rel: &str| matches!(fs::symlink_metadata(c.path(3, rel)), Err(e) if e.raw_os_error() == Some(libc::ENOENT));
+    assert!(gone("dir-a"), "node 3 still finds the renamed directory by its old name");
+    assert!(gone("dir-a/inner"), "node 3 still finds a name under the old one");
+    assert!(gone("link"), "node 3 still finds the removed symlink");
+    assert_eq!(fs::read(c.path(3, "dir-b/inner")).unwrap(), b"inner");
+}
+
 #[test]
 fn cluster_fourth_node_joins_as_voter() {
     let mut c = Cluster::new(3);

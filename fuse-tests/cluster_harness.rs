@@ -63,6 +63,9 @@ pub struct ClusterOptions {
     pub lock_lease_ms: Option<u64>,
     /// Every node's FAILPOINTS (needs a build with `--features failpoints`).
     pub failpoints: Option<String>,
+    /// `--cache-ttl-ms` (how long the kernel keeps names and attributes unasked); None keeps
+    /// the node's default.
+    pub cache_ttl_ms: Option<u64>,
 }
 
 impl Default for ClusterOptions {
@@ -76,6 +79,7 @@ impl Default for ClusterOptions {
             mount_guard: true,
             lock_lease_ms: None,
             failpoints: None,
+            cache_ttl_ms: None,
         }
     }
 }
@@ -283,6 +287,9 @@ impl Cluster {
         }
         if let Some(ms) = self.opts.lock_lease_ms {
             args.extend(["--lock-lease-ms".into(), ms.to_string().into()]);
+        }
+        if let Some(ms) = self.opts.cache_ttl_ms {
+            args.extend(["--cache-ttl-ms".into(), ms.to_string().into()]);
         }
         if let Some(seed) = join {
             args.extend(["--join".into(), seed.into()]);

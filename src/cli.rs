@@ -122,6 +122,13 @@ pub struct MountArgs {
     #[arg(long, hide = true)]
     pub no_mount_guard: bool,
 
+    /// How long the kernel may keep names and attributes it got from this node without asking
+    /// again, in milliseconds. Changes made on other nodes are told to the kernel at once
+    /// whatever this is; what no notice reaches (see docs/SEMANTICS.md) stays at most this long.
+    /// For tests (a long value makes a missed notice visible).
+    #[arg(long, hide = true, default_value_t = crate::fs::CACHE_TTL_DEFAULT.as_millis() as u64)]
+    pub cache_ttl_ms: u64,
+
     /// Take a snapshot (and compact the log) after this many log entries.
     #[arg(long, env = "PICKBOX_SNAPSHOT_ENTRIES", default_value_t = SNAPSHOT_ENTRIES_MAX,
           value_parser = clap::value_parser!(u64).range(1..))]

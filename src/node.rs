@@ -368,7 +368,11 @@ async fn serve(
 ) -> anyhow::Result<()> {
     // In a cluster the kernel's writeback cache is off: it would keep its own file sizes and
     // ignore changes made on other nodes (see fs/mount.rs).
-    let ops = Arc::new(Ops::new(replica.clone(), data_dir.to_path_buf()).clustered(args.listen.is_some()));
+    let ops = Arc::new(
+        Ops::new(replica.clone(), data_dir.to_path_buf())
+            .clustered(args.listen.is_some())
+            .cache_ttl(std::time::Duration::from_millis(args.cache_ttl_ms)),
+    );
     let mut fatal = ops.watch_fatal();
     // No handle is open before the mount, so orphans this node still holds (from a crash) go.
     match ops.release_stale_orphans().await {

@@ -133,6 +133,17 @@ pub fn with_evictions(notices: Vec<Notice>, mut names: impl FnMut(Ino) -> Vec<(I
     out
 }
 
+/// The recorded names (`(inode, parent, name)`, see `KernelNames::names_of_others`) that no
+/// longer lead to their inode in the replica (`name_now`), as entry touches naming that inode as
+/// the old one, for `plan`.
+pub fn stale_names(recorded: Vec<(Ino, Ino, Vec<u8>)>, mut name_now: impl FnMut(Ino, &[u8]) -> Option<Ino>) -> Vec<Touch> {
+    recorded
+        .into_iter()
+        .filter(|(ino, parent, name)| name_now(*parent, name) != Some(*ino))
+        .map(|(ino, parent, name)| Touch::Entry { parent, name, old: Some(ino) })
+        .collect()
+}
+
 /// Whether a touch can lead to a notice the kernel needs (see `plan` and `for_kernel`): an entry
 /// through its directory or the inode it named before, an inode through itself. Orphans and a
 /// snapshot install are always handled.
@@ -239,7 +250,7 @@ impl Coherence {
     /// a thread that may block (not a fuser worker, not a tokio worker).
     pub fn evict(&self, ino: Ino) {
         let Some(notifier) = self.notifier.get() else { return };
-        for notice in with_evictions(vec![Notice::Inode(ino)], |ino| self.names.names(ino)) {
+        for notice in with_evictions(vec![Notice::Inode(ino)], |ino| self.names.file_names(ino)) {
             self.send(notifier, &notice);
         }
     }
@@ -319,8 +330,23 @@ fn handle(replica: &Weak<Replica>, coherence: &Coherence, handles: &Handles, on_
             None
         }
     };
+    // A snapshot install says nothing of what changed: every name of a directory, symlink or
+    // other non-file the kernel was given that no longer leads to its inode counts as a changed
+    // entry (regular files are evicted whole below, by all their names).
+    let stale = match applied.touched.contains(&Touch::Everything) {
+        true => stale_names(coherence.names.names_of_others(), |parent, name| match &view {
+            Some(v) => v.entry(parent, name).ok().flatten().map(|e| e.ino),
+            // Unknown: treat every such name as changed (an invalidation is always safe).
+            None => None,
+        }),
+        false => Vec::new(),
+    };
+    let touched: std::borrow::Cow<'_, [Touch]> = match stale.is_empty() {
+        true => std::borrow::Cow::Borrowed(&applied.touched),
+        false => std::borrow::Cow::Owned(applied.touched.iter().cloned().chain(stale).collect()),
+    };
     let plan = plan(
-        &applied.touched,
+        &touched,
         |parent, name| view.as_ref().and_then(|v| v.entry(parent, name).ok().flatten()).map(|e| e.ino),
         // Without an answer, assume linked: an `Entry` is always safe.
         |ino| match view.as_ref().map(|v| v.inode(ino)) {
@@ -458,6 +484,32 @@ mod tests {
                 Notice::Entry { parent: 1, name: b"a".to_vec() },
                 Notice::Entry { parent: 2, name: b"b".to_vec() },
                 Notice::Inode(6),
+            ]
+        );
+    }
+
+    #[test]
+    fn names_that_a_snapshot_install_changed_are_invalidated() {
+        // Recorded: directory 7 as "a" in the root, symlink 8 as "l", directory 9 as "d" in 7.
+        // Installed: 7 renamed to "b", "l" removed (8 gone), "d" unchanged.
+        let recorded = vec![(7, 1, b"a".to_vec()), (8, 1, b"l".to_vec()), (9, 7, b"d".to_vec())];
+        let now = |parent: Ino, name: &[u8]| match (parent, name) {
+            (1, b"b") => Some(7),
+            (7, b"d") => Some(9),
+            _ => None,
+        };
+        let stale = stale_names(recorded, now);
+        assert_eq!(stale, vec![entry(1, "a", Some(7)), entry(1, "l", Some(8))]);
+        let p = plan(&stale, now, |ino| ino == 7 || ino == 9);
+        assert_eq!(
+            p.notices,
+            vec![
+                // Renamed: still linked, so no Delete (which would kill it under its new name).
+                Notice::Entry { parent: 1, name: b"a".to_vec() },
+                Notice::Delete { parent: 1, child: 8, name: b"l".to_vec() },
+                Notice::Inode(1),
+                Notice::Inode(7),
+                Notice::Inode(8),
             ]
         );
     }

@@ -39,13 +39,9 @@ pub use mount::{
     abort_fuse_connection, check_mountpoint, clear_dying_predecessor, clear_mount_record, fuse_connection, is_mount_point, mount, record_mount,
     run_guard, Guard, Mounted,
 };
-pub use ops::Ops;
+pub use ops::{Ops, CACHE_TTL_DEFAULT};
 use ops::LockRequest;
 
-/// How long the kernel may cache attributes and entries. All changes on a single node go through
-/// this mount, so the kernel's cache stays coherent; other nodes' changes will be invalidated
-/// explicitly (design decision 8).
-const TTL: Duration = Duration::from_secs(1);
 /// How long the end of the session waits for deferred times setattrs to be committed.
 const DESTROY_DEFERRED_WAIT_MS: u64 = 10_000;
 /// Inode numbers are never reused (they come from a counter in the state), so one generation.
@@ -225,14 +221,14 @@ fn answer_lookup(ops: &Ops, parent: u64, name: &[u8], reply: ReplyEntry) {
     match ops.lookup(parent, name) {
         Ok(inode) => {
             known(ops, parent, name, &inode);
-            reply.entry(&TTL, &attr::file_attr(&inode), GENERATION)
+            reply.entry(&ops.cache_ttl, &attr::file_attr(&inode), GENERATION)
         }
         // On a node that cannot have peers the kernel may remember that the name is absent (a
         // negative entry, for the entry TTL): whatever creates it goes through this kernel,
         // which drops that entry. Compilers probing include paths and shells searching PATH ask
         // for the same absent names again and again. In a cluster another node may create the
         // name at any time: no negative entries there (a lookup asks the leader first).
-        Err(FsError::Fs(Errno::NoEnt)) if !ops.is_clustered() => reply.entry(&TTL, &attr::absent(), GENERATION),
+        Err(FsError::Fs(Errno::NoEnt)) if !ops.is_clustered() => reply.entry(&ops.cache_ttl, &attr::absent(), GENERATION),
         Err(e) => reply.error(ops.errno_of(&e)),
     }
 }
@@ -368,7 +364,7 @@ impl Filesystem for PickboxFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.ops.getattr(ino.0) {
-            Ok(inode) => reply.attr(&TTL, &attr::file_attr(&inode)),
+            Ok(inode) => reply.attr(&self.ops.cache_ttl, &attr::file_attr(&inode)),
             Err(e) => reply.error(self.ops.errno_of(&e)),
         }
     }
@@ -399,7 +395,7 @@ impl Filesystem for PickboxFs {
             // The kernel writing back the times the inode has (or will have, once a deferred
             // setattr is stored; see `unchanged_times`): answer locally, no Raft round.
             match self.ops.unchanged_times(ino.0, atime.as_ref(), mtime.as_ref()) {
-                Some(Ok(inode)) => return reply.attr(&TTL, &attr::file_attr(&inode)),
+                Some(Ok(inode)) => return reply.attr(&self.ops.cache_ttl, &attr::file_attr(&inode)),
                 Some(Err(e)) => return reply.error(self.ops.errno_of(&e)),
                 None => {}
             }
@@ -409,7 +405,7 @@ impl Filesystem for PickboxFs {
             // The kernel's mtime after writing back this node's write, or explicit times set
             // right after it: answered now, stored with the next proposal (`Ops::defer_times`).
             if let Some(inode) = self.ops.defer_times(&caller, ino.0, atime.as_ref(), mtime.as_ref(), ctime) {
-                reply.attr(&TTL, &attr::file_attr(&inode));
+                reply.attr(&self.ops.cache_ttl, &attr::file_attr(&inode));
                 if self.ops.arm_deferred_timer() {
                     let ops = self.ops.clone();
                     self.spawn(async move { ops.deferred_timer().await });
@@ -420,7 +416,7 @@ impl Filesystem for PickboxFs {
         let ops = self.ops.clone();
         self.spawn(async move {
             match ops.setattr(caller, ino.0, mode, uid, gid, size, atime, mtime, ctime).await {
-                Ok(inode) => reply.attr(&TTL, &attr::file_attr(&inode)),
+                Ok(inode) => reply.attr(&ops.cache_ttl, &attr::file_attr(&inode)),
                 Err(e) => reply.error(ops.errno_of(&e)),
             }
         });
@@ -443,7 +439,7 @@ impl Filesystem for PickboxFs {
             match ops.make_node(caller, parent.0, name.clone(), kind, mode, rdev, umask).await {
                 Ok(inode) => {
                     known(&ops, parent.0, &name, &inode);
-                    reply.entry(&TTL, &attr::file_attr(&inode), GENERATION)
+                    reply.entry(&ops.cache_ttl, &attr::file_attr(&inode), GENERATION)
                 }
                 Err(e) => reply.error(ops.errno_of(&e)),
             }
@@ -457,7 +453,7 @@ impl Filesystem for PickboxFs {
             match ops.make_node(caller, parent.0, name.clone(), FileKind::Dir, mode, 0, umask).await {
                 Ok(inode) => {
                     known(&ops, parent.0, &name, &inode);
-                    reply.entry(&TTL, &attr::file_attr(&inode), GENERATION)
+                    reply.entry(&ops.cache_ttl, &attr::file_attr(&inode), GENERATION)
                 }
                 Err(e) => reply.error(ops.errno_of(&e)),
             }
@@ -494,7 +490,7 @@ impl Filesystem for PickboxFs {
             match ops.symlink(caller, parent.0, name.clone(), target).await {
                 Ok(inode) => {
                     known(&ops, parent.0, &name, &inode);
-                    reply.entry(&TTL, &attr::file_attr(&inode), GENERATION)
+                    reply.entry(&ops.cache_ttl, &attr::file_attr(&inode), GENERATION)
                 }
                 Err(e) => reply.error(ops.errno_of(&e)),
             }
@@ -540,7 +536,7 @@ impl Filesystem for PickboxFs {
             match ops.link(caller, ino.0, newparent.0, name.clone()).await {
                 Ok(inode) => {
                     known(&ops, newparent.0, &name, &inode);
-                    reply.entry(&TTL, &attr::file_attr(&inode), GENERATION)
+                    reply.entry(&ops.cache_ttl, &attr::file_attr(&inode), GENERATION)
                 }
                 Err(e) => reply.error(ops.errno_of(&e)),
             }
@@ -870,7 +866,7 @@ impl Filesystem for PickboxFs {
         let listed = self.ops.list_each(ino.0, offset, true, |e, inode| match inode {
             Some(inode) => {
                 let attr = attr::file_attr(inode);
-                let full = reply.add(INodeNo(e.ino), e.cookie, OsStr::from_bytes(&e.name), &TTL, &attr, GENERATION);
+                let full = reply.add(INodeNo(e.ino), e.cookie, OsStr::from_bytes(&e.name), &self.ops.cache_ttl, &attr, GENERATION);
                 // The kernel takes a lookup for every entry but "." and "..".
                 if !full && e.name != b"." && e.name != b".." {
                     known(&self.ops, ino.0, &e.name, inode);
@@ -969,7 +965,7 @@ impl Filesystem for PickboxFs {
             match ops.create(caller, parent.0, name.clone(), mode, umask, flags).await {
                 Ok((inode, fh)) => {
                     known(&ops, parent.0, &name, &inode);
-                    reply.created(&TTL, &attr::file_attr(&inode), GENERATION, FileHandle(fh), open_flags(&ops, writeback, flags))
+                    reply.created(&ops.cache_ttl, &attr::file_attr(&inode), GENERATION, FileHandle(fh), open_flags(&ops, writeback, flags))
                 }
                 Err(e) => reply.error(ops.errno_of(&e)),
             }

@@ -1,6 +1,8 @@
 //! Which inodes the kernel knows (the lookup count our answers gave it, less what it forgot),
-//! and the names under which it knows each regular file, so that another node's change of the
-//! file can make the kernel evict it.
+//! and the names under which it knows them: another node's change of a regular file makes the
+//! kernel evict the file by its names; after a snapshot install (the state replaced as a whole,
+//! with no list of what changed) every recorded name that no longer leads to its inode is
+//! invalidated.
 //!
 //! Counts: a notification about an inode the kernel does not hold, or about a name in a directory
 //! it does not hold, does nothing (the kernel answers ENOENT), yet costs a write to /dev/fuse and
@@ -45,13 +47,15 @@ pub const ESTALE_RETRY_MS: u64 = 1_000;
 struct Known {
     /// The kernel's lookup count for the inode, as far as our answers tell.
     lookups: u64,
+    /// A regular file (its names are dropped at another node's change of it).
+    file: bool,
     names: Vec<(Ino, Vec<u8>)>,
     /// When another node's change last made us drop the kernel's names of this inode.
     evicted_at: Option<Instant>,
 }
 
-/// The kernel's lookup counts and names of regular files. Off (records nothing) unless enabled:
-/// only a node whose files other nodes change needs them.
+/// The kernel's lookup counts and names. Off (records nothing) unless enabled: only a node whose
+/// files other nodes change needs them.
 #[derive(Default)]
 pub struct KernelNames {
     /// Lookup counts of every inode are kept (`knows` answers from them).
@@ -103,7 +107,7 @@ impl KernelNames {
         self.counting.store(true, Ordering::Relaxed);
     }
 
-    /// Keep the lookup counts and the names of regular files (before the session starts).
+    /// Keep the lookup counts and the names (before the session starts).
     pub fn enable(&self) {
         self.enable_counts();
         self.enabled.store(true, Ordering::Relaxed);
@@ -118,15 +122,17 @@ impl KernelNames {
     }
 
     /// The kernel got an entry for `ino` under `name` in `parent` (its lookup count goes up by
-    /// one); `file`: `ino` is a regular file, whose name is recorded. Call before the answer goes
+    /// one, the name is recorded); `file`: `ino` is a regular file. Call before the answer goes
     /// out, so that neither a FORGET nor a notice can overtake it.
     pub fn looked_up(&self, ino: Ino, parent: Ino, name: &[u8], file: bool) {
         if !self.is_counting() {
             return;
         }
         let mut t = self.lock();
-        t.inodes.entry(ino).or_default().lookups += 1;
-        if file && self.is_enabled() {
+        let known = t.inodes.entry(ino).or_default();
+        known.lookups += 1;
+        known.file = file;
+        if self.is_enabled() {
             t.name(ino, parent, name);
         }
     }
@@ -181,6 +187,28 @@ impl KernelNames {
         self.lock().inodes.get(&ino).map(|k| k.names.clone()).unwrap_or_default()
     }
 
+    /// The names the kernel may have for `ino` if it is a regular file.
+    pub fn file_names(&self, ino: Ino) -> Vec<(Ino, Vec<u8>)> {
+        if !self.is_enabled() {
+            return Vec::new();
+        }
+        self.lock().inodes.get(&ino).filter(|k| k.file).map(|k| k.names.clone()).unwrap_or_default()
+    }
+
+    /// Every recorded name of an inode other than a regular file: `(inode, parent, name)`
+    /// (regular files are evicted by all their names instead, see `evict`).
+    pub fn names_of_others(&self) -> Vec<(Ino, Ino, Vec<u8>)> {
+        if !self.is_enabled() {
+            return Vec::new();
+        }
+        let t = self.lock();
+        t.inodes
+            .iter()
+            .filter(|(_, k)| !k.file)
+            .flat_map(|(ino, k)| k.names.iter().map(move |(parent, name)| (*ino, *parent, name.clone())))
+            .collect()
+    }
+
     /// Every inode the kernel knows (by its lookup count).
     pub fn inodes(&self) -> Vec<Ino> {
         if !self.is_counting() {
@@ -189,14 +217,15 @@ impl KernelNames {
         self.lock().inodes.keys().copied().collect()
     }
 
-    /// The names to drop for another node's change of `ino`; stamps the eviction (see
-    /// `open_may_be_stale`).
+    /// The names to drop for another node's change of `ino` if it is a regular file (none for
+    /// other kinds: dropping a directory's name would drop the kernel's whole cache below it);
+    /// stamps the eviction (see `open_may_be_stale`).
     pub fn evict(&self, ino: Ino) -> Vec<(Ino, Vec<u8>)> {
         if !self.is_enabled() {
             return Vec::new();
         }
         let mut t = self.lock();
-        let Some(known) = t.inodes.get_mut(&ino) else { return Vec::new() };
+        let Some(known) = t.inodes.get_mut(&ino).filter(|k| k.file) else { return Vec::new() };
         known.evicted_at = Some(Instant::now());
         known.names.clone()
     }
@@ -277,20 +306,25 @@ mod tests {
         k.looked_up(7, ROOT_INO, b"dir", false);
         k.looked_up(7, ROOT_INO, b"dir", false);
         assert!(k.knows(7));
-        assert!(k.names(7).is_empty(), "no names without the writeback cache, nor for other kinds");
+        assert!(k.names(7).is_empty(), "no names without the writeback cache");
         assert_eq!(k.inodes(), vec![7]);
         k.forget(7, 1);
         assert!(k.knows(7), "one lookup left");
         k.forget(7, 1);
         assert!(!k.knows(7));
         assert_eq!(k.len(), 0);
-        // With names on, only regular files get theirs recorded; every kind is counted.
+        // With names on, every kind gets its names recorded, but only a regular file's are
+        // dropped by an eviction; the others are listed for a snapshot install.
         k.enable();
         k.looked_up(8, ROOT_INO, b"link", false);
         k.looked_up(9, ROOT_INO, b"file", true);
         assert!(k.knows(8) && k.knows(9));
-        assert!(k.names(8).is_empty());
+        assert_eq!(k.names(8), vec![(ROOT_INO, b"link".to_vec())]);
         assert_eq!(k.names(9), vec![(ROOT_INO, b"file".to_vec())]);
+        assert!(k.evict(8).is_empty() && k.file_names(8).is_empty(), "not a regular file");
+        assert_eq!(k.file_names(9), vec![(ROOT_INO, b"file".to_vec())]);
+        assert_eq!(k.evict(9), vec![(ROOT_INO, b"file".to_vec())]);
+        assert_eq!(k.names_of_others(), vec![(8, ROOT_INO, b"link".to_vec())]);
     }
 
     #[test]

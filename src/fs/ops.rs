@@ -88,6 +88,8 @@ pub struct Ops {
     fatal: tokio::sync::watch::Sender<Option<String>>,
     /// This node has (or may get) peers: other nodes change files behind the kernel's back.
     clustered: bool,
+    /// How long the kernel may keep the entries and attributes we answer with, unasked.
+    pub cache_ttl: std::time::Duration,
     /// The mtime this node's own last write gave an inode (see `defer_times`).
     own_writes: std::sync::Mutex<HashMap<Ino, Timespec>>,
     /// Answered times setattrs not proposed yet, in arrival order (one per inode, merged).
@@ -159,6 +161,10 @@ impl Drop for ClosedClaim {
 
 /// First and longest pause between attempts to settle a claim whose removal timed out (see
 /// `Ops::settle`).
+/// How long the kernel may cache attributes and entries by default. All changes made on this
+/// node go through this mount, so the kernel's cache stays coherent; other nodes' changes are
+/// invalidated explicitly (design decision 8, fs/coherence.rs).
+pub const CACHE_TTL_DEFAULT: std::time::Duration = std::time::Duration::from_secs(1);
 const SETTLE_RETRY_MS_MIN: u64 = 50;
 const SETTLE_RETRY_MS_MAX: u64 = 2_000;
 
@@ -195,6 +201,7 @@ impl Ops {
             space_warned_s: AtomicU64::new(0),
             fatal: tokio::sync::watch::Sender::new(None),
             clustered: false,
+            cache_ttl: CACHE_TTL_DEFAULT,
             own_writes: std::sync::Mutex::new(HashMap::new()),
             deferred: std::sync::Mutex::new(Vec::new()),
             deferred_timer: std::sync::atomic::AtomicBool::new(false),
@@ -210,6 +217,12 @@ impl Ops {
     /// names of regular files are recorded for eviction (see fs/names.rs).
     pub fn clustered(mut self, clustered: bool) -> Self {
         self.clustered = clustered;
+        self
+    }
+
+    /// How long the kernel may keep entries and attributes without asking again (`cache_ttl`).
+    pub fn cache_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.cache_ttl = ttl;
         self
     }
 
