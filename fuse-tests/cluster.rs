@@ -781,7 +781,8 @@ fn cluster_node_rejoins_through_a_snapshot() {
 /// kernel cache TTL of a minute, node 3 caches a directory, a name inside it and a symlink, is
 /// stopped (SIGSTOP: its kernel keeps the cache) while node 1 renames the directory, removes the
 /// symlink and writes until the leader's log no longer holds node 3's place; once node 3 has
-/// installed the snapshot, the old names are gone at once on node 3 and the new one is there.
+/// installed the snapshot, the old names are gone on node 3 within the visibility bound (2 s,
+/// not the TTL) and the new one is there.
 #[test]
 fn cluster_names_cached_before_a_snapshot_install_do_not_outlive_it() {
     const SNAPSHOT_ENTRIES: u64 = 100;
@@ -813,15 +814,17 @@ fn cluster_names_cached_before_a_snapshot_install_do_not_outlive_it() {
         }
     }
     let (index, _) = c.wait_converged(CONVERGE_TIMEOUT);
-    let leader = c.wait_leader(ELECTION_TIMEOUT, None);
-    // Caught up by snapshot: the leader wrote one out to send it.
-    let sent: Vec<PathBuf> = fs::read_dir(c.node(leader).data.join("snapshots")).unwrap().flatten().map(|e| e.path()).collect();
-    assert_eq!(sent.len(), 1, "node 3 did not catch up by snapshot (stopped at {stopped_at}, now {index}): {sent:?}");
-    // At once, not after a TTL: no poll.
-    let gone = |rel: &str| matches!(fs::symlink_metadata(c.path(3, rel)), Err(e) if e.raw_os_error() == Some(libc::ENOENT));
-    assert!(gone("dir-a"), "node 3 still finds the renamed directory by its old name");
-    assert!(gone("dir-a/inner"), "node 3 still finds a name under the old one");
-    assert!(gone("link"), "node 3 still finds the removed symlink");
+    // Caught up by snapshot: a leader wrote one out to send it (node 3, back after more than an
+    // election timeout, may have called an election first: either of the others).
+    let sent: Vec<PathBuf> =
+        [1, 2].iter().flat_map(|k| fs::read_dir(c.node(*k).data.join("snapshots")).unwrap().flatten().map(|e| e.path())).collect();
+    assert!(!sent.is_empty(), "node 3 did not catch up by snapshot (stopped at {stopped_at}, now {index})");
+    // Within the visibility bound (the kernel is told from node 3's invalidation thread, right
+    // after the install), far below the 60 s the kernel would otherwise keep the names.
+    let gone = |c: &Cluster, rel: &str| matches!(fs::symlink_metadata(c.path(3, rel)), Err(e) if e.raw_os_error() == Some(libc::ENOENT));
+    seen(&c, &[3], "the renamed directory's old name gone", |c, _| gone(c, "dir-a"));
+    seen(&c, &[3], "the name under the old one gone", |c, _| gone(c, "dir-a/inner"));
+    seen(&c, &[3], "the removed symlink gone", |c, _| gone(c, "link"));
     assert_eq!(fs::read(c.path(3, "dir-b/inner")).unwrap(), b"inner");
 }
 
