@@ -5,6 +5,7 @@
 //! openraft-agnostic and sees only bytes).
 
 pub mod admin;
+pub mod elect;
 pub mod forward;
 mod leases;
 pub mod network;
@@ -401,6 +402,8 @@ pub fn raft_config(snapshot_entries: u64) -> anyhow::Result<Config> {
         election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
         election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
         max_payload_entries: PAYLOAD_ENTRIES_MAX,
+        // Elections go through a pre-vote first (elect.rs, `drive_elections`), not openraft's timer.
+        enable_elect: false,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_entries),
         max_in_snapshot_log_to_keep: SNAPSHOT_LOG_KEEP_ENTRIES,
         snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
@@ -539,6 +542,8 @@ impl Replica {
             replica.raft.data_metrics(),
         ));
         replica.push_task(lease);
+        let elections = tokio::spawn(elect::drive_elections(Arc::downgrade(&replica)));
+        replica.push_task(elections);
         if let Some(lease) = replica.cfg.lock_lease {
             let expiry = tokio::spawn(leases::expire_locks(Arc::downgrade(&replica), replica.raft.server_metrics(), lease));
             replica.push_task(expiry);
@@ -898,6 +903,7 @@ impl Replica {
             }
             RpcKind::AppendEntries => encode(&self.raft.append_entries(decode(body)?).await),
             RpcKind::Vote => encode(&self.raft.vote(decode(body)?).await),
+            RpcKind::PreVote => encode(&Ok::<bool, String>(elect::serve_pre_vote(self, decode(body)?).await)),
             RpcKind::InstallSnapshot => encode(&self.raft.install_snapshot(decode(body)?).await),
             RpcKind::ReadIndex => {
                 let () = decode(body)?;

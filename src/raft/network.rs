@@ -28,6 +28,9 @@ pub enum RpcKind {
     AppendEntries,
     Vote,
     InstallSnapshot,
+    /// Would the receiver vote for the sender now? (body: `elect::PreVoteRequest`; reply:
+    /// `Result<bool, String>`; changes nothing).
+    PreVote,
     /// A follower hands a batch of commands to the leader (body: `Batch`; reply: `ForwardReply`).
     Forward,
     /// A follower asks the leader for its read index (body: `()`; reply: `Result<u64, String>`).

@@ -40,6 +40,7 @@ pub fn kind_code(kind: RpcKind) -> u8 {
         RpcKind::AppendEntries => 1,
         RpcKind::Vote => 2,
         RpcKind::InstallSnapshot => 3,
+        RpcKind::PreVote => 4,
         RpcKind::Forward => 16,
         RpcKind::ReadIndex => 17,
         RpcKind::Join => 18,
@@ -54,6 +55,7 @@ pub fn kind_from_code(code: u8) -> Option<RpcKind> {
         1 => Some(RpcKind::AppendEntries),
         2 => Some(RpcKind::Vote),
         3 => Some(RpcKind::InstallSnapshot),
+        4 => Some(RpcKind::PreVote),
         16 => Some(RpcKind::Forward),
         17 => Some(RpcKind::ReadIndex),
         18 => Some(RpcKind::Join),
@@ -184,7 +186,7 @@ mod tests {
 
     #[test]
     fn requests_round_trip_and_bad_headers_are_refused() {
-        for kind in [RpcKind::AppendEntries, RpcKind::Vote, RpcKind::InstallSnapshot] {
+        for kind in [RpcKind::AppendEntries, RpcKind::Vote, RpcKind::InstallSnapshot, RpcKind::PreVote] {
             assert!(kind_code(kind) < APP_KIND_FIRST);
             let f = encode_request(kind, b"abc").unwrap();
             assert_eq!(decode_request(f).unwrap(), (kind, b"abc".to_vec()));

@@ -92,6 +92,7 @@ impl PeerAuthorizer for MembershipAuthorizer {
             RpcKind::Join => peer.is_some(),
             RpcKind::AppendEntries
             | RpcKind::Vote
+            | RpcKind::PreVote
             | RpcKind::InstallSnapshot
             | RpcKind::Forward
             | RpcKind::ReadIndex => {

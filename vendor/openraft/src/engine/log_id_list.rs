@@ -293,7 +293,8 @@ impl<NID: NodeId> LogIdList<NID> {
         self.key_log_ids.first()
     }
 
-    pub(crate) fn last(&self) -> Option<&LogId<NID>> {
+    // PICKBOX PATCH 5: public, for the pre-vote (the candidate's and the voter's last log id).
+    pub fn last(&self) -> Option<&LogId<NID>> {
         self.key_log_ids.last()
     }
 
