@@ -146,6 +146,8 @@ fn cluster_partition_follower_cut_off() {
     let (leader, followers) = leader_and_followers(&mut c);
     let cut = followers[1];
     let majority = [leader, followers[0]];
+    let term = |c: &mut Cluster| c.status().into_iter().find(|s| s.node_id == leader).and_then(|s| s.term);
+    let term_before = term(&mut c);
     c.isolate(&[cut]);
 
     let (mkdir_eio, write_eio) = writes_fail_with_eio(&c, cut, "lost", "keep");
@@ -167,6 +169,10 @@ fn cluster_partition_follower_cut_off() {
          reads {reads:?}; after healing: caught up in {caught_up_after:?}, writes again after {writes_after:?}"
     );
     same_tree_without(&mut c, &["lost".into()]);
+    // The cut-off node stood for no election it could not win (pre-vote, src/raft/elect.rs): back,
+    // it did not depose the leader.
+    assert_eq!(c.wait_leader(ELECTION_TIMEOUT, None), leader, "the healed follower deposed the leader");
+    assert_eq!(term(&mut c), term_before, "the healed follower raised the term");
 
     // Every node alone: no quorum anywhere; all three fail writes and serve reads, at once.
     let ids = c.ids();
