@@ -828,11 +828,11 @@ fn cluster_names_cached_before_a_snapshot_install_do_not_outlive_it() {
     assert_eq!(fs::read(c.path(3, "dir-b/inner")).unwrap(), b"inner");
 }
 
-/// Elections go through a pre-vote (src/raft/elect.rs): a follower stopped for longer than an
-/// election timeout and the leader lease (2 s against 0.8 + 0.4 s) while the others go on
-/// writing comes back and catches up without raising its term, so the leader stays and no
-/// write waits for an election. Without the pre-vote its first answer made the leader step down
-/// (writes stalled 0.7-0.9 s).
+/// Elections go through a pre-vote (src/raft/elect.rs): a follower stopped for longer than the
+/// leader lease and an election timeout (2 s against 0.8 + 0.4-0.8 s), while the others go on
+/// writing or while nothing happens, comes back and catches up without raising its term, so the
+/// leader stays and no write waits for an election. Without the pre-vote its first answer made
+/// the leader step down (writes stalled 0.7-0.9 s).
 #[test]
 fn cluster_follower_back_from_a_pause_does_not_depose_the_leader() {
     let mut c = Cluster::new(3);
@@ -856,6 +856,21 @@ fn cluster_follower_back_from_a_pause_does_not_depose_the_leader() {
         assert_eq!((s.leader, s.term), (Some(leader), Some(term)), "node {} after node {follower} came back: {s:?}", s.node_id);
     }
     assert_eq!(fs::read(c.path(follower, "before")).unwrap(), b"before");
+    // Paused again with nothing written meanwhile: its log is as long as everyone's, so only the
+    // leader's quorum (acknowledged within the lease, although elected long ago) and the other
+    // follower refuse it. A write through it afterwards goes to the same leader, in the same term.
+    {
+        let _paused = c.pause(follower);
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            assert_eq!(fs::read(c.path(leader, "before")).unwrap(), b"before");
+        }
+    }
+    write_synced(&c.path(follower, "after"), b"after").unwrap();
+    c.wait_converged(CONVERGE_TIMEOUT);
+    for s in c.status() {
+        assert_eq!((s.leader, s.term), (Some(leader), Some(term)), "node {} after node {follower}'s idle pause: {s:?}", s.node_id);
+    }
 }
 
 #[test]

@@ -159,12 +159,12 @@ impl Drop for ClosedClaim {
     }
 }
 
-/// First and longest pause between attempts to settle a claim whose removal timed out (see
-/// `Ops::settle`).
 /// How long the kernel may cache attributes and entries by default. All changes made on this
 /// node go through this mount, so the kernel's cache stays coherent; other nodes' changes are
 /// invalidated explicitly (design decision 8, fs/coherence.rs).
 pub const CACHE_TTL_DEFAULT: std::time::Duration = std::time::Duration::from_secs(1);
+/// First and longest pause between attempts to settle a claim whose removal timed out (see
+/// `Ops::settle`).
 const SETTLE_RETRY_MS_MIN: u64 = 50;
 const SETTLE_RETRY_MS_MAX: u64 = 2_000;
 

@@ -34,18 +34,22 @@ pub struct PreVoteRequest {
     pub last_log: Option<LogId<NodeId>>,
 }
 
-/// A voter's answer to a pre-vote: it has heard of no leader for `lease` (its vote was last
-/// confirmed by a leader, or by its own quorum as leader, at `heard`) and the candidate's log is
-/// at least as up to date as its own (`LogId` orders by term, then index).
-pub fn grants_pre_vote<I: Ord + Copy + std::ops::Add<Duration, Output = I>>(
-    now: I,
-    heard: Option<I>,
-    lease: Duration,
-    own_last_log: Option<&LogId<NodeId>>,
-    candidate_last_log: Option<&LogId<NodeId>>,
-) -> bool {
-    let leader_silent = heard.is_none_or(|h| now > h + lease);
+/// A voter's answer to a pre-vote: it has heard of no leader for the lease (`leader_silent`) and
+/// the candidate's log is at least as up to date as its own (`LogId` orders by term, then index).
+pub fn grants_pre_vote(leader_silent: bool, own_last_log: Option<&LogId<NodeId>>, candidate_last_log: Option<&LogId<NodeId>>) -> bool {
     leader_silent && candidate_last_log >= own_last_log
+}
+
+/// A follower has heard of no leader for `lease`: its vote was last confirmed (a leader's
+/// message, or a vote it granted) at `heard`, if ever.
+pub fn follower_hears_no_leader<I: Ord + Copy + std::ops::Add<Duration, Output = I>>(now: I, heard: Option<I>, lease: Duration) -> bool {
+    heard.is_none_or(|h| now > h + lease)
+}
+
+/// A leader counts as silent once a quorum has not acknowledged it for `lease`
+/// (`millis_since_quorum_ack` of openraft's metrics; its vote's own time is only its election's).
+pub fn leader_is_silent(millis_since_quorum_ack: Option<u64>, lease: Duration) -> bool {
+    millis_since_quorum_ack.is_none_or(|ms| u128::from(ms) > lease.as_millis())
 }
 
 /// Whether the nodes in `granted` are a majority of every configuration of `joint` (a joint
@@ -99,16 +103,18 @@ async fn view(replica: &Replica) -> Option<View> {
         .ok()
 }
 
-/// Serve a pre-vote: see `grants_pre_vote`; `lease` is openraft's leader lease.
+/// openraft's leader lease (its `timer_config.leader_lease`: the longest election timeout): a
+/// voter that heard of a leader within it refuses a real vote, and so a pre-vote.
+pub const LEADER_LEASE: Duration = Duration::from_millis(ELECTION_TIMEOUT_MAX_MS);
+
+/// Serve a pre-vote: see `grants_pre_vote`.
 pub(super) async fn serve_pre_vote(replica: &Replica, req: PreVoteRequest) -> bool {
     let Some(v) = view(replica).await else { return false };
-    let granted = grants_pre_vote(
-        tokio::time::Instant::now(),
-        v.heard,
-        Duration::from_millis(ELECTION_TIMEOUT_MIN_MS),
-        v.last_log.as_ref(),
-        req.last_log.as_ref(),
-    );
+    let silent = match v.state {
+        ServerState::Leader => leader_is_silent(replica.raft.metrics().borrow().millis_since_quorum_ack, LEADER_LEASE),
+        _ => follower_hears_no_leader(tokio::time::Instant::now(), v.heard, LEADER_LEASE),
+    };
+    let granted = grants_pre_vote(silent, v.last_log.as_ref(), req.last_log.as_ref());
     tracing::debug!(candidate = req.candidate, granted, "pre-vote");
     granted
 }
@@ -117,8 +123,8 @@ pub(super) async fn serve_pre_vote(replica: &Replica, req: PreVoteRequest) -> bo
 /// `raft_config`). Runs until the replica is gone.
 pub async fn drive_elections(replica: Weak<Replica>) {
     let mut timeout = election_timeout();
-    // The last pre-vote this node held: the next waits a new timeout from it.
-    let mut last_try: Option<tokio::time::Instant> = None;
+    // The last pre-vote this node held (or its start): the next waits a new timeout from it.
+    let mut last_try = Some(tokio::time::Instant::now());
     loop {
         tokio::time::sleep(Duration::from_millis(ELECTION_TICK_MS)).await;
         let Some(replica) = replica.upgrade() else { return };
@@ -126,9 +132,18 @@ pub async fn drive_elections(replica: Weak<Replica>) {
         if v.state == ServerState::Leader || !v.voter {
             continue;
         }
+        // The only voter stands at once, as with openraft's own timer (a single node's restart).
+        if v.peers.is_empty() && v.joint.iter().all(|c| c.len() == 1) {
+            if v.state != ServerState::Candidate {
+                if let Err(e) = replica.raft.trigger().elect().await {
+                    tracing::warn!(error = %e, "cannot start an election");
+                }
+            }
+            continue;
+        }
         let now = tokio::time::Instant::now();
         // openraft's rule: after a vote a leader confirmed (committed), its lease first.
-        let wait = if v.vote_committed { Duration::from_millis(ELECTION_TIMEOUT_MIN_MS) + timeout } else { timeout };
+        let wait = if v.vote_committed { LEADER_LEASE + timeout } else { timeout };
         let since = [v.heard, last_try].into_iter().flatten().max();
         if since.is_some_and(|s| now < s + wait) {
             continue;
@@ -179,22 +194,34 @@ mod tests {
 
     #[test]
     fn a_voter_that_hears_a_leader_or_has_a_longer_log_says_no() {
-        let lease = Duration::from_millis(400);
-        let t0 = Instant::now();
-        let now = t0 + Duration::from_secs(1);
         let own = log(3, 10);
         // Heard of a leader within the lease: no, whatever the log.
-        assert!(!grants_pre_vote(now, Some(now - Duration::from_millis(100)), lease, Some(&own), Some(&log(4, 1))));
+        assert!(!grants_pre_vote(false, Some(&own), Some(&log(4, 1))));
         // Silent longer than the lease: yes for a log as long or longer, by term then index.
-        let silent = Some(now - Duration::from_millis(500));
-        assert!(grants_pre_vote(now, silent, lease, Some(&own), Some(&log(3, 10))));
-        assert!(grants_pre_vote(now, silent, lease, Some(&own), Some(&log(3, 11))));
-        assert!(grants_pre_vote(now, silent, lease, Some(&own), Some(&log(4, 2))));
-        assert!(!grants_pre_vote(now, silent, lease, Some(&own), Some(&log(3, 9))));
-        assert!(!grants_pre_vote(now, silent, lease, Some(&own), Some(&log(2, 50))));
-        assert!(!grants_pre_vote(now, silent, lease, Some(&own), None));
-        // Never heard of anyone (fresh start) and an empty log: yes.
-        assert!(grants_pre_vote(now, None, lease, None, None));
+        assert!(grants_pre_vote(true, Some(&own), Some(&log(3, 10))));
+        assert!(grants_pre_vote(true, Some(&own), Some(&log(3, 11))));
+        assert!(grants_pre_vote(true, Some(&own), Some(&log(4, 2))));
+        assert!(!grants_pre_vote(true, Some(&own), Some(&log(3, 9))));
+        assert!(!grants_pre_vote(true, Some(&own), Some(&log(2, 50))));
+        assert!(!grants_pre_vote(true, Some(&own), None));
+        // An empty log against an empty log (a fresh cluster): yes.
+        assert!(grants_pre_vote(true, None, None));
+    }
+
+    #[test]
+    fn silence_is_the_lease_without_a_leader_or_a_quorum() {
+        let lease = Duration::from_millis(800);
+        let now = Instant::now() + Duration::from_secs(5);
+        assert!(!follower_hears_no_leader(now, Some(now - Duration::from_millis(100)), lease));
+        assert!(!follower_hears_no_leader(now, Some(now - lease), lease), "the lease's last instant");
+        assert!(follower_hears_no_leader(now, Some(now - Duration::from_millis(900)), lease));
+        assert!(follower_hears_no_leader(now, None, lease), "never heard of a leader");
+        // A leader elected long ago but acknowledged by a quorum just now is not silent (its
+        // vote's own time is its election's: openraft does not refresh it).
+        assert!(!leader_is_silent(Some(30), lease));
+        assert!(!leader_is_silent(Some(800), lease));
+        assert!(leader_is_silent(Some(801), lease));
+        assert!(leader_is_silent(None, lease), "never acknowledged");
     }
 
     #[test]
