@@ -330,24 +330,24 @@ fn handle(replica: &Weak<Replica>, coherence: &Coherence, handles: &Handles, on_
             None
         }
     };
+    let name_now = |parent: Ino, name: &[u8]| view.as_ref().and_then(|v| v.entry(parent, name).ok().flatten()).map(|e| e.ino);
     // A snapshot install says nothing of what changed: every name of a directory, symlink or
     // other non-file the kernel was given that no longer leads to its inode counts as a changed
-    // entry (regular files are evicted whole below, by all their names).
-    let stale = match applied.touched.contains(&Touch::Everything) {
-        true => stale_names(coherence.names.names_of_others(), |parent, name| match &view {
-            Some(v) => v.entry(parent, name).ok().flatten().map(|e| e.ino),
-            // Unknown: treat every such name as changed (an invalidation is always safe).
-            None => None,
-        }),
-        false => Vec::new(),
+    // entry (regular files are evicted whole below, by all their names). Without a view every
+    // such name counts as changed (an invalidation is always safe).
+    let stale = if applied.touched.contains(&Touch::Everything) {
+        stale_names(coherence.names.names_of_others(), name_now)
+    } else {
+        Vec::new()
     };
-    let touched: std::borrow::Cow<'_, [Touch]> = match stale.is_empty() {
-        true => std::borrow::Cow::Borrowed(&applied.touched),
-        false => std::borrow::Cow::Owned(applied.touched.iter().cloned().chain(stale).collect()),
+    let touched: std::borrow::Cow<'_, [Touch]> = if stale.is_empty() {
+        std::borrow::Cow::Borrowed(&applied.touched)
+    } else {
+        std::borrow::Cow::Owned(applied.touched.iter().cloned().chain(stale).collect())
     };
     let plan = plan(
         &touched,
-        |parent, name| view.as_ref().and_then(|v| v.entry(parent, name).ok().flatten()).map(|e| e.ino),
+        name_now,
         // Without an answer, assume linked: an `Entry` is always safe.
         |ino| match view.as_ref().map(|v| v.inode(ino)) {
             Some(Ok(None)) => false,

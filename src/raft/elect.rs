@@ -125,7 +125,7 @@ pub(super) async fn serve_pre_vote(replica: &Replica, req: PreVoteRequest) -> bo
 pub async fn drive_elections(replica: Weak<Replica>) {
     let mut timeout = election_timeout();
     // The last pre-vote this node held (or its start): the next waits a new timeout from it.
-    let mut last_try = Some(tokio::time::Instant::now());
+    let mut last_try = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(ELECTION_TICK_MS)).await;
         let Some(replica) = replica.upgrade() else { return };
@@ -145,11 +145,11 @@ pub async fn drive_elections(replica: Weak<Replica>) {
         let now = tokio::time::Instant::now();
         // openraft's rule: after a vote a leader confirmed (committed), its lease first.
         let wait = if v.vote_committed { LEADER_LEASE + timeout } else { timeout };
-        let since = [v.heard, last_try].into_iter().flatten().max();
-        if since.is_some_and(|s| now < s + wait) {
+        let since = v.heard.map_or(last_try, |heard| heard.max(last_try));
+        if now < since + wait {
             continue;
         }
-        last_try = Some(now);
+        last_try = now;
         timeout = election_timeout();
         let mut granted: BTreeSet<NodeId> = [replica.node_id].into();
         if !v.peers.is_empty() {
